@@ -1,0 +1,23 @@
+"""flask-immutant: Immutant's clustering features for ordinary Flask apps."""
+
+from __future__ import annotations
+
+from .errors import ImmutantConfigError, ImmutantError, NodeStartError, StoreUnavailableError
+from .extension import ImmutantExtension, ImmutantState, get_state
+from .hookspecs import hookimpl
+from .settings import Setting
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "ImmutantConfigError",
+    "ImmutantError",
+    "ImmutantExtension",
+    "ImmutantState",
+    "NodeStartError",
+    "Setting",
+    "StoreUnavailableError",
+    "__version__",
+    "get_state",
+    "hookimpl",
+]

@@ -1,0 +1,108 @@
+"""``flask immutant ...``: the command group and what every subcommand shares.
+
+Subcommands belong to the feature that owns them and arrive through the
+``immutant_register_commands`` hook (``run`` from ``server``, ``status`` from ``cluster``,
+``store`` from ``store``, third-party ones from entry points). Commands work with or without an
+app: with one, its ``app.config`` is read; without, the environment and defaults are used.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import click
+import redis
+from flask import Flask
+from flask.cli import AppGroup, NoAppException, ScriptInfo
+
+from .errors import ImmutantConfigError, ImmutantError
+from .extension import EXTENSION_KEY, ImmutantState
+from .plugins import make_plugin_manager
+from .settings import import_paths
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ImmutantGroup(AppGroup):
+    """An ``AppGroup`` whose subcommands come from plugins, registered on first use."""
+
+    _registered = False
+
+    def _register(self) -> None:
+        if self._registered:
+            return
+        self._registered = True
+        try:
+            pm = make_plugin_manager(import_paths(os.environ.get("IMMUTANT_PLUGINS", "")))
+        except (ImmutantConfigError, ValueError) as exc:
+            click.echo(f"Warning: plugins not loaded: {exc}", err=True)
+            pm = make_plugin_manager()
+        pm.hook.immutant_register_commands(cli=self)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._register()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._register()
+        return super().get_command(ctx, cmd_name)
+
+
+cli = ImmutantGroup("immutant", help="Run and inspect flask-immutant cluster nodes.")
+
+
+def one_line_errors(func: F) -> F:
+    """Report a user's mistake as one ``Error:`` line and exit 1, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ImmutantError as exc:
+            raise click.ClickException(str(exc)) from None
+        except NoAppException as exc:
+            raise click.ClickException(str(exc).splitlines()[0]) from None
+        except redis.RedisError as exc:
+            raise click.ClickException(f"the cluster store did not answer: {exc}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def find_app(ctx: click.Context) -> tuple[Flask | None, str | None]:
+    """The app ``flask`` would load, or ``(None, None)`` when none was named or found.
+
+    An app named with ``--app``/``FLASK_APP`` that fails to load is an error; one merely not found
+    in the current folder is not: ``run`` then waits for deployments.
+    """
+    info = ctx.ensure_object(ScriptInfo)
+    named = info.app_import_path or os.environ.get("FLASK_APP")
+    try:
+        app = info.load_app()
+    except NoAppException:
+        if named:
+            raise
+        return None, None
+    return app, info.app_import_path
+
+
+def load_state(ctx: click.Context, overrides: Mapping[str, Any] | None = None) -> tuple[ImmutantState, Flask | None, str | None]:
+    """Resolve settings for a command: the app's config if there is an app, the environment,
+    then the command's options (``overrides``; ``None`` values mean "not given")."""
+    app, import_path = find_app(ctx)
+    config: Mapping[str, Any] = {}
+    if app is not None:
+        config = {k: v for k, v in app.config.items() if k.startswith("IMMUTANT_")}
+        if EXTENSION_KEY in app.extensions and not any(v is not None for v in (overrides or {}).values()):
+            return app.extensions[EXTENSION_KEY], app, import_path
+    return ImmutantState.build(config, overrides=overrides), app, import_path
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
+    )

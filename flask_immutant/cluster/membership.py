@@ -1,0 +1,308 @@
+"""Cluster membership: heartbeats into the store, join and leave seen by every node.
+
+A member is a claim key (owner token, TTL = failure timeout) plus a record in the members hash.
+The heartbeat thread renews the claim every quarter of the timeout; the watcher thread keeps a
+local view, reaps members whose claim expired and reports joins and leaves. Graceful leaves and
+joins are published on a channel so other nodes see them at once; crashes are seen by polling.
+Liveness uses Redis key expiry only, so node clocks never have to agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+from .. import lua
+from ..errors import NodeStartError
+from ..keys import Keys
+from .identity import NodeIdentity
+
+log = logging.getLogger(__name__)
+
+#: Heartbeats per failure timeout: four chances before a busy node is taken for dead.
+HEARTBEATS_PER_TIMEOUT = 4
+
+
+@dataclass(frozen=True)
+class Member:
+    """One node as the cluster sees it."""
+
+    name: str
+    address: str
+    host: str
+    ports: dict[str, int]
+    port_offset: int
+    data_dir: str
+    pid: int
+    hostname: str
+    clustered: bool
+    started_at: float
+    last_heartbeat: float | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes, last_heartbeat: float | None = None) -> Member:
+        data = json.loads(raw)
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "last_heartbeat"}
+        return cls(**known, last_heartbeat=last_heartbeat)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("last_heartbeat")
+        return json.dumps(data, sort_keys=True)
+
+    def status(self) -> dict[str, Any]:
+        """This member in the ``members`` section of ``status --json``."""
+        return {
+            "name": self.name,
+            "address": self.address,
+            "host": self.host,
+            "ports": dict(self.ports),
+            "port_offset": self.port_offset,
+            "data_dir": self.data_dir,
+            "pid": self.pid,
+            "hostname": self.hostname,
+            "clustered": self.clustered,
+            "up_since": _iso(self.started_at),
+            "last_heartbeat": _iso(self.last_heartbeat) if self.last_heartbeat else None,
+        }
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
+
+
+def _claim_token() -> str:
+    """Owner token: host and pid first, so a restarted node can tell its dead predecessor."""
+    return f"{socket.gethostname()}|{os.getpid()}|{uuid.uuid4().hex}"
+
+
+def _holder_is_dead_here(token: str) -> bool:
+    hostname, _, rest = token.partition("|")
+    pid_text = rest.partition("|")[0]
+    if hostname != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def live_members(store: redis.Redis, keys: Keys, failure_timeout: float) -> list[Member]:
+    """The members whose claim is live, sorted by name, with their last heartbeat time."""
+    records = store.hgetall(keys.members)
+    names = sorted(n.decode() if isinstance(n, bytes) else n for n in records)
+    if not names:
+        return []
+    pipe = store.pipeline(transaction=False)
+    for name in names:
+        pipe.pttl(keys.member_claim(name))
+    ttls = pipe.execute()
+    now = time.time()
+    members = []
+    for name, pttl in zip(names, ttls):
+        if pttl is None or pttl < 0:
+            continue
+        raw = records.get(name.encode()) if name.encode() in records else records.get(name)  # type: ignore[call-overload]
+        last = now - max(0.0, failure_timeout - pttl / 1000.0)
+        try:
+            members.append(Member.from_json(raw, last_heartbeat=last))
+        except (ValueError, TypeError):
+            log.warning("ignoring a malformed member record for %r", name)
+    return members
+
+
+Listener = Callable[[Member, str], None]
+
+
+class Membership:
+    """This node's membership: claim its name, heartbeat, watch the others, leave."""
+
+    def __init__(
+        self,
+        store: redis.Redis,
+        keys: Keys,
+        identity: NodeIdentity,
+        failure_timeout: float,
+        *,
+        on_joined: Callable[[Member], None] | None = None,
+        on_left: Listener | None = None,
+        on_lost: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.identity = identity
+        self.failure_timeout = failure_timeout
+        self.interval = failure_timeout / HEARTBEATS_PER_TIMEOUT
+        self.token = _claim_token()
+        self.me = Member(
+            name=identity.name,
+            address=identity.address,
+            host=identity.host,
+            ports=dict(identity.ports),
+            port_offset=identity.port_offset,
+            data_dir=str(identity.data_dir),
+            pid=os.getpid(),
+            hostname=socket.gethostname(),
+            clustered=identity.clustered,
+            started_at=time.time(),
+        )
+        self._on_joined = on_joined or (lambda member: None)
+        self._on_left = on_left or (lambda member, reason: None)
+        self._on_lost = on_lost or (lambda reason: None)
+        self._known: dict[str, Member] = {}
+        self._reasons: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._scripts = {name: lua.script(store, f"member_{name}") for name in ("claim", "heartbeat", "leave", "reap")}
+
+    # --- public ---
+
+    @property
+    def members(self) -> list[Member]:
+        """This node's current view of the live members."""
+        return sorted(self._known.values(), key=lambda m: m.name)
+
+    def join(self) -> None:
+        """Claim the node name and announce the join; refuse if a live node holds the name."""
+        keys = self._member_keys()
+        ttl = self._ttl_ms()
+        holder = self._scripts["claim"](keys=keys, args=[self.token, ttl, self.me.name, self.me.to_json(), ""])
+        if holder is not None:
+            holder = holder.decode() if isinstance(holder, bytes) else holder
+            if not _holder_is_dead_here(holder):
+                host = holder.partition("|")[0]
+                raise NodeStartError(
+                    f"node name {self.me.name!r} is already used by a running node on {host} in "
+                    f"cluster {self.keys.cluster!r}; choose another with --node-name or --port-offset"
+                )
+            # Our predecessor under this name was killed on this host: take the name over now.
+            self._scripts["claim"](keys=keys, args=[self.token, ttl, self.me.name, self.me.to_json(), holder])
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._watch_loop, "membership")):
+            thread = threading.Thread(target=target, name=f"immutant-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def leave(self) -> None:
+        """Leave at once: other nodes see it through the events channel, not after a timeout."""
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=self.failure_timeout)
+        try:
+            self._scripts["leave"](keys=self._member_keys(), args=[self.token, self.me.name])
+        except redis.RedisError as exc:
+            log.warning("could not leave the cluster cleanly (%s); others will see a timeout", exc)
+
+    def refresh(self) -> None:
+        """Re-read the members now (normally done by the watcher thread)."""
+        self._wake.set()
+
+    # --- threads ---
+
+    def _member_keys(self, name: str | None = None) -> list[str]:
+        name = name or self.me.name
+        return [self.keys.member_claim(name), self.keys.members, self.keys.events]
+
+    def _ttl_ms(self) -> int:
+        return int(self.failure_timeout * 1000)
+
+    def _heartbeat_loop(self) -> None:
+        failing_since: float | None = None
+        while not self._stop.wait(self.interval):
+            try:
+                result = self._scripts["heartbeat"](
+                    keys=self._member_keys(), args=[self.token, self._ttl_ms(), self.me.name, self.me.to_json()]
+                )
+            except redis.RedisError as exc:
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("heartbeat failed: %s; retrying", exc)
+                continue
+            if failing_since is not None:
+                log.warning("heartbeat restored after %.1fs", time.monotonic() - failing_since)
+                failing_since = None
+            if result == 0:
+                self._on_lost(f"node name {self.me.name!r} was claimed by another node while this one stalled")
+                return
+            if result == 2:
+                log.warning("node %s re-joined the cluster after missing its heartbeats", self.me.name)
+
+    def _watch_loop(self) -> None:
+        pubsub = None
+        while not self._stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self.store.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(self.keys.events)
+                self._poll()
+                deadline = time.monotonic() + self.interval
+                while not self._stop.is_set() and not self._wake.is_set():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    message = pubsub.get_message(timeout=min(remaining, 0.25))
+                    if message and message.get("type") == "message":
+                        self._note_event(message["data"])
+                        break
+                self._wake.clear()
+            except redis.RedisError as exc:
+                log.warning("membership watch failed: %s; retrying", exc)
+                if pubsub is not None:
+                    _close_quietly(pubsub)
+                pubsub = None
+                self._stop.wait(self.interval)
+        if pubsub is not None:
+            _close_quietly(pubsub)
+
+    def _note_event(self, raw: bytes | str) -> None:
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            return
+        if isinstance(event, dict) and event.get("event") == "left" and isinstance(event.get("name"), str):
+            self._reasons[event["name"]] = str(event.get("reason", "left"))
+
+    def _poll(self) -> None:
+        records = self.store.hgetall(self.keys.members)
+        for raw_name in records:
+            name = raw_name.decode() if isinstance(raw_name, bytes) else raw_name
+            if name != self.me.name and not self.store.exists(self.keys.member_claim(name)):
+                self._scripts["reap"](keys=self._member_keys(name), args=[name])
+        current = {m.name: m for m in live_members(self.store, self.keys, self.failure_timeout)}
+        for name, member in current.items():
+            if name not in self._known:
+                self._known[name] = member
+                self._call(self._on_joined, member)
+            else:
+                self._known[name] = member
+        for name in [n for n in self._known if n not in current]:
+            member = self._known.pop(name)
+            self._call(self._on_left, member, self._reasons.pop(name, "timeout"))
+
+    @staticmethod
+    def _call(callback: Callable[..., None], *args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception:  # a plugin's bug must not stop membership
+            log.exception("membership listener failed")
+
+
+def _close_quietly(pubsub: Any) -> None:
+    try:
+        pubsub.close()
+    except (redis.RedisError, OSError):
+        pass

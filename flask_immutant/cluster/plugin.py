@@ -1,0 +1,51 @@
+"""Built-in plugin: ``flask immutant status`` and the ``members`` status section."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from ..cli import load_state, one_line_errors
+from ..hookspecs import hookimpl
+from ..store import client_from_url, store_url
+from .membership import live_members
+
+
+@hookimpl(trylast=True)
+def immutant_register_commands(cli: click.Group) -> None:
+    cli.add_command(status)
+
+
+@hookimpl(trylast=True)
+def immutant_status(state: Any) -> dict[str, Any]:
+    store = client_from_url(store_url(state.settings, start=False))
+    try:
+        members = live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])
+    finally:
+        store.close()
+    return {"members": [member.status() for member in members]}
+
+
+@click.command(help="Show the cluster's members (and what plugins add); --json for the schema in docs/status.md.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON.")
+@click.pass_context
+@one_line_errors
+def status(ctx: click.Context, as_json: bool) -> None:
+    state, _app, _path = load_state(ctx)
+    document = state.status()
+    if as_json:
+        click.echo(json.dumps(document, indent=2, sort_keys=True))
+        return
+    members = document["members"]
+    click.echo(f"cluster {document['cluster']}: {len(members)} member(s), store {document['store']['url']}")
+    for m in members:
+        click.echo(
+            f"  {m['name']:<24} {m['address']}:{m['ports'].get('http')}  pid {m['pid']}  "
+            f"up since {m['up_since']}  last heartbeat {m['last_heartbeat']}"
+            + ("" if m["clustered"] else "  (not clustered)")
+        )
+    for name, section in document.items():
+        if name not in {"schema", "cluster", "members", "store"}:
+            click.echo(f"{name}: {json.dumps(section, sort_keys=True)}")

@@ -1,0 +1,77 @@
+"""The plugin manager: built-in features, entry-point plugins and ``IMMUTANT_PLUGINS``.
+
+One manager per app (kept in ``app.extensions["immutant"]``) or per CLI invocation; never a
+module-level one, so two apps in one process can load different plugins.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import ImmutantConfigError
+
+#: Built-in features, registered exactly like third-party plugins. Each may own a flag setting
+#: named in its ``FLAG`` attribute; a plugin whose flag is off is unregistered after resolution.
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "flask_immutant.store.plugin",
+    "flask_immutant.cluster.plugin",
+    "flask_immutant.server.plugin",
+)
+
+#: The setuptools entry-point group third-party plugins register under.
+ENTRY_POINT_GROUP = hookspecs.PROJECT
+
+
+def load(path: str) -> Any:
+    """Import a plugin given as ``package.module`` or ``package.module:attribute``."""
+    module_name, _, attribute = path.partition(":")
+    try:
+        module: ModuleType = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImmutantConfigError(f"IMMUTANT_PLUGINS: cannot import plugin {path!r}: {exc}") from None
+    if not attribute:
+        return module
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ImmutantConfigError(f"IMMUTANT_PLUGINS: {module_name!r} has no attribute {attribute!r}") from None
+
+
+def make_plugin_manager(extra: Iterable[str] = ()) -> pluggy.PluginManager:
+    """A manager with the built-ins, the entry-point plugins and the ``extra`` import paths.
+
+    ``check_pending`` runs last, so a plugin with a misspelled ``@hookimpl`` fails here, at start.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for path in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(path), name=path)
+    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    for path in extra:
+        if pm.has_plugin(path):
+            continue
+        pm.register(load(path), name=path)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise ImmutantConfigError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from None
+    return pm
+
+
+def apply_flags(pm: pluggy.PluginManager, settings: Any) -> None:
+    """Unregister plugins whose ``FLAG`` setting is off (their settings rows stay known)."""
+    for plugin in list(pm.get_plugins()):
+        flag = getattr(plugin, "FLAG", None)
+        if flag and not settings.get(flag, True):
+            pm.unregister(plugin)
+
+
+def plugin_names(pm: pluggy.PluginManager) -> list[str]:
+    """Names of the registered plugins, for status and debugging."""
+    return sorted(name for name, _plugin in pm.list_name_plugin() if name)

@@ -1,0 +1,1 @@
+"""The node supervisor and the app runtime processes it starts."""

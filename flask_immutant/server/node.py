@@ -1,0 +1,279 @@
+"""The node supervisor: what ``flask immutant run`` is.
+
+It owns the node's identity, its listening socket, its membership heartbeat and the app runtime
+processes it starts; it restarts a crashed runtime with backoff and, on SIGINT/SIGTERM, stops
+them within ``IMMUTANT_SHUTDOWN_TIMEOUT`` and leaves the cluster at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO
+
+import redis
+
+from ..cluster import Member, Membership, NodeIdentity
+from ..errors import NodeStartError
+from ..extension import ImmutantState
+from ..store import client_from_url, describe_url, store_url
+from .runtime import EXIT_APP_FAILED, set_parent_death_signal
+
+log = logging.getLogger("flask_immutant.node")
+
+#: Restart backoff for a crashed app runtime: first delay, cap, and the uptime that resets it.
+RESTART_BACKOFF = (0.5, 30.0, 30.0)
+#: Seconds an app runtime has to report ready before it is taken as failed.
+READY_TIMEOUT = 60.0
+
+
+@dataclass
+class AppTarget:
+    """What app a runtime serves: an import path as ``flask --app`` takes it, and the folder
+    the path is relative to."""
+
+    import_path: str | None
+    root: str = field(default_factory=os.getcwd)
+
+    @property
+    def label(self) -> str:
+        return self.import_path or os.path.basename(self.root)
+
+
+class RuntimeProcess:
+    """One app runtime child and the pipes that tie it to this supervisor."""
+
+    def __init__(self, target: AppTarget, listener: socket.socket, environ: dict[str, str]) -> None:
+        self.target = target
+        self.environ = environ
+        self.listener = listener
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.ready = False
+        self._lifeline_w: int | None = None
+        self._ready_r: IO[bytes] | None = None
+
+    def spawn(self) -> None:
+        lifeline_r, self._lifeline_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        fds = (self.listener.fileno(), lifeline_r, ready_w)
+        args = [
+            sys.executable, "-m", "flask_immutant.server.runtime",
+            "--app", self.target.import_path or "",
+            "--listen-fd", str(fds[0]), "--lifeline-fd", str(lifeline_r), "--ready-fd", str(ready_w),
+        ]
+        env = {**os.environ, **self.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            args, cwd=self.target.root, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
+            preexec_fn=set_parent_death_signal,
+        )
+        os.close(lifeline_r)
+        os.close(ready_w)
+        os.set_inheritable(self._lifeline_w, False)
+        self._ready_r = os.fdopen(ready_r, "rb")
+        self.started_at = time.monotonic()
+        self.ready = False
+
+    def wait_ready(self, timeout: float, cancel: threading.Event | None = None) -> bool:
+        """Block until the runtime reports ready (True), or exits, times out or is cancelled."""
+        assert self._ready_r is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not (cancel and cancel.is_set()):
+            readable, _, _ = select.select([self._ready_r], [], [], 0.1)
+            if readable:
+                self.ready = self._ready_r.readline().startswith(b"ready")
+                return self.ready
+        return False
+
+    def poll(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def stop(self, timeout: float) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("app runtime %s did not stop in %.0fs; killing it", self.target.label, timeout)
+                self.process.kill()
+                self.process.wait()
+        self.close_pipes()
+
+    def close_pipes(self) -> None:
+        if self._lifeline_w is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lifeline_w)
+            self._lifeline_w = None
+        if self._ready_r is not None:
+            self._ready_r.close()
+            self._ready_r = None
+
+
+class Node:
+    """One cluster node (the supervisor process)."""
+
+    def __init__(self, state: ImmutantState, target: AppTarget | None, *, offset_given: bool = True) -> None:
+        self.state = state
+        self.settings = state.settings
+        self.identity = NodeIdentity.from_settings(self.settings)
+        self.target = target
+        self.offset_given = offset_given
+        self.store: redis.Redis | None = None
+        self.membership: Membership | None = None
+        self.runtimes: list[RuntimeProcess] = []
+        self.stop_requested = threading.Event()
+        self.stopped = threading.Event()
+        self._listener: socket.socket | None = None
+        self._dir_lock: IO[str] | None = None
+
+    # --- description ---
+
+    def effective_url(self) -> str:
+        from ..store import EmbeddedStore
+
+        return self.settings["IMMUTANT_REDIS_URL"] or EmbeddedStore(self.settings["IMMUTANT_HOME"]).url
+
+    def banner(self) -> str:
+        """The first line ``run`` prints: the effective configuration."""
+        ident = self.identity
+        ports = " ".join(f"{k}={v}" for k, v in ident.ports.items())
+        embedded = "" if self.settings["IMMUTANT_REDIS_URL"] else " (embedded)"
+        return (
+            f"flask-immutant node {ident.name}: cluster={self.state.keys.cluster} "
+            f"clustered={'yes' if ident.clustered else 'no'} host={ident.host} {ports} "
+            f"offset={ident.port_offset} data={ident.data_dir} "
+            f"store={describe_url(self.effective_url())}{embedded} "
+            f"app={self.target.label if self.target else '(none: waiting for deployments)'}"
+        )
+
+    # --- lifecycle ---
+
+    def start(self) -> None:
+        self._listener = self._bind()
+        self._lock_data_dir()
+        self.state.pm.hook.immutant_node_starting(node=self)
+        url = store_url(self.settings, start=True)
+        self.store = client_from_url(url)
+        self.state.__dict__["store"] = self.store  # share the one client with plugins
+        self.membership = Membership(
+            self.store, self.state.keys, self.identity, self.settings["IMMUTANT_FAILURE_TIMEOUT"],
+            on_joined=self._joined, on_left=self._left, on_lost=self._lost,
+        )
+        self.membership.join()
+        if self.target is not None:
+            self.start_runtime(self.target)
+        self.state.pm.hook.immutant_node_started(node=self)
+
+    def start_runtime(self, target: AppTarget) -> RuntimeProcess:
+        assert self._listener is not None
+        environ = {**self.settings.environ(), "IMMUTANT_NODE_NAME": self.identity.name,
+                   "IMMUTANT_REDIS_URL": self.effective_url()}
+        runtime = RuntimeProcess(target, self._listener, environ)
+        runtime.spawn()
+        self.runtimes.append(runtime)
+        if runtime.wait_ready(READY_TIMEOUT, self.stop_requested):
+            log.info("app %s serves on http://%s:%d", target.label, self.identity.host, self.identity.http_port)
+        return runtime
+
+    def run(self) -> None:
+        """Supervise until stopped: restart a crashed runtime with backoff."""
+        delays: dict[int, float] = {}
+        while not self.stop_requested.wait(0.2):
+            for index, runtime in enumerate(self.runtimes):
+                code = runtime.poll()
+                if code is None:
+                    continue
+                runtime.close_pipes()
+                uptime = time.monotonic() - runtime.started_at
+                first, cap, reset_after = RESTART_BACKOFF
+                delay = first if uptime >= reset_after else min(cap, delays.get(index, first / 2) * 2)
+                delays[index] = delay
+                reason = "failed to start" if code == EXIT_APP_FAILED else f"exited with status {code}"
+                log.warning("app runtime %s %s; restarting in %.1fs", runtime.target.label, reason, delay)
+                if self.stop_requested.wait(delay):
+                    break
+                runtime.spawn()
+                runtime.wait_ready(READY_TIMEOUT, self.stop_requested)
+
+    def stop(self) -> None:
+        """Graceful stop: runtimes first (bounded), then leave the cluster at once."""
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        self.state.pm.hook.immutant_node_stopping(node=self)
+        timeout = self.settings["IMMUTANT_SHUTDOWN_TIMEOUT"]
+        threads = [threading.Thread(target=r.stop, args=(timeout,)) for r in self.runtimes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if self.membership is not None:
+            self.membership.leave()
+        if self._listener is not None:
+            self._listener.close()
+
+    # --- membership callbacks ---
+
+    def _joined(self, member: Member) -> None:
+        if member.name != self.identity.name:
+            log.info("member joined: %s (%s:%s)", member.name, member.address, member.ports.get("http"))
+        self.state.pm.hook.immutant_member_joined(node=self, member=member)
+
+    def _left(self, member: Member, reason: str) -> None:
+        log.info("member left: %s (%s)", member.name, reason)
+        self.state.pm.hook.immutant_member_left(node=self, member=member, reason=reason)
+
+    def _lost(self, reason: str) -> None:
+        log.error("%s; stopping this node", reason)
+        self.stop_requested.set()
+
+    # --- resources ---
+
+    def _lock_data_dir(self) -> None:
+        data_dir = self.identity.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(data_dir / "node.lock", "a+")  # noqa: SIM115 - held for the node's life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise NodeStartError(
+                f"data dir {data_dir} is in use by another node on this machine; "
+                "choose another --node-name or --port-offset"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._dir_lock = handle
+
+    def _bind(self) -> socket.socket:
+        host, port = self.identity.host, self.identity.http_port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise NodeStartError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            hint = (" start this node with --port-offset 100" if not self.offset_given
+                    else " choose another --port-offset")
+            raise NodeStartError(f"port {port} on {host} is already in use (another node?);{hint}") from None
+        sock.listen(1024)
+        sock.set_inheritable(True)
+        return sock

@@ -1,0 +1,8 @@
+"""The cluster store: a Redis client from a URL, or the embedded Redis of this machine."""
+
+from __future__ import annotations
+
+from .connect import client_from_url, describe_url, store_url
+from .embedded import EmbeddedStore
+
+__all__ = ["EmbeddedStore", "client_from_url", "describe_url", "store_url"]

@@ -1,0 +1,85 @@
+"""Redis clients from ``IMMUTANT_REDIS_URL``: redis, rediss (TLS), unix sockets and Sentinel.
+
+redis-py parses the first three itself (AUTH, db and TLS options come from the URL); Sentinel
+has no URL form in redis-py, so ``redis+sentinel://[user:password@]host:port[,host:port]/service[/db]``
+is parsed here and handed to :class:`redis.sentinel.Sentinel`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis
+from redis.sentinel import Sentinel
+
+from ..errors import StoreUnavailableError
+from .embedded import EmbeddedStore
+
+#: Seconds to wait for a connection or a reply before calling the store unreachable.
+SOCKET_TIMEOUT = 5.0
+
+
+def client_from_url(url: str, **options: Any) -> redis.Redis:
+    """A redis-py client for ``url``; ``options`` are passed to the connection pool."""
+    options.setdefault("socket_timeout", SOCKET_TIMEOUT)
+    options.setdefault("socket_connect_timeout", SOCKET_TIMEOUT)
+    options.setdefault("health_check_interval", 10)
+    scheme = urlsplit(url).scheme
+    if scheme.endswith("+sentinel"):
+        return _sentinel_client(url, **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def _sentinel_client(url: str, **options: Any) -> redis.Redis:
+    parts = urlsplit(url)
+    # netloc is "[user:password@]h1:p1,h2:p2": split credentials off before the host list.
+    credentials, _, hostlist = parts.netloc.rpartition("@")
+    username, _, password = credentials.partition(":") if credentials else ("", "", "")
+    hosts: list[tuple[str, int]] = []
+    for item in hostlist.split(","):
+        hostname, _, port = item.rpartition(":") if ":" in item else (item, "", "26379")
+        hosts.append((hostname or "localhost", int(port or 26379)))
+    path = [p for p in parts.path.split("/") if p]
+    service = path[0]
+    db = int(path[1]) if len(path) > 1 else 0
+    auth = {"username": unquote(username) or None, "password": unquote(password) or None}
+    if parts.scheme.startswith("rediss"):
+        options["ssl"] = True
+    sentinel = Sentinel(hosts, sentinel_kwargs={**auth, **_timeouts(options)}, **auth, **options)
+    return sentinel.master_for(service, db=db)
+
+
+def _timeouts(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: options[k] for k in ("socket_timeout", "socket_connect_timeout") if k in options}
+
+
+def describe_url(url: str) -> str:
+    """``url`` with any password masked, for logs and the first line of ``run``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def store_url(settings: Mapping[str, Any], *, start: bool) -> str:
+    """The effective store URL: ``IMMUTANT_REDIS_URL``, or the embedded store's socket.
+
+    ``start=True`` starts the embedded store when it is not running (a node does this);
+    ``start=False`` raises :class:`StoreUnavailableError` instead (status commands do this,
+    so asking for status never leaves a server behind).
+    """
+    url: str | None = settings["IMMUTANT_REDIS_URL"]
+    if url:
+        return url
+    embedded = EmbeddedStore(settings["IMMUTANT_HOME"])
+    if start:
+        return embedded.ensure_running()
+    if not embedded.is_running():
+        raise StoreUnavailableError(
+            f"no cluster store is running under {embedded.home}: start a node with "
+            "`flask immutant run`, or set IMMUTANT_REDIS_URL"
+        )
+    return embedded.url
