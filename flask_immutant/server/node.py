@@ -163,16 +163,21 @@ class Node:
 
     def start(self) -> None:
         self._listener = self._bind()
-        self._lock_data_dir()
-        self.state.pm.hook.immutant_node_starting(node=self)
         url = store_url(self.settings, start=True)
         self.store = client_from_url(url)
         self.state.__dict__["store"] = self.store  # share the one client with plugins
+        self.state.pm.hook.immutant_node_starting(node=self)
         self.membership = Membership(
             self.store, self.state.keys, self.identity, self.settings["IMMUTANT_FAILURE_TIMEOUT"],
             on_joined=self._joined, on_left=self._left, on_lost=self._lost,
         )
-        self.membership.join()
+        self.membership.join()  # the name is the cluster's fact, checked before the local data dir
+        try:
+            self._lock_data_dir()
+        except NodeStartError:
+            self.membership.leave()
+            self.membership = None
+            raise
         if self.target is not None:
             self.start_runtime(self.target)
         self.state.pm.hook.immutant_node_started(node=self)

@@ -1,0 +1,158 @@
+"""Helpers for tests that run real processes: node subprocesses, polling with a deadline."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, message: str = "") -> T:
+    """Poll ``condition`` until it returns something truthy; fail with ``message`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last  # type: ignore[no-any-return]
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s: {message or condition} (last: {last!r})")
+
+
+def free_port_base(span: int = 200) -> int:
+    """A base port such that base, base+100 and base+200 are free now."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + span > 65000:
+            continue
+        if all(port_is_free(base + offset) for offset in range(0, span + 1, 100)):
+            return base
+    raise RuntimeError("no free port base found")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); read its state to be sure.
+    with contextlib.suppress(OSError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    return True
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+class NodeProcess:
+    """A ``flask immutant ...`` subprocess whose output is collected line by line."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str], cwd: str | Path | None = None) -> None:
+        self.args = list(args)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "flask", *args],
+            env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            text=True, bufsize=1, start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        regex = re.compile(pattern)
+
+        def found() -> re.Match[str] | None:
+            for line in list(self.lines):
+                match = regex.search(line)
+                if match:
+                    return match
+            if self.proc.poll() is not None:
+                time.sleep(0.1)  # let the reader drain the last lines
+                for line in list(self.lines):
+                    match = regex.search(line)
+                    if match:
+                        return match
+                raise AssertionError(f"process exited ({self.proc.returncode}) before {pattern!r}:\n{self.output}")
+            return None
+
+        return wait_until(found, timeout, message=f"{pattern!r} in output of {self.args}:\n{self.output}")
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signum)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(2)
+        return code
+
+    def cleanup(self) -> None:
+        """Terminate, then kill, the node and anything left in its session."""
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        self._reader.join(2)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def run_flask(args: Sequence[str], env: dict[str, str], cwd: str | Path | None = None,
+              timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m flask ARGS`` to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "flask", *args], env=env, cwd=cwd, capture_output=True, text=True,
+        timeout=timeout, stdin=subprocess.DEVNULL, check=False,
+    )

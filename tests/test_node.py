@@ -1,0 +1,208 @@
+"""Nodes as real processes: forming a cluster, identity, collisions, supervision, shutdown."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from support import children_of, pid_alive, run_flask, wait_until
+
+APP = '''
+import sys
+from flask import Flask
+from flask_immutant import ImmutantExtension
+
+app = Flask(__name__)
+ImmutantExtension(app)
+
+@app.get("/")
+def index():
+    print("handled a request", flush=True)
+    return "hello"
+'''
+
+
+@pytest.fixture
+def app_file(tmp_path: Path) -> Path:
+    path = tmp_path / "hello_app.py"
+    path.write_text(APP)
+    return path
+
+
+def members(env: dict[str, str]) -> list[dict[str, Any]]:
+    result = run_flask(["immutant", "status", "--json"], env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["members"]  # type: ignore[no-any-return]
+
+
+def names(env: dict[str, str]) -> set[str]:
+    return {m["name"] for m in members(env)}
+
+
+def http_get(port: int) -> requests.Response | None:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/", timeout=2)
+    except requests.ConnectionError:
+        return None
+
+
+def test_two_nodes_in_different_folders_form_one_cluster(start_node, node_env, tmp_path):
+    # Given two shells in different folders, both with the default (per-user) home
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    # When each starts a clustered node, the second with a port offset
+    first = start_node("--clustered", cwd=tmp_path / "a")
+    second = start_node("--clustered", "--port-offset", "100", cwd=tmp_path / "b")
+    first.wait_for("joined cluster")
+    second.wait_for("joined cluster")
+    # Then status shows both within 2 s, with distinct names, ports and data dirs
+    seen = wait_until(lambda: len(members(node_env)) == 2 and members(node_env), timeout=2)
+    assert len({m["name"] for m in seen}) == 2
+    assert len({m["data_dir"] for m in seen}) == 2
+    base = int(node_env["IMMUTANT_HTTP_PORT"])
+    assert sorted(m["ports"]["http"] for m in seen) == [base, base + 100]
+    assert all(m["clustered"] for m in seen)
+
+
+def test_first_output_line_is_the_effective_configuration(start_node, node_env):
+    node = start_node("--clustered", "--port-offset", "100")
+    node.wait_for("joined cluster")
+    banner = node.lines[0]
+    assert banner.startswith("flask-immutant node ")
+    for fragment in (f"cluster={node_env['IMMUTANT_CLUSTER']}", f"http={int(node_env['IMMUTANT_HTTP_PORT']) + 100}",
+                     "offset=100", f"data={node_env['IMMUTANT_HOME']}/nodes/", "store=unix://", "clustered=yes"):
+        assert fragment in banner
+
+
+def test_a_second_node_with_the_same_name_refuses_to_start(start_node, node_env):
+    first = start_node("--clustered", "--node-name", "twin")
+    first.wait_for("joined cluster")
+    second = start_node("--clustered", "--node-name", "twin", "--port-offset", "100")
+    assert second.wait() == 1
+    assert "node name 'twin' is already used by a running node" in second.output
+    assert "Traceback" not in second.output
+    assert names(node_env) == {"twin"}
+
+
+def test_a_busy_port_without_an_offset_suggests_one(start_node):
+    first = start_node("--clustered")
+    first.wait_for("joined cluster")
+    second = start_node("--clustered", "--node-name", "other")
+    assert second.wait() == 1
+    assert "already in use" in second.output and "--port-offset 100" in second.output
+    assert "Traceback" not in second.output
+
+
+def test_a_node_serves_its_app_and_the_app_output_appears_in_the_node_output(start_node, app_file, node_env):
+    node = start_node("--clustered", app=str(app_file))
+    node.wait_for("joined cluster")
+    port = int(node_env["IMMUTANT_HTTP_PORT"])
+    response = wait_until(lambda: http_get(port), timeout=10)
+    assert response.text == "hello"
+    node.wait_for("handled a request", timeout=5)
+
+
+def test_sigkill_of_the_supervisor_takes_its_app_runtime_along(start_node, app_file, node_env):
+    # Given a node serving an app from a child runtime
+    node = start_node("--clustered", app=str(app_file))
+    node.wait_for("joined cluster")
+    runtime_pids = wait_until(lambda: children_of(node.pid), timeout=5)
+    # When the supervisor is killed with SIGKILL
+    node.signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    # Then its children exit within a second and nothing serves the port any more
+    wait_until(lambda: not any(pid_alive(pid) for pid in runtime_pids), timeout=1.0)
+    assert time.monotonic() - killed_at <= 1.0
+    assert http_get(int(node_env["IMMUTANT_HTTP_PORT"])) is None
+
+
+def test_a_crashed_app_runtime_is_restarted(start_node, app_file, node_env):
+    node = start_node("--clustered", app=str(app_file))
+    node.wait_for("joined cluster")
+    port = int(node_env["IMMUTANT_HTTP_PORT"])
+    (runtime,) = wait_until(lambda: children_of(node.pid), timeout=5)
+    # When the runtime dies
+    import os
+
+    os.kill(runtime, signal.SIGKILL)
+    # Then the supervisor starts a new one that serves again
+    node.wait_for("restarting in", timeout=5)
+    new = wait_until(lambda: [p for p in children_of(node.pid) if p != runtime], timeout=10)
+    assert new
+    assert wait_until(lambda: http_get(port), timeout=10).text == "hello"
+
+
+def test_graceful_stop_is_bounded_and_seen_at_once_by_the_other_node(start_node, app_file, node_env):
+    stays = start_node("--clustered", "--node-name", "stays")
+    goes = start_node("--clustered", "--node-name", "goes", "--port-offset", "100", app=str(app_file))
+    stays.wait_for("joined cluster")
+    goes.wait_for("joined cluster")
+    stays.wait_for("member joined: goes")
+    # When one node is stopped with SIGTERM
+    goes.signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert goes.wait(timeout=15) == 0
+    # Then it stopped well within the shutdown timeout and the other saw it leave, not time out
+    stays.wait_for(r"member left: goes \(left\)", timeout=1.0)
+    assert time.monotonic() - started < 10
+    assert names(node_env) == {"stays"}
+
+
+def test_sigint_stops_a_node_too(start_node):
+    node = start_node("--clustered")
+    node.wait_for("joined cluster")
+    node.signal(signal.SIGINT)
+    assert node.wait(timeout=15) == 0
+
+
+def test_a_crashed_node_leaves_after_the_failure_timeout(start_node, node_env):
+    env = {"IMMUTANT_FAILURE_TIMEOUT": "1.0"}
+    stays = start_node("--clustered", "--node-name", "stays", env=env)
+    dies = start_node("--clustered", "--node-name", "dies", "--port-offset", "100", env=env)
+    stays.wait_for("member joined: dies")
+    dies.signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    stays.wait_for(r"member left: dies \(timeout\)", timeout=3)
+    assert time.monotonic() - killed_at <= 1.0 + 1.0  # timeout plus one poll and a margin
+    assert names({**node_env, **env}) == {"stays"}
+
+
+def test_a_killed_node_restarted_at_once_rejoins_under_its_name(start_node, node_env):
+    # The kill leaves its claim alive for the failure timeout; a restart on the same host must
+    # not have to wait for it (the walkthrough restarts the killed node straight away).
+    first = start_node("--clustered", "--node-name", "phoenix", env={"IMMUTANT_FAILURE_TIMEOUT": "30"})
+    first.wait_for("joined cluster")
+    first.signal(signal.SIGKILL)
+    first.wait()
+    again = start_node("--clustered", "--node-name", "phoenix", env={"IMMUTANT_FAILURE_TIMEOUT": "30"})
+    again.wait_for("joined cluster", timeout=10)
+    assert names({**node_env, "IMMUTANT_FAILURE_TIMEOUT": "30"}) == {"phoenix"}
+
+
+def test_an_app_that_cannot_be_found_is_one_line_error(start_node):
+    node = start_node("--clustered", app="no_such_module_here")
+    assert node.wait() != 0
+    assert "Error:" in node.output and "Traceback" not in node.output
+
+
+def test_a_non_clustered_node_says_so(start_node, node_env):
+    node = start_node()
+    node.wait_for("joined cluster")
+    assert "clustered=no" in node.lines[0]
+    assert [m["clustered"] for m in members(node_env)] == [False]
+
+
+def test_port_offset_moves_the_http_port(start_node, app_file, node_env):
+    node = start_node("--clustered", "--port-offset", "200", app=str(app_file))
+    node.wait_for("joined cluster")
+    port = int(node_env["IMMUTANT_HTTP_PORT"]) + 200
+    assert wait_until(lambda: http_get(port), timeout=10).status_code == 200
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", int(node_env["IMMUTANT_HTTP_PORT"]))) != 0
