@@ -268,8 +268,10 @@ def resolve(
 
 
 def _unknown(key: str, rows: Mapping[str, Setting]) -> str:
-    close = difflib.get_close_matches(key, list(rows), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]}?" if close else "; see the settings table in the README"
+    # Compare what follows the prefix: the shared "IMMUTANT_" alone would make any key look close.
+    names = {name.removeprefix(PREFIX): name for name in rows}
+    close = difflib.get_close_matches(key.removeprefix(PREFIX), list(names), n=1, cutoff=0.6)
+    hint = f"; did you mean {names[close[0]]}?" if close else "; see the settings table in the README"
     return f"{key} is not a flask-immutant setting{hint}"
 
 

@@ -140,6 +140,7 @@ class Membership:
         on_joined: Callable[[Member], None] | None = None,
         on_left: Listener | None = None,
         on_lost: Callable[[str], None] | None = None,
+        on_store_error: Callable[[Exception], None] | None = None,
     ) -> None:
         self.store = store
         self.keys = keys
@@ -162,6 +163,7 @@ class Membership:
         self._on_joined = on_joined or (lambda member: None)
         self._on_left = on_left or (lambda member, reason: None)
         self._on_lost = on_lost or (lambda reason: None)
+        self._on_store_error = on_store_error or (lambda exc: None)
         self._known: dict[str, Member] = {}
         self._reasons: dict[str, str] = {}
         self._stop = threading.Event()
@@ -231,6 +233,7 @@ class Membership:
                 if failing_since is None:
                     failing_since = time.monotonic()
                     log.warning("heartbeat failed: %s; retrying", exc)
+                self._call(self._on_store_error, exc)
                 continue
             if failing_since is not None:
                 log.warning("heartbeat restored after %.1fs", time.monotonic() - failing_since)

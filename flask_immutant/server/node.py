@@ -27,7 +27,7 @@ import redis
 from ..cluster import Member, Membership, NodeIdentity
 from ..errors import NodeStartError
 from ..extension import ImmutantState
-from ..store import client_from_url, describe_url, store_url
+from ..store import EmbeddedStore, client_from_url, describe_url, store_url
 from .runtime import EXIT_APP_FAILED, set_parent_death_signal
 
 log = logging.getLogger("flask_immutant.node")
@@ -142,8 +142,6 @@ class Node:
     # --- description ---
 
     def effective_url(self) -> str:
-        from ..store import EmbeddedStore
-
         return self.settings["IMMUTANT_REDIS_URL"] or EmbeddedStore(self.settings["IMMUTANT_HOME"]).url
 
     def banner(self) -> str:
@@ -169,7 +167,7 @@ class Node:
         self.state.pm.hook.immutant_node_starting(node=self)
         self.membership = Membership(
             self.store, self.state.keys, self.identity, self.settings["IMMUTANT_FAILURE_TIMEOUT"],
-            on_joined=self._joined, on_left=self._left, on_lost=self._lost,
+            on_joined=self._joined, on_left=self._left, on_lost=self._lost, on_store_error=self._store_error,
         )
         self.membership.join()  # the name is the cluster's fact, checked before the local data dir
         try:
@@ -244,6 +242,15 @@ class Node:
     def _lost(self, reason: str) -> None:
         log.error("%s; stopping this node", reason)
         self.stop_requested.set()
+
+    def _store_error(self, exc: Exception) -> None:
+        """The embedded store is this machine's to keep up: restart it if it died (AOF restores it)."""
+        if self.settings["IMMUTANT_REDIS_URL"]:
+            return
+        embedded = EmbeddedStore(self.settings["IMMUTANT_HOME"])
+        if not embedded.is_running():
+            log.warning("the embedded store is down (%s); starting it again", exc)
+            embedded.ensure_running()
 
     # --- resources ---
 

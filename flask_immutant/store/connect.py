@@ -12,6 +12,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.backoff import EqualJitterBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from ..errors import StoreUnavailableError
@@ -19,6 +21,10 @@ from .embedded import EmbeddedStore
 
 #: Seconds to wait for a connection or a reply before calling the store unreachable.
 SOCKET_TIMEOUT = 5.0
+#: Retries of a failed command. redis-py's default backs off for seconds, longer than a
+#: heartbeat interval; callers here retry on their own schedule, so retry briefly.
+RETRIES = 2
+RETRY_BACKOFF = (0.05, 0.25)  # base and cap, seconds
 
 
 def client_from_url(url: str, **options: Any) -> redis.Redis:
@@ -26,6 +32,7 @@ def client_from_url(url: str, **options: Any) -> redis.Redis:
     options.setdefault("socket_timeout", SOCKET_TIMEOUT)
     options.setdefault("socket_connect_timeout", SOCKET_TIMEOUT)
     options.setdefault("health_check_interval", 10)
+    options.setdefault("retry", Retry(EqualJitterBackoff(cap=RETRY_BACKOFF[1], base=RETRY_BACKOFF[0]), RETRIES))
     scheme = urlsplit(url).scheme
     if scheme.endswith("+sentinel"):
         return _sentinel_client(url, **options)

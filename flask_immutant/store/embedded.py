@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ..errors import StoreUnavailableError
 
@@ -84,7 +86,7 @@ class EmbeddedStore:
         if not self.socket.exists():
             return False
         try:
-            with contextlib.closing(self.client(socket_timeout=2.0)) as client:
+            with contextlib.closing(self.client(socket_timeout=2.0, retry=Retry(NoBackoff(), 0))) as client:
                 return bool(client.ping())
         except redis.RedisError:
             return False
@@ -135,7 +137,9 @@ class EmbeddedStore:
         if not self.is_running():
             return False
         pid = self.pid()
-        with contextlib.suppress(redis.ConnectionError), contextlib.closing(self.client()) as client:
+        # No retries: the server closing the connection is the expected answer to SHUTDOWN.
+        no_retry = Retry(NoBackoff(), 0)
+        with contextlib.suppress(redis.ConnectionError), contextlib.closing(self.client(retry=no_retry)) as client:
             client.shutdown()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and (self.socket.exists() or (pid and _alive(pid))):
@@ -172,10 +176,15 @@ class EmbeddedStore:
 
 
 def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by init) counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
