@@ -32,8 +32,4 @@ def index() -> dict[str, object]:
 @app.get("/members")
 def members() -> object:
     """The cluster's live members, read from the cluster store."""
-    from flask_immutant.cluster import live_members
-
-    state = get_state()
-    found = live_members(state.store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])
-    return jsonify([member.status() for member in found])
+    return jsonify([member.status() for member in get_state().members()])

@@ -89,7 +89,9 @@ def find_app(ctx: click.Context) -> tuple[Flask | None, str | None]:
     return app, info.app_import_path
 
 
-def load_state(ctx: click.Context, overrides: Mapping[str, Any] | None = None) -> tuple[ImmutantState, Flask | None, str | None]:
+def load_state(
+    ctx: click.Context, overrides: Mapping[str, Any] | None = None
+) -> tuple[ImmutantState, Flask | None, str | None]:
     """Resolve settings for a command: the app's config if there is an app, the environment,
     then the command's options (``overrides``; ``None`` values mean "not given")."""
     app, import_path = find_app(ctx)

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import redis
     from flask import Flask
 
+    from .cluster import Member
+
 EXTENSION_KEY = "immutant"
 
 
@@ -55,6 +57,12 @@ class ImmutantState:
 
         return client_from_url(store_url(self.settings, start=True))
 
+    def members(self) -> list[Member]:
+        """The cluster's live members, read from the store (any process, any node)."""
+        from .cluster import live_members
+
+        return live_members(self.store, self.keys, self.settings["IMMUTANT_FAILURE_TIMEOUT"])
+
     def status(self) -> dict[str, Any]:
         """The ``status --json`` document: the schema is in docs/status.md."""
         document: dict[str, Any] = {"schema": 1, "cluster": self.settings["IMMUTANT_CLUSTER"]}
@@ -67,8 +75,12 @@ class ImmutantState:
         return document
 
 
-def _extra_plugins(config: Mapping[str, Any], environ: Mapping[str, str], overrides: Mapping[str, Any]) -> tuple[str, ...]:
-    raw: Any = overrides.get("IMMUTANT_PLUGINS") or environ.get("IMMUTANT_PLUGINS") or config.get("IMMUTANT_PLUGINS") or ()
+def _extra_plugins(
+    config: Mapping[str, Any], environ: Mapping[str, str], overrides: Mapping[str, Any]
+) -> tuple[str, ...]:
+    """``IMMUTANT_PLUGINS`` is needed before the other settings: it decides which rows exist."""
+    key = "IMMUTANT_PLUGINS"
+    raw: Any = overrides.get(key) or environ.get(key) or config.get(key) or ()
     try:
         return import_paths(raw)
     except ValueError as exc:

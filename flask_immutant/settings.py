@@ -285,7 +285,10 @@ def markdown_table(rows: Iterable[Setting]) -> str:
     """The README's settings table; ``tests/test_docs.py`` checks the README against it."""
     lines = ["| Setting | Type | Default | Environment | Meaning |", "| --- | --- | --- | --- | --- |"]
     for row in rows:
-        default = "per user" if row.name == "IMMUTANT_HOME" else ("unset" if row.default in (None, ()) else f"`{row.default}`")
+        if row.name == "IMMUTANT_HOME":
+            default = "per user"
+        else:
+            default = "unset" if row.default in (None, ()) else f"`{row.default}`"
         lines.append(f"| `{row.name}` | {row.type} | {default} | {'yes' if row.env else 'no'} | {row.help} |")
     return "\n".join(lines)
 

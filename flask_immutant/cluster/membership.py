@@ -112,10 +112,10 @@ def live_members(store: redis.Redis, keys: Keys, failure_timeout: float) -> list
     ttls = pipe.execute()
     now = time.time()
     members = []
-    for name, pttl in zip(names, ttls):
-        if pttl is None or pttl < 0:
+    for name, pttl in zip(names, ttls, strict=True):
+        raw = records.get(name.encode(), records.get(name))  # type: ignore[call-overload]
+        if pttl is None or pttl < 0 or raw is None:
             continue
-        raw = records.get(name.encode()) if name.encode() in records else records.get(name)  # type: ignore[call-overload]
         last = now - max(0.0, failure_timeout - pttl / 1000.0)
         try:
             members.append(Member.from_json(raw, last_heartbeat=last))

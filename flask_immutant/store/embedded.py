@@ -118,13 +118,16 @@ class EmbeddedStore:
         ]
         result = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=START_TIMEOUT)
         if result.returncode != 0:
-            raise StoreUnavailableError(f"embedded redis-server did not start: {(result.stderr or result.stdout).strip()}")
+            detail = (result.stderr or result.stdout).strip()
+            raise StoreUnavailableError(f"embedded redis-server did not start: {detail}")
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.is_running():
                 return
             time.sleep(0.02)
-        raise StoreUnavailableError(f"embedded redis-server did not answer within {START_TIMEOUT:g}s; see {self.logfile}")
+        raise StoreUnavailableError(
+            f"embedded redis-server did not answer within {START_TIMEOUT:g}s; see {self.logfile}"
+        )
 
     def pid(self) -> int | None:
         try:
