@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from flask import Flask
 
     from .cluster import Member
+    from .server.runtime import AppRuntime
 
 EXTENSION_KEY = "immutant"
 
@@ -32,6 +33,12 @@ class ImmutantState:
         self.settings = settings
         self.pm = pm
         self.keys = Keys(settings["IMMUTANT_CLUSTER"])
+        #: The app runtime serving this app, once it has started; ``None`` in the node
+        #: supervisor and CLI processes. Features register work at import time and start it
+        #: only where this is set, so importing an app never starts daemons or consumers.
+        self.runtime: AppRuntime | None = None
+        #: Per-app objects of feature plugins (their registries), by feature name.
+        self.features: dict[str, Any] = {}
 
     @classmethod
     def build(

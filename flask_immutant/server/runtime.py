@@ -85,6 +85,7 @@ class AppRuntime:
             self.app, sockets=[self._sock], threads=self.settings["IMMUTANT_THREADS"], ident="flask-immutant"
         )
         self.spawn("immutant-http", self._server.run)
+        self.state.runtime = self
         self.state.pm.hook.immutant_runtime_started(runtime=self)
 
     def stop(self, timeout: float) -> None:
