@@ -86,6 +86,8 @@ def find_app(ctx: click.Context) -> tuple[Flask | None, str | None]:
         if named:
             raise
         return None, None
+    except Exception as exc:  # the app's own module raised while importing
+        raise ImmutantError(f"app {named or '(found here)'} failed to load: {type(exc).__name__}: {exc}") from exc
     return app, info.app_import_path
 
 

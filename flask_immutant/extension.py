@@ -64,6 +64,13 @@ class ImmutantState:
 
         return client_from_url(store_url(self.settings, start=True))
 
+    @cached_property
+    def node_name(self) -> str:
+        """This process's node name (set by the node for its app runtimes, else the default)."""
+        from .cluster.identity import NodeIdentity
+
+        return NodeIdentity.from_settings(self.settings).name
+
     def members(self) -> list[Member]:
         """The cluster's live members, read from the store (any process, any node)."""
         from .cluster import live_members

@@ -22,6 +22,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "flask_immutant.store.plugin",
     "flask_immutant.cluster.plugin",
     "flask_immutant.server.plugin",
+    "flask_immutant.daemons.plugin",
 )
 
 #: The setuptools entry-point group third-party plugins register under.

@@ -17,6 +17,7 @@ import redis
 from flask_immutant.errors import StoreUnavailableError
 from flask_immutant.store import EmbeddedStore, client_from_url, describe_url, store_url
 from flask_immutant.store.embedded import MAX_SOCKET_PATH, redis_server_binary
+
 from support import free_port_base, pid_alive, run_flask, wait_until
 
 

@@ -97,6 +97,11 @@ class EmbeddedStore:
         with self._lock():
             if self.is_running():
                 return self.url
+            pid = self.pid()
+            if pid is not None and _alive(pid) and _is_redis_server(pid) and self.socket.exists():
+                # Alive but not answering (busy, frozen): a second server on its files would
+                # split the cluster's state in two, so wait for this one instead.
+                raise StoreUnavailableError(f"the embedded store (pid {pid}) is running but not answering")
             self._start()
         return self.url
 
@@ -191,3 +196,11 @@ def _alive(pid: int) -> bool:
     except OSError:
         return True  # no /proc (macOS): trust kill(0)
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _is_redis_server(pid: int) -> bool:
+    """Whether ``pid`` is a redis-server (a stale pidfile may name a reused pid)."""
+    try:
+        return b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: assume it is, and refuse to start a second server

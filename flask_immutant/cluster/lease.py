@@ -1,0 +1,264 @@
+"""Leases with fencing tokens: what singleton daemons and the job scheduler hold.
+
+A lease is a key holding ``{owner, fence, node, pid, since}`` with a TTL of the failure timeout,
+renewed every quarter of it and released by compare-and-delete (Lua in ``lua/lease_*.lua``).
+Each acquisition returns a strictly increasing fencing token.
+
+The holder's rule: its lease is *valid* only until ``sent + ttl - margin``, where ``sent`` is
+when the last successful renewal was sent (the key's expiry is at least ``sent + ttl``). When a
+renewal fails or the process stalls past that deadline, the holder gives the lease up and stops
+its work before the key can expire, so two holders never act at once. Contenders poll every
+eighth of the TTL and are woken at once by a release.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .. import lua
+from ..keys import Keys
+
+log = logging.getLogger(__name__)
+
+#: Renewals per TTL.
+RENEWALS_PER_TTL = 4
+#: Contender polls per TTL (a release also wakes contenders at once).
+POLLS_PER_TTL = 8
+#: Fraction of the TTL kept as a margin: work stops this long before the key could expire.
+SAFETY_MARGIN = 0.25
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease, as stored in it."""
+
+    name: str
+    node: str
+    pid: int
+    fence: int
+    since: float
+
+    def status(self) -> dict[str, Any]:
+        return {"node": self.node, "pid": self.pid, "fencing_token": self.fence, "since": self.since}
+
+
+def read_holder(store: redis.Redis, keys: Keys, name: str) -> Holder | None:
+    """The current holder of lease ``name``, or ``None`` if it is free."""
+    raw = store.get(keys.lease(name))
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        return Holder(name, str(data["node"]), int(data["pid"]), int(data["fence"]), float(data["since"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class LeaseKeeper:
+    """Contends for one lease and keeps it; calls ``on_acquired(fence)`` and ``on_lost()``.
+
+    Both callbacks run on the keeper's thread: ``on_acquired`` should start work elsewhere and
+    return; ``on_lost`` should stop the work (bounded) and return. While it is held,
+    :meth:`valid` says whether the work may still act.
+    """
+
+    def __init__(
+        self,
+        manager: LeaseManager,
+        name: str,
+        on_acquired: Callable[[int], None],
+        on_lost: Callable[[], None],
+    ) -> None:
+        self.manager = manager
+        self.name = name
+        self.on_acquired = on_acquired
+        self.on_lost = on_lost
+        self.fence: int | None = None
+        self.held_since: float | None = None
+        self._owner = ""
+        self._deadline = 0.0
+        self._pause_until = 0.0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"immutant-lease-{name}", daemon=True)
+
+    @property
+    def held(self) -> bool:
+        return self.fence is not None
+
+    def valid(self) -> bool:
+        """True while the lease is held and its local deadline has not passed."""
+        return self.fence is not None and time.monotonic() < self._deadline
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def step_aside(self, seconds: float) -> None:
+        """Give the lease up (if held) and do not contend for ``seconds``: let another node try."""
+        self._pause_until = time.monotonic() + seconds
+        self._wake.set()
+
+    def stop(self, release: bool = True) -> None:
+        """Stop contending; if held, stop the work (``on_lost``) and release so another takes over."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=self.manager.ttl * 4)
+        if self.fence is not None:
+            self._lose(release=release)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- the keeper thread ---
+
+    def _run(self) -> None:
+        m = self.manager
+        while not self._stop.is_set():
+            if self.fence is None:
+                if time.monotonic() >= self._pause_until:
+                    self._try_acquire()
+                if self.fence is None:
+                    self._sleep(m.ttl / POLLS_PER_TTL)
+                continue
+            self._sleep(m.ttl / RENEWALS_PER_TTL)
+            if self._stop.is_set():
+                break
+            if time.monotonic() < self._pause_until:
+                log.info("lease %s: stepping aside so another node can try", self.name)
+                self._lose(release=True)
+                continue
+            self._renew()
+
+    def _sleep(self, seconds: float) -> None:
+        self._wake.wait(seconds)
+        self._wake.clear()
+
+    def _try_acquire(self) -> None:
+        m = self.manager
+        owner = f"{m.node}|{os.getpid()}|{uuid.uuid4().hex}"
+        info = json.dumps({"node": m.node, "pid": os.getpid(), "since": time.time()})
+        sent = time.monotonic()
+        try:
+            fence = m.scripts["acquire"](keys=[m.keys.lease(self.name), m.keys.lease_fence(self.name)],
+                                         args=[owner, m.ttl_ms, info], client=m.store)
+        except redis.RedisError as exc:
+            log.debug("lease %s: acquire failed: %s", self.name, exc)
+            return
+        if fence is None:
+            return
+        self._owner, self.fence, self.held_since = owner, int(fence), time.time()
+        self._deadline = sent + m.ttl * (1 - SAFETY_MARGIN)
+        log.info("lease %s acquired by %s (fencing token %d)", self.name, m.node, self.fence)
+        try:
+            self.on_acquired(self.fence)
+        except Exception:
+            log.exception("lease %s: on_acquired failed", self.name)
+
+    def _renew(self) -> None:
+        m = self.manager
+        if time.monotonic() >= self._deadline:
+            log.warning("lease %s: deadline passed before renewal (stalled?); giving it up", self.name)
+            self._lose(release=True)
+            return
+        sent = time.monotonic()
+        try:
+            renewed = m.scripts["renew"](keys=[m.keys.lease(self.name)], args=[self._owner, m.ttl_ms],
+                                         client=m.store)
+        except redis.RedisError as exc:
+            if time.monotonic() >= self._deadline - m.ttl / RENEWALS_PER_TTL:
+                log.warning("lease %s: cannot renew (%s); stopping work before it can expire", self.name, exc)
+                self._lose(release=False)
+            return
+        if renewed:
+            self._deadline = sent + m.ttl * (1 - SAFETY_MARGIN)
+        else:
+            log.warning("lease %s: lost (expired or taken); stopping work", self.name)
+            self._lose(release=False)
+
+    def _lose(self, release: bool) -> None:
+        owner, self._deadline = self._owner, 0.0
+        try:
+            self.on_lost()
+        except Exception:
+            log.exception("lease %s: on_lost failed", self.name)
+        finally:
+            self.fence, self.held_since = None, None
+        if release:
+            try:
+                self.manager.scripts["release"](
+                    keys=[self.manager.keys.lease(self.name), self.manager.keys.lease_released],
+                    args=[owner, self.name], client=self.manager.store,
+                )
+            except redis.RedisError as exc:
+                log.warning("lease %s: release failed (%s); it will expire", self.name, exc)
+
+
+class LeaseManager:
+    """The leases of one process: a store client with short timeouts and one listener for
+    releases that wakes the matching keepers."""
+
+    def __init__(self, store_url: str, keys: Keys, node: str, ttl: float) -> None:
+        from ..store import client_from_url
+
+        self.keys = keys
+        self.node = node
+        self.ttl = ttl
+        self.ttl_ms = int(ttl * 1000)
+        # A renewal that takes longer than a renewal interval is as good as failed, and is not
+        # retried: the next renewal is the retry, so a dead store is noticed within the margin.
+        timeout = max(0.1, ttl / RENEWALS_PER_TTL)
+        self.store = client_from_url(store_url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                     retry=Retry(NoBackoff(), 0))
+        self.scripts = {name: lua.script(self.store, f"lease_{name}") for name in ("acquire", "renew", "release")}
+        self._keepers: list[LeaseKeeper] = []
+        self._stop = threading.Event()
+        self._listener = threading.Thread(target=self._listen, name="immutant-lease-wakeup", daemon=True)
+        self._listener.start()
+
+    def keeper(self, name: str, on_acquired: Callable[[int], None], on_lost: Callable[[], None]) -> LeaseKeeper:
+        keeper = LeaseKeeper(self, name, on_acquired, on_lost)
+        self._keepers.append(keeper)
+        return keeper.start()
+
+    def close(self) -> None:
+        for keeper in list(self._keepers):
+            keeper.stop()
+        self._stop.set()
+        self._listener.join(timeout=2)
+        self.store.close()
+
+    def _listen(self) -> None:
+        pubsub = None
+        while not self._stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self.store.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(self.keys.lease_released)
+                message = pubsub.get_message(timeout=0.2)
+            except (redis.RedisError, OSError):
+                pubsub = None
+                self._stop.wait(self.ttl / POLLS_PER_TTL)
+                continue
+            if message and message.get("type") == "message":
+                name = message["data"].decode() if isinstance(message["data"], bytes) else message["data"]
+                for keeper in self._keepers:
+                    if keeper.name == name and not keeper.held:
+                        keeper.wake()
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except (redis.RedisError, OSError):
+                pass

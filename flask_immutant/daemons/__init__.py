@@ -1,0 +1,55 @@
+"""Singleton and per-node daemons: ``daemons.start(name, start_fn, stop_fn)``.
+
+``start_fn`` runs in its own thread inside the app context and should run until ``stop_fn`` is
+called (or :func:`current` says to stop). A singleton runs on exactly one node of the cluster,
+under a lease; if that node dies the daemon starts on another within the failure timeout plus a
+small margin, and a graceful stop hands it over at once. Called at import time (module level of
+the app), ``start`` only registers the daemon; it runs once the app runtime has started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .registry import registry
+from .runner import DaemonContext, DaemonSpec
+from .runner import current as _current
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+__all__ = ["DaemonContext", "current", "fencing_token", "start", "stop"]
+
+
+def start(
+    name: str,
+    start_fn: Callable[[], Any],
+    stop_fn: Callable[[], Any] | None = None,
+    *,
+    singleton: bool = True,
+    app: Flask | None = None,
+) -> None:
+    """Declare daemon ``name`` (idempotent by name: declaring it again replaces it)."""
+    if not name or not isinstance(name, str):
+        raise ValueError(f"a daemon needs a name, got {name!r}")
+    if not callable(start_fn) or (stop_fn is not None and not callable(stop_fn)):
+        raise TypeError("start_fn and stop_fn must be callables")
+    registry(app).add(DaemonSpec(name, start_fn, stop_fn, singleton))
+
+
+def stop(name: str, *, app: Flask | None = None) -> bool:
+    """Stop daemon ``name`` here and forget it; a singleton is released (another node may take it
+    if it still declares it). Returns False if no such daemon was declared."""
+    return registry(app).remove(name)
+
+
+def current() -> DaemonContext | None:
+    """The context of the daemon running on this thread (fencing token, ``valid()``, ``wait()``)."""
+    return _current()
+
+
+def fencing_token() -> int | None:
+    """The fencing token of the singleton daemon running on this thread."""
+    context = _current()
+    return context.fence if context else None

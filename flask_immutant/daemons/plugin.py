@@ -1,0 +1,104 @@
+"""Built-in plugin: daemons start with the app runtime; ``flask immutant daemons``; status."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ..cli import load_state, one_line_errors
+from ..cluster.lease import read_holder
+from ..cluster.membership import live_members
+from ..hookspecs import hookimpl
+from ..settings import Setting, to_bool
+from ..store import client_from_url, store_url
+from .registry import registry
+
+if TYPE_CHECKING:
+    from ..extension import ImmutantState
+    from ..server.runtime import AppRuntime
+
+FLAG = "IMMUTANT_DAEMONS"
+
+
+@hookimpl(trylast=True)
+def immutant_settings() -> list[Setting]:
+    return [Setting(FLAG, True, to_bool, "Run the daemons apps declare with flask_immutant.daemons.", "bool")]
+
+
+@hookimpl(trylast=True)
+def immutant_runtime_started(runtime: AppRuntime) -> None:
+    registry(state=runtime.state).activate_all()
+
+
+@hookimpl(trylast=True)
+def immutant_runtime_stopping(runtime: AppRuntime) -> None:
+    registry(state=runtime.state).shutdown()
+
+
+@hookimpl(trylast=True)
+def immutant_register_commands(cli: click.Group) -> None:
+    cli.add_command(daemons)
+
+
+@hookimpl(trylast=True)
+def immutant_status(state: ImmutantState) -> dict[str, Any]:
+    return {"daemons": daemon_status(state)}
+
+
+def daemon_status(state: ImmutantState) -> list[dict[str, Any]]:
+    """One entry per daemon (per node for non-singletons); holders come from the leases."""
+    store = client_from_url(store_url(state.settings, start=False))
+    try:
+        live = {m.name for m in live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])}
+        records = [json.loads(raw) for raw in store.hgetall(state.keys.daemons).values()]
+        result = []
+        for record in sorted(records, key=lambda r: (r["name"], r["node"])):
+            entry = {
+                "name": record["name"], "singleton": record["singleton"], "state": record["state"],
+                "node": record["node"], "since": record["since"], "fencing_token": record["fencing_token"],
+                "restarts": record["restarts"], "last_error": record["last_error"],
+            }
+            if record["singleton"]:
+                holder = _singleton_holder(store, state, record["name"])
+                entry.update(node=holder.node if holder else None, fencing_token=holder.fence if holder else None,
+                             since=holder.since if holder else None, state="running" if holder else "waiting")
+            elif record["node"] not in live:
+                continue
+            result.append(entry)
+        return result
+    finally:
+        store.close()
+
+
+def _singleton_holder(store: Any, state: ImmutantState, name: str) -> Any:
+    holder = read_holder(store, state.keys, f"daemon:{name}")
+    if holder is None:  # standalone nodes hold per-node leases; show any
+        for key in store.scan_iter(match=state.keys.lease(f"daemon:{name}@*"), count=100):
+            key = key.decode() if isinstance(key, bytes) else key
+            found = read_holder(store, state.keys, key[len(state.keys.lease("")):])
+            if found:
+                return found
+    return holder
+
+
+@click.command(help="Show each daemon: singleton or not, holder node, since when, fencing token, restarts.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@one_line_errors
+def daemons(ctx: click.Context, as_json: bool) -> None:
+    state, _app, _path = load_state(ctx)
+    entries = daemon_status(state)
+    if as_json:
+        click.echo(json.dumps(entries, indent=2, sort_keys=True))
+        return
+    if not entries:
+        click.echo("no daemons")
+        return
+    for e in entries:
+        since = time.strftime("%H:%M:%S", time.localtime(e["since"])) if e["since"] else "-"
+        kind = "singleton" if e["singleton"] else "per-node"
+        click.echo(f"{e['name']:<20} {kind:<9} {e['state']:<10} node={e['node'] or '-'} since={since} "
+                   f"token={e['fencing_token'] if e['fencing_token'] is not None else '-'} restarts={e['restarts']}")

@@ -1,0 +1,92 @@
+"""The daemons declared by one app, and their runners once its runtime has started."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+from ..cluster.lease import LeaseManager
+from ..extension import ImmutantState, get_state
+from ..store import store_url
+from .runner import DaemonRunner, DaemonSpec
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+log = logging.getLogger("flask_immutant.daemons")
+
+FEATURE = "daemons"
+
+
+class DaemonRegistry:
+    def __init__(self, state: ImmutantState) -> None:
+        self.state = state
+        self.specs: dict[str, DaemonSpec] = {}
+        self.runners: dict[str, DaemonRunner] = {}
+        self.node = state.node_name
+        self._leases: LeaseManager | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> bool:
+        return self.state.runtime is not None and not self.state.runtime.stopping.is_set()
+
+    def add(self, spec: DaemonSpec) -> None:
+        with self._lock:
+            old = self.runners.pop(spec.name, None)
+            self.specs[spec.name] = spec
+        if old is not None:
+            old.shutdown()
+        if self.active:
+            self._activate(spec)
+
+    def remove(self, name: str) -> bool:
+        with self._lock:
+            spec = self.specs.pop(name, None)
+            runner = self.runners.pop(name, None)
+        if runner is not None:
+            runner.shutdown()
+        return spec is not None
+
+    def activate_all(self) -> None:
+        for spec in list(self.specs.values()):
+            self._activate(spec)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            runners, self.runners = list(self.runners.values()), {}
+        for runner in runners:
+            runner.shutdown()
+        if self._leases is not None:
+            self._leases.close()
+            self._leases = None
+
+    def lease_name(self, spec: DaemonSpec) -> str:
+        """Clustered: one lease per daemon. Standalone: one per node, so each node runs its own."""
+        base = f"daemon:{spec.name}"
+        return base if self.state.settings["IMMUTANT_CLUSTERED"] else f"{base}@{self.node}"
+
+    def _activate(self, spec: DaemonSpec) -> None:
+        runtime = self.state.runtime
+        assert runtime is not None
+        runner = DaemonRunner(spec, runtime.app, self.node, self.state.keys, self.state.store,
+                              self._lease_manager() if spec.singleton else None, self.lease_name(spec))
+        with self._lock:
+            self.runners[spec.name] = runner
+        runner.activate()
+
+    def _lease_manager(self) -> LeaseManager:
+        if self._leases is None:
+            settings = self.state.settings
+            self._leases = LeaseManager(store_url(settings, start=True), self.state.keys, self.node,
+                                        settings["IMMUTANT_FAILURE_TIMEOUT"])
+        return self._leases
+
+
+def registry(app: Flask | None = None, state: ImmutantState | None = None) -> DaemonRegistry:
+    state = state or get_state(app)
+    found = state.features.get(FEATURE)
+    if found is None:
+        found = state.features[FEATURE] = DaemonRegistry(state)
+    return found  # type: ignore[no-any-return]

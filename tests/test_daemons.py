@@ -1,0 +1,195 @@
+"""Singleton and per-node daemons on real nodes: failover, handover, restarts, the invariant."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from flask_immutant.cluster.lease import read_holder
+from flask_immutant.keys import Keys
+
+from support import run_flask, wait_until
+
+APP = '''
+import json, os, threading, time
+from flask import Flask
+from flask_immutant import ImmutantExtension, daemons, get_state
+
+app = Flask(__name__)
+app.config["IMMUTANT_CLUSTERED"] = True
+ImmutantExtension(app)
+NODE = get_state(app).node_name
+LOG = get_state(app).keys.prefix + "test:daemon-log"
+stop = threading.Event()
+
+def run():
+    stop.clear()
+    ctx = daemons.current()
+    if NODE in os.environ.get("FAIL_ON", "").split(","):
+        raise RuntimeError("broken on " + NODE)
+    store = get_state().store
+    while not stop.is_set():
+        now = time.time()
+        if not ctx.valid():
+            return
+        try:
+            store.rpush(LOG, json.dumps([NODE, ctx.fence, now]))
+        except Exception:
+            pass
+        if ctx.wait(0.05):
+            return
+
+daemons.start("worker", run, stop.set, singleton=os.environ.get("SINGLETON", "1") == "1", app=app)
+'''
+
+
+@pytest.fixture
+def app_file(tmp_path: Path) -> Path:
+    path = tmp_path / "daemon_app.py"
+    path.write_text(APP)
+    return path
+
+
+@pytest.fixture
+def keys(cluster_name: str) -> Keys:
+    return Keys(cluster_name)
+
+
+def holder(store: redis.Redis, keys: Keys) -> Any:
+    return read_holder(store, keys, "daemon:worker")
+
+
+def log_entries(store: redis.Redis, keys: Keys) -> list[tuple[str, int | None, float]]:
+    return [tuple(json.loads(raw)) for raw in store.lrange(keys.prefix + "test:daemon-log", 0, -1)]  # type: ignore[misc]
+
+
+def start_two(start_node, app_file, env=None):
+    a = start_node("--clustered", "--node-name", "a", app=str(app_file), env=env)
+    b = start_node("--clustered", "--node-name", "b", "--port-offset", "100", app=str(app_file), env=env)
+    a.wait_for("joined cluster")
+    b.wait_for("joined cluster")
+    return {"a": a, "b": b}
+
+
+def test_a_singleton_runs_on_exactly_one_node_and_fails_over_after_sigkill(start_node, app_file, store_client, keys):
+    nodes = start_two(start_node, app_file)
+    first = wait_until(lambda: holder(store_client, keys), timeout=10)
+    time.sleep(1.0)  # both runtimes contend meanwhile; only one may run
+    assert {entry[0] for entry in log_entries(store_client, keys)} == {first.node}
+    # When the holder node is killed
+    nodes[first.node].signal(signal.SIGKILL)
+    killed = time.monotonic()
+    survivor = "b" if first.node == "a" else "a"
+    # Then the daemon runs on the other node within the failure timeout plus a small margin
+    second = wait_until(lambda: (h := holder(store_client, keys)) and h.node == survivor and h, timeout=5)
+    assert time.monotonic() - killed <= 2.0 + 1.0
+    assert second.fence > first.fence
+    wait_until(lambda: log_entries(store_client, keys)[-1][0] == survivor, timeout=2)
+
+
+def test_graceful_stop_hands_the_singleton_over_at_once(start_node, app_file, store_client, keys):
+    nodes = start_two(start_node, app_file)
+    first = wait_until(lambda: holder(store_client, keys), timeout=10)
+    survivor = "b" if first.node == "a" else "a"
+    nodes[first.node].signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    wait_until(lambda: (h := holder(store_client, keys)) and h.node == survivor, timeout=2)
+    assert time.monotonic() - stopped < 1.5  # released, not expired (the TTL is 2 s)
+    assert nodes[first.node].wait(15) == 0
+
+
+def test_a_per_node_daemon_runs_on_every_node(start_node, app_file, store_client, keys):
+    start_two(start_node, app_file, env={"SINGLETON": "0"})
+    wait_until(lambda: {e[0] for e in log_entries(store_client, keys)} == {"a", "b"}, timeout=10)
+    assert {e[1] for e in log_entries(store_client, keys)} == {None}
+
+
+def test_a_daemon_failing_on_one_node_moves_to_another(start_node, app_file, store_client, keys, node_env):
+    # Given a daemon that always fails on node "a" (start "a" first so it takes the lease)
+    env = {"FAIL_ON": "a"}
+    a = start_node("--clustered", "--node-name", "a", app=str(app_file), env=env)
+    a.wait_for("daemon worker failed", timeout=15)
+    b = start_node("--clustered", "--node-name", "b", "--port-offset", "100", app=str(app_file), env=env)
+    b.wait_for("joined cluster")
+    # Then after repeated failures "a" steps aside and "b" runs it
+    wait_until(lambda: (h := holder(store_client, keys)) and h.node == "b", timeout=20)
+    wait_until(lambda: log_entries(store_client, keys), timeout=5)
+    result = run_flask(["immutant", "daemons", "--json"], node_env)
+    (entry,) = json.loads(result.stdout)
+    assert entry["name"] == "worker" and entry["singleton"] and entry["node"] == "b"
+    assert entry["fencing_token"] is not None
+
+
+def test_status_json_has_a_daemons_section(start_node, app_file, store_client, keys, node_env):
+    start_two(start_node, app_file)
+    current = wait_until(lambda: holder(store_client, keys), timeout=10)
+    document = json.loads(run_flask(["immutant", "status", "--json"], node_env).stdout)
+    (entry,) = document["daemons"]
+    assert entry["node"] == current.node and entry["fencing_token"] == current.fence
+    assert entry["state"] == "running" and entry["restarts"] == 0
+
+
+def intervals(entries: list[tuple[str, int | None, float]]) -> list[tuple[int, str, float, float]]:
+    """(fence, node, first time, last time) per holding, in fence order."""
+    found: dict[int, tuple[str, float, float]] = {}
+    for node, fence, at in entries:
+        assert fence is not None
+        if fence in found:
+            n, lo, hi = found[fence]
+            assert n == node, f"token {fence} used by two nodes"
+            found[fence] = (n, min(lo, at), max(hi, at))
+        else:
+            found[fence] = (node, at, at)
+    return [(fence, *found[fence]) for fence in sorted(found)]
+
+
+def test_no_two_holders_ever_overlap(start_node, app_file, store_client, keys, embedded_store):
+    # Given two nodes running a singleton that logs (node, token, time) every 50 ms
+    nodes = start_two(start_node, app_file)
+    wait_until(lambda: holder(store_client, keys), timeout=10)
+
+    def restart(name: str) -> None:
+        offset = "0" if name == "a" else "100"
+        nodes[name] = start_node("--clustered", "--node-name", name, "--port-offset", offset, app=str(app_file))
+        nodes[name].wait_for("joined cluster")
+
+    # When the holder is SIGKILLed, twice, and restarted each time
+    for _ in range(2):
+        current = wait_until(lambda: holder(store_client, keys), timeout=10)
+        nodes[current.node].signal(signal.SIGKILL)
+        nodes[current.node].wait()
+        gone = current.node
+        wait_until(lambda: (h := holder(store_client, keys)) and h.node != gone, timeout=5)  # noqa: B023
+        restart(gone)
+    # And the holder's runtime is frozen (SIGSTOP) past its lease, then thawed
+    current = wait_until(lambda: holder(store_client, keys), timeout=10)
+    os.kill(current.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: (h := holder(store_client, keys)) and h.node != current.node, timeout=6)
+        time.sleep(0.5)
+    finally:
+        os.kill(current.pid, signal.SIGCONT)
+    # And the store itself stops answering for longer than the TTL
+    time.sleep(1.0)
+    store_pid = embedded_store.pid()
+    assert store_pid
+    os.kill(store_pid, signal.SIGSTOP)
+    try:
+        time.sleep(3.0)
+    finally:
+        os.kill(store_pid, signal.SIGCONT)
+    wait_until(lambda: holder(store_client, keys), timeout=10)
+    time.sleep(1.0)
+    # Then the logged holdings never overlap in time and tokens only increase
+    held = intervals(log_entries(store_client, keys))
+    assert len(held) >= 4
+    for before, after in itertools.pairwise(held):
+        assert before[3] < after[2], f"holding {before} overlaps {after}"

@@ -1,0 +1,133 @@
+"""Leases on a real redis-server: fencing tokens, release, renewal failure, contenders."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flask_immutant.cluster.lease import SAFETY_MARGIN, LeaseManager, read_holder
+from flask_immutant.keys import Keys
+from flask_immutant.store.embedded import redis_server_binary
+
+from support import wait_until
+
+TTL = 1.0
+
+
+class Recorder:
+    """Callbacks of one keeper, with the times they were called."""
+
+    def __init__(self) -> None:
+        self.acquired: list[tuple[float, int]] = []
+        self.lost: list[float] = []
+        self.event = threading.Event()
+
+    def on_acquired(self, fence: int) -> None:
+        self.acquired.append((time.monotonic(), fence))
+        self.event.set()
+
+    def on_lost(self) -> None:
+        self.lost.append(time.monotonic())
+
+
+@pytest.fixture
+def managers(embedded_store, cluster_name) -> Iterator[list[LeaseManager]]:
+    made = [LeaseManager(embedded_store.url, Keys(cluster_name), f"node{i}", TTL) for i in range(2)]
+    try:
+        yield made
+    finally:
+        for manager in made:
+            manager.close()
+
+
+def test_one_holder_at_a_time_and_tokens_increase(managers, store_client, cluster_name):
+    # Given two contenders for one lease
+    a, b = Recorder(), Recorder()
+    keeper_a = managers[0].keeper("job", a.on_acquired, a.on_lost)
+    wait_until(lambda: keeper_a.held, timeout=2)
+    keeper_b = managers[1].keeper("job", b.on_acquired, b.on_lost)
+    # Then only the first holds it, for as long as it renews
+    time.sleep(TTL * 2)  # several renewal periods: b must not get it meanwhile
+    assert keeper_a.held and not keeper_b.held and not b.acquired
+    holder = read_holder(store_client, Keys(cluster_name), "job")
+    assert holder is not None and holder.node == "node0" and holder.fence == keeper_a.fence
+    # When the holder releases, the contender takes over at once with a larger token
+    released = time.monotonic()
+    keeper_a.stop(release=True)
+    wait_until(lambda: keeper_b.held, timeout=TTL)
+    assert b.acquired[0][0] - released < TTL / 2  # woken by the release, not by expiry
+    assert b.acquired[0][1] > a.acquired[0][1]
+    assert a.lost  # the holder's work was stopped before it let go
+
+
+def test_tokens_increase_even_if_the_store_lost_the_counter(managers, store_client, cluster_name):
+    keys = Keys(cluster_name)
+    a = Recorder()
+    keeper = managers[0].keeper("fenced", a.on_acquired, a.on_lost)
+    wait_until(lambda: keeper.held, timeout=2)
+    first = keeper.fence
+    keeper.stop(release=True)
+    store_client.delete(keys.lease_fence("fenced"))  # as if the AOF lost its last second
+    keeper2 = managers[1].keeper("fenced", a.on_acquired, a.on_lost)
+    wait_until(lambda: keeper2.held, timeout=2)
+    assert keeper2.fence is not None and first is not None and keeper2.fence > first
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    sock = tmp_path / "r.sock"
+    proc = subprocess.Popen([redis_server_binary(), "--port", "0", "--unixsocket", str(sock), "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(sock.exists, timeout=10)
+        yield f"unix://{sock}", proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_holder_that_cannot_renew_stops_before_its_lease_can_expire(private_redis, cluster_name):
+    url, proc = private_redis
+    manager = LeaseManager(url, Keys(cluster_name), "lonely", TTL)
+    try:
+        a = Recorder()
+        keeper = manager.keeper("job", a.on_acquired, a.on_lost)
+        wait_until(lambda: keeper.held, timeout=2)
+        # When the store stops answering (the process is frozen, so connections hang)
+        os.kill(proc.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        try:
+            # Then the holder stops its work before the TTL from its last renewal runs out
+            wait_until(lambda: a.lost, timeout=TTL * 2)
+            assert a.lost[0] - frozen < TTL
+            assert not keeper.valid()
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+    finally:
+        manager.close()
+
+
+def test_valid_ends_at_the_local_deadline(managers):
+    a = Recorder()
+    keeper = managers[0].keeper("deadline", a.on_acquired, a.on_lost)
+    wait_until(lambda: keeper.held, timeout=2)
+    assert keeper.valid()
+    assert 0 < SAFETY_MARGIN < 0.5
+
+
+def test_step_aside_lets_another_contender_in(managers):
+    a, b = Recorder(), Recorder()
+    keeper_a = managers[0].keeper("shy", a.on_acquired, a.on_lost)
+    wait_until(lambda: keeper_a.held, timeout=2)
+    keeper_b = managers[1].keeper("shy", b.on_acquired, b.on_lost)
+    keeper_a.step_aside(30)
+    wait_until(lambda: keeper_b.held, timeout=2)
+    assert not keeper_a.held and a.lost
