@@ -39,8 +39,8 @@ class ImmutantGroup(AppGroup):
         try:
             pm = make_plugin_manager(import_paths(os.environ.get("IMMUTANT_PLUGINS", "")))
         except (ImmutantConfigError, ValueError) as exc:
-            click.echo(f"Warning: plugins not loaded: {exc}", err=True)
-            pm = make_plugin_manager()
+            click.echo(f"Warning: only built-in commands are available: {exc}", err=True)
+            pm = make_plugin_manager(entry_points=False)
         pm.hook.immutant_register_commands(cli=self)
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -51,6 +51,65 @@ class Keys:
         """HASH ``name`` or ``name@node`` -> JSON daemon record (state, restarts, last error)."""
         return f"{self.prefix}daemons"
 
+    # --- messaging (flask_immutant.messaging) ---
+
+    @property
+    def messaging_namespace(self) -> str:
+        """Prefix of Dramatiq's Redis broker keys (its queues, ``.msgs`` hashes, ack sets)."""
+        return f"{self.prefix}mq"
+
+    @property
+    def messaging_destinations(self) -> str:
+        """HASH destination name -> JSON ``{"kind", "queue"}``: every destination ever started."""
+        return f"{self.prefix}mq-destinations"
+
+    @property
+    def messaging_queues(self) -> str:
+        """SET of the Dramatiq queue names consumed in the cluster (the reaper walks them)."""
+        return f"{self.prefix}mq-queues"
+
+    @property
+    def messaging_consumers(self) -> str:
+        """SET of consumer ids (one per app runtime process) that may hold unacked messages."""
+        return f"{self.prefix}mq-consumers"
+
+    def messaging_consumer(self, consumer_id: str) -> str:
+        """STRING JSON heartbeat of one consumer, TTL = failure timeout; gone means dead."""
+        return f"{self.prefix}mq-consumer:{consumer_id}"
+
+    def messaging_subscriptions(self, topic: str) -> str:
+        """HASH subscription queue -> JSON ``{"owner", "durable"}`` of one topic."""
+        return f"{self.prefix}mq-subscriptions:{topic}"
+
+    def messaging_dead(self, queue: str) -> str:
+        """HASH message id -> JSON dead-letter record (envelope, reason, retries) of one queue."""
+        return f"{self.prefix}mq-dead:{queue}"
+
+    def messaging_dedupe(self, destination: str, key: str) -> str:
+        """STRING with a TTL: a message with idempotency ``key`` was published to ``destination``."""
+        return f"{self.prefix}mq-key:{destination}:{key}"
+
+    def messaging_done(self, queue: str, key: str) -> str:
+        """STRING with a TTL: the message with idempotency ``key`` was handled from ``queue``."""
+        return f"{self.prefix}mq-done:{queue}:{key}"
+
+    def messaging_reply(self, correlation_id: str) -> str:
+        """LIST holding the JSON response to one ``request`` (expires)."""
+        return f"{self.prefix}mq-reply:{correlation_id}"
+
+    def jobs_schedule(self, app: str) -> str:
+        """ZSET job id -> next due time (epoch s): rq-scheduler's ``scheduled_jobs_key`` for ``app``."""
+        return f"{self.prefix}jobs:{app}:schedule"
+
+    @property
+    def rq_job_prefix(self) -> str:
+        """Prefix of the RQ job hashes rq-scheduler keeps each schedule in (JSON-serialised)."""
+        return f"{self.prefix}rq:job:"
+
+    def job_state(self, app: str, name: str) -> str:
+        """HASH fired, last_due, last_fired_at, last_node, last_error of one job."""
+        return f"{self.prefix}jobs:{app}:state:{name}"
+
     def pattern(self) -> str:
         """Glob matching every key of this cluster (for cleanup and inspection)."""
         return f"{self.prefix}*"

@@ -23,6 +23,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "flask_immutant.cluster.plugin",
     "flask_immutant.server.plugin",
     "flask_immutant.daemons.plugin",
+    "flask_immutant.scheduling.plugin",
 )
 
 #: The setuptools entry-point group third-party plugins register under.
@@ -44,24 +45,32 @@ def load(path: str) -> Any:
         raise ImmutantConfigError(f"IMMUTANT_PLUGINS: {module_name!r} has no attribute {attribute!r}") from None
 
 
-def make_plugin_manager(extra: Iterable[str] = ()) -> pluggy.PluginManager:
+def make_plugin_manager(extra: Iterable[str] = (), *, entry_points: bool = True) -> pluggy.PluginManager:
     """A manager with the built-ins, the entry-point plugins and the ``extra`` import paths.
 
     ``check_pending`` runs last, so a plugin with a misspelled ``@hookimpl`` fails here, at start.
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    for path in DEFAULT_PLUGINS:
-        pm.register(importlib.import_module(path), name=path)
-    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    for path in extra:
-        if pm.has_plugin(path):
-            continue
-        pm.register(load(path), name=path)
     try:
+        for path in DEFAULT_PLUGINS:
+            pm.register(importlib.import_module(path), name=path)
+        try:
+            if entry_points:
+                pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        except ImportError as exc:
+            raise ImmutantConfigError(
+                f"an installed plugin (entry point group {ENTRY_POINT_GROUP!r}) cannot be imported: {exc}"
+            ) from None
+        for path in extra:
+            if pm.has_plugin(path):
+                continue
+            pm.register(load(path), name=path)
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise ImmutantConfigError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from None
+        # Wrong hook name (check_pending) or an argument the hook does not pass (register).
+        detail = " ".join(str(exc).split())
+        raise ImmutantConfigError(f"plugin {exc.plugin!r} does not match flask-immutant's hooks: {detail}") from None
     return pm
 
 

@@ -262,3 +262,23 @@ class LeaseManager:
                 pubsub.close()
             except (redis.RedisError, OSError):
                 pass
+
+
+def lease_manager(state: Any) -> LeaseManager:
+    """The one lease manager of an app runtime (shared by daemons and the job scheduler);
+    closed by the cluster plugin when the runtime stops."""
+    manager = state.features.get("leases")
+    if manager is None:
+        from ..store import store_url
+
+        settings = state.settings
+        manager = state.features["leases"] = LeaseManager(
+            store_url(settings, start=True), state.keys, state.node_name, settings["IMMUTANT_FAILURE_TIMEOUT"]
+        )
+    return manager  # type: ignore[no-any-return]
+
+
+def singleton_name(state: Any, name: str) -> str:
+    """Clustered: one lease per name in the cluster. Standalone: one per node, so each
+    non-clustered node runs its own singletons, as Immutant does without --clustered."""
+    return name if state.settings["IMMUTANT_CLUSTERED"] else f"{name}@{state.node_name}"

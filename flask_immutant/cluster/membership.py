@@ -251,6 +251,10 @@ class Membership:
                 if pubsub is None:
                     pubsub = self.store.pubsub(ignore_subscribe_messages=True)
                     pubsub.subscribe(self.keys.events)
+                # Read pending events first, so a graceful leave is never reported as a timeout.
+                while (message := pubsub.get_message(timeout=0)) is not None:
+                    if message.get("type") == "message":
+                        self._note_event(message["data"])
                 self._poll()
                 deadline = time.monotonic() + self.interval
                 while not self._stop.is_set() and not self._wake.is_set():

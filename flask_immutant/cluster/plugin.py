@@ -19,6 +19,14 @@ def immutant_register_commands(cli: click.Group) -> None:
 
 
 @hookimpl(trylast=True)
+def immutant_runtime_stopping(runtime: Any) -> None:
+    """After the features (called later, being registered earlier): close the leases they used."""
+    manager = runtime.state.features.pop("leases", None)
+    if manager is not None:
+        manager.close()
+
+
+@hookimpl(trylast=True)
 def immutant_status(state: Any) -> dict[str, Any]:
     store = client_from_url(store_url(state.settings, start=False))
     try:

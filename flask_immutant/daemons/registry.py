@@ -6,9 +6,8 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from ..cluster.lease import LeaseManager
+from ..cluster.lease import lease_manager, singleton_name
 from ..extension import ImmutantState, get_state
-from ..store import store_url
 from .runner import DaemonRunner, DaemonSpec
 
 if TYPE_CHECKING:
@@ -25,7 +24,6 @@ class DaemonRegistry:
         self.specs: dict[str, DaemonSpec] = {}
         self.runners: dict[str, DaemonRunner] = {}
         self.node = state.node_name
-        self._leases: LeaseManager | None = None
         self._lock = threading.Lock()
 
     @property
@@ -58,30 +56,18 @@ class DaemonRegistry:
             runners, self.runners = list(self.runners.values()), {}
         for runner in runners:
             runner.shutdown()
-        if self._leases is not None:
-            self._leases.close()
-            self._leases = None
 
     def lease_name(self, spec: DaemonSpec) -> str:
-        """Clustered: one lease per daemon. Standalone: one per node, so each node runs its own."""
-        base = f"daemon:{spec.name}"
-        return base if self.state.settings["IMMUTANT_CLUSTERED"] else f"{base}@{self.node}"
+        return singleton_name(self.state, f"daemon:{spec.name}")
 
     def _activate(self, spec: DaemonSpec) -> None:
         runtime = self.state.runtime
         assert runtime is not None
         runner = DaemonRunner(spec, runtime.app, self.node, self.state.keys, self.state.store,
-                              self._lease_manager() if spec.singleton else None, self.lease_name(spec))
+                              lease_manager(self.state) if spec.singleton else None, self.lease_name(spec))
         with self._lock:
             self.runners[spec.name] = runner
         runner.activate()
-
-    def _lease_manager(self) -> LeaseManager:
-        if self._leases is None:
-            settings = self.state.settings
-            self._leases = LeaseManager(store_url(settings, start=True), self.state.keys, self.node,
-                                        settings["IMMUTANT_FAILURE_TIMEOUT"])
-        return self._leases
 
 
 def registry(app: Flask | None = None, state: ImmutantState | None = None) -> DaemonRegistry:

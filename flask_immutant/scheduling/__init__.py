@@ -1,0 +1,62 @@
+"""Scheduled jobs: ``jobs.schedule(name, fn, cron=/every=/at=/in_=, until=, limit=)``.
+
+A singleton job (the default) fires exactly once per due time across the cluster, driven by the
+runtime that holds the app's scheduler lease; a non-singleton job fires on every node. Names are
+ids: scheduling the same name again (as every node does on start-up) updates, never duplicates.
+Schedules are stored through rq-scheduler and survive a full cluster restart. Declared at import
+time, a job is stored and started once the app runtime starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .driver import Fire, current
+from .registry import registry
+from .spec import JobSpec
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+F = TypeVar("F", bound=Callable[[], Any])
+
+__all__ = ["Fire", "JobSpec", "current", "fire", "schedule", "unschedule"]
+
+
+def schedule(
+    name: str,
+    fn: Callable[[], Any] | None = None,
+    *,
+    cron: str | None = None,
+    every: Any = None,
+    at: Any = None,
+    in_: Any = None,
+    until: Any = None,
+    limit: int | None = None,
+    singleton: bool = True,
+    misfire: str = "fire_once",
+    app: Flask | None = None,
+) -> Any:
+    """Schedule ``fn`` under ``name``; without ``fn``, a decorator. Raises ``ValueError`` for a
+    schedule that cannot be (names the argument, the value and what is allowed)."""
+    spec = JobSpec.build(name, cron=cron, every=every, at=at, in_=in_, until=until, limit=limit,
+                         singleton=singleton, misfire=misfire)
+
+    def register(function: F) -> F:
+        if not callable(function):
+            raise TypeError(f"job {name!r}: fn must be callable")
+        registry(app).add(spec, function)
+        return function
+
+    return register if fn is None else register(fn)  # type: ignore[arg-type]
+
+
+def unschedule(name: str, *, app: Flask | None = None) -> bool:
+    """Remove job ``name`` from the cluster (and this app). False if this app did not declare it."""
+    return registry(app).remove(name)
+
+
+def fire(app_name: str, job_name: str) -> None:
+    """The function RQ tools see in our stored schedules; flask-immutant fires jobs itself."""
+    raise RuntimeError(f"job {app_name}.{job_name} is fired by flask-immutant's scheduler, not by an RQ worker")

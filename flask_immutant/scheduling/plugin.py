@@ -1,0 +1,90 @@
+"""Built-in plugin: the job scheduler starts with the app runtime; ``flask immutant jobs``; status."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ..cli import load_state, one_line_errors
+from ..cluster.lease import read_holder
+from ..hookspecs import hookimpl
+from ..settings import Setting, to_bool
+from ..store import client_from_url, store_url
+from .registry import registry
+from .store import JobStore
+
+if TYPE_CHECKING:
+    from ..extension import ImmutantState
+    from ..server.runtime import AppRuntime
+
+FLAG = "IMMUTANT_JOBS"
+
+
+@hookimpl(trylast=True)
+def immutant_settings() -> list[Setting]:
+    return [Setting(FLAG, True, to_bool, "Run the jobs apps schedule with flask_immutant.jobs.", "bool")]
+
+
+@hookimpl(trylast=True)
+def immutant_runtime_started(runtime: AppRuntime) -> None:
+    registry(state=runtime.state).activate()
+
+
+@hookimpl(trylast=True)
+def immutant_runtime_stopping(runtime: AppRuntime) -> None:
+    registry(state=runtime.state).shutdown()
+
+
+@hookimpl(trylast=True)
+def immutant_register_commands(cli: click.Group) -> None:
+    cli.add_command(jobs)
+
+
+@hookimpl(trylast=True)
+def immutant_status(state: ImmutantState) -> dict[str, Any]:
+    return {"jobs": job_status(state)}
+
+
+def job_status(state: ImmutantState) -> list[dict[str, Any]]:
+    """Every stored singleton job of every app in the cluster, with its scheduler's holder."""
+    store = client_from_url(store_url(state.settings, start=False))
+    try:
+        apps = sorted({
+            (key.decode() if isinstance(key, bytes) else key).split(":")[-2]
+            for key in store.scan_iter(match=state.keys.jobs_schedule("*"), count=200)
+        })
+        rows = []
+        for app in apps:
+            holder = read_holder(store, state.keys, f"scheduler:{app}")
+            for row in JobStore(store, state.keys, app).listing():
+                row["holder"] = holder.node if holder else None
+                rows.append(row)
+        return rows
+    finally:
+        store.close()
+
+
+def _when(epoch: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+
+
+@click.command(help="Show scheduled jobs: name, spec, next fire, last fire, holder.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@one_line_errors
+def jobs(ctx: click.Context, as_json: bool) -> None:
+    state, _app, _path = load_state(ctx)
+    rows = job_status(state)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    if not rows:
+        click.echo("no scheduled jobs")
+        return
+    for r in rows:
+        click.echo(f"{r['app']}.{r['name']:<20} {r['spec']:<28} next={_when(r['next_fire'])} "
+                   f"last={_when(r['last_fire'])} fired={r['fired']} holder={r['holder'] or '-'}"
+                   + (f" error={r['last_error']}" if r["last_error"] else ""))
