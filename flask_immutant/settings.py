@@ -155,8 +155,8 @@ class Setting:
 
 
 CORE_SETTINGS: tuple[Setting, ...] = (
-    Setting("IMMUTANT_HOME", None, path, "Folder for the embedded store, node data dirs and the "
-            "cluster secret. Default: $XDG_DATA_HOME/flask-immutant (per user).", "path", env=True),
+    Setting("IMMUTANT_HOME", None, path, "Folder for the embedded store and the node data dirs. "
+            "Default: $XDG_DATA_HOME/flask-immutant (per user).", "path", env=True),
     Setting("IMMUTANT_CLUSTER", "immutant", identifier, "Cluster name; every key of the cluster "
             "lives under it, so several clusters can share one Redis.", "name", env=True),
     Setting("IMMUTANT_REDIS_URL", None, redis_url, "Cluster store: redis://, rediss:// (TLS), "

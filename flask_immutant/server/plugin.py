@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from typing import Any
@@ -10,6 +11,7 @@ import click
 
 from ..cli import load_state, one_line_errors, setup_logging
 from ..hookspecs import hookimpl
+from ..settings import unknown_environment
 from .node import AppTarget, Node
 
 
@@ -45,6 +47,8 @@ def run(ctx: click.Context, verbose: bool, **options: Any) -> None:
     node = Node(state, target, offset_given=offset_given)
     click.echo(node.banner())
     setup_logging(verbose)
+    for warning in unknown_environment(state.settings.rows):
+        logging.getLogger("flask_immutant.node").warning("environment: %s", warning)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: node.stop_requested.set())
     try:
