@@ -127,7 +127,7 @@ class Keys:
         return f"{self.prefix}cache:{name}:k:{key}"
 
     def cache_index(self, name: str) -> str:
-        """ZSET entry key -> last use (ms): LRU order of cache ``name`` when it has ``max_entries``."""
+        """ZSET entry key -> last use (µs): LRU order of cache ``name`` when it has ``max_entries``."""
         return f"{self.prefix}cache:{name}:lru"
 
     def cache_memo(self, name: str, function: str, digest: str) -> str:

@@ -22,6 +22,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "flask_immutant.store.plugin",
     "flask_immutant.cluster.plugin",
     "flask_immutant.server.plugin",
+    "flask_immutant.caching.plugin",
+    "flask_immutant.web.plugin",
     "flask_immutant.daemons.plugin",
     "flask_immutant.scheduling.plugin",
 )

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from flask_immutant.store import EmbeddedStore
+
 from support import NodeProcess, free_port_base
 
 
@@ -91,3 +92,61 @@ def start_node(node_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..
     finally:
         for node in started:
             node.cleanup()
+
+
+class PrivateRedis:
+    """A redis-server of one test on a private unix socket, which the test may stop and restart
+    (for outage tests; the shared embedded store must stay up for everyone else)."""
+
+    def __init__(self, folder: Path) -> None:
+        from flask_immutant.store.embedded import redis_server_binary
+
+        self.binary = redis_server_binary()
+        self.folder = folder
+        self.socket = folder / "redis.sock"
+        self.url = f"unix://{self.socket}"
+        self.proc: Any = None
+
+    def start(self) -> None:
+        import subprocess
+
+        from support import wait_until
+
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", "0", "--unixsocket", str(self.socket), "--save", "", "--appendonly", "no",
+             "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(unix_socket_path=str(self.socket))
+        try:
+            wait_until(lambda: _pings(client), timeout=10, message=f"redis-server on {self.socket}")
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """SIGKILL: an outage, not a goodbye."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A running :class:`PrivateRedis`, killed in ``finally``."""
+    folder = Path(tempfile.mkdtemp(prefix="imr-"))
+    server = PrivateRedis(folder)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)

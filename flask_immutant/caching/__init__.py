@@ -1,0 +1,83 @@
+"""The cluster cache: ``cache(name, mode=...)`` returns a cachelib-compatible cache with Immutant's extras.
+
+Turn it on with ``IMMUTANT_CACHE = True``. Modes: ``distributed`` and ``replicated`` keep one copy
+in the cluster store; ``invalidated`` adds a near cache in each process kept coherent by Redis;
+``local`` stays in the process. See docs/caching.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ImmutantConfigError
+from .base import MISSING, MODES, CacheContentionError, ClusterCache
+from .breaker import CircuitBreaker
+from .serialization import Serializer
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from .caches import CacheRegistry
+
+
+def registry(app: Flask | None = None) -> CacheRegistry:
+    """The cache registry of ``app`` (default: the current app)."""
+    from ..extension import get_state
+
+    if app is None:
+        from flask import has_app_context
+
+        if not has_app_context():
+            raise RuntimeError("caching.cache() needs an app: pass app=..., or call it inside an app context")
+    state = get_state(app)
+    found = state.features.get("caching")
+    if found is None:
+        raise ImmutantConfigError("the cluster cache is off for this app: set IMMUTANT_CACHE = True in its config")
+    return found  # type: ignore[no-any-return]
+
+
+def cache(
+    name: str,
+    *,
+    mode: str = "distributed",
+    ttl: float | None = None,
+    idle: float | None = None,
+    max_entries: int | None = None,
+    serializer: str | None = None,
+    app: Flask | None = None,
+) -> ClusterCache:
+    """The cache called ``name`` (created on first call; later calls must pass the same options).
+
+    ``mode``: ``"distributed"`` | ``"replicated"`` | ``"invalidated"`` | ``"local"``.
+    ``ttl``: seconds an entry lives after a write; ``idle``: seconds it lives unused (sliding);
+    ``max_entries``: least recently used entries are evicted past it. ``serializer``: ``"msgpack"``
+    (default: ``IMMUTANT_CACHE_SERIALIZER``), ``"json"`` or ``"pickle"`` (unsafe: opt-in).
+    """
+    return registry(app).cache(name, mode=mode, ttl=ttl, idle=idle, max_entries=max_entries, serializer=serializer)
+
+
+def flask_caching_backend(app: Flask, config: dict[str, Any], args: list[Any], options: dict[str, Any]) -> ClusterCache:
+    """A Flask-Caching backend: ``CACHE_TYPE = "flask_immutant.caching.flask_caching_backend"``.
+
+    The cache is named by ``CACHE_IMMUTANT_NAME`` (default ``flask-caching``) and its mode by
+    ``CACHE_IMMUTANT_MODE`` (default ``distributed``); ``CACHE_DEFAULT_TIMEOUT`` is its ttl.
+    """
+    return cache(
+        config.get("CACHE_IMMUTANT_NAME", "flask-caching"),
+        mode=config.get("CACHE_IMMUTANT_MODE", "distributed"),
+        ttl=options.get("default_timeout") or None,
+        app=app,
+    )
+
+
+__all__ = [
+    "MISSING",
+    "MODES",
+    "CacheContentionError",
+    "CircuitBreaker",
+    "ClusterCache",
+    "Serializer",
+    "cache",
+    "flask_caching_backend",
+    "registry",
+]

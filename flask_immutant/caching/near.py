@@ -1,0 +1,351 @@
+"""``mode="invalidated"``: the shared cache plus a near cache in each process, kept coherent by Redis.
+
+Coherence comes from Redis server-assisted client-side caching (``CLIENT TRACKING``) in broadcast
+mode: one connection per cache and process asks Redis to report every change of a key under the
+cache's prefix, redirected to itself and read as ``__redis__:invalidate`` messages (RESP2, so it
+works with the ordinary redis-py client). Redis sends those for *every* change of such a key —
+our writes, other tools' writes, expiry, eviction, ``FLUSHALL`` — before the writer's reply.
+docs/caching.md explains the choice over application-level pub/sub and over redis-py's own
+RESP3 cache.
+
+Reads that miss the near cache fill it only if no invalidation of that key arrived while the
+read was in flight (the "caching in progress" race). While the tracking connection is down, the
+near cache is empty and bypassed; a heartbeat PING detects a silent connection within
+``HEARTBEAT`` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from .base import MISSING
+from .shared import SharedCache, _Down
+
+log = logging.getLogger("flask_immutant.caching")
+
+#: Seconds between heartbeat PINGs on the tracking connection; a missing PONG after as long again
+#: counts as a lost connection (the near cache is flushed and bypassed until it is back).
+HEARTBEAT = 1.0
+#: Near-cache size when the cache has no ``max_entries``.
+NEAR_MAX_ENTRIES = 10_000
+#: Longest pause between two reconnection attempts of the tracking connection.
+RECONNECT_MAX = 2.0
+INVALIDATE_CHANNEL = b"__redis__:invalidate"
+INF = float("inf")
+
+
+class NearCache:
+    """Decoded values by Redis key, LRU-bounded, with the in-flight read protocol."""
+
+    def __init__(self, max_entries: int, lru: bool) -> None:
+        self.max_entries = max_entries
+        self.lru = lru
+        self._data: OrderedDict[str, tuple[Any, float, float]] = OrderedDict()
+        self._pending: dict[str, list[int]] = {}  # key -> [generation, readers in flight]
+        self._lock = threading.Lock()
+        self._epoch = 0
+        #: True while invalidations are being received; otherwise nothing is cached.
+        self.healthy = False
+        self.invalidations = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: str) -> Any:
+        entry = self._data.get(key)
+        if entry is None:
+            return MISSING
+        value, expires, refresh = entry
+        now = time.monotonic()
+        if now >= expires or now >= refresh:
+            return MISSING
+        if self.lru:
+            with self._lock, contextlib.suppress(KeyError):
+                self._data.move_to_end(key)
+        return value
+
+    def begin(self, key: str) -> tuple[int, int]:
+        with self._lock:
+            pending = self._pending.get(key)
+            if pending is None:
+                pending = self._pending[key] = [0, 0]
+            pending[1] += 1
+            return pending[0], self._epoch
+
+    def finish(self, key: str, token: tuple[int, int], value: Any, expires: float, refresh: float) -> None:
+        with self._lock:
+            pending = self._pending[key]
+            pending[1] -= 1
+            if pending[1] == 0:
+                del self._pending[key]
+            if value is MISSING or not self.healthy or (pending[0], self._epoch) != token:
+                return
+            self._data[key] = (value, expires, refresh)
+            self._data.move_to_end(key)
+            while len(self._data) > self.max_entries:
+                self._data.popitem(last=False)
+
+    def invalidate(self, keys: list[str]) -> None:
+        with self._lock:
+            self.invalidations += 1
+            for key in keys:
+                self._data.pop(key, None)
+                pending = self._pending.get(key)
+                if pending is not None:
+                    pending[0] += 1
+
+    def flush(self, healthy: bool | None = None) -> None:
+        with self._lock:
+            self._epoch += 1
+            self._data.clear()
+            if healthy is not None:
+                self.healthy = healthy
+
+
+class Tracker:
+    """The thread that holds the tracking connection of one cache and applies its invalidations."""
+
+    def __init__(self, cache: InvalidatedCache) -> None:
+        self.cache = cache
+        self.near = cache.near
+        self.stopping = threading.Event()
+        self.subscribed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"immutant-cache-{cache.name}", daemon=True)
+        self._conn: Any = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self.stopping.set()  # the thread notices within HEARTBEAT / 4 and closes its connection
+        self.near.flush(healthy=False)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        pause = 0.05
+        lost_logged = False
+        while not self.stopping.is_set():
+            try:
+                self._track()
+            except Exception as exc:  # a background thread must not die of anything
+                self.subscribed.clear()
+                self.near.flush(healthy=False)
+                if self.stopping.is_set():
+                    break
+                if not lost_logged:
+                    log.warning("cache %s: invalidation tracking lost (%s: %s); near cache bypassed until it "
+                                "is back", self.cache.name, type(exc).__name__, exc)
+                    lost_logged = True
+                self.stopping.wait(pause)
+                pause = min(pause * 2, RECONNECT_MAX)
+                continue
+            finally:
+                if self._conn is not None:
+                    with contextlib.suppress(Exception):
+                        self._conn.disconnect()
+                    self._conn = None
+            pause, lost_logged = 0.05, False
+
+    def _track(self) -> None:
+        pool: Any = self.cache.client.connection_pool
+        # RESP2 on purpose: invalidations arrive as ordinary pub/sub messages of the redirect
+        # target; our own PINGs replace the health check, which subscribed mode does not answer.
+        conn: Any = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2, "health_check_interval": 0})
+        self._conn = conn
+        conn.connect()
+        conn.send_command("CLIENT", "ID")
+        client_id = conn.read_response()
+        conn.send_command("CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX", self.cache.prefix)
+        conn.read_response()
+        conn.send_command("SUBSCRIBE", INVALIDATE_CHANNEL)
+        conn.read_response()
+        self.near.flush(healthy=True)
+        self.subscribed.set()
+        self.cache.breaker.success()
+        log.debug("cache %s: tracking %s* as client %s", self.cache.name, self.cache.prefix, client_id)
+        last_ping = time.monotonic()
+        awaiting_pong = False
+        while not self.stopping.is_set():
+            if conn.can_read(timeout=HEARTBEAT / 4):
+                self._handle(conn.read_response())
+                if awaiting_pong and self._pong:
+                    awaiting_pong = self._pong = False
+            now = time.monotonic()
+            if awaiting_pong and now - last_ping > HEARTBEAT:
+                raise redis.TimeoutError(f"no reply to a heartbeat within {HEARTBEAT}s")
+            if not awaiting_pong and now - last_ping >= HEARTBEAT:
+                conn.send_command("PING")
+                last_ping, awaiting_pong, self._pong = now, True, False
+
+    _pong = False
+
+    def _handle(self, message: Any) -> None:
+        if not isinstance(message, list) or not message:
+            return
+        kind = message[0]
+        if kind == b"message" and message[1] == INVALIDATE_CHANNEL:
+            keys = message[2]
+            if keys is None:  # FLUSHDB / FLUSHALL
+                self.near.flush()
+            else:
+                self.near.invalidate([key.decode() for key in keys])
+        elif kind == b"pong":
+            self._pong = True
+
+
+class InvalidatedCache(SharedCache):
+    mode = "invalidated"
+
+    def __init__(self, name: str, **options: Any) -> None:
+        super().__init__(name, **options)
+        self.near = NearCache(self.max_entries or NEAR_MAX_ENTRIES, lru=bool(self.max_entries))
+        self.near_hits = 0
+        self._tracker: Tracker | None = None
+        self._tracker_lock = threading.Lock()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "near_hits": self.near_hits, "near_entries": len(self.near),
+                "tracking": self.near.healthy}
+
+    def tracking(self, timeout: float = 5.0) -> bool:
+        """Start tracking if needed; whether invalidations are being received within ``timeout``."""
+        return self._ensure_tracker().subscribed.wait(timeout)
+
+    def _ensure_tracker(self) -> Tracker:
+        tracker = self._tracker
+        if tracker is None:
+            with self._tracker_lock:
+                if self._tracker is None:
+                    self._tracker = Tracker(self)
+                    self._tracker.start()
+                tracker = self._tracker
+        return tracker
+
+    def close(self) -> None:
+        if self._tracker is not None:
+            self._tracker.stop()
+            self._tracker = None
+        super().close()
+
+    # --- reads through the near cache -------------------------------------------------------
+
+    def _fill(self, rkey: str, queue_read: Callable[[Any], Any], decode: Callable[[Any], Any]) -> Any:
+        """Read ``rkey`` from the store with its remaining TTL; keep it near unless it changed meanwhile."""
+        if self._tracker is None:
+            self._ensure_tracker()
+        token = self.near.begin(rkey)
+        value: Any = MISSING
+        expires = refresh = INF
+        try:
+            def op() -> list[Any]:
+                pipe = self.client.pipeline(transaction=False)
+                queue_read(pipe)
+                pipe.pttl(rkey)
+                return pipe.execute()  # type: ignore[no-any-return]
+
+            raw, pttl = self._call(op)
+            value = decode(raw)
+            now = time.monotonic()
+            if pttl is not None and pttl > 0:
+                expires = now + pttl / 1000
+            if self.idle_ms:
+                refresh = now + self.idle_ms / 2000
+            return value
+        except _Down:
+            return MISSING
+        finally:
+            self.near.finish(rkey, token, value, expires, refresh)
+
+    def _get(self, key: str) -> Any:
+        rkey = self.rkey(key)
+        value = self.near.get(rkey)
+        if value is not MISSING:
+            self.near_hits += 1
+            return value
+
+        def read(pipe: Any) -> None:
+            if self._scripted:
+                self._scripts["cache_get"](keys=[rkey, self._index], args=[self.idle_ms, self._indexed], client=pipe)
+            else:
+                pipe.get(rkey)
+
+        return self._fill(rkey, read, self.decode)
+
+    def _get_many(self, keys: list[str]) -> list[Any]:
+        return [self._get(key) for key in keys]
+
+    # --- writes go to the store, then drop the near copy ------------------------------------
+
+    def _set(self, key: str, value: Any, ttl_ms: int, mode: str) -> Any:
+        try:
+            return super()._set(key, value, ttl_ms, mode)
+        finally:
+            self.near.invalidate([self.rkey(key)])
+
+    def _delete(self, keys: list[str]) -> int:
+        try:
+            return super()._delete(keys)
+        finally:
+            self.near.invalidate([self.rkey(key) for key in keys])
+
+    def _clear(self) -> bool:
+        try:
+            return super()._clear()
+        finally:
+            self.near.flush()
+
+    def _incr(self, key: str, delta: int) -> int | None:
+        try:
+            return super()._incr(key, delta)
+        finally:
+            self.near.invalidate([self.rkey(key)])
+
+    def _swap(self, key: str, fn: Callable[[Any], Any], ttl_ms: int, expect: Any) -> tuple[bool, Any]:
+        try:
+            return super()._swap(key, fn, ttl_ms, expect)
+        finally:
+            self.near.invalidate([self.rkey(key)])
+
+    # --- memoize: a fresh result in the near cache costs no round trip ------------------------
+
+    def _memo_read(self, key: str) -> tuple[Any, bool]:
+        near = self.near.get(key)
+        if near is not MISSING:
+            fresh_until, value = near
+            if fresh_until == 0 or time.time() * 1000 < fresh_until:
+                self.near_hits += 1
+                return value, True
+            return value, False
+
+        def decode(raw: Any) -> Any:
+            if raw is None or raw[:1] != b"\x02":
+                return MISSING
+            value = self.decode(raw[14:])
+            return MISSING if value is MISSING else (int(raw[1:14]), value)
+
+        entry = self._fill(key, lambda pipe: pipe.get(key), decode)
+        if entry is MISSING:
+            return MISSING, False
+        fresh_until, value = entry
+        return value, fresh_until == 0 or time.time() * 1000 < fresh_until
+
+    def _memo_write(self, key: str, value: Any, fresh_ms: int, stale_ms: int) -> None:
+        try:
+            super()._memo_write(key, value, fresh_ms, stale_ms)
+        finally:
+            self.near.invalidate([key])
+
+    def _memo_forget(self, key: str) -> bool:
+        try:
+            return super()._memo_forget(key)
+        finally:
+            self.near.invalidate([key])

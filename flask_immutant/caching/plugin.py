@@ -1,0 +1,65 @@
+"""Built-in plugin: the cluster cache (``IMMUTANT_CACHE``), its settings rows and status section."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..hookspecs import hookimpl
+from ..settings import Setting, float_range, to_bool
+from .caches import CacheRegistry
+from .serialization import CACHE_SERIALIZERS
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from ..extension import ImmutantState
+    from ..server.runtime import AppRuntime
+
+#: The setting that turns this feature on; off, the plugin is unregistered.
+FLAG = "IMMUTANT_CACHE"
+FEATURE = "caching"
+
+
+def _serializer(value: Any) -> str:
+    if value not in CACHE_SERIALIZERS:
+        raise ValueError(" or ".join(repr(name) for name in CACHE_SERIALIZERS) + " (pickle runs code from the store: "
+                         "only with a store nobody else can write)")
+    return str(value)
+
+
+@hookimpl(trylast=True)
+def immutant_settings() -> list[Setting]:
+    return [
+        Setting(FLAG, False, to_bool, "Turn on the cluster cache: `flask_immutant.caching.cache(name, mode=...)` "
+                "(docs/caching.md).", "bool"),
+        Setting("IMMUTANT_CACHE_SERIALIZER", "msgpack", _serializer, "Default serializer of cache values: msgpack, "
+                "json, or pickle (explicit opt-in: it runs code from the store).", "name"),
+        Setting("IMMUTANT_CACHE_TIMEOUT", 1.0, float_range(0.01, 60), "Seconds a cache call waits for the store "
+                "before failing open (a miss, a dropped write).", "seconds"),
+        Setting("IMMUTANT_CACHE_RETRY", 1.0, float_range(0.05, 300), "Seconds the cache's circuit breaker stays "
+                "open after a store failure before one call tries again.", "seconds"),
+    ]
+
+
+@hookimpl(trylast=True)
+def immutant_init_app(app: Flask, state: ImmutantState) -> None:
+    state.features[FEATURE] = CacheRegistry(state)
+
+
+@hookimpl(trylast=True)
+def immutant_runtime_stopping(runtime: AppRuntime) -> None:
+    registry = runtime.state.features.get(FEATURE)
+    if registry is not None:
+        registry.close()
+
+
+@hookimpl(trylast=True)
+def immutant_status(state: ImmutantState) -> dict[str, Any]:
+    registry: CacheRegistry | None = state.features.get(FEATURE)
+    if registry is None:
+        return {}
+    return {FEATURE: {
+        "serializer": registry.serializer_name,
+        "breaker": registry.breaker.state,
+        "caches": [each.describe() for each in registry.caches()],
+    }}

@@ -1,0 +1,64 @@
+"""Built-in plugin: replicated HTTP sessions (``IMMUTANT_SESSIONS``), settings rows and status section."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..caching.breaker import CircuitBreaker
+from ..caching.serialization import SAFE_SERIALIZERS
+from ..hookspecs import hookimpl
+from ..settings import Setting, to_bool
+from .sessions import ImmutantSessionInterface, log
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from ..extension import ImmutantState
+
+#: The setting that turns this feature on; off, the plugin is unregistered.
+FLAG = "IMMUTANT_SESSIONS"
+FEATURE = "sessions"
+
+
+def _serializer(value: Any) -> str:
+    if value not in SAFE_SERIALIZERS:
+        raise ValueError(" or ".join(repr(name) for name in SAFE_SERIALIZERS) + " (never pickle for sessions)")
+    return str(value)
+
+
+@hookimpl(trylast=True)
+def immutant_settings() -> list[Setting]:
+    return [
+        Setting(FLAG, False, to_bool, "Keep HTTP sessions in the cluster store, so any node serves any session "
+                "(docs/sessions.md).", "bool"),
+        Setting("IMMUTANT_SESSION_SERIALIZER", "msgpack", _serializer, "How session values are stored: msgpack or "
+                "json.", "name"),
+        Setting("IMMUTANT_SESSION_MERGE", False, to_bool, "Save only the session keys a request changed, so "
+                "concurrent requests changing different keys do not lose each other's changes.", "bool"),
+    ]
+
+
+@hookimpl(trylast=True)
+def immutant_init_app(app: Flask, state: ImmutantState) -> None:
+    settings = state.settings
+    interface = ImmutantSessionInterface(
+        app, state,
+        serializer=SAFE_SERIALIZERS[settings["IMMUTANT_SESSION_SERIALIZER"]],
+        merge=settings["IMMUTANT_SESSION_MERGE"],
+        breaker=CircuitBreaker("sessions", log),
+    )
+    app.session_interface = interface
+    state.features[FEATURE] = interface
+
+
+@hookimpl(trylast=True)
+def immutant_status(state: ImmutantState) -> dict[str, Any]:
+    interface: ImmutantSessionInterface | None = state.features.get(FEATURE)
+    if interface is None:
+        return {}
+    return {FEATURE: {
+        "app": interface.app_name,
+        "serializer": interface.serializer.name,
+        "merge": interface.merge,
+        "breaker": interface.breaker.state,
+    }}

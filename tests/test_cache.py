@@ -1,0 +1,449 @@
+"""The cluster cache on the real embedded redis-server: cachelib interface, modes, expiry, the
+atomic extras, memoize and its stampede guard, serialization, and failing open on a dead store."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from cachelib.base import BaseCache
+from flask import Flask
+
+from flask_immutant import ImmutantConfigError, ImmutantExtension, StoreUnavailableError, caching, get_state
+from flask_immutant.caching import ClusterCache
+
+from support import wait_until
+
+MODES = ["distributed", "replicated", "invalidated", "local"]
+SHARED = ["distributed", "invalidated"]
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("IMMUTANT_"):
+            monkeypatch.delenv(key)
+
+
+def make_app(home: Path, cluster: str, **config: Any) -> Flask:
+    app = Flask("cache_tests")
+    app.config.update(IMMUTANT_HOME=str(home), IMMUTANT_CLUSTER=cluster, IMMUTANT_CACHE=True, **config)
+    ImmutantExtension(app)
+    return app
+
+
+@pytest.fixture
+def app(clean_env: None, immutant_home: Path, embedded_store: Any, cluster_name: str) -> Iterator[Flask]:
+    app = make_app(immutant_home, cluster_name)
+    try:
+        yield app
+    finally:
+        caching.registry(app).close()
+
+
+def open_cache(app: Flask, name: str = "c", **options: Any) -> ClusterCache:
+    made = caching.cache(name, app=app, **options)
+    if options.get("mode") == "invalidated":
+        assert made.tracking()  # type: ignore[attr-defined]
+    return made
+
+
+# --- the cachelib interface, in every mode --------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_is_a_cachelib_cache(app: Flask, mode: str) -> None:
+    # Given a cache of that mode
+    cache = open_cache(app, mode=mode)
+    assert isinstance(cache, BaseCache)
+    # When values go through cachelib's interface, Then they come back as they went in
+    assert cache.get("missing") is None and not cache.has("missing")
+    assert cache.set("dict", {"a": [1, 2], "b": None}) and cache.get("dict") == {"a": [1, 2], "b": None}
+    assert cache.set("none", None) and cache.has("none") and cache.get("none") is None
+    assert cache.add("new", "x") and not cache.add("new", "y") and cache.get("new") == "x"
+    cache.set_many({"m1": 1, "m2": "two"})
+    assert cache.get_many("m1", "m2", "m3") == [1, "two", None]
+    assert cache.get_dict("m1", "m3") == {"m1": 1, "m3": None}
+    assert cache.inc("counter") == 1 and cache.inc("counter", 5) == 6 and cache.dec("counter", 2) == 4
+    assert cache.delete("dict") and not cache.has("dict")
+    cache.delete_many("m1", "m2")
+    assert cache.get_many("m1", "m2") == [None, None]
+    assert cache.clear() and cache.get("new") is None
+
+
+def test_shared_modes_are_seen_by_every_app_of_the_cluster(clean_env, app, immutant_home, cluster_name) -> None:
+    # Given a second app (another process would do the same) on the same cluster
+    other = make_app(immutant_home, cluster_name)
+    try:
+        # When one writes to a distributed cache
+        open_cache(app, "shared").set("k", {"v": 1})
+        # Then the other reads it; a local cache of the same name is not shared
+        assert open_cache(other, "shared").get("k") == {"v": 1}
+        open_cache(app, "mine", mode="local").set("k", 1)
+        assert open_cache(other, "mine", mode="local").get("k") is None
+    finally:
+        caching.registry(other).close()
+
+
+def test_one_name_has_one_configuration(app: Flask) -> None:
+    first = open_cache(app, "named", ttl=5)
+    assert open_cache(app, "named", ttl=5) is first
+    with pytest.raises(ImmutantConfigError, match="already exists with mode=distributed ttl=5"):
+        open_cache(app, "named", ttl=6)
+    with pytest.raises(ImmutantConfigError, match="mode 'near' is not one of"):
+        open_cache(app, "other", mode="near")
+    with pytest.raises(ImmutantConfigError, match="cache name 'a:b' is not allowed"):
+        open_cache(app, "a:b")
+
+
+def test_the_cache_is_off_unless_its_flag_is_on(clean_env, immutant_home) -> None:
+    app = Flask("off")
+    app.config.update(IMMUTANT_HOME=str(immutant_home))
+    ImmutantExtension(app)
+    with pytest.raises(ImmutantConfigError, match="set IMMUTANT_CACHE = True"):
+        caching.cache("x", app=app)
+    with pytest.raises(RuntimeError, match="needs an app"):
+        caching.cache("x")
+
+
+def test_a_bad_serializer_setting_is_a_clear_error(clean_env, immutant_home) -> None:
+    app = Flask("bad")
+    app.config.update(IMMUTANT_HOME=str(immutant_home), IMMUTANT_CACHE=True, IMMUTANT_CACHE_SERIALIZER="yaml")
+    with pytest.raises(ImmutantConfigError, match=r"IMMUTANT_CACHE_SERIALIZER='yaml'.*'msgpack' or 'json' or 'pickle'"):
+        ImmutantExtension(app)
+
+
+def test_status_shows_the_caches_of_the_app(app: Flask) -> None:
+    open_cache(app, "seen", mode="local", max_entries=3).set("k", 1)
+    section = get_state(app).pm.hook.immutant_status(state=get_state(app))
+    caching_section = next(s["caching"] for s in section if s and "caching" in s)
+    assert caching_section["breaker"] == "closed"
+    assert caching_section["caches"][0]["name"] == "seen" and caching_section["caches"][0]["max_entries"] == 3
+
+
+def test_it_plugs_into_flask_caching(app: Flask) -> None:
+    from flask_caching import Cache
+
+    # Given Flask-Caching configured with the cluster cache as its backend
+    flask_cache = Cache(app, config={"CACHE_TYPE": "flask_immutant.caching.flask_caching_backend",
+                                     "CACHE_IMMUTANT_NAME": "fc", "CACHE_DEFAULT_TIMEOUT": 30})
+    calls: list[int] = []
+
+    @flask_cache.memoize()
+    def square(n: int) -> int:
+        calls.append(n)
+        return n * n
+
+    # When Flask-Caching's memoize runs twice
+    with app.app_context():
+        assert square(4) == 16 and square(4) == 16
+    # Then it computed once, and its entries live in the cluster cache of that name
+    assert calls == [4]
+    assert caching.cache("fc", ttl=30, app=app) is flask_cache.cache
+
+
+# --- expiry ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ttl_expires_entries(app: Flask, mode: str) -> None:
+    cache = open_cache(app, mode=mode, ttl=0.2)
+    cache.set("k", "v")
+    assert cache.get("k") == "v"
+    wait_until(lambda: cache.get("k") is None, timeout=5, message="the entry to expire")
+    cache.set("forever", 1, timeout=0)  # cachelib: 0 means no expiry
+    assert cache.get("forever") == 1
+
+
+@pytest.mark.parametrize("mode", SHARED)
+def test_idle_expiry_slides_on_every_read(app: Flask, store_client: redis.Redis, mode: str) -> None:
+    # Given an idle cache whose entry has almost run out
+    cache = open_cache(app, mode=mode, idle=60)
+    cache.set("k", "v")
+    rkey = get_state(app).keys.cache_entry("c", "k")
+    store_client.pexpire(rkey, 500)
+    cache.near.flush() if mode == "invalidated" else None  # type: ignore[attr-defined]
+    # When it is read
+    assert cache.get("k") == "v"
+    # Then its expiry starts over
+    assert store_client.pttl(rkey) > 50_000
+
+
+def test_ttl_caps_idle_sliding(app: Flask, store_client: redis.Redis) -> None:
+    cache = open_cache(app, ttl=2, idle=60)
+    cache.set("k", "v")
+    rkey = get_state(app).keys.cache_entry("c", "k")
+    assert cache.get("k") == "v"
+    assert 0 < store_client.pttl(rkey) <= 2000  # read, but never past its ttl
+
+
+def test_local_idle_expiry_slides(app: Flask) -> None:
+    cache = open_cache(app, mode="local", idle=10)
+    now = [1000.0]
+    cache.clock = lambda: now[0]  # type: ignore[attr-defined]
+    cache.set("k", "v")
+    for _ in range(5):
+        now[0] += 8
+        assert cache.get("k") == "v"  # each read gives it another 10 s
+    now[0] += 11
+    assert cache.get("k") is None
+
+
+@pytest.mark.parametrize("mode", ["distributed", "local"])
+def test_max_entries_evicts_the_least_recently_used(app: Flask, mode: str) -> None:
+    cache = open_cache(app, mode=mode, max_entries=3)
+    for key in "abc":
+        cache.set(key, key)
+    assert cache.get("a") == "a"  # a is now more recent than b
+    cache.set("d", "d")
+    assert cache.get("b") is None
+    assert [cache.get(key) for key in "acd"] == ["a", "c", "d"]
+
+
+# --- Immutant's extras -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_put_if_absent_has_exactly_one_winner(app: Flask, mode: str) -> None:
+    cache = open_cache(app, mode=mode)
+    results: list[Any] = [None] * 16
+    start = threading.Barrier(16)
+
+    def contend(i: int) -> None:
+        start.wait()
+        results[i] = cache.put_if_absent("once", {"by": i})
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [i for i, result in enumerate(results) if result is None]
+    assert len(winners) == 1
+    assert all(result == {"by": winners[0]} for result in results if result is not None)
+    assert cache.get("once") == {"by": winners[0]}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compare_and_set(app: Flask, mode: str) -> None:
+    cache = open_cache(app, mode=mode)
+    assert cache.compare_and_set("k", None, {"v": 1})  # None: only if absent
+    assert not cache.compare_and_set("k", None, {"v": 2})
+    assert not cache.compare_and_set("k", {"v": 9}, {"v": 2})
+    assert cache.compare_and_set("k", {"v": 1}, {"v": 2})  # compared by value, not by bytes
+    assert cache.get("k") == {"v": 2}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_concurrent_swaps_lose_no_update(app: Flask, mode: str) -> None:
+    cache = open_cache(app, mode=mode)
+
+    def add_some() -> None:
+        for _ in range(25):
+            cache.swap("total", lambda old: {"n": (old or {"n": 0})["n"] + 1})
+
+    threads = [threading.Thread(target=add_some) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert cache.get("total") == {"n": 150}
+
+
+# --- memoize ---------------------------------------------------------------------------------
+
+
+class CommandCounter:
+    """Counts the commands a client sends (pipelines count one per command)."""
+
+    def __init__(self, client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        original = client.execute_command
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(client, "execute_command", counted)
+
+
+@pytest.mark.parametrize(("mode", "round_trips"), [("distributed", 1), ("invalidated", 0)])
+def test_a_memoize_hit_costs_one_round_trip_or_none(app, monkeypatch, mode, round_trips) -> None:
+    cache = open_cache(app, mode=mode)
+    calls: list[tuple[Any, ...]] = []
+
+    @cache.memoize(60)
+    def lookup(a: int, b: str = "x") -> dict[str, Any]:
+        calls.append((a, b))
+        return {"a": a, "b": b}
+
+    assert lookup(1, b="y") == {"a": 1, "b": "y"}
+    counter = CommandCounter(cache.client, monkeypatch)  # type: ignore[attr-defined]
+    assert lookup(1, b="y") == {"a": 1, "b": "y"}
+    assert counter.count == round_trips
+    assert calls == [(1, "y")]
+    assert lookup(2) == {"a": 2, "b": "x"} and len(calls) == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_memoize_caches_none_and_forgets_on_request(app: Flask, mode: str) -> None:
+    cache = open_cache(app, mode=mode)
+    calls: list[int] = []
+
+    @cache.memoize()
+    def nothing(n: int) -> None:
+        calls.append(n)
+
+    nothing(1)
+    nothing(1)
+    assert calls == [1]
+    assert nothing.forget(1)  # type: ignore[attr-defined]
+    nothing(1)
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_memoize_stampede_guard_computes_once(app: Flask, mode: str) -> None:
+    # Given a slow function and many callers arriving while it runs
+    cache = open_cache(app, mode=mode)
+    running, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    @cache.memoize(60)
+    def slow(n: int) -> int:
+        calls.append(n)
+        running.set()
+        release.wait(10)
+        return n * 100
+
+    results: list[int] = []
+    first = threading.Thread(target=lambda: results.append(slow(7)))
+    first.start()
+    assert running.wait(5)
+    others = [threading.Thread(target=lambda: results.append(slow(7))) for _ in range(8)]
+    for thread in others:
+        thread.start()
+    # When the computation finishes
+    release.set()
+    for thread in [first, *others]:
+        thread.join(10)
+    # Then it ran once and every caller got its result
+    assert calls == [7]
+    assert results == [700] * 9
+
+
+@pytest.mark.parametrize("mode", ["distributed", "local"])
+def test_memoize_serves_the_stale_value_while_one_caller_recomputes(app: Flask, mode: str) -> None:
+    cache = open_cache(app, mode=mode)
+    version = [1]
+    recomputing, release = threading.Event(), threading.Event()
+
+    @cache.memoize(0.1, stale=60)
+    def current() -> int:
+        if version[0] > 1:
+            recomputing.set()
+            release.wait(10)
+        return version[0]
+
+    assert current() == 1
+    version[0] = 2
+    key = current.cache_key()  # type: ignore[attr-defined]
+    wait_until(lambda: not cache._memo_read(key)[1], timeout=5, message="the result to go stale")
+    # When one caller recomputes (and blocks), others get the stale value at once
+    worker_result: list[int] = []
+    worker = threading.Thread(target=lambda: worker_result.append(current()))
+    worker.start()
+    assert recomputing.wait(5)
+    assert current() == 1
+    release.set()
+    worker.join(10)
+    assert worker_result == [2]
+    assert current() == 2
+
+
+# --- serialization ---------------------------------------------------------------------------
+
+EXPLOITED: list[str] = []
+
+
+class Exploit:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (EXPLOITED.append, ("code ran",))
+
+
+def test_bytes_in_the_store_are_never_unpickled_by_default(app, store_client, caplog) -> None:
+    # Given someone who can write to Redis plants a pickle in a cache entry
+    cache = open_cache(app)
+    store_client.set(get_state(app).keys.cache_entry("c", "evil"), b"\x00" + pickle.dumps(Exploit()))
+    # When the app reads it, Then it is a miss, nothing ran, and a warning says why
+    with caplog.at_level(logging.WARNING, "flask_immutant.caching"):
+        assert cache.get("evil") is None
+    assert EXPLOITED == []
+    assert "not valid msgpack" in caplog.text
+
+
+def test_json_and_explicit_pickle_serializers(app: Flask) -> None:
+    as_json = open_cache(app, "j", serializer="json")
+    as_json.set("k", {"a": [1, "x"]})
+    assert as_json.get("k") == {"a": [1, "x"]}
+    as_pickle = open_cache(app, "p", serializer="pickle")
+    as_pickle.set("k", {1, 2})
+    assert as_pickle.get("k") == {1, 2}
+    with pytest.raises(TypeError):
+        open_cache(app, "m").set("k", {1, 2})  # msgpack has no sets: a clear error, not a silent loss
+
+
+# --- the store goes down ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def outage_app(clean_env, immutant_home, cluster_name, private_redis) -> Iterator[Flask]:
+    app = make_app(immutant_home, cluster_name, IMMUTANT_REDIS_URL=private_redis.url, IMMUTANT_CACHE_RETRY=0.2)
+    try:
+        yield app
+    finally:
+        caching.registry(app).close()
+
+
+@pytest.mark.parametrize("mode", SHARED)
+def test_a_dead_store_fails_open_behind_a_breaker_and_recovers(outage_app, private_redis, caplog, mode) -> None:
+    cache = open_cache(outage_app, mode=mode)
+    breaker = caching.registry(outage_app).breaker
+    cache.set("k", "v")
+    assert cache.get("k") == "v"
+    calls: list[int] = []
+
+    @cache.memoize(60)
+    def compute(n: int) -> int:
+        calls.append(n)
+        return n
+
+    # When the store dies
+    private_redis.stop()
+    with caplog.at_level(logging.WARNING, "flask_immutant.caching"):
+        # Then reads miss, writes are dropped, memoize computes, with no exception
+        assert cache.get("other") is None
+        assert cache.set("k2", "v2") is False
+        assert compute(3) == 3 and compute(3) == 3
+        # And the breaker answers further calls without trying the store
+        assert breaker.state in ("open", "half-open")
+        refused = breaker.refused
+        assert cache.get("k") is None
+        assert breaker.refused > refused or breaker.state == "half-open"
+        # While atomic operations say plainly that nothing was coordinated
+        with pytest.raises(StoreUnavailableError, match="the cluster store is unavailable"):
+            cache.put_if_absent("k", 1)
+    assert "cluster store unavailable" in caplog.text and "circuit open" in caplog.text
+    # When the store is back, the cache works again by itself
+    private_redis.start()
+    wait_until(lambda: cache.set("k", "again") and cache.get("k") == "again", timeout=10,
+               message="the cache to recover")
+    assert breaker.state == "closed"

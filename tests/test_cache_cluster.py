@@ -1,0 +1,139 @@
+"""The cache across real processes: ``invalidated`` near caches stay coherent, and memoize
+computes once for the whole cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from flask_immutant.keys import Keys
+
+from support import wait_until
+
+WORKER = '''
+import json, sys, time
+import redis
+from flask import Flask
+from flask_immutant import ImmutantExtension, caching, get_state
+
+app = Flask("coherence")
+app.config["IMMUTANT_CACHE"] = True
+ImmutantExtension(app)
+cache = caching.cache("shared", mode="invalidated", app=app)
+assert cache.tracking(10), "tracking did not start"
+store = get_state(app).store
+prefix = get_state(app).keys.prefix
+
+@cache.memoize(60)
+def slow(n):
+    store.rpush(prefix + "computations", n)
+    while not store.exists(prefix + "release"):
+        time.sleep(0.01)
+    return n * 2
+
+print(json.dumps("ready"), flush=True)
+for line in sys.stdin:
+    op, key, value = json.loads(line)
+    if op == "get":
+        out = cache.get(key)
+    elif op == "set":
+        out = cache.set(key, value)
+    elif op == "delete":
+        out = cache.delete(key)
+    elif op == "memo":
+        out = slow(value)
+    else:
+        out = cache.describe()
+    print(json.dumps(out), flush=True)
+'''
+
+
+class Worker:
+    """A python process with an ``invalidated`` cache, driven one JSON line at a time."""
+
+    def __init__(self, script: Path, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(script)], env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        assert self.read() == "ready"
+
+    def read(self) -> Any:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, f"worker exited with {self.proc.poll()}"
+        return json.loads(line)
+
+    def send(self, op: str, key: str = "", value: Any = None) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps([op, key, value]) + "\n")
+        self.proc.stdin.flush()
+
+    def __call__(self, op: str, key: str = "", value: Any = None) -> Any:
+        self.send(op, key, value)
+        return self.read()
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def workers(node_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[[], Worker]]:
+    script = tmp_path / "cache_worker.py"
+    script.write_text(WORKER)
+    started: list[Worker] = []
+
+    def start() -> Worker:
+        worker = Worker(script, node_env)
+        started.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.stop()
+
+
+def test_a_write_in_one_process_is_never_read_stale_in_another(workers, store_client, cluster_name) -> None:
+    # Given two processes whose near caches both hold k
+    a, b = workers(), workers()
+    assert a("set", "k", {"v": 1})
+    assert b("get", "k") == {"v": 1}
+    assert b("get", "k") == {"v": 1}
+    assert b("stats")["near_hits"] >= 1  # the second read cost no round trip
+    # When A writes and its write returns
+    assert a("set", "k", {"v": 2})
+    # Then B reads the new value within the documented bound (the invalidation's delivery)
+    wait_until(lambda: b("get", "k") == {"v": 2}, timeout=1.0, message="B to see A's write")
+    # And a write by anything else (here a plain client, as redis-cli would) invalidates too
+    store_client.set(Keys(cluster_name).cache_entry("shared", "k"), b"\x00" + b"\xa5plain")
+    wait_until(lambda: b("get", "k") == "plain", timeout=1.0, message="B to see an outside write")
+    assert a("delete", "k")
+    wait_until(lambda: b("get", "k") is None, timeout=1.0, message="B to see A's delete")
+
+
+def test_memoize_computes_once_across_processes(workers, store_client: redis.Redis, cluster_name: str) -> None:
+    keys = Keys(cluster_name)
+    a, b = workers(), workers()
+    # When both processes call the same memoized function while it is being computed
+    a.send("memo", value=21)
+    b.send("memo", value=21)
+    wait_until(lambda: store_client.llen(keys.prefix + "computations") == 1, timeout=5)
+    store_client.set(keys.prefix + "release", 1)
+    # Then both get the result and it was computed once in the cluster
+    assert a.read() == 42 and b.read() == 42
+    assert store_client.lrange(keys.prefix + "computations", 0, -1) == [b"21"]

@@ -1,0 +1,302 @@
+"""Server-side sessions on the real embedded redis-server: safe data, no write per request with a
+sliding expiry, regenerate, the opt-in per-key merge, and a 503 while the store is down."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import redis
+from flask import Flask, session
+from flask.testing import FlaskClient
+
+from flask_immutant import ImmutantConfigError, ImmutantExtension, get_state
+from flask_immutant.web import regenerate
+from flask_immutant.web.sessions import SLIDE_GRANULARITY_CAP_MS
+
+from support import wait_until
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("IMMUTANT_"):
+            monkeypatch.delenv(key)
+
+
+def make_app(home: Path, cluster: str, **config: Any) -> Flask:
+    app = Flask("sessions_app")
+    app.config.update(IMMUTANT_HOME=str(home), IMMUTANT_CLUSTER=cluster, IMMUTANT_SESSIONS=True, **config)
+    ImmutantExtension(app)
+    gates: dict[str, tuple[threading.Event, threading.Event]] = {}  # key -> (entered, release)
+    app.extensions["gates"] = gates
+
+    @app.post("/login/<user>")
+    def login(user: str) -> str:
+        regenerate()
+        session["user"] = user
+        return "ok"
+
+    @app.get("/whoami")
+    def whoami() -> str:
+        return str(session.get("user", "nobody"))
+
+    @app.post("/cart/<item>")
+    def add_to_cart(item: str) -> str:
+        session.setdefault("cart", []).append(item)  # a nested change: no session.modified = True
+        return ",".join(session["cart"])
+
+    @app.post("/set/<key>/<value>")
+    def set_value(key: str, value: str) -> str:
+        gate = gates.get(key)
+        session[key] = value
+        if gate is not None:
+            gate[0].set()
+            gate[1].wait(10)  # hold this request open while another one runs
+        return "ok"
+
+    @app.post("/logout")
+    def logout() -> str:
+        session.clear()
+        return "bye"
+
+    @app.get("/ping")
+    def ping() -> str:
+        return "pong"
+
+    return app
+
+
+@pytest.fixture
+def app(clean_env: None, immutant_home: Path, embedded_store: Any, cluster_name: str) -> Flask:
+    return make_app(immutant_home, cluster_name)
+
+
+def sid_of(client: FlaskClient) -> str:
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    return cookie.value
+
+
+def session_key(app: Flask, client: FlaskClient) -> str:
+    return get_state(app).keys.session(app.name, sid_of(client))
+
+
+def writes(store: redis.Redis) -> dict[str, int]:
+    """Calls of every command that writes a session, from the server's own statistics."""
+    stats = store.info("commandstats")
+    return {name: stats.get(f"cmdstat_{name}", {}).get("calls", 0)
+            for name in ("set", "hset", "del", "pexpire", "evalsha", "eval", "hdel")}
+
+
+# --- storage --------------------------------------------------------------------------------
+
+
+def test_a_session_is_a_hash_of_msgpack_values_under_the_app_and_cluster(app, store_client) -> None:
+    client = app.test_client()
+    assert client.post("/login/alice").text == "ok"
+    key = session_key(app, client)
+    assert key.startswith(f"immutant:{get_state(app).keys.cluster}:session:sessions_app:")
+    stored = store_client.hgetall(key)
+    assert msgpack.unpackb(stored[b"user"]) == "alice"
+    assert 0 < store_client.pttl(key) <= app.permanent_session_lifetime.total_seconds() * 1000
+    assert client.get("/whoami").text == "alice"
+
+
+def test_json_sessions(clean_env, immutant_home, embedded_store, cluster_name, store_client) -> None:
+    app = make_app(immutant_home, cluster_name, IMMUTANT_SESSION_SERIALIZER="json")
+    client = app.test_client()
+    client.post("/login/bob")
+    assert store_client.hget(session_key(app, client), "user") == b'"bob"'
+    assert client.get("/whoami").text == "bob"
+
+
+def test_pickle_is_refused_for_sessions(clean_env, immutant_home) -> None:
+    with pytest.raises(ImmutantConfigError, match=r"IMMUTANT_SESSION_SERIALIZER='pickle'.*never pickle"):
+        make_app(immutant_home, "x", IMMUTANT_SESSION_SERIALIZER="pickle")
+
+
+EXPLOITED: list[str] = []
+
+
+class Exploit:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (EXPLOITED.append, ("code ran",))
+
+
+def test_data_that_is_not_valid_is_no_session_and_is_never_unpickled(app, store_client, caplog) -> None:
+    # Given a session whose stored value someone replaced with a pickle
+    client = app.test_client()
+    client.post("/login/alice")
+    old_sid = sid_of(client)
+    store_client.hset(session_key(app, client), "user", pickle.dumps(Exploit()))
+    # When the session is read
+    with caplog.at_level(logging.WARNING, "flask_immutant.sessions"):
+        assert client.get("/whoami").text == "nobody"
+    # Then nothing ran, a warning says why, and the request started over with a new id
+    assert EXPLOITED == []
+    assert "not valid msgpack" in caplog.text
+    client.post("/cart/x")
+    assert sid_of(client) != old_sid
+
+
+def test_an_unknown_session_id_is_never_adopted(app) -> None:
+    client = app.test_client()
+    client.set_cookie("session", "attacker-chosen-id-0123456789")
+    client.post("/cart/x")
+    assert sid_of(client) != "attacker-chosen-id-0123456789"
+
+
+# --- writes -----------------------------------------------------------------------------------
+
+
+def test_a_request_that_does_not_change_the_session_does_not_write_it(app, store_client) -> None:
+    client = app.test_client()
+    client.post("/login/alice")
+    before = writes(store_client)
+    for _ in range(5):
+        assert client.get("/whoami").text == "alice"
+    assert writes(store_client) == before
+
+
+def test_expiry_slides_without_rewriting_the_session(app, store_client) -> None:
+    # Given a session whose expiry has slid by more than the granularity
+    client = app.test_client()
+    client.post("/login/alice")
+    key = session_key(app, client)
+    lifetime_ms = int(app.permanent_session_lifetime.total_seconds() * 1000)
+    store_client.pexpire(key, lifetime_ms - 2 * SLIDE_GRANULARITY_CAP_MS)
+    before = writes(store_client)
+    # When a request reads it
+    response = client.get("/whoami")
+    # Then its expiry starts over with one PEXPIRE and no data written; the cookie slides too
+    assert store_client.pttl(key) > lifetime_ms - SLIDE_GRANULARITY_CAP_MS
+    after = writes(store_client)
+    assert after["pexpire"] == before["pexpire"] + 1
+    assert {k: v for k, v in after.items() if k != "pexpire"} == {k: v for k, v in before.items() if k != "pexpire"}
+    assert "Expires=" in response.headers["Set-Cookie"]
+
+
+def test_a_nested_change_is_saved_without_marking_the_session_modified(app) -> None:
+    client = app.test_client()
+    assert client.post("/cart/apple").text == "apple"
+    assert client.post("/cart/pear").text == "apple,pear"
+    assert client.post("/cart/fig").text == "apple,pear,fig"
+
+
+def test_logout_deletes_the_session_and_its_cookie(app, store_client) -> None:
+    client = app.test_client()
+    client.post("/login/alice")
+    key = session_key(app, client)
+    client.post("/logout")
+    assert not store_client.exists(key)
+    assert client.get_cookie("session") is None
+    assert client.get("/whoami").text == "nobody"
+
+
+def test_regenerate_at_login_gives_a_new_id_and_keeps_the_data(app, store_client) -> None:
+    # Given an anonymous session with data (its id may have been planted: fixation)
+    client = app.test_client()
+    client.post("/cart/book")
+    anonymous = session_key(app, client)
+    # When the user logs in (the view calls regenerate())
+    client.post("/login/alice")
+    # Then the old id leads nowhere and the new one has everything
+    assert not store_client.exists(anonymous)
+    assert session_key(app, client) != anonymous
+    assert client.get("/whoami").text == "alice"
+    assert client.post("/cart/pen").text == "book,pen"
+
+
+# --- concurrent requests on one session -----------------------------------------------------
+
+
+def concurrent_changes(app: Flask) -> dict[str, str]:
+    """Request A sets ``a`` and is held open while request B, on the same session, sets ``b``."""
+    client = app.test_client()
+    client.post("/login/alice")
+    cookie = sid_of(client)
+    entered, release = app.extensions["gates"]["a"] = (threading.Event(), threading.Event())
+    other = app.test_client()
+    other.set_cookie("session", cookie)
+    slow = threading.Thread(target=lambda: client.post("/set/a/1"))
+    slow.start()
+    assert entered.wait(5)  # A has read the session
+    assert other.post("/set/b/2").text == "ok"
+    release.set()
+    slow.join(10)
+    fields = get_state(app).store.hgetall(get_state(app).keys.session(app.name, cookie))
+    return {k.decode(): msgpack.unpackb(v) for k, v in fields.items()}
+
+
+def test_without_merge_the_last_writer_replaces_the_session(app) -> None:
+    stored = concurrent_changes(app)
+    assert stored.get("a") == "1" and "b" not in stored  # B's change was lost: documented
+
+
+def test_merge_keeps_concurrent_changes_to_different_keys(clean_env, immutant_home, embedded_store, cluster_name):
+    app = make_app(immutant_home, cluster_name, IMMUTANT_SESSION_MERGE=True)
+    stored = concurrent_changes(app)
+    assert stored["a"] == "1" and stored["b"] == "2" and stored["user"] == "alice"
+
+
+def test_merge_does_not_bring_back_a_session_that_ended(clean_env, immutant_home, embedded_store, cluster_name,
+                                                        store_client) -> None:
+    app = make_app(immutant_home, cluster_name, IMMUTANT_SESSION_MERGE=True)
+    client = app.test_client()
+    client.post("/login/alice")
+    key = session_key(app, client)
+    entered, release = app.extensions["gates"]["a"] = (threading.Event(), threading.Event())
+    slow = threading.Thread(target=lambda: client.post("/set/a/1"))
+    slow.start()
+    assert entered.wait(5)
+    store_client.delete(key)  # logged out (or expired) meanwhile
+    release.set()
+    slow.join(10)
+    assert not store_client.exists(key)
+
+
+# --- the store goes down --------------------------------------------------------------------
+
+
+@pytest.fixture
+def outage_app(clean_env, immutant_home, cluster_name, private_redis) -> Iterator[Flask]:
+    yield make_app(immutant_home, cluster_name, IMMUTANT_REDIS_URL=private_redis.url)
+
+
+def test_a_dead_store_answers_503_with_a_logged_reason_and_recovers(outage_app, private_redis, caplog) -> None:
+    app = outage_app
+    client = app.test_client()
+    client.post("/login/alice")
+    # When the store dies
+    private_redis.stop()
+    with caplog.at_level(logging.INFO, "flask_immutant.sessions"):
+        response = client.get("/whoami")
+        # Then a request using its session gets a clear 503, not a traceback
+        assert response.status_code == 503
+        assert "session store is unavailable" in response.text and "Traceback" not in response.text
+        assert response.headers["Retry-After"] == "1"
+        # And a request that does not use the session is served
+        assert client.get("/ping").text == "pong"
+        # And a new visitor's login, which must write, gets a 503 too
+        assert app.test_client().post("/login/bob").status_code == 503
+    assert "cluster store unavailable" in caplog.text and "503" in caplog.text
+    # When the store is back, sessions work again with nothing restarted
+    private_redis.start()
+    fresh = app.test_client()
+    wait_until(lambda: fresh.post("/login/carol").status_code == 200, timeout=10, message="sessions to recover")
+    assert fresh.get("/whoami").text == "carol"
+
+
+def test_status_section(app: Flask) -> None:
+    state = get_state(app)
+    sections = [s for s in state.pm.hook.immutant_status(state=state) if s and "sessions" in s]
+    assert sections[0]["sessions"] == {"app": "sessions_app", "serializer": "msgpack", "merge": False,
+                                       "breaker": "closed"}
