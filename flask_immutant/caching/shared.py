@@ -130,15 +130,15 @@ class SharedCache(ClusterCache):
         log.warning("cache %s: ignoring an entry with an unknown header %r", self.name, raw[:1])
         return MISSING
 
-    def _queue_set(self, pipe: Any, rkey: str, raw: bytes, ttl_ms: int, mode: str = "set") -> None:
+    def _queue_set(self, pipe: Any, rkey: str, raw: bytes, ttl_ms: int, mode: str = "set") -> Any:
+        """Queue the write on a pipeline, or run it on a client (and return its reply)."""
         if self._scripted or mode == "pia":
-            self._scripts["cache_set"](
+            return self._scripts["cache_set"](
                 keys=[rkey, self._index], args=[raw, ttl_ms, self.idle_ms, self.max_entries or 0, mode], client=pipe
             )
-        elif mode == "add":
-            pipe.set(rkey, raw, px=ttl_ms or None, nx=True)
-        else:
-            pipe.set(rkey, raw, px=ttl_ms or None)
+        if mode == "add":
+            return pipe.set(rkey, raw, px=ttl_ms or None, nx=True)
+        return pipe.set(rkey, raw, px=ttl_ms or None)
 
     def _read_raw(self, rkey: str) -> bytes | None:
         if self._scripted:
@@ -176,9 +176,7 @@ class SharedCache(ClusterCache):
         rkey = self.rkey(key)
 
         def write() -> Any:
-            pipe = self.client.pipeline(transaction=False)
-            self._queue_set(pipe, rkey, raw, ttl_ms, mode)
-            return pipe.execute()[0]
+            return self._queue_set(self.client, rkey, raw, ttl_ms, mode)  # on a client it runs at once
 
         if mode == "pia":
             present = self._strict(write)
