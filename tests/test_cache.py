@@ -436,7 +436,7 @@ def test_a_dead_store_fails_open_behind_a_breaker_and_recovers(outage_app, priva
         # And the breaker answers further calls without trying the store
         assert breaker.state in ("open", "half-open")
         refused = breaker.refused
-        assert cache.get("k") is None
+        assert cache.get("never-read") is None  # ("k" may still be near until tracking sees the outage)
         assert breaker.refused > refused or breaker.state == "half-open"
         # While atomic operations say plainly that nothing was coordinated
         with pytest.raises(StoreUnavailableError, match="the cluster store is unavailable"):
