@@ -1,0 +1,239 @@
+"""The two Dramatiq brokers behind messaging, and what differs between them.
+
+:class:`RedisBackend` uses Dramatiq's ``RedisBroker`` on the cluster store (or another Redis);
+:class:`RabbitmqBackend` uses Dramatiq's ``RabbitmqBroker``. Both keep the cluster's own state
+(destinations, subscriptions, consumer heartbeats, dead letters, idempotency keys) in the
+cluster store, so the rest of the feature is the same on either.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from dramatiq import Message
+from dramatiq.broker import Broker
+from dramatiq.common import current_millis, dq_name
+from dramatiq.middleware import Middleware
+
+from .. import lua
+from ..keys import Keys
+
+log = logging.getLogger("flask_immutant.messaging")
+
+#: Dramatiq's own requeue of a dead worker's messages is replaced by the reaper here: it must
+#: never fire for a live consumer busy in a long handler (its heartbeat comes from commands).
+DRAMATIQ_HEARTBEAT_TIMEOUT = 7 * 86400 * 1000
+#: RabbitMQ queues accept message priorities 0..9 (JMS's range; 4 is normal).
+MAX_PRIORITY = 9
+NORMAL_PRIORITY = 4
+
+
+@dataclass
+class Target:
+    """One Dramatiq message bound for one queue (``delay`` in ms, or None)."""
+
+    message: Message[Any]
+    delay: int | None = None
+    priority: int | None = None
+
+
+class Backend:
+    """What a broker needs beyond Dramatiq: building it, atomic multi-queue publish, stats."""
+
+    kind = "?"
+
+    def __init__(self, store: redis.Redis, keys: Keys) -> None:
+        self.store = store
+        self.keys = keys
+        self._reap = lua.script(store, "messaging_reap")
+
+    def make_broker(self, middleware: Sequence[Middleware], consumer_id: str | None = None) -> Broker:
+        raise NotImplementedError
+
+    def publish(self, broker: Broker, targets: Sequence[Target], dedupe: tuple[str, int] | None) -> bool:
+        """Write ``targets`` (all or, on error, possibly some); False if ``dedupe`` marked a duplicate."""
+        raise NotImplementedError
+
+    def queue_stats(self, broker: Broker | None, queue: str) -> dict[str, int | None]:
+        raise NotImplementedError
+
+    def delete_queue(self, broker: Broker, queue: str) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def reap(self) -> list[tuple[str, int]]:
+        """Requeue the unacked messages of dead consumers; returns ``(consumer id, requeued)``."""
+        flat = self._reap(
+            keys=[self.keys.messaging_consumers, self.keys.messaging_queues],
+            args=[self.keys.messaging_namespace, self.keys.messaging_consumer("")],
+        )
+        pairs = []
+        for index in range(0, len(flat), 2):
+            name = flat[index].decode() if isinstance(flat[index], bytes) else str(flat[index])
+            pairs.append((name, int(flat[index + 1])))
+        return pairs
+
+    def dedupe_marked(self, dedupe: tuple[str, int] | None) -> bool:
+        """Mark an idempotency key in the store; False if it was already marked."""
+        if dedupe is None:
+            return True
+        key, ttl_ms = dedupe
+        return bool(self.store.set(key, "1", nx=True, px=ttl_ms))
+
+
+class RedisBackend(Backend):
+    """Dramatiq's Redis broker: queues are lists under ``Keys.messaging_namespace``."""
+
+    kind = "redis"
+
+    def __init__(self, store: redis.Redis, keys: Keys, client: redis.Redis | None = None, url: str = "") -> None:
+        super().__init__(store, keys)
+        self.client = client or store
+        self.url = url
+        self.namespace = keys.messaging_namespace
+        self._publish = lua.script(self.client, "messaging_publish")
+
+    def make_broker(self, middleware: Sequence[Middleware], consumer_id: str | None = None) -> Broker:
+        from dramatiq.brokers.redis import RedisBroker
+
+        broker = RedisBroker(
+            client=self.client, namespace=self.namespace, middleware=list(middleware),
+            heartbeat_timeout=DRAMATIQ_HEARTBEAT_TIMEOUT,
+        )
+        if consumer_id:
+            broker.broker_id = consumer_id  # its ack sets are named after it; the reaper finds them
+        return broker
+
+    def publish(self, broker: Broker, targets: Sequence[Target], dedupe: tuple[str, int] | None) -> bool:
+        args: list[Any] = [dedupe[1] if dedupe else 0, self.namespace]
+        for target in targets:
+            message = target.message
+            options = {**message.options, "redis_message_id": str(uuid.uuid4())}
+            queue = message.queue_name
+            if target.delay is not None:
+                queue = dq_name(queue)
+                options["eta"] = current_millis() + target.delay
+            encoded = Message(
+                queue_name=queue, actor_name=message.actor_name, args=message.args, kwargs=message.kwargs,
+                options=options, message_id=message.message_id, message_timestamp=message.message_timestamp,
+            ).encode()
+            front = target.priority is not None and target.priority > NORMAL_PRIORITY
+            args.extend((queue, options["redis_message_id"], encoded, "1" if front else "0"))
+        key = dedupe[0] if dedupe else self.namespace
+        return int(self._publish(keys=[key], args=args)) >= 0
+
+    def queue_stats(self, broker: Broker | None, queue: str) -> dict[str, int | None]:
+        base = f"{self.namespace}:{queue}"
+        pipe = self.client.pipeline(transaction=False)
+        pipe.llen(base)
+        pipe.hlen(f"{base}.msgs")
+        pipe.hlen(f"{base}.DQ.msgs")
+        waiting, stored, delayed = pipe.execute()
+        return {"depth": int(waiting), "in_flight": max(0, int(stored) - int(waiting)), "delayed": int(delayed)}
+
+    def delete_queue(self, broker: Broker, queue: str) -> None:
+        base = f"{self.namespace}:{queue}"
+        self.client.delete(base, f"{base}.msgs", f"{base}.DQ", f"{base}.DQ.msgs", f"{base}.XQ", f"{base}.XQ.msgs")
+
+    def describe(self) -> str:
+        return "redis (cluster store)" if not self.url else "redis"
+
+
+class RabbitmqBackend(Backend):
+    """Dramatiq's RabbitMQ broker: one durable queue (plus ``.DQ``, ``.XQ``) per Dramatiq queue.
+
+    RabbitMQ requeues a dead consumer's unacked messages itself when its connection drops, so the
+    reaper only cleans up after it (subscriptions, heartbeats).
+    """
+
+    kind = "rabbitmq"
+
+    def __init__(self, store: redis.Redis, keys: Keys, url: str) -> None:
+        super().__init__(store, keys)
+        self.url = url
+        self._lock = threading.Lock()
+        self._inspector: Any = None
+
+    def make_broker(self, middleware: Sequence[Middleware], consumer_id: str | None = None) -> Broker:
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        pika_log = logging.getLogger("pika")
+        if pika_log.level == logging.NOTSET:
+            pika_log.setLevel(logging.WARNING)  # pika says INFO for every connection and channel
+        return RabbitmqBroker(url=self.url, middleware=list(middleware), confirm_delivery=True,
+                              max_priority=MAX_PRIORITY)
+
+    def publish(self, broker: Broker, targets: Sequence[Target], dedupe: tuple[str, int] | None) -> bool:
+        if not self.dedupe_marked(dedupe):
+            return False
+        try:
+            for target in targets:
+                message = target.message
+                if target.priority is not None:
+                    message = message.copy(options={"broker_priority": max(0, min(MAX_PRIORITY, target.priority))})
+                broker.enqueue(message, delay=target.delay)
+        except Exception:
+            if dedupe is not None:
+                self.store.delete(dedupe[0])  # not published: let the publisher try again with the key
+            raise
+        return True
+
+    def queue_stats(self, broker: Broker | None, queue: str) -> dict[str, int | None]:
+        """Ready messages from a passive declare; in flight comes from consumer heartbeats."""
+        import pika
+
+        with self._lock:
+            for _attempt in range(2):
+                try:
+                    if self._inspector is None or self._inspector.is_closed:
+                        self._inspector = pika.BlockingConnection(pika.URLParameters(self.url))
+                    channel = self._inspector.channel()
+                    try:
+                        depth = channel.queue_declare(queue=queue, passive=True).method.message_count
+                        delayed = channel.queue_declare(queue=dq_name(queue), passive=True).method.message_count
+                    finally:
+                        if channel.is_open:
+                            channel.close()
+                    return {"depth": int(depth), "in_flight": None, "delayed": int(delayed)}
+                except pika.exceptions.ChannelClosedByBroker:
+                    return {"depth": 0, "in_flight": None, "delayed": 0}  # not declared yet
+                except pika.exceptions.AMQPConnectionError:
+                    self._inspector = None
+        return {"depth": None, "in_flight": None, "delayed": None}
+
+    def delete_queue(self, broker: Broker, queue: str) -> None:
+        channel = broker.channel  # type: ignore[attr-defined]
+        for name in (queue, dq_name(queue), f"{queue}.XQ"):
+            channel.queue_delete(queue=name)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._inspector is not None and self._inspector.is_open:
+                self._inspector.close()
+            self._inspector = None
+
+    def describe(self) -> str:
+        return "rabbitmq"
+
+
+def make_backend(store: redis.Redis, keys: Keys, broker_url: str | None) -> Backend:
+    if broker_url and broker_url.startswith(("amqp://", "amqps://")):
+        return RabbitmqBackend(store, keys, broker_url)
+    if broker_url:
+        from ..store import client_from_url
+
+        return RedisBackend(store, keys, client_from_url(broker_url), url=broker_url)
+    return RedisBackend(store, keys)
+
+
+def heartbeat_record(**fields: Any) -> str:
+    return json.dumps(fields, sort_keys=True)

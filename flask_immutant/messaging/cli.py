@@ -1,0 +1,104 @@
+"""``flask immutant queues`` and ``flask immutant queues requeue-dead NAME``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from ..cli import load_state, one_line_errors
+from ..errors import ImmutantError
+from .backends import Target
+from .core import Messaging
+from .status import queue_entries
+
+
+def _messaging(ctx: click.Context) -> Messaging:
+    state, _app, _path = load_state(ctx)
+    messaging = state.features.get("messaging")
+    if not isinstance(messaging, Messaging):
+        messaging = Messaging(state)
+    return messaging
+
+
+@click.group("queues", invoke_without_command=True,
+             help="Show each queue and topic subscription: depth, in flight, delayed, dead.")
+@click.option("--json", "as_json", is_flag=True, help="Print the 'queues' status section as JSON.")
+@click.pass_context
+@one_line_errors
+def queues(ctx: click.Context, as_json: bool) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    messaging = _messaging(ctx)
+    entries = queue_entries(messaging.backend, messaging.state.store, messaging.state.keys)
+    if as_json:
+        click.echo(json.dumps(entries, indent=2, sort_keys=True))
+        return
+    if not entries:
+        click.echo("no destinations yet")
+        return
+    click.echo(f"{'DESTINATION':<32} {'DEPTH':>7} {'IN FLIGHT':>9} {'DELAYED':>7} {'DEAD':>6} CONSUMERS")
+    for entry in entries:
+        rows = [entry] if entry["kind"] == "queue" else entry["subscriptions"]
+        for row in rows:
+            label = entry["name"]
+            if entry["kind"] == "topic":
+                label += f" [{row['durable_name'] or 'subscriber'}]"
+            click.echo(f"{label:<32} {_n(row['depth']):>7} {_n(row['in_flight']):>9} {_n(row['delayed']):>7} "
+                       f"{_n(row['dead']):>6} {entry['consumers']}")
+        if entry["kind"] == "topic" and not rows:
+            click.echo(f"{entry['name']:<32} (no subscriptions)")
+
+
+def _n(value: Any) -> str:
+    return "?" if value is None else str(value)
+
+
+@queues.command("requeue-dead", help="Move the dead messages of a queue (or topic subscription) back onto it.")
+@click.argument("name")
+@click.pass_context
+@one_line_errors
+def requeue_dead(ctx: click.Context, name: str) -> None:
+    messaging = _messaging(ctx)
+    moved = requeue_dead_messages(messaging, name)
+    click.echo(f"requeued {moved} dead message(s) of {name}")
+
+
+def requeue_dead_messages(messaging: Messaging, name: str) -> int:
+    """Publish each dead message of ``name`` again, then drop its dead record (at-least-once).
+
+    The copy gets a new message id: should it die again at once, its new record is not the one
+    deleted here."""
+    from dramatiq import Message as DramatiqMessage
+
+    store, keys = messaging.state.store, messaging.state.keys
+    queues = _queues_named(messaging, name)
+    moved = 0
+    for queue in queues:
+        dead_key = keys.messaging_dead(queue)
+        for message_id, raw in store.hgetall(dead_key).items():
+            record = json.loads(raw)
+            original = record["message"]
+            message: DramatiqMessage[Any] = DramatiqMessage(queue_name=queue, actor_name=original["actor_name"],
+                                      args=tuple(original["args"]), kwargs=original.get("kwargs") or {},
+                                      options={}, message_timestamp=original["message_timestamp"])
+            messaging.backend.publish(messaging.publisher, [Target(message)], None)
+            store.hdel(dead_key, message_id)
+            moved += 1
+    return moved
+
+
+def _queues_named(messaging: Messaging, name: str) -> list[str]:
+    store, keys = messaging.state.store, messaging.state.keys
+    raw = store.hget(keys.messaging_destinations, name)
+    if raw is not None:
+        record = json.loads(raw)
+        if record.get("kind") == "queue":
+            return [record["queue"]]
+        subs = [q.decode() if isinstance(q, bytes) else q for q in store.hkeys(keys.messaging_subscriptions(name))]
+        return subs
+    if store.exists(keys.messaging_dead(name)):
+        return [name]  # a Dramatiq queue name, as shown by `queues --json`
+    known = sorted(k.decode() if isinstance(k, bytes) else k for k in store.hkeys(keys.messaging_destinations))
+    raise ImmutantError(f"no destination named {name!r}; known: {', '.join(known) or 'none'}")

@@ -1,0 +1,376 @@
+"""The messaging API of one app: destinations, publish, listen, request/respond.
+
+Kept in ``state.features["messaging"]``. Calls made where the app is only imported (module level
+of ``app.py`` in the node supervisor, a CLI command, the app runtime before it starts) register
+listeners; the app runtime starts consuming in ``immutant_runtime_started``. Calls made once the
+runtime is running (``state.runtime`` set) take effect at once. Publishing works anywhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from dramatiq import Message as DramatiqMessage
+from dramatiq.broker import Broker
+
+from .backends import Backend, Target, make_backend
+from .codec import Message, envelope
+from .destination import Destination, actor_name
+from .engine import Engine, current_message
+from .errors import EncodeError, MessagingError, RemoteError, RequestTimeout
+from .selector import Selector, compile_selector
+
+if TYPE_CHECKING:
+    from ..extension import ImmutantState
+    from ..server.runtime import AppRuntime
+
+log = logging.getLogger("flask_immutant.messaging")
+
+Handler = Callable[[Any], Any]
+_numbers = itertools.count(1)
+
+
+class Listener:
+    """A handler listening on a destination; ``stop()`` ends it. Calling it calls the handler, so
+    ``@listen(...)`` used as a decorator leaves the function usable."""
+
+    def __init__(
+        self,
+        messaging: Messaging,
+        destination: Destination,
+        handler: Handler,
+        *,
+        concurrency: int | None = None,
+        selector: str | Selector | None = None,
+        durable_name: str | None = None,
+    ) -> None:
+        if not callable(handler):
+            raise MessagingError(f"a listener's handler must be callable, not {handler!r}")
+        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                        or concurrency < 1):
+            raise MessagingError(f"concurrency={concurrency!r} is not allowed: expected an integer >= 1")
+        if durable_name is not None and destination.kind != "topic":
+            raise MessagingError(f"durable_name is for topics; {destination.name} is a queue")
+        self.messaging = messaging
+        self.destination = destination
+        self.handler = handler
+        self.concurrency = concurrency
+        self.selector = compile_selector(selector)
+        self.durable_name = durable_name
+        self.number = next(_numbers)
+        #: The Dramatiq queue this listener consumes, once bound in the runtime.
+        self.queue: str | None = None
+        self.stopped = False
+        self._slots = threading.BoundedSemaphore(concurrency) if concurrency else None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.handler(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.destination.name} {getattr(self.handler, '__name__', self.handler)!r}>"
+
+    def accepts(self, properties: Mapping[str, Any]) -> bool:
+        return self.selector is None or bool(self.selector(properties))
+
+    def handle(self, message: Message) -> Any:
+        if self._slots is None:
+            return self.handler(message.body)
+        with self._slots:
+            return self.handler(message.body)
+
+    def stop(self) -> None:
+        """Stop listening (idempotent). A non-durable topic subscription is removed with it."""
+        self.messaging.unlisten(self)
+
+
+class Response:
+    """The future-like result of :meth:`Messaging.request`."""
+
+    def __init__(self, messaging: Messaging, destination: str, correlation_id: str, timeout: float | None) -> None:
+        self._messaging = messaging
+        self.destination = destination
+        self.correlation_id = correlation_id
+        self._timeout = timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._outcome: tuple[bool, Any] | None = None
+
+    def done(self) -> bool:
+        if self._outcome is None:
+            raw = self._messaging.state.store.lpop(self._messaging.state.keys.messaging_reply(self.correlation_id))
+            if raw is not None:
+                self._outcome = _reply(raw)  # type: ignore[arg-type]
+        return self._outcome is not None
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The responder's return value; raises :class:`RequestTimeout` or :class:`RemoteError`."""
+        if self._outcome is None:
+            if timeout is None and self._deadline is not None:
+                timeout = max(0.0, self._deadline - time.monotonic())
+            store = self._messaging.state.store
+            key = self._messaging.state.keys.messaging_reply(self.correlation_id)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._outcome is None:
+                wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if wait <= 0:
+                    raise RequestTimeout(f"no response from {self.destination} within {timeout:g}s")
+                popped = store.blpop([key], timeout=max(wait, 0.01))
+                if popped is not None:
+                    self._outcome = _reply(popped[1])
+        ok, value = self._outcome
+        if not ok:
+            raise RemoteError(f"the responder on {self.destination} raised {value}")
+        return value
+
+
+def _reply(raw: bytes | str) -> tuple[bool, Any]:
+    data = json.loads(raw)
+    return (True, data["value"]) if data.get("ok") else (False, data.get("error"))
+
+
+class Messaging:
+    """Messaging for one app (``state.features["messaging"]``)."""
+
+    def __init__(self, state: ImmutantState) -> None:
+        self.state = state
+        self.destinations: dict[str, Destination] = {}
+        self.listeners: list[Listener] = []
+        self.engine: Engine | None = None
+        self._registered: set[str] = set()
+        self._lock = threading.RLock()
+        self._publisher_local = threading.local()
+
+    # --- backend and publishing broker ---
+
+    @cached_property
+    def backend(self) -> Backend:
+        return make_backend(self.state.store, self.state.keys, self.state.settings["IMMUTANT_BROKER_URL"])
+
+    @cached_property
+    def publisher(self) -> Broker:
+        """A broker for publishing only: no worker is attached, so it never consumes."""
+        return self.backend.make_broker([])
+
+    # --- destinations ---
+
+    def start(self, name: str, *, kind: str | None = None, **options: Any) -> Destination:
+        """Declare a destination (idempotent). ``/queue/...`` and ``/topic/...`` names say their
+        kind; other names need ``kind=``."""
+        if options:
+            raise MessagingError(f"unknown option(s) for start(): {', '.join(sorted(options))}")
+        with self._lock:
+            destination = self.destinations.get(name)
+            if destination is None:
+                destination = Destination.parse(name, self.state.keys.cluster, kind)
+                self.destinations[name] = destination
+            elif kind is not None and destination.kind != kind:
+                raise MessagingError(f"{name} was started as a {destination.kind}, not a {kind}")
+        if self.state.runtime is not None:
+            self._register(destination)
+        return destination
+
+    def stop(self, name: str) -> None:
+        """Stop every local listener on ``name`` and forget it here (its messages are kept)."""
+        for listener in [lst for lst in self.listeners if lst.destination.name == name]:
+            listener.stop()
+        with self._lock:
+            self.destinations.pop(name, None)
+
+    def _destination(self, name: str | Destination) -> Destination:
+        if isinstance(name, Destination):
+            return name
+        destination = self.destinations.get(name)
+        return destination if destination is not None else self.start(name)
+
+    def _register(self, destination: Destination) -> None:
+        """Make the destination known cluster-wide (for ``flask immutant queues`` and status)."""
+        if destination.name in self._registered:
+            return
+        record = {"kind": destination.kind,
+                  "queue": destination.queue_name if destination.kind == "queue" else None}
+        self.state.store.hset(self.state.keys.messaging_destinations, destination.name, json.dumps(record))
+        self._registered.add(destination.name)
+
+    def known_topics(self) -> list[str]:
+        names = []
+        for name, raw in self.state.store.hgetall(self.state.keys.messaging_destinations).items():
+            if b'"topic"' in raw if isinstance(raw, bytes) else '"topic"' in raw:
+                names.append(name.decode() if isinstance(name, bytes) else name)
+        return names
+
+    # --- publishing ---
+
+    def publish(
+        self,
+        name: str,
+        message: Any,
+        *,
+        priority: int | None = None,
+        ttl: float | None = None,
+        delay: float | None = None,
+        properties: Mapping[str, Any] | None = None,
+        correlation_id: str | None = None,
+        encoding: str = "json",
+        key: str | None = None,
+        reply_to: str | None = None,
+    ) -> str | None:
+        """Publish ``message``; returns its id, or ``None`` if ``key`` marked it a duplicate.
+
+        ``delay`` and ``ttl`` are seconds; ``priority`` 0..9 (4 normal; above 4 goes ahead of the
+        queue on Redis, and is RabbitMQ's message priority there). When this returns, the broker
+        has the message (acknowledged to the publisher).
+        """
+        destination = self._destination(name)
+        self._register(destination)
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
+                                     or not 0 <= priority <= 9):
+            raise MessagingError(f"priority={priority!r} is not allowed: expected an integer from 0 to 9")
+        if delay is not None and delay < 0:
+            raise MessagingError(f"delay={delay!r} is not allowed: expected seconds >= 0")
+        data = envelope(destination.name, message, encoding=encoding, properties=properties,
+                        correlation_id=correlation_id, reply_to=reply_to, key=key, ttl=ttl)
+        if destination.kind == "queue":
+            queues = [destination.queue_name]
+        else:
+            queues = [q.decode() if isinstance(q, bytes) else q
+                      for q in self.state.store.hkeys(self.state.keys.messaging_subscriptions(destination.name))]
+        message_id = str(uuid.uuid4())
+        targets = []
+        for queue in queues:
+            dramatiq_message: DramatiqMessage[Any] = DramatiqMessage(
+                queue_name=queue, actor_name=actor_name(queue), args=(data,), kwargs={}, options={},
+                message_id=message_id,
+            )
+            targets.append(Target(dramatiq_message, None if delay is None else int(delay * 1000), priority))
+        if targets and encoding == "json":
+            try:
+                targets[0].message.encode()
+            except (TypeError, ValueError) as exc:
+                raise EncodeError(f"cannot encode the message for {destination.name} as JSON: {exc}") from None
+        dedupe = None
+        if key is not None:
+            window = int(self.state.settings["IMMUTANT_MESSAGING_DEDUPE_WINDOW"] * 1000)
+            dedupe = (self.state.keys.messaging_dedupe(destination.name, str(key)), window)
+        if not targets:
+            return message_id  # a topic nobody subscribes to: nothing to keep
+        if not self.backend.publish(self._publishing_broker(), targets, dedupe):
+            log.info("dropped a duplicate of key %r on %s", key, destination.name)
+            return None
+        return message_id
+
+    def _publishing_broker(self) -> Broker:
+        return self.publisher
+
+    def requeue_raw(self, raw: Any, *, delay: int | None = None) -> None:
+        """Put a received Dramatiq message back on its queue (a copy; the original is acked)."""
+        queue = raw.queue_name.removesuffix(".DQ")
+        message: DramatiqMessage[Any] = DramatiqMessage(
+            queue_name=queue, actor_name=raw.actor_name, args=tuple(raw.args), kwargs=dict(raw.kwargs),
+            options={}, message_id=raw.message_id, message_timestamp=raw.message_timestamp,
+        )
+        self.backend.publish(self._publishing_broker(), [Target(message, delay)], None)
+
+    # --- listening ---
+
+    def listen(
+        self,
+        name: str,
+        handler: Handler | None = None,
+        *,
+        concurrency: int | None = None,
+        selector: str | Selector | None = None,
+        durable_name: str | None = None,
+    ) -> Any:
+        """Call ``handler(body)`` for messages on ``name``; returns a :class:`Listener`. Without a
+        handler, returns a decorator."""
+        if handler is None:
+            def decorator(fn: Handler) -> Listener:
+                return self.listen(name, fn, concurrency=concurrency, selector=selector, durable_name=durable_name)
+
+            return decorator
+        destination = self._destination(name)
+        listener = Listener(self, destination, handler, concurrency=concurrency, selector=selector,
+                            durable_name=durable_name)
+        with self._lock:
+            self.listeners.append(listener)
+            engine = self.engine
+        if engine is not None:
+            self._register(destination)
+            engine.bind(listener)
+        return listener
+
+    def unlisten(self, listener: Listener) -> None:
+        with self._lock:
+            if listener.stopped:
+                return
+            listener.stopped = True
+            if listener in self.listeners:
+                self.listeners.remove(listener)
+            engine = self.engine
+        if engine is not None:
+            engine.unbind(listener)
+
+    # --- request / respond ---
+
+    def request(self, name: str, message: Any, *, timeout: float | None = 30.0, **options: Any) -> Response:
+        """Publish ``message`` with a reply address; the returned :class:`Response`'s ``result()``
+        waits for the answer of a :meth:`respond` handler."""
+        correlation_id = options.pop("correlation_id", None) or uuid.uuid4().hex
+        reply_to = self.state.keys.messaging_reply(correlation_id)
+        self.publish(name, message, correlation_id=correlation_id, reply_to=reply_to, **options)
+        return Response(self, name, correlation_id, timeout)
+
+    def respond(self, name: str, fn: Handler | None = None, **options: Any) -> Any:
+        """Answer requests on ``name`` with ``fn(body)``; a raising ``fn`` answers with the error."""
+        if fn is None:
+            return lambda f: self.respond(name, f, **options)
+        ttl_ms = int(max(60.0, self.state.settings["IMMUTANT_FAILURE_TIMEOUT"]) * 1000)
+
+        def responder(body: Any) -> None:
+            current = current_message()
+            try:
+                reply: dict[str, Any] = {"ok": True, "value": fn(body)}
+            except Exception as exc:
+                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            if current is None or not current.reply_to:
+                return
+            try:
+                encoded = json.dumps(reply)
+            except (TypeError, ValueError) as exc:
+                encoded = json.dumps({"ok": False, "error": f"the response cannot be encoded as JSON: {exc}"})
+            pipe = self.state.store.pipeline()
+            pipe.rpush(current.reply_to, encoded)
+            pipe.pexpire(current.reply_to, ttl_ms)
+            pipe.execute()
+
+        responder.__name__ = getattr(fn, "__name__", "responder")
+        return self.listen(name, responder, **options)
+
+    # --- runtime ---
+
+    def runtime_started(self, runtime: AppRuntime) -> None:
+        node = os.environ.get("IMMUTANT_NODE_NAME") or "local"
+        engine = Engine(self, runtime.app, node)
+        for destination in list(self.destinations.values()):
+            self._register(destination)
+        engine.start()
+        with self._lock:
+            self.engine = engine
+            listeners = list(self.listeners)
+        for listener in listeners:
+            self._register(listener.destination)
+            engine.bind(listener)
+
+    def runtime_stopping(self, runtime: AppRuntime) -> None:
+        with self._lock:
+            engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.stop(timeout=max(0.5, runtime.settings["IMMUTANT_SHUTDOWN_TIMEOUT"] - 1.0))

@@ -1,0 +1,389 @@
+"""The consuming side, in an app runtime process: one Dramatiq worker, one consumer identity
+with its own heartbeat, and the reaper that gives a dead consumer's messages to the living.
+
+Failover does not wait for Dramatiq's own dead-worker requeue (60 s, then only on a random
+0.1% of commands). Each runtime process is a consumer with a heartbeat key whose TTL is
+``IMMUTANT_FAILURE_TIMEOUT``, renewed from its own thread every eighth of it, so a handler busy
+for minutes keeps it alive. Every consumer also runs the reaper: when a heartbeat key is gone,
+one atomic script pushes that consumer's unacknowledged messages back to the head of their
+queues (Redis broker). On RabbitMQ the server requeues them when the dead process's connection
+drops; the reaper then only removes the dead consumer's topic subscriptions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import traceback
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import dramatiq
+import redis
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.middleware import Middleware, Retries
+
+from .. import lua
+from .backends import Backend, heartbeat_record
+from .codec import Message, decode
+from .destination import Destination, actor_name
+from .errors import MalformedMessage
+
+if TYPE_CHECKING:
+    from .core import Listener, Messaging
+
+log = logging.getLogger("flask_immutant.messaging")
+
+#: Heartbeats per failure timeout (the membership heartbeat uses 4; consumers are cheaper to
+#: renew and a quicker reaper shortens failover).
+BEATS_PER_TIMEOUT = 8
+#: Seconds a queue message no local listener's selector accepts waits before it is offered again.
+UNSELECTED_DELAY_MS = 1000
+
+
+class _Local(threading.local):
+    message: Any = None
+    current: Message | None = None
+
+
+_local = _Local()
+
+
+def current_message() -> Message | None:
+    """The message being handled on this thread (metadata: properties, id, correlation id...)."""
+    return _local.current
+
+
+class _Tracking(Middleware):
+    """Remembers the Dramatiq message being processed on each worker thread."""
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        _local.message = message
+
+    def after_process_message(self, broker: Any, message: Any, *, result: Any = None, exception: Any = None) -> None:
+        _local.message = None
+        _local.current = None
+
+    def after_skip_message(self, broker: Any, message: Any) -> None:
+        _local.message = None
+
+
+class DeadLetters(Retries):
+    """Dramatiq's retries with backoff; a message that exhausts them (or is malformed) is moved to
+    the cluster's dead-letter store with its reason and acknowledged, on either broker. If the store
+    cannot take it, it stays failed and goes to the broker's own dead-letter queue."""
+
+    def __init__(self, engine: Engine, **options: Any) -> None:
+        super().__init__(**options)
+        self.engine = engine
+
+    def after_process_message(self, broker: Any, message: Any, *, result: Any = None, exception: Any = None) -> None:
+        super().after_process_message(broker, message, result=result, exception=exception)
+        if exception is None or not message.failed:
+            return
+        try:
+            self.engine.bury(message, exception)
+        except redis.RedisError:
+            log.exception("could not record dead message %s; left on the broker's dead-letter queue",
+                          message.message_id)
+            return
+        message.failed = False
+
+
+class Binding:
+    """One Dramatiq queue this process consumes, and the local listeners it feeds."""
+
+    def __init__(self, destination: Destination, queue: str, owned: bool) -> None:
+        self.destination = destination
+        self.queue = queue
+        #: True for a non-durable topic subscription: the queue dies with its listener.
+        self.owned = owned
+        self.listeners: list[Listener] = []
+        self._turn = itertools.count()
+
+    def choose(self, properties: Any) -> Listener | None:
+        listeners = list(self.listeners)
+        if not listeners:
+            return None
+        start = next(self._turn)
+        for offset in range(len(listeners)):
+            listener = listeners[(start + offset) % len(listeners)]
+            if listener.accepts(properties):
+                return listener
+        return None
+
+
+class Engine:
+    """The runtime's consumer: worker, heartbeat and reaper threads, and the local bindings."""
+
+    def __init__(self, messaging: Messaging, app: Any, node_name: str) -> None:
+        self.messaging = messaging
+        self.app = app
+        self.settings = messaging.state.settings
+        self.keys = messaging.state.keys
+        self.backend: Backend = messaging.backend
+        self.consumer_id = f"{node_name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self.failure_timeout: float = self.settings["IMMUTANT_FAILURE_TIMEOUT"]
+        self.interval = self.failure_timeout / BEATS_PER_TIMEOUT
+        self.bindings: dict[str, Binding] = {}
+        self.in_flight: defaultdict[str, int] = defaultdict(int)
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._heartbeat = lua.script(messaging.state.store, "messaging_heartbeat")
+        self.broker = self.backend.make_broker(
+            [
+                DeadLetters(
+                    self,
+                    max_retries=self.settings["IMMUTANT_MESSAGING_MAX_RETRIES"],
+                    min_backoff=int(self.settings["IMMUTANT_MESSAGING_MIN_BACKOFF"] * 1000),
+                    max_backoff=int(self.settings["IMMUTANT_MESSAGING_MAX_BACKOFF"] * 1000),
+                ),
+                _Tracking(),
+            ],
+            consumer_id=self.consumer_id,
+        )
+        threads = self.settings["IMMUTANT_WORKER_THREADS"]
+        poll_ms = int(min(1000, max(50, self.interval * 2000)))
+        self.worker = dramatiq.Worker(self.broker, worker_threads=threads, worker_timeout=poll_ms)
+
+    # --- lifecycle ---
+
+    def start(self) -> None:
+        self.beat()  # registered before the first fetch, so the reaper always knows our ack sets
+        self.worker.start()
+        for name, target in (("heartbeat", self._heartbeat_loop), ("reaper", self._reaper_loop)):
+            thread = threading.Thread(target=target, name=f"immutant-mq-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float) -> None:
+        """Finish handlers in progress (bounded), put prefetched messages back, leave."""
+        self.worker.stop(timeout=int(timeout * 1000))
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=1.0)
+        try:
+            for binding in list(self.bindings.values()):
+                if binding.owned:
+                    self._drop_subscription(binding)
+            self.messaging.state.store.delete(self.keys.messaging_consumer(self.consumer_id))
+            self.backend.reap()  # anything still unacked (a handler outlived the timeout) goes back now
+        except redis.RedisError as exc:
+            log.warning("messaging could not leave cleanly (%s); the reaper of another node will", exc)
+        self.broker.close()
+
+    # --- bindings ---
+
+    def bind(self, listener: Listener) -> None:
+        """Start consuming for ``listener`` (its queue, or its own subscription to a topic)."""
+        destination = listener.destination
+        store = self.messaging.state.store
+        with self._lock:
+            if destination.kind == "queue":
+                queue, owned = destination.queue_name, False
+            elif listener.durable_name:
+                queue, owned = destination.subscription_queue(f"durable-{listener.durable_name}"), False
+            else:
+                queue, owned = destination.subscription_queue(f"{self.consumer_id}-{listener.number}"), True
+            listener.queue = queue
+            binding = self.bindings.get(queue)
+            if binding is None:
+                binding = self.bindings[queue] = Binding(destination, queue, owned)
+                store.sadd(self.keys.messaging_queues, queue)
+                if destination.kind == "topic":
+                    record = {"owner": self.consumer_id if owned else None, "durable": listener.durable_name}
+                    store.hset(self.keys.messaging_subscriptions(destination.name), queue, heartbeat_record(**record))
+                binding.listeners.append(listener)
+                self._consume(queue)
+            else:
+                binding.listeners.append(listener)
+        log.info("messaging: consuming %s%s (queue %s)", destination.name,
+                 f" as {listener.durable_name!r}" if listener.durable_name else "", queue)
+
+    def unbind(self, listener: Listener) -> None:
+        with self._lock:
+            binding = self.bindings.get(listener.queue or "")
+            if binding is None or listener not in binding.listeners:
+                return
+            binding.listeners.remove(listener)
+            if binding.listeners:
+                return
+            del self.bindings[binding.queue]
+            for name in (binding.queue, f"{binding.queue}.DQ"):
+                consumer = self.worker.consumers.get(name)
+                if consumer is not None:
+                    consumer.stop()
+            if binding.owned:
+                self._drop_subscription(binding)
+        log.info("messaging: stopped consuming %s (queue %s)", binding.destination.name, binding.queue)
+
+    def _consume(self, queue: str) -> None:
+        name = actor_name(queue)
+        if name not in self.broker.actors:
+            dramatiq.Actor(self._deliverer(queue), broker=self.broker, actor_name=name, queue_name=queue,
+                           priority=0, options={"throws": (MalformedMessage,)})
+            return
+        for consumer_queue in (queue, f"{queue}.DQ"):  # consumed before, then stopped: restart it
+            old = self.worker.consumers.get(consumer_queue)
+            if old is not None and not old.running:
+                del self.worker.consumers[consumer_queue]
+                self.worker._add_consumer(consumer_queue, delay=consumer_queue.endswith(".DQ"))
+
+    def _drop_subscription(self, binding: Binding) -> None:
+        store = self.messaging.state.store
+        store.hdel(self.keys.messaging_subscriptions(binding.destination.name), binding.queue)
+        store.srem(self.keys.messaging_queues, binding.queue)
+        try:
+            self.backend.delete_queue(self.broker, binding.queue)
+        except Exception as exc:  # the broker may be gone while stopping
+            log.debug("could not delete subscription queue %s: %s", binding.queue, exc)
+
+    # --- delivery ---
+
+    def _deliverer(self, queue: str) -> Callable[[Any], None]:
+        def deliver(envelope: Any) -> None:
+            self.deliver(queue, envelope)
+
+        deliver.__name__ = deliver.__qualname__ = f"deliver_{queue}"
+        return deliver
+
+    def deliver(self, queue: str, envelope: Any) -> None:
+        raw = _local.message
+        message = decode(envelope, retries=raw.options.get("retries", 0) if raw else 0,
+                         message_id=raw.message_id if raw else "")
+        if message.expired:
+            log.debug("dropping expired message %s on %s", message.id, message.destination)
+            return
+        store = self.messaging.state.store
+        done_key = self.keys.messaging_done(queue, message.key) if message.key else None
+        if done_key and store.exists(done_key):
+            log.info("dropping duplicate message with key %r on %s", message.key, message.destination)
+            return
+        binding = self.bindings.get(queue)
+        listener = binding.choose(message.properties) if binding else None
+        if listener is None:
+            if binding is not None and binding.destination.kind == "topic":
+                return  # this subscriber's selector does not take it
+            if raw is not None:  # a queue message no local listener takes: offer it again
+                self.messaging.requeue_raw(raw, delay=UNSELECTED_DELAY_MS)
+            return
+        _local.current = message
+        self.in_flight[queue] += 1
+        try:
+            with self.app.app_context():
+                listener.handle(message)
+        finally:
+            self.in_flight[queue] -= 1
+            _local.current = None
+        if done_key:
+            store.set(done_key, "1", px=int(self.settings["IMMUTANT_MESSAGING_DEDUPE_WINDOW"] * 1000))
+
+    def bury(self, raw: Any, exception: BaseException) -> None:
+        """Move a failed message to the dead-letter store, with its reason."""
+        queue = raw.queue_name.removesuffix(".DQ")
+        envelope = raw.args[0] if raw.args else None
+        malformed = isinstance(exception, MalformedMessage)
+        # Dramatiq counts the failed attempt before giving up, except for ``throws`` exceptions.
+        attempts = int(raw.options.get("retries", 0)) + (1 if malformed else 0)
+        record = {
+            "id": raw.message_id,
+            "queue": queue,
+            "destination": envelope.get("destination") if isinstance(envelope, dict) else None,
+            "reason": f"{type(exception).__name__}: {exception}",
+            "malformed": malformed,
+            "attempts": attempts,
+            "retries": max(0, attempts - 1),
+            "failed_at": round(time.time(), 3),
+            "traceback": "".join(traceback.format_exception(exception))[-4000:],
+            "message": {"actor_name": raw.actor_name, "args": list(raw.args), "kwargs": raw.kwargs,
+                        "message_id": raw.message_id, "message_timestamp": raw.message_timestamp},
+        }
+        self.messaging.state.store.hset(self.keys.messaging_dead(queue), raw.message_id, heartbeat_record(**record))
+        log.warning("message %s on %s is dead: %s", raw.message_id, record["destination"], record["reason"])
+
+    # --- heartbeat and reaper ---
+
+    def beat(self) -> None:
+        record = heartbeat_record(
+            node=os.environ.get("IMMUTANT_NODE_NAME"), pid=os.getpid(), broker=self.backend.kind,
+            queues=sorted(self.bindings), in_flight={q: n for q, n in self.in_flight.items() if n},
+            prefetched=self._prefetched(),
+        )
+        self._heartbeat(
+            keys=[self.keys.messaging_consumer(self.consumer_id), self.keys.messaging_consumers],
+            args=[self.consumer_id, record, int(self.failure_timeout * 1000)],
+        )
+
+    def _prefetched(self) -> dict[str, int]:
+        """RabbitMQ: messages delivered to this process and not yet acknowledged, per queue."""
+        if not isinstance(self.broker, RabbitmqBroker):
+            return {}
+        counts: dict[str, int] = {}
+        for name, thread in list(self.worker.consumers.items()):
+            consumer = thread.consumer
+            outstanding = getattr(consumer, "outstanding_message_count", None) if consumer else None
+            if outstanding:
+                key = name.removesuffix(".DQ")
+                counts[key] = counts.get(key, 0) + int(outstanding)
+        return counts
+
+    def _heartbeat_loop(self) -> None:
+        failing = False
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+                if failing:
+                    log.warning("messaging heartbeat restored")
+                failing = False
+            except redis.RedisError as exc:
+                if not failing:
+                    log.warning("messaging heartbeat failed: %s; retrying", exc)
+                failing = True
+
+    def _reaper_loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.reap_once()
+            except redis.RedisError as exc:
+                log.debug("reaper: store unavailable (%s)", exc)
+            except Exception:
+                log.exception("reaper failed")
+
+    def reap_once(self) -> list[tuple[str, int]]:
+        dead = self.backend.reap()
+        for consumer_id, moved in dead:
+            log.warning("messaging: consumer %s is gone; %d unacknowledged message(s) requeued", consumer_id, moved)
+        if dead:
+            self._drop_dead_subscriptions({consumer_id for consumer_id, _ in dead})
+        return dead
+
+    def _drop_dead_subscriptions(self, dead: set[str]) -> None:
+        store = self.messaging.state.store
+        for topic in self.messaging.known_topics():
+            key = self.keys.messaging_subscriptions(topic)
+            for queue, raw in store.hgetall(key).items():
+                owner = _json_field(raw, "owner")
+                if owner in dead:
+                    name = queue.decode() if isinstance(queue, bytes) else queue
+                    store.hdel(key, name)
+                    store.srem(self.keys.messaging_queues, name)
+                    try:
+                        self.backend.delete_queue(self.broker, name)
+                    except Exception as exc:
+                        log.debug("could not delete subscription queue %s: %s", name, exc)
+
+
+def _json_field(raw: Any, name: str) -> Any:
+    import json
+
+    try:
+        data = json.loads(raw)
+    except (TypeError, ValueError):
+        return None
+    return data.get(name) if isinstance(data, dict) else None

@@ -1,0 +1,80 @@
+"""Built-in plugin: messaging (queues, topics, request/respond on Dramatiq)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import click
+import redis
+
+from ..errors import StoreUnavailableError
+from ..hookspecs import hookimpl
+from ..settings import Setting
+from .config import FLAG, SETTINGS
+from .core import Messaging
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from ..extension import ImmutantState
+    from ..server.runtime import AppRuntime
+
+__all__ = ["FLAG", "messaging_of"]
+
+FEATURE = "messaging"
+
+
+def messaging_of(state: ImmutantState) -> Messaging:
+    feature = state.features.get(FEATURE)
+    if feature is None:
+        feature = state.features[FEATURE] = Messaging(state)
+    return feature  # type: ignore[no-any-return]
+
+
+@hookimpl(trylast=True)
+def immutant_settings() -> list[Setting]:
+    return list(SETTINGS)
+
+
+@hookimpl(trylast=True)
+def immutant_init_app(app: Flask, state: ImmutantState) -> None:
+    messaging_of(state)  # registration only: nothing connects until the runtime starts
+
+
+@hookimpl(trylast=True)
+def immutant_runtime_started(runtime: AppRuntime) -> None:
+    messaging_of(runtime.state).runtime_started(runtime)
+
+
+@hookimpl(trylast=True)
+def immutant_runtime_stopping(runtime: AppRuntime) -> None:
+    messaging_of(runtime.state).runtime_stopping(runtime)
+
+
+@hookimpl(trylast=True)
+def immutant_register_commands(cli: click.Group) -> None:
+    from .cli import queues
+
+    cli.add_command(queues)
+
+
+@hookimpl(trylast=True)
+def immutant_status(state: ImmutantState) -> dict[str, Any]:
+    from ..store import client_from_url, store_url
+    from .backends import make_backend
+    from .status import queue_entries
+
+    try:
+        store = client_from_url(store_url(state.settings, start=False))
+    except StoreUnavailableError:
+        return {"queues": []}
+    backend = make_backend(store, state.keys, state.settings["IMMUTANT_BROKER_URL"])
+    try:
+        return {"queues": queue_entries(backend, store, state.keys)}
+    except redis.RedisError:
+        return {"queues": None}
+    finally:
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()
+        store.close()

@@ -1,0 +1,396 @@
+"""Messaging on real node processes, on both brokers: load balancing, failover after SIGKILL
+(also with no other traffic), a busy consumer keeping its message, retries and the dead-letter
+queue, topics (durable too), request/respond, idempotency keys and a store restart."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from flask_immutant import ImmutantState
+from flask_immutant.messaging import Messaging, RemoteError
+from flask_immutant.messaging.plugin import messaging_of
+
+from support import NodeProcess, run_flask, wait_until
+
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+#: Failure timeout of the nodes in these tests (seconds).
+FAILURE_TIMEOUT = 1.0
+#: How long the busy handler computes: many failure timeouts, so a false failover would show.
+BUSY_SECONDS = 8.0
+
+APP = r'''
+import os, sys, time
+from pathlib import Path
+from flask import Flask, current_app
+from flask_immutant import ImmutantExtension, messaging
+
+app = Flask("mq_app")
+ImmutantExtension(app)
+NODE = os.environ.get("IMMUTANT_NODE_NAME")
+FLAG = Path(os.environ.get("TEST_FAIL_FLAG", "-"))
+
+
+def say(text):
+    sys.stdout.write(text + "\n")  # one write: lines of concurrent handlers never interleave
+    sys.stdout.flush()
+
+
+def work(body):
+    n, kind = body["n"], body.get("kind")
+    assert current_app.name == "mq_app"
+    if kind == "hold" and NODE == "victim":
+        say(f"holding {n} on {NODE}")
+        time.sleep(600)
+    if kind == "busy":
+        say(f"busy {n} on {NODE}")
+        end = time.monotonic() + float(body["seconds"])
+        x = 0
+        while time.monotonic() < end:
+            x += 1
+        say(f"finished {n} on {NODE}")
+    if kind == "fail":
+        say(f"attempt {n} on {NODE}")
+        if FLAG.exists():
+            raise RuntimeError(f"boom {n}")
+    if kind == "sleep":
+        time.sleep(body["s"])
+    say(f"handled {n} on {NODE} at {time.time():.3f}")
+
+
+messaging.listen("/queue/work", work, app=app)
+
+if os.environ.get("TEST_TOPICS"):
+    messaging.listen("/topic/news", lambda b: say(f"news {b} on {NODE}"), app=app)
+    messaging.listen("/topic/news", lambda b: say(f"eu-news {b} on {NODE}"), app=app,
+                     selector="region == 'eu'")
+if os.environ.get("TEST_DURABLE"):
+    messaging.listen("/topic/news", lambda b: say(f"audit {b} on {NODE}"), app=app,
+                     durable_name="audit")
+
+
+@messaging.respond("/queue/rpc", app=app)
+def double(body):
+    if body == "bad":
+        raise ValueError("bad input")
+    return body * 2
+'''
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def mq_env(node_env: dict[str, str], broker: str, tmp_path: Path) -> dict[str, str]:
+    env = {**node_env, "IMMUTANT_FAILURE_TIMEOUT": str(FAILURE_TIMEOUT),
+           "IMMUTANT_MESSAGING_MAX_RETRIES": "2", "IMMUTANT_MESSAGING_MIN_BACKOFF": "0.05",
+           "TEST_FAIL_FLAG": str(tmp_path / "fail-flag")}
+    if broker == "rabbitmq":
+        env["IMMUTANT_BROKER_URL"] = RABBITMQ_URL
+    return env
+
+
+@pytest.fixture
+def app_file(tmp_path: Path) -> Path:
+    path = tmp_path / "mq_app.py"
+    path.write_text(APP)
+    return path
+
+
+@pytest.fixture
+def publisher(mq_env: dict[str, str], store_client: redis.Redis) -> Iterator[Messaging]:
+    """The test process publishes like any other client of the cluster (no app, no runtime)."""
+    state = ImmutantState.build({}, environ=mq_env)
+    messaging = messaging_of(state)
+    try:
+        yield messaging
+    finally:
+        if mq_env.get("IMMUTANT_BROKER_URL"):
+            _delete_rabbitmq_queues(messaging)
+        messaging.publisher.close()
+
+
+def _delete_rabbitmq_queues(messaging: Messaging) -> None:
+    import pika
+
+    names = [q.decode() for q in messaging.state.store.smembers(messaging.state.keys.messaging_queues)]
+    names += [json.loads(v)["queue"] for v in messaging.state.store.hvals(messaging.state.keys.messaging_destinations)
+              if json.loads(v)["queue"]]
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    try:
+        channel = connection.channel()
+        for name in set(names):
+            for suffix in ("", ".DQ", ".XQ"):
+                channel.queue_delete(queue=name + suffix)
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def node(start_node: Callable[..., NodeProcess], mq_env: dict[str, str], app_file: Path) -> Callable[..., NodeProcess]:
+    """Start a named node serving the test app; offset by its position."""
+    count = 0
+
+    def start(name: str, **env: str) -> NodeProcess:
+        nonlocal count
+        process = start_node("--clustered", "--node-name", name, "--port-offset", str(100 * count),
+                             app=str(app_file), env={**mq_env, **env})
+        count += 1
+        return process
+
+    return start
+
+
+def ready(process: NodeProcess, destination: str = "/queue/work") -> None:
+    process.wait_for(rf"messaging: consuming {re.escape(destination)}\b", timeout=30)
+
+
+def handled(process: NodeProcess) -> list[int]:
+    return [int(m.group(1)) for line in list(process.lines) if (m := re.match(r"handled (\d+) on ", line))]
+
+
+def queues_json(env: dict[str, str]) -> list[dict[str, Any]]:
+    result = run_flask(["immutant", "queues", "--json"], env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def entry(env: dict[str, str], name: str) -> dict[str, Any]:
+    return next(e for e in queues_json(env) if e["name"] == name)
+
+
+# --- load balancing ---------------------------------------------------------------------------
+
+
+def test_each_message_is_handled_once_and_the_work_spreads_over_the_nodes(node, publisher):
+    # Given two nodes listening on one queue
+    a, b = node("alpha"), node("beta")
+    ready(a), ready(b)
+    # When 200 messages are published
+    for n in range(200):
+        publisher.publish("/queue/work", {"n": n, "kind": "sleep", "s": 0.01})
+    # Then every one is handled exactly once, and both nodes take a substantial share
+    wait_until(lambda: len(handled(a)) + len(handled(b)) >= 200, timeout=60)
+    both = handled(a) + handled(b)
+    assert sorted(both) == list(range(200)), Counter(both).most_common(3)
+    assert min(len(handled(a)), len(handled(b))) >= 40, (len(handled(a)), len(handled(b)))
+
+
+# --- failover ----------------------------------------------------------------------------------
+
+
+def test_a_killed_nodes_unacked_messages_go_to_a_survivor_with_no_other_traffic(node, publisher):
+    # Given a node holding five unacknowledged messages in its handlers
+    victim = node("victim")
+    ready(victim)
+    for n in range(5):
+        publisher.publish("/queue/work", {"n": n, "kind": "hold"})
+    wait_until(lambda: sum(line.startswith("holding ") for line in victim.lines) == 5, timeout=20)
+    survivor = node("survivor")
+    ready(survivor)
+    # When the victim node is killed, and nothing else is published
+    killed_at = time.time()
+    victim.signal(signal.SIGKILL)
+    # Then the survivor handles every one within the failure timeout plus one second
+    wait_until(lambda: sorted(handled(survivor)) == list(range(5)), timeout=FAILURE_TIMEOUT + 10)
+    times = [float(m.group(1)) for line in survivor.lines if (m := re.search(r" at ([\d.]+)$", line))]
+    assert max(times) - killed_at <= FAILURE_TIMEOUT + 1.0, max(times) - killed_at
+
+
+def test_a_busy_consumer_keeps_its_message(node, publisher):
+    # Given a node computing in a CPU-bound handler for many failure timeouts
+    busy = node("busy")
+    ready(busy)
+    publisher.publish("/queue/work", {"n": 7, "kind": "busy", "seconds": BUSY_SECONDS})
+    busy.wait_for("busy 7 on busy", timeout=20)
+    other = node("other")
+    ready(other)
+    # When it finishes
+    busy.wait_for("finished 7 on busy", timeout=BUSY_SECONDS + 20)
+    # Then the message was never redelivered to the other node
+    assert not any("7 on other" in line for line in other.lines), other.output
+    assert handled(busy) == [7]
+
+
+# --- failures and the dead-letter queue --------------------------------------------------------
+
+
+def test_failing_and_malformed_messages_go_to_the_dead_letter_queue_and_can_be_requeued(
+        node, publisher, mq_env, tmp_path):
+    flag = tmp_path / "fail-flag"
+    flag.write_text("fail")
+    worker = node("worker")
+    ready(worker)
+    # When a handler keeps raising
+    publisher.publish("/queue/work", {"n": 1, "kind": "fail"})
+    # Then it is retried up to the limit (2), then dead with its reason
+    wait_until(lambda: entry(mq_env, "/queue/work")["dead"] == 1, timeout=30)
+    assert sum(line.startswith("attempt 1 ") for line in worker.lines) == 3
+    # And a malformed payload goes there at once, without retries
+    from dramatiq import Message
+
+    from flask_immutant.messaging.backends import Target
+    from flask_immutant.messaging.destination import actor_name
+
+    queue = entry(mq_env, "/queue/work")["queue"]
+    garbage: Message[Any] = Message(queue_name=queue, actor_name=actor_name(queue), args=({"nonsense": 1},),
+                                    kwargs={}, options={})
+    publisher.backend.publish(publisher.publisher, [Target(garbage)], None)
+    wait_until(lambda: entry(mq_env, "/queue/work")["dead"] == 2, timeout=30)
+    dead = [json.loads(v) for v in publisher.state.store.hvals(publisher.state.keys.messaging_dead(queue))]
+    reasons = {d["reason"].split(":")[0]: d for d in dead}
+    assert reasons["RuntimeError"]["retries"] == 2 and "boom 1" in reasons["RuntimeError"]["reason"]
+    assert reasons["MalformedMessage"]["malformed"] and reasons["MalformedMessage"]["retries"] == 0
+    # And the worker keeps running
+    publisher.publish("/queue/work", {"n": 2})
+    wait_until(lambda: 2 in handled(worker), timeout=10)
+    # When the cause is fixed and the dead messages are requeued
+    flag.unlink()
+    result = run_flask(["immutant", "queues", "requeue-dead", "/queue/work"], mq_env)
+    assert result.returncode == 0, result.stderr
+    assert "requeued 2 dead message(s)" in result.stdout
+    # Then the good one is handled; the malformed one is dead again
+    wait_until(lambda: 1 in handled(worker), timeout=10, message=f"handled after requeue:\n{worker.output}")
+    wait_until(lambda: entry(mq_env, "/queue/work")["dead"] == 1, timeout=10,
+               message=f"malformed dead again: {queues_json(mq_env)}\n{worker.output}")
+    human = run_flask(["immutant", "queues"], mq_env)
+    assert re.search(r"/queue/work\s+0\s+0\s+0\s+1\s+1", human.stdout), human.stdout
+
+
+def test_status_json_has_a_queues_section(node, publisher, mq_env, broker):
+    worker = node("worker")
+    ready(worker)
+    publisher.publish("/queue/work", {"n": 1})
+    wait_until(lambda: 1 in handled(worker), timeout=10)
+    result = run_flask(["immutant", "status", "--json"], mq_env)
+    assert result.returncode == 0, result.stderr
+    (work,) = [q for q in json.loads(result.stdout)["queues"] if q["name"] == "/queue/work"]
+    assert work == {"name": "/queue/work", "kind": "queue", "broker": broker, "queue": work["queue"],
+                    "depth": 0, "in_flight": 0, "delayed": 0, "dead": 0, "consumers": 1}
+
+
+def test_messages_published_before_any_listener_are_kept(publisher, node):
+    for n in range(3):
+        publisher.publish("/queue/work", {"n": n})
+    late = node("late")
+    wait_until(lambda: sorted(handled(late)) == [0, 1, 2], timeout=30)
+
+
+# --- topics ------------------------------------------------------------------------------------
+
+
+def _lines(process: NodeProcess, prefix: str) -> list[str]:
+    return [line for line in list(process.lines) if line.startswith(prefix)]
+
+
+def test_every_topic_listener_on_every_node_gets_each_message(node, publisher):
+    a, b = node("alpha", TEST_TOPICS="1"), node("beta", TEST_TOPICS="1")
+    for process in (a, b):
+        wait_until(lambda p=process: len([ln for ln in p.lines if "consuming /topic/news" in ln]) == 2, timeout=30)
+    for n in range(5):
+        publisher.publish("/topic/news", n, properties={"region": "eu" if n % 2 else "us"})
+    for process, name in ((a, "alpha"), (b, "beta")):
+        wait_until(lambda p=process: len(_lines(p, "news ")) == 5 and len(_lines(p, "eu-news ")) == 2, timeout=20)
+        assert sorted(_lines(process, "news ")) == [f"news {n} on {name}" for n in range(5)]
+        assert _lines(process, "eu-news ") == [f"eu-news 1 on {name}", f"eu-news 3 on {name}"]
+
+
+def test_a_durable_subscription_keeps_messages_while_its_node_is_down(node, publisher, mq_env):
+    first = node("keeper", TEST_DURABLE="1")
+    ready(first, "/topic/news")
+    publisher.publish("/topic/news", "one")
+    first.wait_for("audit one on keeper")
+    first.signal(signal.SIGTERM)
+    assert first.wait(timeout=20) == 0
+    # While no node listens, messages for the durable subscription are kept
+    publisher.publish("/topic/news", "two")
+    publisher.publish("/topic/news", "three")
+    (sub,) = entry(mq_env, "/topic/news")["subscriptions"]
+    assert sub["durable_name"] == "audit" and sub["depth"] == 2
+    again = node("keeper2", TEST_DURABLE="1")
+    try:
+        wait_until(lambda: len(_lines(again, "audit ")) >= 2, timeout=30)
+    except AssertionError:
+        raise AssertionError(again.output) from None
+    assert sorted(_lines(again, "audit ")) == ["audit three on keeper2", "audit two on keeper2"]
+
+
+def test_a_killed_nodes_topic_subscriptions_are_removed(node, publisher, mq_env):
+    a = node("alpha", TEST_TOPICS="1")
+    wait_until(lambda: len([ln for ln in a.lines if "consuming /topic/news" in ln]) == 2, timeout=30)
+    b = node("beta")  # reaps
+    ready(b)
+    assert len(entry(mq_env, "/topic/news")["subscriptions"]) == 2
+    a.signal(signal.SIGKILL)
+    wait_until(lambda: entry(mq_env, "/topic/news")["subscriptions"] == [], timeout=FAILURE_TIMEOUT + 5)
+
+
+# --- request / respond, idempotency ------------------------------------------------------------
+
+
+def test_request_gets_the_responders_answer(node, publisher):
+    responder = node("responder")
+    ready(responder, "/queue/rpc")
+    assert publisher.request("/queue/rpc", 21, timeout=20).result() == 42
+    with pytest.raises(RemoteError, match="ValueError: bad input"):
+        publisher.request("/queue/rpc", "bad", timeout=20).result()
+
+
+def test_an_idempotency_key_drops_duplicates(node, publisher):
+    worker = node("worker")
+    ready(worker)
+    assert publisher.publish("/queue/work", {"n": 1}, key="order-1") is not None
+    assert publisher.publish("/queue/work", {"n": 1}, key="order-1") is None
+    publisher.publish("/queue/work", {"n": 2}, key="order-2")
+    wait_until(lambda: 2 in handled(worker), timeout=10)
+    wait_until(lambda: 1 in handled(worker), timeout=10)
+    assert handled(worker).count(1) == 1
+
+
+# --- store outage (Redis broker on the embedded store) -----------------------------------------
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_a_store_restart_loses_no_acknowledged_message(node, publisher, embedded_store):
+    worker = node("worker")
+    ready(worker)
+    acknowledged: list[int] = []
+    stop = threading.Event()
+
+    def publish_all() -> None:
+        for n in range(300):
+            while not stop.is_set():
+                try:
+                    publisher.publish("/queue/work", {"n": n}, key=f"m{n}")
+                    acknowledged.append(n)
+                    break
+                except redis.RedisError:
+                    time.sleep(0.05)  # not acknowledged: publish it again (the key drops a double)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=publish_all, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(handled(worker)) >= 50, timeout=30)
+        # When the store is restarted mid-traffic
+        embedded_store.stop()
+        embedded_store.ensure_running()
+        thread.join(timeout=60)
+    finally:
+        stop.set()
+    # Then every message acknowledged to the publisher is handled
+    assert len(acknowledged) == 300
+    wait_until(lambda: set(handled(worker)) >= set(acknowledged), timeout=60,
+               message="all acknowledged messages handled")

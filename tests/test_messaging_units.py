@@ -1,0 +1,109 @@
+"""Messaging pieces without processes: names, the envelope, selectors, settings, publish errors."""
+
+from __future__ import annotations
+
+import pytest
+from flask import Flask
+
+from flask_immutant import ImmutantConfigError, ImmutantExtension, ImmutantState
+from flask_immutant.messaging import EncodeError, MessagingError, listen, messaging_for, publish
+from flask_immutant.messaging.codec import decode, envelope
+from flask_immutant.messaging.destination import Destination
+from flask_immutant.messaging.errors import MalformedMessage
+from flask_immutant.messaging.selector import compile_selector
+
+
+def test_destination_kinds_come_from_the_name_or_kind() -> None:
+    assert Destination.parse("/queue/msg", "c").kind == "queue"
+    assert Destination.parse("/topic/news", "c").kind == "topic"
+    assert Destination.parse("orders", "c", kind="queue").queue_name == "c.q.orders"
+    with pytest.raises(MessagingError, match="queue or a topic"):
+        Destination.parse("orders", "c")
+    with pytest.raises(MessagingError, match="kind='nope'"):
+        Destination.parse("orders", "c", kind="nope")
+
+
+def test_unsafe_names_map_to_distinct_dramatiq_queues() -> None:
+    a = Destination.parse("/queue/a b", "c").queue_name
+    b = Destination.parse("/queue/a_b", "c").queue_name
+    assert a != b and " " not in a
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_envelope_round_trip(encoding: str) -> None:
+    data = envelope("/queue/x", {"a": [1, 2]}, encoding=encoding, properties={"p": 1}, key="k", ttl=5)
+    message = decode(data)
+    assert message.body == {"a": [1, 2]} and message.properties == {"p": 1} and message.key == "k"
+    assert not message.expired
+
+
+def test_a_msgpack_body_that_cannot_be_encoded_fails_at_once() -> None:
+    with pytest.raises(EncodeError, match="msgpack"):
+        envelope("/queue/x", object(), encoding="msgpack")
+
+
+@pytest.mark.parametrize("raw", [None, "text", {"destination": "/queue/x"},
+                                 {"destination": "/queue/x", "body": "!!", "encoding": "msgpack"},
+                                 {"destination": "/queue/x", "body": 1, "encoding": "pickle"}])
+def test_malformed_envelopes_are_refused(raw: object) -> None:
+    with pytest.raises(MalformedMessage):
+        decode(raw)
+
+
+@pytest.mark.parametrize(("expression", "properties", "expected"), [
+    ("priority >= 5", {"priority": 7}, True),
+    ("priority >= 5", {"priority": 2}, False),
+    ("priority >= 5", {}, False),
+    ("region in ('eu', 'us') and not urgent", {"region": "eu", "urgent": False}, True),
+    ("region == 'eu' or x < -1", {"region": "us", "x": -3}, True),
+    ("1 < n < 3", {"n": 2}, True),
+])
+def test_selector_expressions(expression: str, properties: dict[str, object], expected: bool) -> None:
+    selector = compile_selector(expression)
+    assert selector is not None and selector(properties) is expected
+
+
+@pytest.mark.parametrize("expression", ["__import__('os')", "a.b == 1", "x[0] == 1", "a is None", "a ==="])
+def test_unsafe_or_invalid_selectors_are_refused(expression: str) -> None:
+    with pytest.raises(MessagingError, match="selector"):
+        compile_selector(expression)
+
+
+def test_broker_url_is_validated() -> None:
+    with pytest.raises(ImmutantConfigError, match="IMMUTANT_BROKER_URL"):
+        ImmutantState.build({"IMMUTANT_BROKER_URL": "kafka://x"}, environ={})
+    state = ImmutantState.build({"IMMUTANT_BROKER_URL": "amqp://guest:guest@localhost/"}, environ={})
+    assert state.settings["IMMUTANT_BROKER_URL"].startswith("amqp://")
+
+
+def test_messaging_can_be_switched_off() -> None:
+    app = Flask("off")
+    app.config["IMMUTANT_MESSAGING"] = False
+    ImmutantExtension(app)
+    with pytest.raises(MessagingError, match="switched off"):
+        messaging_for(app)
+
+
+def test_listening_at_import_time_only_registers(store_client) -> None:
+    # Given an app that listens at module level, outside any app runtime
+    app = Flask("importing")
+    ImmutantExtension(app)
+    listener = listen("/queue/imported", lambda body: None, app=app)
+    # Then nothing consumes: no engine, no consumer in the store
+    messaging = messaging_for(app)
+    assert messaging.engine is None and messaging.listeners == [listener]
+    assert listener.queue is None
+    # And the listener handle calls its handler, so @listen leaves functions usable
+    assert listener("x") is None
+    listener.stop()
+    assert messaging.listeners == []
+
+
+def test_a_message_that_cannot_be_encoded_fails_at_publish(embedded_store, immutant_home, cluster_name) -> None:
+    app = Flask("pub")
+    app.config.update(IMMUTANT_HOME=str(immutant_home), IMMUTANT_CLUSTER=cluster_name)
+    ImmutantExtension(app)
+    with app.app_context(), pytest.raises(EncodeError, match="JSON"):
+        publish("/queue/x", {"when": object()})
+    with pytest.raises(MessagingError, match="priority"):
+        publish("/queue/x", 1, priority=12, app=app)
