@@ -83,8 +83,8 @@ def find_app(ctx: click.Context) -> tuple[Flask | None, str | None]:
     try:
         app = info.load_app()
     except NoAppException:
-        if named:
-            raise
+        if named or any(os.path.exists(name) for name in ("wsgi.py", "app.py")):
+            raise  # an app is here but does not import: say why, do not pretend there is none
         return None, None
     except Exception as exc:  # the app's own module raised while importing
         raise ImmutantError(f"app {named or '(found here)'} failed to load: {type(exc).__name__}: {exc}") from exc

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from .server.runtime import AppRuntime
 
 EXTENSION_KEY = "immutant"
+#: Set by a node for the runtime of a deployment: JSON ``{name, context_path, settings, config}``.
+#: Its ``IMMUTANT_*`` settings override the app's config (``flask immutant deploy --set``).
+DEPLOYMENT_ENV = "_IMMUTANT_DEPLOYMENT"
 
 
 class ImmutantState:
@@ -114,7 +117,8 @@ class ImmutantExtension:
     def init_app(self, app: Flask) -> None:
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("ImmutantExtension is already initialised on this app")
-        state = ImmutantState.build(app.config)
+        deployment = json.loads(os.environ.get(DEPLOYMENT_ENV) or "{}")
+        state = ImmutantState.build(app.config, overrides=deployment.get("settings"))
         app.config.update(state.settings)
         app.extensions[EXTENSION_KEY] = state
         state.pm.hook.immutant_init_app(app=app, state=state)

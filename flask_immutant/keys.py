@@ -110,6 +110,24 @@ class Keys:
         """HASH fired, last_due, last_fired_at, last_node, last_error of one job."""
         return f"{self.prefix}jobs:{app}:state:{name}"
 
+    @property
+    def deployments(self) -> str:
+        """HASH deployment name -> signed JSON record (``deploy/records.py``)."""
+        return f"{self.prefix}deployments"
+
+    @property
+    def deployments_changed(self) -> str:
+        """Pub/sub channel: the name of each deployment added, changed or removed."""
+        return f"{self.prefix}deployments-changed"
+
+    def deployment_archive(self, sha256: str) -> str:
+        """STRING: an app archive (.tar.gz), by its sha256."""
+        return f"{self.prefix}archive:{sha256}"
+
+    def deployment_nodes(self, name: str) -> str:
+        """HASH node -> JSON state of deployment ``name`` on that node (deployed, failed...)."""
+        return f"{self.prefix}deployment:{name}:nodes"
+
     def pattern(self) -> str:
         """Glob matching every key of this cluster (for cleanup and inspection)."""
         return f"{self.prefix}*"

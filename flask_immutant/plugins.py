@@ -26,6 +26,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "flask_immutant.web.plugin",
     "flask_immutant.daemons.plugin",
     "flask_immutant.scheduling.plugin",
+    "flask_immutant.deploy.plugin",
     "flask_immutant.messaging.plugin",
 )
 

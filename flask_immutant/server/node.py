@@ -61,6 +61,8 @@ class RuntimeProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.ready = False
+        #: Why the runtime did not become ready (the app's import error, say), once known.
+        self.failure: str | None = None
         self._lifeline_w: int | None = None
         self._ready_r: IO[bytes] | None = None
 
@@ -84,6 +86,7 @@ class RuntimeProcess:
         self._ready_r = os.fdopen(ready_r, "rb")
         self.started_at = time.monotonic()
         self.ready = False
+        self.failure = None
 
     def wait_ready(self, timeout: float, cancel: threading.Event | None = None) -> bool:
         """Block until the runtime reports ready (True), or exits, times out or is cancelled."""
@@ -92,7 +95,12 @@ class RuntimeProcess:
         while time.monotonic() < deadline and not (cancel and cancel.is_set()):
             readable, _, _ = select.select([self._ready_r], [], [], 0.1)
             if readable:
-                self.ready = self._ready_r.readline().startswith(b"ready")
+                line = self._ready_r.readline().decode(errors="replace").strip()
+                self.ready = line == "ready"
+                if line.startswith("failed "):
+                    self.failure = line[len("failed "):]
+                elif not self.ready:
+                    self.failure = "the app runtime exited before it was ready"
                 return self.ready
         return False
 
@@ -122,6 +130,46 @@ class RuntimeProcess:
             self._ready_r = None
 
 
+class IdleResponder:
+    """Answers 503 on the node's HTTP socket while no app runtime serves it (a node waiting for
+    deployments, or between an undeploy and the next deploy), so clients fail fast instead of
+    waiting in the listen backlog of a socket nobody accepts on."""
+
+    def __init__(self, listener: socket.socket, node_name: str, stop: threading.Event) -> None:
+        self.listener = listener
+        self.served = threading.Event()  # set while a runtime serves the root context
+        self._stop = stop
+        self._body = f"no app is deployed at / on node {node_name}\n".encode()
+        self._thread = threading.Thread(target=self._run, name="immutant-idle-http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.served.is_set():
+                self._stop.wait(0.2)
+                continue
+            try:
+                readable, _, _ = select.select([self.listener], [], [], 0.2)
+                if not readable or self.served.is_set():
+                    continue
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return  # the listener was closed: the node is stopping
+            with conn:
+                conn.settimeout(1.0)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                                 b"Retry-After: 1\r\nConnection: close\r\n"
+                                 + f"Content-Length: {len(self._body)}\r\n\r\n".encode() + self._body)
+                except OSError:
+                    pass
+
+
 class Node:
     """One cluster node (the supervisor process)."""
 
@@ -138,6 +186,7 @@ class Node:
         self.stopped = threading.Event()
         self._listener: socket.socket | None = None
         self._dir_lock: IO[str] | None = None
+        self.idle_responder: IdleResponder | None = None
 
     # --- description ---
 
@@ -178,13 +227,33 @@ class Node:
             raise
         if self.target is not None:
             self.start_runtime(self.target)
+        else:
+            self.idle_responder = IdleResponder(self.listener, self.identity.name, self.stopped)
+            self.idle_responder.start()
         self.state.pm.hook.immutant_node_started(node=self)
 
+    @property
+    def listener(self) -> socket.socket:
+        """The node's HTTP socket, shared by the runtimes serving the root context."""
+        assert self._listener is not None, "the node has not started"
+        return self._listener
+
+    def runtime_environ(self) -> dict[str, str]:
+        """Environment for an app runtime: the node's settings, its name and the store it uses."""
+        return {**self.settings.environ(), "IMMUTANT_NODE_NAME": self.identity.name,
+                "IMMUTANT_REDIS_URL": self.effective_url()}
+
+    def bind_extra(self) -> socket.socket:
+        """A listening socket on a free port of the node's host, for an app at another context."""
+        family = socket.AF_INET6 if ":" in self.identity.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.bind((self.identity.host, 0))
+        sock.listen(1024)
+        sock.set_inheritable(True)
+        return sock
+
     def start_runtime(self, target: AppTarget) -> RuntimeProcess:
-        assert self._listener is not None
-        environ = {**self.settings.environ(), "IMMUTANT_NODE_NAME": self.identity.name,
-                   "IMMUTANT_REDIS_URL": self.effective_url()}
-        runtime = RuntimeProcess(target, self._listener, environ)
+        runtime = RuntimeProcess(target, self.listener, self.runtime_environ())
         runtime.spawn()
         self.runtimes.append(runtime)
         if runtime.wait_ready(READY_TIMEOUT, self.stop_requested):
@@ -217,6 +286,8 @@ class Node:
             return
         self.stopped.set()
         self.state.pm.hook.immutant_node_stopping(node=self)
+        if self.idle_responder is not None:
+            self.idle_responder.served.set()
         timeout = self.settings["IMMUTANT_SHUTDOWN_TIMEOUT"]
         threads = [threading.Thread(target=r.stop, args=(timeout,)) for r in self.runtimes]
         for thread in threads:

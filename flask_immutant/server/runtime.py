@@ -11,7 +11,9 @@ daemon threads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -24,7 +26,7 @@ from typing import Any
 
 from flask import Flask
 
-from ..extension import EXTENSION_KEY, ImmutantExtension, ImmutantState
+from ..extension import DEPLOYMENT_ENV, EXTENSION_KEY, ImmutantExtension, ImmutantState
 
 log = logging.getLogger("flask_immutant.runtime")
 
@@ -32,6 +34,7 @@ log = logging.getLogger("flask_immutant.runtime")
 EXIT_ORPHANED = 70
 #: Exit status when the app could not be imported or started (the supervisor reports it).
 EXIT_APP_FAILED = 3
+
 
 
 def set_parent_death_signal() -> None:
@@ -57,8 +60,9 @@ def load_app(app_import_path: str | None) -> Flask:
 class AppRuntime:
     """One app served by one process: its HTTP server, background threads and lifecycle."""
 
-    def __init__(self, app: Flask, sock: socket.socket) -> None:
+    def __init__(self, app: Flask, sock: socket.socket, context_path: str = "/") -> None:
         self.app = app
+        self.context_path = "/" + context_path.strip("/") if context_path.strip("/") else "/"
         self.state: ImmutantState = app.extensions[EXTENSION_KEY]
         self.settings = self.state.settings
         self.stopping = threading.Event()
@@ -78,37 +82,86 @@ class AppRuntime:
         self._threads.append(thread)
         return thread
 
+    def wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        """The served WSGI callable: the app, mounted at its context path."""
+        if self.context_path != "/":
+            path = environ.get("PATH_INFO", "")
+            if path != self.context_path and not path.startswith(self.context_path + "/"):
+                start_response("404 Not Found", [("Content-Type", "text/plain")])
+                return [f"not under this app's context path {self.context_path}\n".encode()]
+            environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + self.context_path
+            environ["PATH_INFO"] = path[len(self.context_path):]
+        return self.app(environ, start_response)
+
     def start(self) -> None:
         from waitress.server import create_server
 
         self._server = create_server(
-            self.app, sockets=[self._sock], threads=self.settings["IMMUTANT_THREADS"], ident="flask-immutant"
+            self.wsgi, sockets=[self._sock], threads=self.settings["IMMUTANT_THREADS"], ident="flask-immutant"
         )
+        self._server.channel_class = _draining_channel(self.stopping)
         self.spawn("immutant-http", self._server.run)
         self.state.runtime = self
         self.state.pm.hook.immutant_runtime_started(runtime=self)
 
     def stop(self, timeout: float) -> None:
-        """Stop accepting, let in-flight requests finish (bounded), stop background work."""
+        """Stop accepting (the listening socket stays open in the supervisor and any newer
+        runtime), stop background work, let in-flight requests finish, close idle connections."""
         deadline = time.monotonic() + timeout
         self.stopping.set()
+        server = self._server
+        if server is not None:
+            from waitress import wasyncore
+
+            # Our copy of the listener only (server.close() would also close the trigger we
+            # still need), from the loop thread.
+            server.trigger.pull_trigger(lambda: wasyncore.dispatcher.close(server))
         try:
             self.state.pm.hook.immutant_runtime_stopping(runtime=self)
         except Exception:
             log.exception("a plugin failed while stopping")
-        server = self._server
         if server is None:
             return
-        server.trigger.pull_trigger(server.close)  # listening socket only, from the loop thread
-        while time.monotonic() < deadline and _open_channels(server) > 0:
+        while time.monotonic() < deadline:
+            server.trigger.pull_trigger(lambda: _close_idle_channels(server))
             time.sleep(0.05)
+            if not _channels(server):
+                break
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=max(0.0, deadline - time.monotonic()))
 
 
-def _open_channels(server: Any) -> int:
+def _draining_channel(stopping: threading.Event) -> type:
+    """waitress's channel, whose responses say ``Connection: close`` once the runtime drains,
+    so keep-alive clients reconnect (to the newer runtime) instead of finding a closed socket.
+    A WSGI app may not set that hop-by-hop header itself, so it is done at the task."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import WSGITask
+
+    class DrainingTask(WSGITask):  # type: ignore[misc]
+        def build_response_header(self) -> Any:
+            if stopping.is_set():
+                self.request.headers["CONNECTION"] = "close"
+            return super().build_response_header()
+
+    class DrainingChannel(HTTPChannel):  # type: ignore[misc]
+        task_class = DrainingTask
+
+    return DrainingChannel
+
+
+def _channels(server: Any) -> list[Any]:
     from waitress.channel import HTTPChannel
 
-    return sum(1 for channel in list(server._map.values()) if isinstance(channel, HTTPChannel))
+    return [channel for channel in list(server._map.values()) if isinstance(channel, HTTPChannel)]
+
+
+def _close_idle_channels(server: Any) -> None:
+    """Close keep-alive connections with no request in progress (runs in the loop thread)."""
+    for channel in _channels(server):
+        with channel.requests_lock:
+            idle = not channel.requests and channel.request is None and not channel.total_outbufs_len
+        if idle:
+            channel.handle_close()
 
 
 def _watch_lifeline(fd: int) -> None:
@@ -135,14 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
 
+    deployment = json.loads(os.environ.get(DEPLOYMENT_ENV, "{}"))
     try:
         app = load_app(args.app)
+        app.config.update(deployment.get("config", {}))
         sock = socket.socket(fileno=args.listen_fd)
-        runtime = AppRuntime(app, sock)
+        runtime = AppRuntime(app, sock, deployment.get("context_path", "/"))
         runtime.start()
     except Exception as exc:
         log.exception("app %s failed to start", args.app or "(found in the current folder)")
-        print(f"flask-immutant: app failed to start: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        reason = f"{type(exc).__name__}: {exc}"
+        print(f"flask-immutant: app failed to start: {reason}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            os.write(args.ready_fd, f"failed {reason}".replace("\n", " ").encode()[:4000] + b"\n")
         return EXIT_APP_FAILED
     os.write(args.ready_fd, b"ready\n")
     os.close(args.ready_fd)

@@ -1,0 +1,140 @@
+"""Deploy-to-serving time on two nodes, and failed requests during redeploys under load.
+
+    python bench/deploy.py [--runs 5] [--clients 8] [--redeploys 5]
+
+Targets (issue 6): deploy to serving on both nodes <= 2 s; 0 failed requests during redeploy.
+The load uses keep-alive connections (the hard case: a draining runtime must not drop them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from flask_immutant.store import EmbeddedStore
+
+APP = '''
+from flask import Flask
+from flask_immutant import ImmutantExtension
+app = Flask(__name__)
+app.config["IMMUTANT_CLUSTERED"] = True
+ImmutantExtension(app)
+VERSION = {version}
+
+@app.get("/")
+def index():
+    return str(VERSION)
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def flask(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "flask", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, check=False)
+
+
+def serving(port: int, version: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/", timeout=1).text == str(version)
+    except requests.RequestException:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--redeploys", type=int, default=5)
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="imt-bench-"))
+    app_dir = home / "benchapp"
+    app_dir.mkdir()
+    base = free_port()
+    env = {**os.environ, "IMMUTANT_HOME": str(home), "IMMUTANT_CLUSTER": "bench", "IMMUTANT_HTTP_PORT": str(base)}
+    ports = [base, base + 100]
+    nodes = [subprocess.Popen([sys.executable, "-m", "flask", "immutant", "run", "--clustered", "--port-offset",
+                               str(port - base)], env=env, cwd=home, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True) for port in ports]
+    version = 0
+    try:
+        time.sleep(3)
+        times = []
+        for _ in range(args.runs):
+            version += 1
+            (app_dir / "app.py").write_text(APP.format(version=version))
+            started = time.monotonic()
+            result = flask(["immutant", "deploy", "--wait", "0"], env, app_dir)
+            assert result.returncode == 0, result.stdout + result.stderr
+            while not all(serving(port, version) for port in ports):
+                time.sleep(0.01)
+            times.append(time.monotonic() - started)
+            flask(["immutant", "undeploy", "benchapp"], env, app_dir)
+        version += 1
+        (app_dir / "app.py").write_text(APP.format(version=version))
+        flask(["immutant", "deploy"], env, app_dir)
+
+        ok, failed = [0], [0]
+        errors: list[str] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            session = requests.Session()
+            while not stop.is_set():
+                try:
+                    response = session.get(f"http://127.0.0.1:{base}/", timeout=10)
+                    if response.status_code == 200:
+                        ok[0] += 1
+                        continue
+                    errors.append(f"HTTP {response.status_code}")
+                except requests.RequestException as exc:
+                    errors.append(type(exc).__name__)
+                failed[0] += 1
+
+        threads = [threading.Thread(target=load) for _ in range(args.clients)]
+        for thread in threads:
+            thread.start()
+        load_started = time.monotonic()
+        for _ in range(args.redeploys):
+            version += 1
+            (app_dir / "app.py").write_text(APP.format(version=version))
+            flask(["immutant", "deploy"], env, app_dir)
+            while not serving(base, version):
+                time.sleep(0.01)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        elapsed = time.monotonic() - load_started
+        print(f"deploy -> serving on 2 nodes (includes the deploy command's start-up), n={len(times)}: "
+              f"median {statistics.median(times):.2f}s  max {max(times):.2f}s  (target <= 2 s)")
+        print(f"redeploys under keep-alive load: {args.redeploys} redeploys, {args.clients} clients, "
+              f"{ok[0] + failed[0]} requests in {elapsed:.1f}s ({(ok[0] + failed[0]) / elapsed:.0f} req/s), "
+              f"failed {failed[0]}  (target 0){'  ' + ', '.join(sorted(set(errors))) if errors else ''}")
+    finally:
+        for node in nodes:
+            node.terminate()
+        for node in nodes:
+            try:
+                node.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+        EmbeddedStore(home).stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Built-in plugin: deployments. Nodes deploy what the cluster lists; ``deploy``, ``undeploy``
+and ``list`` commands; the ``deployments`` status section."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+import redis
+
+from ..cli import load_state, one_line_errors
+from ..cluster.membership import live_members
+from ..errors import ImmutantError
+from ..hookspecs import hookimpl
+from ..settings import Setting, int_range, resolve, to_bool
+from ..store import client_from_url, store_url
+from . import archive
+from .deployer import Deployer
+from .folder import DeploymentFolder
+from .records import Deployment, DeploymentError, cluster_secret
+from .store import DeploymentStore
+
+if TYPE_CHECKING:
+    from ..extension import ImmutantState
+    from ..server.node import Node
+
+log = logging.getLogger("flask_immutant.deploy")
+
+FLAG = "IMMUTANT_DEPLOYMENTS"
+FEATURE = "deployer"
+
+
+def _secret(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or len(value) < 16:
+        raise ValueError("a string of at least 16 characters (every node and deploying machine must share it)")
+    return value
+
+
+@hookimpl(trylast=True)
+def immutant_settings() -> list[Setting]:
+    return [
+        Setting(FLAG, True, to_bool, "Deploy what `flask immutant deploy` registers in the cluster on this "
+                "node.", "bool", env=True),
+        Setting("IMMUTANT_SECRET", None, _secret, "Cluster secret that signs deployments (HMAC). Unset: one "
+                "generated into IMMUTANT_HOME/secret, shared by that machine's nodes.", "secret", env=True),
+        Setting("IMMUTANT_ARCHIVE_LIMIT", 50 * 1024 * 1024, int_range(1024), "Largest app archive, unpacked, "
+                "in bytes.", "int", env=True),
+    ]
+
+
+def deployment_store(state: ImmutantState, store: redis.Redis) -> DeploymentStore:
+    return DeploymentStore(store, state.keys, cluster_secret(state.settings))
+
+
+@hookimpl(trylast=True)
+def immutant_node_started(node: Node) -> None:
+    assert node.store is not None
+    store = deployment_store(node.state, node.store)
+    deployer = Deployer(node, store, node.settings["IMMUTANT_ARCHIVE_LIMIT"])
+    node.state.features[FEATURE] = deployer
+    deployer.start()
+    folder = DeploymentFolder(Path(node.settings["IMMUTANT_HOME"]) / "deployments", store)
+    threading.Thread(target=_watch_folder, args=(folder, node), name="immutant-deploy-folder", daemon=True).start()
+
+
+def _watch_folder(folder: DeploymentFolder, node: Node) -> None:
+    while not node.stop_requested.wait(1.0):
+        try:
+            folder.scan()
+        except (OSError, redis.RedisError) as exc:
+            log.warning("deployments folder: %s", exc)
+
+
+@hookimpl(trylast=True)
+def immutant_node_stopping(node: Node) -> None:
+    deployer = node.state.features.pop(FEATURE, None)
+    if deployer is not None:
+        deployer.stop()
+        for name in list(deployer.store.all()):
+            deployer.store.clear_node_state(name, node.identity.name)
+
+
+@hookimpl(trylast=True)
+def immutant_register_commands(cli: click.Group) -> None:
+    cli.add_command(deploy)
+    cli.add_command(undeploy)
+    cli.add_command(list_deployments)
+
+
+@hookimpl(trylast=True)
+def immutant_status(state: ImmutantState) -> dict[str, Any]:
+    store = client_from_url(store_url(state.settings, start=False))
+    try:
+        return {"deployments": deployment_listing(state, store)}
+    finally:
+        store.close()
+
+
+def deployment_listing(state: ImmutantState, store: redis.Redis) -> list[dict[str, Any]]:
+    """Each deployment with its state on each live node."""
+    live = {m.name for m in live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])}
+    deployments = deployment_store(state, store)
+    rows: list[dict[str, Any]] = []
+    for name, item in sorted(deployments.all().items()):
+        nodes = {node: info for node, info in deployments.node_states(name).items() if node in live}
+        if isinstance(item, DeploymentError):
+            rows.append({"name": name, "error": str(item), "nodes": nodes})
+            continue
+        rows.append({
+            "name": name, "version": item.version, "context_path": item.context_path,
+            "mode": "archive" if item.archive else "path", "root": item.root, "app": item.import_path,
+            "deployed_at": item.deployed_at, "deployed_by": item.deployed_by, "nodes": nodes,
+        })
+    return rows
+
+
+def split_import_path(import_path: str | None, cwd: str) -> tuple[str | None, str]:
+    """(import path relative to the root, root folder) for what ``flask --app`` was given."""
+    if not import_path:
+        return None, cwd
+    path, colon, attribute = import_path.partition(":")
+    if path.endswith(".py") or os.sep in path:
+        full = os.path.abspath(os.path.join(cwd, path))
+        root, module = os.path.split(full)
+        module = module.removesuffix(".py")
+        return module + (colon + attribute if colon else ""), root
+    return import_path, cwd
+
+
+def _parse_sets(pairs: tuple[str, ...], state: ImmutantState) -> dict[str, str]:
+    settings: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ImmutantError(f"--set {pair!r}: expected KEY=VALUE")
+        settings[key] = value
+    immutant = {k: v for k, v in settings.items() if k.startswith("IMMUTANT_")}
+    resolve(state.settings.rows, overrides=immutant, environ={})  # a wrong key or value fails here
+    return settings
+
+
+@click.command(help="Deploy the app (--app, or the one Flask finds here) to every node of the cluster.")
+@click.option("--name", default=None, help="Deployment name; default: the app's folder name.")
+@click.option("--context-path", default="/", show_default=True, help="URL prefix the app is served under.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="A setting or config value for it.")
+@click.option("--archive", is_flag=True, help="Ship the app folder in the cluster store (nodes share no disk).")
+@click.option("--wait", type=float, default=15.0, show_default=True, help="Seconds to wait for the nodes.")
+@click.pass_context
+@one_line_errors
+def deploy(ctx: click.Context, name: str | None, context_path: str, sets: tuple[str, ...], archive: bool,
+           wait: float) -> None:
+    state, app, import_path = load_state(ctx)
+    if app is None:
+        raise ImmutantError("no app to deploy here: run this in the app's folder, or give --app")
+    module, root = split_import_path(import_path, os.getcwd())
+    name = name or os.path.basename(root.rstrip(os.sep)) or "app"
+    if not context_path.startswith("/"):
+        raise ImmutantError(f"--context-path {context_path!r}: must start with '/'")
+    settings = _parse_sets(sets, state)
+    store = client_from_url(store_url(state.settings, start=False))
+    try:
+        deployments = deployment_store(state, store)
+        data, digest = (None, None)
+        if archive:
+            data, digest = _pack(root, state.settings["IMMUTANT_ARCHIVE_LIMIT"])
+        record = deployments.put(Deployment(
+            name=name, import_path=module, root=root, context_path=context_path, settings=settings,
+            archive=digest, deployed_by=f"{os.environ.get('USER', '?')}@{socket.gethostname()}",
+        ), archive=data)
+        click.echo(f"deployment {record.label} registered: {module or '(app found in folder)'} in {root}"
+                   + (f" (archive {digest[:12]}, {len(data or b'')} bytes)" if digest else ""))
+        failures = _await_nodes(state, store, deployments, record, wait)
+    finally:
+        store.close()
+    if failures:
+        raise ImmutantError(f"{record.label} failed on {', '.join(failures)}")
+
+
+def _pack(root: str, limit: int) -> tuple[bytes, str]:
+    try:
+        return archive.pack(root, limit)
+    except DeploymentError as exc:
+        raise ImmutantError(str(exc)) from None
+
+
+def _await_nodes(state: ImmutantState, store: redis.Redis, deployments: DeploymentStore, record: Deployment,
+                 wait: float) -> list[str]:
+    members = [m.name for m in live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])
+               if m.clustered or not state.settings["IMMUTANT_CLUSTERED"]]
+    if not members:
+        click.echo("no node is running: it deploys when one starts (`flask immutant run --clustered`)")
+        return []
+    deadline = time.monotonic() + wait
+    reported: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline and len(reported) < len(members):
+        for node, info in deployments.node_states(record.name).items():
+            if node in members and node not in reported and info.get("version") == record.version \
+                    and info.get("state") in ("deployed", "failed", "refused"):
+                reported[node] = info
+                where = f"port {info.get('port')}{record.context_path}" if info.get("port") else ""
+                detail = f": {info.get('error')}" if info["state"] != "deployed" else f" ({where})"
+                click.echo(f"  {node}: {info['state']}{detail}")
+        time.sleep(0.05)
+    for node in members:
+        if node not in reported:
+            click.echo(f"  {node}: no answer within {wait:g}s (see its log)")
+    return [node for node, info in reported.items() if info["state"] != "deployed"]
+
+
+@click.command(help="Undeploy NAME from every node: daemons stop, listeners stop, the runtimes exit.")
+@click.argument("name")
+@click.option("--wait", type=float, default=15.0, show_default=True, help="Seconds to wait for the nodes.")
+@click.pass_context
+@one_line_errors
+def undeploy(ctx: click.Context, name: str, wait: float) -> None:
+    state, _app, _path = load_state(ctx)
+    store = client_from_url(store_url(state.settings, start=False))
+    try:
+        deployments = deployment_store(state, store)
+        if not deployments.remove(name):
+            known = ", ".join(sorted(deployments.all())) or "none"
+            raise ImmutantError(f"no deployment named {name!r} (deployed: {known})")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and deployments.node_states(name):
+            time.sleep(0.05)
+        left = sorted(deployments.node_states(name))
+        click.echo(f"undeployed {name}" + (f"; still stopping on {', '.join(left)}" if left else ""))
+    finally:
+        store.close()
+
+
+@click.command("list", help="Show deployments and their state on each node.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@one_line_errors
+def list_deployments(ctx: click.Context, as_json: bool) -> None:
+    state, _app, _path = load_state(ctx)
+    store = client_from_url(store_url(state.settings, start=False))
+    try:
+        rows = deployment_listing(state, store)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    if not rows:
+        click.echo("no deployments")
+        return
+    for row in rows:
+        if "error" in row:
+            click.echo(f"{row['name']}: REFUSED: {row['error']}")
+            continue
+        click.echo(f"{row['name']} v{row['version']} {row['context_path']} ({row['mode']}: {row['app'] or 'app'} "
+                   f"in {row['root']})")
+        for node, info in sorted(row["nodes"].items()):
+            extra = f" port {info['port']}" if info.get("port") else ""
+            error = f" error: {info['error']}" if info.get("error") else ""
+            click.echo(f"  {node:<20} {info['state']:<10} v{info.get('version')}{extra}{error}")

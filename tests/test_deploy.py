@@ -1,0 +1,311 @@
+"""`flask immutant deploy`: every node deploys, redeploy without failed requests, failures,
+undeploy, archives, signatures and the deployments folder — on real nodes."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from flask_immutant.deploy import archive
+from flask_immutant.deploy.records import Deployment, DeploymentError, sign, verify
+from flask_immutant.keys import Keys
+
+from support import pid_alive, run_flask, wait_until
+
+APP = '''
+import os, threading
+from flask import Flask, current_app
+from flask_immutant import ImmutantExtension, daemons, get_state
+
+app = Flask(__name__)
+app.config["IMMUTANT_CLUSTERED"] = True
+ImmutantExtension(app)
+VERSION = {version!r}
+if os.environ.get("_IMMUTANT_DEPLOYMENT") and VERSION == "broken":
+    raise RuntimeError("this version cannot start on a node")
+stopping = threading.Event()
+
+def run():
+    stopping.clear()
+    ctx = daemons.current()
+    get_state().store.set(get_state().keys.prefix + "test:daemon", get_state().node_name)
+    while not ctx.wait(0.1):
+        pass
+
+def stop():
+    stopping.set()
+    get_state().store.incr(get_state().keys.prefix + "test:stopped")
+
+daemons.start("worker", run, stop, app=app)
+
+@app.get("/")
+def index():
+    return {{"version": VERSION, "node": get_state().node_name, "file": __file__,
+             "greeting": current_app.config.get("GREETING"), "path": __import__("flask").request.path}}
+'''
+
+
+def write_app(folder: Path, version: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "app.py").write_text(APP.format(version=version))
+    return folder
+
+
+def get(port: int, path: str = "/") -> dict[str, Any] | None:
+    try:
+        response = requests.get(f"http://127.0.0.1:{port}{path}", timeout=3)
+    except requests.ConnectionError:
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
+@pytest.fixture
+def two_nodes(start_node, node_env):
+    a = start_node("--clustered", "--node-name", "a")
+    b = start_node("--clustered", "--node-name", "b", "--port-offset", "100")
+    a.wait_for("joined cluster")
+    b.wait_for("joined cluster")
+    base = int(node_env["IMMUTANT_HTTP_PORT"])
+    return {"a": a, "b": b, "ports": {"a": base, "b": base + 100}}
+
+
+def deploy(env: dict[str, str], cwd: Path, *args: str) -> Any:
+    return run_flask(["immutant", "deploy", *args], env, cwd=cwd)
+
+
+def test_deploy_from_the_app_folder_reaches_every_node(two_nodes, node_env, tmp_path, start_node):
+    # Given two running nodes with no app, and an app folder
+    folder = write_app(tmp_path / "shop", "1")
+    # When `flask immutant deploy` runs inside the folder (no --app)
+    started = time.monotonic()
+    result = deploy(node_env, folder)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Then both nodes serve it within 2 s, under the folder's name
+    for port in two_nodes["ports"].values():
+        wait_until(lambda port=port: get(port), timeout=2)
+    assert time.monotonic() - started < 2 + 2  # the command's own start-up is included here
+    assert "deployment shop v1 registered" in result.stdout
+    listing = json.loads(run_flask(["immutant", "list", "--json"], node_env).stdout)
+    (row,) = listing
+    assert row["name"] == "shop" and {n: s["state"] for n, s in row["nodes"].items()} == {"a": "deployed",
+                                                                                          "b": "deployed"}
+    # And a node started later deploys what is registered
+    c = start_node("--clustered", "--node-name", "c", "--port-offset", "200")
+    c.wait_for("deployed shop v1", timeout=15)
+    assert get(int(node_env["IMMUTANT_HTTP_PORT"]) + 200)["version"] == "1"  # type: ignore[index]
+
+
+def test_redeploy_under_load_fails_no_request(two_nodes, node_env, tmp_path):
+    folder = write_app(tmp_path / "shop", "1")
+    assert deploy(node_env, folder).returncode == 0
+    port = two_nodes["ports"]["a"]
+    wait_until(lambda: get(port), timeout=5)
+    # Given a steady stream of keep-alive requests through node a
+    results: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            try:
+                response = session.get(f"http://127.0.0.1:{port}/", timeout=5)
+                results.append(response.json()["version"] if response.status_code == 200 else f"HTTP {response.status_code}")
+            except requests.RequestException as exc:
+                results.append(f"error {exc}")
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        # When the app is redeployed twice
+        for version in ("2", "3"):
+            write_app(folder, version)
+            assert deploy(node_env, folder).returncode == 0
+            wait_until(lambda version=version: results and results[-1] == version, timeout=10)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    # Then every request succeeded, and the new version serves
+    failures = [r for r in results if r not in ("1", "2", "3")]
+    assert not failures, failures[:5]
+    assert len(results) > 50 and results[-1] == "3"
+
+
+def test_a_failing_deployment_is_reported_and_a_fixed_one_recovers(two_nodes, node_env, tmp_path, store_client,
+                                                                   cluster_name):
+    # Given a good app at / and one that cannot start on a node, at /broken
+    good = write_app(tmp_path / "good", "1")
+    assert deploy(node_env, good).returncode == 0
+    bad = write_app(tmp_path / "bad", "broken")
+    result = deploy(node_env, bad, "--context-path", "/broken")
+    # Then the deploy command says so, with the error, and exits non-zero
+    assert result.returncode == 1
+    assert "this version cannot start on a node" in result.stdout
+    assert "Traceback" not in result.stderr
+    listing = {row["name"]: row for row in json.loads(run_flask(["immutant", "list", "--json"], node_env).stdout)}
+    assert {s["state"] for s in listing["bad"]["nodes"].values()} == {"failed"}
+    # And the nodes and the good deployment keep running
+    assert get(two_nodes["ports"]["a"])["version"] == "1"  # type: ignore[index]
+    two_nodes["a"].wait_for("deployment bad v1 failed on a")
+    # When the app is fixed and redeployed, it recovers
+    write_app(bad, "2")
+    result = deploy(node_env, bad, "--context-path", "/broken")
+    assert result.returncode == 0, result.stdout
+    row = json.loads(run_flask(["immutant", "list", "--json"], node_env).stdout)
+    port = next(r for r in row if r["name"] == "bad")["nodes"]["a"]["port"]
+    assert get(port, "/broken/")["path"] == "/"  # type: ignore[index]
+
+
+def test_undeploy_stops_everything_everywhere(two_nodes, node_env, tmp_path, store_client, cluster_name):
+    keys = Keys(cluster_name)
+    folder = write_app(tmp_path / "shop", "1")
+    assert deploy(node_env, folder).returncode == 0
+    wait_until(lambda: store_client.get(keys.lease("daemon:worker")), timeout=10)
+    states = json.loads(run_flask(["immutant", "list", "--json"], node_env).stdout)[0]["nodes"]
+    pids = [state["pid"] for state in states.values()]
+    # When it is undeployed
+    result = run_flask(["immutant", "undeploy", "shop"], node_env)
+    assert result.returncode == 0 and "undeployed shop" in result.stdout
+    # Then the daemon's stop function ran, its lease is released (not handed over), the runtimes exited
+    assert int(store_client.get(keys.prefix + "test:stopped") or 0) >= 1
+    wait_until(lambda: store_client.get(keys.lease("daemon:worker")) is None, timeout=2)
+    time.sleep(0.5)
+    assert store_client.get(keys.lease("daemon:worker")) is None
+    wait_until(lambda: not any(pid_alive(pid) for pid in pids), timeout=5)
+    assert json.loads(run_flask(["immutant", "list", "--json"], node_env).stdout) == []
+    assert get(two_nodes["ports"]["a"]) is None
+    # And undeploying an unknown name is one clear line
+    result = run_flask(["immutant", "undeploy", "shop"], node_env)
+    assert result.returncode == 1 and "no deployment named 'shop'" in result.stderr
+
+
+def test_archive_deployments_run_from_the_nodes_own_copy(two_nodes, node_env, tmp_path, immutant_home):
+    folder = write_app(tmp_path / "shipped", "1")
+    result = deploy(node_env, folder, "--archive", "--set", "GREETING=hello")
+    assert result.returncode == 0, result.stdout + result.stderr
+    served = wait_until(lambda: get(two_nodes["ports"]["b"]), timeout=5)
+    assert served["file"].startswith(str(immutant_home / "nodes" / "b" / "apps" / "shipped"))
+    assert served["greeting"] == "hello"
+
+
+def test_a_tampered_or_unsigned_record_is_refused(two_nodes, node_env, tmp_path, store_client, cluster_name):
+    keys = Keys(cluster_name)
+    folder = write_app(tmp_path / "shop", "1")
+    assert deploy(node_env, folder).returncode == 0
+    envelope = json.loads(store_client.hget(keys.deployments, "shop"))
+    envelope["record"]["import_path"] = "os:system"
+    envelope["record"]["version"] += 1
+    store_client.hset(keys.deployments, "shop", json.dumps(envelope))
+    store_client.hset(keys.deployments, "unsigned", json.dumps({"record": {"name": "unsigned"}}))
+    store_client.publish(keys.deployments_changed, "shop")
+    two_nodes["a"].wait_for("refusing deployment shop: deployment 'shop' has a bad signature")
+    two_nodes["a"].wait_for("refusing deployment unsigned")
+    listing = {row["name"]: row for row in json.loads(run_flask(["immutant", "list", "--json"], node_env).stdout)}
+    assert "bad signature" in listing["shop"]["error"]
+    assert get(two_nodes["ports"]["a"])["version"] == "1"  # type: ignore[index]  # still the good one
+
+
+def test_bad_set_values_are_one_line_errors(two_nodes, node_env, tmp_path):
+    folder = write_app(tmp_path / "shop", "1")
+    result = deploy(node_env, folder, "--set", "IMMUTANT_THREDS=4")
+    assert result.returncode == 1 and "did you mean IMMUTANT_THREADS" in result.stderr
+    result = deploy(node_env, folder, "--set", "IMMUTANT_THREADS=lots")
+    assert result.returncode == 1 and "IMMUTANT_THREADS='lots'" in result.stderr
+    result = deploy(node_env, folder, "--set", "novalue")
+    assert result.returncode == 1 and "expected KEY=VALUE" in result.stderr
+
+
+def test_a_descriptor_dropped_in_the_deployments_folder_deploys(two_nodes, node_env, tmp_path, immutant_home):
+    folder = write_app(tmp_path / "dropped", "1")
+    deployments = immutant_home / "deployments"
+    deployments.mkdir(exist_ok=True)
+    name = f"dropped-{node_env['IMMUTANT_CLUSTER']}"
+    descriptor = deployments / f"{name}.json"
+    # The shared home is used by every test's cluster: keep this descriptor to this test's cluster
+    descriptor.write_text(json.dumps({"root": str(folder), "app": "app"}))
+    try:
+        wait_until(lambda: get(two_nodes["ports"]["a"]), timeout=10)
+        assert json.loads((deployments / f"{name}.json.deployed").read_text())["version"] == 1
+        descriptor.unlink()
+        wait_until(lambda: get(two_nodes["ports"]["a"]) is None, timeout=10)
+        bad = deployments / f"bad-{node_env['IMMUTANT_CLUSTER']}.json"
+        bad.write_text(json.dumps({"root": "relative/path"}))
+        wait_until(lambda: (deployments / f"{bad.name}.failed").exists(), timeout=10)
+        assert "absolute path" in (deployments / f"{bad.name}.failed").read_text()
+    finally:
+        for path in deployments.glob(f"*{node_env['IMMUTANT_CLUSTER']}*"):
+            path.unlink()
+
+
+# --- archives and signatures (pure) ---
+
+
+def tar_with(member: tarfile.TarInfo, data: bytes = b"") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.addfile(member, io.BytesIO(data) if member.isfile() else None)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("member", "message"),
+    [
+        (tarfile.TarInfo("/etc/passwd"), "absolute path"),
+        (tarfile.TarInfo("../outside.py"), "climbs out"),
+        (tarfile.TarInfo("a/../../outside.py"), "climbs out"),
+    ],
+)
+def test_unsafe_archive_members_are_refused(member: tarfile.TarInfo, message: str, tmp_path):
+    data = tar_with(member)
+    import hashlib
+
+    with pytest.raises(DeploymentError, match=message):
+        archive.unpack(data, hashlib.sha256(data).hexdigest(), tmp_path / "out", 10_000)
+    assert not (tmp_path / "out").exists()
+
+
+def test_links_and_oversized_archives_are_refused(tmp_path):
+    import hashlib
+
+    link = tarfile.TarInfo("link")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+    data = tar_with(link)
+    with pytest.raises(DeploymentError, match="link"):
+        archive.check(data, hashlib.sha256(data).hexdigest(), 10_000)
+    big = tarfile.TarInfo("big.bin")
+    big.size = 5000
+    data = tar_with(big, b"x" * 5000)
+    with pytest.raises(DeploymentError, match="more than"):
+        archive.check(data, hashlib.sha256(data).hexdigest(), 1000)
+    with pytest.raises(DeploymentError, match="sha256"):
+        archive.check(data, "0" * 64, 10_000)
+
+
+def test_pack_and_unpack_round_trip(tmp_path):
+    source = write_app(tmp_path / "src", "1")
+    (source / "__pycache__").mkdir()
+    (source / "__pycache__" / "x.pyc").write_bytes(b"junk")
+    data, digest = archive.pack(source, 1_000_000)
+    target = archive.unpack(data, digest, tmp_path / "dst", 1_000_000)
+    assert (target / "app.py").read_text() == (source / "app.py").read_text()
+    assert not (target / "__pycache__").exists()
+
+
+def test_signatures_bind_every_field():
+    record = Deployment(name="x", import_path="app", root="/srv/x", version=3)
+    signed = sign(record, b"k" * 32)
+    assert verify(signed, b"k" * 32) == record
+    with pytest.raises(DeploymentError, match="bad signature"):
+        verify(signed, b"other-secret-000000000000000000")
+    with pytest.raises(DeploymentError, match="malformed or unsigned"):
+        verify("{}", b"k" * 32)
