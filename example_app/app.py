@@ -1,31 +1,71 @@
-"""The example app: a plain Flask app with ImmutantExtension.
+"""The example app: Immutant's ``immutant.clj`` demo, in Flask.
 
-Later features (messaging, the `counter` singleton daemon, sessions and cache) are added here as
-they land; see README.md in this folder for the walkthrough.
+- ``/queue/msg``, with a listener that prints ``received: N`` (load-balanced across nodes);
+- a singleton daemon ``counter`` that publishes N every second, on exactly one node, and its
+  stop function; kill -9 that node and the daemon starts on another within seconds;
+- a small page with sessions and the cluster cache on, to try through the balancer.
+
+Deploy it with ``cd example_app && flask immutant deploy`` (see README.md in this folder).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, session
 
-from flask_immutant import ImmutantExtension, get_state
+from flask_immutant import ImmutantExtension, caching, daemons, get_state, messaging
 
 app = Flask(__name__)
-app.config.update(IMMUTANT_CLUSTERED=True)
+app.config.update(
+    IMMUTANT_CLUSTERED=True,
+    IMMUTANT_SESSIONS=True,
+    IMMUTANT_CACHE=True,
+    SECRET_KEY=os.environ.get("EXAMPLE_SECRET_KEY", "example-app-not-secret"),
+)
 ImmutantExtension(app)
+
+QUEUE = "/queue/msg"
+messaging.start(QUEUE, app=app)
+
+
+@messaging.listen(QUEUE, app=app)
+def received(n: int) -> None:
+    print(f"received: {n}", flush=True)
+
+
+_stopped = threading.Event()
+
+
+def counter() -> None:
+    """Publish the next number every second. The count lives in the cluster cache, so after a
+    failover the daemon on the other node carries on from where the dead one stopped."""
+    _stopped.clear()
+    context = daemons.current()
+    numbers = caching.cache("example")
+    while not (_stopped.is_set() or (context is not None and context.wait(1.0))):
+        n = numbers.swap("counter", lambda current: (current or 0) + 1)
+        messaging.publish(QUEUE, n)
+
+
+def stop_counter() -> None:
+    print("counter stopped", flush=True)
+    _stopped.set()
+
+
+daemons.start("counter", counter, stop_counter, app=app)
 
 
 @app.get("/")
 def index() -> dict[str, object]:
-    """Which node and process served this request: try it through two nodes."""
-    settings = get_state().settings
+    """Which node served this request, and what this browser session has seen."""
+    session["visits"] = session.get("visits", 0) + 1
     return {
         "app": "example_app",
-        "node": os.environ.get("IMMUTANT_NODE_NAME"),
-        "cluster": settings["IMMUTANT_CLUSTER"],
-        "pid": os.getpid(),
+        "node": get_state().node_name,
+        "visits": session["visits"],
+        "counter": caching.cache("example").get("counter"),
     }
 
 
