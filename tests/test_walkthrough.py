@@ -15,6 +15,7 @@ from pathlib import Path
 import requests
 
 from flask_immutant.keys import Keys
+
 from support import run_flask, wait_until
 
 EXAMPLE_APP = Path(__file__).resolve().parent.parent / "example_app"
