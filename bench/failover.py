@@ -152,8 +152,8 @@ def main() -> None:
         summary("daemon handover after SIGTERM", stops, "target <= 0.3 s")
         p50 = lateness[len(lateness) // 2] * 1000
         p99 = lateness[min(len(lateness) - 1, int(len(lateness) * 0.99))] * 1000
-        print(f"{'job lateness (every 0.2 s)':<34} p50 {p50:6.1f}ms  p99 {p99:6.1f}ms  max {lateness[-1] * 1000:6.1f}ms  "
-              f"n={len(lateness)}  (target p99 <= 50 ms)")
+        print(f"{'job lateness (every 0.2 s)':<34} p50 {p50:6.1f}ms  p99 {p99:6.1f}ms  "
+              f"max {lateness[-1] * 1000:6.1f}ms  n={len(lateness)}  (target p99 <= 50 ms)")
         print("peers (documented defaults, not run): rq-scheduler lock handover 70 s; celery-redbeat lock 1500 s; "
               f"ratio rq-scheduler/ours = {70 / statistics.median(kills):.0f}x")
     finally:

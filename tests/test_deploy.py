@@ -117,7 +117,8 @@ def test_redeploy_under_load_fails_no_request(two_nodes, node_env, tmp_path):
         while not stop.is_set():
             try:
                 response = session.get(f"http://127.0.0.1:{port}/", timeout=5)
-                results.append(response.json()["version"] if response.status_code == 200 else f"HTTP {response.status_code}")
+                ok = response.status_code == 200
+                results.append(response.json()["version"] if ok else f"HTTP {response.status_code}")
             except requests.RequestException as exc:
                 results.append(f"error {exc}")
 
