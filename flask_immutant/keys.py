@@ -128,6 +128,30 @@ class Keys:
         """HASH node -> JSON state of deployment ``name`` on that node (deployed, failed...)."""
         return f"{self.prefix}deployment:{name}:nodes"
 
+    def context(self, node: str, context_path: str) -> str:
+        """STRING JSON context of one app runtime (host, port, load...), TTL = failure timeout."""
+        return f"{self.prefix}context:{node}:{context_path}"
+
+    @property
+    def contexts(self) -> str:
+        """SET of ``context(...)`` keys, to list contexts without SCAN (stale ones are skipped)."""
+        return f"{self.prefix}contexts"
+
+    @property
+    def context_control(self) -> str:
+        """HASH ``node|context`` (``*`` for any) -> ENABLED/DISABLED/STOPPED set by ``flask immutant ctl``."""
+        return f"{self.prefix}context-control"
+
+    @property
+    def context_weight(self) -> str:
+        """HASH ``node|context`` (``*`` for any) -> manual load factor set by ``ctl weight``."""
+        return f"{self.prefix}context-weight"
+
+    @property
+    def contexts_changed(self) -> str:
+        """Pub/sub channel: a context appeared, left or changed state (balancers resync)."""
+        return f"{self.prefix}contexts-changed"
+
     def pattern(self) -> str:
         """Glob matching every key of this cluster (for cleanup and inspection)."""
         return f"{self.prefix}*"

@@ -27,6 +27,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "flask_immutant.daemons.plugin",
     "flask_immutant.scheduling.plugin",
     "flask_immutant.deploy.plugin",
+    "flask_immutant.balancer.plugin",
     "flask_immutant.messaging.plugin",
 )
 

@@ -107,11 +107,17 @@ def immutant_status(state: ImmutantState) -> dict[str, Any]:
 
 def deployment_listing(state: ImmutantState, store: redis.Redis) -> list[dict[str, Any]]:
     """Each deployment with its state on each live node."""
+    from ..balancer.registry import contexts
+
     live = {m.name for m in live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])}
+    balancing = {(c.node, c.context_path): c for c in contexts(store, state.keys)}
     deployments = deployment_store(state, store)
     rows: list[dict[str, Any]] = []
     for name, item in sorted(deployments.all().items()):
         nodes = {node: info for node, info in deployments.node_states(name).items() if node in live}
+        for node, info in nodes.items():
+            context = balancing.get((node, info.get("context_path", "/")))
+            info["balancer"] = {"state": context.state, "weight": context.weight} if context else None
         if isinstance(item, DeploymentError):
             rows.append({"name": name, "error": str(item), "nodes": nodes})
             continue
@@ -263,5 +269,7 @@ def list_deployments(ctx: click.Context, as_json: bool) -> None:
                    f"in {row['root']})")
         for node, info in sorted(row["nodes"].items()):
             extra = f" port {info['port']}" if info.get("port") else ""
+            if info.get("balancer"):
+                extra += f" {info['balancer']['state']} weight={info['balancer']['weight']}"
             error = f" error: {info['error']}" if info.get("error") else ""
             click.echo(f"  {node:<20} {info['state']:<10} v{info.get('version')}{extra}{error}")

@@ -69,6 +69,9 @@ class AppRuntime:
         self._sock = sock
         self._threads: list[threading.Thread] = []
         self._server: Any = None
+        #: Requests being handled now (read by the load factor the balancer sees).
+        self.active_requests = 0
+        self._active_lock = threading.Lock()
 
     def spawn(self, name: str, target: Callable[[], Any]) -> threading.Thread:
         """Run ``target`` in a daemon thread inside the app context (for workers, daemons)."""
@@ -91,7 +94,17 @@ class AppRuntime:
                 return [f"not under this app's context path {self.context_path}\n".encode()]
             environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + self.context_path
             environ["PATH_INFO"] = path[len(self.context_path):]
-        return self.app(environ, start_response)
+        with self._active_lock:
+            self.active_requests += 1
+        try:
+            return self.app(environ, start_response)
+        finally:
+            with self._active_lock:
+                self.active_requests -= 1
+
+    @property
+    def port(self) -> int:
+        return int(self._sock.getsockname()[1])
 
     def start(self) -> None:
         from waitress.server import create_server

@@ -1,0 +1,199 @@
+"""Built-in plugin: app runtimes publish their contexts; ``flask immutant ctl``; status section."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import click
+import redis
+
+from ..cli import load_state, one_line_errors
+from ..cluster.identity import NodeIdentity
+from ..extension import DEPLOYMENT_ENV
+from ..hookspecs import hookimpl
+from ..settings import Setting, to_bool
+from ..store import client_from_url, store_url
+from . import registry
+
+if TYPE_CHECKING:
+    from ..extension import ImmutantState
+    from ..server.runtime import AppRuntime
+
+log = logging.getLogger("flask_immutant.balancer")
+
+FLAG = "IMMUTANT_CONTEXTS"
+FEATURE = "context-publisher"
+
+
+@hookimpl(trylast=True)
+def immutant_settings() -> list[Setting]:
+    return [Setting(FLAG, True, to_bool, "Publish this app's context (host, port, load factor) for the "
+                    "balancers, as mod_cluster does.", "bool")]
+
+
+class ContextPublisher:
+    """Keeps one runtime's context in the store while it runs."""
+
+    def __init__(self, runtime: AppRuntime) -> None:
+        self.runtime = runtime
+        state = runtime.state
+        self.keys = state.keys
+        self.store = state.store
+        self.ttl = state.settings["IMMUTANT_FAILURE_TIMEOUT"]
+        identity = NodeIdentity.from_settings(state.settings)
+        deployment = json.loads(os.environ.get(DEPLOYMENT_ENV) or "{}")
+        self.base = registry.Context(
+            node=state.node_name, context_path=runtime.context_path,
+            app=deployment.get("name") or runtime.app.name, host=identity.address, port=runtime.port,
+            load=100, pid=os.getpid(), since=time.time(),
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="immutant-context", daemon=True)
+
+    def start(self) -> None:
+        self._publish()
+        registry.announce(self.store, self.keys, self.base.key)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            registry.withdraw(self.store, self.keys, self.base.node, self.base.context_path, self.base.pid)
+        except redis.RedisError as exc:
+            log.warning("could not withdraw context %s (%s); it expires in %.1fs", self.base.key, exc, self.ttl)
+
+    def _publish(self) -> None:
+        load = registry.load_factor(self.runtime.active_requests, self.runtime.settings["IMMUTANT_THREADS"],
+                                    os.getloadavg()[0], os.cpu_count() or 1)
+        registry.publish(self.store, self.keys, registry.Context(**{**self.base.status(), "load": load}), self.ttl)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                self._publish()
+            except redis.RedisError as exc:
+                log.debug("context publish failed: %s", exc)
+
+
+@hookimpl(trylast=True)
+def immutant_runtime_started(runtime: AppRuntime) -> None:
+    publisher = ContextPublisher(runtime)
+    runtime.state.features[FEATURE] = publisher
+    publisher.start()
+
+
+@hookimpl(tryfirst=True)
+def immutant_runtime_stopping(runtime: AppRuntime) -> None:
+    """First of all: balancers stop sending new requests while the runtime drains."""
+    publisher = runtime.state.features.pop(FEATURE, None)
+    if publisher is not None:
+        publisher.stop()
+
+
+@hookimpl(trylast=True)
+def immutant_status(state: ImmutantState) -> dict[str, Any]:
+    store = client_from_url(store_url(state.settings, start=False))
+    try:
+        return {"contexts": [context.status() for context in registry.contexts(store, state.keys)]}
+    finally:
+        store.close()
+
+
+@hookimpl(trylast=True)
+def immutant_register_commands(cli: click.Group) -> None:
+    cli.add_command(ctl)
+
+
+@click.group(help="Control contexts, as mod_cluster does: enable, disable (drain), stop, weight, show.")
+def ctl() -> None:
+    pass
+
+
+def _scope_options(func: Any) -> Any:
+    func = click.option("--context", "context_path", default=None, help="Only this context path.")(func)
+    return click.option("--node", default=None, help="Only this node.")(func)
+
+
+def _control(ctx: click.Context, state_name: str, node: str | None, context_path: str | None) -> None:
+    state, _app, _path = load_state(ctx)
+    store = client_from_url(store_url(state.settings, start=False))
+    try:
+        registry.set_control(store, state.keys, state_name, node, context_path)
+    finally:
+        store.close()
+    where = " ".join(filter(None, [f"node {node}" if node else "", f"context {context_path}" if context_path else ""]))
+    click.echo(f"{state_name}: {where or 'every node and context'}")
+
+
+@ctl.command(help="Send new and existing sessions to the context(s).")
+@_scope_options
+@click.pass_context
+@one_line_errors
+def enable(ctx: click.Context, node: str | None, context_path: str | None) -> None:
+    _control(ctx, "ENABLED", node, context_path)
+
+
+@ctl.command(help="Drain: only sessions already bound to the node go there.")
+@_scope_options
+@click.pass_context
+@one_line_errors
+def disable(ctx: click.Context, node: str | None, context_path: str | None) -> None:
+    _control(ctx, "DISABLED", node, context_path)
+
+
+@ctl.command(help="Send no requests to the context(s).")
+@_scope_options
+@click.pass_context
+@one_line_errors
+def stop(ctx: click.Context, node: str | None, context_path: str | None) -> None:
+    _control(ctx, "STOPPED", node, context_path)
+
+
+@ctl.command(help="Set the load factor (0-100) balancers use, or 'auto' for the computed one.")
+@click.argument("weight")
+@_scope_options
+@click.pass_context
+@one_line_errors
+def weight(ctx: click.Context, weight: str, node: str | None, context_path: str | None) -> None:
+    from ..errors import ImmutantError
+
+    value: int | None
+    if weight == "auto":
+        value = None
+    elif weight.isdigit():
+        value = int(weight)
+    else:
+        raise ImmutantError(f"weight {weight!r}: expected 0-100 or 'auto'")
+    state, _app, _path = load_state(ctx)
+    store = client_from_url(store_url(state.settings, start=False))
+    try:
+        registry.set_weight(store, state.keys, value, node, context_path)
+    finally:
+        store.close()
+    click.echo(f"weight {weight}: " + (" ".join(filter(None, [node, context_path])) or "every node and context"))
+
+
+@ctl.command(help="Show every context: node, path, address, state, load factor.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@one_line_errors
+def show(ctx: click.Context, as_json: bool) -> None:
+    state, _app, _path = load_state(ctx)
+    store = client_from_url(store_url(state.settings, start=False))
+    try:
+        found = registry.contexts(store, state.keys)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps([c.status() for c in found], indent=2, sort_keys=True))
+        return
+    if not found:
+        click.echo("no contexts")
+    for c in found:
+        click.echo(f"{c.context_path:<16} {c.node:<20} {c.host}:{c.port:<6} {c.state:<9} weight={c.weight} "
+                   f"load={c.load} app={c.app}")

@@ -1,0 +1,195 @@
+"""Contexts: what each app runtime serves, where, how loaded, and in which state.
+
+An app runtime publishes its context (node, context path, host, port, load factor) once it is
+ready, refreshed every quarter of the failure timeout with a TTL of the timeout, so a dead node's
+contexts disappear within it; it withdraws it first thing when it stops. Operators set states
+(ENABLED, DISABLED, STOPPED) and manual load factors at four scopes — all, a node, a context
+path, a node's context — and the most specific one wins. Balancers read :func:`routing_table`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import redis
+
+from .. import lua
+from ..errors import ImmutantError
+from ..keys import Keys
+
+#: ENABLED: new and existing sessions; DISABLED: only sessions already bound to the node (drain);
+#: STOPPED: nothing. In this order from least to most strict.
+STATES = ("ENABLED", "DISABLED", "STOPPED")
+ANY = "*"
+
+
+@dataclass(frozen=True)
+class Context:
+    node: str
+    context_path: str
+    app: str
+    host: str
+    port: int
+    load: int  # computed load factor, 1 (saturated) to 100 (idle), mod_cluster style
+    pid: int
+    since: float
+    state: str = "ENABLED"  # effective, after the operator's controls
+    weight: int = 100  # effective load factor: a manual one (ctl weight) or ``load``
+
+    @property
+    def key(self) -> str:
+        return f"{self.node}|{self.context_path}"
+
+    def status(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One server of a context path, as a balancer sees it."""
+
+    node: str
+    host: str
+    port: int
+    weight: int
+    state: str
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def publish(store: redis.Redis, keys: Keys, context: Context, ttl: float) -> None:
+    key = keys.context(context.node, context.context_path)
+    record = {k: v for k, v in context.status().items() if k not in ("state", "weight")}
+    pipe = store.pipeline()
+    pipe.set(key, json.dumps(record), px=int(ttl * 1000))
+    pipe.sadd(keys.contexts, key)
+    pipe.execute()
+
+
+def announce(store: redis.Redis, keys: Keys, what: str) -> None:
+    store.publish(keys.contexts_changed, what)
+
+
+def withdraw(store: redis.Redis, keys: Keys, node: str, context_path: str, pid: int) -> bool:
+    script = lua.script(store, "context_withdraw")
+    return bool(script(keys=[keys.context(node, context_path), keys.contexts, keys.contexts_changed], args=[pid]))
+
+
+def contexts(store: redis.Redis, keys: Keys) -> list[Context]:
+    """Every live context with its effective state and weight, sorted by path then node."""
+    members = sorted(_text(k) for k in store.smembers(keys.contexts))
+    if not members:
+        return []
+    pipe = store.pipeline(transaction=False)
+    for key in members:
+        pipe.get(key)
+    pipe.hgetall(keys.context_control)
+    pipe.hgetall(keys.context_weight)
+    *raws, control_raw, weight_raw = pipe.execute()
+    control = {_text(k): _text(v) for k, v in control_raw.items()}
+    weights = {_text(k): int(v) for k, v in weight_raw.items()}
+    found, stale = [], []
+    for key, raw in zip(members, raws, strict=True):
+        if raw is None:
+            stale.append(key)
+            continue
+        try:
+            data = json.loads(raw)
+            context = Context(**{k: data[k] for k in Context.__dataclass_fields__ if k in data})
+        except (ValueError, TypeError):
+            stale.append(key)
+            continue
+        manual = _most_specific(weights, context.node, context.context_path)
+        found.append(replace(
+            context,
+            state=_most_specific(control, context.node, context.context_path, _strictest_state) or "ENABLED",
+            weight=manual if manual is not None else context.load,
+        ))
+    if stale:
+        store.srem(keys.contexts, *stale)
+    return sorted(found, key=lambda c: (c.context_path, c.node))
+
+
+def routing_table(store: redis.Redis, keys: Keys) -> dict[str, list[Backend]]:
+    """Context path -> its servers (every state: a balancer needs DISABLED ones for stickiness)."""
+    table: dict[str, list[Backend]] = {}
+    for context in contexts(store, keys):
+        table.setdefault(context.context_path, []).append(
+            Backend(context.node, context.host, context.port, context.weight, context.state))
+    return table
+
+
+def _most_specific(entries: dict[str, Any], node: str, context_path: str, stricter: Any = min) -> Any:
+    """A node's context, then a node or a context path (both set: the stricter), then all."""
+    exact = entries.get(f"{node}|{context_path}")
+    if exact is not None:
+        return exact
+    partial = [v for v in (entries.get(f"{node}|{ANY}"), entries.get(f"{ANY}|{context_path}")) if v is not None]
+    if partial:
+        return stricter(partial)
+    return entries.get(f"{ANY}|{ANY}")
+
+
+def _strictest_state(states: list[str]) -> str:
+    return max(states, key=STATES.index)
+
+
+def _scope(node: str | None, context_path: str | None) -> str:
+    return f"{node or ANY}|{context_path or ANY}"
+
+
+def _narrower(entries: Iterable[str], node: str | None, context_path: str | None) -> list[str]:
+    """Entries at or under a scope: setting a scope overrides what was set inside it."""
+    found = []
+    for entry in entries:
+        entry_node, _, entry_path = entry.partition("|")
+        if (node is None or entry_node == node) and (context_path is None or entry_path == context_path):
+            found.append(entry)
+    return found
+
+
+def set_control(store: redis.Redis, keys: Keys, state: str, node: str | None = None,
+                context_path: str | None = None) -> None:
+    """``ctl enable|disable|stop`` at a scope (``None`` = every node / every context)."""
+    if state not in STATES:
+        raise ImmutantError(f"state {state!r}: expected one of {', '.join(STATES)}")
+    existing = [_text(k) for k in store.hkeys(keys.context_control)]
+    pipe = store.pipeline()
+    for entry in _narrower(existing, node, context_path):
+        pipe.hdel(keys.context_control, entry)
+    if not (state == "ENABLED" and node is None and context_path is None):
+        pipe.hset(keys.context_control, _scope(node, context_path), state)
+    pipe.publish(keys.contexts_changed, f"control {state} {_scope(node, context_path)}")
+    pipe.execute()
+
+
+def set_weight(store: redis.Redis, keys: Keys, weight: int | None, node: str | None = None,
+               context_path: str | None = None) -> None:
+    """``ctl weight N`` (1-100) at a scope; ``None`` returns it to the computed load factor."""
+    if weight is not None and not 0 <= weight <= 100:
+        raise ImmutantError(f"weight {weight}: expected 0-100, or 'auto' for the computed load factor")
+    existing = [_text(k) for k in store.hkeys(keys.context_weight)]
+    pipe = store.pipeline()
+    for entry in _narrower(existing, node, context_path):
+        pipe.hdel(keys.context_weight, entry)
+    if weight is not None:
+        pipe.hset(keys.context_weight, _scope(node, context_path), weight)
+    pipe.publish(keys.contexts_changed, f"weight {weight} {_scope(node, context_path)}")
+    pipe.execute()
+
+
+def load_factor(active_requests: int, threads: int, cpu_load: float, cpus: int) -> int:
+    """mod_cluster-style load factor: 100 idle, 1 saturated; the busier of the request threads
+    in use and the machine's run queue per CPU decides."""
+    busy = active_requests / max(1, threads)
+    cpu = cpu_load / max(1, cpus)
+    return max(1, min(100, round(100 * (1 - min(1.0, max(busy, cpu))))))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
