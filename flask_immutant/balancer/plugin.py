@@ -17,7 +17,7 @@ from ..cluster.identity import NodeIdentity
 from ..extension import DEPLOYMENT_ENV
 from ..hookspecs import hookimpl
 from ..settings import Setting, to_bool
-from ..store import client_from_url, store_url
+from ..store import existing_store
 from . import registry
 
 if TYPE_CHECKING:
@@ -97,11 +97,8 @@ def immutant_runtime_stopping(runtime: AppRuntime) -> None:
 
 @hookimpl(trylast=True)
 def immutant_status(state: ImmutantState) -> dict[str, Any]:
-    store = client_from_url(store_url(state.settings, start=False))
-    try:
+    with existing_store(state.settings) as store:
         return {"contexts": [context.status() for context in registry.contexts(store, state.keys)]}
-    finally:
-        store.close()
 
 
 @hookimpl(trylast=True)
@@ -121,11 +118,8 @@ def _scope_options(func: Any) -> Any:
 
 def _control(ctx: click.Context, state_name: str, node: str | None, context_path: str | None) -> None:
     state, _app, _path = load_state(ctx)
-    store = client_from_url(store_url(state.settings, start=False))
-    try:
+    with existing_store(state.settings) as store:
         registry.set_control(store, state.keys, state_name, node, context_path)
-    finally:
-        store.close()
     where = " ".join(filter(None, [f"node {node}" if node else "", f"context {context_path}" if context_path else ""]))
     click.echo(f"{state_name}: {where or 'every node and context'}")
 
@@ -170,11 +164,8 @@ def weight(ctx: click.Context, weight: str, node: str | None, context_path: str 
     else:
         raise ImmutantError(f"weight {weight!r}: expected 0-100 or 'auto'")
     state, _app, _path = load_state(ctx)
-    store = client_from_url(store_url(state.settings, start=False))
-    try:
+    with existing_store(state.settings) as store:
         registry.set_weight(store, state.keys, value, node, context_path)
-    finally:
-        store.close()
     click.echo(f"weight {weight}: " + (" ".join(filter(None, [node, context_path])) or "every node and context"))
 
 
@@ -184,11 +175,8 @@ def weight(ctx: click.Context, weight: str, node: str | None, context_path: str 
 @one_line_errors
 def show(ctx: click.Context, as_json: bool) -> None:
     state, _app, _path = load_state(ctx)
-    store = client_from_url(store_url(state.settings, start=False))
-    try:
+    with existing_store(state.settings) as store:
         found = registry.contexts(store, state.keys)
-    finally:
-        store.close()
     if as_json:
         click.echo(json.dumps([c.status() for c in found], indent=2, sort_keys=True))
         return

@@ -9,7 +9,7 @@ import click
 
 from ..cli import load_state, one_line_errors
 from ..hookspecs import hookimpl
-from ..store import client_from_url, store_url
+from ..store import existing_store
 from .membership import live_members
 
 
@@ -28,11 +28,8 @@ def immutant_runtime_stopping(runtime: Any) -> None:
 
 @hookimpl(trylast=True)
 def immutant_status(state: Any) -> dict[str, Any]:
-    store = client_from_url(store_url(state.settings, start=False))
-    try:
+    with existing_store(state.settings) as store:
         members = live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])
-    finally:
-        store.close()
     return {"members": [member.status() for member in members]}
 
 

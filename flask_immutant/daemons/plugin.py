@@ -13,7 +13,7 @@ from ..cluster.lease import read_holder
 from ..cluster.membership import live_members
 from ..hookspecs import hookimpl
 from ..settings import Setting, to_bool
-from ..store import client_from_url, store_url
+from ..store import existing_store
 from .registry import registry
 
 if TYPE_CHECKING:
@@ -50,8 +50,7 @@ def immutant_status(state: ImmutantState) -> dict[str, Any]:
 
 def daemon_status(state: ImmutantState) -> list[dict[str, Any]]:
     """One entry per daemon (per node for non-singletons); holders come from the leases."""
-    store = client_from_url(store_url(state.settings, start=False))
-    try:
+    with existing_store(state.settings) as store:
         live = {m.name for m in live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])}
         records = [json.loads(raw) for raw in store.hgetall(state.keys.daemons).values()]
         result = []
@@ -69,8 +68,6 @@ def daemon_status(state: ImmutantState) -> list[dict[str, Any]]:
                 continue
             result.append(entry)
         return result
-    finally:
-        store.close()
 
 
 def _singleton_holder(store: Any, state: ImmutantState, name: str) -> Any:

@@ -20,7 +20,7 @@ from ..cluster.membership import live_members
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
 from ..settings import Setting, int_range, resolve, to_bool
-from ..store import client_from_url, store_url
+from ..store import existing_store
 from . import archive
 from .deployer import Deployer
 from .folder import DeploymentFolder
@@ -98,11 +98,8 @@ def immutant_register_commands(cli: click.Group) -> None:
 
 @hookimpl(trylast=True)
 def immutant_status(state: ImmutantState) -> dict[str, Any]:
-    store = client_from_url(store_url(state.settings, start=False))
-    try:
+    with existing_store(state.settings) as store:
         return {"deployments": deployment_listing(state, store)}
-    finally:
-        store.close()
 
 
 def deployment_listing(state: ImmutantState, store: redis.Redis) -> list[dict[str, Any]]:
@@ -172,8 +169,7 @@ def deploy(ctx: click.Context, name: str | None, context_path: str, sets: tuple[
     if not context_path.startswith("/"):
         raise ImmutantError(f"--context-path {context_path!r}: must start with '/'")
     settings = _parse_sets(sets, state)
-    store = client_from_url(store_url(state.settings, start=False))
-    try:
+    with existing_store(state.settings) as store:
         deployments = deployment_store(state, store)
         data, digest = (None, None)
         if archive:
@@ -185,8 +181,6 @@ def deploy(ctx: click.Context, name: str | None, context_path: str, sets: tuple[
         click.echo(f"deployment {record.label} registered: {module or '(app found in folder)'} in {root}"
                    + (f" (archive {digest[:12]}, {len(data or b'')} bytes)" if digest else ""))
         failures = _await_nodes(state, store, deployments, record, wait)
-    finally:
-        store.close()
     if failures:
         raise ImmutantError(f"{record.label} failed on {', '.join(failures)}")
 
@@ -229,8 +223,7 @@ def _await_nodes(state: ImmutantState, store: redis.Redis, deployments: Deployme
 @one_line_errors
 def undeploy(ctx: click.Context, name: str, wait: float) -> None:
     state, _app, _path = load_state(ctx)
-    store = client_from_url(store_url(state.settings, start=False))
-    try:
+    with existing_store(state.settings) as store:
         deployments = deployment_store(state, store)
         if not deployments.remove(name):
             known = ", ".join(sorted(deployments.all())) or "none"
@@ -240,8 +233,6 @@ def undeploy(ctx: click.Context, name: str, wait: float) -> None:
             time.sleep(0.05)
         left = sorted(deployments.node_states(name))
         click.echo(f"undeployed {name}" + (f"; still stopping on {', '.join(left)}" if left else ""))
-    finally:
-        store.close()
 
 
 @click.command("list", help="Show deployments and their state on each node.")
@@ -250,11 +241,8 @@ def undeploy(ctx: click.Context, name: str, wait: float) -> None:
 @one_line_errors
 def list_deployments(ctx: click.Context, as_json: bool) -> None:
     state, _app, _path = load_state(ctx)
-    store = client_from_url(store_url(state.settings, start=False))
-    try:
+    with existing_store(state.settings) as store:
         rows = deployment_listing(state, store)
-    finally:
-        store.close()
     if as_json:
         click.echo(json.dumps(rows, indent=2, sort_keys=True))
         return

@@ -12,7 +12,7 @@ from ..cli import load_state, one_line_errors
 from ..cluster.lease import read_holder
 from ..hookspecs import hookimpl
 from ..settings import Setting, to_bool
-from ..store import client_from_url, store_url
+from ..store import existing_store
 from .registry import registry
 from .store import JobStore
 
@@ -50,8 +50,7 @@ def immutant_status(state: ImmutantState) -> dict[str, Any]:
 
 def job_status(state: ImmutantState) -> list[dict[str, Any]]:
     """Every stored singleton job of every app in the cluster, with its scheduler's holder."""
-    store = client_from_url(store_url(state.settings, start=False))
-    try:
+    with existing_store(state.settings) as store:
         apps = sorted({
             (key.decode() if isinstance(key, bytes) else key).split(":")[-2]
             for key in store.scan_iter(match=state.keys.jobs_schedule("*"), count=200)
@@ -63,8 +62,6 @@ def job_status(state: ImmutantState) -> list[dict[str, Any]]:
                 row["holder"] = holder.node if holder else None
                 rows.append(row)
         return rows
-    finally:
-        store.close()
 
 
 def _when(epoch: float | None) -> str:

@@ -7,7 +7,8 @@ is parsed here and handed to :class:`redis.sentinel.Sentinel`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -60,6 +61,17 @@ def _sentinel_client(url: str, **options: Any) -> redis.Redis:
 
 def _timeouts(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: options[k] for k in ("socket_timeout", "socket_connect_timeout") if k in options}
+
+
+@contextlib.contextmanager
+def existing_store(settings: Mapping[str, Any]) -> Iterator[redis.Redis]:
+    """A client for a command or a status call: it never starts the embedded store (asking
+    for status must not leave a server behind) and is closed afterwards."""
+    client = client_from_url(store_url(settings, start=False))
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def describe_url(url: str) -> str:
