@@ -87,9 +87,10 @@ def immutant_runtime_started(runtime: AppRuntime) -> None:
     publisher.start()
 
 
-@hookimpl(tryfirst=True)
+@hookimpl(trylast=True)
 def immutant_runtime_stopping(runtime: AppRuntime) -> None:
-    """First of all: balancers stop sending new requests while the runtime drains."""
+    """Balancers stop sending new requests while the runtime drains (trylast like every built-in;
+    registered after most features, it still runs before them)."""
     publisher = runtime.state.features.pop(FEATURE, None)
     if publisher is not None:
         publisher.stop()
