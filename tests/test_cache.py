@@ -33,8 +33,22 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
 
 
+APPS: list[Flask] = []
+
+
+@pytest.fixture(autouse=True)
+def close_stores() -> Iterator[None]:
+    """Close the store clients of the apps a test made, so no socket is left to the garbage collector."""
+    yield
+    while APPS:
+        state = APPS.pop().extensions.get("immutant")
+        if state is not None and "store" in vars(state):
+            state.store.close()
+
+
 def make_app(home: Path, cluster: str, **config: Any) -> Flask:
     app = Flask("cache_tests")
+    APPS.append(app)
     app.config.update(IMMUTANT_HOME=str(home), IMMUTANT_CLUSTER=cluster, IMMUTANT_CACHE=True, **config)
     ImmutantExtension(app)
     return app
