@@ -251,11 +251,7 @@ class Membership:
                 if pubsub is None:
                     pubsub = self.store.pubsub(ignore_subscribe_messages=True)
                     pubsub.subscribe(self.keys.events)
-                # Read pending events first, so a graceful leave is never reported as a timeout.
-                while (message := pubsub.get_message(timeout=0)) is not None:
-                    if message.get("type") == "message":
-                        self._note_event(message["data"])
-                self._poll()
+                self._poll(pubsub)
                 deadline = time.monotonic() + self.interval
                 while not self._stop.is_set() and not self._wake.is_set():
                     remaining = deadline - time.monotonic()
@@ -283,7 +279,13 @@ class Membership:
         if isinstance(event, dict) and event.get("event") == "left" and isinstance(event.get("name"), str):
             self._reasons[event["name"]] = str(event.get("reason", "left"))
 
-    def _poll(self) -> None:
+    def _drain(self, pubsub: Any, wait: float = 0.0) -> None:
+        """Read the events already sent to us, so a graceful leave is never taken for a timeout."""
+        while (message := pubsub.get_message(timeout=wait)) is not None:
+            if message.get("type") == "message":
+                self._note_event(message["data"])
+
+    def _poll(self, pubsub: Any) -> None:
         records = self.store.hgetall(self.keys.members)
         for raw_name in records:
             name = raw_name.decode() if isinstance(raw_name, bytes) else raw_name
@@ -296,7 +298,11 @@ class Membership:
                 self._call(self._on_joined, member)
             else:
                 self._known[name] = member
-        for name in [n for n in self._known if n not in current]:
+        gone = [n for n in self._known if n not in current]
+        if any(name not in self._reasons for name in gone):
+            # A leave is published before our read saw the member gone: it is on its way to us.
+            self._drain(pubsub, wait=0.05)
+        for name in gone:
             member = self._known.pop(name)
             self._call(self._on_left, member, self._reasons.pop(name, "timeout"))
 
