@@ -310,3 +310,43 @@ def test_signatures_bind_every_field():
         verify(signed, b"other-secret-000000000000000000")
     with pytest.raises(DeploymentError, match="malformed or unsigned"):
         verify("{}", b"k" * 32)
+
+
+def test_a_redeploy_hands_singletons_from_the_old_runtime_to_the_new_at_once(start_node, node_env, tmp_path,
+                                                                             store_client, cluster_name):
+    keys = Keys(cluster_name)
+    node = start_node("--clustered", "--node-name", "solo")
+    node.wait_for("joined cluster")
+    folder = write_app(tmp_path / "shop", "1")
+    assert deploy(node_env, folder).returncode == 0
+    first = json.loads(wait_until(lambda: store_client.get(keys.lease("daemon:worker")), timeout=10))
+    # Watch the lease while the app is redeployed
+    gaps: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        free_since = None
+        while not stop.is_set():
+            held = store_client.get(keys.lease("daemon:worker")) is not None
+            now = time.monotonic()
+            if not held and free_since is None:
+                free_since = now
+            elif held and free_since is not None:
+                gaps.append(now - free_since)
+                free_since = None
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        write_app(folder, "2")
+        assert deploy(node_env, folder).returncode == 0
+        second = json.loads(wait_until(
+            lambda: (raw := store_client.get(keys.lease("daemon:worker"))) and json.loads(raw)["pid"] != first["pid"]
+            and raw, timeout=10))
+    finally:
+        stop.set()
+        watcher.join()
+    # Then the new runtime holds it, with a larger token, after a gap far below the failure timeout
+    assert second["fence"] > first["fence"]
+    assert gaps and max(gaps) < 0.5, gaps
