@@ -29,6 +29,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "flask_immutant.deploy.plugin",
     "flask_immutant.balancer.plugin",
     "flask_immutant.messaging.plugin",
+    "flask_immutant.balancer.console_plugin",
 )
 
 #: The setuptools entry-point group third-party plugins register under.

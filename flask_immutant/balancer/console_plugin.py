@@ -1,0 +1,69 @@
+"""Built-in plugin: ``flask immutant console``, the management page on its own (HAProxy setups).
+
+The embedded balancer serves the same page at ``/_immutant/``; this command is for clusters whose
+balancer is HAProxy. It binds to localhost unless told otherwise, since its actions control
+where the cluster's traffic goes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import click
+
+from ..cli import load_state, one_line_errors, setup_logging
+from ..errors import ImmutantError
+from ..hookspecs import hookimpl
+
+#: Default port of ``flask immutant console``.
+DEFAULT_PORT = 8001
+
+
+@hookimpl(trylast=True)
+def immutant_register_commands(cli: click.Group) -> None:
+    cli.add_command(console)
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1); a host name is not trusted to be one."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command(help="Serve the management console (nodes, contexts, deployments, daemons, queues, jobs, "
+                    "with enable/disable/stop) on its own; the embedded balancer serves it at /_immutant/.")
+@click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port to serve on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (loopback unless --allow-remote).")
+@click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host (put TLS in front of it).")
+@click.option("--verbose", is_flag=True, help="Log every request.")
+@click.pass_context
+@one_line_errors
+def console(ctx: click.Context, port: int, host: str, allow_remote: bool, verbose: bool) -> None:
+    if not is_loopback(host) and not allow_remote:
+        raise ImmutantError(f"--host {host} is not a loopback address; the console controls the cluster, "
+                            "so add --allow-remote to serve it there (with TLS in front)")
+    from aiohttp import web
+
+    from ..deploy.records import cluster_secret
+    from .console import make_console_app
+
+    setup_logging(verbose)
+    state, _app, _path = load_state(ctx)
+    secret = cluster_secret(state.settings)
+    where = ("IMMUTANT_SECRET" if state.settings.get("IMMUTANT_SECRET")
+             else str(Path(state.settings["IMMUTANT_HOME"]) / "secret"))
+    app = make_console_app(state, secret=secret)
+    shown = f"[{host}]" if ":" in host else host
+
+    def started(_message: str) -> None:
+        click.echo(f"console for cluster {state.settings['IMMUTANT_CLUSTER']} on http://{shown}:{port}/ "
+                   f"(log in with the cluster secret: {where})")
+
+    web.run_app(app, host=host, port=port, print=started, access_log=None if not verbose else web.access_logger,
+                handle_signals=True)
