@@ -120,6 +120,7 @@ def publisher(mq_env: dict[str, str], store_client: redis.Redis) -> Iterator[Mes
         if mq_env.get("IMMUTANT_BROKER_URL"):
             _delete_rabbitmq_queues(messaging)
         messaging.publisher.close()
+        state.store.close()
 
 
 def _delete_rabbitmq_queues(messaging: Messaging) -> None:

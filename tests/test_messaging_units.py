@@ -107,3 +107,4 @@ def test_a_message_that_cannot_be_encoded_fails_at_publish(embedded_store, immut
         publish("/queue/x", {"when": object()})
     with pytest.raises(MessagingError, match="priority"):
         publish("/queue/x", 1, priority=12, app=app)
+    app.extensions["immutant"].store.close()

@@ -20,6 +20,7 @@ import redis
 from dramatiq import Message
 from dramatiq.broker import Broker
 from dramatiq.common import current_millis, dq_name
+from dramatiq.message import get_encoder
 from dramatiq.middleware import Middleware
 
 from .. import lua
@@ -115,19 +116,20 @@ class RedisBackend(Backend):
 
     def publish(self, broker: Broker, targets: Sequence[Target], dedupe: tuple[str, int] | None) -> bool:
         args: list[Any] = [dedupe[1] if dedupe else 0, self.namespace]
+        encode = get_encoder().encode
         for target in targets:
             message = target.message
-            options = {**message.options, "redis_message_id": str(uuid.uuid4())}
+            redis_id = str(uuid.uuid4())
+            options = {**message.options, "redis_message_id": redis_id}
             queue = message.queue_name
             if target.delay is not None:
                 queue = dq_name(queue)
                 options["eta"] = current_millis() + target.delay
-            encoded = Message(
-                queue_name=queue, actor_name=message.actor_name, args=message.args, kwargs=message.kwargs,
-                options=options, message_id=message.message_id, message_timestamp=message.message_timestamp,
-            ).encode()
+            fields = {"queue_name": queue, "actor_name": message.actor_name, "args": message.args,
+                      "kwargs": message.kwargs, "options": options, "message_id": message.message_id,
+                      "message_timestamp": message.message_timestamp}
             front = target.priority is not None and target.priority > NORMAL_PRIORITY
-            args.extend((queue, options["redis_message_id"], encoded, "1" if front else "0"))
+            args.extend((queue, redis_id, encode(fields), "1" if front else "0"))
         key = dedupe[0] if dedupe else self.namespace
         return int(self._publish(keys=[key], args=args)) >= 0
 

@@ -250,18 +250,17 @@ class Messaging:
                 message_id=message_id,
             )
             targets.append(Target(dramatiq_message, None if delay is None else int(delay * 1000), priority))
-        if targets and encoding == "json":
-            try:
-                targets[0].message.encode()
-            except (TypeError, ValueError) as exc:
-                raise EncodeError(f"cannot encode the message for {destination.name} as JSON: {exc}") from None
         dedupe = None
         if key is not None:
             window = int(self.state.settings["IMMUTANT_MESSAGING_DEDUPE_WINDOW"] * 1000)
             dedupe = (self.state.keys.messaging_dedupe(destination.name, str(key)), window)
         if not targets:
             return message_id  # a topic nobody subscribes to: nothing to keep
-        if not self.backend.publish(self._publishing_broker(), targets, dedupe):
+        try:
+            published = self.backend.publish(self._publishing_broker(), targets, dedupe)
+        except (TypeError, ValueError) as exc:  # json.dumps of the Dramatiq message, done once
+            raise EncodeError(f"cannot encode the message for {destination.name} as JSON: {exc}") from None
+        if not published:
             log.info("dropped a duplicate of key %r on %s", key, destination.name)
             return None
         return message_id

@@ -12,6 +12,7 @@ drops; the reaper then only removes the dead consumer's topic subscriptions.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -148,6 +149,9 @@ class Engine:
             ],
             consumer_id=self.consumer_id,
         )
+        # Dramatiq declares an actor's queue (which starts its consumer) before it records the
+        # actor; a message already waiting would then find no actor and be dead-lettered.
+        self.broker.declare_actor = functools.partial(_declare_actor_first, self.broker)  # type: ignore[method-assign]
         threads = self.settings["IMMUTANT_WORKER_THREADS"]
         poll_ms = int(min(1000, max(50, self.interval * 2000)))
         self.worker = dramatiq.Worker(self.broker, worker_threads=threads, worker_timeout=poll_ms)
@@ -377,6 +381,13 @@ class Engine:
                         self.backend.delete_queue(self.broker, name)
                     except Exception as exc:
                         log.debug("could not delete subscription queue %s: %s", name, exc)
+
+
+def _declare_actor_first(broker: Any, actor: Any) -> None:
+    broker.emit_before("declare_actor", actor)
+    broker.actors[actor.actor_name] = actor
+    broker.declare_queue(actor.queue_name)
+    broker.emit_after("declare_actor", actor)
 
 
 def _json_field(raw: Any, name: str) -> Any:
