@@ -1,0 +1,272 @@
+"""The embedded balancer: ``flask immutant balancer`` on a developer's box.
+
+An aiohttp server in front of an aiohttp client with a connection pool. Request and response
+bodies are streamed chunk by chunk with back-pressure both ways, so a large upload or a slow
+client holds a few buffers, never a whole body. Which backend serves a request is decided by
+:mod:`.routing` (the same rules HAProxy is configured for); the table comes from a
+:class:`.watch.TableWatcher`. The management console is mounted at ``/_immutant/`` when
+:mod:`.console` is available.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from . import routing
+from .watch import Table, TableWatcher
+
+if TYPE_CHECKING:
+    import redis
+
+    from ..extension import ImmutantState
+
+log = logging.getLogger("flask_immutant.balancer")
+
+#: Bytes read or written at a time while streaming a body.
+CHUNK = 64 * 1024
+#: Seconds to wait for a TCP connection to a backend before trying another.
+CONNECT_TIMEOUT = 2.0
+#: Seconds a backend may stay silent while a response is awaited or streamed.
+READ_TIMEOUT = 300.0
+#: Open connections to all backends together (idle ones are kept for reuse).
+POOL_SIZE = 512
+#: Seconds a backend that refused a connection is skipped by new requests (unless none is left).
+QUARANTINE = 1.0
+#: Where the console is mounted.
+CONSOLE_PREFIX = "/_immutant/"
+
+#: Nothing reached the backend: it is down or unreachable (aiohttp 3.10+ tells a connect timeout apart).
+_CONNECT_ERRORS: tuple[type[Exception], ...] = (
+    aiohttp.ClientConnectorError, getattr(aiohttp, "ConnectionTimeoutError", aiohttp.ClientConnectorError))
+
+#: Headers of one connection, never forwarded (RFC 9110 7.6.1), plus Expect (answered here).
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                        "trailer", "trailers", "transfer-encoding", "upgrade", "expect", "proxy-connection"})
+
+
+class _Body:
+    """A request body streamed to a backend, remembering whether any of it was read: a body
+    partly sent cannot be sent again to another backend."""
+
+    def __init__(self, content: aiohttp.StreamReader) -> None:
+        self.content = content
+        self.consumed = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self.content.iter_chunked(CHUNK):
+            self.consumed = True
+            yield chunk
+
+
+class EmbeddedBalancer:
+    """Routes HTTP requests to the cluster's contexts; see docs/balancer.md."""
+
+    def __init__(self, state: ImmutantState, *, store: redis.Redis | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
+                 pool_size: int = POOL_SIZE, quarantine: float = QUARANTINE, console: bool = True) -> None:
+        self.state = state
+        self.store = store if store is not None else state.store
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.pool_size = pool_size
+        self.quarantine = quarantine
+        self.console = console
+        self.table: Table = {}
+        self._refused: dict[str, float] = {}  # backend address -> monotonic time it may be tried again
+        self._client: aiohttp.ClientSession | None = None
+        self.watcher = TableWatcher(self.store, state.keys, self._on_tick)
+
+    # --- the table --------------------------------------------------------------------------
+
+    def _on_tick(self, table: Table, changed: bool) -> None:
+        if changed:
+            self.table = table
+            log.info("routing table: %s", _describe(table))
+
+    # --- the aiohttp application -------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(handler_args={"max_field_size": 65536})
+        if self.console:
+            self._mount_console(app)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.cleanup_ctx.append(self._lifecycle)
+        return app
+
+    def _mount_console(self, app: web.Application) -> None:
+        try:
+            from .console import make_console_app
+        except ImportError as exc:
+            log.debug("no console to mount at %s (%s)", CONSOLE_PREFIX, exc)
+            return
+        app.add_subapp(CONSOLE_PREFIX, make_console_app(self.state))
+
+    async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=self.pool_size, limit_per_host=0, keepalive_timeout=15,
+                                         enable_cleanup_closed=False)
+        self._client = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        )
+        await asyncio.to_thread(self.watcher.refresh)
+        self.watcher.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(self.watcher.stop)
+            await self._client.close()
+
+    # --- one request -------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        assert self._client is not None
+        route = request.cookies.get(routing.ROUTE_COOKIE)
+        retriable = request.method in routing.IDEMPOTENT_METHODS
+        body = _Body(request.content) if request.body_exists else None
+        tried: set[str] = set()
+        disconnects: dict[str, int] = {}
+        failures: list[str] = []
+        while True:
+            decision = self._decide(request.path, route, tried)
+            backend = decision.backend
+            if backend is None:
+                if failures:
+                    return _error(502, f"{'; '.join(failures)}; {decision.reason}")
+                return _error(503, decision.reason)
+            try:
+                upstream = await self._client.request(
+                    request.method, URL(f"http://{backend.address}{request.raw_path}", encoded=True),
+                    headers=_forward_headers(request), data=body.chunks() if body is not None else None,
+                    allow_redirects=False,
+                )
+            except _CONNECT_ERRORS as exc:
+                # Nothing reached the backend: it is down or unreachable.
+                self._refused[backend.address] = time.monotonic() + self.quarantine
+                tried.add(backend.node)
+                failures.append(f"node {backend.node} ({backend.address}) refused the connection: {_reason(exc)}")
+                log.info("%s %s: %s", request.method, request.path_qs, failures[-1])
+                if retriable and not (body and body.consumed):
+                    continue
+                return _error(502, failures[-1])
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A pooled connection died under the request (the backend closed it, or died).
+                disconnects[backend.node] = disconnects.get(backend.node, 0) + 1
+                if disconnects[backend.node] >= 2:
+                    tried.add(backend.node)
+                failures.append(f"node {backend.node} ({backend.address}) closed the connection: {_reason(exc)}")
+                if retriable and not (body and body.consumed):
+                    continue
+                return _error(502, failures[-1])
+            except aiohttp.ServerTimeoutError:
+                return _error(504, f"node {backend.node} ({backend.address}) did not answer within "
+                                   f"{self.read_timeout:g}s")
+            return await self._relay(request, upstream, decision)
+
+    def _decide(self, path: str, route: str | None, tried: set[str]) -> routing.Decision:
+        table = self.table
+        now = time.monotonic()
+        refused = {address for address, until in self._refused.items() if until > now}
+        if not refused:
+            self._refused.clear()
+            return routing.decide(table, path, route, tried)
+        context_path = routing.match_context(table, path)
+        skipped = {b.node for b in table.get(context_path or "", []) if b.address in refused}
+        decision = routing.decide(table, path, route, tried | skipped)
+        if decision.backend is None and skipped - tried:
+            decision = routing.decide(table, path, route, tried)  # refused lately, but nothing else is left
+        return decision
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                     decision: routing.Decision) -> web.StreamResponse:
+        async with upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for name, value in upstream.headers.items():
+                if name.lower() not in HOP_BY_HOP:
+                    response.headers.add(name, value)
+            if decision.set_route:
+                response.set_cookie(routing.ROUTE_COOKIE, decision.set_route, path="/", httponly=True, samesite="Lax")
+            try:
+                await response.prepare(request)
+                if request.method != "HEAD":
+                    async for chunk in upstream.content.iter_chunked(CHUNK):
+                        await response.write(chunk)
+                await response.write_eof()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                # The backend failed mid-response: the status line is gone, so cut the connection.
+                assert decision.backend is not None
+                log.warning("%s %s: node %s failed while answering: %s", request.method, request.path_qs,
+                            decision.backend.node, _reason(exc))
+                if request.transport is not None:
+                    request.transport.close()
+            except ConnectionResetError:
+                pass  # the client left
+        return response
+
+    # --- running it --------------------------------------------------------------------------
+
+    async def serve(self, host: str, port: int, ready: asyncio.Event | None = None,
+                    stop: asyncio.Event | None = None) -> None:
+        """Serve until ``stop`` is set (or SIGINT/SIGTERM when it is not given)."""
+        runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port, backlog=1024)
+            await site.start()
+            bound = runner.addresses[0]
+            self.address = (bound[0], bound[1])
+            log.info("balancer listening on http://%s:%d", bound[0], bound[1])
+            if stop is None:
+                stop = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(signum, stop.set)
+            if ready is not None:
+                ready.set()
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    def run(self, host: str, port: int) -> None:
+        asyncio.run(self.serve(host, port))
+
+
+def _forward_headers(request: web.Request) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        if name.lower() not in HOP_BY_HOP:
+            headers.add(name, value)
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers.setdefault("X-Forwarded-Proto", request.scheme)
+    headers.setdefault("X-Forwarded-Host", request.host)
+    return headers
+
+
+def _error(status: int, message: str) -> web.Response:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return web.Response(status=status, text=f"flask-immutant balancer: {message}\n", headers=headers)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.split("\n")[0]
+
+
+def _describe(table: Table) -> str:
+    if not table:
+        return "empty"
+    return "; ".join(f"{path} -> " + ", ".join(f"{b.node}@{b.address} {b.state} w{b.weight}" for b in backends)
+                     for path, backends in sorted(table.items()))
+

@@ -1,0 +1,173 @@
+"""The embedded balancer (`flask immutant balancer`) as a real process, in front of stand-in
+backends whose contexts the test publishes: routing, route cookies, retries, errors, streaming."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from balancer_support import Backend, free_port, start_embedded
+
+from flask_immutant.balancer import registry
+from flask_immutant.keys import Keys
+
+from support import wait_until
+
+
+@pytest.fixture
+def backends() -> Iterator[dict[str, Backend]]:
+    started = {name: Backend(name) for name in ("x", "y")}
+    try:
+        yield started
+    finally:
+        for backend in started.values():
+            backend.close()
+
+
+@pytest.fixture
+def publish(store_client, cluster_name):
+    keys = Keys(cluster_name)
+
+    def publish(node: str, port: int, path: str = "/") -> None:
+        registry.publish(store_client, keys, registry.Context(node, path, "app", "127.0.0.1", port, 100, os.getpid(),
+                                                              time.time()), 60)
+        registry.announce(store_client, keys, f"{node}|{path}")
+
+    return publish
+
+
+@pytest.fixture
+def balancer(node_env, tmp_path: Path):
+    process, url = start_embedded(node_env, tmp_path, "-v")
+    try:
+        yield url
+    finally:
+        process.cleanup()
+
+
+def served_by(url: str, cookies: dict[str, str] | None = None, method: str = "GET", **kw: object) -> str:
+    response = requests.request(method, url, cookies=cookies, timeout=10, **kw)  # type: ignore[arg-type]
+    assert response.status_code == 200, response.text
+    return str(response.json()["node"])
+
+
+def nodes_seen(url: str, tries: int) -> set[str]:
+    responses = [requests.get(url, timeout=5) for _ in range(tries)]
+    return {r.json()["node"] for r in responses if r.status_code == 200}
+
+
+def test_requests_go_to_the_longest_matching_context(backends, publish, balancer):
+    # Given x serving / and y serving /shop
+    publish("x", backends["x"].port, "/")
+    publish("y", backends["y"].port, "/shop")
+    wait_until(lambda: requests.get(f"{balancer}/shop/a", timeout=5).status_code == 200, timeout=5)
+    # Then each path goes to the right one, and the path is forwarded unchanged
+    assert served_by(f"{balancer}/shop/a?q=1") == "y"
+    assert requests.get(f"{balancer}/shop/a?q=1", timeout=5).json()["path"] == "/shop/a?q=1"
+    assert served_by(f"{balancer}/shop") == "y"
+    assert served_by(f"{balancer}/shopping") == "x"
+    assert served_by(f"{balancer}/") == "x"
+
+
+def test_the_route_cookie_is_set_once_and_binds_the_session(backends, publish, balancer):
+    publish("x", backends["x"].port)
+    publish("y", backends["y"].port)
+    wait_until(lambda: len(nodes_seen(f"{balancer}/who", 10)) == 2, timeout=5)
+    # Given a client with no route cookie
+    session = requests.Session()
+    first = session.get(f"{balancer}/who", timeout=5)
+    node = first.json()["node"]
+    # Then the balancer binds it to the node that served it, beside the app's own cookie
+    assert session.cookies.get("IMMUTANT_ROUTE") == node
+    assert session.cookies.get("app") == "1"
+    assert "httponly" in first.headers["Set-Cookie"].lower()
+    # And every later request goes there without the cookie being set again
+    for _ in range(10):
+        response = session.get(f"{balancer}/who", timeout=5)
+        assert response.json()["node"] == node
+        assert "IMMUTANT_ROUTE" not in response.headers.get("Set-Cookie", "")
+    # And the backend sees the client's cookies
+    assert "IMMUTANT_ROUTE" in response.json()["cookie"]
+
+
+def test_an_idempotent_request_is_retried_on_another_node_when_connecting_fails(backends, publish, balancer):
+    # Given a context whose node refuses connections, bound to a client by its route cookie
+    dead = free_port()
+    publish("dead", dead)
+    publish("x", backends["x"].port)
+    wait_until(lambda: requests.get(f"{balancer}/", cookies={"IMMUTANT_ROUTE": "x"}, timeout=5).status_code == 200,
+               timeout=5)
+    # When it sends a POST: that is never sent twice, so it gets a clear 502
+    response = requests.post(f"{balancer}/echo", cookies={"IMMUTANT_ROUTE": "dead"}, data=b"123", timeout=5)
+    assert response.status_code == 502
+    assert "node dead" in response.text and "refused the connection" in response.text
+    # When it sends idempotent requests
+    for method in ("GET", "PUT", "DELETE", "GET"):
+        response = requests.request(method, f"{balancer}/who", cookies={"IMMUTANT_ROUTE": "dead"}, timeout=5,
+                                    data=b"" if method == "PUT" else None)
+        # Then another node answers, and the session is bound to it
+        assert response.status_code == 200, response.text
+        assert response.json()["node"] == "x"
+        assert response.cookies.get("IMMUTANT_ROUTE") == "x"
+
+
+def test_nothing_to_serve_is_a_clear_503(backends, publish, balancer, store_client, cluster_name):
+    response = requests.get(f"{balancer}/nowhere", timeout=5)
+    assert response.status_code == 503 and "no app is deployed" in response.text
+    publish("x", backends["x"].port)
+    wait_until(lambda: requests.get(f"{balancer}/", timeout=5).status_code == 200, timeout=5)
+    registry.set_control(store_client, Keys(cluster_name), "STOPPED", node="x")
+    wait_until(lambda: requests.get(f"{balancer}/", timeout=5).status_code == 503, timeout=5)
+    response = requests.get(f"{balancer}/", timeout=5)
+    assert "x STOPPED" in response.text and response.headers["Retry-After"] == "1"
+
+
+def test_large_bodies_stream_both_ways(backends, publish, balancer):
+    publish("x", backends["x"].port)
+    wait_until(lambda: requests.get(f"{balancer}/", timeout=5).status_code == 200, timeout=5)
+    # An upload of 48 MiB, sent chunked with no length and with one
+    payload = os.urandom(1024 * 1024) * 48
+    digest = hashlib.sha256(payload).hexdigest()
+    response = requests.post(f"{balancer}/echo", data=payload, timeout=60)
+    assert response.json() == {"node": "x", "sha256": digest, "length": len(payload)}
+    # A download of 96 MiB, read in pieces
+    size = 96 * 1024 * 1024
+    with requests.get(f"{balancer}/bytes?n={size}", stream=True, timeout=60) as response:
+        assert int(response.headers["Content-Length"]) == size
+        assert sum(len(chunk) for chunk in response.iter_content(1 << 20)) == size
+
+
+def test_a_slow_client_holds_up_nobody(backends, publish, balancer):
+    publish("x", backends["x"].port)
+    wait_until(lambda: requests.get(f"{balancer}/", timeout=5).status_code == 200, timeout=5)
+    # Given a client that asks for a large body and then stops reading
+    host, port = balancer.removeprefix("http://").split(":")
+    slow = socket.create_connection((host, int(port)))
+    try:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.sendall(f"GET /bytes?n={256 * 1024 * 1024} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert slow.recv(1024).startswith(b"HTTP/1.1 200")
+        # Then other clients are served meanwhile, and the balancer did not buffer the body
+        for _ in range(20):
+            assert served_by(f"{balancer}/who") == "x"
+    finally:
+        slow.close()
+
+
+def test_the_console_is_mounted_when_it_exists(backends, publish, balancer):
+    publish("x", backends["x"].port)
+    wait_until(lambda: requests.get(f"{balancer}/", timeout=5).status_code == 200, timeout=5)
+    response = requests.get(f"{balancer}/_immutant/", timeout=5, allow_redirects=False)
+    try:
+        import flask_immutant.balancer.console  # noqa: F401
+    except ImportError:
+        assert response.json()["node"] == "x"  # no console: proxied like any path
+        return
+    assert backends["x"].hits == 1  # only the readiness request reached the backend
+    assert response.status_code < 500
