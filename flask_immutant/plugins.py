@@ -30,6 +30,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "flask_immutant.balancer.plugin",
     "flask_immutant.messaging.plugin",
     "flask_immutant.balancer.console_plugin",
+    "flask_immutant.balancer.balancer_plugin",
 )
 
 #: The setuptools entry-point group third-party plugins register under.
