@@ -1,0 +1,108 @@
+"""The HAProxy reconciler (`flask immutant balancer --haproxy SOCKET`) against a real HAProxy:
+the generated configuration, add/state/weight/address/del, and a full resync after a restart."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+from balancer_support import Backend, haproxy_binary, running_haproxy, start_reconciler
+
+from flask_immutant.balancer import registry
+from flask_immutant.balancer.haproxy import Reconciler, backend_name, render_config
+from flask_immutant.balancer.registry import Backend as Server
+from flask_immutant.keys import Keys
+
+from support import run_flask, wait_until
+
+
+def test_backend_names_are_unique_and_valid():
+    names = [backend_name(p) for p in ("/", "/shop", "/a/b", "/a_b", "/a.b-c")]
+    assert names == ["ctx", "ctx_shop", "ctx_a_b", "ctx_a__b", "ctx_a.b-c"]
+
+
+def test_the_generated_configuration_is_valid_haproxy_2_6(tmp_path: Path):
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(render_config(["/", "/shop", "/shop/admin"], socket_path=str(tmp_path / "s.sock")))
+    result = subprocess.run([haproxy_binary(), "-c", "-f", str(config)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = config.read_text()
+    # longest context path first, so /shop/admin is not taken by /shop
+    assert text.index("use_backend ctx_shop_admin") < text.index("use_backend ctx_shop ")
+    assert "cookie IMMUTANT_ROUTE insert indirect nocache" in text and "balance roundrobin" in text
+
+
+def test_print_haproxy_config_covers_the_known_contexts(node_env, store_client, cluster_name, tmp_path: Path):
+    registry.publish(store_client, Keys(cluster_name),
+                     registry.Context("a", "/shop", "shop", "127.0.0.1", 1, 100, 1, 0.0), 30)
+    out = tmp_path / "h.cfg"
+    result = run_flask(["immutant", "balancer", "--print-haproxy-config", "--context", "/later", "--bind",
+                        "127.0.0.1:9000", "--socket", "/run/h.sock", "-o", str(out)], node_env)
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert "backend ctx_shop" in text and "backend ctx_later" in text and "backend ctx\n" in text
+    assert "bind 127.0.0.1:9000" in text and "stats socket /run/h.sock" in text
+
+
+def test_the_reconciler_makes_haproxy_match_the_table(tmp_path: Path, cluster_name):
+    with running_haproxy(tmp_path, ["/"], cluster_name) as haproxy:
+        reconciler = Reconciler(haproxy.api)
+        # Given two contexts, one draining
+        reconciler.sync({"/": [Server("a", "127.0.0.1", 9001, 100, "ENABLED"),
+                               Server("b", "127.0.0.1", 9002, 40, "DISABLED")]})
+        servers = haproxy.servers()
+        assert {n: (s.port, s.state, s.weight) for n, s in servers.items()} == {
+            "a": (9001, "ready", 100), "b": (9002, "drain", 40)}
+        # A pass with nothing changed does nothing
+        assert reconciler.sync({"/": [Server("a", "127.0.0.1", 9001, 100, "ENABLED"),
+                                      Server("b", "127.0.0.1", 9002, 40, "DISABLED")]}) == []
+        # When a is stopped, b enabled on a new port with another weight, then a leaves
+        reconciler.sync({"/": [Server("a", "127.0.0.1", 9001, 100, "STOPPED"),
+                               Server("b", "127.0.0.1", 9003, 70, "ENABLED")]})
+        assert {n: (s.port, s.state, s.weight) for n, s in haproxy.servers().items()} == {
+            "a": (9001, "maint", 100), "b": (9003, "ready", 70)}
+        done = reconciler.sync({"/": [Server("b", "127.0.0.1", 9003, 70, "ENABLED")]})
+        assert "del server ctx/a" in done
+        assert set(haproxy.servers()) == {"b"}
+        # And a context path without a backend is skipped (with a warning), not an error
+        reconciler.sync({"/": [Server("b", "127.0.0.1", 9003, 70, "ENABLED")],
+                         "/new": [Server("b", "127.0.0.1", 9004, 70, "ENABLED")]})
+
+
+def test_the_reconciler_process_resyncs_a_restarted_haproxy(node_env, store_client, cluster_name, tmp_path: Path):
+    keys = Keys(cluster_name)
+    backend = Backend("a")
+    try:
+        with running_haproxy(tmp_path, ["/"], cluster_name) as haproxy:
+            reconciler = start_reconciler(node_env, tmp_path, haproxy.socket)
+            try:
+                # Given a context published while the reconciler runs
+                registry.publish(store_client, keys, registry.Context("a", "/", "app", "127.0.0.1", backend.port,
+                                                                      100, os.getpid(), time.time()), 60)
+                registry.announce(store_client, keys, "a|/")
+                wait_until(lambda: "a" in haproxy.servers(), timeout=5)
+                wait_until(lambda: requests.get(haproxy.url + "/who", timeout=5).status_code == 200, timeout=5)
+                assert requests.get(haproxy.url + "/who", timeout=5).json()["node"] == "a"
+                # When HAProxy restarts (dynamic servers are gone)
+                haproxy.stop()
+                haproxy.start()
+                assert haproxy.servers() == {}
+                # Then the reconciler adds them back and traffic flows again
+                wait_until(lambda: "a" in haproxy.servers(), timeout=5)
+                wait_until(lambda: requests.get(haproxy.url + "/who", timeout=5).status_code == 200, timeout=5)
+                reconciler.wait_for("HAProxy restarted")
+                # And a context that leaves is removed
+                registry.withdraw(store_client, keys, "a", "/", os.getpid())
+                wait_until(lambda: haproxy.servers() == {}, timeout=5)
+            finally:
+                reconciler.cleanup()
+    finally:
+        backend.close()
+
+
+def test_the_reconciler_says_clearly_when_there_is_no_socket(node_env, tmp_path: Path):
+    result = run_flask(["immutant", "balancer", "--haproxy", str(tmp_path / "nope.sock")], node_env)
+    assert result.returncode == 1 and "no such socket" in result.stderr
