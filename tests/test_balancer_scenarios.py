@@ -127,9 +127,7 @@ def test_a_session_survives_the_death_of_its_node(cluster: Cluster):
 
 def test_disable_drains_and_stop_empties_a_node(cluster: Cluster):
     # Given ann's session on node a
-    ann, node = cluster.login("ann")
-    while node != "a":
-        ann, node = cluster.login("ann")
+    ann = wait_until(lambda: (found := cluster.login("ann"))[1] == "a" and found[0], timeout=10)
     # When a is disabled
     cluster.ctl("disable", "--node", "a")
     wait_until(lambda: cluster.new_sessions(8) == {"b": 8}, timeout=10, message="new sessions avoid a")
