@@ -349,4 +349,4 @@ def test_a_redeploy_hands_singletons_from_the_old_runtime_to_the_new_at_once(sta
         watcher.join()
     # Then the new runtime holds it, with a larger token, after a gap far below the failure timeout
     assert second["fence"] > first["fence"]
-    assert gaps and max(gaps) < 0.5, gaps
+    assert not gaps or max(gaps) < 0.5, gaps  # no gap at all is the best case: seen between two polls

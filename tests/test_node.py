@@ -48,8 +48,8 @@ def names(env: dict[str, str]) -> set[str]:
 
 def http_get(port: int) -> requests.Response | None:
     try:
-        return requests.get(f"http://127.0.0.1:{port}/", timeout=2)
-    except requests.ConnectionError:
+        return requests.get(f"http://127.0.0.1:{port}/", timeout=5)
+    except requests.RequestException:  # refused, or a runtime still starting on a loaded machine
         return None
 
 
