@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import dramatiq
 import redis
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.middleware import Middleware, Retries
 
 from .. import lua
@@ -326,7 +325,9 @@ class Engine:
 
     def _prefetched(self) -> dict[str, int]:
         """RabbitMQ: messages delivered to this process and not yet acknowledged, per queue."""
-        if not isinstance(self.broker, RabbitmqBroker):
+        # By module, not isinstance: importing dramatiq's RabbitMQ broker needs pika, which only
+        # the `rabbitmq` extra installs.
+        if type(self.broker).__module__ != "dramatiq.brokers.rabbitmq":
             return {}
         counts: dict[str, int] = {}
         for name, thread in list(self.worker.consumers.items()):
