@@ -156,7 +156,7 @@ class EmbeddedBalancer:
                 tried.add(backend.node)
                 failures.append(f"node {backend.node} ({backend.address}) refused the connection: {_reason(exc)}")
                 log.info("%s %s: %s", request.method, request.path_qs, failures[-1])
-                if retriable and not (body and body.consumed):
+                if not (body and body.consumed):  # nothing was sent: safe for any method, as HAProxy does
                     continue
                 return _error(502, failures[-1])
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
