@@ -52,6 +52,7 @@ class ContextPublisher:
             app=deployment.get("name") or runtime.app.name, host=identity.address, port=runtime.port,
             load=100, pid=os.getpid(), since=time.time(),
         )
+        self._cpu_sample = (time.process_time(), time.monotonic())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="immutant-context", daemon=True)
 
@@ -69,8 +70,18 @@ class ContextPublisher:
 
     def _publish(self) -> None:
         load = registry.load_factor(self.runtime.active_requests, self.runtime.settings["IMMUTANT_THREADS"],
-                                    os.getloadavg()[0], os.cpu_count() or 1)
+                                    self._cpu_share(), 1)
         registry.publish(self.store, self.keys, registry.Context(**{**self.base.status(), "load": load}), self.ttl)
+
+    def _cpu_share(self) -> float:
+        """CPU seconds this runtime used per second since the last look: a Python process with
+        one GIL is saturated near 1.0. Its own share, not the machine's load average, so nodes
+        sharing a busy machine are not all read as saturated by each other's work."""
+        used, now = time.process_time(), time.monotonic()
+        previous_used, previous_now = self._cpu_sample
+        self._cpu_sample = (used, now)
+        elapsed = now - previous_now
+        return (used - previous_used) / elapsed if elapsed > 0 else 0.0
 
     def _run(self) -> None:
         while not self._stop.wait(self.ttl / 4):

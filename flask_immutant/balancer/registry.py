@@ -185,7 +185,7 @@ def set_weight(store: redis.Redis, keys: Keys, weight: int | None, node: str | N
 
 def load_factor(active_requests: int, threads: int, cpu_load: float, cpus: int) -> int:
     """mod_cluster-style load factor: 100 idle, 1 saturated; the busier of the request threads
-    in use and the machine's run queue per CPU decides."""
+    in use and the CPU used (``cpu_load`` CPU-seconds per second, out of ``cpus``) decides."""
     busy = active_requests / max(1, threads)
     cpu = cpu_load / max(1, cpus)
     return max(1, min(100, round(100 * (1 - min(1.0, max(busy, cpu))))))
