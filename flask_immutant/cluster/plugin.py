@@ -52,5 +52,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
             + ("" if m["clustered"] else "  (not clustered)")
         )
     for name, section in document.items():
-        if name not in {"schema", "cluster", "members", "store"}:
+        if name in {"schema", "cluster", "members", "store"}:
+            continue
+        if isinstance(section, list):
+            names = ", ".join(str(item.get("name", item.get("node", "?"))) for item in section[:8]
+                              if isinstance(item, dict))
+            more = f", +{len(section) - 8} more" if len(section) > 8 else ""
+            click.echo(f"{name}: {len(section)}" + (f" ({names}{more})" if names else ""))
+        else:
             click.echo(f"{name}: {json.dumps(section, sort_keys=True)}")
+    click.echo("(details: --json, or each feature's own command)")
