@@ -8,10 +8,11 @@ app: with one, its ``app.config`` is read; without, the environment and defaults
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import click
@@ -103,6 +104,17 @@ def load_state(
         if EXTENSION_KEY in app.extensions and not any(v is not None for v in (overrides or {}).values()):
             return app.extensions[EXTENSION_KEY], app, import_path
     return ImmutantState.build(config, overrides=overrides), app, import_path
+
+
+@contextlib.contextmanager
+def state_and_store(ctx: click.Context) -> Iterator[tuple[ImmutantState, redis.Redis]]:
+    """For a command that reads the cluster: its settings and a store client, closed afterwards.
+    It never starts the embedded store (a command must not leave a server behind)."""
+    from .store import existing_store
+
+    state, _app, _path = load_state(ctx)
+    with existing_store(state.settings) as store:
+        yield state, store
 
 
 def setup_logging(verbose: bool = False) -> None:

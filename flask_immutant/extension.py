@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
     from .cluster import Member
     from .server.runtime import AppRuntime
+
+T = TypeVar("T")
 
 EXTENSION_KEY = "immutant"
 #: Set by a node for the runtime of a deployment: JSON ``{name, context_path, settings, config}``.
@@ -74,6 +76,13 @@ class ImmutantState:
 
         return NodeIdentity.from_settings(self.settings).name
 
+    def feature(self, name: str, factory: Callable[[ImmutantState], T]) -> T:
+        """The per-app object of feature ``name`` (a registry, a manager), made on first use."""
+        found = self.features.get(name)
+        if found is None:
+            found = self.features[name] = factory(self)
+        return found  # type: ignore[no-any-return]
+
     def members(self) -> list[Member]:
         """The cluster's live members, read from the store (any process, any node)."""
         from .cluster import live_members
@@ -82,8 +91,12 @@ class ImmutantState:
 
     def status(self) -> dict[str, Any]:
         """The ``status --json`` document: the schema is in docs/status.md."""
+        from .store import existing_store
+
         document: dict[str, Any] = {"schema": 1, "cluster": self.settings["IMMUTANT_CLUSTER"]}
-        for sections in reversed(self.pm.hook.immutant_status(state=self)):
+        with existing_store(self.settings) as store:
+            contributed = self.pm.hook.immutant_status(state=self, store=store)
+        for sections in reversed(contributed):
             for name, data in (sections or {}).items():
                 if name in document:
                     raise ImmutantConfigError(f"two plugins contribute the status section {name!r}")

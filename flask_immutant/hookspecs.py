@@ -13,6 +13,7 @@ import pluggy
 
 if TYPE_CHECKING:
     import click
+    import redis
     from flask import Flask
 
     from .cluster.membership import Member
@@ -127,9 +128,11 @@ def immutant_register_commands(cli: click.Group) -> None:
 
 
 @hookspec
-def immutant_status(state: ImmutantState) -> dict[str, Any] | None:
+def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any] | None:
     """Contribute sections to ``flask immutant status --json``.
 
-    Returns a mapping of section name to JSON-serialisable data, or ``None``. Sections from all
-    plugins are merged into the status document; two plugins claiming one section is an error.
+    ``store`` is one client of the cluster store, opened for the whole document (it never starts
+    the embedded store): read through it rather than opening another. Returns a mapping of
+    section name to JSON-serialisable data, or ``None``. Sections from all plugins are merged
+    into the status document; two plugins claiming one section is an error.
     """

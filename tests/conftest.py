@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,7 +17,9 @@ import redis
 
 from flask_immutant.store import EmbeddedStore
 
-from support import NodeProcess, free_port_base
+from support import TRACKED_APPS, NodeProcess, free_port_base, stop_embedded_store
+
+PLUGINS_DIR = Path(__file__).parent / "plugins"
 
 
 @pytest.fixture(scope="session")
@@ -39,12 +40,32 @@ def embedded_store(immutant_home: Path) -> Iterator[EmbeddedStore]:
     try:
         yield store
     finally:
-        pid = store.pid()
-        with contextlib.suppress(Exception):
-            store.stop(timeout=5)
-        if pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stop_embedded_store(store)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process apps read the process environment: keep the tester's IMMUTANT_* out of it."""
+    for key in list(os.environ):
+        if key.startswith("IMMUTANT_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def test_plugins(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The test plugin modules in tests/plugins, importable by module name."""
+    monkeypatch.syspath_prepend(str(PLUGINS_DIR))
+    return PLUGINS_DIR
+
+
+@pytest.fixture(autouse=True)
+def close_tracked_stores() -> Iterator[None]:
+    """Close the store clients of the apps a test made with ``support.track``."""
+    yield
+    while TRACKED_APPS:
+        state = TRACKED_APPS.pop().extensions.get("immutant")
+        if state is not None and "store" in vars(state):
+            state.store.close()
 
 
 @pytest.fixture

@@ -156,3 +156,23 @@ def run_flask(args: Sequence[str], env: dict[str, str], cwd: str | Path | None =
         [sys.executable, "-m", "flask", *args], env=env, cwd=cwd, capture_output=True, text=True,
         timeout=timeout, stdin=subprocess.DEVNULL, check=False,
     )
+
+
+def stop_embedded_store(store: Any) -> None:
+    """Stop an embedded store a test started, and make sure its process is gone."""
+    pid = store.pid()
+    with contextlib.suppress(Exception):
+        store.stop(timeout=5)
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+#: Apps made by in-process tests; conftest closes their store clients after each test.
+TRACKED_APPS: list[Any] = []
+
+
+def track(app: T) -> T:
+    """Have the app's store client closed after the test (no socket left to the collector)."""
+    TRACKED_APPS.append(app)
+    return app

@@ -18,37 +18,15 @@ from flask import Flask
 from flask_immutant import ImmutantConfigError, ImmutantExtension, StoreUnavailableError, caching, get_state
 from flask_immutant.caching import ClusterCache
 
-from support import wait_until
+from support import track, wait_until
 
 MODES = ["distributed", "replicated", "invalidated", "local"]
 SHARED = ["distributed", "invalidated"]
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("IMMUTANT_"):
-            monkeypatch.delenv(key)
-
-
-APPS: list[Flask] = []
-
-
-@pytest.fixture(autouse=True)
-def close_stores() -> Iterator[None]:
-    """Close the store clients of the apps a test made, so no socket is left to the garbage collector."""
-    yield
-    while APPS:
-        state = APPS.pop().extensions.get("immutant")
-        if state is not None and "store" in vars(state):
-            state.store.close()
-
-
 def make_app(home: Path, cluster: str, **config: Any) -> Flask:
     app = Flask("cache_tests")
-    APPS.append(app)
+    track(app)
     app.config.update(IMMUTANT_HOME=str(home), IMMUTANT_CLUSTER=cluster, IMMUTANT_CACHE=True, **config)
     ImmutantExtension(app)
     return app
@@ -137,8 +115,7 @@ def test_a_bad_serializer_setting_is_a_clear_error(clean_env, immutant_home) -> 
 
 def test_status_shows_the_caches_of_the_app(app: Flask) -> None:
     open_cache(app, "seen", mode="local", max_entries=3).set("k", 1)
-    section = get_state(app).pm.hook.immutant_status(state=get_state(app))
-    caching_section = next(s["caching"] for s in section if s and "caching" in s)
+    caching_section = get_state(app).status()["caching"]
     assert caching_section["breaker"] == "closed"
     assert caching_section["caches"][0]["name"] == "seen" and caching_section["caches"][0]["max_entries"] == 3
 

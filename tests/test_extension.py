@@ -14,22 +14,7 @@ from flask import Flask
 from flask_immutant import ImmutantConfigError, ImmutantExtension, ImmutantState, get_state
 from flask_immutant.settings import CORE_SETTINGS
 
-PLUGINS_DIR = Path(__file__).parent / "plugins"
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """init_app reads the process environment: keep the tester's IMMUTANT_* out of it."""
-    for key in list(os.environ):
-        if key.startswith("IMMUTANT_"):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture
-def test_plugins(monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The test plugin modules in tests/plugins, importable by module name."""
-    monkeypatch.syspath_prepend(str(PLUGINS_DIR))
-    return PLUGINS_DIR
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 @pytest.fixture

@@ -23,22 +23,7 @@ from flask_immutant.plugins import DEFAULT_PLUGINS, ENTRY_POINT_GROUP, load, mak
 
 from support import run_flask
 
-PLUGINS_DIR = Path(__file__).parent / "plugins"
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Plugins and settings are read from the environment too: keep the tester's out of it."""
-    for key in list(os.environ):
-        if key.startswith("IMMUTANT_"):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture
-def test_plugins(monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The test plugin modules in tests/plugins, importable by module name."""
-    monkeypatch.syspath_prepend(str(PLUGINS_DIR))
-    return PLUGINS_DIR
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ sliding expiry, regenerate, the opt-in per-key merge, and a 503 while the store 
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import threading
 from collections.abc import Iterator
@@ -21,32 +20,12 @@ from flask_immutant import ImmutantConfigError, ImmutantExtension, get_state
 from flask_immutant.web import regenerate
 from flask_immutant.web.sessions import SLIDE_GRANULARITY_CAP_MS
 
-from support import wait_until
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("IMMUTANT_"):
-            monkeypatch.delenv(key)
-
-
-APPS: list[Flask] = []
-
-
-@pytest.fixture(autouse=True)
-def close_stores() -> Iterator[None]:
-    """Close the store clients of the apps a test made, so no socket is left to the garbage collector."""
-    yield
-    while APPS:
-        state = APPS.pop().extensions.get("immutant")
-        if state is not None and "store" in vars(state):
-            state.store.close()
+from support import track, wait_until
 
 
 def make_app(home: Path, cluster: str, **config: Any) -> Flask:
     app = Flask("sessions_app")
-    APPS.append(app)
+    track(app)
     app.config.update(IMMUTANT_HOME=str(home), IMMUTANT_CLUSTER=cluster, IMMUTANT_SESSIONS=True, **config)
     ImmutantExtension(app)
     gates: dict[str, tuple[threading.Event, threading.Event]] = {}  # key -> (entered, release)
@@ -311,6 +290,5 @@ def test_a_dead_store_answers_503_with_a_logged_reason_and_recovers(outage_app, 
 
 def test_status_section(app: Flask) -> None:
     state = get_state(app)
-    sections = [s for s in state.pm.hook.immutant_status(state=state) if s and "sessions" in s]
-    assert sections[0]["sessions"] == {"app": "sessions_app", "serializer": "msgpack", "merge": False,
+    assert state.status()["sessions"] == {"app": "sessions_app", "serializer": "msgpack", "merge": False,
                                        "breaker": "closed"}

@@ -18,7 +18,7 @@ from flask_immutant.errors import StoreUnavailableError
 from flask_immutant.store import EmbeddedStore, client_from_url, describe_url, store_url
 from flask_immutant.store.embedded import MAX_SOCKET_PATH, redis_server_binary
 
-from support import free_port_base, pid_alive, run_flask, wait_until
+from support import free_port_base, pid_alive, run_flask, stop_embedded_store, wait_until
 
 
 @pytest.fixture
@@ -28,13 +28,7 @@ def own_home() -> Iterator[Path]:
     try:
         yield home
     finally:
-        store = EmbeddedStore(home)
-        pid = store.pid()
-        with contextlib.suppress(Exception):
-            store.stop(timeout=5)
-        if pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stop_embedded_store(EmbeddedStore(home))
         shutil.rmtree(home, ignore_errors=True)
 
 

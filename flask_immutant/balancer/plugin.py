@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 import click
 import redis
 
-from ..cli import load_state, one_line_errors
+from ..cli import one_line_errors, state_and_store
 from ..cluster.identity import NodeIdentity
+from ..errors import ImmutantError
 from ..extension import DEPLOYMENT_ENV
 from ..hookspecs import hookimpl
 from ..settings import Setting, to_bool
-from ..store import existing_store
 from . import registry
 
 if TYPE_CHECKING:
@@ -108,9 +108,8 @@ def immutant_runtime_stopping(runtime: AppRuntime) -> None:
 
 
 @hookimpl(trylast=True)
-def immutant_status(state: ImmutantState) -> dict[str, Any]:
-    with existing_store(state.settings) as store:
-        return {"contexts": [context.status() for context in registry.contexts(store, state.keys)]}
+def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any]:
+    return {"contexts": [context.status() for context in registry.contexts(store, state.keys)]}
 
 
 @hookimpl(trylast=True)
@@ -128,36 +127,29 @@ def _scope_options(func: Any) -> Any:
     return click.option("--node", default=None, help="Only this node.")(func)
 
 
-def _control(ctx: click.Context, state_name: str, node: str | None, context_path: str | None) -> None:
-    state, _app, _path = load_state(ctx)
-    with existing_store(state.settings) as store:
-        registry.set_control(store, state.keys, state_name, node, context_path)
-    where = " ".join(filter(None, [f"node {node}" if node else "", f"context {context_path}" if context_path else ""]))
-    click.echo(f"{state_name}: {where or 'every node and context'}")
+def _where(node: str | None, context_path: str | None) -> str:
+    parts = [f"node {node}" if node else "", f"context {context_path}" if context_path else ""]
+    return " ".join(filter(None, parts)) or "every node and context"
 
 
-@ctl.command(help="Send new and existing sessions to the context(s).")
-@_scope_options
-@click.pass_context
-@one_line_errors
-def enable(ctx: click.Context, node: str | None, context_path: str | None) -> None:
-    _control(ctx, "ENABLED", node, context_path)
+def _state_command(name: str, state_name: str, help_text: str) -> click.Command:
+    """``ctl enable|disable|stop``: one command per state, the same but for the state it sets."""
+
+    @ctl.command(name, help=help_text)
+    @_scope_options
+    @click.pass_context
+    @one_line_errors
+    def command(ctx: click.Context, node: str | None, context_path: str | None) -> None:
+        with state_and_store(ctx) as (state, store):
+            registry.set_control(store, state.keys, state_name, node, context_path)
+        click.echo(f"{state_name}: {_where(node, context_path)}")
+
+    return command
 
 
-@ctl.command(help="Drain: only sessions already bound to the node go there.")
-@_scope_options
-@click.pass_context
-@one_line_errors
-def disable(ctx: click.Context, node: str | None, context_path: str | None) -> None:
-    _control(ctx, "DISABLED", node, context_path)
-
-
-@ctl.command(help="Send no requests to the context(s).")
-@_scope_options
-@click.pass_context
-@one_line_errors
-def stop(ctx: click.Context, node: str | None, context_path: str | None) -> None:
-    _control(ctx, "STOPPED", node, context_path)
+enable = _state_command("enable", "ENABLED", "Send new and existing sessions to the context(s).")
+disable = _state_command("disable", "DISABLED", "Drain: only sessions already bound to the node go there.")
+stop = _state_command("stop", "STOPPED", "Send no requests to the context(s).")
 
 
 @ctl.command(help="Set the load factor (0-100) balancers use, or 'auto' for the computed one.")
@@ -166,19 +158,11 @@ def stop(ctx: click.Context, node: str | None, context_path: str | None) -> None
 @click.pass_context
 @one_line_errors
 def weight(ctx: click.Context, weight: str, node: str | None, context_path: str | None) -> None:
-    from ..errors import ImmutantError
-
-    value: int | None
-    if weight == "auto":
-        value = None
-    elif weight.isdigit():
-        value = int(weight)
-    else:
+    if weight != "auto" and not weight.isdigit():
         raise ImmutantError(f"weight {weight!r}: expected 0-100 or 'auto'")
-    state, _app, _path = load_state(ctx)
-    with existing_store(state.settings) as store:
-        registry.set_weight(store, state.keys, value, node, context_path)
-    click.echo(f"weight {weight}: " + (" ".join(filter(None, [node, context_path])) or "every node and context"))
+    with state_and_store(ctx) as (state, store):
+        registry.set_weight(store, state.keys, None if weight == "auto" else int(weight), node, context_path)
+    click.echo(f"weight {weight}: {_where(node, context_path)}")
 
 
 @ctl.command(help="Show every context: node, path, address, state, load factor.")
@@ -186,8 +170,7 @@ def weight(ctx: click.Context, weight: str, node: str | None, context_path: str 
 @click.pass_context
 @one_line_errors
 def show(ctx: click.Context, as_json: bool) -> None:
-    state, _app, _path = load_state(ctx)
-    with existing_store(state.settings) as store:
+    with state_and_store(ctx) as (state, store):
         found = registry.contexts(store, state.keys)
     if as_json:
         click.echo(json.dumps([c.status() for c in found], indent=2, sort_keys=True))

@@ -29,6 +29,7 @@ from redis.retry import Retry
 
 from .. import lua
 from ..keys import Keys
+from ..store.connect import close_quietly
 
 log = logging.getLogger(__name__)
 
@@ -258,24 +259,20 @@ class LeaseManager:
                     if keeper.name == name and not keeper.held:
                         keeper.wake()
         if pubsub is not None:
-            try:
-                pubsub.close()
-            except (redis.RedisError, OSError):
-                pass
+            close_quietly(pubsub)
 
 
 def lease_manager(state: Any) -> LeaseManager:
     """The one lease manager of an app runtime (shared by daemons and the job scheduler);
     closed by the cluster plugin when the runtime stops."""
-    manager = state.features.get("leases")
-    if manager is None:
-        from ..store import store_url
+    from ..store import store_url
 
+    def make(state: Any) -> LeaseManager:
         settings = state.settings
-        manager = state.features["leases"] = LeaseManager(
-            store_url(settings, start=True), state.keys, state.node_name, settings["IMMUTANT_FAILURE_TIMEOUT"]
-        )
-    return manager  # type: ignore[no-any-return]
+        return LeaseManager(store_url(settings, start=True), state.keys, state.node_name,
+                            settings["IMMUTANT_FAILURE_TIMEOUT"])
+
+    return state.feature("leases", make)  # type: ignore[no-any-return]
 
 
 def singleton_name(state: Any, name: str) -> str:

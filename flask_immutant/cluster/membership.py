@@ -25,6 +25,7 @@ import redis
 from .. import lua
 from ..errors import NodeStartError
 from ..keys import Keys
+from ..store.connect import close_quietly
 from .identity import NodeIdentity
 
 log = logging.getLogger(__name__)
@@ -102,18 +103,27 @@ def _holder_is_dead_here(token: str) -> bool:
 
 def live_members(store: redis.Redis, keys: Keys, failure_timeout: float) -> list[Member]:
     """The members whose claim is live, sorted by name, with their last heartbeat time."""
+    return _read_members(store, keys, failure_timeout)[0]
+
+
+def _read_members(store: redis.Redis, keys: Keys, failure_timeout: float) -> tuple[list[Member], list[str]]:
+    """(live members, names whose claim has expired): two round trips whatever the cluster's size."""
     records = store.hgetall(keys.members)
     names = sorted(n.decode() if isinstance(n, bytes) else n for n in records)
     if not names:
-        return []
+        return [], []
     pipe = store.pipeline(transaction=False)
     for name in names:
         pipe.pttl(keys.member_claim(name))
     ttls = pipe.execute()
     now = time.time()
-    members = []
+    members: list[Member] = []
+    expired: list[str] = []
     for name, pttl in zip(names, ttls, strict=True):
         raw = records.get(name.encode(), records.get(name))  # type: ignore[call-overload]
+        if pttl == -2:  # no claim key: the node stopped heartbeating
+            expired.append(name)
+            continue
         if pttl is None or pttl < 0 or raw is None:
             continue
         last = now - max(0.0, failure_timeout - pttl / 1000.0)
@@ -121,7 +131,7 @@ def live_members(store: redis.Redis, keys: Keys, failure_timeout: float) -> list
             members.append(Member.from_json(raw, last_heartbeat=last))
         except (ValueError, TypeError):
             log.warning("ignoring a malformed member record for %r", name)
-    return members
+    return members, expired
 
 
 Listener = Callable[[Member, str], None]
@@ -265,11 +275,11 @@ class Membership:
             except redis.RedisError as exc:
                 log.warning("membership watch failed: %s; retrying", exc)
                 if pubsub is not None:
-                    _close_quietly(pubsub)
+                    close_quietly(pubsub)
                 pubsub = None
                 self._stop.wait(self.interval)
         if pubsub is not None:
-            _close_quietly(pubsub)
+            close_quietly(pubsub)
 
     def _note_event(self, raw: bytes | str) -> None:
         try:
@@ -286,12 +296,11 @@ class Membership:
                 self._note_event(message["data"])
 
     def _poll(self, pubsub: Any) -> None:
-        records = self.store.hgetall(self.keys.members)
-        for raw_name in records:
-            name = raw_name.decode() if isinstance(raw_name, bytes) else raw_name
-            if name != self.me.name and not self.store.exists(self.keys.member_claim(name)):
+        members, expired = _read_members(self.store, self.keys, self.failure_timeout)
+        for name in expired:
+            if name != self.me.name:
                 self._scripts["reap"](keys=self._member_keys(name), args=[name])
-        current = {m.name: m for m in live_members(self.store, self.keys, self.failure_timeout)}
+        current = {m.name: m for m in members}
         for name, member in current.items():
             if name not in self._known:
                 self._known[name] = member
@@ -312,10 +321,3 @@ class Membership:
             callback(*args)
         except Exception:  # a plugin's bug must not stop membership
             log.exception("membership listener failed")
-
-
-def _close_quietly(pubsub: Any) -> None:
-    try:
-        pubsub.close()
-    except (redis.RedisError, OSError):
-        pass

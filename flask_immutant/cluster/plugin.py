@@ -6,10 +6,10 @@ import json
 from typing import Any
 
 import click
+import redis
 
 from ..cli import load_state, one_line_errors
 from ..hookspecs import hookimpl
-from ..store import existing_store
 from .membership import live_members
 
 
@@ -27,9 +27,8 @@ def immutant_runtime_stopping(runtime: Any) -> None:
 
 
 @hookimpl(trylast=True)
-def immutant_status(state: Any) -> dict[str, Any]:
-    with existing_store(state.settings) as store:
-        members = live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])
+def immutant_status(state: Any, store: redis.Redis) -> dict[str, Any]:
+    members = live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])
     return {"members": [member.status() for member in members]}
 
 

@@ -7,13 +7,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import click
+import redis
 
-from ..cli import load_state, one_line_errors
+from ..cli import one_line_errors, state_and_store
 from ..cluster.lease import read_holder
 from ..cluster.membership import live_members
 from ..hookspecs import hookimpl
 from ..settings import Setting, to_bool
-from ..store import existing_store
 from .registry import registry
 
 if TYPE_CHECKING:
@@ -44,30 +44,29 @@ def immutant_register_commands(cli: click.Group) -> None:
 
 
 @hookimpl(trylast=True)
-def immutant_status(state: ImmutantState) -> dict[str, Any]:
-    return {"daemons": daemon_status(state)}
+def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any]:
+    return {"daemons": daemon_status(state, store)}
 
 
-def daemon_status(state: ImmutantState) -> list[dict[str, Any]]:
+def daemon_status(state: ImmutantState, store: redis.Redis) -> list[dict[str, Any]]:
     """One entry per daemon (per node for non-singletons); holders come from the leases."""
-    with existing_store(state.settings) as store:
-        live = {m.name for m in live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])}
-        records = [json.loads(raw) for raw in store.hgetall(state.keys.daemons).values()]
-        result = []
-        for record in sorted(records, key=lambda r: (r["name"], r["node"])):
-            entry = {
-                "name": record["name"], "singleton": record["singleton"], "state": record["state"],
-                "node": record["node"], "since": record["since"], "fencing_token": record["fencing_token"],
-                "restarts": record["restarts"], "last_error": record["last_error"],
-            }
-            if record["singleton"]:
-                holder = _singleton_holder(store, state, record["name"])
-                entry.update(node=holder.node if holder else None, fencing_token=holder.fence if holder else None,
-                             since=holder.since if holder else None, state="running" if holder else "waiting")
-            elif record["node"] not in live:
-                continue
-            result.append(entry)
-        return result
+    live = {m.name for m in live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])}
+    records = [json.loads(raw) for raw in store.hgetall(state.keys.daemons).values()]
+    result = []
+    for record in sorted(records, key=lambda r: (r["name"], r["node"])):
+        entry = {
+            "name": record["name"], "singleton": record["singleton"], "state": record["state"],
+            "node": record["node"], "since": record["since"], "fencing_token": record["fencing_token"],
+            "restarts": record["restarts"], "last_error": record["last_error"],
+        }
+        if record["singleton"]:
+            holder = _singleton_holder(store, state, record["name"])
+            entry.update(node=holder.node if holder else None, fencing_token=holder.fence if holder else None,
+                         since=holder.since if holder else None, state="running" if holder else "waiting")
+        elif record["node"] not in live:
+            continue
+        result.append(entry)
+    return result
 
 
 def _singleton_holder(store: Any, state: ImmutantState, name: str) -> Any:
@@ -86,8 +85,8 @@ def _singleton_holder(store: Any, state: ImmutantState, name: str) -> Any:
 @click.pass_context
 @one_line_errors
 def daemons(ctx: click.Context, as_json: bool) -> None:
-    state, _app, _path = load_state(ctx)
-    entries = daemon_status(state)
+    with state_and_store(ctx) as (state, store):
+        entries = daemon_status(state, store)
     if as_json:
         click.echo(json.dumps(entries, indent=2, sort_keys=True))
         return

@@ -71,8 +71,4 @@ class DaemonRegistry:
 
 
 def registry(app: Flask | None = None, state: ImmutantState | None = None) -> DaemonRegistry:
-    state = state or get_state(app)
-    found = state.features.get(FEATURE)
-    if found is None:
-        found = state.features[FEATURE] = DaemonRegistry(state)
-    return found  # type: ignore[no-any-return]
+    return (state or get_state(app)).feature(FEATURE, DaemonRegistry)

@@ -23,6 +23,7 @@ import redis
 from ..extension import DEPLOYMENT_ENV
 from ..server.node import READY_TIMEOUT, AppTarget, RuntimeProcess
 from ..server.runtime import EXIT_APP_FAILED
+from ..store import close_quietly
 from . import archive
 from .records import Deployment, DeploymentError
 from .store import DeploymentStore
@@ -112,10 +113,7 @@ class Deployer:
                 pubsub = None
                 self._stop.wait(POLL_INTERVAL)
         if pubsub is not None:
-            try:
-                pubsub.close()
-            except (redis.RedisError, OSError):
-                pass
+            close_quietly(pubsub)
 
     def reconcile(self) -> None:
         wanted = self.store.all()

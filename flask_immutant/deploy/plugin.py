@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import redis
 
-from ..cli import load_state, one_line_errors
+from ..cli import load_state, one_line_errors, state_and_store
 from ..cluster.membership import live_members
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
@@ -97,9 +97,8 @@ def immutant_register_commands(cli: click.Group) -> None:
 
 
 @hookimpl(trylast=True)
-def immutant_status(state: ImmutantState) -> dict[str, Any]:
-    with existing_store(state.settings) as store:
-        return {"deployments": deployment_listing(state, store)}
+def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any]:
+    return {"deployments": deployment_listing(state, store)}
 
 
 def deployment_listing(state: ImmutantState, store: redis.Redis) -> list[dict[str, Any]]:
@@ -222,8 +221,7 @@ def _await_nodes(state: ImmutantState, store: redis.Redis, deployments: Deployme
 @click.pass_context
 @one_line_errors
 def undeploy(ctx: click.Context, name: str, wait: float) -> None:
-    state, _app, _path = load_state(ctx)
-    with existing_store(state.settings) as store:
+    with state_and_store(ctx) as (state, store):
         deployments = deployment_store(state, store)
         if not deployments.remove(name):
             known = ", ".join(sorted(deployments.all())) or "none"
@@ -240,8 +238,7 @@ def undeploy(ctx: click.Context, name: str, wait: float) -> None:
 @click.pass_context
 @one_line_errors
 def list_deployments(ctx: click.Context, as_json: bool) -> None:
-    state, _app, _path = load_state(ctx)
-    with existing_store(state.settings) as store:
+    with state_and_store(ctx) as (state, store):
         rows = deployment_listing(state, store)
     if as_json:
         click.echo(json.dumps(rows, indent=2, sort_keys=True))

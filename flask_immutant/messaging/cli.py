@@ -11,15 +11,13 @@ from ..cli import load_state, one_line_errors
 from ..errors import ImmutantError
 from .backends import Target
 from .core import Messaging
+from .plugin import messaging_of
 from .status import queue_entries
 
 
 def _messaging(ctx: click.Context) -> Messaging:
     state, _app, _path = load_state(ctx)
-    messaging = state.features.get("messaging")
-    if not isinstance(messaging, Messaging):
-        messaging = Messaging(state)
-    return messaging
+    return messaging_of(state)
 
 
 @click.group("queues", invoke_without_command=True,

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 import click
 import redis
 
-from ..errors import StoreUnavailableError
 from ..hookspecs import hookimpl
 from ..settings import Setting
 from .config import FLAG, SETTINGS
@@ -25,10 +24,7 @@ FEATURE = "messaging"
 
 
 def messaging_of(state: ImmutantState) -> Messaging:
-    feature = state.features.get(FEATURE)
-    if feature is None:
-        feature = state.features[FEATURE] = Messaging(state)
-    return feature  # type: ignore[no-any-return]
+    return state.feature(FEATURE, Messaging)
 
 
 @hookimpl(trylast=True)
@@ -59,15 +55,10 @@ def immutant_register_commands(cli: click.Group) -> None:
 
 
 @hookimpl(trylast=True)
-def immutant_status(state: ImmutantState) -> dict[str, Any]:
-    from ..store import client_from_url, store_url
+def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any]:
     from .backends import make_backend
     from .status import queue_entries
 
-    try:
-        store = client_from_url(store_url(state.settings, start=False))
-    except StoreUnavailableError:
-        return {"queues": []}
     backend = make_backend(store, state.keys, state.settings["IMMUTANT_BROKER_URL"])
     try:
         return {"queues": queue_entries(backend, store, state.keys)}
@@ -77,4 +68,3 @@ def immutant_status(state: ImmutantState) -> dict[str, Any]:
         close = getattr(backend, "close", None)
         if close is not None:
             close()
-        store.close()

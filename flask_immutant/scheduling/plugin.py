@@ -7,12 +7,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import click
+import redis
 
-from ..cli import load_state, one_line_errors
+from ..cli import one_line_errors, state_and_store
 from ..cluster.lease import read_holder
 from ..hookspecs import hookimpl
 from ..settings import Setting, to_bool
-from ..store import existing_store
 from .registry import registry
 from .store import JobStore
 
@@ -44,24 +44,23 @@ def immutant_register_commands(cli: click.Group) -> None:
 
 
 @hookimpl(trylast=True)
-def immutant_status(state: ImmutantState) -> dict[str, Any]:
-    return {"jobs": job_status(state)}
+def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any]:
+    return {"jobs": job_status(state, store)}
 
 
-def job_status(state: ImmutantState) -> list[dict[str, Any]]:
+def job_status(state: ImmutantState, store: redis.Redis) -> list[dict[str, Any]]:
     """Every stored singleton job of every app in the cluster, with its scheduler's holder."""
-    with existing_store(state.settings) as store:
-        apps = sorted({
-            (key.decode() if isinstance(key, bytes) else key).split(":")[-2]
-            for key in store.scan_iter(match=state.keys.jobs_schedule("*"), count=200)
-        })
-        rows = []
-        for app in apps:
-            holder = read_holder(store, state.keys, f"scheduler:{app}")
-            for row in JobStore(store, state.keys, app).listing():
-                row["holder"] = holder.node if holder else None
-                rows.append(row)
-        return rows
+    apps = sorted({
+        (key.decode() if isinstance(key, bytes) else key).split(":")[-2]
+        for key in store.scan_iter(match=state.keys.jobs_schedule("*"), count=200)
+    })
+    rows = []
+    for app in apps:
+        holder = read_holder(store, state.keys, f"scheduler:{app}")
+        for row in JobStore(store, state.keys, app).listing():
+            row["holder"] = holder.node if holder else None
+            rows.append(row)
+    return rows
 
 
 def _when(epoch: float | None) -> str:
@@ -73,8 +72,8 @@ def _when(epoch: float | None) -> str:
 @click.pass_context
 @one_line_errors
 def jobs(ctx: click.Context, as_json: bool) -> None:
-    state, _app, _path = load_state(ctx)
-    rows = job_status(state)
+    with state_and_store(ctx) as (state, store):
+        rows = job_status(state, store)
     if as_json:
         click.echo(json.dumps(rows, indent=2, sort_keys=True))
         return

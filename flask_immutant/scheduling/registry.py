@@ -70,8 +70,4 @@ class JobRegistry:
 
 
 def registry(app: Flask | None = None, state: ImmutantState | None = None) -> JobRegistry:
-    state = state or get_state(app)
-    found = state.features.get(FEATURE)
-    if found is None:
-        found = state.features[FEATURE] = JobRegistry(state)
-    return found  # type: ignore[no-any-return]
+    return (state or get_state(app)).feature(FEATURE, JobRegistry)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .connect import client_from_url, describe_url, existing_store, store_url
+from .connect import client_from_url, close_quietly, describe_url, existing_store, store_url
 from .embedded import EmbeddedStore
 
-__all__ = ["EmbeddedStore", "client_from_url", "describe_url", "existing_store", "store_url"]
+__all__ = ["EmbeddedStore", "client_from_url", "close_quietly", "describe_url", "existing_store", "store_url"]

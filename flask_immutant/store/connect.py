@@ -74,6 +74,12 @@ def existing_store(settings: Mapping[str, Any]) -> Iterator[redis.Redis]:
         client.close()
 
 
+def close_quietly(connection: Any) -> None:
+    """Close a client or pub/sub connection that may already be broken (the store went away)."""
+    with contextlib.suppress(redis.RedisError, OSError):
+        connection.close()
+
+
 def describe_url(url: str) -> str:
     """``url`` with any password masked, for logs and the first line of ``run``."""
     parts = urlsplit(url)
