@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -115,6 +116,18 @@ def state_and_store(ctx: click.Context) -> Iterator[tuple[ImmutantState, redis.R
     state, _app, _path = load_state(ctx)
     with existing_store(state.settings) as store:
         yield state, store
+
+
+def echoed_as_json_or_empty(data: Any, as_json: bool, empty: str) -> bool:
+    """The shared start of a listing command: print ``data`` as JSON (``--json``) or ``empty``
+    when there is nothing; True when that was all there was to print."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        return True
+    if not data:
+        click.echo(empty)
+        return True
+    return False
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import redis
 
-from ..cli import one_line_errors, state_and_store
+from ..cli import echoed_as_json_or_empty, one_line_errors, state_and_store
 from ..cluster.identity import NodeIdentity
 from ..errors import ImmutantError
 from ..extension import DEPLOYMENT_ENV
@@ -172,11 +172,8 @@ def weight(ctx: click.Context, weight: str, node: str | None, context_path: str 
 def show(ctx: click.Context, as_json: bool) -> None:
     with state_and_store(ctx) as (state, store):
         found = registry.contexts(store, state.keys)
-    if as_json:
-        click.echo(json.dumps([c.status() for c in found], indent=2, sort_keys=True))
+    if echoed_as_json_or_empty([c.status() for c in found], as_json, "no contexts"):
         return
-    if not found:
-        click.echo("no contexts")
     for c in found:
         click.echo(f"{c.context_path:<16} {c.node:<20} {c.host}:{c.port:<6} {c.state:<9} weight={c.weight} "
                    f"load={c.load} app={c.app}")

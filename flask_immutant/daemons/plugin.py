@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import redis
 
-from ..cli import one_line_errors, state_and_store
+from ..cli import echoed_as_json_or_empty, one_line_errors, state_and_store
 from ..cluster.lease import read_holder
 from ..cluster.membership import live_members
 from ..hookspecs import hookimpl
@@ -87,11 +87,7 @@ def _singleton_holder(store: Any, state: ImmutantState, name: str) -> Any:
 def daemons(ctx: click.Context, as_json: bool) -> None:
     with state_and_store(ctx) as (state, store):
         entries = daemon_status(state, store)
-    if as_json:
-        click.echo(json.dumps(entries, indent=2, sort_keys=True))
-        return
-    if not entries:
-        click.echo("no daemons")
+    if echoed_as_json_or_empty(entries, as_json, "no daemons"):
         return
     for e in entries:
         since = time.strftime("%H:%M:%S", time.localtime(e["since"])) if e["since"] else "-"

@@ -3,7 +3,6 @@ and ``list`` commands; the ``deployments`` status section."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import redis
 
-from ..cli import load_state, one_line_errors, state_and_store
+from ..cli import echoed_as_json_or_empty, load_state, one_line_errors, state_and_store
 from ..cluster.membership import live_members
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
@@ -240,11 +239,7 @@ def undeploy(ctx: click.Context, name: str, wait: float) -> None:
 def list_deployments(ctx: click.Context, as_json: bool) -> None:
     with state_and_store(ctx) as (state, store):
         rows = deployment_listing(state, store)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2, sort_keys=True))
-        return
-    if not rows:
-        click.echo("no deployments")
+    if echoed_as_json_or_empty(rows, as_json, "no deployments"):
         return
     for row in rows:
         if "error" in row:

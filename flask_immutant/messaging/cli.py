@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..cli import load_state, one_line_errors
+from ..cli import echoed_as_json_or_empty, load_state, one_line_errors
 from ..errors import ImmutantError
 from .backends import Target
 from .core import Messaging
@@ -30,11 +30,7 @@ def queues(ctx: click.Context, as_json: bool) -> None:
         return
     messaging = _messaging(ctx)
     entries = queue_entries(messaging.backend, messaging.state.store, messaging.state.keys)
-    if as_json:
-        click.echo(json.dumps(entries, indent=2, sort_keys=True))
-        return
-    if not entries:
-        click.echo("no destinations yet")
+    if echoed_as_json_or_empty(entries, as_json, "no destinations yet"):
         return
     click.echo(f"{'DESTINATION':<32} {'DEPTH':>7} {'IN FLIGHT':>9} {'DELAYED':>7} {'DEAD':>6} CONSUMERS")
     for entry in entries:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
 import click
 import redis
 
-from ..cli import one_line_errors, state_and_store
+from ..cli import echoed_as_json_or_empty, one_line_errors, state_and_store
 from ..cluster.lease import read_holder
 from ..hookspecs import hookimpl
 from ..settings import Setting, to_bool
@@ -74,11 +73,7 @@ def _when(epoch: float | None) -> str:
 def jobs(ctx: click.Context, as_json: bool) -> None:
     with state_and_store(ctx) as (state, store):
         rows = job_status(state, store)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2, sort_keys=True))
-        return
-    if not rows:
-        click.echo("no scheduled jobs")
+    if echoed_as_json_or_empty(rows, as_json, "no scheduled jobs"):
         return
     for r in rows:
         click.echo(f"{r['app']}.{r['name']:<20} {r['spec']:<28} next={_when(r['next_fire'])} "
