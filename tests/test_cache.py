@@ -136,9 +136,11 @@ def test_it_plugs_into_flask_caching(app: Flask) -> None:
     # When Flask-Caching's memoize runs twice
     with app.app_context():
         assert square(4) == 16 and square(4) == 16
-    # Then it computed once, and its entries live in the cluster cache of that name
+    # Then it computed once, and its entries live in the cluster cache of that name, under CACHE_KEY_PREFIX
     assert calls == [4]
-    assert caching.cache("fc", ttl=30, app=app) is flask_cache.cache
+    with app.app_context():
+        flask_cache.set("x", 1)
+    assert caching.cache("fc", ttl=30, app=app).get("flask_cache_x") == 1
 
 
 # --- expiry ----------------------------------------------------------------------------------
@@ -389,7 +391,7 @@ def test_json_and_explicit_pickle_serializers(app: Flask) -> None:
     as_pickle.set("k", {1, 2})
     assert as_pickle.get("k") == {1, 2}
     with pytest.raises(TypeError):
-        open_cache(app, "m").set("k", {1, 2})  # msgpack has no sets: a clear error, not a silent loss
+        open_cache(app, "m").set("k", Exploit())  # not in msgpack's closed set: a clear error, not a silent loss
 
 
 # --- the store goes down ---------------------------------------------------------------------

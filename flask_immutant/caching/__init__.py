@@ -7,9 +7,10 @@ in the cluster store; ``invalidated`` adds a near cache in each process kept coh
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import ImmutantConfigError
+from .backend import flask_caching_backend
 from .base import MISSING, MODES, CacheContentionError, ClusterCache
 from .breaker import CircuitBreaker
 from .serialization import Serializer
@@ -54,20 +55,6 @@ def cache(
     (default: ``IMMUTANT_CACHE_SERIALIZER``), ``"json"`` or ``"pickle"`` (unsafe: opt-in).
     """
     return registry(app).cache(name, mode=mode, ttl=ttl, idle=idle, max_entries=max_entries, serializer=serializer)
-
-
-def flask_caching_backend(app: Flask, config: dict[str, Any], args: list[Any], options: dict[str, Any]) -> ClusterCache:
-    """A Flask-Caching backend: ``CACHE_TYPE = "flask_immutant.caching.flask_caching_backend"``.
-
-    The cache is named by ``CACHE_IMMUTANT_NAME`` (default ``flask-caching``) and its mode by
-    ``CACHE_IMMUTANT_MODE`` (default ``distributed``); ``CACHE_DEFAULT_TIMEOUT`` is its ttl.
-    """
-    return cache(
-        config.get("CACHE_IMMUTANT_NAME", "flask-caching"),
-        mode=config.get("CACHE_IMMUTANT_MODE", "distributed"),
-        ttl=options.get("default_timeout") or None,
-        app=app,
-    )
 
 
 __all__ = [

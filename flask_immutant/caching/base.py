@@ -90,10 +90,16 @@ class ClusterCache(BaseCache):  # type: ignore[misc]
         ttl: float | None = None,
         idle: float | None = None,
         max_entries: int | None = None,
+        key_prefix: str = "",
+        ignore_delete_many_errors: bool = True,
     ) -> None:
-        super().__init__(default_timeout=0)
+        super().__init__(default_timeout=0, ignore_delete_many_errors=ignore_delete_many_errors)
         if max_entries is not None and max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, not {max_entries!r}")
+        if not isinstance(key_prefix, str):
+            raise ValueError(f"key_prefix must be a string, not {key_prefix!r}")
+        self.default_timeout = seconds_to_ms(ttl) // 1000 if ttl else 0
+        self.key_prefix = key_prefix
         self.name = name
         self.ttl = ttl
         self.idle = idle
@@ -139,7 +145,7 @@ class ClusterCache(BaseCache):  # type: ignore[misc]
         raise NotImplementedError
 
     def _incr(self, key: str, delta: int) -> int | None:
-        return self.swap(key, lambda old: (old or 0) + delta)  # type: ignore[no-any-return]
+        return self._swap(key, lambda old: (0 if old is MISSING else old) + delta, self.ttl_ms, None)[1]  # type: ignore[no-any-return]
 
     def _swap(self, key: str, fn: Callable[[Any], Any], ttl_ms: int, expect: Any) -> tuple[bool, Any]:
         """Atomically: read ``key``; if ``expect`` is given and differs, stop (False, current);
@@ -168,11 +174,16 @@ class ClusterCache(BaseCache):  # type: ignore[misc]
 
     # --- cachelib's interface -------------------------------------------------------------
 
+    def _key(self, key: Any) -> str:
+        """cachelib's keys: ``key_prefix`` + the key as text (a function is keyed by its ``str``, as
+        cachelib's Redis backends do)."""
+        return f"{self.key_prefix}{key}"
+
     def _ttl(self, timeout: Timeout) -> int:
         return self.ttl_ms if timeout is None else seconds_to_ms(timeout)
 
     def get(self, key: str) -> Any:
-        value = self._get(key)
+        value = self._get(self._key(key))
         if value is MISSING:
             self.misses += 1
             return None
@@ -180,36 +191,36 @@ class ClusterCache(BaseCache):  # type: ignore[misc]
         return value
 
     def get_many(self, *keys: str) -> list[Any]:
-        values = self._get_many(list(keys))
+        values = self._get_many([self._key(key) for key in keys])
         return [None if value is MISSING else value for value in values]
 
     def set(self, key: str, value: Any, timeout: Timeout = None) -> bool:
-        return bool(self._set(key, value, self._ttl(timeout), "set"))
+        return bool(self._set(self._key(key), value, self._ttl(timeout), "set"))
 
     def add(self, key: str, value: Any, timeout: Timeout = None) -> bool:
-        return bool(self._set(key, value, self._ttl(timeout), "add"))
+        return bool(self._set(self._key(key), value, self._ttl(timeout), "add"))
 
     def set_many(self, mapping: dict[str, Any], timeout: Timeout = None) -> list[Any]:
         return [key for key, value in mapping.items() if self.set(key, value, timeout)]
 
     def delete(self, key: str) -> bool:
-        return self._delete([key]) > 0
+        return self._delete([self._key(key)]) > 0
 
     def delete_many(self, *keys: str) -> list[Any]:
-        self._delete(list(keys))
+        self._delete([self._key(key) for key in keys])
         return list(keys)
 
     def has(self, key: str) -> bool:
-        return self._has(key)
+        return self._has(self._key(key))
 
     def clear(self) -> bool:
         return self._clear()
 
     def inc(self, key: str, delta: int = 1) -> int | None:
-        return self._incr(key, delta)
+        return self._incr(self._key(key), delta)
 
     def dec(self, key: str, delta: int = 1) -> int | None:
-        return self._incr(key, -delta)
+        return self._incr(self._key(key), -delta)
 
     # --- Immutant's extras ----------------------------------------------------------------
 
@@ -218,21 +229,21 @@ class ClusterCache(BaseCache):  # type: ignore[misc]
 
         Returns the value already present, or ``None`` when ``value`` was stored.
         """
-        present = self._set(key, value, self._ttl(timeout), "pia")
+        present = self._set(self._key(key), value, self._ttl(timeout), "pia")
         return None if present is MISSING else present
 
     def compare_and_set(self, key: str, old: Any, new: Any, timeout: Timeout = None) -> bool:
         """Store ``new`` only if the entry equals ``old`` (``None``: only if absent); atomic."""
         expect = MISSING if old is None else old
-        done, _ = self._swap(key, lambda _current: new, self._ttl(timeout), expect)
+        done, _ = self._swap(self._key(key), lambda _current: new, self._ttl(timeout), expect)
         return done
 
     def swap(self, key: str, fn: Callable[[Any], Any], timeout: Timeout = None) -> Any:
         """Replace the entry with ``fn(current)`` (``current`` is ``None`` when absent), atomically:
         if another writer gets in between, ``fn`` runs again on the newer value. Returns the new value.
         ``fn`` may run more than once, so it should have no side effects."""
-        _, value = self._swap(key, lambda current: fn(None if current is MISSING else current), self._ttl(timeout),
-                              None)
+        _, value = self._swap(self._key(key), lambda current: fn(None if current is MISSING else current),
+                              self._ttl(timeout), None)
         return value
 
     def memoize(

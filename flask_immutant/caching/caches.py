@@ -23,6 +23,15 @@ if TYPE_CHECKING:
     from ..extension import ImmutantState
 
 
+def check_name_and_mode(name: str, mode: str) -> None:
+    try:
+        identifier(name)
+    except ValueError as exc:
+        raise ImmutantConfigError(f"cache name {name!r} is not allowed: expected {exc}") from None
+    if mode not in MODES:
+        raise ImmutantConfigError(f"cache {name}: mode {mode!r} is not one of {', '.join(MODES)}")
+
+
 class CacheRegistry:
     """Kept in ``state.features["caching"]``: one cache object per name, created on first use."""
 
@@ -33,6 +42,7 @@ class CacheRegistry:
         self.timeout: float = settings["IMMUTANT_CACHE_TIMEOUT"]
         self.breaker = CircuitBreaker("cache", log, reset_after=settings["IMMUTANT_CACHE_RETRY"])
         self._caches: dict[str, tuple[tuple[Any, ...], ClusterCache]] = {}
+        self._unnamed: list[ClusterCache] = []
         self._lock = threading.RLock()
         self._client: redis.Redis | None = None
 
@@ -61,12 +71,7 @@ class CacheRegistry:
         max_entries: int | None = None,
         serializer: str | None = None,
     ) -> ClusterCache:
-        try:
-            identifier(name)
-        except ValueError as exc:
-            raise ImmutantConfigError(f"cache name {name!r} is not allowed: expected {exc}") from None
-        if mode not in MODES:
-            raise ImmutantConfigError(f"cache {name}: mode {mode!r} is not one of {', '.join(MODES)}")
+        check_name_and_mode(name, mode)
         options = (mode, ttl, idle, max_entries, serializer or self.serializer_name)
         with self._lock:
             known = self._caches.get(name)
@@ -81,9 +86,18 @@ class CacheRegistry:
             self._caches[name] = (options, created)
             return created
 
-    def _create(self, name: str, mode: str, ttl: float | None, idle: float | None, max_entries: int | None,
-                serializer: str) -> ClusterCache:
-        common: dict[str, Any] = {"ttl": ttl, "idle": idle, "max_entries": max_entries}
+    def instance(self, name: str, *, mode: str, **options: Any) -> ClusterCache:
+        """A cache object of its own on the entries of ``name`` (cachelib's model: each instance has
+        its own ``default_timeout``, ``key_prefix`` and ``serializer``); closed with the registry."""
+        check_name_and_mode(name, mode)
+        created = self._create(name, mode, serializer=self.serializer_name, **options)
+        with self._lock:
+            self._unnamed.append(created)
+        return created
+
+    def _create(self, name: str, mode: str, ttl: float | None = None, idle: float | None = None,
+                max_entries: int | None = None, serializer: str = "msgpack", **cachelib: Any) -> ClusterCache:
+        common: dict[str, Any] = {"ttl": ttl, "idle": idle, "max_entries": max_entries, **cachelib}
         if mode == "local":
             return LocalCache(name, **common)
         try:
@@ -98,7 +112,7 @@ class CacheRegistry:
 
     def caches(self) -> list[ClusterCache]:
         with self._lock:
-            return [entry[1] for entry in self._caches.values()]
+            return [entry[1] for entry in self._caches.values()] + self._unnamed
 
     def close(self) -> None:
         for each in self.caches():

@@ -1,8 +1,12 @@
 """``mode="local"``: a cache in this process only, with ttl, idle and LRU ``max_entries``.
 
 Values are kept as they are, not copied: treat them as immutable (as Immutant's Clojure values
-were). Every operation holds one lock, so the extras are atomic within the process, which is all
-a local cache promises. The memoize lock is per process too.
+were). The exceptions are the objects Flask mutates while serving them (responses, HTTP errors and
+tuples that may hold them): those are kept encoded and rebuilt on every read, so one request's
+cookies never reach the next. With a ``serializer`` (cachelib's, e.g. from ``CACHE_SERIALIZER``)
+every value goes through it, as in cachelib's ``SimpleCache``. Every operation holds one lock, so
+the extras are atomic within the process, which is all a local cache promises. The memoize lock is
+per process too.
 """
 
 from __future__ import annotations
@@ -13,7 +17,23 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response
+
+from . import typed
 from .base import MISSING, ClusterCache
+
+#: Values Flask changes while it serves them: kept encoded, so every hit gets a fresh copy.
+MUTATED_BY_FLASK = (Response, HTTPException, tuple)
+
+
+class _Encoded:
+    """A value kept as bytes (by ``serializer`` or, without one, by the typed codec)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
 class _Entry:
@@ -36,8 +56,28 @@ class LocalCache(ClusterCache):
         self._data: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.RLock()
         self._memo_locks: dict[str, tuple[str, float]] = {}
+        #: cachelib's serializer slot: None keeps values as they are (see the module docstring).
+        self.serializer: Any = None
         #: The clock expiry is measured on (a test may replace it).
         self.clock: Callable[[], float] = time.monotonic
+
+    def _keep(self, value: Any) -> Any:
+        if self.serializer is not None:
+            data = self.serializer.dumps(value)
+            if not isinstance(data, bytes):
+                raise TypeError(f"cache {self.name}: {type(self.serializer).__name__} could not encode a "
+                                f"{type(value).__name__}")
+            return _Encoded(data)
+        if isinstance(value, MUTATED_BY_FLASK):
+            return _Encoded(typed.packb(value))
+        return value
+
+    def _give(self, kept: Any) -> Any:
+        if type(kept) is not _Encoded:
+            return kept
+        if self.serializer is not None:
+            return self.serializer.loads(kept.data)
+        return typed.unpackb(kept.data)
 
     def _live(self, key: str, now: float) -> _Entry | None:
         entry = self._data.get(key)
@@ -64,16 +104,17 @@ class LocalCache(ClusterCache):
     def _get(self, key: str) -> Any:
         with self._lock:
             entry = self._live(key, self.clock())
-            return MISSING if entry is None else entry.value
+            return MISSING if entry is None else self._give(entry.value)
 
     def _set(self, key: str, value: Any, ttl_ms: int, mode: str) -> Any:
+        kept = self._keep(value)
         with self._lock:
             now = self.clock()
             if mode != "set":
                 entry = self._live(key, now)
                 if entry is not None:
-                    return False if mode == "add" else entry.value
-            self._store(key, value, ttl_ms, now)
+                    return False if mode == "add" else self._give(entry.value)
+            self._store(key, kept, ttl_ms, now)
             return MISSING if mode == "pia" else True
 
     def _delete(self, keys: list[str]) -> int:
@@ -93,11 +134,11 @@ class LocalCache(ClusterCache):
         with self._lock:
             now = self.clock()
             entry = self._live(key, now)
-            current = MISSING if entry is None else entry.value
+            current = MISSING if entry is None else self._give(entry.value)
             if expect is not None and current != expect:
                 return False, current
             new = fn(current)
-            self._store(key, new, ttl_ms, now)
+            self._store(key, self._keep(new), ttl_ms, now)
             return True, new
 
     # --- memoize ----------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import msgpack
 
+from .typed import TypedMsgpackSerializer
+
 
 class Serializer(Protocol):
     """Turns a value into bytes and back; ``loads`` raises ``ValueError`` on bytes it cannot read."""
@@ -72,12 +74,14 @@ class PickleSerializer:
 
 #: The safe formats, by name (sessions accept only these).
 SAFE_SERIALIZERS: dict[str, Serializer] = {"msgpack": MsgpackSerializer(), "json": JsonSerializer()}
-#: Every format a cache accepts, by name.
-CACHE_SERIALIZERS: dict[str, Serializer] = {**SAFE_SERIALIZERS, "pickle": PickleSerializer()}
+#: Every format a cache accepts, by name; a cache's msgpack keeps tuples, responses and HTTP errors.
+CACHE_SERIALIZERS: dict[str, Serializer] = {**SAFE_SERIALIZERS, "msgpack": TypedMsgpackSerializer(),
+                                            "pickle": PickleSerializer()}
 
 
 def serializer(name: str, *, allow_pickle: bool = False) -> Serializer:
-    """The serializer called ``name``; unknown names (and pickle, unless allowed) are refused."""
+    """The serializer called ``name``; unknown names (and pickle, unless allowed) are refused.
+    ``allow_pickle``: a cache's choice (its msgpack is the typed one, see ``typed.py``)."""
     choices = CACHE_SERIALIZERS if allow_pickle else SAFE_SERIALIZERS
     try:
         return choices[name]

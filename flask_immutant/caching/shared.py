@@ -39,6 +39,11 @@ _INT_START = frozenset(b"-0123456789")
 CLEAR_BATCH = 500
 
 
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis ``MATCH`` pattern."""
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
+
+
 class _Down(Exception):
     """The breaker is open or the store just failed: take the fail-open path."""
 
@@ -110,7 +115,11 @@ class SharedCache(ClusterCache):
     def encode(self, value: Any) -> bytes:
         if type(value) is int:
             return str(value).encode()
-        return b"\x00" + self.serializer.dumps(value)
+        payload = self.serializer.dumps(value)
+        if not isinstance(payload, bytes):  # cachelib's serializers log and return None
+            raise TypeError(f"cache {self.name}: {type(self.serializer).__name__} could not encode a "
+                            f"{type(value).__name__}")
+        return b"\x00" + payload
 
     def decode(self, raw: bytes | None) -> Any:
         """The value in ``raw``; ``MISSING`` for no entry or bytes that are not a valid entry."""
@@ -125,7 +134,8 @@ class SharedCache(ClusterCache):
             if tag in _INT_START:
                 return int(raw)
         except (ValueError, IndexError) as exc:
-            log.warning("cache %s: ignoring an entry that is not valid %s: %s", self.name, self.serializer.name, exc)
+            log.warning("cache %s: ignoring an entry that is not valid %s: %s", self.name,
+                        getattr(self.serializer, "name", type(self.serializer).__name__), exc)
             return MISSING
         log.warning("cache %s: ignoring an entry with an unknown header %r", self.name, raw[:1])
         return MISSING
@@ -211,10 +221,16 @@ class SharedCache(ClusterCache):
         except _Down:
             return False
 
+    def _clear_pattern(self) -> str:
+        """Everything of the cache; with a ``key_prefix``, only the entries under it (as cachelib's)."""
+        if not self.key_prefix:
+            return glob_escape(self.prefix) + "*"
+        return glob_escape(self.rkey(self.key_prefix)) + "*"
+
     def _clear(self) -> bool:
         def clear() -> bool:
             batch: list[Any] = []
-            for rkey in self.client.scan_iter(match=self.prefix + "*", count=CLEAR_BATCH):
+            for rkey in self.client.scan_iter(match=self._clear_pattern(), count=CLEAR_BATCH):
                 batch.append(rkey)
                 if len(batch) >= CLEAR_BATCH:
                     self.client.unlink(*batch)
