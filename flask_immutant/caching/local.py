@@ -48,6 +48,11 @@ class _Entry:
 INF = float("inf")
 
 
+def _monotonic() -> float:
+    """``time.monotonic`` looked up at each call (a test may replace this module's ``time``)."""
+    return time.monotonic()
+
+
 class LocalCache(ClusterCache):
     mode = "local"
 
@@ -59,7 +64,7 @@ class LocalCache(ClusterCache):
         #: cachelib's serializer slot: None keeps values as they are (see the module docstring).
         self.serializer: Any = None
         #: The clock expiry is measured on (a test may replace it).
-        self.clock: Callable[[], float] = time.monotonic
+        self.clock: Callable[[], float] = _monotonic
 
     def _keep(self, value: Any) -> Any:
         if self.serializer is not None:
