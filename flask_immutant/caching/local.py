@@ -17,23 +17,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from werkzeug.exceptions import HTTPException
-from werkzeug.wrappers import Response
-
 from . import typed
 from .base import MISSING, ClusterCache
-
-#: Values Flask changes while it serves them: kept encoded, so every hit gets a fresh copy.
-MUTATED_BY_FLASK = (Response, HTTPException, tuple)
-
-
-class _Encoded:
-    """A value kept as bytes (by ``serializer`` or, without one, by the typed codec)."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+from .typed import MUTATED_BY_FLASK, Encoded
 
 
 class _Entry:
@@ -72,13 +58,13 @@ class LocalCache(ClusterCache):
             if not isinstance(data, bytes):
                 raise TypeError(f"cache {self.name}: {type(self.serializer).__name__} could not encode a "
                                 f"{type(value).__name__}")
-            return _Encoded(data)
+            return Encoded(data)
         if isinstance(value, MUTATED_BY_FLASK):
-            return _Encoded(typed.packb(value))
+            return Encoded(typed.packb(value))
         return value
 
     def _give(self, kept: Any) -> Any:
-        if type(kept) is not _Encoded:
+        if type(kept) is not Encoded:
             return kept
         if self.serializer is not None:
             return self.serializer.loads(kept.data)

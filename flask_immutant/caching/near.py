@@ -28,6 +28,7 @@ import redis
 
 from .base import MISSING
 from .shared import SharedCache, _Down
+from .typed import MUTATED_BY_FLASK, Encoded
 
 log = logging.getLogger("flask_immutant.caching")
 
@@ -238,12 +239,15 @@ class InvalidatedCache(SharedCache):
 
     # --- reads through the near cache -------------------------------------------------------
 
-    def _fill(self, rkey: str, queue_read: Callable[[Any], Any], decode: Callable[[Any], Any]) -> Any:
-        """Read ``rkey`` from the store with its remaining TTL; keep it near unless it changed meanwhile."""
+    def _fill(self, rkey: str, queue_read: Callable[[Any], Any], decode: Callable[[Any], Any],
+              copies: bool = False) -> Any:
+        """Read ``rkey`` from the store with its remaining TTL; keep it near unless it changed meanwhile.
+        ``copies``: keep values Flask mutates as their bytes, so each hit decodes a fresh copy."""
         if self._tracker is None:
             self._ensure_tracker()
         token = self.near.begin(rkey)
         value: Any = MISSING
+        kept: Any = MISSING
         expires = refresh = INF
         try:
             def op() -> list[Any]:
@@ -253,7 +257,9 @@ class InvalidatedCache(SharedCache):
                 return pipe.execute()  # type: ignore[no-any-return]
 
             raw, pttl = self._call(op)
-            value = decode(raw)
+            value = kept = decode(raw)
+            if copies and isinstance(value, MUTATED_BY_FLASK):
+                kept = Encoded(raw)
             now = time.monotonic()
             if pttl is not None and pttl > 0:
                 expires = now + pttl / 1000
@@ -263,14 +269,14 @@ class InvalidatedCache(SharedCache):
         except _Down:
             return MISSING
         finally:
-            self.near.finish(rkey, token, value, expires, refresh)
+            self.near.finish(rkey, token, kept, expires, refresh)
 
     def _get(self, key: str) -> Any:
         rkey = self.rkey(key)
         value = self.near.get(rkey)
         if value is not MISSING:
             self.near_hits += 1
-            return value
+            return self.decode(value.data) if type(value) is Encoded else value
 
         def read(pipe: Any) -> None:
             if self._scripted:
@@ -278,7 +284,7 @@ class InvalidatedCache(SharedCache):
             else:
                 pipe.get(rkey)
 
-        return self._fill(rkey, read, self.decode)
+        return self._fill(rkey, read, self.decode, copies=True)
 
     def _get_many(self, keys: list[str]) -> list[Any]:
         return [self._get(key) for key in keys]

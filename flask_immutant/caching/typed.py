@@ -34,6 +34,18 @@ HTTP_EXCEPTIONS: dict[str, type[HTTPException]] = {
 #: The attributes of an HTTP exception that travel with it (others would be lost: refused).
 EXCEPTION_FIELDS = frozenset({"description", "response", "valid_methods", "retry_after", "length", "units"})
 _PLAIN_BASES = (dict, list, str, bytes, int, float)
+#: Values Flask changes while it serves them (headers, cookies): in-process copies of them are
+#: kept encoded, so that every hit gets a fresh object and one request's cookies never reach the next.
+MUTATED_BY_FLASK = (WerkzeugResponse, HTTPException, tuple)
+
+
+class Encoded:
+    """A value kept in process as its bytes, decoded again on every read."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
 def _response_classes() -> dict[str, type[WerkzeugResponse]]:
@@ -157,5 +169,5 @@ class TypedMsgpackSerializer:
     def loads(self, data: bytes) -> Any:
         try:
             return unpackb(data)
-        except (msgpack.UnpackException, ValueError, TypeError, RecursionError) as exc:
-            raise ValueError(f"not msgpack: {exc}") from None
+        except Exception as exc:  # bytes anyone with store access wrote: any failure is "not an entry"
+            raise ValueError(f"not msgpack: {type(exc).__name__}: {exc}") from None
