@@ -22,7 +22,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from flask_immutant import ImmutantConfigError, ImmutantExtension, caching, get_state
 from flask_immutant.caching import typed
 
-from support import track
+from support import track, wait_until
 
 MODES = ["distributed", "replicated", "invalidated", "local"]
 BACKEND = "flask_immutant.caching.flask_caching_backend"
@@ -92,6 +92,8 @@ def test_a_response_kept_in_process_is_a_fresh_copy_on_every_hit(app: Flask, mod
     if mode == "invalidated":
         assert cache.tracking()  # type: ignore[attr-defined]
     cache.set("page", Response("hello"))
+    if mode == "invalidated":  # the entry is in the near cache once our own write's invalidation is in
+        wait_until(lambda: cache.get("page") is not None and cache.describe()["near_hits"] >= 1)
     # Given one request's hit that Flask then changes (a session cookie, a header)
     first = cache.get("page")
     first.set_cookie("session", "user-a")
@@ -100,7 +102,7 @@ def test_a_response_kept_in_process_is_a_fresh_copy_on_every_hit(app: Flask, mod
     # Then it does not carry the first one's changes
     assert "Set-Cookie" not in second.headers and second.get_data() == b"hello"
     if mode == "invalidated":
-        assert cache.describe()["near_hits"] >= 1
+        assert cache.describe()["near_hits"] >= 3  # both reads were near hits
 
 
 @pytest.mark.parametrize("mode", MODES)
