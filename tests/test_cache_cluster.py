@@ -137,3 +137,83 @@ def test_memoize_computes_once_across_processes(workers, store_client: redis.Red
     # Then both get the result and it was computed once in the cluster
     assert a.read() == 42 and b.read() == 42
     assert store_client.lrange(keys.prefix + "computations", 0, -1) == [b"21"]
+
+
+CACHED_VIEWS_APP = '''
+from flask import Flask, Response, abort
+from flask_caching import Cache, CachedResponse
+from flask_immutant import ImmutantExtension, get_state
+
+app = Flask("cached_views")
+app.config.update(IMMUTANT_CACHE=True, CACHE_TYPE="flask_immutant.caching.flask_caching_backend",
+                  CACHE_IMMUTANT_MODE=__import__("os").environ["CACHE_MODE"], CACHE_DEFAULT_TIMEOUT=300)
+ImmutantExtension(app)
+cache = Cache(app)
+
+def count(view):
+    """Calls of a view, counted in the store (so both nodes' calls add up)."""
+    state = get_state(app)
+    state.store.incr(state.keys.prefix + "calls:" + view)
+
+@app.get("/calls/<view>")
+def calls(view):
+    state = get_state(app)
+    return state.store.get(state.keys.prefix + "calls:" + view) or b"0"
+
+@app.get("/tuple")
+@cache.cached()
+def as_tuple():
+    count("tuple")
+    return "created", 201, {"X-View": "tuple"}
+
+@app.get("/cached-response")
+@cache.cached()
+def as_cached_response():
+    count("cached-response")
+    return CachedResponse(Response("dynamic ttl", headers={"X-View": "cached-response"}), 60)
+
+@app.get("/missing")
+@cache.cached()
+def missing():
+    count("missing")
+    abort(404, "no such page")
+'''
+
+
+def responding(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(url + "/calls/none", timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+@pytest.mark.parametrize("mode", ["distributed", "invalidated"])
+def test_a_cached_view_filled_through_one_node_is_served_identically_by_another(
+        start_node, node_env, tmp_path: Path, mode: str) -> None:
+    import requests
+
+    # Given two clustered nodes serving an app whose @cached views return a tuple, a
+    # CachedResponse and abort(404), counting their calls in the store
+    app = tmp_path / "cached_views_app.py"
+    app.write_text(CACHED_VIEWS_APP)
+    first = start_node("--clustered", app=str(app), env={"CACHE_MODE": mode})
+    second = start_node("--clustered", "--port-offset", "100", app=str(app), env={"CACHE_MODE": mode})
+    base = int(node_env["IMMUTANT_HTTP_PORT"])
+    a, b = f"http://127.0.0.1:{base}", f"http://127.0.0.1:{base + 100}"
+    first.wait_for("joined cluster")
+    second.wait_for("joined cluster")
+    wait_until(lambda: responding(a) and responding(b), timeout=20, message="both nodes to serve the app")
+    for path in ("/tuple", "/cached-response", "/missing"):
+        # When the first request goes through node A and the second through node B
+        filled = requests.get(a + path, timeout=5)
+        served = requests.get(b + path, timeout=5)
+        # Then B serves the same status, headers and body, from the cache: the view ran once
+        assert (served.status_code, served.content, served.headers.get("X-View")) == \
+               (filled.status_code, filled.content, filled.headers.get("X-View")), path
+        assert served.headers.get("Content-Type") == filled.headers.get("Content-Type"), path
+        assert requests.get(a + "/calls" + path, timeout=5).text == "1", path
+    assert requests.get(b + "/tuple", timeout=5).status_code == 201
+    assert requests.get(b + "/tuple", timeout=5).text == "created"  # not the JSON array ["created",201,...]
+    assert b"no such page" in requests.get(b + "/missing", timeout=5).content
