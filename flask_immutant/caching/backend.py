@@ -39,7 +39,7 @@ def flask_caching_backend(app: Flask, config: dict[str, Any], args: list[Any], o
     for key, value in config.items():
         if value is not None and key.startswith(OTHER_SERVERS):
             raise ImmutantConfigError(f"{key}={value!r} is not used by the cluster cache: it keeps its entries "
-                                      "in the cluster store (IMMUTANT_STORE_URL); remove the setting")
+                                      "in the cluster store (IMMUTANT_REDIS_URL); remove the setting")
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ImmutantConfigError(f"CACHE_OPTIONS[{unknown[0]!r}]={options[unknown[0]]!r} is not an option of the "
