@@ -9,6 +9,7 @@ if a listed test no longer exists, so the list cannot go stale).
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +57,21 @@ def immutant_app(config: dict[str, Any] | None = None) -> Flask:
     return app
 
 
+#: Apps being closed in the background (an invalidated cache's tracker takes a moment to stop).
+CLOSING: list[threading.Thread] = []
+
+
+def close_later(app: Flask) -> None:
+    closing = threading.Thread(target=close_app, args=(app,), name="close-peer-app")
+    closing.start()
+    CLOSING.append(closing)
+
+
+def pytest_sessionfinish() -> None:
+    for closing in CLOSING:
+        closing.join(10)
+
+
 def close_app(app: Flask) -> None:
     state = app.extensions.get("immutant")
     if state is None:
@@ -78,7 +94,7 @@ def pytest_fixture_setup(fixturedef: Any, request: Any) -> Iterator[Any]:
     value = yield
     if fixturedef.argname == "app" and isinstance(value, Flask) and "immutant" not in value.extensions:
         _join_cluster(value)
-        fixturedef.addfinalizer(lambda: close_app(value))
+        fixturedef.addfinalizer(lambda: close_later(value))
     elif fixturedef.argname == "clock" and MODE == "local":
         # Their fake clock drives cachelib.simple's expiry; let it drive the local cache's too.
         patch = pytest.MonkeyPatch()
@@ -104,7 +120,7 @@ def immutant_cache_factory() -> Iterator[Any]:
         yield factory
     finally:
         for app in apps:
-            close_app(app)
+            close_later(app)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
