@@ -72,6 +72,8 @@ def start_run(suite: str, mode: str, home: Path) -> subprocess.Popen[str]:
     root = unpacked_sdist(distribution, pinned)
     if suite == "cachelib":
         shutil.copyfile(PEERS / "cachelib_generic.py", root / "tests" / "test_immutant_cache.py")
+    else:
+        shutil.copyfile(PEERS / "flask_caching_generic.py", root / "tests" / "test_immutant_backend.py")
     env = {key: value for key, value in os.environ.items() if not key.startswith(("IMMUTANT_", "FLASK_"))}
     env.update(IMMUTANT_HOME=str(home), IMMUTANT_PEER_MODE=mode, IMMUTANT_PEER_SUITE=suite,
                PYTHONPATH=os.pathsep.join([str(PEERS), str(root / "tests")]), PYTHONDONTWRITEBYTECODE="1")
