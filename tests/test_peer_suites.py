@@ -79,7 +79,7 @@ def start_run(suite: str, mode: str, home: Path) -> subprocess.Popen[str]:
                PYTHONPATH=os.pathsep.join([str(PEERS), str(root / "tests")]), PYTHONDONTWRITEBYTECODE="1")
     return subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "immutant_peers", "-q", "-rfE", "--no-header",
-         "-o", f"cache_dir={CACHE_DIR / 'pytest-cache' / f'{suite}-{mode}'}", "-W", "ignore::DeprecationWarning",
+         "-o", f"cache_dir={CACHE_DIR / 'pytest-cache' / f'{suite}-{mode}'}",
          *paths],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         stdin=subprocess.DEVNULL,
