@@ -1,7 +1,8 @@
 """How cache entries and session values become bytes: msgpack or JSON, pickle only on request.
 
 Data read back from the store is data anyone who can write to Redis controls, so the default
-formats can only produce plain values (dicts, lists, strings, numbers, bytes with msgpack).
+formats can only produce plain values (dicts, lists, strings, numbers, bytes with msgpack) and, in
+a cache's msgpack, the closed set of types of ``typed.py``.
 ``pickle`` would run code chosen by whoever wrote the bytes; it is available for caches only,
 by explicit choice, and never for sessions.
 """
