@@ -281,9 +281,21 @@ def test_a_store_writer_cannot_make_a_reader_run_code(app: Flask, store_client: 
     keys = get_state(app).keys
     for number, raw in enumerate(planted_values()):
         # Given someone who can write to Redis plants an entry
-        store_client.set(keys.cache_entry("planted", f"k{number}"), b"\x00" + raw)
+        store_client.set(keys.cache_entry("planted", f"k{number}"), (b"\x00", b"\x03")[number % 2] + raw)
         # When the app reads it, Then it is a miss with a warning, and nothing ran
         with caplog.at_level(logging.WARNING, "flask_immutant.caching"):
             assert cache.get(f"k{number}") is None, number
     assert RAN == []
     assert caplog.text.count("not valid msgpack") == len(planted_values())
+
+
+def test_typed_entries_have_their_own_header_and_plain_ones_still_read(app: Flask, store_client: Any) -> None:
+    cache = caching.cache("upgrade", app=app)
+    keys = get_state(app).keys
+    # Given an entry written now, and one written by the previous release (plain msgpack)
+    cache.set("new", ("body", 200))
+    store_client.set(keys.cache_entry("upgrade", "old"), b"\x00" + msgpack.packb(["body", 200]))
+    # Then the new one is tagged, so an older node mid rolling upgrade reads a miss, not a list
+    assert store_client.get(keys.cache_entry("upgrade", "new"))[:1] == b"\x03"
+    # And both read back here
+    assert cache.get("new") == ("body", 200) and cache.get("old") == ["body", 200]

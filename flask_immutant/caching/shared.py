@@ -1,8 +1,10 @@
 """``mode="distributed"`` (and ``"replicated"``): one copy of each entry, in the cluster store.
 
 An entry is one Redis string under ``Keys.cache_entry``. Its bytes are a one-byte header and the
-serialized value: ``\\x00`` + payload; ``\\x01`` + 13-digit absolute deadline (ms) + entry, for
-caches with both ttl and idle; ``\\x02`` + 13-digit fresh-until (ms) + entry, for memoized results.
+serialized value: ``\\x00`` + payload; ``\\x03`` + typed msgpack (``typed.py``; a header of its own,
+so that a node of an older release, mid rolling upgrade, reads it as a miss rather than as plain
+msgpack); ``\\x01`` + 13-digit absolute deadline (ms) + entry, for caches with both ttl and idle;
+``\\x02`` + 13-digit fresh-until (ms) + entry, for memoized results.
 Integers are stored as plain ASCII digits, so ``inc`` is Redis's own atomic ``INCRBY``.
 
 Fail-open: when the store cannot be reached, reads miss and writes are dropped (a warning is
@@ -27,13 +29,17 @@ from ..keys import Keys
 from .base import MISSING, SWAP_RETRIES, CacheContentionError, ClusterCache, log
 from .breaker import CircuitBreaker
 from .serialization import Serializer
+from .typed import TypedMsgpackSerializer
+
+#: Decodes ``TYPED`` entries whatever the cache's serializer now is (the header says what they are).
+TYPED_CODEC = TypedMsgpackSerializer()
 
 T = TypeVar("T")
 
 #: Errors that mean "the store is not reachable now", as opposed to a bug or a wrong-type key.
 STORE_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, StoreUnavailableError)
 
-PLAIN, DEADLINE, MEMO = 0, 1, 2
+PLAIN, DEADLINE, MEMO, TYPED = 0, 1, 2, 3
 _INT_START = frozenset(b"-0123456789")
 #: Keys deleted per round trip by ``clear``.
 CLEAR_BATCH = 500
@@ -119,7 +125,7 @@ class SharedCache(ClusterCache):
         if not isinstance(payload, bytes):  # cachelib's serializers log and return None
             raise TypeError(f"cache {self.name}: {type(self.serializer).__name__} could not encode a "
                             f"{type(value).__name__}")
-        return b"\x00" + payload
+        return (b"\x03" if type(self.serializer) is TypedMsgpackSerializer else b"\x00") + payload
 
     def decode(self, raw: bytes | None) -> Any:
         """The value in ``raw``; ``MISSING`` for no entry or bytes that are not a valid entry."""
@@ -129,6 +135,8 @@ class SharedCache(ClusterCache):
             tag = raw[0]
             if tag == DEADLINE:
                 raw, tag = raw[14:], raw[14]
+            if tag == TYPED:
+                return TYPED_CODEC.loads(raw[1:])
             if tag == PLAIN:
                 return self.serializer.loads(raw[1:])
             if tag in _INT_START:
