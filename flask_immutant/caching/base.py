@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -98,7 +99,7 @@ class ClusterCache(BaseCache):  # type: ignore[misc]
             raise ValueError(f"max_entries must be >= 1, not {max_entries!r}")
         if not isinstance(key_prefix, str):
             raise ValueError(f"key_prefix must be a string, not {key_prefix!r}")
-        self.default_timeout = seconds_to_ms(ttl) // 1000 if ttl else 0
+        self.default_timeout = math.ceil(ttl) if ttl else 0  # cachelib's view of ``ttl``: whole seconds
         self.key_prefix = key_prefix
         self.name = name
         self.ttl = ttl
