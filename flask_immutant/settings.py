@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import names
 from .errors import ImmutantConfigError
 
 PREFIX = "IMMUTANT_"
@@ -75,13 +76,8 @@ def float_range(low: float, high: float) -> Callable[[Any], float]:
     return convert
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
 def identifier(value: Any) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise ValueError("1-64 characters: letters, digits, '.', '_' or '-', not starting with a symbol")
-    return value
+    return names.name(value)
 
 
 def optional_identifier(value: Any) -> str | None:
@@ -95,9 +91,7 @@ def path(value: Any) -> str:
 
 
 def host(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or " " in value:
-        raise ValueError("a host name or IP address to bind, such as 127.0.0.1 or 0.0.0.0")
-    return value.strip()
+    return names.host(value.strip() if isinstance(value, str) else value)
 
 
 STORE_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
