@@ -125,16 +125,21 @@ class Deployer:
         for name, item in wanted.items():
             if self._stop.is_set():
                 return
+            current = self.running.get(name)
+            version = None
             if not isinstance(item, DeploymentError):
-                item = self._not_older(item)
+                version, item = item.version, self._not_older(item, current)
             if isinstance(item, DeploymentError):
                 if self.refused.get(name) != str(item):
                     log.error("refusing deployment %s: %s", name, item)
                     self.refused[name] = str(item)
-                    self.store.set_node_state(name, self.name, "refused", error=str(item))
+                    serving = current.deployment.version if current is not None and current.runtime else None
+                    self.store.set_node_state(name, self.name, "refused", error=str(item), version=version,
+                                              serving_version=serving)
+                if current is not None:
+                    self._supervise(current)  # what it ran before keeps running, restarted if it crashes
                 continue
             self.refused.pop(name, None)
-            current = self.running.get(name)
             if current is None or current.deployment.order != item.order:
                 self._deploy(item, current)
             else:
@@ -147,15 +152,18 @@ class Deployer:
             self._root_served()
             self.store.clear_node_state(name, self.name)
 
-    def _not_older(self, deployment: Deployment) -> Deployment | DeploymentError:
+    def _not_older(self, deployment: Deployment, current: Running | None) -> Deployment | DeploymentError:
         """The record, if it is not older than what this node has seen of its name (and raise the
         mark to it); else why it is refused."""
         mark = self.marks.get(deployment.name)
+        advice = ("an old record was written back, or the store was reset; to roll back on purpose, deploy with "
+                  "--rollback")
         if mark is not None and deployment.order < mark:
-            return DeploymentError(
-                f"{deployment.label} (epoch {deployment.epoch}) is older than v{mark[1]} (epoch {mark[0]}) which "
-                f"node {self.name} has seen: an old record was written back, or the store was reset; to roll "
-                "back on purpose, deploy with --rollback")
+            return DeploymentError(f"{deployment.label} (epoch {deployment.epoch}) is older than v{mark[1]} "
+                                   f"(epoch {mark[0]}) which node {self.name} has seen: {advice}")
+        if current is not None and current.deployment.order == deployment.order and current.deployment != deployment:
+            return DeploymentError(f"{deployment.label} (epoch {deployment.epoch}) differs from the {deployment.label} "
+                                   f"node {self.name} runs: {advice}")
         self.marks.raise_to(deployment.name, deployment.order)
         return deployment
 
