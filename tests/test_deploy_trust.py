@@ -121,15 +121,16 @@ def test_a_deliberate_rollback_is_signed_and_accepted(node, node_env, tmp_path, 
     assert get(node.port)["version"] == "1"  # type: ignore[index]
 
 
-@pytest.mark.parametrize("name", ["../../escaped", "/tmp/escaped", "a/b", "-x", "x" * 65, "two words"])
+@pytest.mark.parametrize("name", ["../../escaped", "(absolute)", "a/b", "-x", "x" * 65, "two words"])
 def test_a_deployment_name_cannot_escape_the_data_folder(node, node_env, tmp_path, immutant_home, name):
+    name = name.replace("(absolute)", str(tmp_path / "escaped"))
     folder = write_app(tmp_path / "shop", "1")
     result = deploy(node_env, folder, "--archive", "--name", name)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert "--name" in line and "letters, digits" in line
-    assert not list(immutant_home.rglob("escaped")) and not Path("/tmp/escaped").exists()
+    assert not list(immutant_home.rglob("escaped")) and not (tmp_path / "escaped").exists()
 
 
 def test_archives_stay_while_named_and_go_with_their_deployment(node_env, tmp_path, store_client, cluster_name,
