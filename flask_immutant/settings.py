@@ -180,6 +180,9 @@ CORE_SETTINGS: tuple[Setting, ...] = (
             "store under IMMUTANT_HOME.", "url", env=True),
     Setting("IMMUTANT_CLUSTERED", False, to_bool, "Join the cluster. Off, a node is a cluster of "
             "one: singletons run on it regardless of other nodes.", "bool", env=True),
+    Setting("IMMUTANT_APP_ID", None, optional_identifier, "What this app's jobs, scheduler lease and "
+            "sessions are keyed by in the cluster. Unset: the deployment name, or the Flask app's name for "
+            "the app a node was started with (`--app`).", "name"),
     Setting("IMMUTANT_NODE_NAME", None, optional_identifier, "Node name. Default: the host name, "
             "plus the port offset when it is not 0.", "name", env=True),
     Setting("IMMUTANT_HOST", "127.0.0.1", host, "Address the node's HTTP server binds.",
