@@ -126,6 +126,13 @@ def redis_url(value: Any) -> str | None:
     return value
 
 
+def url_hosts(value: str, example: str) -> None:
+    """Every ``host[:port]`` of a URL's comma-separated host list (credentials left out) is well
+    formed; else ValueError naming the bad one. Shared by every URL setting."""
+    for item in urlsplit(value).netloc.rpartition("@")[2].split(","):
+        _host_port(item, f"host:port, as in {example}")
+
+
 def _host_port(item: str, allowed: str) -> None:
     """One ``host[:port]`` of a store URL: a port, when given, is a number from 1 to 65535."""
     host_part, colon, port = item.rpartition(":") if not item.endswith("]") else (item, "", "")
@@ -340,4 +347,5 @@ __all__ = [
     "table",
     "to_bool",
     "unknown_environment",
+    "url_hosts",
 ]

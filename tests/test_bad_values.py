@@ -35,6 +35,7 @@ def one_error_line(result) -> str:
     ({"IMMUTANT_REDIS_URL": "redis+sentinel://s1:26379,s2:port/mymaster"}, ["status"],
      ["IMMUTANT_REDIS_URL=", "s2:port", "port 1-65535"]),
     ({"IMMUTANT_REDIS_URL": "redis+sentinel://s1:99999/mymaster"}, ["status"], ["IMMUTANT_REDIS_URL=", "s1:99999"]),
+    ({"IMMUTANT_BROKER_URL": "amqp://guest:guest@rabbit:amqp/"}, ["status"], ["IMMUTANT_BROKER_URL=", "rabbit:amqp"]),
     ({"IMMUTANT_HTTP_PORT": "65000"}, ["run", "--port-offset", "1000"],
      ["IMMUTANT_HTTP_PORT=65000", "IMMUTANT_PORT_OFFSET=1000", "at most 65535"]),
     ({"IMMUTANT_HTTP_PORT": "65535", "IMMUTANT_PORT_OFFSET": "1"}, ["status"], ["IMMUTANT_HTTP_PORT=65535"]),
