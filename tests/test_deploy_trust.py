@@ -30,6 +30,11 @@ def process_states(pid: int) -> dict[int, str]:
     return found
 
 
+def node_state(env: dict[str, str], name: str) -> dict:
+    rows = {row["name"]: row for row in json.loads(run_flask(["immutant", "list", "--json"], env).stdout)}
+    return rows[name]["nodes"]["a"]
+
+
 @pytest.fixture
 def node(start_node, node_env):
     a = start_node("--clustered", "--node-name", "a")
@@ -75,6 +80,7 @@ def test_writing_back_an_older_record_never_rolls_a_node_back(node, node_env, tm
     old_record = store_client.hget(keys.deployments, "shop")
     write_app(folder, "2")
     assert deploy(node_env, folder).returncode == 0
+    current_record = store_client.hget(keys.deployments, "shop")
     wait_until(lambda: (get(node.port) or {}).get("version") == "2", timeout=10)
     # When a store writer writes the older signed record back
     store_client.hset(keys.deployments, "shop", old_record)
@@ -83,6 +89,12 @@ def test_writing_back_an_older_record_never_rolls_a_node_back(node, node_env, tm
     node.wait_for("refusing deployment shop: shop v1 .*is older than v2")
     time.sleep(1.5)
     assert get(node.port)["version"] == "2"  # type: ignore[index]
+    assert node_state(node_env, "shop")["state"] == "refused"
+    # And once the current record is back, the node reports it deployed again
+    store_client.hset(keys.deployments, "shop", current_record)
+    store_client.publish(keys.deployments_changed, "shop")
+    wait_until(lambda: node_state(node_env, "shop")["state"] == "deployed", timeout=10)
+    store_client.hset(keys.deployments, "shop", old_record)
     # And the node remembers what it has seen in its own data dir: after a SIGKILL and a restart,
     # with only the old record in the store, it still refuses it
     node.signal(signal.SIGKILL)

@@ -139,11 +139,13 @@ class Deployer:
                 if current is not None:
                     self._supervise(current)  # what it ran before keeps running, restarted if it crashes
                 continue
-            self.refused.pop(name, None)
+            was_refused = self.refused.pop(name, None) is not None
             if current is None or current.deployment.order != item.order:
                 self._deploy(item, current)
-            else:
-                self._supervise(current)
+                continue
+            self._supervise(current)
+            if was_refused and current.runtime is not None and current.state == "deployed":
+                self._report(current)  # the record it runs is back: say so instead of "refused"
         for name in [n for n in self.running if n not in wanted]:
             with self._lock:
                 gone = self.running.pop(name)
