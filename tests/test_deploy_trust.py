@@ -166,3 +166,18 @@ def test_archives_stay_while_named_and_go_with_their_deployment(node_env, tmp_pa
     # When it is undeployed, its archive goes too
     assert run_flask(["immutant", "undeploy", "shipped"], node_env).returncode == 0
     assert not store_client.exists(second)
+
+
+def test_a_garbage_record_under_an_unsafe_name_is_refused_and_can_be_undeployed(node, node_env, store_client,
+                                                                               cluster_name):
+    keys = Keys(cluster_name)
+    # Given a record a store writer put under a name no deploy accepts
+    store_client.hset(keys.deployments, "../../evil", json.dumps({"record": {"name": "../../evil"},
+                                                                   "signature": "0" * 64}))
+    store_client.publish(keys.deployments_changed, "../../evil")
+    node.wait_for(r"refusing deployment \.\./\.\./evil")
+    # Then the operator can remove it by that name
+    result = run_flask(["immutant", "undeploy", "../../evil", "--wait", "5"], node_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "undeployed ../../evil"  # every node has let go of it
+    assert store_client.hget(keys.deployments, "../../evil") is None

@@ -146,6 +146,10 @@ class Deployer:
             self._supervise(current)
             if was_refused and current.runtime is not None and current.state == "deployed":
                 self._report(current)  # the record it runs is back: say so instead of "refused"
+        for name in [n for n in self.refused if n not in wanted]:
+            del self.refused[name]  # a refused record that was removed: nothing runs, nothing to report
+            if name not in self.running:
+                self.store.clear_node_state(name, self.name)
         for name in [n for n in self.running if n not in wanted]:
             with self._lock:
                 gone = self.running.pop(name)

@@ -224,7 +224,7 @@ def _await_nodes(state: ImmutantState, store: redis.Redis, deployments: Deployme
 
 
 @click.command(help="Undeploy NAME from every node: daemons stop, listeners stop, the runtimes exit.")
-@click.argument("name", callback=checked_option(names.name))
+@click.argument("name")  # any name: a garbage record written into the store can be removed too
 @click.option("--wait", type=float, default=15.0, show_default=True, help="Seconds to wait for the nodes.")
 @click.pass_context
 @one_line_errors
