@@ -74,6 +74,21 @@ def one_line_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def checked_option(kind: Callable[[Any], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback checking an option with a :mod:`.names` rule: ``Error: Invalid value for
+    '--name': ...`` on one line, as for any other bad option."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return kind(value)
+        except ValueError as exc:
+            raise click.BadParameter(f"{value!r}: expected {exc}") from None
+
+    return callback
+
+
 def find_app(ctx: click.Context) -> tuple[Flask | None, str | None]:
     """The app ``flask`` would load, or ``(None, None)`` when none was named or found.
 

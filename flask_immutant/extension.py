@@ -44,6 +44,9 @@ class ImmutantState:
         self.runtime: AppRuntime | None = None
         #: Per-app objects of feature plugins (their registries), by feature name.
         self.features: dict[str, Any] = {}
+        #: What the app's jobs, leases and sessions are keyed by (set by ``init_app``): two
+        #: deployments whose Flask apps share a name (``app`` from ``app.py``) never share them.
+        self.app_id: str | None = None
 
     @classmethod
     def build(
@@ -133,6 +136,7 @@ class ImmutantExtension:
         deployment = json.loads(os.environ.get(DEPLOYMENT_ENV) or "{}")
         state = ImmutantState.build(app.config, overrides=deployment.get("settings"))
         app.config.update(state.settings)
+        state.app_id = state.settings["IMMUTANT_APP_ID"] or deployment.get("name") or app.name
         app.extensions[EXTENSION_KEY] = state
         state.pm.hook.immutant_init_app(app=app, state=state)
 

@@ -120,8 +120,14 @@ class Keys:
         """Pub/sub channel: the name of each deployment added, changed or removed."""
         return f"{self.prefix}deployments-changed"
 
+    @property
+    def deployments_issued(self) -> str:
+        """HASH deployment name -> JSON ``{epoch, version}`` last issued, kept across undeploys so
+        a name deployed again gets a newer version than nodes have run."""
+        return f"{self.prefix}deployments-issued"
+
     def deployment_archive(self, sha256: str) -> str:
-        """STRING: an app archive (.tar.gz), by its sha256."""
+        """STRING: an app archive (.tar.gz), by its sha256; no TTL, deleted when no deployment names it."""
         return f"{self.prefix}archive:{sha256}"
 
     def deployment_nodes(self, name: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import names
 from .errors import ImmutantConfigError
 
 PREFIX = "IMMUTANT_"
@@ -75,13 +76,8 @@ def float_range(low: float, high: float) -> Callable[[Any], float]:
     return convert
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
 def identifier(value: Any) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise ValueError("1-64 characters: letters, digits, '.', '_' or '-', not starting with a symbol")
-    return value
+    return names.name(value)
 
 
 def optional_identifier(value: Any) -> str | None:
@@ -95,9 +91,7 @@ def path(value: Any) -> str:
 
 
 def host(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or " " in value:
-        raise ValueError("a host name or IP address to bind, such as 127.0.0.1 or 0.0.0.0")
-    return value.strip()
+    return names.host(value.strip() if isinstance(value, str) else value)
 
 
 STORE_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
@@ -112,11 +106,40 @@ def redis_url(value: Any) -> str | None:
     parts = urlsplit(value)
     if parts.scheme not in STORE_SCHEMES:
         raise ValueError(allowed)
-    if parts.scheme == "unix" and not parts.path:
-        raise ValueError("unix:// needs a socket path, as in unix:///run/redis.sock")
-    if parts.scheme.endswith("+sentinel") and not parts.path.strip("/"):
-        raise ValueError("a sentinel URL needs a service name, as in redis+sentinel://host:26379/mymaster")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("unix:// needs a socket path, as in unix:///run/redis.sock")
+        return value
+    path = [p for p in parts.path.split("/") if p]
+    if parts.scheme.endswith("+sentinel"):
+        if not path:
+            raise ValueError("a sentinel URL needs a service name, as in redis+sentinel://host:26379/mymaster")
+        db = path[1:]
+        hosts = parts.netloc.rpartition("@")[2].split(",")
+        for item in hosts:
+            _host_port(item, "sentinel host:port, as in redis+sentinel://h1:26379,h2:26379/mymaster")
+    else:
+        db = path
+        _host_port(parts.netloc.rpartition("@")[2], "host:port, as in redis://localhost:6379/0")
+    if len(db) > 1 or (db and not db[0].isdigit()):
+        raise ValueError(f"a database number after the last '/', as in redis://localhost:6379/0; not {'/'.join(db)!r}")
     return value
+
+
+def url_hosts(value: str, example: str) -> None:
+    """Every ``host[:port]`` of a URL's comma-separated host list (credentials left out) is well
+    formed; else ValueError naming the bad one. Shared by every URL setting."""
+    for item in urlsplit(value).netloc.rpartition("@")[2].split(","):
+        _host_port(item, f"host:port, as in {example}")
+
+
+def _host_port(item: str, allowed: str) -> None:
+    """One ``host[:port]`` of a store URL: a port, when given, is a number from 1 to 65535."""
+    host_part, colon, port = item.rpartition(":") if not item.endswith("]") else (item, "", "")
+    if not colon:
+        host_part, port = item, ""
+    if not host_part or (port and not (port.isdigit() and 0 < int(port) < 65536)) or (colon and not port):
+        raise ValueError(f"{allowed} (port 1-65535); not {item!r}")
 
 
 def import_paths(value: Any) -> tuple[str, ...]:
@@ -164,6 +187,9 @@ CORE_SETTINGS: tuple[Setting, ...] = (
             "store under IMMUTANT_HOME.", "url", env=True),
     Setting("IMMUTANT_CLUSTERED", False, to_bool, "Join the cluster. Off, a node is a cluster of "
             "one: singletons run on it regardless of other nodes.", "bool", env=True),
+    Setting("IMMUTANT_APP_ID", None, optional_identifier, "What this app's jobs, scheduler lease and "
+            "sessions are keyed by in the cluster. Unset: the deployment name, or the Flask app's name for "
+            "the app a node was started with (`--app`).", "name"),
     Setting("IMMUTANT_NODE_NAME", None, optional_identifier, "Node name. Default: the host name, "
             "plus the port offset when it is not 0.", "name", env=True),
     Setting("IMMUTANT_HOST", "127.0.0.1", host, "Address the node's HTTP server binds.",
@@ -247,6 +273,7 @@ def resolve(
         if key.startswith(PREFIX) and key not in rows:
             raise ImmutantConfigError(_unknown(key, rows))
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for name, row in rows.items():
         source, raw = "default", row.default
         if name in config:
@@ -258,13 +285,24 @@ def resolve(
         if raw is None and source == "default":
             values[name] = None
             continue
+        sources[name] = source
         try:
             values[name] = row.convert(raw)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise ImmutantConfigError(f"{name}={raw!r} (from {source}) is not allowed: expected {exc}") from None
     if values.get("IMMUTANT_HOME") is None and "IMMUTANT_HOME" in rows:
         values["IMMUTANT_HOME"] = path(_default_home())
+    _check_together(values, sources)
     return Settings(values, rows)
+
+
+def _check_together(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """Rules that span rows, with the same kind of message as one row's."""
+    port, offset = values.get("IMMUTANT_HTTP_PORT"), values.get("IMMUTANT_PORT_OFFSET")
+    if isinstance(port, int) and isinstance(offset, int) and port + offset > 65535:
+        raise ImmutantConfigError(
+            f"IMMUTANT_HTTP_PORT={port} (from {sources['IMMUTANT_HTTP_PORT']}) plus IMMUTANT_PORT_OFFSET={offset} "
+            f"(from {sources['IMMUTANT_PORT_OFFSET']}) is {port + offset}: expected a sum of at most 65535")
 
 
 def _unknown(key: str, rows: Mapping[str, Setting]) -> str:
@@ -309,4 +347,5 @@ __all__ = [
     "table",
     "to_bool",
     "unknown_environment",
+    "url_hosts",
 ]

@@ -3,6 +3,7 @@ the generated configuration, add/state/weight/address/del, and a full resync aft
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -106,3 +107,70 @@ def test_the_reconciler_process_resyncs_a_restarted_haproxy(node_env, store_clie
 def test_the_reconciler_says_clearly_when_there_is_no_socket(node_env, tmp_path: Path):
     result = run_flask(["immutant", "balancer", "--haproxy", str(tmp_path / "nope.sock")], node_env)
     assert result.returncode == 1 and "no such socket" in result.stderr
+
+
+# --- no configuration injection (issue 10, point 8) ---
+
+INJECTED = "/x\n    http-request redirect location http://evil.example"
+
+
+def test_a_context_path_with_a_newline_is_refused_by_deploy(node_env, tmp_path: Path):
+    (tmp_path / "app.py").write_text("from flask import Flask\napp = Flask(__name__)\n")
+    result = run_flask(["immutant", "deploy", "--context-path", INJECTED, "--wait", "1"], node_env, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert "--context-path" in line
+
+
+def test_a_context_written_into_the_store_never_reaches_the_haproxy_configuration(node_env, store_client,
+                                                                                  cluster_name, tmp_path: Path):
+    keys = Keys(cluster_name)
+    # Given a good context, and contexts a store writer added with a newline in the path or the host
+    registry.publish(store_client, keys, registry.Context("a", "/shop", "shop", "127.0.0.1", 1, 100, 1, 0.0), 30)
+    for node, path, host in (("b", INJECTED, "127.0.0.1"), ("c", "/ok", "127.0.0.1\n    server evil 10.6.6.6:80")):
+        key = keys.context(node, path)
+        store_client.set(key, json.dumps({"node": node, "context_path": path, "app": "x", "host": host, "port": 1,
+                                          "load": 100, "pid": 1, "since": 0.0}), ex=30)
+        store_client.sadd(keys.contexts, key)
+    # When the configuration is generated
+    out = tmp_path / "h.cfg"
+    result = run_flask(["immutant", "balancer", "--print-haproxy-config", "--socket", str(tmp_path / "s.sock"),
+                        "-o", str(out)], node_env)
+    assert result.returncode == 0, result.stderr
+    # Then it holds the good context only, and HAProxy accepts it
+    text = out.read_text()
+    assert "backend ctx_shop" in text and "evil" not in text and "backend ctx_ok" not in text
+    check = subprocess.run([haproxy_binary(), "-c", "-f", str(out)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # And an unsafe extra path given on the command line is one error line, no file written
+    bad = run_flask(["immutant", "balancer", "--print-haproxy-config", "--context", INJECTED, "-o",
+                     str(tmp_path / "bad.cfg")], node_env)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "context path" in bad.stderr
+    assert not (tmp_path / "bad.cfg").exists()
+
+
+def test_the_reconciler_sends_no_injected_runtime_api_command(tmp_path: Path, cluster_name, store_client):
+    keys = Keys(cluster_name)
+    backend = Backend("a")
+    try:
+        with running_haproxy(tmp_path, ["/"], cluster_name) as haproxy:
+            # Given a good context and one whose node name carries a second runtime-API command
+            registry.publish(store_client, keys, registry.Context("a", "/", "app", "127.0.0.1", backend.port, 100,
+                                                                  os.getpid(), time.time()), 30)
+            evil = "b;disable frontend immutant"
+            key = keys.context(evil, "/")
+            store_client.set(key, json.dumps({"node": evil, "context_path": "/", "app": "x", "host": "127.0.0.1",
+                                              "port": backend.port, "load": 100, "pid": 1, "since": 0.0}), ex=30)
+            store_client.sadd(keys.contexts, key)
+            reconciler = Reconciler(haproxy.api)
+            # When the reconciler syncs HAProxy with the store's table, and with a table built by hand
+            reconciler.sync(registry.routing_table(store_client, keys))
+            done = reconciler.sync({"/": [Server("a", "127.0.0.1", backend.port, 100, "ENABLED"),
+                                          Server(evil, "127.0.0.1", backend.port, 100, "ENABLED"),
+                                          Server("c", "127.0.0.1;shutdown frontend immutant", 1, 100, "ENABLED")]})
+            # Then only the good server is in HAProxy, no command carried a ';', and the frontend still serves
+            assert set(haproxy.servers()) == {"a"}
+            assert not any(";" in command for command in done)
+            wait_until(lambda: requests.get(haproxy.url + "/who", timeout=5).status_code == 200, timeout=5)
+    finally:
+        backend.close()

@@ -303,13 +303,18 @@ def test_pack_and_unpack_round_trip(tmp_path):
 
 
 def test_signatures_bind_every_field():
-    record = Deployment(name="x", import_path="app", root="/srv/x", version=3)
+    record = Deployment(name="x", import_path="app", root="/srv/x", version=3, cluster="c1")
     signed = sign(record, b"k" * 32)
-    assert verify(signed, b"k" * 32) == record
+    assert verify(signed, b"k" * 32, name="x", cluster="c1") == record
     with pytest.raises(DeploymentError, match="bad signature"):
-        verify(signed, b"other-secret-000000000000000000")
+        verify(signed, b"other-secret-000000000000000000", name="x", cluster="c1")
     with pytest.raises(DeploymentError, match="malformed or unsigned"):
-        verify("{}", b"k" * 32)
+        verify("{}", b"k" * 32, name="x", cluster="c1")
+    # And the record is bound to the name and cluster it was signed for
+    with pytest.raises(DeploymentError, match="copied under another name"):
+        verify(signed, b"k" * 32, name="y", cluster="c1")
+    with pytest.raises(DeploymentError, match="copied from another cluster"):
+        verify(signed, b"k" * 32, name="x", cluster="c2")
 
 
 def test_a_redeploy_hands_singletons_from_the_old_runtime_to_the_new_at_once(start_node, node_env, tmp_path,

@@ -58,6 +58,12 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("IMMUTANT_NODE_NAME", "nœud", NAME),
     ("IMMUTANT_NODE_NAME", 12, NAME),
     ("IMMUTANT_NODE_NAME", "n" * 65, NAME),
+    ("IMMUTANT_APP_ID", "../shop", NAME),
+    ("IMMUTANT_APP_ID", "a b", NAME),
+    ("IMMUTANT_REDIS_URL", "redis://h:port/0", "host:port"),
+    ("IMMUTANT_REDIS_URL", "redis://h:70000", "host:port"),
+    ("IMMUTANT_REDIS_URL", "redis://h:6379/zero", "a database number"),
+    ("IMMUTANT_REDIS_URL", "redis+sentinel://h1:26379,h2:x/mymaster", "sentinel host:port"),
     ("IMMUTANT_HOST", "", "a host name or IP address"),
     ("IMMUTANT_HOST", "   ", "a host name or IP address"),
     ("IMMUTANT_HOST", "local host", "a host name or IP address"),
@@ -115,6 +121,8 @@ GOOD_VALUES: list[tuple[str, Any, Any]] = [
     ("IMMUTANT_CLUSTERED", "yes", True),
     ("IMMUTANT_NODE_NAME", "node-1", "node-1"),
     ("IMMUTANT_NODE_NAME", "", None),
+    ("IMMUTANT_APP_ID", "shop-2", "shop-2"),
+    ("IMMUTANT_APP_ID", "", None),
     ("IMMUTANT_HOST", "0.0.0.0", "0.0.0.0"),
     ("IMMUTANT_HOST", "node1.example.com", "node1.example.com"),
     ("IMMUTANT_HOST", "::", "::"),
@@ -317,6 +325,7 @@ CHANGED_EVERYWHERE: dict[str, Any] = {
     "IMMUTANT_FAILURE_TIMEOUT": 1.25,
     "IMMUTANT_SHUTDOWN_TIMEOUT": 4,
     "IMMUTANT_PLUGINS": ["a.b", "c.d:plugin"],
+    "IMMUTANT_APP_ID": "shop",
 }
 
 
@@ -328,8 +337,12 @@ def test_environ_round_trips_through_resolve(config: dict[str, Any]) -> None:
     # When handed to a child process as environment variables
     environ = settings.environ()
     assert all(isinstance(value, str) for value in environ.values())
-    # Then the child resolves the very same values from the environment alone
-    assert dict(resolve(ROWS, {}, environ)) == dict(settings)
+    # Then the child resolves the very same values from the environment alone (app-only rows,
+    # such as IMMUTANT_APP_ID, are the app's own: a node's runtimes never inherit them)
+    node_level = {name for name, row in ROWS.items() if row.env}
+    child = resolve(ROWS, {}, environ)
+    assert {k: child[k] for k in node_level} == {k: settings[k] for k in node_level}
+    assert "IMMUTANT_APP_ID" not in environ
 
 
 def test_environ_leaves_out_unset_and_app_only_settings() -> None:

@@ -64,9 +64,12 @@ def balancer(ctx: click.Context, host: str, port: int, haproxy_socket: str | Non
         finally:
             store.close()
         paths = known | {"/" + p.strip("/") if p.strip("/") else "/" for p in extra_paths}
-        text = render_config(paths, bind=bind or f"{host}:{port or 8000}",
-                             socket_path=config_socket or str(Path(state.settings["IMMUTANT_HOME"]) / "haproxy.sock"),
-                             cookie_key=state.settings["IMMUTANT_CLUSTER"])
+        socket_path = config_socket or str(Path(state.settings["IMMUTANT_HOME"]) / "haproxy.sock")
+        try:
+            text = render_config(paths, bind=bind or f"{host}:{port or 8000}", socket_path=socket_path,
+                                 cookie_key=state.settings["IMMUTANT_CLUSTER"])
+        except ValueError as exc:
+            raise ImmutantError(str(exc)) from None
         if output is None:
             click.echo(text, nl=False)
         else:

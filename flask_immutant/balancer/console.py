@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 import redis
 from aiohttp import web
 
+from .. import names
 from ..errors import ImmutantError
 from . import registry
 
@@ -291,11 +292,12 @@ async def _control(request: web.Request) -> web.StreamResponse:
     problems = []
     if not isinstance(state, str) or state not in registry.STATES:
         problems.append(f"state: expected one of {', '.join(registry.STATES)}")
-    if node is not None and not (isinstance(node, str) and 0 < len(node) <= 200 and "|" not in node):
-        problems.append("node: expected a node name")
-    if context_path is not None and not (isinstance(context_path, str) and context_path.startswith("/")
-                                         and len(context_path) <= 500 and "|" not in context_path):
-        problems.append("context_path: expected a path starting with /")
+    for field, value, kind in (("node", node, names.name), ("context_path", context_path, names.context_path)):
+        try:
+            if value is not None:
+                kind(value)
+        except ValueError as exc:
+            problems.append(f"{field}: expected {exc}")
     if problems:
         raise web.HTTPBadRequest(text=json.dumps({"error": "; ".join(problems)}), content_type="application/json")
     console = request.app[CONSOLE_KEY]

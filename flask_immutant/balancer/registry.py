@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from .. import lua
+from .. import lua, names
 from ..errors import ImmutantError
 from ..keys import Keys
 
@@ -38,6 +38,19 @@ class Context:
     since: float
     state: str = "ENABLED"  # effective, after the operator's controls
     weight: int = 100  # effective load factor: a manual one (ctl weight) or ``load``
+
+    def __post_init__(self) -> None:
+        """A context read from the store reaches balancer configuration and HAProxy commands: the
+        :mod:`..names` rules hold for it, or it is not a context (ValueError)."""
+        names.checked(names.name, self.node, "node")
+        names.checked(names.host, self.host, "host")
+        if names.context_path(self.context_path) != self.context_path:
+            raise ValueError(f"context path {self.context_path!r} is not in its normal form")
+        for number in (self.port, self.load, self.pid, self.weight):
+            if isinstance(number, bool) or not isinstance(number, int):
+                raise ValueError(f"context {self.node}|{self.context_path}: port, load, pid, weight are integers")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"context {self.node}|{self.context_path}: port {self.port} is not a TCP port")
 
     @property
     def key(self) -> str:
@@ -143,6 +156,15 @@ def _scope(node: str | None, context_path: str | None) -> str:
     return f"{node or ANY}|{context_path or ANY}"
 
 
+def _checked_scope(node: str | None, context_path: str | None) -> tuple[str | None, str | None]:
+    """A scope from the CLI or the console: a valid node name and a normalised context path."""
+    try:
+        return (None if node is None else names.checked(names.name, node, "node"),
+                None if context_path is None else names.checked(names.context_path, context_path, "context path"))
+    except ValueError as exc:
+        raise ImmutantError(str(exc)) from None
+
+
 def _narrower(entries: Iterable[str], node: str | None, context_path: str | None) -> list[str]:
     """Entries at or under a scope: setting a scope overrides what was set inside it."""
     found = []
@@ -158,6 +180,7 @@ def set_control(store: redis.Redis, keys: Keys, state: str, node: str | None = N
     """``ctl enable|disable|stop`` at a scope (``None`` = every node / every context)."""
     if state not in STATES:
         raise ImmutantError(f"state {state!r}: expected one of {', '.join(STATES)}")
+    node, context_path = _checked_scope(node, context_path)
     existing = [_text(k) for k in store.hkeys(keys.context_control)]
     pipe = store.pipeline()
     for entry in _narrower(existing, node, context_path):
@@ -173,6 +196,7 @@ def set_weight(store: redis.Redis, keys: Keys, weight: int | None, node: str | N
     """``ctl weight N`` (1-100) at a scope; ``None`` returns it to the computed load factor."""
     if weight is not None and not 0 <= weight <= 100:
         raise ImmutantError(f"weight {weight}: expected 0-100, or 'auto' for the computed load factor")
+    node, context_path = _checked_scope(node, context_path)
     existing = [_text(k) for k in store.hkeys(keys.context_weight)]
     pipe = store.pipeline()
     for entry in _narrower(existing, node, context_path):

@@ -19,7 +19,7 @@ WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 
 def default_node_name(port_offset: int) -> str:
     short = socket.gethostname().split(".")[0]
-    short = re.sub(r"[^A-Za-z0-9_.-]", "-", short).strip("-.") or "node"
+    short = re.sub(r"[^A-Za-z0-9_.-]", "-", short).strip("-._")[:50] or "node"  # a names.name()
     return short if port_offset == 0 else f"{short}-{port_offset}"
 
 

@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from .. import names
 from ..extension import DEPLOYMENT_ENV
 from ..server.node import READY_TIMEOUT, AppTarget, RuntimeProcess
 from ..server.runtime import EXIT_APP_FAILED
 from ..store import close_quietly
 from . import archive
+from .marks import HighWaterMarks
 from .records import Deployment, DeploymentError
 from .store import DeploymentStore
 
@@ -63,6 +65,9 @@ class Deployer:
         self.archive_limit = archive_limit
         self.running: dict[str, Running] = {}
         self.refused: dict[str, str] = {}
+        # Per cluster: one node name (so one data dir) may serve several clusters over time.
+        self.marks = HighWaterMarks(
+            node.identity.data_dir / f"deployment-marks.{node.settings['IMMUTANT_CLUSTER']}.json")
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -120,18 +125,31 @@ class Deployer:
         for name, item in wanted.items():
             if self._stop.is_set():
                 return
+            current = self.running.get(name)
+            version = None
+            if not isinstance(item, DeploymentError):
+                version, item = item.version, self._not_older(item, current)
             if isinstance(item, DeploymentError):
                 if self.refused.get(name) != str(item):
                     log.error("refusing deployment %s: %s", name, item)
                     self.refused[name] = str(item)
-                    self.store.set_node_state(name, self.name, "refused", error=str(item))
+                    serving = current.deployment.version if current is not None and current.runtime else None
+                    self.store.set_node_state(name, self.name, "refused", error=str(item), version=version,
+                                              serving_version=serving)
+                if current is not None:
+                    self._supervise(current)  # what it ran before keeps running, restarted if it crashes
                 continue
-            self.refused.pop(name, None)
-            current = self.running.get(name)
-            if current is None or current.deployment.version != item.version:
+            was_refused = self.refused.pop(name, None) is not None
+            if current is None or current.deployment.order != item.order:
                 self._deploy(item, current)
-            else:
-                self._supervise(current)
+                continue
+            self._supervise(current)
+            if was_refused and current.runtime is not None and current.state == "deployed":
+                self._report(current)  # the record it runs is back: say so instead of "refused"
+        for name in [n for n in self.refused if n not in wanted]:
+            del self.refused[name]  # a refused record that was removed: nothing runs, nothing to report
+            if name not in self.running:
+                self.store.clear_node_state(name, self.name)
         for name in [n for n in self.running if n not in wanted]:
             with self._lock:
                 gone = self.running.pop(name)
@@ -139,6 +157,32 @@ class Deployer:
             self._retire(gone, self.node.settings["IMMUTANT_SHUTDOWN_TIMEOUT"], True)
             self._root_served()
             self.store.clear_node_state(name, self.name)
+
+    def _not_older(self, deployment: Deployment, current: Running | None) -> Deployment | DeploymentError:
+        """The record, if it is not older than what this node has seen of its name (and raise the
+        mark to it); else why it is refused."""
+        mark = self.marks.get(deployment.name)
+        advice = ("an old record was written back, or the store was reset; to roll back on purpose, deploy with "
+                  "--rollback")
+        if mark is not None and deployment.order < mark:
+            return DeploymentError(f"{deployment.label} (epoch {deployment.epoch}) is older than v{mark[1]} "
+                                   f"(epoch {mark[0]}) which node {self.name} has seen: {advice}")
+        if current is not None and current.deployment.order == deployment.order and current.deployment != deployment:
+            return DeploymentError(f"{deployment.label} (epoch {deployment.epoch}) differs from the {deployment.label} "
+                                   f"node {self.name} runs: {advice}")
+        self.marks.raise_to(deployment.name, deployment.order)
+        return deployment
+
+    def _track(self, fresh: Running, draining: Running | None) -> None:
+        """Make ``fresh`` the entry of its name; a runtime it displaces, other than the one being
+        drained by the caller, is stopped here, so no runtime this node started goes untracked."""
+        with self._lock:
+            displaced = self.running.get(fresh.deployment.name)
+            self.running[fresh.deployment.name] = fresh
+        if displaced is not None and displaced is not draining and displaced is not fresh:
+            log.warning("stopping an untracked runtime of %s", displaced.deployment.label)
+            self._retire(displaced, self.node.settings["IMMUTANT_SHUTDOWN_TIMEOUT"],
+                         close_listener=displaced.listener is not fresh.listener)
 
     # --- one deployment ---
 
@@ -161,8 +205,7 @@ class Deployer:
             self._failed(deployment, current, reason)
             return
         fresh = Running(deployment, runtime, listener, "deployed", own_listener=own)
-        with self._lock:
-            self.running[deployment.name] = fresh
+        self._track(fresh, current)
         self._root_served()
         if current is not None:  # the new one serves: drain the old one
             self._retire(current, self.node.settings["IMMUTANT_SHUTDOWN_TIMEOUT"],
@@ -191,8 +234,7 @@ class Deployer:
                                       error=reason, serving_version=current.deployment.version)
             current.deployment = deployment  # do not retry this version on every poll
             return
-        with self._lock:
-            self.running[deployment.name] = Running(deployment, None, None, "failed", reason)
+        self._track(Running(deployment, None, None, "failed", reason), None)
         self.store.set_node_state(deployment.name, self.name, "failed", version=deployment.version, error=reason)
 
     def _supervise(self, running: Running) -> None:
@@ -243,7 +285,10 @@ class Deployer:
             data = self.store.archive(deployment.archive)
             if data is None:
                 raise DeploymentError(f"archive {deployment.archive[:12]} of {deployment.label} is not in the store")
-            target = self.node.identity.data_dir / "apps" / deployment.name / deployment.archive[:16]
+            try:
+                target = names.child(self.node.identity.data_dir / "apps", deployment.name, deployment.archive[:16])
+            except ValueError as exc:
+                raise DeploymentError(f"{deployment.label}: {exc}") from None
             if not target.exists():
                 archive.unpack(data, deployment.archive, target, self.archive_limit)
             return AppTarget(deployment.import_path, str(target))

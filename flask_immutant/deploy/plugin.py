@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import click
 import redis
 
-from ..cli import echoed_as_json_or_empty, load_state, one_line_errors, state_and_store
+from .. import names
+from ..cli import checked_option, echoed_as_json_or_empty, load_state, one_line_errors, state_and_store
 from ..cluster.membership import live_members
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
@@ -57,7 +58,7 @@ def immutant_settings() -> list[Setting]:
 
 
 def deployment_store(state: ImmutantState, store: redis.Redis) -> DeploymentStore:
-    return DeploymentStore(store, state.keys, cluster_secret(state.settings))
+    return DeploymentStore(store, state.keys, cluster_secret(state.settings), state.settings["IMMUTANT_CLUSTER"])
 
 
 @hookimpl(trylast=True)
@@ -150,22 +151,30 @@ def _parse_sets(pairs: tuple[str, ...], state: ImmutantState) -> dict[str, str]:
 
 
 @click.command(help="Deploy the app (--app, or the one Flask finds here) to every node of the cluster.")
-@click.option("--name", default=None, help="Deployment name; default: the app's folder name.")
-@click.option("--context-path", default="/", show_default=True, help="URL prefix the app is served under.")
+@click.option("--name", default=None, callback=checked_option(names.name),
+              help="Deployment name; default: the app's folder name.")
+@click.option("--context-path", default="/", show_default=True, callback=checked_option(names.context_path),
+              help="URL prefix the app is served under.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="A setting or config value for it.")
 @click.option("--archive", is_flag=True, help="Ship the app folder in the cluster store (nodes share no disk).")
+@click.option("--rollback", is_flag=True, help="A deliberate rollback: nodes that ran a newer version of this "
+              "name accept this one (see docs/deploy.md).")
 @click.option("--wait", type=float, default=15.0, show_default=True, help="Seconds to wait for the nodes.")
 @click.pass_context
 @one_line_errors
 def deploy(ctx: click.Context, name: str | None, context_path: str, sets: tuple[str, ...], archive: bool,
-           wait: float) -> None:
+           rollback: bool, wait: float) -> None:
     state, app, import_path = load_state(ctx)
     if app is None:
         raise ImmutantError("no app to deploy here: run this in the app's folder, or give --app")
     module, root = split_import_path(import_path, os.getcwd())
-    name = name or os.path.basename(root.rstrip(os.sep)) or "app"
-    if not context_path.startswith("/"):
-        raise ImmutantError(f"--context-path {context_path!r}: must start with '/'")
+    if name is None:
+        folder = os.path.basename(root.rstrip(os.sep)) or "app"
+        try:
+            name = names.name(folder)
+        except ValueError as exc:
+            raise ImmutantError(f"the app's folder name {folder!r} is not a deployment name ({exc}); "
+                                "give one with --name") from None
     settings = _parse_sets(sets, state)
     with existing_store(state.settings) as store:
         deployments = deployment_store(state, store)
@@ -175,7 +184,7 @@ def deploy(ctx: click.Context, name: str | None, context_path: str, sets: tuple[
         record = deployments.put(Deployment(
             name=name, import_path=module, root=root, context_path=context_path, settings=settings,
             archive=digest, deployed_by=f"{os.environ.get('USER', '?')}@{socket.gethostname()}",
-        ), archive=data)
+        ), archive=data, rollback=rollback)
         click.echo(f"deployment {record.label} registered: {module or '(app found in folder)'} in {root}"
                    + (f" (archive {digest[:12]}, {len(data or b'')} bytes)" if digest else ""))
         failures = _await_nodes(state, store, deployments, record, wait)
@@ -215,7 +224,7 @@ def _await_nodes(state: ImmutantState, store: redis.Redis, deployments: Deployme
 
 
 @click.command(help="Undeploy NAME from every node: daemons stop, listeners stop, the runtimes exit.")
-@click.argument("name")
+@click.argument("name")  # any name: a garbage record written into the store can be removed too
 @click.option("--wait", type=float, default=15.0, show_default=True, help="Seconds to wait for the nodes.")
 @click.pass_context
 @one_line_errors

@@ -1,4 +1,8 @@
-"""Deployments in the cluster store: the signed records, archives and per-node states."""
+"""Deployments in the cluster store: the signed records, archives and per-node states.
+
+An archive is kept as long as a record names it (no expiry, so a node that joins months later
+can still deploy) and deleted when the last record naming it is replaced or undeployed.
+"""
 
 from __future__ import annotations
 
@@ -9,54 +13,82 @@ from typing import Any
 import redis
 
 from ..keys import Keys
-from .records import Deployment, DeploymentError, new_version, sign, verify
-
-#: Seconds a stored archive outlives the last deployment that names it (nodes fetch it at once).
-ARCHIVE_TTL = 7 * 24 * 3600
+from .records import Deployment, DeploymentError, sign, verify
 
 
 class DeploymentStore:
-    def __init__(self, store: redis.Redis, keys: Keys, secret: bytes) -> None:
+    def __init__(self, store: redis.Redis, keys: Keys, secret: bytes, cluster: str) -> None:
         self.store = store
         self.keys = keys
         self.secret = secret
+        self.cluster = cluster
 
-    def put(self, deployment: Deployment, archive: bytes | None = None) -> Deployment:
-        """Store ``deployment`` as the next version of its name and tell every node."""
+    def put(self, deployment: Deployment, archive: bytes | None = None, rollback: bool = False) -> Deployment:
+        """Store ``deployment`` as the next version of its name and tell every node.
+
+        ``rollback``: a deliberate rollback, which nodes accept even when they have run a newer
+        version of the name (a new epoch, see :mod:`.records`).
+        """
         previous = self.get(deployment.name)
-        version, at = new_version(previous)
-        record = Deployment(**{**deployment.to_dict(), "version": version, "deployed_at": at})
+        epoch, version = self._next(deployment.name, previous, rollback)
+        record = Deployment(**{**deployment.to_dict(), "version": version, "epoch": epoch,
+                               "deployed_at": time.time(), "cluster": self.cluster})
         pipe = self.store.pipeline()
         if archive is not None and record.archive:
-            pipe.set(self.keys.deployment_archive(record.archive), archive, ex=ARCHIVE_TTL)
+            pipe.set(self.keys.deployment_archive(record.archive), archive)
         pipe.hset(self.keys.deployments, record.name, sign(record, self.secret))
+        pipe.hset(self.keys.deployments_issued, record.name, json.dumps({"epoch": epoch, "version": version}))
         pipe.publish(self.keys.deployments_changed, record.name)
         pipe.execute()
+        if previous is not None and previous.archive and previous.archive != record.archive:
+            self._drop_archive_unless_named(previous.archive)
         return record
 
+    def _next(self, name: str, previous: Deployment | None, rollback: bool) -> tuple[int, int]:
+        """(epoch, version) newer than the stored record and than any issued before for ``name``."""
+        epoch, version = (previous.epoch, previous.version) if previous else (0, 0)
+        try:
+            issued = json.loads(self.store.hget(self.keys.deployments_issued, name) or "{}")
+            epoch, version = max((epoch, version), (int(issued.get("epoch", 0)), int(issued.get("version", 0))))
+        except (ValueError, TypeError, AttributeError):
+            pass  # an unreadable counter: the stored record decides; nodes refuse anything older
+        if rollback:
+            return max(epoch + 1, int(time.time())), 1
+        return epoch, version + 1
+
     def remove(self, name: str) -> bool:
+        previous = self.get(name)
         pipe = self.store.pipeline()
         pipe.hdel(self.keys.deployments, name)
         pipe.publish(self.keys.deployments_changed, name)
         removed, _ = pipe.execute()
+        if previous is not None and previous.archive:
+            self._drop_archive_unless_named(previous.archive)
         return bool(removed)
+
+    def _drop_archive_unless_named(self, sha256: str) -> None:
+        if not any(isinstance(d, Deployment) and d.archive == sha256 for d in self.all().values()):
+            self.store.delete(self.keys.deployment_archive(sha256))
 
     def get(self, name: str) -> Deployment | None:
         raw = self.store.hget(self.keys.deployments, name)
         if raw is None:
             return None
         try:
-            return verify(raw, self.secret)
+            return verify(raw, self.secret, name=name, cluster=self.cluster)
         except DeploymentError:
             return None
 
     def all(self) -> dict[str, Deployment | DeploymentError]:
-        """Every stored deployment, or why it may not run (bad signature, malformed)."""
+        """Every stored deployment, or why it may not run (bad signature, malformed, copied)."""
         found: dict[str, Deployment | DeploymentError] = {}
         for name, raw in self.store.hgetall(self.keys.deployments).items():
-            key = name.decode() if isinstance(name, bytes) else name
             try:
-                found[key] = verify(raw, self.secret)
+                key = name.decode() if isinstance(name, bytes) else name
+            except UnicodeDecodeError:
+                continue  # not a name any deploy wrote: nothing can be done with it, not even reported
+            try:
+                found[key] = verify(raw, self.secret, name=key, cluster=self.cluster)
             except DeploymentError as exc:
                 found[key] = exc
         return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..settings import Setting, float_range, int_range, to_bool
+from ..settings import Setting, float_range, int_range, to_bool, url_hosts
 
 #: The feature's on/off flag.
 FLAG = "IMMUTANT_MESSAGING"
@@ -20,6 +20,7 @@ def broker_url(value: Any) -> str | None:
     allowed = "an amqp:// or amqps:// URL for RabbitMQ, a redis:// URL, or unset for the cluster store"
     if not isinstance(value, str) or urlsplit(value).scheme not in BROKER_SCHEMES:
         raise ValueError(allowed)
+    url_hosts(value, "amqp://user:pass@host:5672/vhost")
     return value
 
 

@@ -54,7 +54,7 @@ class JobRegistry:
     def activate(self) -> None:
         runtime = self.state.runtime
         assert runtime is not None
-        self.store = JobStore(self.state.store, self.state.keys, runtime.app.name)
+        self.store = JobStore(self.state.store, self.state.keys, self.state.app_id or runtime.app.name)
         for spec in list(self.specs.values()):
             if spec.singleton:
                 self.store.upsert(spec)

@@ -8,11 +8,12 @@ Cron takes 5 fields (minute first) or 6/7 with seconds first, as Immutant's Quar
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 
 MISFIRE_POLICIES = ("fire_once", "skip")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -29,8 +30,9 @@ def seconds(value: Any, what: str) -> float:
         result = float(match.group(1)) * _UNITS[match.group(2)]
     else:
         raise ValueError(f"{what}={value!r}: expected seconds, a timedelta or a string like '500ms', '5s', '2m'")
-    if result <= 0 and what == "every":
-        raise ValueError(f"every={value!r}: must be more than zero")
+    if not math.isfinite(result) or result < 0 or (result == 0 and what == "every"):
+        bound = "more than zero" if what == "every" else "zero or more"
+        raise ValueError(f"{what}={value!r}: expected a finite number of seconds, {bound}")
     return result
 
 
@@ -38,9 +40,9 @@ def epoch(value: Any, what: str) -> float:
     """A point in time: a ``datetime`` (naive means local time) or epoch seconds."""
     if isinstance(value, dt.datetime):
         return value.timestamp()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
-    raise ValueError(f"{what}={value!r}: expected a datetime or epoch seconds")
+    raise ValueError(f"{what}={value!r}: expected a datetime or finite epoch seconds")
 
 
 def normalise_cron(expression: str) -> tuple[str, bool]:
@@ -55,6 +57,16 @@ def normalise_cron(expression: str) -> tuple[str, bool]:
     if not croniter.is_valid(normalised, second_at_beginning=len(fields) == 6):
         raise ValueError(f"cron={expression!r}: not a valid cron expression")
     return normalised, len(fields) == 6
+
+
+def check_cron_fires(expression: str) -> None:
+    """A valid expression may still never match a date (``0 0 30 2 *``): refuse it up front
+    rather than have the scheduler find out on every tick."""
+    normalised, seconds_first = normalise_cron(expression)
+    try:
+        croniter(normalised, dt.datetime.now().astimezone(), second_at_beginning=seconds_first).get_next(float)
+    except CroniterError:
+        raise ValueError(f"cron={expression!r}: can never fire (no date in the next 50 years matches it)") from None
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,7 @@ class JobSpec:
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             raise ValueError(f"limit={limit!r}: expected a positive integer")
         if cron is not None:
-            normalise_cron(cron)
+            check_cron_fires(cron)
         return cls(
             name=name, cron=cron,
             every=seconds(every, "every") if every is not None else None,

@@ -110,7 +110,7 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]
             sid_length=app.config.get("SESSION_ID_LENGTH", 32),
         )
         self.state = state
-        self.app_name = app.name
+        self.app_name = state.app_id or app.name
         self.serializer = serializer
         self.merge = merge
         self.breaker = breaker
