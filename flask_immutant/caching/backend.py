@@ -28,7 +28,7 @@ def flask_caching_backend(app: Flask, config: dict[str, Any], args: list[Any], o
 
     ``CACHE_IMMUTANT_NAME`` (default ``flask-caching``) names the cache, ``CACHE_IMMUTANT_MODE``
     (default ``distributed``) its mode; ``CACHE_DEFAULT_TIMEOUT`` is its ttl, ``CACHE_KEY_PREFIX``
-    its key prefix, ``CACHE_THRESHOLD`` its ``max_entries`` (0: unbounded), ``CACHE_IGNORE_ERRORS``
+    its key prefix, ``CACHE_THRESHOLD`` its ``max_entries`` in local mode (0: unbounded), ``CACHE_IGNORE_ERRORS``
     and ``CACHE_OPTIONS`` as in cachelib. Settings it cannot honour are refused by name.
     """
     from . import registry
@@ -51,9 +51,13 @@ def flask_caching_backend(app: Flask, config: dict[str, Any], args: list[Any], o
     key_prefix = options.get("key_prefix", config.get("CACHE_KEY_PREFIX") or "")
     if not isinstance(key_prefix, str):
         raise ImmutantConfigError(f"CACHE_KEY_PREFIX={key_prefix!r}: the cluster cache takes a string prefix")
+    # As with cachelib, CACHE_THRESHOLD bounds the in-process (local) cache only: a store-backed cache
+    # is bounded by the store, and Flask-Caching's default of 500 would silently evict there.
     threshold = options.get("threshold", config.get("CACHE_THRESHOLD"))
     if threshold is not None and (not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0):
         raise ImmutantConfigError(f"CACHE_THRESHOLD={threshold!r}: expected a whole number >= 0 (0: unbounded)")
+    if mode != "local" and "threshold" not in options:
+        threshold = None
     timeout = options.get("default_timeout")
     if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
         raise ImmutantConfigError(f"CACHE_DEFAULT_TIMEOUT={timeout!r}: expected seconds >= 0 (0: no expiry)")
