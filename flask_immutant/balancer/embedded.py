@@ -14,7 +14,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -96,7 +96,7 @@ class EmbeddedBalancer:
     # --- the aiohttp application -------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application(handler_args={"max_field_size": 65536})
+        app = web.Application(handler_args={"max_field_size": 65536}, middlewares=[_paths_only])
         if self.console:
             self._mount_console(app)
         app.router.add_route("*", "/{tail:.*}", self.handle)
@@ -239,6 +239,16 @@ class EmbeddedBalancer:
 
     def run(self, host: str, port: int) -> None:
         asyncio.run(self.serve(host, port))
+
+
+@web.middleware
+async def _paths_only(request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Refuse a request target that is not a path (absolute-form ``http://host/...``): this is a
+    reverse proxy, never a forward one, and the target would otherwise be spliced into a URL."""
+    if not request.raw_path.startswith("/"):
+        return _error(400, "the request target must be a path, such as /index.html")
+    return await handler(request)
 
 
 def _forward_headers(request: web.Request) -> CIMultiDict[str]:
