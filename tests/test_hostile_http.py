@@ -179,3 +179,178 @@ def test_the_balancer_serves_remotely_without_the_console_or_with_allow_remote(n
             assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {"authenticated": False}
     finally:
         process.cleanup()
+
+
+# --- a real node behind the real balancer ------------------------------------------------------
+
+
+WHO_APP = r'''
+from flask import Flask, jsonify, request
+from flask_immutant import ImmutantExtension
+
+app = Flask("who_app")
+ImmutantExtension(app)
+
+
+@app.route("/who", methods=["GET", "POST"])
+def who():
+    if request.method == "POST":
+        request.get_data()
+    return jsonify(remote=request.remote_addr, scheme=request.scheme, host=request.host,
+                   forwarded_for=request.headers.get("X-Forwarded-For"))
+'''
+
+
+@pytest.fixture
+def who_app(tmp_path: Path) -> Path:
+    path = tmp_path / "who_app.py"
+    path.write_text(WHO_APP)
+    return path
+
+
+def serving_node(start_node, who_app: Path, **env: str) -> int:
+    """Start a node serving the app; its HTTP port."""
+    node = start_node("--node-name", "web", app=str(who_app), env=env)
+    return int(node.wait_for(r"serves on http://[\d.]+:(\d+)", timeout=30).group(1))
+
+
+def get_from(source: str, port: int, path: str = "/who", headers: str = "", timeout: float = 15.0) -> bytes:
+    """A GET sent from the loopback address ``source`` (127.0.0.0/8 is all loopback on Linux)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0)) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: example.test\r\n{headers}Connection: close\r\n\r\n".encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_of(answer: bytes) -> dict[str, object]:
+    assert status_of(answer) == 200, answer[:500]
+    return json.loads(answer.partition(b"\r\n\r\n")[2])  # type: ignore[no-any-return]
+
+
+def test_the_app_sees_the_real_client_through_the_balancer_and_nobody_else_can_say_so(
+        start_node, who_app, node_env, tmp_path):
+    # Given a node that trusts the balancer's address only, and the balancer in front of it
+    node_port = serving_node(start_node, who_app, IMMUTANT_TRUSTED_PROXIES="127.0.0.1")
+    process, url = start_embedded(node_env, tmp_path)
+    try:
+        wait_until(lambda: requests.get(f"{url}/who", timeout=5).status_code == 200, timeout=20)
+        # When a client at 127.0.0.2 asks through the balancer, forging headers of its own
+        seen = json_of(get_from("127.0.0.2", port_of(url), headers="X-Forwarded-For: 6.6.6.6\r\n"
+                                                                   "X-Forwarded-Proto: https\r\n"))
+        # Then the app sees the client's real address, the scheme and host the balancer saw
+        assert seen["remote"] == "127.0.0.2", seen
+        assert seen["scheme"] == "http" and seen["host"] == "example.test", seen
+        # When a client at 127.0.0.3 asks the node directly with a forged X-Forwarded-For
+        direct = json_of(get_from("127.0.0.3", node_port, headers="X-Forwarded-For: 6.6.6.6\r\n"
+                                                                  "X-Forwarded-Proto: https\r\n"))
+        # Then it is not believed, and the app never sees the forged header
+        assert direct["remote"] == "127.0.0.3" and direct["scheme"] == "http", direct
+        assert direct["forwarded_for"] is None, direct
+    finally:
+        process.cleanup()
+
+
+def test_with_no_trusted_proxies_nobody_is_believed(start_node, who_app):
+    node_port = serving_node(start_node, who_app)
+    seen = json_of(get_from("127.0.0.1", node_port, headers="X-Forwarded-For: 6.6.6.6\r\n"))
+    assert seen["remote"] == "127.0.0.1" and seen["forwarded_for"] is None, seen
+
+
+# --- slow and idle clients ---------------------------------------------------------------------
+
+
+def idle_connections(port: int, count: int) -> list[socket.socket]:
+    return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+
+
+def test_idle_connections_to_a_node_do_not_starve_real_requests(start_node, who_app):
+    # Given a node serving an app, and 150 connections to it that never send a byte
+    port = serving_node(start_node, who_app)
+    idle = idle_connections(port, 150)
+    try:
+        # Then real requests are still served
+        for n in range(5):
+            assert json_of(get_from("127.0.0.1", port))["remote"] == "127.0.0.1", n
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_a_node_with_nothing_deployed_answers_every_connection_at_once(start_node):
+    # Given a node with no app, and 60 connections to it that never send a byte
+    node = start_node("--node-name", "empty")
+    port = int(node.wait_for(r"http=(\d+)", timeout=30).group(1))
+    wait_until(lambda: b" 503 " in exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), timeout=20)
+    idle = idle_connections(port, 60)
+    try:
+        # Then a real request still gets its 503 at once, and so did every idle one
+        assert status_of(exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) == 503
+        for sock in idle:
+            assert sock.recv(100).startswith(b"HTTP/1.1 503"), "an idle connection got no answer"
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_slow_uploads_through_the_balancer_do_not_starve_real_requests(start_node, who_app, node_env, tmp_path):
+    # Given a node behind the balancer, both holding clients to a 6 s request deadline
+    limits = {"IMMUTANT_HTTP_READ_TIMEOUT": "6"}
+    serving_node(start_node, who_app, **limits)
+    process, url = start_embedded({**node_env, **limits}, tmp_path)
+    uploads: list[socket.socket] = []
+    try:
+        wait_until(lambda: requests.get(f"{url}/who", timeout=5).status_code == 200, timeout=20)
+        # When 200 clients start uploads and then send one byte every 2 seconds
+        for _ in range(200):
+            sock = socket.create_connection(("127.0.0.1", port_of(url)), timeout=10)
+            sock.sendall(b"POST /who HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                         b"Content-Length: 1000\r\n\r\nx")
+            uploads.append(sock)
+        answers: dict[socket.socket, bytes] = {}
+        for round_ in range(5):
+            # Then real requests are served meanwhile
+            assert requests.get(f"{url}/who", timeout=15).status_code == 200, round_
+            time.sleep(2)
+            for sock in uploads:
+                if sock in answers:
+                    continue
+                try:
+                    sock.sendall(b"x")
+                except OSError:
+                    answers[sock] = b"closed"
+        # And the slow uploads were cut off at the deadline with a 408
+        for sock in uploads:
+            if sock not in answers:
+                sock.settimeout(15)
+                try:
+                    answers[sock] = sock.recv(200)
+                except OSError:
+                    answers[sock] = b"closed"
+        assert sum(a.startswith(b"HTTP/1.1 408") for a in answers.values()) >= 150, \
+            {a[:40] for a in answers.values()}
+    finally:
+        for sock in uploads:
+            sock.close()
+        process.cleanup()
+
+
+def test_a_node_closes_a_request_that_does_not_arrive_by_the_deadline(start_node, who_app):
+    port = serving_node(start_node, who_app, IMMUTANT_HTTP_READ_TIMEOUT="3")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /who HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        closed = False
+        for _ in range(30):  # one byte a second, up to 30 s: the node must hang up long before
+            try:
+                sock.sendall(b"x")
+                sock.settimeout(1)
+                closed = sock.recv(100) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+            if closed:
+                break
+        assert closed, "the node kept reading a request past its deadline"
+    assert json_of(get_from("127.0.0.1", port))["remote"] == "127.0.0.1"
