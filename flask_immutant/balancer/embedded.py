@@ -255,6 +255,9 @@ class EmbeddedBalancer:
     async def serve(self, host: str, port: int, ready: asyncio.Event | None = None,
                     stop: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set (or SIGINT/SIGTERM when it is not given)."""
+        from ..server.http import raise_descriptor_limit
+
+        raise_descriptor_limit(2 * self.pool_size)  # a client's and a node's connection per request
         runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False,
                                keepalive_timeout=self.client_idle)
         await runner.setup()

@@ -23,6 +23,9 @@ log = logging.getLogger("flask_immutant.server")
 #: appends its own value, so the last one is the trusted proxy's.
 TRUSTED_PROXY_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 
+#: Descriptors kept for everything but client connections (store, broker, files, pipes).
+DESCRIPTOR_HEADROOM = 256
+
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Any]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -38,6 +41,23 @@ def waitress_limits(settings: Mapping[str, Any]) -> dict[str, Any]:
         "asyncore_use_poll": True,
         "clear_untrusted_proxy_headers": False,  # with_trusted_proxies decides, per peer
     }
+
+
+def raise_descriptor_limit(connections: int) -> None:
+    """Let this process hold ``connections`` sockets and its own files: raise the soft descriptor
+    limit toward the hard one (many systems start processes at 1024)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + DESCRIPTOR_HEADROOM
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open file limit from %d to %d: %s", soft, new, exc)
 
 
 def with_read_deadline(channel_class: type, read_timeout: float) -> type:

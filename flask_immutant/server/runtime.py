@@ -109,7 +109,9 @@ class AppRuntime:
     def start(self) -> None:
         from waitress.server import create_server
 
-        from .http import waitress_limits, with_read_deadline, with_trusted_proxies
+        from .http import raise_descriptor_limit, waitress_limits, with_read_deadline, with_trusted_proxies
+
+        raise_descriptor_limit(self.settings["IMMUTANT_HTTP_CONNECTION_LIMIT"])
 
         self._server = create_server(
             with_trusted_proxies(self.wsgi, self.settings["IMMUTANT_TRUSTED_PROXIES"]), sockets=[self._sock],
