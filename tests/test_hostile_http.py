@@ -354,3 +354,24 @@ def test_a_node_closes_a_request_that_does_not_arrive_by_the_deadline(start_node
                 break
         assert closed, "the node kept reading a request past its deadline"
     assert json_of(get_from("127.0.0.1", port))["remote"] == "127.0.0.1"
+
+
+def test_the_balancer_refuses_a_body_over_the_limit_with_413(backend, node_env, tmp_path):
+    process, url = start_embedded({**node_env, "IMMUTANT_HTTP_MAX_BODY": "2048"}, tmp_path)
+    try:
+        wait_until(lambda: requests.get(f"{url}/who", timeout=5).status_code == 200, timeout=10)
+        hits = backend.hits
+        # A declared length over the limit is refused before anything is forwarded
+        declared = exchange(port_of(url), b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4096\r\n"
+                                          b"Connection: close\r\n\r\n" + b"y" * 4096)
+        assert status_of(declared) == 413, declared[:300]
+        assert backend.hits == hits
+        # A chunked body that grows over it is cut off with a 413 too
+        chunks = b"".join(b"400\r\n" + b"z" * 1024 + b"\r\n" for _ in range(4)) + b"0\r\n\r\n"
+        streamed = exchange(port_of(url), b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                                          b"Connection: close\r\n\r\n" + chunks)
+        assert status_of(streamed) == 413, streamed[:300]
+        # And a body within the limit goes through
+        assert requests.post(f"{url}/echo", data=b"k" * 2000, timeout=10).json()["length"] == 2000
+    finally:
+        process.cleanup()

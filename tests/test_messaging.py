@@ -329,6 +329,25 @@ def test_undecodable_messages_are_dead_lettered_and_never_hold_back_their_batch(
     assert "kept 3 undecodable" in result.stdout, result.stdout
 
 
+def test_messages_on_the_brokers_own_dead_letter_queue_are_counted_as_dead(publisher, mq_env):
+    # Given a message the broker itself rejected to its dead-letter queue (where Dramatiq puts one
+    # it cannot process, and where ours go when the cluster store cannot take them)
+    queue = publisher.start("/queue/work").queue_name
+    publisher.publish("/queue/work", {"n": 1})
+    broker = publisher.backend.make_broker([])
+    consumer = broker.consume(queue, prefetch=1, timeout=100)
+    try:
+        message = wait_until(lambda: next(consumer), timeout=10)
+        consumer.nack(message)
+    finally:
+        consumer.close()
+        broker.close()
+    # Then `flask immutant queues` counts it as dead
+    wait_until(lambda: entry(mq_env, "/queue/work")["dead"] == 1, timeout=10,
+               message=f"{queues_json(mq_env)}")
+    assert entry(mq_env, "/queue/work")["depth"] == 0
+
+
 def test_status_json_has_a_queues_section(node, publisher, mq_env, broker):
     worker = node("worker")
     ready(worker)
