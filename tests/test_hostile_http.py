@@ -375,3 +375,30 @@ def test_the_balancer_refuses_a_body_over_the_limit_with_413(backend, node_env, 
         assert requests.post(f"{url}/echo", data=b"k" * 2000, timeout=10).json()["length"] == 2000
     finally:
         process.cleanup()
+
+
+@pytest.mark.parametrize("opening", [b"", b"GET /who HTTP/1.1\r\nHost: x\r\n"])
+def test_the_balancer_closes_a_connection_whose_request_head_never_completes(backend, node_env, tmp_path, opening):
+    # Given the balancer holding clients to a 3 s idle timeout
+    process, url = start_embedded({**node_env, "IMMUTANT_HTTP_IDLE_TIMEOUT": "3"}, tmp_path)
+    try:
+        # When a client sends nothing, or a request head one header byte a second
+        with socket.create_connection(("127.0.0.1", port_of(url)), timeout=10) as sock:
+            sock.sendall(opening)
+            closed = False
+            for _ in range(30):  # up to 30 s: the balancer must hang up long before
+                try:
+                    if opening:
+                        sock.sendall(b"X")
+                    sock.settimeout(1)
+                    closed = sock.recv(100) == b""
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed = True
+                if closed:
+                    break
+            # Then it hangs up
+            assert closed, "the balancer kept a connection whose request head never completed"
+    finally:
+        process.cleanup()
