@@ -27,13 +27,15 @@ log = logging.getLogger("flask_immutant.messaging")
 
 #: Option key of a stand-in message: why the real one could not be decoded.
 UNDECODABLE = "immutant_undecodable"
+#: Characters of a decoding error kept in the reason.
+REASON_LENGTH = 300
 #: Bytes of an undecodable message kept (as text) in its dead-letter record.
 RAW_PREVIEW = 1000
 
 #: The fields of a Dramatiq message and the JSON types they must have.
 _FIELDS: dict[str, type | tuple[type, ...]] = {
     "queue_name": str, "actor_name": str, "args": list, "kwargs": dict, "options": dict,
-    "message_id": str, "message_timestamp": int,
+    "message_id": str, "message_timestamp": (int, float),
 }
 
 #: Called with (queue, message id, reason, raw bytes or None, the Dramatiq message or None).
@@ -62,7 +64,8 @@ class TolerantEncoder(Encoder):
             fields = self.inner.decode(data)
             problem = shape_problem(fields)
         except Exception as exc:
-            problem = f"not a Dramatiq message: {type(exc).__name__}: {exc}"
+            cause = getattr(exc, "error", None) or exc  # Dramatiq's DecodeError quotes all the data
+            problem = f"not a Dramatiq message: {type(cause).__name__}: {cause}"[:REASON_LENGTH]
         if problem is None:
             return fields
         return {"queue_name": "", "actor_name": "", "args": [], "kwargs": {},
@@ -159,8 +162,10 @@ class GuardedConsumer(Consumer):
             self.on_redis and not isinstance(message.options.get("redis_message_id"), str))
         if self.on_redis and undecodable:
             redis_id = self._redis_id_of(raw)
-            if redis_id is None:
+            if redis_id is None:  # requeued by a reaper meanwhile: acking nothing frees its slot
                 log.warning("undecodable message on %s has vanished: %s", self.queue_name, reason)
+                message.options["redis_message_id"] = ""
+                self.inner.ack(message)
                 return
             message.options["redis_message_id"] = redis_id
         queue = self.queue_name.removesuffix(".DQ")
