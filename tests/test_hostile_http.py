@@ -104,6 +104,22 @@ def _hostile_requests(prefix: str) -> Iterator[tuple[bytes, tuple[int, ...]]]:
            + b"Origin: http://127.0.0.1\r\n\r\n" + body, (403,))
 
 
+def test_hostile_action_fields_are_a_400_even_with_the_secret(node_env, tmp_path):
+    port = free_port()
+    env = {**node_env, "IMMUTANT_SECRET": "s3cret-for-this-test"}
+    process = NodeProcess(["immutant", "console", "--port", str(port)], env, cwd=tmp_path)
+    try:
+        process.wait_for("console for cluster", timeout=20)
+        for field in ('"node": "\\ud800"', '"context_path": "/\\udfff"', '"node": "a\\nb"'):
+            body = ('{"state": "DISABLED", ' + field + "}").encode()
+            answer = exchange(port, b"POST /api/control HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                                    b"Authorization: Bearer s3cret-for-this-test\r\nContent-Type: application/json\r\n"
+                                    + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert status_of(answer) == 400, (field, answer[:300])
+    finally:
+        process.cleanup()
+
+
 def test_the_console_refuses_hostile_credentials_with_401_or_403(console):
     for request, allowed in _hostile_requests("/"):
         answer = exchange(console, request)

@@ -230,6 +230,11 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
+def _plain_text(value: Any) -> bool:
+    """A string the store can hold and a log line can show: printable, no lone surrogates."""
+    return isinstance(value, str) and value.isprintable() and not any("\ud800" <= c <= "\udfff" for c in value)
+
+
 def _cookie_path(request: web.Request) -> str:
     """The console's own path (``/_immutant/`` when mounted there), so apps never see the cookie."""
     return request.path.rsplit("/", 1)[0] + "/"
@@ -303,9 +308,9 @@ async def _control(request: web.Request) -> web.StreamResponse:
     problems = []
     if not isinstance(state, str) or state not in registry.STATES:
         problems.append(f"state: expected one of {', '.join(registry.STATES)}")
-    if node is not None and not (isinstance(node, str) and 0 < len(node) <= 200 and "|" not in node):
+    if node is not None and not (_plain_text(node) and 0 < len(node) <= 200 and "|" not in node):
         problems.append("node: expected a node name")
-    if context_path is not None and not (isinstance(context_path, str) and context_path.startswith("/")
+    if context_path is not None and not (_plain_text(context_path) and context_path.startswith("/")
                                          and len(context_path) <= 500 and "|" not in context_path):
         problems.append("context_path: expected a path starting with /")
     if problems:
