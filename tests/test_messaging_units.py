@@ -141,3 +141,11 @@ def test_a_message_that_cannot_be_encoded_fails_at_publish(embedded_store, immut
     with pytest.raises(MessagingError, match="priority"):
         publish("/queue/x", 1, priority=12, app=app)
     app.extensions["immutant"].store.close()
+
+
+@pytest.mark.parametrize("raw", [b"\xff not json", b"[1]", b'{"ok": true}', b"null"])
+def test_a_malformed_reply_is_a_remote_error_not_a_crash(raw: bytes) -> None:
+    from flask_immutant.messaging.core import _reply
+
+    ok, error = _reply(raw)
+    assert not ok and "malformed reply" in error
