@@ -140,7 +140,9 @@ class EmbeddedBalancer:
         app.add_subapp(CONSOLE_PREFIX, make_console_app(self.state))
 
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=self.pool_size, limit_per_host=0, keepalive_timeout=15,
+        # Reuse a pooled connection only well within the nodes' idle timeout, so they never close it first.
+        connector = aiohttp.TCPConnector(limit=self.pool_size, limit_per_host=0,
+                                         keepalive_timeout=min(15.0, self.client_idle / 2),
                                          enable_cleanup_closed=False)
         self._client = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
