@@ -9,6 +9,7 @@ once, in this order (last wins): the row's default, ``app.config``, the process 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -156,6 +157,21 @@ def import_paths(value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+def networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    allowed = "IP addresses or networks, as a list or one comma-separated string, such as 127.0.0.1, 10.0.0.0/8"
+    if isinstance(value, str):
+        items = [item.strip() for item in value.split(",") if item.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError(allowed)
+    try:
+        return tuple(ipaddress.ip_network(item if not isinstance(item, str) else item.strip("[]"), strict=False)
+                     for item in items)
+    except (TypeError, ValueError):
+        raise ValueError(allowed) from None
+
+
 @dataclass(frozen=True)
 class Setting:
     """One row of the settings table.
@@ -200,6 +216,21 @@ CORE_SETTINGS: tuple[Setting, ...] = (
             "several nodes share one machine.", "int", env=True),
     Setting("IMMUTANT_THREADS", 8, int_range(1, 512), "Request threads of the WSGI server in each "
             "app runtime.", "int", env=True),
+    Setting("IMMUTANT_HTTP_CONNECTION_LIMIT", 1000, int_range(10, 100000), "Open HTTP connections "
+            "each app runtime, and the embedded balancer's pool to the nodes, hold at once; more wait "
+            "in the listen backlog. See docs/security.md.", "int", env=True),
+    Setting("IMMUTANT_HTTP_IDLE_TIMEOUT", 30.0, float_range(1, 3600), "Seconds an HTTP connection "
+            "may stay silent (no request byte, no response byte) before it is closed.", "seconds",
+            env=True),
+    Setting("IMMUTANT_HTTP_READ_TIMEOUT", 60.0, float_range(1, 3600), "Seconds a client has to "
+            "send one whole request, head and body; a slower one is cut off (a 408 at the embedded "
+            "balancer), so slow uploads cannot hold connections for ever.", "seconds", env=True),
+    Setting("IMMUTANT_HTTP_MAX_BODY", 1 << 30, int_range(1024), "Largest request body in bytes; a "
+            "larger one is refused with 413 (by the embedded balancer and the app runtime).", "int",
+            env=True),
+    Setting("IMMUTANT_TRUSTED_PROXIES", (), networks, "Addresses or networks (comma-separated) "
+            "whose X-Forwarded-For/-Proto/-Host the app runtime believes, such as 127.0.0.1 for an "
+            "embedded balancer on the same machine. Empty: believed from nobody.", "list", env=True),
     Setting("IMMUTANT_FAILURE_TIMEOUT", 2.0, float_range(0.5, 300), "Seconds without a heartbeat "
             "after which a node is taken for dead; heartbeats go every quarter of it.",
             "seconds", env=True),
@@ -239,7 +270,7 @@ class Settings(Mapping[str, Any]):
             if isinstance(value, bool):
                 env[name] = "1" if value else "0"
             elif isinstance(value, tuple):
-                env[name] = ",".join(value)
+                env[name] = ",".join(str(item) for item in value)
             else:
                 env[name] = str(value)
         return env

@@ -9,6 +9,7 @@ import re
 import signal
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -268,6 +269,83 @@ def test_failing_and_malformed_messages_go_to_the_dead_letter_queue_and_can_be_r
                message=f"malformed dead again: {queues_json(mq_env)}\n{worker.output}")
     human = run_flask(["immutant", "queues"], mq_env)
     assert re.search(r"/queue/work\s+0\s+0\s+0\s+1\s+1", human.stdout), human.stdout
+
+
+def _push_raw(publisher: Messaging, queue: str, data: bytes) -> None:
+    """Put ``data`` on ``queue`` exactly as bytes, past every encoder (a store or broker writer)."""
+    backend: Any = publisher.backend
+    if backend.kind == "redis":
+        redis_id = str(uuid.uuid4())
+        backend.client.hset(f"{backend.namespace}:{queue}.msgs", redis_id, data)
+        backend.client.rpush(f"{backend.namespace}:{queue}", redis_id)
+        return
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    try:
+        connection.channel().basic_publish(exchange="", routing_key=queue, body=data)
+    finally:
+        connection.close()
+
+
+def test_undecodable_messages_are_dead_lettered_and_never_hold_back_their_batch(node, publisher, mq_env):
+    from dramatiq import Message
+
+    from flask_immutant.messaging.backends import Target
+    from flask_immutant.messaging.destination import actor_name
+
+    # Given a queue whose head holds garbage of every kind, then 20 good messages
+    queue = publisher.start("/queue/work").queue_name
+    for bad in ({"actor_name": "nobody", "args": ({"n": 99},)},
+                {"actor_name": actor_name(queue), "args": ({"nonsense": 1},)}):
+        message: Message[Any] = Message(queue_name=queue, kwargs={}, options={}, **bad)  # type: ignore[arg-type]
+        publisher.backend.publish(publisher.publisher, [Target(message)], None)  # declares the queue too
+    for data in (b"\xff\xfe not json at all", b"[1, 2, 3]", json.dumps({"queue_name": queue}).encode()):
+        _push_raw(publisher, queue, data)
+    for n in range(20):
+        publisher.publish("/queue/work", {"n": n})
+    # When a node starts consuming
+    worker = node("worker")
+    ready(worker)
+    # Then all 20 good messages are delivered
+    wait_until(lambda: sorted(handled(worker)) == list(range(20)), timeout=30,
+               message=f"handled {sorted(handled(worker))}\n{worker.output[-3000:]}")
+    # And each bad one is dead with its reason, counted by `flask immutant queues`
+    wait_until(lambda: entry(mq_env, "/queue/work")["dead"] == 5, timeout=20,
+               message=f"{queues_json(mq_env)}\n{worker.output[-3000:]}")
+    dead = [json.loads(v) for v in publisher.state.store.hvals(publisher.state.keys.messaging_dead(queue))]
+    reasons = sorted(d["reason"] for d in dead)
+    assert all(d["malformed"] for d in dead), dead
+    assert sum("not a Dramatiq message" in r for r in reasons) == 3, reasons
+    assert sum("unknown actor 'nobody'" in r for r in reasons) == 1, reasons
+    assert sum("not a flask-immutant message envelope" in r for r in reasons) == 1, reasons
+    assert any(d.get("raw", "").startswith("[1, 2, 3]") for d in dead), dead
+    # And nothing is left waiting or unacknowledged, and the consumer never crashed
+    assert entry(mq_env, "/queue/work")["depth"] == 0
+    assert "Consumer encountered an unexpected error" not in worker.output
+    # And requeue-dead keeps what can never be delivered, and says so
+    result = run_flask(["immutant", "queues", "requeue-dead", "/queue/work"], mq_env)
+    assert result.returncode == 0, result.stderr
+    assert "kept 3 undecodable" in result.stdout, result.stdout
+
+
+def test_messages_on_the_brokers_own_dead_letter_queue_are_counted_as_dead(publisher, mq_env):
+    # Given a message the broker itself rejected to its dead-letter queue (where Dramatiq puts one
+    # it cannot process, and where ours go when the cluster store cannot take them)
+    queue = publisher.start("/queue/work").queue_name
+    publisher.publish("/queue/work", {"n": 1})
+    broker = publisher.backend.make_broker([])
+    consumer = broker.consume(queue, prefetch=1, timeout=100)
+    try:
+        message = wait_until(lambda: next(consumer), timeout=10)
+        consumer.nack(message)
+    finally:
+        consumer.close()
+        broker.close()
+    # Then `flask immutant queues` counts it as dead
+    wait_until(lambda: entry(mq_env, "/queue/work")["dead"] == 1, timeout=10,
+               message=f"{queues_json(mq_env)}")
+    assert entry(mq_env, "/queue/work")["depth"] == 0
 
 
 def test_status_json_has_a_queues_section(node, publisher, mq_env, broker):

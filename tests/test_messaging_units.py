@@ -50,6 +50,39 @@ def test_malformed_envelopes_are_refused(raw: object) -> None:
         decode(raw)
 
 
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"\xff\xfe garbage", "UnicodeDecodeError"),
+    (b"not json", "JSONDecodeError"),
+    (b"[1, 2]", "a JSON list"),
+    (b'{"queue_name": "q"}', "missing"),
+    (b'{"queue_name": "q", "actor_name": "a", "args": {}, "kwargs": {}, "options": {}, "message_id": "i",'
+     b' "message_timestamp": 1}', "args is a dict"),
+    (b'{"queue_name": "q", "actor_name": "a", "args": [], "kwargs": {}, "options": {}, "message_id": "i",'
+     b' "message_timestamp": true}', "message_timestamp is a bool"),
+])
+def test_the_tolerant_encoder_turns_garbage_into_a_stand_in_with_the_reason(data: bytes, reason: str) -> None:
+    from dramatiq.encoder import JSONEncoder
+
+    from flask_immutant.messaging.undecodable import UNDECODABLE, TolerantEncoder
+
+    fields = TolerantEncoder(JSONEncoder()).decode(data)
+    assert reason in fields["options"][UNDECODABLE]
+    assert fields["actor_name"] == "" and fields["args"] == []
+
+
+def test_the_tolerant_encoder_keeps_the_wire_format() -> None:
+    from dramatiq import Message
+    from dramatiq.encoder import JSONEncoder
+
+    from flask_immutant.messaging.undecodable import TolerantEncoder
+
+    message: Message[object] = Message(queue_name="q", actor_name="a", args=(1,), kwargs={}, options={"x": 1})
+    plain, tolerant = JSONEncoder(), TolerantEncoder(JSONEncoder())
+    encoded = plain.encode(message.asdict())
+    assert tolerant.encode(message.asdict()) == encoded
+    assert tolerant.decode(encoded) == plain.decode(encoded)
+
+
 @pytest.mark.parametrize(("expression", "properties", "expected"), [
     ("priority >= 5", {"priority": 7}, True),
     ("priority >= 5", {"priority": 2}, False),
@@ -108,3 +141,11 @@ def test_a_message_that_cannot_be_encoded_fails_at_publish(embedded_store, immut
     with pytest.raises(MessagingError, match="priority"):
         publish("/queue/x", 1, priority=12, app=app)
     app.extensions["immutant"].store.close()
+
+
+@pytest.mark.parametrize("raw", [b"\xff not json", b"[1]", b'{"ok": true}', b"null"])
+def test_a_malformed_reply_is_a_remote_error_not_a_crash(raw: bytes) -> None:
+    from flask_immutant.messaging.core import _reply
+
+    ok, error = _reply(raw)
+    assert not ok and "malformed reply" in error

@@ -4,6 +4,7 @@ environment of a child process."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,16 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("IMMUTANT_THREADS", 513, "an integer from 1 to 512"),
     ("IMMUTANT_THREADS", "many", "an integer from 1 to 512"),
     ("IMMUTANT_THREADS", False, "an integer from 1 to 512"),
+    ("IMMUTANT_HTTP_CONNECTION_LIMIT", 9, "an integer from 10 to 100000"),
+    ("IMMUTANT_HTTP_CONNECTION_LIMIT", "lots", "an integer from 10 to 100000"),
+    ("IMMUTANT_HTTP_IDLE_TIMEOUT", 0, "a number of seconds from 1 to 3600"),
+    ("IMMUTANT_HTTP_IDLE_TIMEOUT", "nan", "a number of seconds from 1 to 3600"),
+    ("IMMUTANT_HTTP_READ_TIMEOUT", "inf", "a number of seconds from 1 to 3600"),
+    ("IMMUTANT_HTTP_MAX_BODY", 1023, "an integer >= 1024"),
+    ("IMMUTANT_HTTP_MAX_BODY", "1G", "an integer >= 1024"),
+    ("IMMUTANT_TRUSTED_PROXIES", "balancer.local", "IP addresses or networks"),
+    ("IMMUTANT_TRUSTED_PROXIES", "10.0.0.0/33", "IP addresses or networks"),
+    ("IMMUTANT_TRUSTED_PROXIES", 42, "IP addresses or networks"),
     ("IMMUTANT_FAILURE_TIMEOUT", 0.4, "a number of seconds from 0.5 to 300"),
     ("IMMUTANT_FAILURE_TIMEOUT", 301, "a number of seconds from 0.5 to 300"),
     ("IMMUTANT_FAILURE_TIMEOUT", "soon", "a number of seconds from 0.5 to 300"),
@@ -131,6 +142,13 @@ GOOD_VALUES: list[tuple[str, Any, Any]] = [
     ("IMMUTANT_HTTP_PORT", 65535, 65535),
     ("IMMUTANT_PORT_OFFSET", 0, 0),
     ("IMMUTANT_THREADS", "512", 512),
+    ("IMMUTANT_HTTP_CONNECTION_LIMIT", "5000", 5000),
+    ("IMMUTANT_HTTP_IDLE_TIMEOUT", "2.5", 2.5),
+    ("IMMUTANT_HTTP_READ_TIMEOUT", 120, 120.0),
+    ("IMMUTANT_HTTP_MAX_BODY", "1048576", 1048576),
+    ("IMMUTANT_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/8, ::1",
+     (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))),
+    ("IMMUTANT_TRUSTED_PROXIES", "", ()),
     ("IMMUTANT_FAILURE_TIMEOUT", "1.5", 1.5),
     ("IMMUTANT_FAILURE_TIMEOUT", 1, 1.0),
     ("IMMUTANT_SHUTDOWN_TIMEOUT", 600, 600.0),
@@ -322,6 +340,11 @@ CHANGED_EVERYWHERE: dict[str, Any] = {
     "IMMUTANT_HTTP_PORT": 9000,
     "IMMUTANT_PORT_OFFSET": 100,
     "IMMUTANT_THREADS": 3,
+    "IMMUTANT_HTTP_CONNECTION_LIMIT": 50,
+    "IMMUTANT_HTTP_IDLE_TIMEOUT": 7.5,
+    "IMMUTANT_HTTP_READ_TIMEOUT": 9,
+    "IMMUTANT_HTTP_MAX_BODY": 4096,
+    "IMMUTANT_TRUSTED_PROXIES": ["127.0.0.1", "10.1.0.0/16"],
     "IMMUTANT_FAILURE_TIMEOUT": 1.25,
     "IMMUTANT_SHUTDOWN_TIMEOUT": 4,
     "IMMUTANT_PLUGINS": ["a.b", "c.d:plugin"],

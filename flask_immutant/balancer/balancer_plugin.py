@@ -48,12 +48,18 @@ def immutant_register_commands(cli: click.Group) -> None:
 @click.option("--output", "-o", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="With --print-haproxy-config: write the configuration to this file.")
 @click.option("--no-console", is_flag=True, help="Do not mount the console at /_immutant/.")
+@click.option("--allow-remote", is_flag=True,
+              help="Mount the console at /_immutant/ on a non-loopback --host too (put TLS in front of it).")
 @click.option("--verbose", "-v", is_flag=True, help="Log debug messages.")
 @click.pass_context
 @one_line_errors
 def balancer(ctx: click.Context, host: str, port: int, haproxy_socket: str | None, print_config: bool,
              bind: str | None, config_socket: str | None, extra_paths: tuple[str, ...], output: Path | None,
-             no_console: bool, verbose: bool) -> None:
+             no_console: bool, allow_remote: bool, verbose: bool) -> None:
+    if not (print_config or haproxy_socket or no_console):
+        from .console_plugin import refuse_remote_console
+
+        refuse_remote_console(host, allow_remote, otherwise=", or --no-console to balance without it")
     state, _app, _path = load_state(ctx)
     if print_config:
         from .haproxy import render_config

@@ -94,10 +94,10 @@ class Console:
     # --- tokens and sessions --------------------------------------------------------------
 
     def token_ok(self, token: str) -> bool:
-        return hmac.compare_digest(token.encode(), self.secret)
+        return same_secret(token, self.secret)
 
     def _mac(self, purpose: str, *parts: str) -> str:
-        message = "\0".join((purpose, *parts)).encode()
+        message = "\0".join((purpose, *parts)).encode("utf-8", "surrogatepass")
         return hmac.new(self._mac_key, message, hashlib.sha256).hexdigest()
 
     def new_session(self) -> tuple[str, Session]:
@@ -109,9 +109,9 @@ class Console:
         if not cookie or cookie.count(".") != 2:
             return None
         expires, nonce, mac = cookie.split(".")
-        if not hmac.compare_digest(mac, self._mac("session", f"{expires}.{nonce}")):
+        if not same_secret(mac, self._mac("session", f"{expires}.{nonce}")):
             return None
-        if not expires.isdigit() or int(expires) < time.time():
+        if not (expires.isascii() and expires.isdigit()) or int(expires) < time.time():
             return None
         return Session(nonce, int(expires))
 
@@ -154,6 +154,15 @@ class Console:
 # --- request checks ---------------------------------------------------------------------------
 
 
+def same_secret(given: str, expected: str | bytes) -> bool:
+    """Constant-time comparison of a value a client sent with a secret. Headers may carry any
+    bytes (aiohttp hands them over as surrogate escapes) and JSON lone surrogates: those are
+    compared as the bytes they stand for, so they are merely unequal, never an error."""
+    if isinstance(expected, str):
+        expected = expected.encode("utf-8", "surrogatepass")
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected)
+
+
 def _own_origin(request: web.Request) -> str:
     return f"{request.scheme}://{request.host}"
 
@@ -167,9 +176,12 @@ def _same_origin(request: web.Request) -> bool:
         referer = request.headers.get("Referer")
         if not referer:
             return False
-        parts = urlsplit(referer)
+        try:
+            parts = urlsplit(referer)
+        except ValueError:  # such as an unclosed IPv6 bracket
+            return False
         origin = f"{parts.scheme}://{parts.netloc}"
-    return hmac.compare_digest(origin.encode(), _own_origin(request).encode())
+    return same_secret(origin, _own_origin(request))
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -200,7 +212,7 @@ def _authorized(request: web.Request, *, action: bool) -> Session | None:
         if not _same_origin(request):
             raise _forbidden("cross-origin request refused")
         token = request.headers.get(CSRF_HEADER, "")
-        if not hmac.compare_digest(token.encode(), console.csrf_token(session).encode()):
+        if not same_secret(token, console.csrf_token(session)):
             raise _forbidden("missing or bad CSRF token")
     return session
 

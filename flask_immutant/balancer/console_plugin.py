@@ -35,6 +35,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def refuse_remote_console(host: str, allow_remote: bool, *, otherwise: str = "") -> None:
+    """The one rule for where the console is served, by ``console`` and by the balancer that mounts
+    it: on a loopback address, or anywhere with ``--allow-remote``."""
+    if is_loopback(host) or allow_remote:
+        return
+    raise ImmutantError(f"--host {host} is not a loopback address; the console controls the cluster, "
+                        f"so add --allow-remote to serve it there (with TLS in front){otherwise}")
+
+
 @click.command(help="Serve the management console (nodes, contexts, deployments, daemons, queues, jobs, "
                     "with enable/disable/stop) on its own; the embedded balancer serves it at /_immutant/.")
 @click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port to serve on.")
@@ -45,9 +54,7 @@ def is_loopback(host: str) -> bool:
 @click.pass_context
 @one_line_errors
 def console(ctx: click.Context, port: int, host: str, allow_remote: bool, verbose: bool) -> None:
-    if not is_loopback(host) and not allow_remote:
-        raise ImmutantError(f"--host {host} is not a loopback address; the console controls the cluster, "
-                            "so add --allow-remote to serve it there (with TLS in front)")
+    refuse_remote_console(host, allow_remote)
     from aiohttp import web
 
     from ..deploy.records import cluster_secret

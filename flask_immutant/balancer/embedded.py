@@ -14,7 +14,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -38,8 +38,6 @@ CHUNK = 64 * 1024
 CONNECT_TIMEOUT = 2.0
 #: Seconds a backend may stay silent while a response is awaited or streamed.
 READ_TIMEOUT = 300.0
-#: Open connections to all backends together (idle ones are kept for reuse).
-POOL_SIZE = 512
 #: Seconds a backend that refused a connection is skipped by new requests (unless none is left).
 QUARANTINE = 1.0
 #: Where the console is mounted.
@@ -56,16 +54,41 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 
 class _Body:
     """A request body streamed to a backend, remembering whether any of it was read: a body
-    partly sent cannot be sent again to another backend."""
+    partly sent cannot be sent again to another backend. It must arrive by ``deadline``
+    (monotonic), with no silence longer than ``idle`` seconds, and be at most ``limit`` bytes;
+    otherwise it stops and ``refusal`` holds the answer the client gets instead (408 or 413)."""
 
-    def __init__(self, content: aiohttp.StreamReader) -> None:
+    def __init__(self, content: aiohttp.StreamReader, *, deadline: float, idle: float, limit: int) -> None:
         self.content = content
+        self.deadline = deadline
+        self.idle = idle
+        self.limit = limit
         self.consumed = False
+        self.refusal: web.Response | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self.content.iter_chunked(CHUNK):
+        received = 0
+        while True:
+            wait = min(self.idle, self.deadline - time.monotonic())
+            try:
+                if wait <= 0:
+                    raise asyncio.TimeoutError
+                chunk = await asyncio.wait_for(self.content.readany(), timeout=wait)
+            except asyncio.TimeoutError:
+                self.refusal = _error(408, "the request body did not arrive in time")
+                raise _Refused from None
+            if not chunk:
+                return
+            received += len(chunk)
+            if received > self.limit:
+                self.refusal = _error(413, f"the request body is larger than {self.limit} bytes")
+                raise _Refused
             self.consumed = True
             yield chunk
+
+
+class _Refused(Exception):
+    """The client's request body broke a limit; :attr:`_Body.refusal` is the answer."""
 
 
 class EmbeddedBalancer:
@@ -73,12 +96,17 @@ class EmbeddedBalancer:
 
     def __init__(self, state: ImmutantState, *, store: redis.Redis | None = None,
                  connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
-                 pool_size: int = POOL_SIZE, quarantine: float = QUARANTINE, console: bool = True) -> None:
+                 pool_size: int | None = None, quarantine: float = QUARANTINE, console: bool = True) -> None:
         self.state = state
         self.store = store if store is not None else state.store
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self.pool_size = pool_size
+        settings = state.settings
+        self.pool_size = pool_size if pool_size is not None else settings["IMMUTANT_HTTP_CONNECTION_LIMIT"]
+        #: Client side: silence allowed on a connection, time to send a request body, its size.
+        self.client_idle = settings["IMMUTANT_HTTP_IDLE_TIMEOUT"]
+        self.client_read_timeout = settings["IMMUTANT_HTTP_READ_TIMEOUT"]
+        self.max_body = settings["IMMUTANT_HTTP_MAX_BODY"]
         self.quarantine = quarantine
         self.console = console
         self.table: Table = {}
@@ -96,7 +124,7 @@ class EmbeddedBalancer:
     # --- the aiohttp application -------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application(handler_args={"max_field_size": 65536})
+        app = web.Application(handler_args={"max_field_size": 65536}, middlewares=[_paths_only])
         if self.console:
             self._mount_console(app)
         app.router.add_route("*", "/{tail:.*}", self.handle)
@@ -112,7 +140,9 @@ class EmbeddedBalancer:
         app.add_subapp(CONSOLE_PREFIX, make_console_app(self.state))
 
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=self.pool_size, limit_per_host=0, keepalive_timeout=15,
+        # Reuse a pooled connection only well within the nodes' idle timeout, so they never close it first.
+        connector = aiohttp.TCPConnector(limit=self.pool_size, limit_per_host=0,
+                                         keepalive_timeout=min(15.0, self.client_idle / 2),
                                          enable_cleanup_closed=False)
         self._client = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
@@ -133,7 +163,10 @@ class EmbeddedBalancer:
         assert self._client is not None
         route = request.cookies.get(routing.ROUTE_COOKIE)
         retriable = request.method in routing.IDEMPOTENT_METHODS
-        body = _Body(request.content) if request.body_exists else None
+        if request.content_length is not None and request.content_length > self.max_body:
+            return _error(413, f"the request body is larger than {self.max_body} bytes")
+        body = _Body(request.content, deadline=time.monotonic() + self.client_read_timeout, idle=self.client_idle,
+                     limit=self.max_body) if request.body_exists else None
         tried: set[str] = set()
         disconnects: dict[str, int] = {}
         failures: list[str] = []
@@ -160,6 +193,8 @@ class EmbeddedBalancer:
                     continue
                 return _error(502, failures[-1])
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if body is not None and body.refusal is not None:
+                    return body.refusal
                 # A pooled connection died under the request (the backend closed it, or died).
                 disconnects[backend.node] = disconnects.get(backend.node, 0) + 1
                 if disconnects[backend.node] >= 2:
@@ -171,6 +206,10 @@ class EmbeddedBalancer:
             except aiohttp.ServerTimeoutError:
                 return _error(504, f"node {backend.node} ({backend.address}) did not answer within "
                                    f"{self.read_timeout:g}s")
+            except aiohttp.ClientConnectionError as exc:
+                if body is not None and body.refusal is not None:
+                    return body.refusal  # the client's body broke a limit; aiohttp wraps _Refused
+                return _error(502, f"node {backend.node} ({backend.address}): {_reason(exc)}")
             return await self._relay(request, upstream, decision)
 
     def _decide(self, path: str, route: str | None, tried: set[str]) -> routing.Decision:
@@ -218,7 +257,11 @@ class EmbeddedBalancer:
     async def serve(self, host: str, port: int, ready: asyncio.Event | None = None,
                     stop: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set (or SIGINT/SIGTERM when it is not given)."""
-        runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
+        from ..server.http import raise_descriptor_limit
+
+        raise_descriptor_limit(2 * self.pool_size)  # a client's and a node's connection per request
+        runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False,
+                               keepalive_timeout=self.client_idle)
         await runner.setup()
         try:
             site = web.TCPSite(runner, host, port, backlog=1024)
@@ -241,16 +284,28 @@ class EmbeddedBalancer:
         asyncio.run(self.serve(host, port))
 
 
+@web.middleware
+async def _paths_only(request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Refuse a request target that is not a path (absolute-form ``http://host/...``): this is a
+    reverse proxy, never a forward one, and the target would otherwise be spliced into a URL."""
+    if not request.raw_path.startswith("/"):
+        return _error(400, "the request target must be a path, such as /index.html")
+    return await handler(request)
+
+
 def _forward_headers(request: web.Request) -> CIMultiDict[str]:
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         if name.lower() not in HOP_BY_HOP:
             headers.add(name, value)
-    peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers.setdefault("X-Forwarded-Proto", request.scheme)
-    headers.setdefault("X-Forwarded-Host", request.host)
+    # The node believes the last value of each, the one added here, and only from a proxy in
+    # IMMUTANT_TRUSTED_PROXIES (docs/security.md). The scheme has one value (waitress refuses a
+    # list): this balancer is the edge, so its own.
+    for name, value in (("X-Forwarded-For", request.remote or ""), ("X-Forwarded-Host", request.host)):
+        prior = ", ".join(headers.popall(name, ()))
+        headers[name] = f"{prior}, {value}" if prior else value
+    headers["X-Forwarded-Proto"] = request.scheme
     return headers
 
 

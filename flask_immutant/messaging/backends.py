@@ -19,7 +19,7 @@ from typing import Any
 import redis
 from dramatiq import Message
 from dramatiq.broker import Broker
-from dramatiq.common import current_millis, dq_name
+from dramatiq.common import current_millis, dq_name, xq_name
 from dramatiq.message import get_encoder
 from dramatiq.middleware import Middleware
 
@@ -63,6 +63,7 @@ class Backend:
         raise NotImplementedError
 
     def queue_stats(self, broker: Broker | None, queue: str) -> dict[str, int | None]:
+        """depth, in_flight, delayed, and rejected: messages in the broker's own dead-letter queue."""
         raise NotImplementedError
 
     def delete_queue(self, broker: Broker, queue: str) -> None:
@@ -139,8 +140,10 @@ class RedisBackend(Backend):
         pipe.llen(base)
         pipe.hlen(f"{base}.msgs")
         pipe.hlen(f"{base}.DQ.msgs")
-        waiting, stored, delayed = pipe.execute()
-        return {"depth": int(waiting), "in_flight": max(0, int(stored) - int(waiting)), "delayed": int(delayed)}
+        pipe.zcard(f"{base}.XQ")
+        waiting, stored, delayed, rejected = pipe.execute()
+        return {"depth": int(waiting), "in_flight": max(0, int(stored) - int(waiting)), "delayed": int(delayed),
+                "rejected": int(rejected)}
 
     def delete_queue(self, broker: Broker, queue: str) -> None:
         base = f"{self.namespace}:{queue}"
@@ -202,15 +205,17 @@ class RabbitmqBackend(Backend):
                     try:
                         depth = channel.queue_declare(queue=queue, passive=True).method.message_count
                         delayed = channel.queue_declare(queue=dq_name(queue), passive=True).method.message_count
+                        rejected = channel.queue_declare(queue=xq_name(queue), passive=True).method.message_count
                     finally:
                         if channel.is_open:
                             channel.close()
-                    return {"depth": int(depth), "in_flight": None, "delayed": int(delayed)}
+                    return {"depth": int(depth), "in_flight": None, "delayed": int(delayed),
+                            "rejected": int(rejected)}
                 except pika.exceptions.ChannelClosedByBroker:
-                    return {"depth": 0, "in_flight": None, "delayed": 0}  # not declared yet
+                    return {"depth": 0, "in_flight": None, "delayed": 0, "rejected": 0}  # not declared yet
                 except pika.exceptions.AMQPConnectionError:
                     self._inspector = None
-        return {"depth": None, "in_flight": None, "delayed": None}
+        return {"depth": None, "in_flight": None, "delayed": None, "rejected": None}
 
     def delete_queue(self, broker: Broker, queue: str) -> None:
         channel = broker.channel  # type: ignore[attr-defined]

@@ -55,12 +55,14 @@ def _n(value: Any) -> str:
 @one_line_errors
 def requeue_dead(ctx: click.Context, name: str) -> None:
     messaging = _messaging(ctx)
-    moved = requeue_dead_messages(messaging, name)
-    click.echo(f"requeued {moved} dead message(s) of {name}")
+    moved, kept = requeue_dead_messages(messaging, name)
+    click.echo(f"requeued {moved} dead message(s) of {name}"
+               + (f"; kept {kept} undecodable one(s) (see `queues --json`)" if kept else ""))
 
 
-def requeue_dead_messages(messaging: Messaging, name: str) -> int:
-    """Publish each dead message of ``name`` again, then drop its dead record (at-least-once).
+def requeue_dead_messages(messaging: Messaging, name: str) -> tuple[int, int]:
+    """Publish each dead message of ``name`` again, then drop its dead record (at-least-once);
+    returns (requeued, kept). Records of undecodable bytes have nothing to publish and are kept.
 
     The copy gets a new message id: should it die again at once, its new record is not the one
     deleted here."""
@@ -68,19 +70,33 @@ def requeue_dead_messages(messaging: Messaging, name: str) -> int:
 
     store, keys = messaging.state.store, messaging.state.keys
     queues = _queues_named(messaging, name)
-    moved = 0
+    moved = kept = 0
     for queue in queues:
         dead_key = keys.messaging_dead(queue)
         for message_id, raw in store.hgetall(dead_key).items():
-            record = json.loads(raw)
-            original = record["message"]
+            original = _json_field(raw, "message")
+            if not isinstance(original, dict) or not original.keys() >= _REPUBLISHABLE:
+                kept += 1
+                continue
             message: DramatiqMessage[Any] = DramatiqMessage(queue_name=queue, actor_name=original["actor_name"],
                                       args=tuple(original["args"]), kwargs=original.get("kwargs") or {},
                                       options={}, message_timestamp=original["message_timestamp"])
             messaging.backend.publish(messaging.publisher, [Target(message)], None)
             store.hdel(dead_key, message_id)
             moved += 1
-    return moved
+    return moved, kept
+
+
+#: What a dead record's ``message`` needs to be published again.
+_REPUBLISHABLE = {"actor_name", "args", "message_timestamp"}
+
+
+def _json_field(raw: Any, name: str) -> Any:
+    try:
+        data = json.loads(raw)
+    except (TypeError, ValueError):
+        return None
+    return data.get(name) if isinstance(data, dict) else None
 
 
 def _queues_named(messaging: Messaging, name: str) -> list[str]:

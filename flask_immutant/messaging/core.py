@@ -132,7 +132,13 @@ class Response:
 
 
 def _reply(raw: bytes | str) -> tuple[bool, Any]:
-    data = json.loads(raw)
+    """(ok, value or error) of a reply; one that is not ours is an error, never an exception here."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        return False, f"a malformed reply ({exc})"
+    if not isinstance(data, dict) or (data.get("ok") and "value" not in data):
+        return False, f"a malformed reply: {str(data)[:200]!r}"
     return (True, data["value"]) if data.get("ok") else (False, data.get("error"))
 
 

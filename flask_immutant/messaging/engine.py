@@ -33,6 +33,7 @@ from .backends import Backend, heartbeat_record
 from .codec import Message, decode
 from .destination import Destination, actor_name
 from .errors import MalformedMessage
+from .undecodable import dead_letter_record, encoded, guard_consumers
 
 if TYPE_CHECKING:
     from .core import Listener, Messaging
@@ -151,6 +152,7 @@ class Engine:
         # Dramatiq declares an actor's queue (which starts its consumer) before it records the
         # actor; a message already waiting would then find no actor and be dead-lettered.
         self.broker.declare_actor = functools.partial(_declare_actor_first, self.broker)  # type: ignore[method-assign]
+        guard_consumers(self.broker, self.bury_undeliverable)
         threads = self.settings["IMMUTANT_WORKER_THREADS"]
         poll_ms = int(min(1000, max(50, self.interval * 2000)))
         self.worker = dramatiq.Worker(self.broker, worker_threads=threads, worker_timeout=poll_ms)
@@ -309,6 +311,12 @@ class Engine:
         }
         self.messaging.state.store.hset(self.keys.messaging_dead(queue), raw.message_id, heartbeat_record(**record))
         log.warning("message %s on %s is dead: %s", raw.message_id, record["destination"], record["reason"])
+
+    def bury_undeliverable(self, queue: str, message_id: str, reason: str, raw: Any, message: Any) -> None:
+        """Dead-letter a message the consumer could not decode or has no actor for."""
+        record = dead_letter_record(queue, message_id, reason, raw, message)
+        self.messaging.state.store.hset(self.keys.messaging_dead(queue), message_id, encoded(record))
+        log.warning("message %s on %s is dead: %s", message_id, queue, record["reason"])
 
     # --- heartbeat and reaper ---
 

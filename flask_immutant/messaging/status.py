@@ -65,7 +65,8 @@ def _queue_numbers(backend: Backend, store: Any, keys: Keys, queue: str,
     numbers: dict[str, Any] = dict(backend.queue_stats(None, queue))
     if numbers.get("in_flight") is None and backend.kind == "rabbitmq":
         numbers["in_flight"] = sum(int(c.get("prefetched", {}).get(queue, 0)) for c in consumers.values())
-    numbers["dead"] = int(store.hlen(keys.messaging_dead(queue)))
+    rejected = numbers.pop("rejected", 0)  # in the broker's own dead-letter queue: dead as well
+    numbers["dead"] = int(store.hlen(keys.messaging_dead(queue))) + int(rejected or 0)
     return numbers
 
 

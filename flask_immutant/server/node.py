@@ -130,16 +130,30 @@ class RuntimeProcess:
             self._ready_r = None
 
 
+#: Seconds the idle responder keeps reading a connection it answered, waiting for the client to hang up.
+IDLE_LINGER = 2.0
+#: Connections the idle responder keeps draining at once (select() stops at descriptor 1024).
+IDLE_MAX_LINGERING = 512
+
+
 class IdleResponder:
     """Answers 503 on the node's HTTP socket while no app runtime serves it (a node waiting for
     deployments, or between an undeploy and the next deploy), so clients fail fast instead of
-    waiting in the listen backlog of a socket nobody accepts on."""
+    waiting in the listen backlog of a socket nobody accepts on.
+
+    One thread, never blocked by a client: each connection gets its answer at once, without
+    waiting for the request, and is then only drained until the client hangs up or
+    :data:`IDLE_LINGER` passes (closing with the request unread could reset the connection
+    before the client reads the answer)."""
 
     def __init__(self, listener: socket.socket, node_name: str, stop: threading.Event) -> None:
         self.listener = listener
         self.served = threading.Event()  # set while a runtime serves the root context
         self._stop = stop
-        self._body = f"no app is deployed at / on node {node_name}\n".encode()
+        body = f"no app is deployed at / on node {node_name}\n".encode()
+        self._answer = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nRetry-After: 1\r\n"
+                        b"Connection: close\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        self._lingering: dict[socket.socket, float] = {}
         self._thread = threading.Thread(target=self._run, name="immutant-idle-http", daemon=True)
 
     def start(self) -> None:
@@ -148,26 +162,67 @@ class IdleResponder:
     def _run(self) -> None:
         while not self._stop.is_set():
             if self.served.is_set():
+                self._close_all()
                 self._stop.wait(0.2)
                 continue
             try:
-                readable, _, _ = select.select([self.listener], [], [], 0.2)
-                if not readable or self.served.is_set():
-                    continue
-                conn, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
+                readable, _, _ = select.select([self.listener, *self._lingering], [], [], 0.2)
+            except (ValueError, OSError):
+                if self.listener.fileno() < 0:
+                    return  # the listener was closed: the node is stopping
+                self._close_all()  # past select()'s descriptor limit: start over
                 continue
-            except OSError:
-                return  # the listener was closed: the node is stopping
-            with conn:
-                conn.settimeout(1.0)
-                try:
-                    conn.recv(65536)
-                    conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
-                                 b"Retry-After: 1\r\nConnection: close\r\n"
-                                 + f"Content-Length: {len(self._body)}\r\n\r\n".encode() + self._body)
-                except OSError:
-                    pass
+            for sock in readable:
+                if sock is self.listener:
+                    if not self._accept():
+                        return
+                else:
+                    self._drain(sock)
+            self._expire()
+        self._close_all()
+
+    def _accept(self) -> bool:
+        if self.served.is_set():
+            return True
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False  # the listener was closed
+        conn.setblocking(False)
+        try:
+            conn.send(self._answer)  # a few hundred bytes into an empty send buffer: never blocks
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            conn.close()
+            return True
+        if len(self._lingering) >= IDLE_MAX_LINGERING:
+            oldest = min(self._lingering, key=self._lingering.__getitem__)
+            self._lingering.pop(oldest).close()
+        self._lingering[conn] = time.monotonic() + IDLE_LINGER
+        return True
+
+    def _drain(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lingering.pop(sock, None)
+            sock.close()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for sock in [s for s, until in self._lingering.items() if until <= now]:
+            self._lingering.pop(sock).close()
+
+    def _close_all(self) -> None:
+        for sock in list(self._lingering):
+            sock.close()
+        self._lingering.clear()
 
 
 class Node:

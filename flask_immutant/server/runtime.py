@@ -109,10 +109,16 @@ class AppRuntime:
     def start(self) -> None:
         from waitress.server import create_server
 
+        from .http import raise_descriptor_limit, waitress_limits, with_read_deadline, with_trusted_proxies
+
+        raise_descriptor_limit(self.settings["IMMUTANT_HTTP_CONNECTION_LIMIT"])
+
         self._server = create_server(
-            self.wsgi, sockets=[self._sock], threads=self.settings["IMMUTANT_THREADS"], ident="flask-immutant"
+            with_trusted_proxies(self.wsgi, self.settings["IMMUTANT_TRUSTED_PROXIES"]), sockets=[self._sock],
+            threads=self.settings["IMMUTANT_THREADS"], ident="flask-immutant", **waitress_limits(self.settings),
         )
-        self._server.channel_class = _draining_channel(self.stopping)
+        self._server.channel_class = with_read_deadline(_draining_channel(self.stopping),
+                                                        self.settings["IMMUTANT_HTTP_READ_TIMEOUT"])
         self.spawn("immutant-http", self._server.run)
         self.state.runtime = self
         self.state.pm.hook.immutant_runtime_started(runtime=self)
