@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .errors import ImmutantConfigError, ImmutantError, NodeStartError, StoreUnavailableError
+from .context import current
+from .errors import ImmutantConfigError, ImmutantError, NoAppError, NodeStartError, StoreUnavailableError
 from .extension import ImmutantExtension, ImmutantState, get_state
 from .hookspecs import hookimpl
 from .settings import Setting
@@ -14,10 +15,12 @@ __all__ = [
     "ImmutantError",
     "ImmutantExtension",
     "ImmutantState",
+    "NoAppError",
     "NodeStartError",
     "Setting",
     "StoreUnavailableError",
     "__version__",
+    "current",
     "get_state",
     "hookimpl",
 ]
