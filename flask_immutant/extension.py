@@ -48,6 +48,7 @@ class ImmutantState:
         self.runtime: AppRuntime | None = None
         #: Per-app objects of feature plugins (their registries), by feature name.
         self.features: dict[str, Any] = {}
+        self.given_config: dict[str, Any] = {}
 
     @classmethod
     def build(
@@ -64,7 +65,11 @@ class ImmutantState:
             rows.extend(contributed or ())
         settings = resolve(table(rows), config, environ, overrides)
         plugins.apply_flags(pm, settings)
-        return cls(settings, pm)
+        state = cls(settings, pm)
+        #: The ``IMMUTANT_*`` keys the app's own config gave (``flask immutant config`` shows
+        #: where each value came from; after ``init_app`` the config holds them all).
+        state.given_config = {k: v for k, v in (config or {}).items() if k.startswith("IMMUTANT_")}
+        return state
 
     @cached_property
     def store(self) -> redis.Redis:
@@ -338,7 +343,7 @@ def get_state(app: Flask | None = None) -> ImmutantState:
     if app is None:
         app = app_for(None)
         if app is None:
-            raise NoAppError("no app here: pass app=..., or call this inside an app context (a view, "
+            raise NoAppError("working outside of application context: pass app=..., or call this inside one (a view, "
                              "a listener, a daemon, a job, or `with app.app_context():`)")
     try:
         return app.extensions[EXTENSION_KEY]  # type: ignore[no-any-return]
