@@ -128,24 +128,25 @@ def _extra_plugins(
 
 #: The plugin behind each switchable feature and the flag that turns it on, so that a feature
 #: used while it is off fails at declaration time with the setting to change.
-FEATURE_FLAGS: dict[str, tuple[str, str, bool]] = {
-    # feature: (plugin module, flag, flag's default)
-    "messaging": ("flask_immutant.messaging.plugin", "IMMUTANT_MESSAGING", True),
-    "daemons": ("flask_immutant.daemons.plugin", "IMMUTANT_DAEMONS", True),
-    "jobs": ("flask_immutant.scheduling.plugin", "IMMUTANT_JOBS", True),
-    "cache": ("flask_immutant.caching.plugin", "IMMUTANT_CACHE", False),
+FEATURE_FLAGS: dict[str, tuple[str, str]] = {
+    # feature: (plugin module, flag)
+    "messaging": ("flask_immutant.messaging.plugin", "IMMUTANT_MESSAGING"),
+    "daemons": ("flask_immutant.daemons.plugin", "IMMUTANT_DAEMONS"),
+    "jobs": ("flask_immutant.scheduling.plugin", "IMMUTANT_JOBS"),
+    "cache": ("flask_immutant.caching.plugin", "IMMUTANT_CACHE"),
+    "sessions": ("flask_immutant.web.plugin", "IMMUTANT_SESSIONS"),
 }
 
 
 def switched_off(feature: str) -> ImmutantConfigError:
     """The one error for a feature used while its flag is off: it names the flag to set."""
-    _plugin, flag, _default = FEATURE_FLAGS[feature]
+    _plugin, flag = FEATURE_FLAGS[feature]
     return ImmutantConfigError(f"{feature} is switched off for this app: set {flag} = True in its config")
 
 
 def require_feature(state: ImmutantState, feature: str) -> ImmutantState:
     """``state`` if ``feature`` is on for it, else :func:`switched_off`."""
-    plugin, _flag, _default = FEATURE_FLAGS[feature]
+    plugin, _flag = FEATURE_FLAGS[feature]
     if not state.pm.has_plugin(plugin):
         raise switched_off(feature)
     return state
