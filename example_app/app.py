@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from flask import Flask, jsonify, session
+from flask import Flask, Response, jsonify, session
 
 from flask_immutant import ImmutantExtension
 from flask_immutant.daemons import DaemonContext
@@ -65,6 +65,6 @@ def index() -> dict[str, object]:
 
 
 @app.get("/members")
-def members() -> object:
+def members() -> Response:
     """The cluster's live members, read from the cluster store."""
     return jsonify([member.status() for member in immutant.state().members()])

@@ -27,7 +27,7 @@ SECRET_WORDS = ("SECRET", "PASSWORD", "TOKEN")
 MASK = "********"
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def immutant_register_commands(cli: click.Group) -> None:
     cli.add_command(config)
 

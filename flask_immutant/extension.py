@@ -251,8 +251,8 @@ class ImmutantExtension:
 
         self.record(lambda app: messaging.declare(name, kind=kind, app=app))
 
-    def listen(self, name: str, handler: Callable[[Any], Any] | None = None, *, concurrency: int | None = None,
-               selector: Any = None, durable_name: str | None = None) -> Any:
+    def listen(self, name: str, *, concurrency: int | None = None, selector: Any = None,
+               durable_name: str | None = None) -> Callable[[F], F]:
         """Decorator: call the function with each message's body on ``name`` (declared if it is
         not), in the app context, once the app runtime has started."""
         from . import messaging
@@ -262,32 +262,32 @@ class ImmutantExtension:
                                                      selector=selector, durable_name=durable_name))
             return fn
 
-        return register if handler is None else register(handler)  # type: ignore[arg-type]
+        return register
 
-    def respond(self, name: str, fn: Callable[[Any], Any] | None = None, **options: Any) -> Any:
+    def respond(self, name: str, **options: Any) -> Callable[[F], F]:
         """Decorator: answer requests on ``name`` with the function's return value."""
         from . import messaging
 
-        def register(function: F) -> F:
-            self.record(lambda app: messaging.respond(name, function, app=app, **options))
-            return function
+        def register(fn: F) -> F:
+            self.record(lambda app: messaging.respond(name, fn, app=app, **options))
+            return fn
 
-        return register if fn is None else register(fn)  # type: ignore[arg-type]
+        return register
 
-    def daemon(self, name: str, fn: Callable[..., Any] | None = None, *, singleton: bool = True,
-               stop: Callable[[], Any] | None = None) -> Any:
+    def daemon(self, name: str, *, singleton: bool = True, stop: Callable[[], Any] | None = None
+               ) -> Callable[[F], F]:
         """Decorator: run the function as daemon ``name`` (on one node of the cluster, with
         failover, unless ``singleton=False``). It receives the daemon's context: loop on
         ``while not ctx.wait(seconds)``; ``stop`` is called when it must stop."""
         from . import daemons
 
-        def register(function: F) -> F:
-            self.record(lambda app: daemons.declare(name, function, stop, singleton=singleton, app=app))
-            return function
+        def register(fn: F) -> F:
+            self.record(lambda app: daemons.declare(name, fn, stop, singleton=singleton, app=app))
+            return fn
 
-        return register if fn is None else register(fn)  # type: ignore[arg-type]
+        return register
 
-    def job(self, name: str, fn: Callable[..., Any] | None = None, **schedule: Any) -> Any:
+    def job(self, name: str, **schedule: Any) -> Callable[[F], F]:
         """Decorator: run the function on a schedule (``cron=``, ``every=``, ``at=``, ``in_=``,
         ``until=``, ``limit=``, ``singleton=``, ``misfire=``: see ``jobs.schedule``). It receives
         the :class:`~flask_immutant.jobs.Fire` it runs for, if it takes an argument."""
@@ -296,11 +296,11 @@ class ImmutantExtension:
 
         JobSpec.build(name, **schedule)  # a schedule that cannot be fails here, at import
 
-        def register(function: F) -> F:
-            self.record(lambda app: jobs.schedule(name, function, app=app, **schedule))
-            return function
+        def register(fn: F) -> F:
+            self.record(lambda app: jobs.schedule(name, fn, app=app, **schedule))
+            return fn
 
-        return register if fn is None else register(fn)  # type: ignore[arg-type]
+        return register
 
     # --- acting (on the current app) ---
 
@@ -323,7 +323,8 @@ class ImmutantExtension:
         return caching.cache(name, **options)
 
     def schedule(self, name: str, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
-        """Schedule a job on the current app now (``jobs.schedule``); a decorator without ``fn``."""
+        """Schedule a job on the current app now (``jobs.schedule``, which says where it goes
+        outside an app context); a decorator without ``fn``."""
         from . import jobs
 
         return jobs.schedule(name, fn, **options)
