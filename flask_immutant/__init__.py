@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .context import current
 from .errors import ImmutantConfigError, ImmutantError, NoAppError, NodeStartError, StoreUnavailableError
 from .extension import ImmutantExtension, ImmutantState, get_state
 from .hookspecs import hookimpl
+from .running import current
 from .settings import Setting
 
 __version__ = "0.1.0.dev0"

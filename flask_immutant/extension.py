@@ -331,7 +331,7 @@ class ImmutantExtension:
 
     def current(self) -> Any:
         """What this thread is running for: the message, daemon context or job fire, or ``None``."""
-        from .context import current
+        from .running import current
 
         return current()
 

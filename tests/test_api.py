@@ -41,7 +41,7 @@ API_MD = ROOT / "docs" / "api.md"
 #: The modules whose ``__all__`` is the public surface docs/api.md lists.
 PUBLIC_MODULES = ("flask_immutant", "flask_immutant.messaging", "flask_immutant.daemons", "flask_immutant.jobs",
                   "flask_immutant.scheduling", "flask_immutant.caching", "flask_immutant.settings",
-                  "flask_immutant.web", "flask_immutant.context")
+                  "flask_immutant.web", "flask_immutant.running")
 
 
 @pytest.fixture
@@ -306,6 +306,20 @@ def test_the_factory_example_in_a_two_node_cluster(start_node, node_env, store_c
     wait_until(lambda: max(received(nodes[survivor])) > before + 1, timeout=20)
     after = received(nodes[survivor])[seen:]
     assert 1 not in after  # a fresh count would start again at 1
+
+
+def test_the_factory_example_deploys_to_a_running_node(start_node, node_env, tmp_path):
+    # Given a node serving nothing yet (its app runtimes inherit its environment)
+    node = start_node("--clustered", cwd=tmp_path, env={"EXAMPLE_REPORT_EVERY": "1s"})
+    node.wait_for("joined cluster")
+    # When the factory example is deployed as its README says
+    result = run_flask(["--app", "counter_app:create_app()", "immutant", "deploy"], node_env, cwd=EXAMPLE_FACTORY)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "deployment example_factory v1 registered: counter_app:create_app()" in result.stdout
+    # Then the node runs its listener, daemon and job
+    node.wait_for("deployed example_factory v1")
+    wait_until(lambda: len(received(node)) >= 2, timeout=20)
+    node.wait_for(r"report: \d+ ticks", timeout=20)
 
 
 def test_old_style_code_runs_unchanged(start_node, store_client, cluster_name):

@@ -62,7 +62,7 @@ start = declare
 def current() -> Any:
     """What this thread is running for (``flask_immutant.current()``): inside a listener, the
     :class:`Message`; ``current_message()`` is its messaging-only alias."""
-    from ..context import current as _current
+    from ..running import current as _current
 
     return _current()
 
