@@ -234,8 +234,8 @@ def test_config_mistakes_are_one_error_line(node_env: dict[str, str], tmp_path: 
                                             error: str) -> None:
     result = run_flask(["immutant", "config", *args], node_env, cwd=tmp_path)
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [f"Error: {result.stderr.strip().removeprefix('Error: ')}"]
-    assert error in result.stderr and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("Error: ") and error in line
 
 
 # --- 5. docs/api.md lists every public name --------------------------------------------------
