@@ -5,17 +5,42 @@
   stop function; kill -9 that node and the daemon starts on another within seconds;
 - a small page with sessions and the cluster cache on, to try through the balancer.
 
-Deploy it with ``cd example_app && flask immutant deploy`` (see README.md in this folder).
+Deploy it with ``cd example_app && flask immutant deploy`` (see README.md in this folder). For
+the same app built by an app factory, see ``example_factory/``.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 
-from flask import Flask, jsonify, session
+from flask import Flask, Response, jsonify, session
 
-from flask_immutant import ImmutantExtension, caching, daemons, get_state, messaging
+from flask_immutant import ImmutantExtension
+from flask_immutant.daemons import DaemonContext
+
+immutant = ImmutantExtension()
+
+QUEUE = "/queue/msg"
+
+
+@immutant.listen(QUEUE)
+def received(n: int) -> None:
+    print(f"received: {n}", flush=True)
+
+
+def stop_counter() -> None:
+    print("counter stopped", flush=True)
+
+
+@immutant.daemon("counter", stop=stop_counter)
+def counter(ctx: DaemonContext) -> None:
+    """Publish the next number every second. The count lives in the cluster cache, so after a
+    failover the daemon on the other node carries on from where the dead one stopped."""
+    numbers = immutant.cache("example")
+    while not ctx.wait(1.0):
+        n = numbers.swap("counter", lambda current: (current or 0) + 1)
+        immutant.publish(QUEUE, n)
+
 
 app = Flask(__name__)
 app.config.update(
@@ -24,37 +49,7 @@ app.config.update(
     IMMUTANT_CACHE=True,
     SECRET_KEY=os.environ.get("EXAMPLE_SECRET_KEY", "example-app-not-secret"),
 )
-ImmutantExtension(app)
-
-QUEUE = "/queue/msg"
-messaging.start(QUEUE, app=app)
-
-
-@messaging.listen(QUEUE, app=app)
-def received(n: int) -> None:
-    print(f"received: {n}", flush=True)
-
-
-_stopped = threading.Event()
-
-
-def counter() -> None:
-    """Publish the next number every second. The count lives in the cluster cache, so after a
-    failover the daemon on the other node carries on from where the dead one stopped."""
-    _stopped.clear()
-    context = daemons.current()
-    numbers = caching.cache("example")
-    while not (_stopped.is_set() or (context is not None and context.wait(1.0))):
-        n = numbers.swap("counter", lambda current: (current or 0) + 1)
-        messaging.publish(QUEUE, n)
-
-
-def stop_counter() -> None:
-    print("counter stopped", flush=True)
-    _stopped.set()
-
-
-daemons.start("counter", counter, stop_counter, app=app)
+immutant.init_app(app)
 
 
 @app.get("/")
@@ -63,13 +58,13 @@ def index() -> dict[str, object]:
     session["visits"] = session.get("visits", 0) + 1
     return {
         "app": "example_app",
-        "node": get_state().node_name,
+        "node": immutant.state().node_name,
         "visits": session["visits"],
-        "counter": caching.cache("example").get("counter"),
+        "counter": immutant.cache("example").get("counter"),
     }
 
 
 @app.get("/members")
-def members() -> object:
+def members() -> Response:
     """The cluster's live members, read from the cluster store."""
-    return jsonify([member.status() for member in get_state().members()])
+    return jsonify([member.status() for member in immutant.state().members()])

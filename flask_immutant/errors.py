@@ -17,3 +17,7 @@ class StoreUnavailableError(ImmutantError):
 
 class NodeStartError(ImmutantError):
     """A node cannot start: its name is taken, its port is busy, and so on."""
+
+
+class NoAppError(ImmutantError, RuntimeError):
+    """A call that acts on an app found none: no ``app=``, no app context, or no extension on it."""

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .scheduling import Fire, JobSpec, current, schedule, unschedule
+from .scheduling import Fire, JobSpec, current, schedule, stop, unschedule
 
-__all__ = ["Fire", "JobSpec", "current", "schedule", "unschedule"]
+__all__ = ["Fire", "JobSpec", "current", "schedule", "stop", "unschedule"]

@@ -31,6 +31,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "flask_immutant.messaging.plugin",
     "flask_immutant.balancer.console_plugin",
     "flask_immutant.balancer.balancer_plugin",
+    "flask_immutant.config_command",
 )
 
 #: The setuptools entry-point group third-party plugins register under.

@@ -286,6 +286,26 @@ def table(rows: Iterable[Setting]) -> dict[str, Setting]:
     return indexed
 
 
+#: Where a value can come from, lowest precedence first: the last one that has the key wins.
+#: ``option`` is an explicit override: a CLI option, ``deploy --set`` for a deployed app.
+SOURCES = ("default", "app.config", "environment", "option")
+
+
+def pick(
+    row: Setting, config: Mapping[str, Any], environ: Mapping[str, str], overrides: Mapping[str, Any]
+) -> tuple[str, Any]:
+    """The precedence rule, in one place: ``(source, raw value)`` of ``row``. The environment
+    counts only for rows marked ``env=True``; an override of ``None`` means "not given"."""
+    source, raw = "default", row.default
+    if row.name in config:
+        source, raw = "app.config", config[row.name]
+    if row.env and row.name in environ:
+        source, raw = "environment", environ[row.name]
+    if overrides.get(row.name) is not None:
+        source, raw = "option", overrides[row.name]
+    return source, raw
+
+
 def resolve(
     rows: Mapping[str, Setting],
     config: Mapping[str, Any] | None = None,
@@ -306,13 +326,7 @@ def resolve(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, row in rows.items():
-        source, raw = "default", row.default
-        if name in config:
-            source, raw = "app.config", config[name]
-        if row.env and name in environ:
-            source, raw = "environment", environ[name]
-        if name in overrides:
-            source, raw = "option", overrides[name]
+        source, raw = pick(row, config, environ, overrides)
         if raw is None and source == "default":
             values[name] = None
             continue

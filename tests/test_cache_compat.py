@@ -176,7 +176,8 @@ def test_flask_caching_settings_are_honoured(app: Flask, mode: str) -> None:
         cache.set("k", 1)
     assert backend.ttl == 45 and backend.default_timeout == 45 and backend.idle == 20
     # CACHE_THRESHOLD bounds the local cache only, as it bounds cachelib's SimpleCache and not RedisCache
-    assert backend.max_entries == (3 if mode == "local" else None) and backend.key_prefix == "site1_" and backend.ignore_delete_many_errors
+    assert backend.max_entries == (3 if mode == "local" else None)
+    assert backend.key_prefix == "site1_" and backend.ignore_delete_many_errors
     if mode != "local":  # the prefix is part of the key in the named cache, as cachelib's key_prefix is
         assert caching.registry(app).instance("flask-caching", mode=mode).get("site1_k") == 1
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import redis
 
 from .. import names
+from ..errors import ImmutantError
 from ..keys import Keys
 from .registry import Backend
 from .routing import ROUTE_COOKIE
@@ -43,7 +44,7 @@ ADMIN_FMAINT, ADMIN_FDRAIN = 0x01, 0x08
 HAPROXY_STATES = {"ENABLED": "ready", "DISABLED": "drain", "STOPPED": "maint"}
 
 
-class HAProxyError(Exception):
+class HAProxyError(ImmutantError):
     """The runtime API refused a command, or could not be reached."""
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import ImmutantConfigError
+from ..errors import NoAppError
 from .backend import flask_caching_backend
 from .base import MISSING, MODES, CacheContentionError, ClusterCache
 from .breaker import CircuitBreaker
@@ -23,17 +23,14 @@ if TYPE_CHECKING:
 
 def registry(app: Flask | None = None) -> CacheRegistry:
     """The cache registry of ``app`` (default: the current app)."""
-    from ..extension import get_state
+    from ..extension import app_for, get_state, switched_off
 
-    if app is None:
-        from flask import has_app_context
-
-        if not has_app_context():
-            raise RuntimeError("caching.cache() needs an app: pass app=..., or call it inside an app context")
-    state = get_state(app)
-    found = state.features.get("caching")
+    target = app_for(app)
+    if target is None:
+        raise NoAppError("caching.cache() needs an app: pass app=..., or call it inside an app context")
+    found = get_state(target).features.get("caching")
     if found is None:
-        raise ImmutantConfigError("the cluster cache is off for this app: set IMMUTANT_CACHE = True in its config")
+        raise switched_off("cache")
     return found  # type: ignore[no-any-return]
 
 

@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import msgpack
 from cachelib.base import BaseCache
 
+from ..errors import ImmutantError
+
 log = logging.getLogger("flask_immutant.caching")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,7 +50,7 @@ class _Missing:
 MISSING: Any = _Missing()
 
 
-class CacheContentionError(RuntimeError):
+class CacheContentionError(ImmutantError, RuntimeError):
     """``swap`` lost the race to concurrent writers ``SWAP_RETRIES`` times in a row."""
 
 

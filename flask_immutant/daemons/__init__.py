@@ -1,10 +1,11 @@
-"""Singleton and per-node daemons: ``daemons.start(name, start_fn, stop_fn)``.
+"""Singleton and per-node daemons: ``daemons.declare(name, start_fn, stop_fn)`` (or the
+extension's ``@immutant.daemon(name)``; ``start`` is the old name of ``declare``).
 
 ``start_fn`` runs in its own thread inside the app context and should run until ``stop_fn`` is
 called (or :func:`current` says to stop). A singleton runs on exactly one node of the cluster,
 under a lease; if that node dies the daemon starts on another within the failure timeout plus a
 small margin, and a graceful stop hands it over at once. Called at import time (module level of
-the app), ``start`` only registers the daemon; it runs once the app runtime has started.
+the app), ``declare`` only registers the daemon; it runs once the app runtime has started.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..extension import declare as _declare
+from ..extension import get_state, require_feature, with_context
 from .registry import registry
 from .runner import DaemonContext, DaemonSpec
 from .runner import current as _current
@@ -19,23 +22,37 @@ from .runner import current as _current
 if TYPE_CHECKING:
     from flask import Flask
 
-__all__ = ["DaemonContext", "current", "fencing_token", "start", "stop"]
+__all__ = ["DaemonContext", "current", "declare", "fencing_token", "start", "stop"]
 
 
-def start(
+def declare(
     name: str,
-    start_fn: Callable[[], Any],
+    start_fn: Callable[..., Any],
     stop_fn: Callable[[], Any] | None = None,
     *,
     singleton: bool = True,
     app: Flask | None = None,
 ) -> None:
-    """Declare daemon ``name`` (idempotent by name: declaring it again replaces it)."""
+    """Declare daemon ``name`` (idempotent by name: declaring it again replaces it); it runs once
+    the app runtime has started. ``start_fn`` may take the :class:`DaemonContext` as its argument.
+
+    Without ``app``: the current app, else the app initialised last, else the next app
+    initialised (a module-level declaration in an app factory's module).
+    Raises :class:`~flask_immutant.ImmutantConfigError` if ``IMMUTANT_DAEMONS`` is off."""
     if not name or not isinstance(name, str):
         raise ValueError(f"a daemon needs a name, got {name!r}")
     if not callable(start_fn) or (stop_fn is not None and not callable(stop_fn)):
         raise TypeError("start_fn and stop_fn must be callables")
-    registry(app).add(DaemonSpec(name, start_fn, stop_fn, singleton))
+    spec = DaemonSpec(name, with_context(start_fn, _current), stop_fn, singleton)
+
+    def apply(target: Flask) -> None:
+        registry(state=require_feature(get_state(target), "daemons")).add(spec)
+
+    _declare(app, apply)
+
+
+#: The name before the one vocabulary (``start`` declared and ran): still works.
+start = declare
 
 
 def stop(name: str, *, app: Flask | None = None) -> bool:

@@ -2,11 +2,17 @@
 
     from flask_immutant import messaging
 
-    messaging.listen("/queue/msg", lambda n: print("received:", n), app=app)   # at import time
-    messaging.publish("/queue/msg", 42)                                          # anywhere
+    immutant = ImmutantExtension()
 
-Every function acts on the app given as ``app=`` or, by default, on ``flask.current_app``.
-Delivery is at least once; see docs/messaging.md.
+    @immutant.listen("/queue/msg")              # at import time, before any app exists
+    def received(n): print("received:", n)
+
+    immutant.publish("/queue/msg", 42)          # wherever current_app is set
+
+The functions here are the second way: each acts on the app given as ``app=`` or, by default, on
+``flask.current_app``; the declaring ones (``declare``, ``listen``, ``respond``) without either act
+on the app initialised last, or are kept for the next app initialised. Delivery is at least once;
+see docs/messaging.md.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ImmutantConfigError
+from ..extension import FEATURE_FLAGS
+from ..extension import declare as _declare
 from .codec import Message
 from .core import Handler, Listener, Messaging, Response
 from .destination import Destination
@@ -25,20 +34,37 @@ if TYPE_CHECKING:
     from flask import Flask
 
 
+class MessagingSwitchedOff(ImmutantConfigError, MessagingError):
+    """Messaging used while ``IMMUTANT_MESSAGING`` is off (a ``MessagingError`` too, as before)."""
+
+
 def messaging_for(app: Flask | None = None) -> Messaging:
     """The :class:`Messaging` of ``app`` (default: the current app)."""
-    from ..extension import get_state
+    from ..extension import get_state, switched_off
     from .plugin import messaging_of
 
     state = get_state(app)
-    if not state.pm.has_plugin("flask_immutant.messaging.plugin"):
-        raise MessagingError("messaging is switched off for this app (IMMUTANT_MESSAGING=False)")
+    if not state.pm.has_plugin(FEATURE_FLAGS["messaging"][0]):
+        raise MessagingSwitchedOff(str(switched_off("messaging")))
     return messaging_of(state)
 
 
-def start(name: str, *, app: Flask | None = None, kind: str | None = None, **options: Any) -> Destination:
-    """Declare a destination: ``/queue/...`` or ``/topic/...``, or any name with ``kind=``."""
-    return messaging_for(app).start(name, kind=kind, **options)
+def declare(name: str, *, app: Flask | None = None, kind: str | None = None, **options: Any) -> Destination | None:
+    """Declare a destination: ``/queue/...`` or ``/topic/...``, or any name with ``kind=``.
+    Returns it, or ``None`` when kept for the next app initialised."""
+    return _declare(app, lambda target: messaging_for(target).start(name, kind=kind, **options))  # type: ignore[no-any-return]
+
+
+#: The name before the one vocabulary (``start`` now means nothing else anywhere): still works.
+start = declare
+
+
+def current() -> Any:
+    """What this thread is running for (``flask_immutant.current()``): inside a listener, the
+    :class:`Message`; ``current_message()`` is its messaging-only alias."""
+    from ..running import current as _current
+
+    return _current()
 
 
 def stop(name: str, *, app: Flask | None = None) -> None:
@@ -76,10 +102,17 @@ def listen(
     selector: str | Selector | None = None,
     durable_name: str | None = None,
 ) -> Any:
-    """Call ``handler(message)`` in the app context for messages on ``name``; returns a
-    :class:`Listener` (``.stop()``), or a decorator when ``handler`` is omitted."""
-    return messaging_for(app).listen(name, handler, concurrency=concurrency, selector=selector,
-                                     durable_name=durable_name)
+    """Call ``handler(message)`` in the app context for messages on ``name`` (declared if it is
+    not); returns a :class:`Listener` (``.stop()``), or a decorator when ``handler`` is omitted."""
+    if handler is None:
+        def decorator(fn: Handler) -> Any:
+            listener = listen(name, fn, app=app, concurrency=concurrency, selector=selector,
+                              durable_name=durable_name)
+            return fn if listener is None else listener
+
+        return decorator
+    return _declare(app, lambda target: messaging_for(target).listen(
+        name, handler, concurrency=concurrency, selector=selector, durable_name=durable_name))
 
 
 def request(name: str, message: Any, *, app: Flask | None = None, timeout: float | None = 30.0,
@@ -90,7 +123,13 @@ def request(name: str, message: Any, *, app: Flask | None = None, timeout: float
 
 def respond(name: str, fn: Handler | None = None, *, app: Flask | None = None, **options: Any) -> Any:
     """Answer requests on ``name`` with ``fn(message)``; a decorator when ``fn`` is omitted."""
-    return messaging_for(app).respond(name, fn, **options)
+    if fn is None:
+        def decorator(function: Handler) -> Any:
+            answered = respond(name, function, app=app, **options)
+            return function if answered is None else answered
+
+        return decorator
+    return _declare(app, lambda target: messaging_for(target).respond(name, fn, **options))
 
 
 __all__ = [
@@ -104,7 +143,9 @@ __all__ = [
     "RemoteError",
     "RequestTimeout",
     "Response",
+    "current",
     "current_message",
+    "declare",
     "listen",
     "messaging_for",
     "publish",

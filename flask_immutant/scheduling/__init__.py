@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..extension import declare as _declare
+from ..extension import get_state, require_feature, with_context
 from .driver import Fire, current
 from .registry import registry
 from .spec import JobSpec
@@ -19,14 +21,14 @@ from .spec import JobSpec
 if TYPE_CHECKING:
     from flask import Flask
 
-F = TypeVar("F", bound=Callable[[], Any])
+F = TypeVar("F", bound=Callable[..., Any])
 
-__all__ = ["Fire", "JobSpec", "current", "fire", "schedule", "unschedule"]
+__all__ = ["Fire", "JobSpec", "current", "fire", "schedule", "stop", "unschedule"]
 
 
 def schedule(
     name: str,
-    fn: Callable[[], Any] | None = None,
+    fn: Callable[..., Any] | None = None,
     *,
     cron: str | None = None,
     every: Any = None,
@@ -39,14 +41,17 @@ def schedule(
     app: Flask | None = None,
 ) -> Any:
     """Schedule ``fn`` under ``name``; without ``fn``, a decorator. Raises ``ValueError`` for a
-    schedule that cannot be (names the argument, the value and what is allowed)."""
+    schedule that cannot be (names the argument, the value and what is allowed) and
+    :class:`~flask_immutant.ImmutantConfigError` if ``IMMUTANT_JOBS`` is off. ``fn`` may take the
+    :class:`Fire` it runs for as its argument. Without ``app``: as ``daemons.declare``."""
     spec = JobSpec.build(name, cron=cron, every=every, at=at, in_=in_, until=until, limit=limit,
                          singleton=singleton, misfire=misfire)
 
     def register(function: F) -> F:
         if not callable(function):
             raise TypeError(f"job {name!r}: fn must be callable")
-        registry(app).add(spec, function)
+        call = with_context(function, current)
+        _declare(app, lambda target: registry(state=require_feature(get_state(target), "jobs")).add(spec, call))
         return function
 
     return register if fn is None else register(fn)  # type: ignore[arg-type]
@@ -55,6 +60,10 @@ def schedule(
 def unschedule(name: str, *, app: Flask | None = None) -> bool:
     """Remove job ``name`` from the cluster (and this app). False if this app did not declare it."""
     return registry(app).remove(name)
+
+
+#: ``stop`` means "undeclare and stop" in every feature (``messaging.stop``, ``daemons.stop``).
+stop = unschedule
 
 
 def fire(app_name: str, job_name: str) -> None:

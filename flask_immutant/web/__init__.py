@@ -14,7 +14,9 @@ def regenerate() -> None:
 
     interface = current_app.session_interface
     if not isinstance(interface, ImmutantSessionInterface):
-        raise RuntimeError("regenerate() needs IMMUTANT_SESSIONS = True on this app")
+        from ..extension import switched_off
+
+        raise switched_off("sessions")
     interface.regenerate(session._get_current_object())  # type: ignore[attr-defined]
 
 

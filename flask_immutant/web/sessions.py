@@ -32,7 +32,7 @@ from werkzeug.exceptions import ServiceUnavailable
 from .. import lua
 from ..caching.breaker import CircuitBreaker
 from ..caching.serialization import Serializer
-from ..errors import StoreUnavailableError
+from ..errors import ImmutantError, StoreUnavailableError
 
 if TYPE_CHECKING:
     from ..extension import ImmutantState
@@ -51,7 +51,7 @@ SLIDE_GRANULARITY_CAP_MS = 60_000
 RETRY_AFTER = 1
 
 
-class SessionUnavailable(ServiceUnavailable):
+class SessionUnavailable(ImmutantError, ServiceUnavailable):
     """The session store cannot be reached: a 503, rendered like any other HTTP error."""
 
     description = "The session store is unavailable right now; please try again in a moment."
