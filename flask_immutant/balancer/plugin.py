@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ from ..cluster.identity import NodeIdentity
 from ..errors import ImmutantError
 from ..extension import DEPLOYMENT_ENV
 from ..hookspecs import hookimpl
+from ..loops import Loop
 from ..settings import Setting, to_bool
 from . import registry
 
@@ -53,16 +53,15 @@ class ContextPublisher:
             load=100, pid=os.getpid(), since=time.time(),
         )
         self._cpu_sample = (time.process_time(), time.monotonic())
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="immutant-context", daemon=True)
+        self._loop = Loop("context", self._publish, self.ttl / 4, wait_first=True, backoff_cap=self.ttl / 4)
 
     def start(self) -> None:
         self._publish()
         registry.announce(self.store, self.keys, self.base.key)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._loop.stop()
         try:
             registry.withdraw(self.store, self.keys, self.base.node, self.base.context_path, self.base.pid)
         except redis.RedisError as exc:
@@ -82,13 +81,6 @@ class ContextPublisher:
         self._cpu_sample = (used, now)
         elapsed = now - previous_now
         return (used - previous_used) / elapsed if elapsed > 0 else 0.0
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.ttl / 4):
-            try:
-                self._publish()
-            except redis.RedisError as exc:
-                log.debug("context publish failed: %s", exc)
 
 
 @hookimpl(trylast=True)

@@ -9,6 +9,7 @@ from typing import Any
 import redis
 
 from ..keys import Keys
+from ..records import json_object, read_records
 from .records import Deployment, DeploymentError, new_version, sign, verify
 
 #: Seconds a stored archive outlives the last deployment that names it (nodes fetch it at once).
@@ -51,15 +52,15 @@ class DeploymentStore:
             return None
 
     def all(self) -> dict[str, Deployment | DeploymentError]:
-        """Every stored deployment, or why it may not run (bad signature, malformed)."""
-        found: dict[str, Deployment | DeploymentError] = {}
-        for name, raw in self.store.hgetall(self.keys.deployments).items():
-            key = name.decode() if isinstance(name, bytes) else name
-            try:
-                found[key] = verify(raw, self.secret)
-            except DeploymentError as exc:
-                found[key] = exc
-        return found
+        """Every stored deployment, or why it may not run (bad signature, malformed); a record
+        whose name is not text is skipped with a warning (``records.py``)."""
+        return read_records(self.store.hgetall(self.keys.deployments), "deployment", self._verified)
+
+    def _verified(self, _name: str, raw: bytes) -> Deployment | DeploymentError:
+        try:
+            return verify(raw, self.secret)
+        except DeploymentError as exc:
+            return exc
 
     def archive(self, sha256: str) -> bytes | None:
         return self.store.get(self.keys.deployment_archive(sha256))  # type: ignore[return-value]
@@ -72,5 +73,4 @@ class DeploymentStore:
         self.store.hdel(self.keys.deployment_nodes(name), node)
 
     def node_states(self, name: str) -> dict[str, dict[str, Any]]:
-        raw = self.store.hgetall(self.keys.deployment_nodes(name))
-        return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+        return read_records(self.store.hgetall(self.keys.deployment_nodes(name)), f"{name} node state", json_object)

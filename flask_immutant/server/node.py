@@ -27,6 +27,7 @@ import redis
 from ..cluster import Member, Membership, NodeIdentity
 from ..errors import NodeStartError
 from ..extension import ImmutantState
+from ..loops import Loop
 from ..store import EmbeddedStore, client_from_url, describe_url, store_url
 from .runtime import EXIT_APP_FAILED, set_parent_death_signal
 
@@ -140,34 +141,32 @@ class IdleResponder:
         self.served = threading.Event()  # set while a runtime serves the root context
         self._stop = stop
         self._body = f"no app is deployed at / on node {node_name}\n".encode()
-        self._thread = threading.Thread(target=self._run, name="immutant-idle-http", daemon=True)
+        self._loop = Loop("idle-http", self._answer_one, 0.2, stop_event=stop)
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if self.served.is_set():
-                self._stop.wait(0.2)
-                continue
+    def _answer_one(self) -> float:
+        """Answer one waiting connection with 503 (none waits: look again in 0.2 s)."""
+        if self.served.is_set():
+            return 0.2
+        try:
+            readable, _, _ = select.select([self.listener], [], [], 0.2)
+            if not readable or self.served.is_set():
+                return 0.0
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return 0.0
+        with conn:
+            conn.settimeout(1.0)
             try:
-                readable, _, _ = select.select([self.listener], [], [], 0.2)
-                if not readable or self.served.is_set():
-                    continue
-                conn, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                continue
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                             b"Retry-After: 1\r\nConnection: close\r\n"
+                             + f"Content-Length: {len(self._body)}\r\n\r\n".encode() + self._body)
             except OSError:
-                return  # the listener was closed: the node is stopping
-            with conn:
-                conn.settimeout(1.0)
-                try:
-                    conn.recv(65536)
-                    conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
-                                 b"Retry-After: 1\r\nConnection: close\r\n"
-                                 + f"Content-Length: {len(self._body)}\r\n\r\n".encode() + self._body)
-                except OSError:
-                    pass
+                pass
+        return 0.0
 
 
 class Node:

@@ -1,0 +1,106 @@
+"""Reading records from the store without trusting them: the one place a listing skips a bad one.
+
+Anyone who can write the store can leave garbage in it (a hash field that is not UTF-8, a value
+that is not JSON, JSON of the wrong shape). Every listing reads through :func:`read_records` or
+:func:`parsed_json`: a bad record is skipped, named in a warning, and the rest are shown. Warnings
+go to the log and to whoever is collecting them (:func:`collecting`): the CLI prints them on
+stderr, the status document and the console's status API carry them in ``warnings``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+log = logging.getLogger("flask_immutant.records")
+
+T = TypeVar("T")
+
+#: What a parser may raise on a malformed record (anything else is a bug, and is not hidden).
+MALFORMED = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError)
+
+_collector: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("immutant_warnings", default=None)
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[list[str]]:
+    """Collect the warnings of the records read inside the block (nested blocks share the outer list)."""
+    outer = _collector.get()
+    if outer is not None:
+        yield outer
+        return
+    found: list[str] = []
+    token = _collector.set(found)
+    try:
+        yield found
+    finally:
+        _collector.reset(token)
+
+
+def warn(message: str) -> None:
+    """A record was skipped: log it and tell the collector, once per message."""
+    found = _collector.get()
+    if found is not None and message not in found:
+        found.append(message)
+    log.warning("%s", message)
+
+
+def decoded(raw: bytes | str | None) -> str | None:
+    """``raw`` as text, or ``None`` if it is not UTF-8."""
+    if raw is None or isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def shown(raw: bytes | str) -> str:
+    """A name safe to print in a warning, whatever bytes it holds."""
+    text = raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
+    return repr(text[:80] + ("…" if len(text) > 80 else ""))
+
+
+def parsed_json(raw: bytes | str | None, family: str, name: str, shape: type[T]) -> T | None:
+    """``raw`` parsed as JSON of type ``shape``; ``None`` (with a warning) if it is anything else."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except (ValueError, TypeError) as exc:
+        warn(f"skipped the {family} record {shown(name)}: not JSON ({exc})")
+        return None
+    if not isinstance(value, shape):
+        warn(f"skipped the {family} record {shown(name)}: expected a JSON {shape.__name__}, "
+             f"got {type(value).__name__}")
+        return None
+    return value
+
+
+def read_records(raw: Mapping[Any, Any], family: str, parse: Callable[[str, Any], T]) -> dict[str, T]:
+    """The records of a hash read with HGETALL, by name, each through ``parse(name, raw_value)``;
+    a name that is not UTF-8 or a value ``parse`` refuses (raising one of :data:`MALFORMED`)
+    is skipped with a warning naming it."""
+    found: dict[str, T] = {}
+    for raw_name, value in raw.items():
+        name = decoded(raw_name)
+        if name is None:
+            warn(f"skipped a {family} record whose name is not UTF-8: {shown(raw_name)}")
+            continue
+        try:
+            found[name] = parse(name, value)
+        except MALFORMED as exc:
+            warn(f"skipped the {family} record {shown(name)}: {type(exc).__name__}: {exc}")
+    return found
+
+
+def json_object(name: str, raw: Any) -> dict[str, Any]:
+    """A parser for :func:`read_records`: the value must be a JSON object."""
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
