@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("flask_immutant.loops")
 
 #: Consecutive failed steps from which a loop (and so its node) counts as unhealthy.
-UNHEALTHY_AFTER = 3
+UNHEALTHY_AFTER = 2
 #: Backoff after failed steps: first delay and cap, in seconds (never below the loop's interval).
 BACKOFF = (0.1, 5.0)
 
