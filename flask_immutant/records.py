@@ -104,3 +104,17 @@ def json_object(name: str, raw: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise TypeError(f"expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def check_types(data: Mapping[str, Any], types: Mapping[str, type | tuple[type, ...]]) -> None:
+    """Raise TypeError unless each field of ``types`` present in ``data`` has its type (a bool
+    is not taken for a number, and a float field takes an int); the caller decides what is required."""
+    for name, kind in types.items():
+        if name not in data:
+            continue
+        value = data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds:
+            kinds = (*kinds, int)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise TypeError(f"{name!r} is a {type(value).__name__}, not a {' or '.join(k.__name__ for k in kinds)}")

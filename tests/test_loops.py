@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 import requests
+from balancer_support import start_embedded
 
 from flask_immutant.keys import Keys
 from flask_immutant.loops import UNHEALTHY_AFTER, Loop, backoff_delay, read_health
 
-from balancer_support import start_embedded
 from support import run_flask, wait_until
 
 PLUGINS_DIR = Path(__file__).parent / "plugins"

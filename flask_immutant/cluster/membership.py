@@ -26,7 +26,7 @@ from .. import lua
 from ..errors import NodeStartError
 from ..keys import Keys
 from ..loops import Loop
-from ..records import read_records, warn
+from ..records import check_types, read_records, warn
 from ..store.connect import close_quietly
 from .identity import NodeIdentity
 
@@ -58,9 +58,9 @@ class Member:
         if not isinstance(data, dict):
             raise TypeError(f"expected a JSON object, got {type(data).__name__}")
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "last_heartbeat"}
-        for name, kind in _FIELD_TYPES.items():
-            if not isinstance(known.get(name), kind) or isinstance(known.get(name), bool) is not (kind is bool):
-                raise TypeError(f"{name!r} is missing or of the wrong type")
+        check_types(known, _FIELD_TYPES)
+        if "ports" not in known:
+            raise KeyError("ports")
         if not all(isinstance(k, str) and isinstance(v, int) for k, v in known["ports"].items()):
             raise TypeError("'ports' must map names to port numbers")
         return cls(**known, last_heartbeat=last_heartbeat)
@@ -89,7 +89,7 @@ class Member:
 
 _FIELD_TYPES: dict[str, type] = {
     "name": str, "address": str, "host": str, "ports": dict, "port_offset": int, "data_dir": str, "pid": int,
-    "hostname": str, "clustered": bool, "started_at": (int, float),  # type: ignore[dict-item]
+    "hostname": str, "clustered": bool, "started_at": float,
 }
 
 
@@ -144,8 +144,8 @@ def _read_members(store: redis.Redis, keys: Keys, failure_timeout: float) -> tup
         last = now - max(0.0, failure_timeout - pttl / 1000.0)
         try:
             members.append(Member.from_json(raw, last_heartbeat=last))
-        except (ValueError, TypeError) as exc:
-            warn(f"skipped the member record {name!r}: {exc}")
+        except (ValueError, TypeError, KeyError) as exc:
+            warn(f"skipped the member record {name!r}: {type(exc).__name__}: {exc}")
     return members, expired
 
 
