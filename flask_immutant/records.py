@@ -16,12 +16,15 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
+import redis
+
 log = logging.getLogger("flask_immutant.records")
 
 T = TypeVar("T")
 
-#: What a parser may raise on a malformed record (anything else is a bug, and is not hidden).
-MALFORMED = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError)
+#: What a parser may raise on a malformed record (anything else is a bug, and is not hidden). A
+#: key of the wrong Redis type (WRONGTYPE) is malformed data too; an outage is not, and propagates.
+MALFORMED = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, redis.ResponseError)
 
 _collector: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("immutant_warnings", default=None)
 
@@ -41,11 +44,24 @@ def collecting() -> Iterator[list[str]]:
         _collector.reset(token)
 
 
+#: Distinct warnings logged at WARNING level per process; repeats (a loop reading the same bad
+#: record every second) go to DEBUG, so garbage in the store cannot flood the log.
+LOGGED_ONCE_LIMIT = 1000
+_logged: set[str] = set()
+
+
 def warn(message: str) -> None:
-    """A record was skipped: log it and tell the collector, once per message."""
+    """A record was skipped: tell the collector if there is one (it reports it), else log it
+    (once per process at WARNING)."""
     found = _collector.get()
-    if found is not None and message not in found:
-        found.append(message)
+    if found is not None:
+        if message not in found:
+            found.append(message)
+        return
+    if message in _logged or len(_logged) >= LOGGED_ONCE_LIMIT:
+        log.debug("%s", message)
+        return
+    _logged.add(message)
     log.warning("%s", message)
 
 
@@ -61,8 +77,7 @@ def decoded(raw: bytes | str | None) -> str | None:
 
 def shown(raw: bytes | str) -> str:
     """A name safe to print in a warning, whatever bytes it holds."""
-    text = raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
-    return repr(text[:80] + ("…" if len(text) > 80 else ""))
+    return repr(raw[:80]) + ("…" if len(raw) > 80 else "")
 
 
 def parsed_json(raw: bytes | str | None, family: str, name: str, shape: type[T]) -> T | None:
@@ -118,3 +133,11 @@ def check_types(data: Mapping[str, Any], types: Mapping[str, type | tuple[type, 
             kinds = (*kinds, int)
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             raise TypeError(f"{name!r} is a {type(value).__name__}, not a {' or '.join(k.__name__ for k in kinds)}")
+
+
+def required(data: Mapping[str, Any], types: Mapping[str, type | tuple[type, ...]]) -> None:
+    """Like :func:`check_types`, and every field of ``types`` must be present."""
+    missing = [name for name in types if name not in data]
+    if missing:
+        raise KeyError(f"missing {', '.join(missing)}")
+    check_types(data, types)

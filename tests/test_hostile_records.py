@@ -160,3 +160,116 @@ def _version(port: int) -> str | None:
     except requests.ConnectionError:
         return None
     return response.json().get("version") if response.status_code == 200 else None
+
+
+# --- listings skip malformed records, name them, show the rest ---------------------------------
+
+BUSY_APP = '''
+from flask import Flask
+from flask_immutant import ImmutantExtension, daemons, get_state, jobs, messaging
+
+app = Flask(__name__)
+app.config["IMMUTANT_CLUSTERED"] = True
+ImmutantExtension(app)
+messaging.start("/queue/work", app=app)
+
+def tick():
+    get_state().store.incr(get_state().keys.prefix + "test:ticks")
+
+jobs.schedule("tick", tick, every=0.5, app=app)
+
+def keeper():
+    ctx = daemons.current()
+    while not ctx.wait(0.2):
+        pass
+
+daemons.start("keeper", keeper, app=app)
+
+@app.get("/")
+def index():
+    return "ok"
+'''
+
+
+def _write_garbage(store: Any, keys: Keys, job_app: str) -> list[str]:
+    """One bad record of each family a listing reads; returns words each warning must name."""
+    store.hset(keys.daemons, "junk-daemon", "not json")
+    store.hset(keys.daemons, "wrong-daemon", json.dumps({"name": 5, "singleton": "yes"}))
+    store.hset(keys.daemons, b"\xff\xfe-daemon", "{}")
+    job_key = keys.rq_job_prefix + f"{job_app}-tick"
+    store.restore(keys.rq_job_prefix + f"{job_app}-junkjob", 0, store.dump(job_key))
+    store.hset(keys.job_state(job_app, "junkjob"), mapping={"fired": "many", "last_due": "yesterday"})
+    store.zadd(keys.jobs_schedule(job_app), {b"\xff\xfe-job": 1.0, f"{job_app}-junkjob": 2e9})
+    store.hset(keys.messaging_destinations, "/queue/junk", "[1, 2]")
+    store.hset(keys.messaging_destinations, "/queue/nameless", json.dumps({"kind": "queue"}))
+    store.hset(keys.messaging_destinations, "/topic/odd", json.dumps({"kind": "topic"}))
+    store.hset(keys.messaging_subscriptions("/topic/odd"), "sub", "{broken")
+    store.set(keys.context("z", "/junk"), json.dumps({"node": "z", "context_path": "/junk", "port": "eighty"}))
+    store.sadd(keys.contexts, keys.context("z", "/junk"))
+    store.hset(keys.context_weight, "z|*", "heavy")
+    store.hset(keys.deployments, b"\xff\xfe-deployment", "x")
+    store.hset(keys.deployment_nodes("ghost"), "a", "[]")
+    store.hset(keys.members, "ghost", json.dumps({"name": "ghost", "ports": "none"}))
+    store.set(keys.member_claim("ghost"), "elsewhere|1|x", px=60_000)
+    return ["junk-daemon", "wrong-daemon", "\\xff\\xfe-daemon", "junkjob", "/queue/junk", "/queue/nameless",
+            "sub", "/junk", "z|*", "\\xff\\xfe-deployment", "ghost"]
+
+
+def test_malformed_records_never_break_a_listing(start_node, node_env, tmp_path, store_client, cluster_name):
+    # Given a node running an app with a daemon, a job and a queue
+    app_file = tmp_path / "busy.py"
+    app_file.write_text(BUSY_APP)
+    node = start_node("--clustered", "--node-name", "a", app=str(app_file))
+    node.wait_for("joined cluster")
+    keys = Keys(cluster_name)
+    rows = wait_until(lambda: json.loads(run_flask(["immutant", "jobs", "--json"], node_env).stdout), timeout=15)
+    job_app = rows[0]["app"]
+    # When garbage is written beside the good records of every family a listing reads
+    names = _write_garbage(store_client, keys, job_app)
+    # Then every listing answers, shows the good records, and names each bad one on stderr
+    for command, good in ((["jobs"], "tick"), (["daemons"], "keeper"), (["queues"], "/queue/work"),
+                          (["status"], "a"), (["list"], "no deployments"), (["ctl", "show"], "/")):
+        result = run_flask(["immutant", *command], node_env)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (command, result.stdout, result.stderr)
+        assert good in result.stdout, (command, result.stdout)
+        assert all(line.startswith("Warning: skipped") for line in result.stderr.splitlines()), result.stderr
+    status = json.loads(run_flask(["immutant", "status", "--json"], node_env).stdout)
+    warnings = "\n".join(status["warnings"])
+    for name in names:
+        assert name in warnings, (name, warnings)
+    assert [d["name"] for d in status["daemons"]] == ["keeper"]
+    assert [j["name"] for j in status["jobs"]] == ["tick"]
+    assert [q["name"] for q in status["queues"]] == ["/queue/work", "/topic/odd"]
+    assert [m["name"] for m in status["members"]] == ["a"]
+    # And the console's status API answers 200 with the same warnings
+    document = _console_status(node_env)
+    assert [d["name"] for d in document["daemons"]] == ["keeper"] and "junk-daemon" in "".join(document["warnings"])
+    # And the node's own loops read past the garbage: the job goes on ticking, no loop is failing
+    ticks = int(store_client.get(keys.prefix + "test:ticks") or 0)
+    wait_until(lambda: int(store_client.get(keys.prefix + "test:ticks") or 0) > ticks + 1, timeout=10)
+    member = next(m for m in status["members"] if m["name"] == "a")
+    assert member["healthy"], member
+
+
+def _console_status(env: dict[str, str]) -> dict[str, Any]:
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from flask_immutant.balancer.console import make_console_app
+    from flask_immutant.extension import ImmutantState
+
+    secret = "listing-test-secret-0123456789"
+    state = ImmutantState.build(environ={"IMMUTANT_HOME": env["IMMUTANT_HOME"],
+                                         "IMMUTANT_CLUSTER": env["IMMUTANT_CLUSTER"], "IMMUTANT_SECRET": secret})
+
+    async def main() -> dict[str, Any]:
+        async with TestClient(TestServer(make_console_app(state))) as client:
+            origin = str(client.make_url("/")).rstrip("/")
+            login = await client.post("/login", json={"token": secret}, headers={"Origin": origin})
+            assert login.status == 200
+            response = await client.get("/api/status")
+            assert response.status == 200, await response.text()
+            return (await response.json())["status"]  # type: ignore[no-any-return]
+
+    return asyncio.run(main())

@@ -96,5 +96,3 @@ def status(ctx: click.Context, as_json: bool) -> None:
         else:
             click.echo(f"{name}: {json.dumps(section, sort_keys=True)}")
     click.echo("(details: --json, or each feature's own command)")
-    for warning in document["warnings"]:
-        click.echo(f"Warning: {warning}", err=True)

@@ -9,7 +9,7 @@ from typing import Any
 import redis
 
 from ..keys import Keys
-from ..records import json_object, read_records
+from ..records import check_types, json_object, read_records, required
 from .records import Deployment, DeploymentError, new_version, sign, verify
 
 #: Seconds a stored archive outlives the last deployment that names it (nodes fetch it at once).
@@ -73,4 +73,18 @@ class DeploymentStore:
         self.store.hdel(self.keys.deployment_nodes(name), node)
 
     def node_states(self, name: str) -> dict[str, dict[str, Any]]:
-        return read_records(self.store.hgetall(self.keys.deployment_nodes(name)), f"{name} node state", json_object)
+        return read_records(self.store.hgetall(self.keys.deployment_nodes(name)), f"{name} node state", _node_state)
+
+
+#: The JSON types of a deployment's state on one node (``set_node_state``).
+NODE_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "state": str, "since": float, "version": int, "pid": (int, type(None)), "port": (int, type(None)),
+    "context_path": str, "error": (str, type(None)), "serving_version": int,
+}
+
+
+def _node_state(name: str, raw: Any) -> dict[str, Any]:
+    record = json_object(name, raw)
+    required(record, {"state": str})
+    check_types(record, NODE_STATE_TYPES)
+    return record

@@ -11,6 +11,7 @@ import redis
 from ..cli import echoed_as_json_or_empty, one_line_errors, state_and_store
 from ..cluster.lease import read_holder
 from ..hookspecs import hookimpl
+from ..records import decoded
 from ..settings import Setting, to_bool
 from .registry import registry
 from .store import JobStore
@@ -49,10 +50,8 @@ def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any]:
 
 def job_status(state: ImmutantState, store: redis.Redis) -> list[dict[str, Any]]:
     """Every stored singleton job of every app in the cluster, with its scheduler's holder."""
-    apps = sorted({
-        (key.decode() if isinstance(key, bytes) else key).split(":")[-2]
-        for key in store.scan_iter(match=state.keys.jobs_schedule("*"), count=200)
-    })
+    apps = sorted({key.split(":")[-2] for key in map(decoded, store.scan_iter(match=state.keys.jobs_schedule("*"),
+                                                                              count=200)) if key is not None})
     rows = []
     for app in apps:
         holder = read_holder(store, state.keys, f"scheduler:{app}")
