@@ -91,15 +91,17 @@ def contexts(store: redis.Redis, keys: Keys) -> list[Context]:
         pipe.get(key)
     pipe.hgetall(keys.context_control)
     pipe.hgetall(keys.context_weight)
-    *raws, control_raw, weight_raw = pipe.execute()
-    control = read_records(control_raw, "context control", _control_state)
-    weights = read_records(weight_raw, "context weight", _weight)
+    *raws, control_raw, weight_raw = pipe.execute(raise_on_error=False)
+    control = read_records(_hash_or_nothing(control_raw, keys.context_control), "context control", _control_state)
+    weights = read_records(_hash_or_nothing(weight_raw, keys.context_weight), "context weight", _weight)
     found, stale = [], []
     for key, raw in zip(members, raws, strict=True):
         if raw is None:
             stale.append(key)
             continue
         try:
+            if isinstance(raw, Exception):
+                raise raw
             data = json_object(key, raw)
             check_types(data, CONTEXT_TYPES)
             context = Context(**{k: data[k] for k in Context.__dataclass_fields__ if k in data})
@@ -121,6 +123,16 @@ def contexts(store: redis.Redis, keys: Keys) -> list[Context]:
 #: The JSON types of a stored context's fields (anything else is skipped as malformed).
 CONTEXT_TYPES: dict[str, type] = {"node": str, "context_path": str, "app": str, "host": str, "port": int,
                                   "load": int, "pid": int, "since": float}
+
+
+def _hash_or_nothing(raw: Any, key: str) -> dict[Any, Any]:
+    """A HGETALL result from ``execute(raise_on_error=False)``: an error (the key is no hash) is empty."""
+    if isinstance(raw, redis.ResponseError):
+        warn(f"skipped {key}: {raw}")
+        return {}
+    if isinstance(raw, Exception):
+        raise raw
+    return raw  # type: ignore[no-any-return]
 
 
 def _control_state(_scope: str, raw: Any) -> str:

@@ -29,6 +29,7 @@ from redis.retry import Retry
 from .. import lua
 from ..keys import Keys
 from ..loops import Loop
+from ..records import MALFORMED, warn
 from ..store.connect import close_quietly
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,14 @@ class Holder:
 
 def read_holder(store: redis.Redis, keys: Keys, name: str) -> Holder | None:
     """The current holder of lease ``name``, or ``None`` if it is free."""
-    raw = store.get(keys.lease(name))
-    if raw is None:
-        return None
     try:
+        raw = store.get(keys.lease(name))
+        if raw is None:
+            return None
         data = json.loads(raw)
         return Holder(name, str(data["node"]), int(data["pid"]), int(data["fence"]), float(data["since"]))
-    except (ValueError, KeyError, TypeError):
+    except MALFORMED as exc:
+        warn(f"lease {name!r} holds something else than a holder record ({type(exc).__name__}: {exc})")
         return None
 
 

@@ -133,9 +133,9 @@ class Deployer:
                     self._deploy(item, current)
                 else:
                     self._supervise(current)
-            except redis.RedisError:
-                raise
-            except Exception as exc:  # one bad deployment fails alone; the others go on
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise  # an outage: the loop backs off and retries everything
+            except Exception as exc:  # one bad deployment (even a key of the wrong type) fails alone
                 log.exception("deployment %s broke the deployer's step", item.label)
                 self._failed(item, self.running.get(name), f"{type(exc).__name__}: {exc}")
         for name in [n for n in self.running if n not in wanted]:
