@@ -240,7 +240,7 @@ class InvalidatedCache(SharedCache):
                 pipe = self.client.pipeline(transaction=False)
                 queue_read(pipe)
                 pipe.pttl(rkey)
-                return pipe.execute()  # type: ignore[no-any-return]
+                return pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
 
             raw, pttl = self._call(op)
             value = decode(raw)
