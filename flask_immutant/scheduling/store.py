@@ -123,8 +123,8 @@ class JobStore:
     def listing(self) -> list[dict[str, Any]]:
         """Every stored job: spec, next due, last fire, fire count, last error (malformed ones
         are skipped with a warning, see ``records.py``)."""
-        schedule = read_records(dict(self.store.zrange(self.keys.jobs_schedule(self.app), 0, -1, withscores=True)),
-                                f"{self.app} schedule", lambda _name, score: float(score))
+        scored: Any = self.store.zrange(self.keys.jobs_schedule(self.app), 0, -1, withscores=True)
+        schedule = read_records(dict(scored), f"{self.app} schedule", lambda _name, score: float(score))
         found = {key: key for key in self.store.scan_iter(match=f"{self.keys.rq_job_prefix}{self.app}-*", count=200)}
         rows = read_records(found, "job", lambda key, _raw: self._row(key, schedule))
         return sorted((row for row in rows.values() if row is not None), key=lambda r: r["name"])
@@ -135,8 +135,8 @@ class JobStore:
         spec = self.stored_spec(name)
         if spec is None:
             return None
-        state = read_records(self.store.hgetall(self.keys.job_state(self.app, name)), f"job {name} state",
-                             lambda _field, value: decoded(value))
+        state: dict[str, Any] = read_records(self.store.hgetall(self.keys.job_state(self.app, name)),
+                                             f"job {name} state", lambda _field, value: decoded(value))
         return {
             "app": self.app, "name": name, "spec": spec.describe(), "singleton": spec.singleton,
             "next_fire": schedule.get(job_id),
