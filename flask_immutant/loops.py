@@ -298,10 +298,9 @@ def stop_reporting() -> None:
 def read_health(store: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
     """Every live process's loop health (``{node, role, pid, hostname, loops}``), malformed
     records skipped with a warning; records of processes gone are dropped from the index."""
-    from .records import decoded, parsed_json, warn
+    from .records import parsed_json, set_of, warn
 
-    names = sorted(decoded(n) or "" for n in store.smembers(keys.loop_health_index))
-    names = [n for n in names if n]
+    names = set_of(store, keys.loop_health_index, "loop health record")
     if not names:
         return []
     values = store.mget([keys.loop_health(n) for n in names])

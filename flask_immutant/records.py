@@ -96,6 +96,32 @@ def parsed_json(raw: bytes | str | None, family: str, name: str, shape: type[T])
     return value
 
 
+def hash_of(store: redis.Redis, key: str, family: str) -> dict[Any, Any]:
+    """HGETALL ``key``; a key of another Redis type is garbage: empty, with a warning."""
+    try:
+        return store.hgetall(key)  # type: ignore[return-value]
+    except redis.ResponseError as exc:
+        warn(f"skipped every {family} record: {key} is not a hash ({exc})")
+        return {}
+
+
+def set_of(store: redis.Redis, key: str, family: str) -> list[str]:
+    """SMEMBERS ``key`` as text; members that are not UTF-8, or a key of another type, are skipped."""
+    try:
+        raw: Any = store.smembers(key)
+    except redis.ResponseError as exc:
+        warn(f"skipped every {family}: {key} is not a set ({exc})")
+        return []
+    found = []
+    for member in raw:
+        text = decoded(member)
+        if text is None:
+            warn(f"skipped a {family} whose name is not UTF-8: {shown(member)}")
+        else:
+            found.append(text)
+    return sorted(found)
+
+
 def read_records(raw: Mapping[Any, Any], family: str, parse: Callable[[str, Any], T]) -> dict[str, T]:
     """The records of a hash read with HGETALL, by name, each through ``parse(name, raw_value)``;
     a name that is not UTF-8 or a value ``parse`` refuses (raising one of :data:`MALFORMED`)

@@ -322,3 +322,26 @@ def _get(port: int, path: str) -> Any:
 
 
 
+
+
+def test_a_family_key_of_another_type_is_reported_and_the_rest_listed(node_env, store_client, cluster_name):
+    """A store writer who replaces a whole family (``members``, ``deployments``...) by another
+    Redis type takes that family away; the status document and every listing still answer."""
+    from flask_immutant.extension import ImmutantState
+
+    keys = Keys(cluster_name)
+    expected = {keys.members: "hash", keys.deployments: "hash", keys.daemons: "hash",
+                keys.messaging_destinations: "hash", keys.context_control: "hash", keys.context_weight: "hash",
+                keys.contexts: "set", keys.messaging_consumers: "set", keys.loop_health_index: "set",
+                keys.jobs_schedule("app"): "zset", keys.deployment_nodes("app"): "hash"}
+    state = ImmutantState.build(environ=node_env)
+    garbage = Garbage(SEED)
+    for round_ in range(2):
+        for key, kind in expected.items():
+            garbage.write(store_client, key, garbage.rng.choice([t for t in Garbage.TYPES if t != kind]))
+        document = state.status()
+        assert document["members"] == [] and document["daemons"] == [] and document["deployments"] == []
+        assert any(keys.members in warning for warning in document["warnings"]), (round_, document["warnings"])
+    for command in (["status"], ["jobs"], ["daemons"], ["queues"], ["list"], ["ctl", "show"]):
+        result = run_flask(["immutant", *command], node_env)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (command, result.stderr[-1500:])

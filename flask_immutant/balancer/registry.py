@@ -19,7 +19,7 @@ import redis
 from .. import lua
 from ..errors import ImmutantError
 from ..keys import Keys
-from ..records import MALFORMED, check_types, decoded, json_object, read_records, shown, warn
+from ..records import MALFORMED, check_types, decoded, json_object, read_records, set_of, shown, warn
 
 #: ENABLED: new and existing sessions; DISABLED: only sessions already bound to the node (drain);
 #: STOPPED: nothing. In this order from least to most strict.
@@ -83,7 +83,7 @@ def withdraw(store: redis.Redis, keys: Keys, node: str, context_path: str, pid: 
 
 def contexts(store: redis.Redis, keys: Keys) -> list[Context]:
     """Every live context with its effective state and weight, sorted by path then node."""
-    members = sorted(k for k in (decoded(raw) for raw in store.smembers(keys.contexts)) if k is not None)
+    members = set_of(store, keys.contexts, "context")
     if not members:
         return []
     pipe = store.pipeline(transaction=False)

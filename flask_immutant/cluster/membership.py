@@ -26,7 +26,7 @@ from .. import lua
 from ..errors import NodeStartError
 from ..keys import Keys
 from ..loops import Loop
-from ..records import check_types, read_records, warn
+from ..records import check_types, hash_of, read_records, warn
 from ..store.connect import close_quietly
 from .identity import NodeIdentity
 
@@ -123,7 +123,7 @@ def live_members(store: redis.Redis, keys: Keys, failure_timeout: float) -> list
 
 def _read_members(store: redis.Redis, keys: Keys, failure_timeout: float) -> tuple[list[Member], list[str]]:
     """(live members, names whose claim has expired): two round trips whatever the cluster's size."""
-    records = read_records(store.hgetall(keys.members), "member", lambda _name, raw: raw)
+    records = read_records(hash_of(store, keys.members, "member"), "member", lambda _name, raw: raw)
     names = sorted(records)
     if not names:
         return [], []

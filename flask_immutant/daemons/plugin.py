@@ -12,7 +12,7 @@ from ..cli import echoed_as_json_or_empty, one_line_errors, state_and_store
 from ..cluster.lease import read_holder
 from ..cluster.membership import live_members
 from ..hookspecs import hookimpl
-from ..records import decoded, json_object, read_records, required
+from ..records import decoded, hash_of, json_object, read_records, required
 from ..settings import Setting, to_bool
 from .registry import registry
 
@@ -51,7 +51,7 @@ def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any]:
 def daemon_status(state: ImmutantState, store: redis.Redis) -> list[dict[str, Any]]:
     """One entry per daemon (per node for non-singletons); holders come from the leases."""
     live = {m.name for m in live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])}
-    records = read_records(store.hgetall(state.keys.daemons), "daemon", _daemon_record).values()
+    records = read_records(hash_of(store, state.keys.daemons, "daemon"), "daemon", _daemon_record).values()
     result = []
     for record in sorted(records, key=lambda r: (r["name"], r["node"] or "")):
         entry = {

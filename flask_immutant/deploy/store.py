@@ -9,7 +9,7 @@ from typing import Any
 import redis
 
 from ..keys import Keys
-from ..records import check_types, json_object, read_records, required
+from ..records import check_types, hash_of, json_object, read_records, required
 from .records import Deployment, DeploymentError, new_version, sign, verify
 
 #: Seconds a stored archive outlives the last deployment that names it (nodes fetch it at once).
@@ -54,7 +54,7 @@ class DeploymentStore:
     def all(self) -> dict[str, Deployment | DeploymentError]:
         """Every stored deployment, or why it may not run (bad signature, malformed); a record
         whose name is not text is skipped with a warning (``records.py``)."""
-        return read_records(self.store.hgetall(self.keys.deployments), "deployment", self._verified)
+        return read_records(hash_of(self.store, self.keys.deployments, "deployment"), "deployment", self._verified)
 
     def _verified(self, _name: str, raw: bytes) -> Deployment | DeploymentError:
         try:
@@ -73,7 +73,8 @@ class DeploymentStore:
         self.store.hdel(self.keys.deployment_nodes(name), node)
 
     def node_states(self, name: str) -> dict[str, dict[str, Any]]:
-        return read_records(self.store.hgetall(self.keys.deployment_nodes(name)), f"{name} node state", _node_state)
+        return read_records(hash_of(self.store, self.keys.deployment_nodes(name), "node state"), f"{name} node state",
+                            _node_state)
 
 
 #: The JSON types of a deployment's state on one node (``set_node_state``).

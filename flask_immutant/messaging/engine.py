@@ -30,6 +30,7 @@ from dramatiq.middleware import Middleware, Retries
 
 from .. import lua
 from ..loops import Loop
+from ..records import hash_of, json_object, read_records
 from .backends import Backend, heartbeat_record
 from .codec import Message, decode
 from .destination import Destination, actor_name
@@ -353,10 +354,8 @@ class Engine:
         store = self.messaging.state.store
         for topic in self.messaging.known_topics():
             key = self.keys.messaging_subscriptions(topic)
-            for queue, raw in store.hgetall(key).items():
-                owner = _json_field(raw, "owner")
-                if owner in dead:
-                    name = queue.decode() if isinstance(queue, bytes) else queue
+            for name, record in read_records(hash_of(store, key, "subscription"), "subscription", json_object).items():
+                if record.get("owner") in dead:
                     store.hdel(key, name)
                     store.srem(self.keys.messaging_queues, name)
                     try:
@@ -370,13 +369,3 @@ def _declare_actor_first(broker: Any, actor: Any) -> None:
     broker.actors[actor.actor_name] = actor
     broker.declare_queue(actor.queue_name)
     broker.emit_after("declare_actor", actor)
-
-
-def _json_field(raw: Any, name: str) -> Any:
-    import json
-
-    try:
-        data = json.loads(raw)
-    except (TypeError, ValueError):
-        return None
-    return data.get(name) if isinstance(data, dict) else None

@@ -15,13 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..keys import Keys
-from ..records import check_types, decoded, json_object, read_records, required
+from ..records import check_types, hash_of, json_object, read_records, required, set_of
 from .backends import Backend
 
 
 def live_consumers(store: Any, keys: Keys) -> dict[str, dict[str, Any]]:
     """Consumer id -> heartbeat record, for the consumers whose heartbeat is live."""
-    ids = sorted(i for i in map(decoded, store.smembers(keys.messaging_consumers)) if i is not None)
+    ids = set_of(store, keys.messaging_consumers, "consumer")
     if not ids:
         return {}
     records = store.mget([keys.messaging_consumer(i) for i in ids])
@@ -51,7 +51,7 @@ def _subscription(name: str, raw: Any) -> dict[str, Any]:
 
 
 def queue_entries(backend: Backend, store: Any, keys: Keys) -> list[dict[str, Any]]:
-    destinations = read_records(store.hgetall(keys.messaging_destinations), "destination", _destination)
+    destinations = read_records(hash_of(store, keys.messaging_destinations, "destination"), "destination", _destination)
     consumers = live_consumers(store, keys)
 
     def entry_of(name: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -62,7 +62,8 @@ def queue_entries(backend: Backend, store: Any, keys: Keys) -> list[dict[str, An
             entry["consumers"] = sum(1 for c in consumers.values() if queue in c.get("queues", ()))
             return entry
         subscriptions = []
-        found = read_records(store.hgetall(keys.messaging_subscriptions(name)), f"{name} subscription", _subscription)
+        found = read_records(hash_of(store, keys.messaging_subscriptions(name), "subscription"), f"{name} subscription",
+                             _subscription)
         for queue, sub in sorted(found.items()):
             item = {"queue": queue, "durable_name": sub.get("durable"), "owner": sub.get("owner")}
             item.update(_queue_numbers(backend, store, keys, queue, consumers))

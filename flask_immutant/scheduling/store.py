@@ -22,7 +22,7 @@ from rq_scheduler import Scheduler
 
 from .. import lua
 from ..keys import Keys
-from ..records import decoded, read_records
+from ..records import decoded, hash_of, read_records
 from .spec import JobSpec
 
 #: The function an RQ tool would see for our schedules; we fire by name from the app's registry.
@@ -135,7 +135,7 @@ class JobStore:
         spec = self.stored_spec(name)
         if spec is None:
             return None
-        state: dict[str, Any] = read_records(self.store.hgetall(self.keys.job_state(self.app, name)),
+        state: dict[str, Any] = read_records(hash_of(self.store, self.keys.job_state(self.app, name), "job state"),
                                              f"job {name} state", lambda _field, value: decoded(value))
         return {
             "app": self.app, "name": name, "spec": spec.describe(), "singleton": spec.singleton,
