@@ -9,6 +9,7 @@ import click
 
 from ..cli import echoed_as_json_or_empty, load_state, one_line_errors
 from ..errors import ImmutantError
+from ..records import check_types, hash_of, json_object, read_records, required
 from .backends import Target
 from .core import Messaging
 from .plugin import messaging_of
@@ -71,9 +72,8 @@ def requeue_dead_messages(messaging: Messaging, name: str) -> int:
     moved = 0
     for queue in queues:
         dead_key = keys.messaging_dead(queue)
-        for message_id, raw in store.hgetall(dead_key).items():
-            record = json.loads(raw)
-            original = record["message"]
+        for message_id, original in read_records(hash_of(store, dead_key, "dead letter"), f"{queue} dead letter",
+                                                 _dead_message).items():
             message: DramatiqMessage[Any] = DramatiqMessage(queue_name=queue, actor_name=original["actor_name"],
                                       args=tuple(original["args"]), kwargs=original.get("kwargs") or {},
                                       options={}, message_timestamp=original["message_timestamp"])
@@ -81,6 +81,14 @@ def requeue_dead_messages(messaging: Messaging, name: str) -> int:
             store.hdel(dead_key, message_id)
             moved += 1
     return moved
+
+
+def _dead_message(message_id: str, raw: Any) -> dict[str, Any]:
+    """The original message of a dead-letter record (a malformed one stays where it is, named)."""
+    original = json_object(message_id, raw)["message"]
+    required(original, {"actor_name": str, "args": list, "message_timestamp": int})
+    check_types(original, {"kwargs": (dict, type(None))})
+    return original  # type: ignore[no-any-return]
 
 
 def _queues_named(messaging: Messaging, name: str) -> list[str]:
