@@ -58,12 +58,20 @@ cli = ImmutantGroup("immutant", help="Run and inspect flask-immutant cluster nod
 
 
 def one_line_errors(func: F) -> F:
-    """Report a user's mistake as one ``Error:`` line and exit 1, never a traceback."""
+    """Report a user's mistake as one ``Error:`` line and exit 1, never a traceback; and the
+    records a listing skipped as malformed as ``Warning:`` lines on stderr (``records.py``)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .records import collecting
+
         try:
-            return func(*args, **kwargs)
+            with collecting() as warnings:
+                try:
+                    return func(*args, **kwargs)
+                finally:
+                    for warning in warnings:
+                        click.echo(f"Warning: {warning}", err=True)
         except ImmutantError as exc:
             raise click.ClickException(str(exc)) from None
         except NoAppException as exc:

@@ -103,11 +103,13 @@ class ImmutantState:
 
     def status(self) -> dict[str, Any]:
         """The ``status --json`` document: the schema is in docs/status.md."""
+        from .records import collecting
         from .store import existing_store
 
         document: dict[str, Any] = {"schema": 1, "cluster": self.settings["IMMUTANT_CLUSTER"]}
-        with existing_store(self.settings) as store:
+        with existing_store(self.settings) as store, collecting() as warnings:
             contributed = self.pm.hook.immutant_status(state=self, store=store)
+        document["warnings"] = warnings
         for sections in reversed(contributed):
             for name, data in (sections or {}).items():
                 if name in document:

@@ -158,6 +158,15 @@ class Keys:
         """Pub/sub channel: a context appeared, left or changed state (balancers resync)."""
         return f"{self.prefix}contexts-changed"
 
+    def loop_health(self, process: str) -> str:
+        """STRING JSON health of one process's background loops (``loops.py``), TTL = failure timeout."""
+        return f"{self.prefix}loop-health:{process}"
+
+    @property
+    def loop_health_index(self) -> str:
+        """SET of the processes with a ``loop_health`` key (entries whose key expired are dropped on read)."""
+        return f"{self.prefix}loop-health"
+
     def pattern(self) -> str:
         """Glob matching every key of this cluster (for cleanup and inspection)."""
         return f"{self.prefix}*"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ import click
 from ..cli import load_state, one_line_errors, setup_logging
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
+from ..loops import report_health, stop_reporting
 from ..store import client_from_url, store_url
 from . import registry
 
@@ -85,12 +87,17 @@ def balancer(ctx: click.Context, host: str, port: int, haproxy_socket: str | Non
     setup_logging(verbose)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     store = client_from_url(store_url(state.settings, start=True))
-    if haproxy_socket:
-        _reconcile(store, state, haproxy_socket)
-        return
-    from .embedded import EmbeddedBalancer
+    report_health(store, state.keys, f"balancer@{socket.gethostname()}", "balancer",
+                  state.settings["IMMUTANT_FAILURE_TIMEOUT"])
+    try:
+        if haproxy_socket:
+            _reconcile(store, state, haproxy_socket)
+            return
+        from .embedded import EmbeddedBalancer
 
-    EmbeddedBalancer(state, store=store, console=not no_console).run(host, port)
+        EmbeddedBalancer(state, store=store, console=not no_console).run(host, port)
+    finally:
+        stop_reporting()
 
 
 def _reconcile(store: redis.Redis, state: ImmutantState, socket_path: str) -> None:

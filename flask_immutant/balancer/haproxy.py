@@ -304,21 +304,12 @@ class ReconcilerLoop:
     def __init__(self, reconciler: Reconciler, store: redis.Redis, keys: Keys) -> None:
         self.reconciler = reconciler
         self.watcher = TableWatcher(store, keys, self._on_tick)
-        self._reachable = True
         self.synced = threading.Event()
 
     def _on_tick(self, table: Table, changed: bool) -> None:
-        try:
-            for command in self.reconciler.sync(table):
-                log.info("haproxy: %s", command)
-        except HAProxyError as exc:
-            if self._reachable:
-                log.warning("%s; retrying every %.1fs", exc, self.watcher.poll)
-            self._reachable = False
-            return
-        if not self._reachable:
-            log.info("HAProxy reachable again")
-        self._reachable = True
+        """One pass; an unreachable HAProxy raises, so the table loop reports it and retries."""
+        for command in self.reconciler.sync(table):
+            log.info("haproxy: %s", command)
         self.synced.set()
 
     def start(self) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ from ..cluster.identity import NodeIdentity
 from ..errors import ImmutantError
 from ..extension import DEPLOYMENT_ENV
 from ..hookspecs import hookimpl
+from ..loops import Loop
 from ..settings import Setting, to_bool
 from . import registry
 
@@ -53,16 +53,15 @@ class ContextPublisher:
             load=100, pid=os.getpid(), since=time.time(),
         )
         self._cpu_sample = (time.process_time(), time.monotonic())
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="immutant-context", daemon=True)
+        self._loop = Loop("context", self._publish, self.ttl / 4, wait_first=True, backoff_cap=self.ttl / 4)
 
     def start(self) -> None:
         self._publish()
         registry.announce(self.store, self.keys, self.base.key)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._loop.stop()
         try:
             registry.withdraw(self.store, self.keys, self.base.node, self.base.context_path, self.base.pid)
         except redis.RedisError as exc:
@@ -82,13 +81,6 @@ class ContextPublisher:
         self._cpu_sample = (used, now)
         elapsed = now - previous_now
         return (used - previous_used) / elapsed if elapsed > 0 else 0.0
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.ttl / 4):
-            try:
-                self._publish()
-            except redis.RedisError as exc:
-                log.debug("context publish failed: %s", exc)
 
 
 @hookimpl(trylast=True)
@@ -123,8 +115,35 @@ def ctl() -> None:
 
 
 def _scope_options(func: Any) -> Any:
+    func = click.option("--future", is_flag=True, help="Store it even if no such node or context runs now "
+                        "(for one that starts later).")(func)
     func = click.option("--context", "context_path", default=None, help="Only this context path.")(func)
     return click.option("--node", default=None, help="Only this node.")(func)
+
+
+def _check_scope(state: ImmutantState, store: redis.Redis, node: str | None, context_path: str | None,
+                 future: bool) -> None:
+    """A node or context nobody runs is a typo, unless ``--future`` says it is meant for a later one."""
+    from ..cluster.membership import live_members
+    from ..deploy.plugin import deployment_store
+    from ..deploy.records import Deployment
+
+    live = registry.contexts(store, state.keys)
+    nodes = {m.name for m in live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])}
+    nodes |= {c.node for c in live}
+    paths = {c.context_path for c in live}
+    paths |= {d.context_path for d in deployment_store(state, store).all().values() if isinstance(d, Deployment)}
+    unknown = []
+    if node is not None and node not in nodes:
+        unknown.append(f"no node named {node!r} is running (running: {', '.join(sorted(nodes)) or 'none'})")
+    if context_path is not None and context_path not in paths:
+        known = ", ".join(sorted(paths)) or "none"
+        unknown.append(f"no context {context_path!r} is served or deployed (known: {known})")
+    if not unknown:
+        return
+    if not future:
+        raise ImmutantError("; ".join(unknown) + "; add --future to store it for one that starts later")
+    click.echo(f"stored for the future: {'; '.join(unknown)}")
 
 
 def _where(node: str | None, context_path: str | None) -> str:
@@ -139,8 +158,9 @@ def _state_command(name: str, state_name: str, help_text: str) -> click.Command:
     @_scope_options
     @click.pass_context
     @one_line_errors
-    def command(ctx: click.Context, node: str | None, context_path: str | None) -> None:
+    def command(ctx: click.Context, node: str | None, context_path: str | None, future: bool) -> None:
         with state_and_store(ctx) as (state, store):
+            _check_scope(state, store, node, context_path, future)
             registry.set_control(store, state.keys, state_name, node, context_path)
         click.echo(f"{state_name}: {_where(node, context_path)}")
 
@@ -157,10 +177,11 @@ stop = _state_command("stop", "STOPPED", "Send no requests to the context(s).")
 @_scope_options
 @click.pass_context
 @one_line_errors
-def weight(ctx: click.Context, weight: str, node: str | None, context_path: str | None) -> None:
+def weight(ctx: click.Context, weight: str, node: str | None, context_path: str | None, future: bool) -> None:
     if weight != "auto" and not weight.isdigit():
         raise ImmutantError(f"weight {weight!r}: expected 0-100 or 'auto'")
     with state_and_store(ctx) as (state, store):
+        _check_scope(state, store, node, context_path, future)
         registry.set_weight(store, state.keys, None if weight == "auto" else int(weight), node, context_path)
     click.echo(f"weight {weight}: {_where(node, context_path)}")
 

@@ -19,6 +19,7 @@ import redis
 from .. import lua, names
 from ..errors import ImmutantError
 from ..keys import Keys
+from ..records import MALFORMED, check_types, decoded, json_object, read_records, set_of, shown, warn
 
 #: ENABLED: new and existing sessions; DISABLED: only sessions already bound to the node (drain);
 #: STOPPED: nothing. In this order from least to most strict.
@@ -95,7 +96,7 @@ def withdraw(store: redis.Redis, keys: Keys, node: str, context_path: str, pid: 
 
 def contexts(store: redis.Redis, keys: Keys) -> list[Context]:
     """Every live context with its effective state and weight, sorted by path then node."""
-    members = sorted(_text(k) for k in store.smembers(keys.contexts))
+    members = set_of(store, keys.contexts, "context")
     if not members:
         return []
     pipe = store.pipeline(transaction=False)
@@ -103,18 +104,22 @@ def contexts(store: redis.Redis, keys: Keys) -> list[Context]:
         pipe.get(key)
     pipe.hgetall(keys.context_control)
     pipe.hgetall(keys.context_weight)
-    *raws, control_raw, weight_raw = pipe.execute()
-    control = {_text(k): _text(v) for k, v in control_raw.items()}
-    weights = {_text(k): int(v) for k, v in weight_raw.items()}
+    *raws, control_raw, weight_raw = pipe.execute(raise_on_error=False)
+    control = read_records(_hash_or_nothing(control_raw, keys.context_control), "context control", _control_state)
+    weights = read_records(_hash_or_nothing(weight_raw, keys.context_weight), "context weight", _weight)
     found, stale = [], []
     for key, raw in zip(members, raws, strict=True):
         if raw is None:
             stale.append(key)
             continue
         try:
-            data = json.loads(raw)
+            if isinstance(raw, Exception):
+                raise raw
+            data = json_object(key, raw)
+            check_types(data, CONTEXT_TYPES)
             context = Context(**{k: data[k] for k in Context.__dataclass_fields__ if k in data})
-        except (ValueError, TypeError):
+        except MALFORMED as exc:
+            warn(f"skipped the context record {shown(key)}: {type(exc).__name__}: {exc}")
             stale.append(key)
             continue
         manual = _most_specific(weights, context.node, context.context_path)
@@ -126,6 +131,35 @@ def contexts(store: redis.Redis, keys: Keys) -> list[Context]:
     if stale:
         store.srem(keys.contexts, *stale)
     return sorted(found, key=lambda c: (c.context_path, c.node))
+
+
+#: The JSON types of a stored context's fields (anything else is skipped as malformed).
+CONTEXT_TYPES: dict[str, type] = {"node": str, "context_path": str, "app": str, "host": str, "port": int,
+                                  "load": int, "pid": int, "since": float}
+
+
+def _hash_or_nothing(raw: Any, key: str) -> dict[Any, Any]:
+    """A HGETALL result from ``execute(raise_on_error=False)``: an error (the key is no hash) is empty."""
+    if isinstance(raw, redis.ResponseError):
+        warn(f"skipped {key}: {raw}")
+        return {}
+    if isinstance(raw, Exception):
+        raise raw
+    return raw  # type: ignore[no-any-return]
+
+
+def _control_state(_scope: str, raw: Any) -> str:
+    state = decoded(raw)
+    if state not in STATES:
+        raise ValueError(f"state {state!r} is not one of {', '.join(STATES)}")
+    return state
+
+
+def _weight(_scope: str, raw: Any) -> int:
+    value = int(raw)
+    if not 0 <= value <= 100:
+        raise ValueError(f"weight {value} is not 0-100")
+    return value
 
 
 def routing_table(store: redis.Redis, keys: Keys) -> dict[str, list[Backend]]:
@@ -181,7 +215,7 @@ def set_control(store: redis.Redis, keys: Keys, state: str, node: str | None = N
     if state not in STATES:
         raise ImmutantError(f"state {state!r}: expected one of {', '.join(STATES)}")
     node, context_path = _checked_scope(node, context_path)
-    existing = [_text(k) for k in store.hkeys(keys.context_control)]
+    existing = [k for k in map(decoded, store.hkeys(keys.context_control)) if k is not None]
     pipe = store.pipeline()
     for entry in _narrower(existing, node, context_path):
         pipe.hdel(keys.context_control, entry)
@@ -197,7 +231,7 @@ def set_weight(store: redis.Redis, keys: Keys, weight: int | None, node: str | N
     if weight is not None and not 0 <= weight <= 100:
         raise ImmutantError(f"weight {weight}: expected 0-100, or 'auto' for the computed load factor")
     node, context_path = _checked_scope(node, context_path)
-    existing = [_text(k) for k in store.hkeys(keys.context_weight)]
+    existing = [k for k in map(decoded, store.hkeys(keys.context_weight)) if k is not None]
     pipe = store.pipeline()
     for entry in _narrower(existing, node, context_path):
         pipe.hdel(keys.context_weight, entry)
@@ -213,7 +247,3 @@ def load_factor(active_requests: int, threads: int, cpu_load: float, cpus: int) 
     busy = active_requests / max(1, threads)
     cpu = cpu_load / max(1, cpus)
     return max(1, min(100, round(100 * (1 - min(1.0, max(busy, cpu))))))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

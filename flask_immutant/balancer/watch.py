@@ -8,12 +8,14 @@ and anything said while the subscriber was reconnecting.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
 from ..keys import Keys
+from ..loops import Loop
+from ..store import close_quietly
 from .registry import Backend, routing_table
 
 log = logging.getLogger("flask_immutant.balancer")
@@ -38,65 +40,41 @@ class TableWatcher:
         self.on_tick = on_tick
         self.poll = poll
         self.table: Table = {}
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, name="immutant-balancer-table", daemon=True),
-            threading.Thread(target=self._listen, name="immutant-balancer-events", daemon=True),
-        ]
-        self._store_ok = True
+        self._pubsub: Any = None
+        self._table_loop = Loop("balancer-table", self._tick, poll, wait_first=True)
+        self._events = Loop("balancer-events", self._listen, 0.0, on_error=self._drop_subscription)
 
     def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
+        self._table_loop.start()
+        self._events.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        for thread in self._threads:
-            thread.join(2)
+        self._events.stop(2)
+        self._table_loop.stop(2)
+        self._drop_subscription()
 
     def refresh(self) -> Table:
-        """Read the table now (also used once before serving)."""
+        """Read the table now (also used once before serving, then every poll or change notice).
+        A read that fails raises, so the loop reports it and keeps the last table."""
         table = routing_table(self.store, self.keys)
         changed = table != self.table
         self.table = table
         self.on_tick(table, changed)
         return table
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.poll)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            try:
-                self.refresh()
-            except redis.RedisError as exc:
-                if self._store_ok:
-                    log.warning("cannot read contexts (%s); routing with the last table", exc)
-                self._store_ok = False
-                continue
-            except Exception:
-                log.exception("balancer tick failed")
-                continue
-            if not self._store_ok:
-                log.info("contexts readable again")
-            self._store_ok = True
+    def _tick(self) -> None:
+        self.refresh()
 
-    def _listen(self) -> None:
-        while not self._stop.is_set():
-            pubsub = self.store.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.subscribe(self.keys.contexts_changed)
-                while not self._stop.is_set():
-                    if pubsub.get_message(timeout=0.5) is not None:
-                        self._wake.set()
-            except redis.RedisError as exc:
-                log.debug("contexts channel lost (%s); polling until it is back", exc)
-                self._stop.wait(self.poll)
-            finally:
-                try:
-                    pubsub.close()
-                except redis.RedisError:
-                    pass
+    def _listen(self) -> float:
+        """Wake the table loop when a context changes (it polls anyway)."""
+        if self._pubsub is None:
+            self._pubsub = self.store.pubsub(ignore_subscribe_messages=True)
+            self._pubsub.subscribe(self.keys.contexts_changed)
+        if self._pubsub.get_message(timeout=0.5) is not None:
+            self._table_loop.wake()
+        return 0.0
+
+    def _drop_subscription(self, _exc: BaseException | None = None) -> None:
+        if self._pubsub is not None:
+            close_quietly(self._pubsub)
+        self._pubsub = None

@@ -26,6 +26,7 @@ from typing import Any
 
 import redis
 
+from ..loops import Loop
 from .base import MISSING
 from .shared import SharedCache, _Down
 from .typed import MUTATED_BY_FLASK, Encoded
@@ -119,42 +120,29 @@ class Tracker:
         self.near = cache.near
         self.stopping = threading.Event()
         self.subscribed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"immutant-cache-{cache.name}", daemon=True)
+        self._loop = Loop(f"cache-{cache.name}", self._track, 0.0, on_error=self._lost, stop_event=self.stopping,
+                          backoff_cap=RECONNECT_MAX)
         self._conn: Any = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def stop(self, timeout: float = 2.0) -> None:
         self.stopping.set()  # the thread notices within HEARTBEAT / 4 and closes its connection
         self.near.flush(healthy=False)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        self._loop.stop(timeout)
 
-    def _run(self) -> None:
-        pause = 0.05
-        lost_logged = False
-        while not self.stopping.is_set():
-            try:
-                self._track()
-            except Exception as exc:  # a background thread must not die of anything
-                self.subscribed.clear()
-                self.near.flush(healthy=False)
-                if self.stopping.is_set():
-                    break
-                if not lost_logged:
-                    log.warning("cache %s: invalidation tracking lost (%s: %s); near cache bypassed until it "
-                                "is back", self.cache.name, type(exc).__name__, exc)
-                    lost_logged = True
-                self.stopping.wait(pause)
-                pause = min(pause * 2, RECONNECT_MAX)
-                continue
-            finally:
-                if self._conn is not None:
-                    with contextlib.suppress(Exception):
-                        self._conn.disconnect()
-                    self._conn = None
-            pause, lost_logged = 0.05, False
+    def _lost(self, exc: BaseException) -> None:
+        """Tracking broke: bypass the near cache until it is back (the loop logs and retries)."""
+        self.subscribed.clear()
+        self.near.flush(healthy=False)
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.disconnect()
+            self._conn = None
 
     def _track(self) -> None:
         pool: Any = self.cache.client.connection_pool
@@ -171,6 +159,7 @@ class Tracker:
         conn.read_response()
         self.near.flush(healthy=True)
         self.subscribed.set()
+        self._loop.mark_healthy()
         self.cache.breaker.success()
         log.debug("cache %s: tracking %s* as client %s", self.cache.name, self.cache.prefix, client_id)
         last_ping = time.monotonic()
@@ -186,6 +175,7 @@ class Tracker:
             if not awaiting_pong and now - last_ping >= HEARTBEAT:
                 conn.send_command("PING")
                 last_ping, awaiting_pong, self._pong = now, True, False
+        self._disconnect()
 
     _pong = False
 
@@ -254,7 +244,7 @@ class InvalidatedCache(SharedCache):
                 pipe = self.client.pipeline(transaction=False)
                 queue_read(pipe)
                 pipe.pttl(rkey)
-                return pipe.execute()  # type: ignore[no-any-return]
+                return pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
 
             raw, pttl = self._call(op)
             value = kept = decode(raw)

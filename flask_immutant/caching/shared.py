@@ -127,9 +127,13 @@ class SharedCache(ClusterCache):
                             f"{type(value).__name__}")
         return (b"\x03" if type(self.serializer) is TypedMsgpackSerializer else b"\x00") + payload
 
-    def decode(self, raw: bytes | None) -> Any:
-        """The value in ``raw``; ``MISSING`` for no entry or bytes that are not a valid entry."""
+    def decode(self, raw: bytes | redis.ResponseError | None) -> Any:
+        """The value in ``raw``; ``MISSING`` for no entry, bytes that are not a valid entry, or a
+        key of another Redis type (the read's error, garbage in the store)."""
         if raw is None:
+            return MISSING
+        if isinstance(raw, redis.ResponseError):
+            log.warning("cache %s: ignoring a key that is not a cache entry: %s", self.name, raw)
             return MISSING
         try:
             tag = raw[0]
@@ -170,6 +174,8 @@ class SharedCache(ClusterCache):
             return self.decode(self._call(lambda: self._read_raw(self.rkey(key))))
         except _Down:
             return MISSING
+        except redis.ResponseError as exc:
+            return self.decode(exc)
 
     def _get_many(self, keys: list[str]) -> list[Any]:
         if not keys:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -29,6 +28,8 @@ from redis.retry import Retry
 
 from .. import lua
 from ..keys import Keys
+from ..loops import Loop
+from ..records import MALFORMED, warn
 from ..store.connect import close_quietly
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,14 @@ class Holder:
 
 def read_holder(store: redis.Redis, keys: Keys, name: str) -> Holder | None:
     """The current holder of lease ``name``, or ``None`` if it is free."""
-    raw = store.get(keys.lease(name))
-    if raw is None:
-        return None
     try:
+        raw = store.get(keys.lease(name))
+        if raw is None:
+            return None
         data = json.loads(raw)
         return Holder(name, str(data["node"]), int(data["pid"]), int(data["fence"]), float(data["since"]))
-    except (ValueError, KeyError, TypeError):
+    except MALFORMED as exc:
+        warn(f"lease {name!r} holds something else than a holder record ({type(exc).__name__}: {exc})")
         return None
 
 
@@ -91,9 +93,8 @@ class LeaseKeeper:
         self._owner = ""
         self._deadline = 0.0
         self._pause_until = 0.0
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"immutant-lease-{name}", daemon=True)
+        poll = manager.ttl / POLLS_PER_TTL
+        self._loop = Loop(f"lease-{name}", self._step, poll, backoff_cap=manager.ttl / RENEWALS_PER_TTL)
 
     @property
     def held(self) -> bool:
@@ -104,60 +105,46 @@ class LeaseKeeper:
         return self.fence is not None and time.monotonic() < self._deadline
 
     def start(self) -> LeaseKeeper:
-        self._thread.start()
+        self._loop.start()
         return self
 
     def step_aside(self, seconds: float) -> None:
         """Give the lease up (if held) and do not contend for ``seconds``: let another node try."""
         self._pause_until = time.monotonic() + seconds
-        self._wake.set()
+        self._loop.wake()
 
     def stop(self, release: bool = True) -> None:
         """Stop contending; if held, stop the work (``on_lost``) and release so another takes over."""
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=self.manager.ttl * 4)
+        self._loop.stop(timeout=self.manager.ttl * 4)
         if self.fence is not None:
             self._lose(release=release)
 
     def wake(self) -> None:
-        self._wake.set()
+        self._loop.wake()
 
     # --- the keeper thread ---
 
-    def _run(self) -> None:
+    def _step(self) -> float:
+        """Contend (every poll) or renew (every renewal interval); returns the wait until the next step."""
         m = self.manager
-        while not self._stop.is_set():
-            if self.fence is None:
-                if time.monotonic() >= self._pause_until:
-                    self._try_acquire()
-                if self.fence is None:
-                    self._sleep(m.ttl / POLLS_PER_TTL)
-                continue
-            self._sleep(m.ttl / RENEWALS_PER_TTL)
-            if self._stop.is_set():
-                break
-            if time.monotonic() < self._pause_until:
-                log.info("lease %s: stepping aside so another node can try", self.name)
-                self._lose(release=True)
-                continue
-            self._renew()
-
-    def _sleep(self, seconds: float) -> None:
-        self._wake.wait(seconds)
-        self._wake.clear()
+        if self.fence is None:
+            if time.monotonic() >= self._pause_until:
+                self._try_acquire()
+            return m.ttl / (POLLS_PER_TTL if self.fence is None else RENEWALS_PER_TTL)
+        if time.monotonic() < self._pause_until:
+            log.info("lease %s: stepping aside so another node can try", self.name)
+            self._lose(release=True)
+            return m.ttl / POLLS_PER_TTL
+        self._renew()
+        return m.ttl / (POLLS_PER_TTL if self.fence is None else RENEWALS_PER_TTL)
 
     def _try_acquire(self) -> None:
         m = self.manager
         owner = f"{m.node}|{os.getpid()}|{uuid.uuid4().hex}"
         info = json.dumps({"node": m.node, "pid": os.getpid(), "since": time.time()})
         sent = time.monotonic()
-        try:
-            fence = m.scripts["acquire"](keys=[m.keys.lease(self.name), m.keys.lease_fence(self.name)],
-                                         args=[owner, m.ttl_ms, info], client=m.store)
-        except redis.RedisError as exc:
-            log.debug("lease %s: acquire failed: %s", self.name, exc)
-            return
+        fence = m.scripts["acquire"](keys=[m.keys.lease(self.name), m.keys.lease_fence(self.name)],
+                                     args=[owner, m.ttl_ms, info], client=m.store)
         if fence is None:
             return
         self._owner, self.fence, self.held_since = owner, int(fence), time.time()
@@ -182,7 +169,7 @@ class LeaseKeeper:
             if time.monotonic() >= self._deadline - m.ttl / RENEWALS_PER_TTL:
                 log.warning("lease %s: cannot renew (%s); stopping work before it can expire", self.name, exc)
                 self._lose(release=False)
-            return
+            raise
         if renewed:
             self._deadline = sent + m.ttl * (1 - SAFETY_MARGIN)
         else:
@@ -225,9 +212,8 @@ class LeaseManager:
                                      retry=Retry(NoBackoff(), 0))
         self.scripts = {name: lua.script(self.store, f"lease_{name}") for name in ("acquire", "renew", "release")}
         self._keepers: list[LeaseKeeper] = []
-        self._stop = threading.Event()
-        self._listener = threading.Thread(target=self._listen, name="immutant-lease-wakeup", daemon=True)
-        self._listener.start()
+        self._pubsub: Any = None
+        self._listener = Loop("lease-wakeup", self._listen, 0.0, on_error=self._drop_subscription).start()
 
     def keeper(self, name: str, on_acquired: Callable[[int], None], on_lost: Callable[[], None]) -> LeaseKeeper:
         keeper = LeaseKeeper(self, name, on_acquired, on_lost)
@@ -237,29 +223,27 @@ class LeaseManager:
     def close(self) -> None:
         for keeper in list(self._keepers):
             keeper.stop()
-        self._stop.set()
-        self._listener.join(timeout=2)
+        self._listener.stop(timeout=2)
+        self._drop_subscription()
         self.store.close()
 
-    def _listen(self) -> None:
-        pubsub = None
-        while not self._stop.is_set():
-            try:
-                if pubsub is None:
-                    pubsub = self.store.pubsub(ignore_subscribe_messages=True)
-                    pubsub.subscribe(self.keys.lease_released)
-                message = pubsub.get_message(timeout=0.2)
-            except (redis.RedisError, OSError):
-                pubsub = None
-                self._stop.wait(self.ttl / POLLS_PER_TTL)
-                continue
-            if message and message.get("type") == "message":
-                name = message["data"].decode() if isinstance(message["data"], bytes) else message["data"]
-                for keeper in self._keepers:
-                    if keeper.name == name and not keeper.held:
-                        keeper.wake()
-        if pubsub is not None:
-            close_quietly(pubsub)
+    def _listen(self) -> float:
+        """Wake the keepers of a lease just released (they poll anyway)."""
+        if self._pubsub is None:
+            self._pubsub = self.store.pubsub(ignore_subscribe_messages=True)
+            self._pubsub.subscribe(self.keys.lease_released)
+        message = self._pubsub.get_message(timeout=0.2)
+        if message and message.get("type") == "message":
+            name = message["data"].decode(errors="replace") if isinstance(message["data"], bytes) else message["data"]
+            for keeper in self._keepers:
+                if keeper.name == name and not keeper.held:
+                    keeper.wake()
+        return 0.0
+
+    def _drop_subscription(self, _exc: BaseException | None = None) -> None:
+        if self._pubsub is not None:
+            close_quietly(self._pubsub)
+        self._pubsub = None
 
 
 def lease_manager(state: Any) -> LeaseManager:

@@ -25,6 +25,8 @@ import redis
 from .. import lua
 from ..errors import NodeStartError
 from ..keys import Keys
+from ..loops import Loop
+from ..records import check_types, hash_of, read_records, warn
 from ..store.connect import close_quietly
 from .identity import NodeIdentity
 
@@ -53,7 +55,14 @@ class Member:
     @classmethod
     def from_json(cls, raw: str | bytes, last_heartbeat: float | None = None) -> Member:
         data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got {type(data).__name__}")
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "last_heartbeat"}
+        check_types(known, _FIELD_TYPES)
+        if "ports" not in known:
+            raise KeyError("ports")
+        if not all(isinstance(k, str) and isinstance(v, int) for k, v in known["ports"].items()):
+            raise TypeError("'ports' must map names to port numbers")
         return cls(**known, last_heartbeat=last_heartbeat)
 
     def to_json(self) -> str:
@@ -76,6 +85,12 @@ class Member:
             "up_since": _iso(self.started_at),
             "last_heartbeat": _iso(self.last_heartbeat) if self.last_heartbeat else None,
         }
+
+
+_FIELD_TYPES: dict[str, type] = {
+    "name": str, "address": str, "host": str, "ports": dict, "port_offset": int, "data_dir": str, "pid": int,
+    "hostname": str, "clustered": bool, "started_at": float,
+}
 
 
 def _iso(epoch: float) -> str:
@@ -108,8 +123,8 @@ def live_members(store: redis.Redis, keys: Keys, failure_timeout: float) -> list
 
 def _read_members(store: redis.Redis, keys: Keys, failure_timeout: float) -> tuple[list[Member], list[str]]:
     """(live members, names whose claim has expired): two round trips whatever the cluster's size."""
-    records = store.hgetall(keys.members)
-    names = sorted(n.decode() if isinstance(n, bytes) else n for n in records)
+    records = read_records(hash_of(store, keys.members, "member"), "member", lambda _name, raw: raw)
+    names = sorted(records)
     if not names:
         return [], []
     pipe = store.pipeline(transaction=False)
@@ -120,7 +135,7 @@ def _read_members(store: redis.Redis, keys: Keys, failure_timeout: float) -> tup
     members: list[Member] = []
     expired: list[str] = []
     for name, pttl in zip(names, ttls, strict=True):
-        raw = records.get(name.encode(), records.get(name))  # type: ignore[call-overload]
+        raw = records[name]
         if pttl == -2:  # no claim key: the node stopped heartbeating
             expired.append(name)
             continue
@@ -129,8 +144,8 @@ def _read_members(store: redis.Redis, keys: Keys, failure_timeout: float) -> tup
         last = now - max(0.0, failure_timeout - pttl / 1000.0)
         try:
             members.append(Member.from_json(raw, last_heartbeat=last))
-        except (ValueError, TypeError):
-            log.warning("ignoring a malformed member record for %r", name)
+        except (ValueError, TypeError, KeyError) as exc:
+            warn(f"skipped the member record {name!r}: {type(exc).__name__}: {exc}")
     return members, expired
 
 
@@ -178,7 +193,9 @@ class Membership:
         self._reasons: dict[str, str] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._loops: list[Loop] = []
+        self._pubsub: Any = None
+        self._claimed = True
         self._scripts = {name: lua.script(store, f"member_{name}") for name in ("claim", "heartbeat", "leave", "reap")}
 
     # --- public ---
@@ -203,17 +220,18 @@ class Membership:
                 )
             # Our predecessor under this name was killed on this host: take the name over now.
             self._scripts["claim"](keys=keys, args=[self.token, ttl, self.me.name, self.me.to_json(), holder])
-        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._watch_loop, "membership")):
-            thread = threading.Thread(target=target, name=f"immutant-{name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._loops = [
+            Loop("heartbeat", self._heartbeat, self.interval, wait_first=True, stop_event=self._stop,
+                 backoff_cap=self.interval).start(),
+            Loop("membership", self._watch, 0.0, on_error=self._drop_subscription, stop_event=self._stop).start(),
+        ]
 
     def leave(self) -> None:
         """Leave at once: other nodes see it through the events channel, not after a timeout."""
-        self._stop.set()
         self._wake.set()
-        for thread in self._threads:
-            thread.join(timeout=self.failure_timeout)
+        for loop in self._loops:
+            loop.stop(timeout=self.failure_timeout)
+        self._drop_subscription()
         try:
             self._scripts["leave"](keys=self._member_keys(), args=[self.token, self.me.name])
         except redis.RedisError as exc:
@@ -232,54 +250,45 @@ class Membership:
     def _ttl_ms(self) -> int:
         return int(self.failure_timeout * 1000)
 
-    def _heartbeat_loop(self) -> None:
-        failing_since: float | None = None
-        while not self._stop.wait(self.interval):
-            try:
-                result = self._scripts["heartbeat"](
-                    keys=self._member_keys(), args=[self.token, self._ttl_ms(), self.me.name, self.me.to_json()]
-                )
-            except redis.RedisError as exc:
-                if failing_since is None:
-                    failing_since = time.monotonic()
-                    log.warning("heartbeat failed: %s; retrying", exc)
-                self._call(self._on_store_error, exc)
-                continue
-            if failing_since is not None:
-                log.warning("heartbeat restored after %.1fs", time.monotonic() - failing_since)
-                failing_since = None
-            if result == 0:
-                self._on_lost(f"node name {self.me.name!r} was claimed by another node while this one stalled")
-                return
-            if result == 2:
-                log.warning("node %s re-joined the cluster after missing its heartbeats", self.me.name)
+    def _heartbeat(self) -> None:
+        if not self._claimed:
+            return  # the name went to another node: this one is stopping
+        try:
+            result = self._scripts["heartbeat"](
+                keys=self._member_keys(), args=[self.token, self._ttl_ms(), self.me.name, self.me.to_json()]
+            )
+        except redis.RedisError as exc:
+            self._call(self._on_store_error, exc)
+            raise
+        if result == 0:
+            self._claimed = False
+            self._on_lost(f"node name {self.me.name!r} was claimed by another node while this one stalled")
+        elif result == 2:
+            log.warning("node %s re-joined the cluster after missing its heartbeats", self.me.name)
 
-    def _watch_loop(self) -> None:
-        pubsub = None
-        while not self._stop.is_set():
-            try:
-                if pubsub is None:
-                    pubsub = self.store.pubsub(ignore_subscribe_messages=True)
-                    pubsub.subscribe(self.keys.events)
-                self._poll(pubsub)
-                deadline = time.monotonic() + self.interval
-                while not self._stop.is_set() and not self._wake.is_set():
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    message = pubsub.get_message(timeout=min(remaining, 0.25))
-                    if message and message.get("type") == "message":
-                        self._note_event(message["data"])
-                        break
-                self._wake.clear()
-            except redis.RedisError as exc:
-                log.warning("membership watch failed: %s; retrying", exc)
-                if pubsub is not None:
-                    close_quietly(pubsub)
-                pubsub = None
-                self._stop.wait(self.interval)
-        if pubsub is not None:
-            close_quietly(pubsub)
+    def _watch(self) -> float:
+        """Poll the members, then wait for an event, a wake or the heartbeat interval."""
+        if self._pubsub is None:
+            self._pubsub = self.store.pubsub(ignore_subscribe_messages=True)
+            self._pubsub.subscribe(self.keys.events)
+        pubsub = self._pubsub
+        self._poll(pubsub)
+        deadline = time.monotonic() + self.interval
+        while not self._stop.is_set() and not self._wake.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            message = pubsub.get_message(timeout=min(remaining, 0.25))
+            if message and message.get("type") == "message":
+                self._note_event(message["data"])
+                break
+        self._wake.clear()
+        return 0.0
+
+    def _drop_subscription(self, _exc: BaseException | None = None) -> None:
+        if self._pubsub is not None:
+            close_quietly(self._pubsub)
+        self._pubsub = None
 
     def _note_event(self, raw: bytes | str) -> None:
         try:

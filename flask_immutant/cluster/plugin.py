@@ -10,6 +10,7 @@ import redis
 
 from ..cli import load_state, one_line_errors
 from ..hookspecs import hookimpl
+from ..loops import read_health, report_health, stop_reporting
 from .membership import live_members
 
 
@@ -19,17 +20,44 @@ def immutant_register_commands(cli: click.Group) -> None:
 
 
 @hookimpl(trylast=True)
+def immutant_node_started(node: Any) -> None:
+    report_health(node.store, node.state.keys, node.identity.name, "node", node.settings["IMMUTANT_FAILURE_TIMEOUT"])
+
+
+@hookimpl(trylast=True)
+def immutant_node_stopping(node: Any) -> None:
+    stop_reporting()
+
+
+@hookimpl(trylast=True)
+def immutant_runtime_started(runtime: Any) -> None:
+    state = runtime.state
+    report_health(state.store, state.keys, state.node_name, f"runtime:{runtime.app.name}",
+                  state.settings["IMMUTANT_FAILURE_TIMEOUT"])
+
+
+@hookimpl(trylast=True)
 def immutant_runtime_stopping(runtime: Any) -> None:
     """After the features (called later, being registered earlier): close the leases they used."""
     manager = runtime.state.features.pop("leases", None)
     if manager is not None:
         manager.close()
+    stop_reporting()
 
 
 @hookimpl(trylast=True)
 def immutant_status(state: Any, store: redis.Redis) -> dict[str, Any]:
+    """``members`` (each with ``healthy`` and ``failing_loops``) and ``loops``: every process's loops."""
     members = live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])
-    return {"members": [member.status() for member in members]}
+    processes = read_health(store, state.keys)
+    loops = [{**health, "node": p["node"], "role": p["role"], "pid": p["pid"]}
+             for p in processes for health in p["loops"] if isinstance(health, dict)]
+    rows = []
+    for member in members:
+        failing = sorted({f"{loop.get('role')}/{loop.get('name')}" for loop in loops
+                          if loop["node"] == member.name and loop.get("healthy") is not True})
+        rows.append({**member.status(), "healthy": not failing, "failing_loops": failing})
+    return {"members": rows, "loops": loops}
 
 
 @click.command(help="Show the cluster's members (and what plugins add); --json for the schema in docs/status.md.")
@@ -49,9 +77,16 @@ def status(ctx: click.Context, as_json: bool) -> None:
             f"  {m['name']:<24} {m['address']}:{m['ports'].get('http')}  pid {m['pid']}  "
             f"up since {m['up_since']}  last heartbeat {m['last_heartbeat']}"
             + ("" if m["clustered"] else "  (not clustered)")
+            + ("" if m["healthy"] else f"  UNHEALTHY: {', '.join(m['failing_loops'])} failing")
         )
+    loops = document["loops"]
+    failing = [loop for loop in loops if not loop["healthy"]]
+    click.echo(f"loops: {len(loops)}, " + (f"{len(failing)} FAILING" if failing else "all healthy"))
+    for loop in failing:
+        click.echo(f"  {loop['node']} {loop['role']} {loop['name']}: {loop['state']}, "
+                   f"{loop['consecutive_failures']} failure(s) in a row, last error: {loop['last_error']}")
     for name, section in document.items():
-        if name in {"schema", "cluster", "members", "store"}:
+        if name in {"schema", "cluster", "members", "store", "loops", "warnings"}:
             continue
         if isinstance(section, list):
             names = ", ".join(str(item.get("name", item.get("node", "?"))) for item in section[:8]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +12,7 @@ from ..cli import echoed_as_json_or_empty, one_line_errors, state_and_store
 from ..cluster.lease import read_holder
 from ..cluster.membership import live_members
 from ..hookspecs import hookimpl
+from ..records import decoded, hash_of, json_object, read_records, required
 from ..settings import Setting, to_bool
 from .registry import registry
 
@@ -51,9 +51,9 @@ def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any]:
 def daemon_status(state: ImmutantState, store: redis.Redis) -> list[dict[str, Any]]:
     """One entry per daemon (per node for non-singletons); holders come from the leases."""
     live = {m.name for m in live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])}
-    records = [json.loads(raw) for raw in store.hgetall(state.keys.daemons).values()]
+    records = read_records(hash_of(store, state.keys.daemons, "daemon"), "daemon", _daemon_record).values()
     result = []
-    for record in sorted(records, key=lambda r: (r["name"], r["node"])):
+    for record in sorted(records, key=lambda r: (r["name"], r["node"] or "")):
         entry = {
             "name": record["name"], "singleton": record["singleton"], "state": record["state"],
             "node": record["node"], "since": record["since"], "fencing_token": record["fencing_token"],
@@ -69,11 +69,27 @@ def daemon_status(state: ImmutantState, store: redis.Redis) -> list[dict[str, An
     return result
 
 
+_OPTIONAL_STR = (str, type(None))
+#: The fields of a daemon record (``runner.py`` writes them) and their JSON types.
+DAEMON_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "name": str, "singleton": bool, "state": str, "node": _OPTIONAL_STR, "since": (float, type(None)),
+    "fencing_token": (int, type(None)), "restarts": int, "last_error": _OPTIONAL_STR,
+}
+
+
+def _daemon_record(_name: str, raw: Any) -> dict[str, Any]:
+    record = json_object(_name, raw)
+    required(record, DAEMON_FIELDS)
+    return record
+
+
 def _singleton_holder(store: Any, state: ImmutantState, name: str) -> Any:
     holder = read_holder(store, state.keys, f"daemon:{name}")
     if holder is None:  # standalone nodes hold per-node leases; show any
         for key in store.scan_iter(match=state.keys.lease(f"daemon:{name}@*"), count=100):
-            key = key.decode() if isinstance(key, bytes) else key
+            key = decoded(key)
+            if key is None:
+                continue
             found = read_holder(store, state.keys, key[len(state.keys.lease("")):])
             if found:
                 return found

@@ -79,15 +79,25 @@ def unpack(data: bytes, expected_sha256: str, target: str | os.PathLike[str], li
             destination = (staging / member.name).resolve()
             if not destination.is_relative_to(staging.resolve()):
                 raise DeploymentError(f"archive member {member.name!r} would land outside the target")
-            if member.isdir():
-                destination.mkdir(parents=True, exist_ok=True)
-                continue
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            source = tar.extractfile(member)
-            assert source is not None
-            with source, open(destination, "wb") as out:
-                shutil.copyfileobj(source, out)
-            os.chmod(destination, 0o644 | (0o111 if member.mode & 0o111 else 0))
+            try:
+                _unpack_member(tar, member, destination)
+            except OSError as exc:  # "." as a file, a file then a folder of one name...
+                shutil.rmtree(staging, ignore_errors=True)
+                raise DeploymentError(f"archive member {member.name!r} cannot be unpacked: "
+                                      f"{exc.strerror or exc}") from None
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
+
+
+def _unpack_member(tar: tarfile.TarFile, member: tarfile.TarInfo, destination: Path) -> None:
+    if member.isdir():
+        destination.mkdir(parents=True, exist_ok=True)
+        return
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    source = tar.extractfile(member)
+    if source is None:
+        raise OSError(f"no data for {member.name!r}")
+    with source, open(destination, "wb") as out:
+        shutil.copyfileobj(source, out)
+    os.chmod(destination, 0o644 | (0o111 if member.mode & 0o111 else 0))

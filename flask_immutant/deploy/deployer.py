@@ -16,12 +16,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from .. import names
 from ..extension import DEPLOYMENT_ENV
+from ..loops import Loop
 from ..server.node import READY_TIMEOUT, AppTarget, RuntimeProcess
 from ..server.runtime import EXIT_APP_FAILED
 from ..store import close_quietly
@@ -68,24 +69,25 @@ class Deployer:
         # Per cluster: one node name (so one data dir) may serve several clusters over time.
         self.marks = HighWaterMarks(
             node.identity.data_dir / f"deployment-marks.{node.settings['IMMUTANT_CLUSTER']}.json")
-        self._stop = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()
+        self._pubsub: Any = None
         # Spawned from this long-lived thread: a runtime's parent-death signal follows the thread.
-        self._thread = threading.Thread(target=self._run, name="immutant-deployer", daemon=True)
+        self._loop = Loop("deployer", self._step, 0.0, on_error=self._drop_subscription)
+        self._stop = self._loop.stopping
 
     @property
     def name(self) -> str:
         return self.node.identity.name
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         """Node shutdown: stop every deployment's runtime, in parallel, within the shutdown timeout."""
-        self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=READY_TIMEOUT)
+        self._loop.stop(timeout=READY_TIMEOUT)
+        self._drop_subscription()
         timeout = self.node.settings["IMMUTANT_SHUTDOWN_TIMEOUT"]
         with self._lock:
             running, self.running = list(self.running.values()), {}
@@ -100,25 +102,23 @@ class Deployer:
 
     # --- the reconcile loop ---
 
-    def _run(self) -> None:
-        pubsub = None
-        while not self._stop.is_set():
-            try:
-                if pubsub is None:
-                    pubsub = self.store.store.pubsub(ignore_subscribe_messages=True)
-                    pubsub.subscribe(self.store.keys.deployments_changed)
-                self.reconcile()
-                deadline = time.monotonic() + POLL_INTERVAL
-                while not self._stop.is_set() and not self._wake.is_set() and time.monotonic() < deadline:
-                    if pubsub.get_message(timeout=0.1):
-                        break
-                self._wake.clear()
-            except redis.RedisError as exc:
-                log.warning("deployments: store error: %s; retrying", exc)
-                pubsub = None
-                self._stop.wait(POLL_INTERVAL)
-        if pubsub is not None:
-            close_quietly(pubsub)
+    def _step(self) -> float:
+        """Reconcile, then wait for a change notice, a wake or the poll interval."""
+        if self._pubsub is None:
+            self._pubsub = self.store.store.pubsub(ignore_subscribe_messages=True)
+            self._pubsub.subscribe(self.store.keys.deployments_changed)
+        self.reconcile()
+        deadline = time.monotonic() + POLL_INTERVAL
+        while not self._stop.is_set() and not self._wake.is_set() and time.monotonic() < deadline:
+            if self._pubsub.get_message(timeout=0.1):
+                break
+        self._wake.clear()
+        return 0.0
+
+    def _drop_subscription(self, _exc: BaseException | None = None) -> None:
+        if self._pubsub is not None:
+            close_quietly(self._pubsub)
+        self._pubsub = None
 
     def reconcile(self) -> None:
         wanted = self.store.all()
@@ -140,12 +140,18 @@ class Deployer:
                     self._supervise(current)  # what it ran before keeps running, restarted if it crashes
                 continue
             was_refused = self.refused.pop(name, None) is not None
-            if current is None or current.deployment.order != item.order:
-                self._deploy(item, current)
-                continue
-            self._supervise(current)
-            if was_refused and current.runtime is not None and current.state == "deployed":
-                self._report(current)  # the record it runs is back: say so instead of "refused"
+            try:
+                if current is None or current.deployment.order != item.order:
+                    self._deploy(item, current)
+                    continue
+                self._supervise(current)
+                if was_refused and current.runtime is not None and current.state == "deployed":
+                    self._report(current)  # the record it runs is back: say so instead of "refused"
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise  # an outage: the loop backs off and retries everything
+            except Exception as exc:  # one bad deployment (even a key of the wrong type) fails alone
+                log.exception("deployment %s broke the deployer's step", item.label)
+                self._failed(item, self.running.get(name), f"{type(exc).__name__}: {exc}")
         for name in [n for n in self.refused if n not in wanted]:
             del self.refused[name]  # a refused record that was removed: nothing runs, nothing to report
             if name not in self.running:

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from .records import Deployment, DeploymentError
 from .store import DeploymentStore
 
@@ -39,6 +41,9 @@ def descriptor_to_deployment(path: Path, data: Any) -> Deployment:
     settings = data.get("settings", {})
     if not isinstance(settings, dict) or not all(isinstance(v, str) for v in settings.values()):
         raise DeploymentError(f"{path.name}: 'settings' must map names to strings")
+    for name in ("app", "name"):
+        if data.get(name) is not None and not isinstance(data[name], str):
+            raise DeploymentError(f"{path.name}: {name!r} must be a string, not {type(data[name]).__name__}")
     context = data.get("context_path", "/")
     if not isinstance(context, str) or not context.startswith("/"):
         raise DeploymentError(f"{path.name}: 'context_path' must start with '/'")
@@ -55,7 +60,13 @@ class DeploymentFolder:
         self.folder.mkdir(parents=True, exist_ok=True)
         with self._locked():
             for path in sorted(self.folder.glob("*.json")):
-                self._consider(path)
+                try:
+                    self._consider(path)
+                except redis.RedisError:
+                    raise
+                except Exception as exc:  # one odd descriptor fails alone; the folder goes on
+                    log.exception("deployment descriptor %s could not be read", path)
+                    _marker(path, "failed").write_text(f"{type(exc).__name__}: {exc}\n")
             for marker in self.folder.glob("*.json.deployed"):
                 descriptor = marker.with_suffix("")
                 if not descriptor.exists():

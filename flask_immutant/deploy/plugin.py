@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from ..cli import checked_option, echoed_as_json_or_empty, load_state, one_line_
 from ..cluster.membership import live_members
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
+from ..loops import Loop
 from ..settings import Setting, int_range, resolve, to_bool
 from ..store import existing_store
 from . import archive
@@ -35,6 +35,7 @@ log = logging.getLogger("flask_immutant.deploy")
 
 FLAG = "IMMUTANT_DEPLOYMENTS"
 FEATURE = "deployer"
+FOLDER_FEATURE = "deploy-folder"
 
 
 def _secret(value: Any) -> str | None:
@@ -69,19 +70,15 @@ def immutant_node_started(node: Node) -> None:
     node.state.features[FEATURE] = deployer
     deployer.start()
     folder = DeploymentFolder(Path(node.settings["IMMUTANT_HOME"]) / "deployments", store)
-    threading.Thread(target=_watch_folder, args=(folder, node), name="immutant-deploy-folder", daemon=True).start()
-
-
-def _watch_folder(folder: DeploymentFolder, node: Node) -> None:
-    while not node.stop_requested.wait(1.0):
-        try:
-            folder.scan()
-        except (OSError, redis.RedisError) as exc:
-            log.warning("deployments folder: %s", exc)
+    node.state.features[FOLDER_FEATURE] = Loop("deploy-folder", folder.scan, 1.0, wait_first=True,
+                                               stop_event=node.stop_requested).start()
 
 
 @hookimpl(trylast=True)
 def immutant_node_stopping(node: Node) -> None:
+    watcher = node.state.features.pop(FOLDER_FEATURE, None)
+    if watcher is not None:
+        watcher.stop()
     deployer = node.state.features.pop(FEATURE, None)
     if deployer is not None:
         deployer.stop()
@@ -189,7 +186,8 @@ def deploy(ctx: click.Context, name: str | None, context_path: str, sets: tuple[
                    + (f" (archive {digest[:12]}, {len(data or b'')} bytes)" if digest else ""))
         failures = _await_nodes(state, store, deployments, record, wait)
     if failures:
-        raise ImmutantError(f"{record.label} failed on {', '.join(failures)}")
+        raise ImmutantError(f"{record.label} is not deployed on {', '.join(failures)} "
+                            "(failed or no answer; see above)")
 
 
 def _pack(root: str, limit: int) -> tuple[bytes, str]:
@@ -217,10 +215,10 @@ def _await_nodes(state: ImmutantState, store: redis.Redis, deployments: Deployme
                 detail = f": {info.get('error')}" if info["state"] != "deployed" else f" ({where})"
                 click.echo(f"  {node}: {info['state']}{detail}")
         time.sleep(0.05)
-    for node in members:
-        if node not in reported:
-            click.echo(f"  {node}: no answer within {wait:g}s (see its log)")
-    return [node for node, info in reported.items() if info["state"] != "deployed"]
+    silent = [node for node in members if node not in reported]
+    for node in silent:
+        click.echo(f"  {node}: no answer within {wait:g}s (see its log)")
+    return [node for node, info in reported.items() if info["state"] != "deployed"] + silent
 
 
 @click.command(help="Undeploy NAME from every node: daemons stop, listeners stop, the runtimes exit.")

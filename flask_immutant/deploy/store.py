@@ -13,6 +13,7 @@ from typing import Any
 import redis
 
 from ..keys import Keys
+from ..records import check_types, hash_of, json_object, read_records, required
 from .records import Deployment, DeploymentError, sign, verify
 
 
@@ -80,18 +81,15 @@ class DeploymentStore:
             return None
 
     def all(self) -> dict[str, Deployment | DeploymentError]:
-        """Every stored deployment, or why it may not run (bad signature, malformed, copied)."""
-        found: dict[str, Deployment | DeploymentError] = {}
-        for name, raw in self.store.hgetall(self.keys.deployments).items():
-            try:
-                key = name.decode() if isinstance(name, bytes) else name
-            except UnicodeDecodeError:
-                continue  # not a name any deploy wrote: nothing can be done with it, not even reported
-            try:
-                found[key] = verify(raw, self.secret, name=key, cluster=self.cluster)
-            except DeploymentError as exc:
-                found[key] = exc
-        return found
+        """Every stored deployment, or why it may not run (bad signature, malformed, copied); a record
+        whose name is not text is skipped with a warning (``records.py``)."""
+        return read_records(hash_of(self.store, self.keys.deployments, "deployment"), "deployment", self._verified)
+
+    def _verified(self, name: str, raw: bytes) -> Deployment | DeploymentError:
+        try:
+            return verify(raw, self.secret, name=name, cluster=self.cluster)
+        except DeploymentError as exc:
+            return exc
 
     def archive(self, sha256: str) -> bytes | None:
         return self.store.get(self.keys.deployment_archive(sha256))  # type: ignore[return-value]
@@ -104,5 +102,19 @@ class DeploymentStore:
         self.store.hdel(self.keys.deployment_nodes(name), node)
 
     def node_states(self, name: str) -> dict[str, dict[str, Any]]:
-        raw = self.store.hgetall(self.keys.deployment_nodes(name))
-        return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+        return read_records(hash_of(self.store, self.keys.deployment_nodes(name), "node state"), f"{name} node state",
+                            _node_state)
+
+
+#: The JSON types of a deployment's state on one node (``set_node_state``).
+NODE_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "state": str, "since": float, "version": int, "pid": (int, type(None)), "port": (int, type(None)),
+    "context_path": str, "error": (str, type(None)), "serving_version": int,
+}
+
+
+def _node_state(name: str, raw: Any) -> dict[str, Any]:
+    record = json_object(name, raw)
+    required(record, {"state": str})
+    check_types(record, NODE_STATE_TYPES)
+    return record

@@ -9,6 +9,7 @@ import click
 
 from ..cli import echoed_as_json_or_empty, load_state, one_line_errors
 from ..errors import ImmutantError
+from ..records import check_types, hash_of, json_object, read_records, required
 from .backends import Target
 from .core import Messaging
 from .plugin import messaging_of
@@ -73,11 +74,10 @@ def requeue_dead_messages(messaging: Messaging, name: str) -> tuple[int, int]:
     moved = kept = 0
     for queue in queues:
         dead_key = keys.messaging_dead(queue)
-        for message_id, raw in store.hgetall(dead_key).items():
-            original = _json_field(raw, "message")
-            if not isinstance(original, dict) or not original.keys() >= _REPUBLISHABLE:
-                kept += 1
-                continue
+        dead = hash_of(store, dead_key, "dead letter")
+        republishable = read_records(dead, f"{queue} dead letter", _dead_message)
+        kept += len(dead) - len(republishable)
+        for message_id, original in republishable.items():
             message: DramatiqMessage[Any] = DramatiqMessage(queue_name=queue, actor_name=original["actor_name"],
                                       args=tuple(original["args"]), kwargs=original.get("kwargs") or {},
                                       options={}, message_timestamp=original["message_timestamp"])
@@ -97,6 +97,14 @@ def _json_field(raw: Any, name: str) -> Any:
     except (TypeError, ValueError):
         return None
     return data.get(name) if isinstance(data, dict) else None
+
+
+def _dead_message(message_id: str, raw: Any) -> dict[str, Any]:
+    """The original message of a dead-letter record (a malformed one stays where it is, named)."""
+    original = json_object(message_id, raw)["message"]
+    required(original, {"actor_name": str, "args": list, "message_timestamp": int})
+    check_types(original, {"kwargs": (dict, type(None))})
+    return original  # type: ignore[no-any-return]
 
 
 def _queues_named(messaging: Messaging, name: str) -> list[str]:

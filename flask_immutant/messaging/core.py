@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from dramatiq import Message as DramatiqMessage
 from dramatiq.broker import Broker
 
+from ..records import hash_of, json_object, read_records
 from .backends import Backend, Target, make_backend
 from .codec import Message, envelope
 from .destination import Destination, actor_name
@@ -206,11 +207,9 @@ class Messaging:
         self._registered.add(destination.name)
 
     def known_topics(self) -> list[str]:
-        names = []
-        for name, raw in self.state.store.hgetall(self.state.keys.messaging_destinations).items():
-            if b'"topic"' in raw if isinstance(raw, bytes) else '"topic"' in raw:
-                names.append(name.decode() if isinstance(name, bytes) else name)
-        return names
+        found = read_records(hash_of(self.state.store, self.state.keys.messaging_destinations, "destination"),
+                             "destination", json_object)
+        return [name for name, record in found.items() if record.get("kind") == "topic"]
 
     # --- publishing ---
 

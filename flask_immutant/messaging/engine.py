@@ -29,6 +29,8 @@ import redis
 from dramatiq.middleware import Middleware, Retries
 
 from .. import lua
+from ..loops import Loop
+from ..records import hash_of, json_object, read_records
 from .backends import Backend, heartbeat_record
 from .codec import Message, decode
 from .destination import Destination, actor_name
@@ -135,7 +137,7 @@ class Engine:
         self.in_flight: defaultdict[str, int] = defaultdict(int)
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._loops: list[Loop] = []
         self._heartbeat = lua.script(messaging.state.store, "messaging_heartbeat")
         self.broker = self.backend.make_broker(
             [
@@ -162,17 +164,15 @@ class Engine:
     def start(self) -> None:
         self.beat()  # registered before the first fetch, so the reaper always knows our ack sets
         self.worker.start()
-        for name, target in (("heartbeat", self._heartbeat_loop), ("reaper", self._reaper_loop)):
-            thread = threading.Thread(target=target, name=f"immutant-mq-{name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._loops = [Loop("mq-heartbeat", self.beat, self.interval, wait_first=True, backoff_cap=self.interval,
+                            stop_event=self._stop).start(),
+                       Loop("mq-reaper", self._reap, self.interval, wait_first=True, stop_event=self._stop).start()]
 
     def stop(self, timeout: float) -> None:
         """Finish handlers in progress (bounded), put prefetched messages back, leave."""
         self.worker.stop(timeout=int(timeout * 1000))
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=1.0)
+        for loop in self._loops:
+            loop.stop(timeout=1.0)
         try:
             for binding in list(self.bindings.values()):
                 if binding.owned:
@@ -346,29 +346,11 @@ class Engine:
                 counts[key] = counts.get(key, 0) + int(outstanding)
         return counts
 
-    def _heartbeat_loop(self) -> None:
-        failing = False
-        while not self._stop.wait(self.interval):
-            try:
-                self.beat()
-                if failing:
-                    log.warning("messaging heartbeat restored")
-                failing = False
-            except redis.RedisError as exc:
-                if not failing:
-                    log.warning("messaging heartbeat failed: %s; retrying", exc)
-                failing = True
-
-    def _reaper_loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.reap_once()
-            except redis.RedisError as exc:
-                log.debug("reaper: store unavailable (%s)", exc)
-            except Exception:
-                log.exception("reaper failed")
+    def _reap(self) -> None:
+        self.reap_once()
 
     def reap_once(self) -> list[tuple[str, int]]:
+        """Give the unacknowledged messages of dead consumers back to their queues."""
         dead = self.backend.reap()
         for consumer_id, moved in dead:
             log.warning("messaging: consumer %s is gone; %d unacknowledged message(s) requeued", consumer_id, moved)
@@ -380,10 +362,8 @@ class Engine:
         store = self.messaging.state.store
         for topic in self.messaging.known_topics():
             key = self.keys.messaging_subscriptions(topic)
-            for queue, raw in store.hgetall(key).items():
-                owner = _json_field(raw, "owner")
-                if owner in dead:
-                    name = queue.decode() if isinstance(queue, bytes) else queue
+            for name, record in read_records(hash_of(store, key, "subscription"), "subscription", json_object).items():
+                if record.get("owner") in dead:
                     store.hdel(key, name)
                     store.srem(self.keys.messaging_queues, name)
                     try:
@@ -397,13 +377,3 @@ def _declare_actor_first(broker: Any, actor: Any) -> None:
     broker.actors[actor.actor_name] = actor
     broker.declare_queue(actor.queue_name)
     broker.emit_after("declare_actor", actor)
-
-
-def _json_field(raw: Any, name: str) -> Any:
-    import json
-
-    try:
-        data = json.loads(raw)
-    except (TypeError, ValueError):
-        return None
-    return data.get(name) if isinstance(data, dict) else None

@@ -12,52 +12,68 @@ Schema (documented in docs/messaging.md): a list, one entry per destination, sor
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ..keys import Keys
+from ..records import check_types, hash_of, json_object, read_records, required, set_of
 from .backends import Backend
 
 
 def live_consumers(store: Any, keys: Keys) -> dict[str, dict[str, Any]]:
     """Consumer id -> heartbeat record, for the consumers whose heartbeat is live."""
-    ids = sorted(_text(i) for i in store.smembers(keys.messaging_consumers))
+    ids = set_of(store, keys.messaging_consumers, "consumer")
     if not ids:
         return {}
     records = store.mget([keys.messaging_consumer(i) for i in ids])
-    live = {}
-    for consumer_id, raw in zip(ids, records, strict=True):
-        if raw is not None:
-            try:
-                live[consumer_id] = json.loads(raw)
-            except ValueError:
-                continue
-    return live
+    found = {i: raw for i, raw in zip(ids, records, strict=True) if raw is not None}
+    return read_records(found, "consumer", _consumer)
+
+
+def _consumer(name: str, raw: Any) -> dict[str, Any]:
+    record = json_object(name, raw)
+    check_types(record, {"queues": list, "prefetched": dict})
+    return record
+
+
+def _destination(name: str, raw: Any) -> dict[str, Any]:
+    record = json_object(name, raw)
+    if record.get("kind") not in ("queue", "topic"):
+        raise ValueError(f"kind {record.get('kind')!r} is neither 'queue' nor 'topic'")
+    if record["kind"] == "queue":
+        required(record, {"queue": str})
+    return record
+
+
+def _subscription(name: str, raw: Any) -> dict[str, Any]:
+    record = json_object(name, raw)
+    check_types(record, {"durable": (str, type(None)), "owner": (str, type(None))})
+    return record
 
 
 def queue_entries(backend: Backend, store: Any, keys: Keys) -> list[dict[str, Any]]:
-    destinations = {_text(k): json.loads(v) for k, v in store.hgetall(keys.messaging_destinations).items()}
+    destinations = read_records(hash_of(store, keys.messaging_destinations, "destination"), "destination", _destination)
     consumers = live_consumers(store, keys)
-    entries = []
-    for name in sorted(destinations):
-        record = destinations[name]
-        if record.get("kind") == "queue":
+
+    def entry_of(name: str, record: dict[str, Any]) -> dict[str, Any]:
+        if record["kind"] == "queue":
             queue = record["queue"]
             entry: dict[str, Any] = {"name": name, "kind": "queue", "broker": backend.kind, "queue": queue}
             entry.update(_queue_numbers(backend, store, keys, queue, consumers))
             entry["consumers"] = sum(1 for c in consumers.values() if queue in c.get("queues", ()))
-        else:
-            subscriptions = []
-            for queue, raw in sorted(store.hgetall(keys.messaging_subscriptions(name)).items()):
-                sub = json.loads(raw)
-                item = {"queue": _text(queue), "durable_name": sub.get("durable"), "owner": sub.get("owner")}
-                item.update(_queue_numbers(backend, store, keys, _text(queue), consumers))
-                subscriptions.append(item)
-            entry = {"name": name, "kind": "topic", "broker": backend.kind, "subscriptions": subscriptions,
-                     "consumers": sum(1 for c in consumers.values()
-                                      if any(s["queue"] in c.get("queues", ()) for s in subscriptions))}
-        entries.append(entry)
-    return entries
+            return entry
+        subscriptions = []
+        found = read_records(hash_of(store, keys.messaging_subscriptions(name), "subscription"), f"{name} subscription",
+                             _subscription)
+        for queue, sub in sorted(found.items()):
+            item = {"queue": queue, "durable_name": sub.get("durable"), "owner": sub.get("owner")}
+            item.update(_queue_numbers(backend, store, keys, queue, consumers))
+            subscriptions.append(item)
+        return {"name": name, "kind": "topic", "broker": backend.kind, "subscriptions": subscriptions,
+                "consumers": sum(1 for c in consumers.values()
+                                 if any(s["queue"] in c.get("queues", ()) for s in subscriptions))}
+
+    entries = read_records(destinations, "destination", entry_of)
+    return [entries[name] for name in sorted(entries)]
 
 
 def _queue_numbers(backend: Backend, store: Any, keys: Keys, queue: str,
@@ -68,7 +84,3 @@ def _queue_numbers(backend: Backend, store: Any, keys: Keys, queue: str,
     rejected = numbers.pop("rejected", 0)  # in the broker's own dead-letter queue: dead as well
     numbers["dead"] = int(store.hlen(keys.messaging_dead(queue))) + int(rejected or 0)
     return numbers
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

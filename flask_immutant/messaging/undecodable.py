@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
@@ -130,7 +130,7 @@ class GuardedConsumer(Consumer):
     def close(self) -> None:
         self.inner.close()
 
-    def __iter__(self) -> Iterator[MessageProxy | None]:
+    def __iter__(self) -> GuardedConsumer:
         return self
 
     def __next__(self) -> MessageProxy | None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from ..loops import Loop
 from .spec import JobSpec
 from .store import JobStore
 
@@ -47,47 +48,39 @@ class JobDriver:
         self.specs = specs
         self.keeper: LeaseKeeper | None = None
         self._holding = threading.Event()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._loop = Loop("scheduler", self._step, MAX_SLEEP)
+        self._stop = self._loop.stopping
         self._local_next: dict[str, float | None] = {}
         self._local_fired: dict[str, int] = {}
         self._pool = ThreadPoolExecutor(JOB_THREADS, thread_name_prefix="immutant-job")
-        self._thread = threading.Thread(target=self._run, name="immutant-scheduler", daemon=True)
 
     def start(self, leases: LeaseManager, lease_name: str) -> None:
         self.keeper = leases.keeper(lease_name, lambda fence: self._holding.set(), self._holding.clear)
-        self._thread.start()
+        self._loop.start()
 
     def changed(self) -> None:
         """Specs were added or removed here: look at the schedule now."""
-        self._wake.set()
+        self._loop.wake()
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
         if self.keeper is not None:
             self.keeper.stop(release=True)
-        self._thread.join(timeout=5)
+        self._loop.stop(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # --- loop ---
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            now = time.time()
-            next_wake = now + MAX_SLEEP
-            try:
-                if self._holding.is_set() and self.keeper is not None and self.keeper.valid():
-                    self._fire_singletons(now)
-                    upcoming = self.store.next_due()
-                    if upcoming is not None:
-                        next_wake = min(next_wake, upcoming)
-            except redis.RedisError as exc:
-                log.warning("scheduler: store error: %s", exc)
-            next_wake = min(next_wake, self._fire_local(now))
-            delay = next_wake - time.time()
-            if delay > 0 and self._wake.wait(delay):
-                self._wake.clear()
+    def _step(self) -> float:
+        """Fire what is due (singletons only while the lease is valid); the wait until the next due time."""
+        now = time.time()
+        next_wake = min(now + MAX_SLEEP, self._fire_local(now))
+        if self._holding.is_set() and self.keeper is not None and self.keeper.valid():
+            self._fire_singletons(now)
+            upcoming = self.store.next_due()
+            if upcoming is not None:
+                next_wake = min(next_wake, upcoming)
+        return next_wake - time.time()
 
     def _fire_singletons(self, now: float) -> None:
         for name, due in self.store.due(now):

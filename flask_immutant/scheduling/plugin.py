@@ -11,6 +11,7 @@ import redis
 from ..cli import echoed_as_json_or_empty, one_line_errors, state_and_store
 from ..cluster.lease import read_holder
 from ..hookspecs import hookimpl
+from ..records import decoded, read_records
 from ..settings import Setting, to_bool
 from .registry import registry
 from .store import JobStore
@@ -49,17 +50,16 @@ def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any]:
 
 def job_status(state: ImmutantState, store: redis.Redis) -> list[dict[str, Any]]:
     """Every stored singleton job of every app in the cluster, with its scheduler's holder."""
-    apps = sorted({
-        (key.decode() if isinstance(key, bytes) else key).split(":")[-2]
-        for key in store.scan_iter(match=state.keys.jobs_schedule("*"), count=200)
-    })
-    rows = []
-    for app in apps:
+    apps = sorted({key.split(":")[-2] for key in map(decoded, store.scan_iter(match=state.keys.jobs_schedule("*"),
+                                                                              count=200)) if key is not None})
+
+    def rows_of(app: str, _: Any) -> list[dict[str, Any]]:
         holder = read_holder(store, state.keys, f"scheduler:{app}")
-        for row in JobStore(store, state.keys, app).listing():
-            row["holder"] = holder.node if holder else None
-            rows.append(row)
-    return rows
+        rows = JobStore(store, state.keys, app).listing()
+        return [{**row, "holder": holder.node if holder else None} for row in rows]
+
+    by_app = read_records({app: None for app in apps}, "job schedule", rows_of)
+    return [row for app in apps for row in by_app.get(app, [])]
 
 
 def _when(epoch: float | None) -> str:

@@ -22,6 +22,7 @@ from rq_scheduler import Scheduler
 
 from .. import lua
 from ..keys import Keys
+from ..records import decoded, hash_of, read_records
 from .spec import JobSpec
 
 #: The function an RQ tool would see for our schedules; we fire by name from the app's registry.
@@ -100,7 +101,8 @@ class JobStore:
         entries: list[tuple[bytes, float]] = self.store.zrangebyscore(  # type: ignore[assignment]
             self.keys.jobs_schedule(self.app), "-inf", now, withscores=True
         )
-        return [(self.name_of(_text(job_id)), float(score)) for job_id, score in entries]
+        found = read_records(dict(entries), f"{self.app} schedule", lambda _name, score: float(score))
+        return sorted(((self.name_of(job_id), due) for job_id, due in found.items()), key=lambda item: item[1])
 
     def next_due(self) -> float | None:
         first = self.store.zrange(self.keys.jobs_schedule(self.app), 0, 0, withscores=True)
@@ -119,31 +121,31 @@ class JobStore:
         self.store.hset(self.keys.job_state(self.app, name), "last_error", error or "")
 
     def listing(self) -> list[dict[str, Any]]:
-        """Every stored job: spec, next due, last fire, fire count, last error."""
-        rows = []
-        schedule = dict(self.store.zrange(self.keys.jobs_schedule(self.app), 0, -1, withscores=True))  # type: ignore[arg-type]
-        for key in self.store.scan_iter(match=f"{self.keys.rq_job_prefix}{self.app}-*", count=200):
-            job_id = _text(key)[len(self.keys.rq_job_prefix):]
-            name = self.name_of(job_id)
-            spec = self.stored_spec(name)
-            if spec is None:
-                continue
-            state = {_text(k): _text(v) for k, v in self.store.hgetall(self.keys.job_state(self.app, name)).items()}
-            next_due = schedule.get(job_id.encode(), schedule.get(job_id))  # type: ignore[call-overload]
-            rows.append({
-                "app": self.app, "name": name, "spec": spec.describe(), "singleton": spec.singleton,
-                "next_fire": float(next_due) if next_due is not None else None,
-                "last_fire": float(state["last_due"]) if state.get("last_due") else None,
-                "last_node": state.get("last_node"), "fired": int(state.get("fired", 0)),
-                "last_error": state.get("last_error") or None,
-            })
-        return sorted(rows, key=lambda r: r["name"])
+        """Every stored job: spec, next due, last fire, fire count, last error (malformed ones
+        are skipped with a warning, see ``records.py``)."""
+        scored: Any = self.store.zrange(self.keys.jobs_schedule(self.app), 0, -1, withscores=True)
+        schedule = read_records(dict(scored), f"{self.app} schedule", lambda _name, score: float(score))
+        found = {key: key for key in self.store.scan_iter(match=f"{self.keys.rq_job_prefix}{self.app}-*", count=200)}
+        rows = read_records(found, "job", lambda key, _raw: self._row(key, schedule))
+        return sorted((row for row in rows.values() if row is not None), key=lambda r: r["name"])
+
+    def _row(self, key: str, schedule: dict[str, float]) -> dict[str, Any] | None:
+        job_id = key[len(self.keys.rq_job_prefix):]
+        name = self.name_of(job_id)
+        spec = self.stored_spec(name)
+        if spec is None:
+            return None
+        state: dict[str, Any] = read_records(hash_of(self.store, self.keys.job_state(self.app, name), "job state"),
+                                             f"job {name} state", lambda _field, value: decoded(value))
+        return {
+            "app": self.app, "name": name, "spec": spec.describe(), "singleton": spec.singleton,
+            "next_fire": schedule.get(job_id),
+            "last_fire": float(state["last_due"]) if state.get("last_due") else None,
+            "last_node": state.get("last_node"), "fired": int(state.get("fired") or 0),
+            "last_error": state.get("last_error") or None,
+        }
 
 
 def app_id(app: str) -> str:
     """An app's name as it appears in job ids and keys (``example_app.app`` -> ``example_app_app``)."""
     return re.sub(r"[^A-Za-z0-9_]", "_", app)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -27,6 +27,7 @@ import redis
 from ..cluster import Member, Membership, NodeIdentity
 from ..errors import NodeStartError
 from ..extension import ImmutantState
+from ..loops import Loop
 from ..store import EmbeddedStore, client_from_url, describe_url, store_url
 from .runtime import EXIT_APP_FAILED, set_parent_death_signal
 
@@ -154,32 +155,28 @@ class IdleResponder:
         self._answer = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nRetry-After: 1\r\n"
                         b"Connection: close\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         self._lingering: dict[socket.socket, float] = {}
-        self._thread = threading.Thread(target=self._run, name="immutant-idle-http", daemon=True)
+        self._loop = Loop("idle-http", self._step, 0.2, stop_event=stop)
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if self.served.is_set():
-                self._close_all()
-                self._stop.wait(0.2)
-                continue
-            try:
-                readable, _, _ = select.select([self.listener, *self._lingering], [], [], 0.2)
-            except (ValueError, OSError):
-                if self.listener.fileno() < 0:
-                    return  # the listener was closed: the node is stopping
-                self._close_all()  # past select()'s descriptor limit: start over
-                continue
-            for sock in readable:
-                if sock is self.listener:
-                    if not self._accept():
-                        return
-                else:
-                    self._drain(sock)
-            self._expire()
-        self._close_all()
+    def _step(self) -> float:
+        """Answer every waiting connection, drain the answered ones, expire the lingering."""
+        if self.served.is_set():
+            self._close_all()
+            return 0.2
+        try:
+            readable, _, _ = select.select([self.listener, *self._lingering], [], [], 0.2)
+        except (ValueError, OSError):
+            self._close_all()  # the listener was closed (the node is stopping) or past select()'s limit
+            return 0.2 if self.listener.fileno() < 0 else 0.0
+        for sock in readable:
+            if sock is self.listener:
+                self._accept()
+            else:
+                self._drain(sock)
+        self._expire()
+        return 0.0
 
     def _accept(self) -> bool:
         if self.served.is_set():
@@ -199,7 +196,8 @@ class IdleResponder:
             return True
         if len(self._lingering) >= IDLE_MAX_LINGERING:
             oldest = min(self._lingering, key=self._lingering.__getitem__)
-            self._lingering.pop(oldest).close()
+            del self._lingering[oldest]
+            oldest.close()
         self._lingering[conn] = time.monotonic() + IDLE_LINGER
         return True
 
@@ -217,7 +215,8 @@ class IdleResponder:
     def _expire(self) -> None:
         now = time.monotonic()
         for sock in [s for s, until in self._lingering.items() if until <= now]:
-            self._lingering.pop(sock).close()
+            del self._lingering[sock]
+            sock.close()
 
     def _close_all(self) -> None:
         for sock in list(self._lingering):

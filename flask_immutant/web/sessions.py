@@ -146,10 +146,13 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]
             pipe = self.client.pipeline(transaction=False)
             pipe.hgetall(store_id)
             pipe.pttl(store_id)
-            return pipe.execute()  # type: ignore[no-any-return]
+            return pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
 
         try:
             fields, remaining = self._call(read)
+            if isinstance(fields, redis.ResponseError):  # the key is not a hash: garbage, not a session
+                log.warning("session key %s is not a session (%s): starting a new session", store_id, fields)
+                fields = {}
             fields = fields or {}
         except SessionUnavailable as exc:
             log.info("session store unavailable (%s): %s %s gets a 503 if it uses its session",
