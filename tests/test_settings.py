@@ -77,6 +77,8 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("IMMUTANT_THREADS", 513, "an integer from 1 to 512"),
     ("IMMUTANT_THREADS", "many", "an integer from 1 to 512"),
     ("IMMUTANT_THREADS", False, "an integer from 1 to 512"),
+    ("IMMUTANT_LEASE_REPLICAS", -1, "an integer from 0 to 16"),
+    ("IMMUTANT_LEASE_REPLICAS", "two", "an integer from 0 to 16"),
     ("IMMUTANT_FAILURE_TIMEOUT", 0.4, "a number of seconds from 0.5 to 300"),
     ("IMMUTANT_FAILURE_TIMEOUT", 301, "a number of seconds from 0.5 to 300"),
     ("IMMUTANT_FAILURE_TIMEOUT", "soon", "a number of seconds from 0.5 to 300"),
@@ -315,6 +317,7 @@ CHANGED_EVERYWHERE: dict[str, Any] = {
     "IMMUTANT_PORT_OFFSET": 100,
     "IMMUTANT_THREADS": 3,
     "IMMUTANT_FAILURE_TIMEOUT": 1.25,
+    "IMMUTANT_LEASE_REPLICAS": 1,
     "IMMUTANT_SHUTDOWN_TIMEOUT": 4,
     "IMMUTANT_PLUGINS": ["a.b", "c.d:plugin"],
 }
