@@ -127,6 +127,7 @@ GOOD_VALUES: list[tuple[str, Any, Any]] = [
     ("IMMUTANT_THREADS", "512", 512),
     ("IMMUTANT_FAILURE_TIMEOUT", "1.5", 1.5),
     ("IMMUTANT_FAILURE_TIMEOUT", 1, 1.0),
+    ("IMMUTANT_LEASE_REPLICAS", "1", 1),
     ("IMMUTANT_SHUTDOWN_TIMEOUT", 600, 600.0),
     ("IMMUTANT_PLUGINS", "a.b, c.d:plugin", ("a.b", "c.d:plugin")),
     ("IMMUTANT_PLUGINS", ["a.b"], ("a.b",)),
