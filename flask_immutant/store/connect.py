@@ -56,7 +56,22 @@ def _sentinel_client(url: str, **options: Any) -> redis.Redis:
     if parts.scheme.startswith("rediss"):
         options["ssl"] = True
     sentinel = Sentinel(hosts, sentinel_kwargs={**auth, **_timeouts(options)}, **auth, **options)
-    return sentinel.master_for(service, db=db)
+    client = sentinel.master_for(service, db=db, redis_class=SentinelManagedRedis)
+    client.sentinel = sentinel
+    return client
+
+
+class SentinelManagedRedis(redis.Redis):
+    """A client of the primary a Sentinel names. redis-py's ``close()`` leaves the connections
+    to the Sentinels open (one per Sentinel asked); this one closes them too."""
+
+    sentinel: Sentinel | None = None
+
+    def close(self) -> None:
+        super().close()
+        if self.sentinel is not None:
+            for client in self.sentinel.sentinels:
+                close_quietly(client)
 
 
 def _timeouts(options: Mapping[str, Any]) -> dict[str, Any]:

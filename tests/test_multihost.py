@@ -1,0 +1,220 @@
+"""Scenarios on separate hosts (network namespaces), a Sentinel-managed store and partitions.
+
+Each test builds its own cluster (tests/multihost.py): three node hosts, a Redis primary, two
+replicas and three Sentinels, each on a host of its own, with the recommended store deployment
+of docs/guarantees.md. Figures are printed (``pytest -s``); bounds in assertions have slack.
+Needs root: skipped locally without it, failed under CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from multihost import (
+    DAEMON,
+    Cluster,
+    Publisher,
+    namespaces_unavailable,
+    overlap_seconds,
+    running_cluster,
+    tenures,
+)
+from support import pid_alive, wait_until
+
+pytestmark = pytest.mark.multihost
+
+
+@pytest.fixture(scope="module", autouse=True)
+def namespaces() -> None:
+    reason = namespaces_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"the multi-host tests need network namespaces: {reason}")
+    pytest.skip(f"the multi-host tests need network namespaces: {reason}")
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    with running_cluster() as made:
+        yield made
+
+
+def settled_holder(cluster: Cluster, timeout: float = 30.0) -> str:
+    """The host running the daemon, once its effects and the lease agree."""
+    def agreed() -> str | None:
+        acting = cluster.acting(since=time.time() - 0.3)
+        return acting if acting and acting == cluster.holder() else None
+
+    return wait_until(agreed, timeout=timeout, message="the daemon runs on one node")
+
+
+def takeover_after(cluster: Cluster, loser: str, since: float, timeout: float = 30.0) -> tuple[str, float]:
+    """The host that acted after ``loser`` stopped, and when it first did."""
+    def found() -> tuple[str, float] | None:
+        later = [e for e in cluster.effects() if e[1] > since and e[2] != loser]
+        return (later[0][2], later[0][1]) if later else None
+
+    return wait_until(found, timeout=timeout, message=f"another node takes the daemon from {loser}")
+
+
+def assert_no_acknowledged_message_lost(cluster: Cluster, publisher: Publisher, timeout: float = 30.0) -> Counter[int]:
+    acknowledged = {n for n, _ in publisher.acknowledged}
+    wait_until(lambda: acknowledged <= set(cluster.received()), timeout=timeout,
+               message=f"acknowledged messages handled; missing: {sorted(acknowledged - set(cluster.received()))[:20]}")
+    counts = Counter(cluster.received())
+    duplicates = sum(c - 1 for c in counts.values() if c > 1)
+    print(f"messages: {len(acknowledged)} acknowledged, {publisher.failed} refused, 0 lost, {duplicates} duplicated")
+    return counts
+
+
+def assert_never_two_holders(cluster: Cluster) -> None:
+    effects = cluster.effects()
+    overlap = overlap_seconds(effects)
+    print("tenures: " + ", ".join(f"{t.host}#{t.fence % 100000} {t.last - t.first:.1f}s" for t in tenures(effects)))
+    print(f"singleton overlap: {overlap:.3f} s")
+    assert overlap == 0.0
+
+
+def test_sigkill_of_the_daemons_node_fails_over_and_loses_no_message(cluster):
+    # Given the daemon on one node and a client publishing
+    loser = settled_holder(cluster)
+    publisher = Publisher(cluster.env).start()
+    try:
+        time.sleep(1.0)
+        # When that node's host loses its node process to SIGKILL
+        killed = time.time()
+        cluster.nodes[loser].signal(signal.SIGKILL)
+        # Then another node runs the daemon within a few seconds
+        winner, first = takeover_after(cluster, loser, killed)
+        failover = first - killed
+        print(f"failover after SIGKILL: {failover:.3f} s ({loser} -> {winner})")
+        assert failover < 2.5 * 2
+        time.sleep(1.0)
+    finally:
+        publisher.stop()
+    # And no acknowledged message was lost, and the holders never overlapped
+    assert_no_acknowledged_message_lost(cluster, publisher)
+    assert_never_two_holders(cluster)
+
+
+def test_sigterm_of_the_daemons_deployed_node_hands_over_at_once_after_its_stop_function(cluster):
+    # Given the daemon on a node that got the app through `deploy`
+    loser = settled_holder(cluster)
+    # When that node is stopped gracefully
+    stopped = time.time()
+    cluster.nodes[loser].signal(signal.SIGTERM)
+    # Then another node takes over at once, and the daemon's stop function ran on the old one
+    winner, first = takeover_after(cluster, loser, stopped)
+    handover = first - stopped
+    print(f"handover after SIGTERM: {handover:.3f} s ({loser} -> {winner}), stop function ran: "
+          f"{bool(cluster.stopped(loser))}")
+    assert cluster.stopped(loser), "the daemon's stop function did not run"
+    assert handover < 0.3 * 3
+    assert cluster.nodes[loser].wait(30) == 0
+    assert_never_two_holders(cluster)
+
+
+def test_sigkill_of_the_primary_promotes_a_replica_and_the_cluster_carries_on(cluster):
+    # Given the daemon on one node, a client publishing and the first Redis server as primary
+    holder = settled_holder(cluster)
+    old = cluster.store.primary()
+    assert old is not None
+    pids = {name: node.pid for name, node in cluster.nodes.items()}
+    publisher = Publisher(cluster.env).start()
+    try:
+        time.sleep(1.0)
+        # When the primary is killed
+        killed = time.time()
+        cluster.store.kill(old.name)
+        # Then Sentinel promotes a replica
+        new = wait_until(lambda: (p := cluster.store.primary()) is not None and p != old and p, timeout=30,
+                         message="Sentinel promotes a replica")
+        promoted = time.time()
+        # And messages published after the promotion flow to the consumers soon after
+        flowing = wait_until(lambda: next((t for n, t in publisher.acknowledged if t > promoted
+                                           and n in set(cluster.received())), None), timeout=30,
+                             message="a message published after the promotion is handled")
+        # And the daemon runs on exactly one node afterwards
+        after = settled_holder(cluster)
+        gap = [e for e in cluster.effects() if e[1] > killed]
+        print(f"primary {old.name} killed; {new.name} promoted after {promoted - killed:.2f} s; "
+              f"consumers flowing {flowing - promoted:.2f} s after promotion (message handled); daemon "
+              f"{holder} -> {after}, first effect {gap[0][1] - killed:.2f} s after the kill")
+        time.sleep(1.0)
+    finally:
+        publisher.stop()
+    # And no acknowledged message was lost, the holders never overlapped, and no node restarted
+    assert_no_acknowledged_message_lost(cluster, publisher)
+    assert_never_two_holders(cluster)
+    assert all(pid_alive(pid) for pid in pids.values())
+    assert {name: node.pid for name, node in cluster.nodes.items()} == pids
+
+
+def test_a_node_cut_off_stops_its_singleton_before_another_starts_it_and_rejoins_after(cluster):
+    # Given the daemon on one node
+    loser = settled_holder(cluster)
+    pid = cluster.nodes[loser].pid
+    # When that node's host is cut off from everything for longer than the failure timeout
+    cut = time.time()
+    cluster.network.cut(cluster.hosts[loser])
+    try:
+        winner, first = takeover_after(cluster, loser, cut)
+        time.sleep(cluster.failure_timeout * 2)
+        last_on_loser = max(at for _, at, host in cluster.effects() if host == loser)
+        print(f"cut off {loser}: its daemon's last effect {last_on_loser - cut:.2f} s after the cut, "
+              f"{winner}'s first {first - cut:.2f} s after it")
+        # Then it stopped its singleton before anyone else started it
+        assert last_on_loser < first
+    finally:
+        cluster.network.heal(cluster.hosts[loser])
+    healed = time.time()
+    # And it rejoins with no restart: the same process is a live member again
+    wait_until(lambda: loser in live_member_names(cluster), timeout=30, message=f"{loser} rejoins")
+    print(f"{loser} live again {time.time() - healed:.2f} s after the heal")
+    assert cluster.nodes[loser].pid == pid and pid_alive(pid)
+    assert_never_two_holders(cluster)
+
+
+def live_member_names(cluster: Cluster) -> set[str]:
+    from flask_immutant.cluster.membership import live_members
+
+    try:
+        return {m.name for m in live_members(cluster.client, cluster.keys, cluster.failure_timeout)}
+    except Exception:
+        return set()
+
+
+def test_split_brain_of_the_primary_and_the_holder_never_gives_two_acting_holders(cluster):
+    # Given the daemon on one node, and the primary
+    loser = settled_holder(cluster)
+    old = cluster.store.primary()
+    assert old is not None
+    # When the primary and the holder's host are cut off together from everything else
+    cut = time.time()
+    cluster.network.island(old, cluster.hosts[loser])
+    try:
+        # Then the majority promotes a replica and another node takes the daemon
+        winner, first = takeover_after(cluster, loser, cut, timeout=45)
+        time.sleep(cluster.failure_timeout * 2)
+        last_on_loser = max(at for _, at, host in cluster.effects() if host == loser)
+        print(f"split brain ({old.name} + {loser}): {loser}'s last effect {last_on_loser - cut:.2f} s after "
+              f"the cut, {winner}'s first {first - cut:.2f} s after it")
+    finally:
+        cluster.network.heal(old, cluster.hosts[loser])
+    # And after the heal the old primary follows the new one, and the holders never overlapped
+    wait_until(lambda: cluster.store.primary() not in (None, old), timeout=30, message="one primary")
+    time.sleep(cluster.failure_timeout * 2)
+    settled_holder(cluster)
+    assert_never_two_holders(cluster)
+
+
+def failover_times(values: list[float]) -> str:
+    return f"median {statistics.median(values):.2f} s, max {max(values):.2f} s" if values else "none"
