@@ -249,6 +249,26 @@ class SentinelStore:
         wait_until(lambda: self.replicas_of(first) == 2, timeout=20, message="two replicas attached")
         wait_until(lambda: self.primary() == first, timeout=20, message="Sentinels agree on the primary")
 
+    def wait_ready(self) -> None:
+        wait_until(self.sentinels_ready, timeout=60, message="every Sentinel knows both replicas and the others")
+
+    def sentinels_ready(self) -> bool:
+        """Every Sentinel is connected to both replicas and knows the other Sentinels: only then
+        can any of them lead a failover that also moves the other replica to the new primary."""
+        for sentinel in self.sentinels.values():
+            client = redis.Redis(host=sentinel.ip, port=26379, socket_timeout=1, socket_connect_timeout=1)
+            try:
+                replicas = client.execute_command("SENTINEL", "replicas", SERVICE)
+                others = client.execute_command("SENTINEL", "sentinels", SERVICE)
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+            healthy = [r for r in replicas if _flags(r) == {"slave"}]
+            if len(healthy) != 2 or len(others) != 2:
+                return False
+        return True
+
     def start_server(self, name: str, replica_of: Host | None) -> None:
         host = self.servers[name]
         extra = ["--replicaof", replica_of.ip, "6379"] if replica_of else []
@@ -291,6 +311,12 @@ class SentinelStore:
         return next((h for h in self.servers.values() if h.ip == address), None)
 
 
+def _flags(reply: Any) -> set[str]:
+    """The ``flags`` of one ``SENTINEL replicas`` entry (redis-py parses it into a dict)."""
+    raw = (reply.get(b"flags") or reply.get("flags") or "") if isinstance(reply, dict) else ""
+    return set((raw.decode() if isinstance(raw, bytes) else str(raw)).split(","))
+
+
 def redis_server() -> str:
     found = shutil.which("redis-server") or "/usr/bin/redis-server"
     assert os.path.exists(found), "redis-server is not installed (apt-get install redis-server)"
@@ -326,6 +352,7 @@ class Cluster:
         self.store.start()
         for name in self.hosts:
             self.start_node(name)
+        self.store.wait_ready()
         for name in self.hosts:
             self.nodes[name].wait_for(r"node \S+ joined cluster", timeout=60)
 

@@ -16,9 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-
 from multihost import (
-    DAEMON,
     Cluster,
     Publisher,
     namespaces_unavailable,
@@ -26,6 +24,7 @@ from multihost import (
     running_cluster,
     tenures,
 )
+
 from support import pid_alive, wait_until
 
 pytestmark = pytest.mark.multihost
