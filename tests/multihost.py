@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,7 +328,8 @@ class Cluster:
 
     def __init__(self, network: Network, nodes: int = 3, failure_timeout: float = 2.0,
                  lease_replicas: int = RECOMMENDED_LEASE_REPLICAS, redis_args: Iterable[str] = RECOMMENDED_REDIS,
-                 ) -> None:
+                 node_args: Callable[[Host], Sequence[str]] | None = None) -> None:
+        self.node_args = node_args
         self.folder = folder = network.folder
         self.network = network
         self.store = SentinelStore(self.network, redis_args)
@@ -358,6 +359,7 @@ class Cluster:
 
     def start_node(self, name: str, *args: str) -> NodeProcess:
         host = self.hosts[name]
+        args = (*(self.node_args(host) if self.node_args else ()), *args)
         home = host.folder / "home"
         env = {**self.env, "IMMUTANT_HOME": str(home), "MH_AUDIT": str(host.audit)}
         if not any(a.startswith("--host") for a in args):

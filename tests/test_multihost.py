@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import statistics
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 from multihost import (
     Cluster,
+    Host,
     Publisher,
     namespaces_unavailable,
     overlap_seconds,
@@ -138,15 +138,16 @@ def test_sigkill_of_the_primary_promotes_a_replica_and_the_cluster_carries_on(cl
                          message="Sentinel promotes a replica")
         promoted = time.time()
         # And messages published after the promotion flow to the consumers soon after
-        flowing = wait_until(lambda: next((t for n, t in publisher.acknowledged if t > promoted
-                                           and n in set(cluster.received())), None), timeout=30,
-                             message="a message published after the promotion is handled")
+        wait_until(lambda: any(t > promoted and n in set(cluster.received()) for n, t in publisher.acknowledged),
+                   timeout=30, message="a message published after the promotion is handled")
+        flowing = time.time() - promoted
         # And the daemon runs on exactly one node afterwards
         after = settled_holder(cluster)
-        gap = [e for e in cluster.effects() if e[1] > killed]
-        print(f"primary {old.name} killed; {new.name} promoted after {promoted - killed:.2f} s; "
-              f"consumers flowing {flowing - promoted:.2f} s after promotion (message handled); daemon "
-              f"{holder} -> {after}, first effect {gap[0][1] - killed:.2f} s after the kill")
+        times = [at for _, at, _ in cluster.effects() if at > killed - 1]
+        pause = max((b - a for a, b in zip(times, times[1:])), default=0.0)
+        print(f"primary {old.name} killed; {new.name} promoted after {promoted - killed:.2f} s; a message "
+              f"published after the promotion handled within {flowing:.2f} s; daemon {holder} -> {after}, "
+              f"longest pause of its effects {pause:.2f} s")
         time.sleep(1.0)
     finally:
         publisher.stop()
@@ -215,5 +216,54 @@ def test_split_brain_of_the_primary_and_the_holder_never_gives_two_acting_holder
     assert_never_two_holders(cluster)
 
 
-def failover_times(values: list[float]) -> str:
-    return f"median {statistics.median(values):.2f} s, max {max(values):.2f} s" if values else "none"
+def test_haproxy_through_the_reconciler_spreads_requests_and_sticky_sessions_survive_a_node_kill(tmp_path):
+    import requests
+    from balancer_support import running_haproxy, start_reconciler
+
+    # Given three hosts that bind every address and advertise their own, HAProxy on the test's
+    # host, and the reconciler adding the nodes to it
+    def advertise(host: Host) -> tuple[str, ...]:
+        return ("--host", "0.0.0.0", "--advertise-host", host.ip)
+
+    with running_cluster(node_args=advertise) as cluster, \
+            running_haproxy(tmp_path, ["/"], cluster.keys.cluster) as haproxy:
+        reconciler = start_reconciler(cluster.env, tmp_path, haproxy.socket)
+        try:
+            def nodes_answering() -> set[str]:
+                seen = set()
+                for _ in range(12):
+                    try:
+                        seen.add(requests.get(haproxy.url + "/", timeout=5).json()["node"])
+                    except (requests.RequestException, ValueError):
+                        pass
+                return seen if len(seen) == 3 else set()
+
+            wait_until(nodes_answering, timeout=60, message="HAProxy reaches all three nodes")
+            # When clients without a session send requests, they spread over the nodes
+            spread = Counter(requests.get(haproxy.url + "/", timeout=5).json()["node"] for _ in range(30))
+            print(f"30 requests through HAProxy: {dict(sorted(spread.items()))}")
+            assert len(spread) == 3
+            # And a browser session sticks to one node
+            browser = requests.Session()
+            served = [browser.get(haproxy.url + "/", timeout=5).json() for _ in range(5)]
+            sticky = {s["node"] for s in served}
+            assert len(sticky) == 1 and [s["visits"] for s in served] == [1, 2, 3, 4, 5]
+            # When that node is killed, the session carries on on another node with its data
+            (dead,) = sticky
+            killed = time.time()
+            cluster.nodes[dead].signal(signal.SIGKILL)
+
+            def served_elsewhere() -> dict[str, object] | None:
+                try:
+                    answer = browser.get(haproxy.url + "/", timeout=5)
+                    return answer.json() if answer.status_code == 200 else None  # type: ignore[no-any-return]
+                except (requests.RequestException, ValueError):
+                    return None
+
+            after = wait_until(served_elsewhere, timeout=30, message="the session is served after the kill")
+            print(f"session moved {dead} -> {after['node']} {time.time() - killed:.2f} s after the kill, "
+                  f"visits {after['visits']}")
+            assert after["node"] != dead and after["visits"] == 6
+            browser.close()
+        finally:
+            reconciler.cleanup()
