@@ -8,6 +8,7 @@ Needs root: skipped locally without it, failed under CI=true.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -144,7 +145,7 @@ def test_sigkill_of_the_primary_promotes_a_replica_and_the_cluster_carries_on(cl
         # And the daemon runs on exactly one node afterwards
         after = settled_holder(cluster)
         times = [at for _, at, _ in cluster.effects() if at > killed - 1]
-        pause = max((b - a for a, b in zip(times, times[1:])), default=0.0)
+        pause = max((b - a for a, b in itertools.pairwise(times)), default=0.0)
         print(f"primary {old.name} killed; {new.name} promoted after {promoted - killed:.2f} s; a message "
               f"published after the promotion handled within {flowing:.2f} s; daemon {holder} -> {after}, "
               f"longest pause of its effects {pause:.2f} s")
