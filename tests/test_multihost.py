@@ -194,27 +194,42 @@ def live_member_names(cluster: Cluster) -> set[str]:
 
 
 def test_split_brain_of_the_primary_and_the_holder_never_gives_two_acting_holders(cluster):
-    # Given the daemon on one node, and the primary
+    # Given the daemon on one node, the primary, and a client publishing from the majority's side
     loser = settled_holder(cluster)
     old = cluster.store.primary()
     assert old is not None
-    # When the primary and the holder's host are cut off together from everything else
-    cut = time.time()
-    cluster.network.island(old, cluster.hosts[loser])
+    publisher = Publisher(cluster.env).start()
     try:
-        # Then the majority promotes a replica and another node takes the daemon
-        winner, first = takeover_after(cluster, loser, cut, timeout=45)
+        time.sleep(1.0)
+        # When the primary and the holder's host are cut off together from everything else
+        cut = time.time()
+        cluster.network.island(old, cluster.hosts[loser])
+        try:
+            # Then the majority promotes a replica and another node takes the daemon
+            new = wait_until(lambda: (p := cluster.store.primary()) not in (None, old) and p, timeout=30,
+                             message="the majority's Sentinels promote a replica")
+            promoted = time.time()
+            winner, first = takeover_after(cluster, loser, cut, timeout=45)
+            wait_until(lambda: any(t > promoted and n in set(cluster.received()) for n, t in publisher.acknowledged),
+                       timeout=60, message="a message published after the promotion is handled")
+            flowing = time.time() - promoted
+            time.sleep(cluster.failure_timeout * 2)
+            last_on_loser = max(at for _, at, host in cluster.effects() if host == loser)
+            print(f"split brain ({old.name} + {loser}): {new.name} promoted {promoted - cut:.2f} s after the cut; "
+                  f"{loser}'s last effect {last_on_loser - cut:.2f} s after the cut, {winner}'s first "
+                  f"{first - cut:.2f} s after it; a message published after the promotion handled within "
+                  f"{flowing:.2f} s")
+        finally:
+            cluster.network.heal(old, cluster.hosts[loser])
+        # And after the heal the old primary follows the new one
+        wait_until(lambda: cluster.store.primary() not in (None, old), timeout=30, message="one primary")
         time.sleep(cluster.failure_timeout * 2)
-        last_on_loser = max(at for _, at, host in cluster.effects() if host == loser)
-        print(f"split brain ({old.name} + {loser}): {loser}'s last effect {last_on_loser - cut:.2f} s after "
-              f"the cut, {winner}'s first {first - cut:.2f} s after it")
+        settled_holder(cluster)
     finally:
-        cluster.network.heal(old, cluster.hosts[loser])
-    # And after the heal the old primary follows the new one, and the holders never overlapped
-    wait_until(lambda: cluster.store.primary() not in (None, old), timeout=30, message="one primary")
-    time.sleep(cluster.failure_timeout * 2)
-    settled_holder(cluster)
+        publisher.stop()
+    # And the holders never overlapped, and no acknowledged message was lost
     assert_never_two_holders(cluster)
+    assert_no_acknowledged_message_lost(cluster, publisher)
 
 
 def test_haproxy_through_the_reconciler_spreads_requests_and_sticky_sessions_survive_a_node_kill(tmp_path):
