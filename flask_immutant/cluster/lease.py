@@ -98,6 +98,7 @@ class LeaseKeeper:
         self._owner = ""
         self._deadline = 0.0
         self._pause_until = 0.0
+        self._unconfirmed = False  # the last acquisition went unconfirmed (warn once per streak)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"immutant-lease-{name}", daemon=True)
@@ -168,10 +169,13 @@ class LeaseKeeper:
         if fence is None:
             return
         if not confirmed:
-            log.warning("lease %s: acquisition not confirmed by %d replica(s); not acting on it",
-                        self.name, m.replicas)
+            (log.debug if self._unconfirmed else log.warning)(
+                "lease %s: acquisition not confirmed by %d replica(s) (IMMUTANT_LEASE_REPLICAS); not acting "
+                "on it", self.name, m.replicas)
+            self._unconfirmed = True
             m.release(self.name, owner)
             return
+        self._unconfirmed = False
         self._owner, self.fence, self.held_since = owner, int(fence), time.time()
         self._deadline = sent + m.ttl * (1 - SAFETY_MARGIN)
         log.info("lease %s acquired by %s (fencing token %d)", self.name, m.node, self.fence)
