@@ -191,10 +191,13 @@ def main() -> None:
         publisher = Publisher(cluster.env).start()
         chaos = Chaos(cluster, publisher, rng)
         deadline = time.monotonic() + args.seconds
+        faults: list[str] = []
         try:
             while time.monotonic() < deadline:
+                if not faults:  # every kind of fault once per round, in a random order
+                    faults = rng.sample(FAULTS, len(FAULTS))
                 time.sleep(rng.uniform(2, 5))
-                chaos.run(rng.choice(FAULTS))
+                chaos.run(faults.pop())
             time.sleep(3)
         finally:
             publisher.stop()
