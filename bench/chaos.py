@@ -16,6 +16,7 @@ Targets: 0 lost, 0 overlap. ``--lease-replicas 0`` shows what the WAIT confirmat
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import signal
 import statistics
@@ -100,12 +101,13 @@ class Chaos:
         pause = self.cluster.failure_timeout * self.rng.uniform(1.5, 3)
         print(f"  SIGSTOP node {victim}{' (holder)' if victim == holder else ''} for {pause:.1f} s")
         at = time.time()
-        self.cluster.nodes[victim].signal(signal.SIGSTOP)
+        group = self.cluster.nodes[victim].pid  # the node and its app runtimes: the whole host stalls
+        os.killpg(group, signal.SIGSTOP)
         try:
             self.measure_failover(victim if victim == holder else None, at, timeout=pause + 10)
             time.sleep(max(0.0, at + pause - time.time()))
         finally:
-            self.cluster.nodes[victim].signal(signal.SIGCONT)
+            os.killpg(group, signal.SIGCONT)
 
     def kill_primary(self) -> None:
         store = self.cluster.store
