@@ -33,6 +33,7 @@ from multihost import (
     namespaces_unavailable,
     overlap_seconds,
     running_cluster,
+    stale_effects,
     tenures,
 )
 
@@ -216,7 +217,9 @@ def main() -> None:
               f"failure timeout {args.failure_timeout:g} s, IMMUTANT_LEASE_REPLICAS={args.lease_replicas}")
         print(f"messages: {len(acknowledged)} acknowledged, {publisher.failed} refused while the store was "
               f"away, {len(lost)} lost{' ' + str(lost[:20]) if lost else ''}, {duplicated} duplicated")
-        print(f"singleton: {len(tenures(effects))} tenures, overlap {overlap_seconds(effects):.3f} s (target 0)")
+        print(f"singleton: {len(tenures(effects))} tenures, overlap {overlap_seconds(effects):.3f} s (target 0), "
+              f"{stale_effects(effects)} stale effects (older fencing token after a newer one acted: a receiver "
+              "checking tokens rejects them)")
         print(f"daemon failover after a fault on its node: {summary(chaos.failovers)}")
         promotions = [p for p, _ in chaos.store_recoveries]
         flowing = [f for _, f in chaos.store_recoveries]

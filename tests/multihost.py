@@ -448,14 +448,46 @@ def tenures(effects: list[tuple[int, float, str]]) -> list[Tenure]:
     return sorted(by_fence.values(), key=lambda t: t.first)
 
 
+#: Effects come every 20 ms; a longer silence ends a span of acting (the holder was stopped or frozen).
+SPAN_GAP = 0.25
+
+
+def spans(effects: list[tuple[int, float, str]]) -> list[tuple[float, float, int]]:
+    """Intervals of continuous acting, (start, end, fencing token), in start order."""
+    found: list[tuple[float, float, int]] = []
+    open_spans: dict[int, list[float]] = {}
+    for fence, at, _host in effects:
+        span = open_spans.get(fence)
+        if span is not None and at - span[1] <= SPAN_GAP:
+            span[1] = at
+            continue
+        if span is not None:
+            found.append((span[0], span[1], fence))
+        open_spans[fence] = [at, at]
+    found += [(start, end, fence) for fence, (start, end) in open_spans.items()]
+    return sorted(found)
+
+
 def overlap_seconds(effects: list[tuple[int, float, str]]) -> float:
     """Total time during which two fencing tokens both acted (0 when holders never overlap)."""
-    total, reach = 0.0, float("-inf")
-    for tenure in tenures(effects):
-        if tenure.first < reach:
-            total += min(reach, tenure.last) - tenure.first
-        reach = max(reach, tenure.last)
+    total, reach, reach_fence = 0.0, float("-inf"), None
+    for start, end, fence in spans(effects):
+        if start < reach and fence != reach_fence:
+            total += min(reach, end) - start
+        if end > reach:
+            reach, reach_fence = end, fence
     return total
+
+
+def stale_effects(effects: list[tuple[int, float, str]]) -> int:
+    """Effects made with a fencing token lower than one that already acted: what a receiver that
+    checks tokens rejects (a holder frozen between its validity check and its write makes one)."""
+    highest, stale = 0, 0
+    for fence, _at, _host in effects:
+        if fence < highest:
+            stale += 1
+        highest = max(highest, fence)
+    return stale
 
 
 class Publisher:

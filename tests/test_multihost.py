@@ -23,6 +23,7 @@ from multihost import (
     namespaces_unavailable,
     overlap_seconds,
     running_cluster,
+    stale_effects,
     tenures,
 )
 
@@ -79,8 +80,9 @@ def assert_never_two_holders(cluster: Cluster) -> None:
     effects = cluster.effects()
     overlap = overlap_seconds(effects)
     print("tenures: " + ", ".join(f"{t.host}#{t.fence % 100000} {t.last - t.first:.1f}s" for t in tenures(effects)))
-    print(f"singleton overlap: {overlap:.3f} s")
-    assert overlap == 0.0
+    stale = stale_effects(effects)
+    print(f"singleton overlap: {overlap:.3f} s, stale effects: {stale}")
+    assert overlap == 0.0 and stale == 0
 
 
 def test_sigkill_of_the_daemons_node_fails_over_and_loses_no_message(cluster):
