@@ -211,6 +211,10 @@ def test_a_holder_whose_renewals_no_replica_confirms_stops_before_its_lease_can_
         contender = manager.keeper("other", b.on_acquired, b.on_lost)
         time.sleep(TTL)
         assert not contender.held and not b.acquired
+        # When the replica confirms again, the contender acquires and acts
+        os.kill(replica.pid, signal.SIGCONT)
+        wait_until(lambda: contender.held and contender.valid(), timeout=TTL * 4)
+        assert b.acquired
     finally:
         os.kill(replica.pid, signal.SIGCONT)
         manager.close()

@@ -98,7 +98,7 @@ class LeaseKeeper:
         self._owner = ""
         self._deadline = 0.0
         self._pause_until = 0.0
-        self._unconfirmed = False  # the last acquisition went unconfirmed (warn once per streak)
+        self._unconfirmed_owner = ""  # owner token of an acquisition no replica confirmed yet
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"immutant-lease-{name}", daemon=True)
@@ -127,6 +127,8 @@ class LeaseKeeper:
         self._thread.join(timeout=self.manager.ttl * 4)
         if self.fence is not None:
             self._lose(release=release)
+        elif self._unconfirmed_owner:
+            self.manager.release(self.name, self._unconfirmed_owner)
 
     def wake(self) -> None:
         self._wake.set()
@@ -157,7 +159,9 @@ class LeaseKeeper:
 
     def _try_acquire(self) -> None:
         m = self.manager
-        owner = f"{m.node}|{os.getpid()}|{uuid.uuid4().hex}"
+        # An unconfirmed acquisition keeps its owner token: the next try renews that key (the
+        # script returns the same fence) instead of waiting for it to expire.
+        owner = self._unconfirmed_owner or f"{m.node}|{os.getpid()}|{uuid.uuid4().hex}"
         info = json.dumps({"node": m.node, "pid": os.getpid(), "since": time.time()})
         sent = time.monotonic()
         try:
@@ -167,15 +171,16 @@ class LeaseKeeper:
             log.debug("lease %s: acquire failed: %s", self.name, exc)
             return
         if fence is None:
+            self._unconfirmed_owner = ""
             return
         if not confirmed:
-            (log.debug if self._unconfirmed else log.warning)(
+            # Not released: a release wakes every contender, and none could be confirmed either.
+            (log.debug if self._unconfirmed_owner else log.warning)(
                 "lease %s: acquisition not confirmed by %d replica(s) (IMMUTANT_LEASE_REPLICAS); not acting "
                 "on it", self.name, m.replicas)
-            self._unconfirmed = True
-            m.release(self.name, owner)
+            self._unconfirmed_owner = owner
             return
-        self._unconfirmed = False
+        self._unconfirmed_owner = ""
         self._owner, self.fence, self.held_since = owner, int(fence), time.time()
         self._deadline = sent + m.ttl * (1 - SAFETY_MARGIN)
         log.info("lease %s acquired by %s (fencing token %d)", self.name, m.node, self.fence)
