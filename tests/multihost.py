@@ -160,19 +160,23 @@ class Network:
         self.island_bridge = f"imi{self.run_id}"
         self.hosts: dict[str, Host] = {}
         self._made: list[str] = []
-        for bridge in (self.bridge, self.island_bridge):
-            ip("link", "add", bridge, "type", "bridge")
-            self._made.append(bridge)
-            ip("link", "set", bridge, "up")
-        ip("addr", "add", f"{self.prefix}.1/24", "dev", self.bridge)
+        try:
+            for bridge in (self.bridge, self.island_bridge):
+                ip("link", "add", bridge, "type", "bridge")
+                self._made.append(bridge)
+                ip("link", "set", bridge, "up")
+            ip("addr", "add", f"{self.prefix}.1/24", "dev", self.bridge)
+        except BaseException:
+            self.close()
+            raise
 
     def add(self, name: str) -> Host:
         index = len(self.hosts) + 2
         host = Host(name, f"imt-{self.run_id}-{name}", f"{self.prefix}.{index}", f"imv{self.run_id}{index:02d}",
                     self.folder / "hosts" / name)
         (host.audit).mkdir(parents=True)
+        self.hosts[name] = host  # before it exists, so close() removes it whatever fails next
         ip("netns", "add", host.namespace)
-        self.hosts[name] = host
         peer = f"imp{self.run_id}{index:02d}"
         ip("link", "add", host.veth, "type", "veth", "peer", "name", peer)
         self._made.append(host.veth)

@@ -61,7 +61,7 @@ def _sentinel_client(url: str, **options: Any) -> redis.Redis:
         options["ssl"] = True
     sentinel = Sentinel(hosts, sentinel_kwargs={**auth, **_timeouts(options)}, **auth, **options)
     client = sentinel.master_for(service, db=db, redis_class=SentinelManagedRedis)
-    client.sentinel = sentinel
+    client.sentinel_manager = sentinel
     return client
 
 
@@ -69,12 +69,12 @@ class SentinelManagedRedis(redis.Redis):
     """A client of the primary a Sentinel names. redis-py's ``close()`` leaves the connections
     to the Sentinels open (one per Sentinel asked); this one closes them too."""
 
-    sentinel: Sentinel | None = None
+    sentinel_manager: Sentinel | None = None
 
     def close(self) -> None:
         super().close()
-        if self.sentinel is not None:
-            for client in self.sentinel.sentinels:
+        if self.sentinel_manager is not None:
+            for client in self.sentinel_manager.sentinels:
                 close_quietly(client)
 
 
