@@ -322,9 +322,10 @@ def _flags(reply: Any) -> set[str]:
 
 
 def redis_server() -> str:
-    found = shutil.which("redis-server") or "/usr/bin/redis-server"
-    assert os.path.exists(found), "redis-server is not installed (apt-get install redis-server)"
-    return found
+    """The system's redis-server (Sentinel included), else the one the embedded store ships."""
+    from flask_immutant.store.embedded import redis_server_binary
+
+    return shutil.which("redis-server") or redis_server_binary()
 
 
 class Cluster:
