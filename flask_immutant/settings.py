@@ -234,6 +234,9 @@ CORE_SETTINGS: tuple[Setting, ...] = (
     Setting("IMMUTANT_FAILURE_TIMEOUT", 2.0, float_range(0.5, 300), "Seconds without a heartbeat "
             "after which a node is taken for dead; heartbeats go every quarter of it.",
             "seconds", env=True),
+    Setting("IMMUTANT_LEASE_REPLICAS", 0, int_range(0, 16), "Replicas that must confirm (Redis WAIT) "
+            "every lease acquisition and renewal before its holder acts: 0 for a single store, 1 for "
+            "Sentinel with two replicas (docs/guarantees.md).", "int", env=True),
     Setting("IMMUTANT_SHUTDOWN_TIMEOUT", 10.0, float_range(0.5, 600), "Seconds a graceful stop "
             "waits for app runtimes before killing them.", "seconds", env=True),
     Setting("IMMUTANT_PLUGINS", (), import_paths, "Extra plugin modules to load, by import path.",

@@ -78,12 +78,14 @@ def children_of(pid: int) -> list[int]:
 
 
 class NodeProcess:
-    """A ``flask immutant ...`` subprocess whose output is collected line by line."""
+    """A ``flask immutant ...`` subprocess whose output is collected line by line; ``prefix``
+    runs it through a wrapper that execs it (``ip netns exec NS``), so the pid is still flask's."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str], cwd: str | Path | None = None) -> None:
+    def __init__(self, args: Sequence[str], env: dict[str, str], cwd: str | Path | None = None,
+                 prefix: Sequence[str] = ()) -> None:
         self.args = list(args)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flask", *args],
+            [*prefix, sys.executable, "-m", "flask", *args],
             env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             text=True, bufsize=1, start_new_session=True,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -131,3 +132,89 @@ def test_step_aside_lets_another_contender_in(managers):
     keeper_a.step_aside(30)
     wait_until(lambda: keeper_b.held, timeout=2)
     assert not keeper_a.held and a.lost
+
+
+@pytest.fixture
+def primary_and_replica(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server primary with one replica on loopback TCP; yields the primary's URL and the
+    replica's process (the test may freeze or kill it)."""
+    from support import free_port_base
+
+    started: list[subprocess.Popen[bytes]] = []
+    primary_port = free_port_base(span=100)
+    replica_port = primary_port + 100
+    try:
+        for name, port, extra in (("p", primary_port, []), ("r", replica_port, ["--replicaof", "127.0.0.1",
+                                                                                 str(primary_port)])):
+            folder = tmp_path / name
+            folder.mkdir()
+            started.append(subprocess.Popen(
+                [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                 "--appendonly", "no", "--dir", str(folder), *extra],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        import redis
+
+        primary = redis.Redis(port=primary_port)
+        try:
+            wait_until(lambda: _connected_replicas(primary) == 1, timeout=10, message="replica attached")
+        finally:
+            primary.close()
+        yield f"redis://127.0.0.1:{primary_port}", started[1]
+    finally:
+        for proc in started:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+
+
+def _connected_replicas(client: object) -> int:
+    import redis
+
+    try:
+        return int(client.info("replication")["connected_slaves"])  # type: ignore[attr-defined]
+    except redis.RedisError:
+        return 0
+
+
+def test_a_confirmed_lease_is_held_and_renewed_through_a_replica(primary_and_replica, cluster_name):
+    url, _replica = primary_and_replica
+    manager = LeaseManager(url, Keys(cluster_name), "confirmed", TTL, replicas=1)
+    try:
+        a = Recorder()
+        keeper = manager.keeper("job", a.on_acquired, a.on_lost)
+        wait_until(lambda: keeper.held, timeout=2)
+        time.sleep(TTL * 2)  # several renewals, each confirmed by WAIT
+        assert keeper.valid() and not a.lost
+    finally:
+        manager.close()
+
+
+def test_a_holder_whose_renewals_no_replica_confirms_stops_before_its_lease_can_expire(
+        primary_and_replica, cluster_name):
+    # Given a holder that needs one replica to confirm each renewal
+    url, replica = primary_and_replica
+    manager = LeaseManager(url, Keys(cluster_name), "unconfirmed", TTL, replicas=1)
+    try:
+        a = Recorder()
+        keeper = manager.keeper("job", a.on_acquired, a.on_lost)
+        wait_until(lambda: keeper.held, timeout=2)
+        # When the replica stops confirming (frozen), while the primary still accepts the writes
+        os.kill(replica.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        # Then the holder stops its work within the lease's margin, as if the store were gone
+        wait_until(lambda: a.lost, timeout=TTL * 2)
+        assert a.lost[0] - frozen < TTL
+        assert not keeper.valid()
+        # And while no replica confirms, no contender acts on an acquisition either
+        b = Recorder()
+        contender = manager.keeper("other", b.on_acquired, b.on_lost)
+        time.sleep(TTL)
+        assert not contender.held and not b.acquired
+        # When the replica confirms again, the contender acquires and acts
+        os.kill(replica.pid, signal.SIGCONT)
+        wait_until(lambda: contender.held and contender.valid(), timeout=TTL * 4)
+        assert b.acquired
+    finally:
+        os.kill(replica.pid, signal.SIGCONT)
+        manager.close()

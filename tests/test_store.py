@@ -185,7 +185,7 @@ def test_sentinel_url_finds_the_master(redis_server, tmp_path):
     try:
         probe = redis.Redis(port=sentinel_port)
         wait_until(lambda: _pings(probe), timeout=10)
-        probe.close()
+        before = len(probe.client_list())
         # When a client is made from the sentinel URL form
         client = client_from_url(f"redis+sentinel://:{password}@127.0.0.1:{sentinel_port}/mymaster/3")
         # Then it talks to the master, authenticated, in the db from the URL
@@ -193,7 +193,11 @@ def test_sentinel_url_finds_the_master(redis_server, tmp_path):
         direct = redis.Redis(port=port, password=password, db=3)
         assert direct.get("via-sentinel") == b"1"
         direct.close()
+        assert len(probe.client_list()) == before + 1  # it asked the Sentinel
+        # And closing it closes its connection to the Sentinel too
         client.close()
+        wait_until(lambda: len(probe.client_list()) == before, timeout=5, message="the Sentinel connection closed")
+        probe.close()
     finally:
         proc.kill()
         proc.wait()

@@ -9,6 +9,11 @@ when the last successful renewal was sent (the key's expiry is at least ``sent +
 renewal fails or the process stalls past that deadline, the holder gives the lease up and stops
 its work before the key can expire, so two holders never act at once. Contenders poll every
 eighth of the TTL and are woken at once by a release.
+
+With ``IMMUTANT_LEASE_REPLICAS`` = N > 0 (a replicated store, see docs/guarantees.md) every
+acquisition and renewal is followed by ``WAIT N`` on the same connection, and counts only when N
+replicas confirmed it: a primary cut off with its holder cannot extend a lease the promoted replica
+does not know about, so the holder runs out of its deadline before the replica's copy expires.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ RENEWALS_PER_TTL = 4
 POLLS_PER_TTL = 8
 #: Fraction of the TTL kept as a margin: work stops this long before the key could expire.
 SAFETY_MARGIN = 0.25
+#: Fraction of the TTL a write waits for replicas to confirm it (``WAIT``), when they must.
+CONFIRM_WAIT = 0.125
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class LeaseKeeper:
         self._pause_until = 0.0
         poll = manager.ttl / POLLS_PER_TTL
         self._loop = Loop(f"lease-{name}", self._step, poll, backoff_cap=manager.ttl / RENEWALS_PER_TTL)
+        self._unconfirmed_owner = ""  # owner token of an acquisition no replica confirmed yet
 
     @property
     def held(self) -> bool:
@@ -118,6 +126,8 @@ class LeaseKeeper:
         self._loop.stop(timeout=self.manager.ttl * 4)
         if self.fence is not None:
             self._lose(release=release)
+        elif self._unconfirmed_owner:
+            self.manager.release(self.name, self._unconfirmed_owner)
 
     def wake(self) -> None:
         self._loop.wake()
@@ -140,13 +150,24 @@ class LeaseKeeper:
 
     def _try_acquire(self) -> None:
         m = self.manager
-        owner = f"{m.node}|{os.getpid()}|{uuid.uuid4().hex}"
+        # An unconfirmed acquisition keeps its owner token: the next try renews that key (the
+        # script returns the same fence) instead of waiting for it to expire.
+        owner = self._unconfirmed_owner or f"{m.node}|{os.getpid()}|{uuid.uuid4().hex}"
         info = json.dumps({"node": m.node, "pid": os.getpid(), "since": time.time()})
         sent = time.monotonic()
-        fence = m.scripts["acquire"](keys=[m.keys.lease(self.name), m.keys.lease_fence(self.name)],
-                                     args=[owner, m.ttl_ms, info], client=m.store)
+        fence, confirmed = m.confirmed("acquire", [m.keys.lease(self.name), m.keys.lease_fence(self.name)],
+                                       [owner, m.ttl_ms, info])
         if fence is None:
+            self._unconfirmed_owner = ""
             return
+        if not confirmed:
+            # Not released: a release wakes every contender, and none could be confirmed either.
+            (log.debug if self._unconfirmed_owner else log.warning)(
+                "lease %s: acquisition not confirmed by %d replica(s) (IMMUTANT_LEASE_REPLICAS); not acting "
+                "on it", self.name, m.replicas)
+            self._unconfirmed_owner = owner
+            return
+        self._unconfirmed_owner = ""
         self._owner, self.fence, self.held_since = owner, int(fence), time.time()
         self._deadline = sent + m.ttl * (1 - SAFETY_MARGIN)
         log.info("lease %s acquired by %s (fencing token %d)", self.name, m.node, self.fence)
@@ -163,8 +184,9 @@ class LeaseKeeper:
             return
         sent = time.monotonic()
         try:
-            renewed = m.scripts["renew"](keys=[m.keys.lease(self.name)], args=[self._owner, m.ttl_ms],
-                                         client=m.store)
+            renewed, confirmed = m.confirmed("renew", [m.keys.lease(self.name)], [self._owner, m.ttl_ms])
+            if renewed and not confirmed:
+                raise redis.RedisError(f"renewal not confirmed by {m.replicas} replica(s)")
         except redis.RedisError as exc:
             if time.monotonic() >= self._deadline - m.ttl / RENEWALS_PER_TTL:
                 log.warning("lease %s: cannot renew (%s); stopping work before it can expire", self.name, exc)
@@ -185,26 +207,22 @@ class LeaseKeeper:
         finally:
             self.fence, self.held_since = None, None
         if release:
-            try:
-                self.manager.scripts["release"](
-                    keys=[self.manager.keys.lease(self.name), self.manager.keys.lease_released],
-                    args=[owner, self.name], client=self.manager.store,
-                )
-            except redis.RedisError as exc:
-                log.warning("lease %s: release failed (%s); it will expire", self.name, exc)
+            self.manager.release(self.name, owner)
 
 
 class LeaseManager:
     """The leases of one process: a store client with short timeouts and one listener for
     releases that wakes the matching keepers."""
 
-    def __init__(self, store_url: str, keys: Keys, node: str, ttl: float) -> None:
+    def __init__(self, store_url: str, keys: Keys, node: str, ttl: float, replicas: int = 0) -> None:
         from ..store import client_from_url
 
         self.keys = keys
         self.node = node
         self.ttl = ttl
         self.ttl_ms = int(ttl * 1000)
+        self.replicas = replicas
+        self.wait_ms = max(1, int(ttl * CONFIRM_WAIT * 1000))
         # A renewal that takes longer than a renewal interval is as good as failed, and is not
         # retried: the next renewal is the retry, so a dead store is noticed within the margin.
         timeout = max(0.1, ttl / RENEWALS_PER_TTL)
@@ -219,6 +237,27 @@ class LeaseManager:
         keeper = LeaseKeeper(self, name, on_acquired, on_lost)
         self._keepers.append(keeper)
         return keeper.start()
+
+    def confirmed(self, script: str, keys: list[str], args: list[Any]) -> tuple[Any, bool]:
+        """Run lease script ``script``; the reply, and whether ``replicas`` replicas confirmed it.
+
+        ``WAIT`` counts the writes of its own connection, so both go down one pipeline.
+        """
+        if not self.replicas:
+            return self.scripts[script](keys=keys, args=args, client=self.store), True
+        pipe = self.store.pipeline(transaction=False)
+        self.scripts[script](keys=keys, args=args, client=pipe)
+        pipe.wait(self.replicas, self.wait_ms)
+        reply, acknowledged = pipe.execute()
+        return reply, int(acknowledged) >= self.replicas
+
+    def release(self, name: str, owner: str) -> None:
+        """Compare-and-delete ``name`` if ``owner`` holds it, and wake contenders."""
+        try:
+            self.scripts["release"](keys=[self.keys.lease(name), self.keys.lease_released], args=[owner, name],
+                                    client=self.store)
+        except redis.RedisError as exc:
+            log.warning("lease %s: release failed (%s); it will expire", name, exc)
 
     def close(self) -> None:
         for keeper in list(self._keepers):
@@ -254,7 +293,7 @@ def lease_manager(state: Any) -> LeaseManager:
     def make(state: Any) -> LeaseManager:
         settings = state.settings
         return LeaseManager(store_url(settings, start=True), state.keys, state.node_name,
-                            settings["IMMUTANT_FAILURE_TIMEOUT"])
+                            settings["IMMUTANT_FAILURE_TIMEOUT"], settings["IMMUTANT_LEASE_REPLICAS"])
 
     return state.feature("leases", make)  # type: ignore[no-any-return]
 

@@ -20,8 +20,12 @@ from redis.sentinel import Sentinel
 from ..errors import StoreUnavailableError
 from .embedded import EmbeddedStore
 
-#: Seconds to wait for a connection or a reply before calling the store unreachable.
+#: Seconds to wait for a reply before calling the store unreachable.
 SOCKET_TIMEOUT = 5.0
+#: Seconds to wait for a TCP connection. Short, because redis-py nests its retries (the command's
+#: and the connection's: 3 x 3 attempts), and a primary cut off by a partition never refuses: with
+#: the reply timeout here, nodes hung for about 35 s before asking the Sentinels again.
+SOCKET_CONNECT_TIMEOUT = 1.0
 #: Retries of a failed command. redis-py's default backs off for seconds, longer than a
 #: heartbeat interval; callers here retry on their own schedule, so retry briefly.
 RETRIES = 2
@@ -31,7 +35,7 @@ RETRY_BACKOFF = (0.05, 0.25)  # base and cap, seconds
 def client_from_url(url: str, **options: Any) -> redis.Redis:
     """A redis-py client for ``url``; ``options`` are passed to the connection pool."""
     options.setdefault("socket_timeout", SOCKET_TIMEOUT)
-    options.setdefault("socket_connect_timeout", SOCKET_TIMEOUT)
+    options.setdefault("socket_connect_timeout", SOCKET_CONNECT_TIMEOUT)
     options.setdefault("health_check_interval", 10)
     options.setdefault("retry", Retry(EqualJitterBackoff(cap=RETRY_BACKOFF[1], base=RETRY_BACKOFF[0]), RETRIES))
     scheme = urlsplit(url).scheme
@@ -56,7 +60,22 @@ def _sentinel_client(url: str, **options: Any) -> redis.Redis:
     if parts.scheme.startswith("rediss"):
         options["ssl"] = True
     sentinel = Sentinel(hosts, sentinel_kwargs={**auth, **_timeouts(options)}, **auth, **options)
-    return sentinel.master_for(service, db=db)
+    client = sentinel.master_for(service, db=db, redis_class=SentinelManagedRedis)
+    client.sentinel_manager = sentinel
+    return client
+
+
+class SentinelManagedRedis(redis.Redis):
+    """A client of the primary a Sentinel names. redis-py's ``close()`` leaves the connections
+    to the Sentinels open (one per Sentinel asked); this one closes them too."""
+
+    sentinel_manager: Sentinel | None = None
+
+    def close(self) -> None:
+        super().close()
+        if self.sentinel_manager is not None:
+            for client in self.sentinel_manager.sentinels:
+                close_quietly(client)
 
 
 def _timeouts(options: Mapping[str, Any]) -> dict[str, Any]:
