@@ -66,7 +66,6 @@ class Deployer:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()
-        # Spawned from this long-lived thread: a runtime's parent-death signal follows the thread.
         self._thread = threading.Thread(target=self._run, name="immutant-deployer", daemon=True)
 
     @property

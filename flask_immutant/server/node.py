@@ -12,6 +12,7 @@ import errno
 import fcntl
 import logging
 import os
+import queue
 import select
 import signal
 import socket
@@ -19,8 +20,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any, TypeVar
 
 import redis
 
@@ -31,6 +34,7 @@ from ..store import EmbeddedStore, client_from_url, describe_url, store_url
 from .runtime import EXIT_APP_FAILED, set_parent_death_signal
 
 log = logging.getLogger("flask_immutant.node")
+T = TypeVar("T")
 
 #: Restart backoff for a crashed app runtime: first delay, cap, and the uptime that resets it.
 RESTART_BACKOFF = (0.5, 30.0, 30.0)
@@ -49,6 +53,40 @@ class AppTarget:
     @property
     def label(self) -> str:
         return self.import_path or os.path.basename(self.root)
+
+
+class _Spawner:
+    """Starts every app runtime from one thread that lives as long as the process.
+
+    Linux binds a child's parent-death signal to the *thread* that forked it, not the process: a
+    runtime spawned from a thread that ends (the deployer's, at shutdown) is SIGKILLed right then,
+    before the node could stop it gracefully. From this thread it dies only with the node.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def call(self, fn: Callable[[], T]) -> T:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="immutant-spawner", daemon=True)
+                self._thread.start()
+        done: Future[T] = Future()
+        self._requests.put((fn, done))
+        return done.result()
+
+    def _run(self) -> None:
+        while True:
+            fn, done = self._requests.get()
+            try:
+                done.set_result(fn())
+            except BaseException as exc:  # handed to the caller
+                done.set_exception(exc)
+
+
+_spawner = _Spawner()
 
 
 class RuntimeProcess:
@@ -76,10 +114,10 @@ class RuntimeProcess:
             "--listen-fd", str(fds[0]), "--lifeline-fd", str(lifeline_r), "--ready-fd", str(ready_w),
         ]
         env = {**os.environ, **self.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(
+        self.process = _spawner.call(lambda: subprocess.Popen(
             args, cwd=self.target.root, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
             preexec_fn=set_parent_death_signal,
-        )
+        ))
         os.close(lifeline_r)
         os.close(ready_w)
         os.set_inheritable(self._lifeline_w, False)
