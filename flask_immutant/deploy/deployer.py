@@ -167,7 +167,7 @@ class Deployer:
             self._retire(current, self.node.settings["IMMUTANT_SHUTDOWN_TIMEOUT"],
                          close_listener=current.own_listener and current.listener is not listener)
         port = listener.getsockname()[1]
-        log.info("deployed %s on http://%s:%d%s", deployment.label, self.node.identity.host, port,
+        log.info("deployed %s on http://%s:%d%s", deployment.label, self.node.identity.address, port,
                  deployment.context_path)
         self._report(fresh)
 

@@ -28,6 +28,7 @@ from typing import IO, Any, TypeVar
 import redis
 
 from ..cluster import Member, Membership, NodeIdentity
+from ..cluster.identity import WILDCARD_HOSTS
 from ..errors import NodeStartError
 from ..extension import ImmutantState
 from ..store import EmbeddedStore, client_from_url, describe_url, store_url
@@ -215,6 +216,11 @@ class Node:
         self.state = state
         self.settings = state.settings
         self.identity = NodeIdentity.from_settings(self.settings)
+        if self.identity.host in WILDCARD_HOSTS and not self.settings["IMMUTANT_ADVERTISE_HOST"]:
+            raise NodeStartError(
+                f"IMMUTANT_HOST={self.identity.host} binds every interface, so other nodes and balancers "
+                "cannot tell which address reaches this node: set IMMUTANT_ADVERTISE_HOST (--advertise-host)"
+            )
         self.target = target
         self.offset_given = offset_given
         self.store: redis.Redis | None = None
@@ -238,7 +244,8 @@ class Node:
         embedded = "" if self.settings["IMMUTANT_REDIS_URL"] else " (embedded)"
         return (
             f"flask-immutant node {ident.name}: cluster={self.state.keys.cluster} "
-            f"clustered={'yes' if ident.clustered else 'no'} host={ident.host} {ports} "
+            f"clustered={'yes' if ident.clustered else 'no'} host={ident.host}"
+            f"{f' advertise={ident.address}' if ident.address != ident.host else ''} {ports} "
             f"offset={ident.port_offset} data={ident.data_dir} "
             f"store={describe_url(self.effective_url())}{embedded} "
             f"app={self.target.label if self.target else '(none: waiting for deployments)'}"
@@ -295,7 +302,7 @@ class Node:
         runtime.spawn()
         self.runtimes.append(runtime)
         if runtime.wait_ready(READY_TIMEOUT, self.stop_requested):
-            log.info("app %s serves on http://%s:%d", target.label, self.identity.host, self.identity.http_port)
+            log.info("app %s serves on http://%s:%d", target.label, self.identity.address, self.identity.http_port)
         return runtime
 
     def run(self) -> None:
