@@ -108,3 +108,17 @@ def test_a_message_that_cannot_be_encoded_fails_at_publish(embedded_store, immut
     with pytest.raises(MessagingError, match="priority"):
         publish("/queue/x", 1, priority=12, app=app)
     app.extensions["immutant"].store.close()
+
+
+def test_contract_dramatiq_consumer_restart_delay_and_running_flag() -> None:
+    """The Redis broker's consumers resume on their own (backends.ResumingRedisBroker): that relies
+    on Dramatiq reading its restart delay from this module global at each restart, and on its
+    consumer threads saying whether they still run."""
+    import inspect
+
+    import dramatiq.worker
+
+    assert isinstance(dramatiq.worker.CONSUMER_RESTART_DELAY_SECS, (int, float))
+    source = inspect.getsource(dramatiq.worker.ConsumerThread.run)
+    assert "time.sleep(CONSUMER_RESTART_DELAY_SECS)" in source and "self.broker.consume(" in source
+    assert "self.running = False" in inspect.getsource(dramatiq.worker.ConsumerThread.stop)

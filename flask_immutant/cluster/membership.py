@@ -26,6 +26,7 @@ from .. import lua
 from ..errors import NodeStartError
 from ..keys import Keys
 from ..store.connect import close_quietly
+from ..store.outage import Recovery
 from .identity import NodeIdentity
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ class Membership:
         self._on_store_error = on_store_error or (lambda exc: None)
         self._known: dict[str, Member] = {}
         self._reasons: dict[str, str] = {}
+        self._recovery = Recovery(failure_timeout)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -234,6 +236,7 @@ class Membership:
 
     def _heartbeat_loop(self) -> None:
         failing_since: float | None = None
+        last_ok = time.monotonic()
         while not self._stop.wait(self.interval):
             try:
                 result = self._scripts["heartbeat"](
@@ -245,14 +248,14 @@ class Membership:
                     log.warning("heartbeat failed: %s; retrying", exc)
                 self._call(self._on_store_error, exc)
                 continue
-            if failing_since is not None:
-                log.warning("heartbeat restored after %.1fs", time.monotonic() - failing_since)
+            now = time.monotonic()
+            if failing_since is not None or result == 2:  # failed, or blocked (a frozen store or node)
+                log.warning("heartbeat restored after %.1fs without the store", now - (failing_since or last_ok))
                 failing_since = None
+            last_ok = now
             if result == 0:
                 self._on_lost(f"node name {self.me.name!r} was claimed by another node while this one stalled")
                 return
-            if result == 2:
-                log.warning("node %s re-joined the cluster after missing its heartbeats", self.me.name)
 
     def _watch_loop(self) -> None:
         pubsub = None
@@ -297,10 +300,15 @@ class Membership:
 
     def _poll(self, pubsub: Any) -> None:
         members, expired = _read_members(self.store, self.keys, self.failure_timeout)
-        for name in expired:
-            if name != self.me.name:
-                self._scripts["reap"](keys=self._member_keys(name), args=[name])
+        self._recovery.answered()
         current = {m.name: m for m in members}
+        if self._recovery.trusted():
+            for name in expired:
+                if name != self.me.name:
+                    self._scripts["reap"](keys=self._member_keys(name), args=[name])
+        else:  # right after an outage every claim may have expired: wait for fresh heartbeats
+            current.update({n: self._known[n] for n in expired if n in self._known})
+        current.setdefault(self.me.name, self._known.get(self.me.name, self.me))  # we only leave by leave()
         for name, member in current.items():
             if name not in self._known:
                 self._known[name] = member

@@ -8,9 +8,11 @@ cluster store, so the rest of the feature is the same on either.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +36,10 @@ DRAMATIQ_HEARTBEAT_TIMEOUT = 7 * 86400 * 1000
 #: RabbitMQ queues accept message priorities 0..9 (JMS's range; 4 is normal).
 MAX_PRIORITY = 9
 NORMAL_PRIORITY = 4
+#: Seconds between PINGs of a consumer waiting for the store to come back.
+RESUME_POLL = 0.05
+#: Pause before a consumer that failed again soon after resuming resumes again: first, cap (s).
+RESUME_BACKOFF = (0.05, 1.0)
 
 
 @dataclass
@@ -71,11 +77,13 @@ class Backend:
     def describe(self) -> str:
         raise NotImplementedError
 
-    def reap(self) -> list[tuple[str, int]]:
-        """Requeue the unacked messages of dead consumers; returns ``(consumer id, requeued)``."""
+    def reap(self, failure_timeout: float, leaving: str | None = None) -> list[tuple[str, int]]:
+        """Requeue the unacked messages of dead consumers (or of ``leaving`` only, which stopped);
+        returns ``(consumer id, requeued)``."""
+        args: list[Any] = [self.keys.messaging_namespace, self.keys.messaging_consumer(""), int(failure_timeout * 1000)]
         flat = self._reap(
-            keys=[self.keys.messaging_consumers, self.keys.messaging_queues],
-            args=[self.keys.messaging_namespace, self.keys.messaging_consumer("")],
+            keys=[self.keys.messaging_consumers, self.keys.messaging_queues, self.keys.messaging_beats],
+            args=args + ([leaving] if leaving else []),
         )
         pairs = []
         for index in range(0, len(flat), 2):
@@ -104,9 +112,11 @@ class RedisBackend(Backend):
         self._publish = lua.script(self.client, "messaging_publish")
 
     def make_broker(self, middleware: Sequence[Middleware], consumer_id: str | None = None) -> Broker:
-        from dramatiq.brokers.redis import RedisBroker
+        import dramatiq.worker
 
-        broker = RedisBroker(
+        # The consumer waits for the store itself (ResumingRedisBroker.consume), not a fixed 3 s.
+        dramatiq.worker.CONSUMER_RESTART_DELAY_SECS = 0.0
+        broker = _resuming_redis_broker()(
             client=self.client, namespace=self.namespace, middleware=list(middleware),
             heartbeat_timeout=DRAMATIQ_HEARTBEAT_TIMEOUT,
         )
@@ -148,6 +158,46 @@ class RedisBackend(Backend):
 
     def describe(self) -> str:
         return "redis (cluster store)" if not self.url else "redis"
+
+
+@functools.cache
+def _resuming_redis_broker() -> type[Broker]:
+    from dramatiq.brokers.redis import RedisBroker
+
+    class ResumingRedisBroker(RedisBroker):  # type: ignore[misc]
+        """Dramatiq's Redis broker whose consumers resume as soon as the store answers again.
+
+        After a broker error Dramatiq's consumer thread sleeps a fixed delay (3 s) and calls
+        :meth:`consume` again. Here the delay is zero and ``consume`` waits instead: until the store
+        answers a PING (checked every :data:`RESUME_POLL`), and with a growing pause when it keeps
+        failing soon after resuming (a store that answers PING but refuses writes)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._resumes: dict[int, tuple[float, int]] = {}
+
+        def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
+            thread = threading.current_thread()
+            last, quick_failures = self._resumes.get(thread.ident or 0, (0.0, 0))
+            quick_failures = quick_failures + 1 if time.monotonic() - last < RESUME_BACKOFF[1] * 2 else 0
+            if quick_failures:
+                time.sleep(min(RESUME_BACKOFF[1], RESUME_BACKOFF[0] * 2 ** quick_failures))
+            waited = False
+            while getattr(thread, "running", True):  # a Dramatiq ConsumerThread being stopped
+                try:
+                    self.client.ping()
+                    break
+                except redis.RedisError as exc:
+                    if not waited:
+                        log.warning("messaging: consumer of %s waits for the store (%s)", queue_name, exc)
+                    waited = True
+                    time.sleep(RESUME_POLL)
+            if waited:
+                log.info("messaging: consumer of %s resumes", queue_name)
+            self._resumes[thread.ident or 0] = (time.monotonic(), quick_failures)
+            return super().consume(queue_name, prefetch, timeout)
+
+    return ResumingRedisBroker
 
 
 class RabbitmqBackend(Backend):

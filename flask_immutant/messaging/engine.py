@@ -176,7 +176,8 @@ class Engine:
                 if binding.owned:
                     self._drop_subscription(binding)
             self.messaging.state.store.delete(self.keys.messaging_consumer(self.consumer_id))
-            self.backend.reap()  # anything still unacked (a handler outlived the timeout) goes back now
+            # anything still unacked (a handler outlived the timeout) goes back now
+            self.backend.reap(self.failure_timeout, leaving=self.consumer_id)
         except redis.RedisError as exc:
             log.warning("messaging could not leave cleanly (%s); the reaper of another node will", exc)
         self.broker.close()
@@ -319,7 +320,8 @@ class Engine:
             prefetched=self._prefetched(),
         )
         self._heartbeat(
-            keys=[self.keys.messaging_consumer(self.consumer_id), self.keys.messaging_consumers],
+            keys=[self.keys.messaging_consumer(self.consumer_id), self.keys.messaging_consumers,
+                  self.keys.messaging_beats],
             args=[self.consumer_id, record, int(self.failure_timeout * 1000)],
         )
 
@@ -361,7 +363,7 @@ class Engine:
                 log.exception("reaper failed")
 
     def reap_once(self) -> list[tuple[str, int]]:
-        dead = self.backend.reap()
+        dead = self.backend.reap(self.failure_timeout)
         for consumer_id, moved in dead:
             log.warning("messaging: consumer %s is gone; %d unacknowledged message(s) requeued", consumer_id, moved)
         if dead:

@@ -9,6 +9,7 @@ membership (retry) treat those replies exactly like a refused connection; anythi
 from __future__ import annotations
 
 import re
+import time
 
 import redis
 from redis import exceptions
@@ -38,3 +39,27 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, OUTAGE_CLASSES):
         return True
     return isinstance(exc, redis.ResponseError) and bool(_REPLY.search(str(exc)))
+
+
+class Recovery:
+    """Whether heartbeats read from the store can be trusted to tell the dead from the living.
+
+    After this process could not reach the store for a while (an outage, a failover, its own
+    stall), every heartbeat may have expired meanwhile, live ones included. Liveness is judged
+    again only once the store has answered for a whole failure timeout, so every live process has
+    written a fresh heartbeat by then. Call :meth:`answered` after each successful store call.
+    """
+
+    def __init__(self, failure_timeout: float) -> None:
+        self.window = failure_timeout
+        self._last_answer = time.monotonic()
+        self._trusted_from = 0.0
+
+    def answered(self) -> None:
+        now = time.monotonic()
+        if now - self._last_answer > self.window / 2:
+            self._trusted_from = now + self.window
+        self._last_answer = now
+
+    def trusted(self) -> bool:
+        return time.monotonic() >= self._trusted_from
