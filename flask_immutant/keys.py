@@ -73,6 +73,10 @@ class Keys:
         """SET of consumer ids (one per app runtime process) that may hold unacked messages."""
         return f"{self.prefix}mq-consumers"
 
+    def messaging_wake(self, queue: str) -> str:
+        """LIST of tokens, one per published message, that idle consumers of ``queue`` BLPOP."""
+        return f"{self.messaging_namespace}:{queue}.wake"
+
     @property
     def messaging_beats(self) -> str:
         """HASH ``last``/``since``: when (store time, ms) a consumer last beat, and since when beats

@@ -460,3 +460,28 @@ def _published(messaging: Messaging, body: Any) -> bool:
     except redis.RedisError:
         return False
     return True
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_a_steady_trickle_spreads_evenly_over_three_nodes(node, publisher):
+    # Given three nodes listening on one queue, which poll an idle queue at different rates (their
+    # poll interval follows the failure timeout; on real hosts latency and load differ likewise)
+    nodes = [node(name, IMMUTANT_FAILURE_TIMEOUT=timeout) for name, timeout in (("one", "0.5"), ("two", "1.0"),
+                                                                                 ("three", "2.0"))]
+    for process in nodes:
+        ready(process)
+    time.sleep(1.0)
+    # When messages come one at a time, at a steady pace a consumer's poll backoff can lock onto
+    total, pace = TRICKLE
+    for n in range(total):
+        publisher.publish("/queue/work", {"n": n})
+        time.sleep(pace)
+    wait_until(lambda: sum(len(handled(p)) for p in nodes) >= total, timeout=30)
+    # Then the busiest node handles at most 1.5 times what the least busy one does
+    counts = sorted(len(handled(p)) for p in nodes)
+    print(f"{total} messages every {pace}s over three nodes: {counts}")
+    assert counts[-1] <= 1.5 * counts[0], counts
+
+
+#: Messages and the pause between them for the trickle test (one at a time, as at 1/s, faster).
+TRICKLE = (120, 0.2)

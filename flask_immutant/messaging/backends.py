@@ -36,6 +36,13 @@ DRAMATIQ_HEARTBEAT_TIMEOUT = 7 * 86400 * 1000
 #: RabbitMQ queues accept message priorities 0..9 (JMS's range; 4 is normal).
 MAX_PRIORITY = 9
 NORMAL_PRIORITY = 4
+#: Wake tokens kept per queue (more would only wake idle consumers for nothing).
+WAKE_TOKENS = 64
+#: Longest wait of an idle consumer for a token, seconds. Long, so waits seldom time out: a
+#: consumer whose wait timed out goes to the back of the line. Below the store's socket timeout.
+IDLE_WAIT = 3.0
+#: Seconds a consumer holding as many messages as its prefetch waits before looking again.
+SATURATED_POLL = 0.05
 #: Seconds between PINGs of a consumer waiting for the store to come back.
 RESUME_POLL = 0.05
 #: Pause before a consumer that failed again soon after resuming resumes again: first, cap (s).
@@ -91,6 +98,9 @@ class Backend:
             pairs.append((name, int(flat[index + 1])))
         return pairs
 
+    def wake(self, queues: Sequence[str]) -> None:
+        """Wake every consumer waiting on ``queues`` (this process's, which are stopping, too)."""
+
     def dedupe_marked(self, dedupe: tuple[str, int] | None) -> bool:
         """Mark an idempotency key in the store; False if it was already marked."""
         if dedupe is None:
@@ -143,6 +153,14 @@ class RedisBackend(Backend):
         key = dedupe[0] if dedupe else self.namespace
         return int(self._publish(keys=[key], args=args)) >= 0
 
+    def wake(self, queues: Sequence[str]) -> None:
+        waiting = int(self.store.scard(self.keys.messaging_consumers)) + 1
+        pipe = self.client.pipeline(transaction=False)
+        for queue in queues:
+            pipe.rpush(self.keys.messaging_wake(queue), *["1"] * waiting)
+            pipe.ltrim(self.keys.messaging_wake(queue), -max(WAKE_TOKENS, waiting), -1)
+        pipe.execute()
+
     def queue_stats(self, broker: Broker | None, queue: str) -> dict[str, int | None]:
         base = f"{self.namespace}:{queue}"
         pipe = self.client.pipeline(transaction=False)
@@ -154,7 +172,8 @@ class RedisBackend(Backend):
 
     def delete_queue(self, broker: Broker, queue: str) -> None:
         base = f"{self.namespace}:{queue}"
-        self.client.delete(base, f"{base}.msgs", f"{base}.DQ", f"{base}.DQ.msgs", f"{base}.XQ", f"{base}.XQ.msgs")
+        self.client.delete(base, f"{base}.msgs", f"{base}.DQ", f"{base}.DQ.msgs", f"{base}.XQ", f"{base}.XQ.msgs",
+                           self.keys.messaging_wake(queue))
 
     def describe(self) -> str:
         return "redis (cluster store)" if not self.url else "redis"
@@ -176,6 +195,19 @@ def _resuming_redis_broker() -> type[Broker]:
             super().__init__(*args, **kwargs)
             self._resumes: dict[int, tuple[float, int]] = {}
 
+        @property
+        def consumer_class(self) -> type:
+            return _waking_consumer(super().consumer_class)
+
+        def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+            """Dramatiq's own enqueues (a retry, a delayed message coming due) wake a consumer too."""
+            enqueued = super().enqueue(message, delay=delay)
+            if delay is None:
+                wake = f"{self.namespace}:{enqueued.queue_name}.wake"
+                pipe = self.client.pipeline(transaction=False)
+                pipe.rpush(wake, "1").ltrim(wake, -WAKE_TOKENS, -1).execute()
+            return enqueued
+
         def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
             thread = threading.current_thread()
             last, quick_failures = self._resumes.get(thread.ident or 0, (0.0, 0))
@@ -195,9 +227,55 @@ def _resuming_redis_broker() -> type[Broker]:
             if waited:
                 log.info("messaging: consumer of %s resumes", queue_name)
             self._resumes[thread.ident or 0] = (time.monotonic(), quick_failures)
-            return super().consume(queue_name, prefetch, timeout)
+            if queue_name.endswith(".DQ"):  # polled: it must also look at due times regularly
+                return super().consume(queue_name, prefetch, timeout)
+            consumer = super().consume(queue_name, prefetch, 0)  # no backoff sleep: it waits for a token
+            consumer.idle_wait = IDLE_WAIT
+            return consumer
 
     return ResumingRedisBroker
+
+
+@functools.cache
+def _waking_consumer(base: type) -> type:
+    class WakingConsumer(base):  # type: ignore[misc,valid-type]
+        """Dramatiq's Redis consumer, which on an empty queue waits on the queue's wake list
+        instead of polling with a backoff.
+
+        Polling hands a message to whichever consumer happens to poll first, and a consumer that
+        just got one polls densely for a while, so a steady trickle clusters on a few nodes. Redis
+        gives each token to the consumer that has blocked longest, so a trickle goes round the
+        consumers in turn, as RabbitMQ does. ``idle_wait`` (seconds) bounds a wait, so messages
+        that came without a token (the reaper's requeues) are still fetched."""
+
+        idle_wait: float | None = None
+        _idle = False
+
+        def __next__(self) -> Any:
+            if self.idle_wait is not None and self._idle and not self.message_cache:
+                if self.outstanding_message_count >= self.prefetch:
+                    time.sleep(SATURATED_POLL)  # busy: leave the tokens to consumers that can fetch
+                else:
+                    try:
+                        self.broker.client.blpop([f"{self.broker.namespace}:{self.queue_name}.wake"],
+                                                 timeout=self.idle_wait)
+                    except (redis.ConnectionError, redis.TimeoutError) as exc:
+                        from dramatiq.errors import ConnectionClosed
+
+                        raise ConnectionClosed(exc) from None
+            message = super().__next__()
+            self._idle = message is None
+            return message
+
+        def requeue(self, messages: Any) -> None:
+            messages = list(messages)
+            super().requeue(messages)
+            if messages:
+                wake = f"{self.broker.namespace}:{self.queue_name}.wake"
+                pipe = self.broker.client.pipeline(transaction=False)
+                pipe.rpush(wake, *["1"] * len(messages)).ltrim(wake, -WAKE_TOKENS, -1).execute()
+
+    return WakingConsumer
 
 
 class RabbitmqBackend(Backend):

@@ -167,6 +167,10 @@ class Engine:
 
     def stop(self, timeout: float) -> None:
         """Finish handlers in progress (bounded), put prefetched messages back, leave."""
+        try:
+            self.backend.wake(list(self.bindings))  # our idle consumers stop now, not after their wait
+        except redis.RedisError as exc:
+            log.debug("could not wake idle consumers: %s", exc)
         self.worker.stop(timeout=int(timeout * 1000))
         self._stop.set()
         for thread in self._threads:
