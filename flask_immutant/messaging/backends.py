@@ -180,7 +180,7 @@ class RedisBackend(Backend):
 
 
 @functools.cache
-def _resuming_redis_broker() -> type[Broker]:
+def _resuming_redis_broker() -> Any:
     from dramatiq.brokers.redis import RedisBroker
 
     class ResumingRedisBroker(RedisBroker):  # type: ignore[misc]
@@ -229,7 +229,7 @@ def _resuming_redis_broker() -> type[Broker]:
             self._resumes[thread.ident or 0] = (time.monotonic(), quick_failures)
             if queue_name.endswith(".DQ"):  # polled: it must also look at due times regularly
                 return super().consume(queue_name, prefetch, timeout)
-            consumer = super().consume(queue_name, prefetch, 0)  # no backoff sleep: it waits for a token
+            consumer: Any = super().consume(queue_name, prefetch, 0)  # no backoff sleep: waits for a token
             consumer.idle_wait = IDLE_WAIT
             return consumer
 
