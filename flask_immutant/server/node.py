@@ -330,13 +330,14 @@ class Node:
         if self.stopped.is_set():
             return
         self.stopped.set()
-        self.state.pm.hook.immutant_node_stopping(node=self)
-        if self.idle_responder is not None:
-            self.idle_responder.served.set()
         timeout = self.settings["IMMUTANT_SHUTDOWN_TIMEOUT"]
+        # The node's own runtimes stop while plugins stop theirs (the deployer's), all in parallel.
         threads = [threading.Thread(target=r.stop, args=(timeout,)) for r in self.runtimes]
         for thread in threads:
             thread.start()
+        self.state.pm.hook.immutant_node_stopping(node=self)
+        if self.idle_responder is not None:
+            self.idle_responder.served.set()
         for thread in threads:
             thread.join()
         if self.membership is not None:
