@@ -462,7 +462,6 @@ def _published(messaging: Messaging, body: Any) -> bool:
     return True
 
 
-@pytest.mark.parametrize("broker", ["redis"], indirect=True)
 def test_a_steady_trickle_spreads_evenly_over_three_nodes(node, publisher):
     # Given three nodes listening on one queue, which poll an idle queue at different rates (their
     # poll interval follows the failure timeout; on real hosts latency and load differ likewise)
