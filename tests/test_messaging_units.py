@@ -111,7 +111,7 @@ def test_a_message_that_cannot_be_encoded_fails_at_publish(embedded_store, immut
 
 
 def test_contract_dramatiq_consumer_restart_delay_and_running_flag() -> None:
-    """The Redis broker's consumers resume on their own (backends.ResumingRedisBroker): that relies
+    """The Redis broker's consumers resume on their own (redis_broker.resuming_redis_broker): that relies
     on Dramatiq reading its restart delay from this module global at each restart, and on its
     consumer threads saying whether they still run."""
     import inspect
@@ -125,7 +125,7 @@ def test_contract_dramatiq_consumer_restart_delay_and_running_flag() -> None:
 
 
 def test_contract_dramatiq_redis_consumer_hooks() -> None:
-    """backends.WakingConsumer subclasses whatever ``RedisBroker.consumer_class`` gives, reads its
+    """redis_broker.waking_consumer subclasses whatever ``RedisBroker.consumer_class`` gives, reads its
     message cache and prefetch counts, and relies on a zero ``timeout`` meaning "no backoff sleep"."""
     import inspect
 
