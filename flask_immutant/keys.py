@@ -73,6 +73,16 @@ class Keys:
         """SET of consumer ids (one per app runtime process) that may hold unacked messages."""
         return f"{self.prefix}mq-consumers"
 
+    def messaging_wake(self, queue: str) -> str:
+        """LIST of tokens, one per published message, that idle consumers of ``queue`` BLPOP."""
+        return f"{self.messaging_namespace}:{queue}.wake"
+
+    @property
+    def messaging_beats(self) -> str:
+        """HASH ``last``/``since``: when (store time, ms) a consumer last beat, and since when beats
+        have come without a gap; the reaper judges no one dead until that run lasts a failure timeout."""
+        return f"{self.prefix}mq-beats"
+
     def messaging_consumer(self, consumer_id: str) -> str:
         """STRING JSON heartbeat of one consumer, TTL = failure timeout; gone means dead."""
         return f"{self.prefix}mq-consumer:{consumer_id}"

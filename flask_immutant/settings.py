@@ -95,6 +95,16 @@ def host(value: Any) -> str:
     return names.host(value.strip() if isinstance(value, str) else value)
 
 
+def advertise_host(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    address = value.strip() if isinstance(value, str) else ""
+    if not address or " " in address or address in ("0.0.0.0", "::", "*"):
+        raise ValueError("the address other nodes and balancers reach this node at, such as 10.0.0.5 or "
+                         "node1.internal (not a wildcard)")
+    return address
+
+
 STORE_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 
 
@@ -210,6 +220,9 @@ CORE_SETTINGS: tuple[Setting, ...] = (
             "plus the port offset when it is not 0.", "name", env=True),
     Setting("IMMUTANT_HOST", "127.0.0.1", host, "Address the node's HTTP server binds.",
             "host", env=True),
+    Setting("IMMUTANT_ADVERTISE_HOST", None, advertise_host, "Address other nodes and balancers reach "
+            "this node at. Default: IMMUTANT_HOST; required when that is a wildcard (0.0.0.0, ::), "
+            "and for containers, NAT and multi-homed hosts.", "host", env=True),
     Setting("IMMUTANT_HTTP_PORT", 8080, int_range(1, 65535), "Base HTTP port; the node serves on "
             "this plus IMMUTANT_PORT_OFFSET.", "int", env=True),
     Setting("IMMUTANT_PORT_OFFSET", 0, int_range(0, 60000), "Added to every port of the node, so "
@@ -383,6 +396,7 @@ __all__ = [
     "CORE_SETTINGS",
     "Setting",
     "Settings",
+    "advertise_host",
     "float_range",
     "host",
     "identifier",

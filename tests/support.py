@@ -11,9 +11,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+import redis
 
 T = TypeVar("T")
 
@@ -178,3 +180,55 @@ def track(app: T) -> T:
     """Have the app's store client closed after the test (no socket left to the collector)."""
     TRACKED_APPS.append(app)
     return app
+
+
+#: Error replies a live store gives while it cannot serve, and how ``store_refusing`` provokes them.
+REFUSALS = ("NOREPLICAS", "READONLY", "MASTERDOWN", "BUSY")
+
+
+@contextlib.contextmanager
+def store_refusing(socket_path: str | Path, reply: str) -> Iterator[None]:
+    """Make a real redis-server answer ``reply`` (one of :data:`REFUSALS`) while inside."""
+    admin = redis.Redis(unix_socket_path=str(socket_path))
+    busy: threading.Thread | None = None
+    try:
+        if reply == "NOREPLICAS":  # a primary that lost the replicas its writes need
+            admin.config_set("min-replicas-to-write", 1)
+        elif reply in ("READONLY", "MASTERDOWN"):  # demoted, its primary unreachable
+            admin.config_set("replica-serve-stale-data", "yes" if reply == "READONLY" else "no")
+            admin.replicaof("127.0.0.1", free_port_base(1))
+        elif reply == "BUSY":  # a script running past lua-time-limit
+            admin.config_set("lua-time-limit", 10)
+            script = "local t = redis.call('time')[1] + 30 while redis.call('time')[1] + 0 < t do end return 1"
+            runner = redis.Redis(unix_socket_path=str(socket_path))
+            busy = threading.Thread(target=_swallow, args=(lambda: runner.eval(script, 0),), daemon=True)
+            busy.start()
+            wait_until(lambda: _replies_busy(admin), timeout=5, message="the store to answer BUSY")
+        yield
+    finally:
+        if busy is not None:
+            wait_until(lambda: _swallow(admin.script_kill) or not busy.is_alive(), timeout=10)
+            wait_until(lambda: _swallow(admin.ping), timeout=10)
+            admin.config_set("lua-time-limit", 5000)
+        if reply in ("READONLY", "MASTERDOWN"):
+            admin.replicaof("NO", "ONE")
+            admin.config_set("replica-serve-stale-data", "yes")
+        if reply == "NOREPLICAS":
+            admin.config_set("min-replicas-to-write", 0)
+        admin.close()
+
+
+def _swallow(call: Callable[[], Any]) -> bool:
+    try:
+        call()
+    except redis.RedisError:
+        return False
+    return True
+
+
+def _replies_busy(client: redis.Redis) -> bool:
+    try:
+        client.ping()
+    except redis.ResponseError as exc:
+        return str(exc).startswith("BUSY")
+    return False

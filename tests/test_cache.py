@@ -18,7 +18,7 @@ from flask import Flask
 from flask_immutant import ImmutantConfigError, ImmutantExtension, StoreUnavailableError, caching, get_state
 from flask_immutant.caching import ClusterCache
 
-from support import track, wait_until
+from support import REFUSALS, store_refusing, track, wait_until
 
 MODES = ["distributed", "replicated", "invalidated", "local"]
 SHARED = ["distributed", "invalidated"]
@@ -404,6 +404,21 @@ def outage_app(clean_env, immutant_home, cluster_name, private_redis) -> Iterato
         yield app
     finally:
         caching.registry(app).close()
+
+
+@pytest.mark.parametrize("reply", REFUSALS)
+def test_a_store_refusing_to_serve_fails_open_like_a_dead_one(outage_app, private_redis, reply) -> None:
+    cache = open_cache(outage_app, mode="distributed")
+    assert cache.set("k", "v")
+    # When the store answers with an error reply that means "not now" (failover, no replicas, busy)
+    with store_refusing(private_redis.socket, reply):
+        # Then writes are dropped and reads miss or hit, with no exception
+        assert cache.set("k2", "v2") is False
+        assert cache.get("k") in ("v", None)
+        assert cache.get("k2") is None
+    # And the cache works again by itself
+    wait_until(lambda: cache.set("k", "again") and cache.get("k") == "again", timeout=10,
+               message="the cache to recover")
 
 
 @pytest.mark.parametrize("mode", SHARED)

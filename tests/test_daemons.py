@@ -36,6 +36,11 @@ def run():
     if NODE in os.environ.get("FAIL_ON", "").split(","):
         raise RuntimeError("broken on " + NODE)
     store = get_state().store
+    if os.environ.get("SPIN") == "1":  # always on the CPU: sees a lost lease before its keeper does
+        store.rpush(LOG, json.dumps([NODE, ctx.fence, time.time()]))
+        while ctx.valid():
+            pass
+        return
     while not stop.is_set():
         now = time.time()
         if not ctx.valid():
@@ -193,3 +198,27 @@ def test_no_two_holders_ever_overlap(start_node, app_file, store_client, keys, e
     assert len(held) >= 4
     for before, after in itertools.pairwise(held):
         assert before[3] < after[2], f"holding {before} overlaps {after}"
+
+
+def test_the_record_belongs_to_the_current_holder_after_a_frozen_holder_resumes(start_node, app_file, store_client,
+                                                                                  keys, node_env):
+    # Given two nodes, the holder's runtime frozen (SIGSTOP) past its lease until the other takes over
+    nodes = start_two(start_node, app_file, env={"SPIN": "1"})
+    first = wait_until(lambda: holder(store_client, keys), timeout=10)
+    survivor = "b" if first.node == "a" else "a"
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = wait_until(lambda: (h := holder(store_client, keys)) and h.node == survivor and h, timeout=10)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)  # When it resumes, its daemon finds its lease gone and returns
+    nodes[first.node].wait_for("lease daemon:worker: ", timeout=10)
+    wait_until(lambda: log_entries(store_client, keys)[-1][0] == survivor, timeout=5)
+    time.sleep(0.5)
+    # Then the record shows the new holder's run: no restart, no error, its token and start
+    (entry,) = json.loads(run_flask(["immutant", "daemons", "--json"], node_env).stdout)
+    assert (entry["node"], entry["fencing_token"], entry["since"]) == (survivor, second.fence, second.since)
+    assert (entry["state"], entry["restarts"], entry["last_error"]) == ("running", 0, None)
+    raw = json.loads(store_client.hget(keys.daemons, "worker"))
+    assert (raw["node"], raw["fencing_token"], raw["last_error"]) == (survivor, second.fence, None)
+    # And the resumed node does not take the return for a crash
+    assert "returned while it should run" not in nodes[first.node].output

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import tarfile
 import threading
 import time
@@ -18,7 +19,7 @@ from flask_immutant.deploy import archive
 from flask_immutant.deploy.records import Deployment, DeploymentError, sign, verify
 from flask_immutant.keys import Keys
 
-from support import pid_alive, run_flask, wait_until
+from support import children_of, pid_alive, run_flask, wait_until
 
 APP = '''
 import os, threading
@@ -355,3 +356,75 @@ def test_a_redeploy_hands_singletons_from_the_old_runtime_to_the_new_at_once(sta
     # Then the new runtime holds it, with a larger token, after a gap far below the failure timeout
     assert second["fence"] > first["fence"]
     assert not gaps or max(gaps) < 0.5, gaps  # no gap at all is the best case: seen between two polls
+
+
+GRACEFUL_APP = '''
+import os
+from flask import Flask
+from flask_immutant import ImmutantExtension, daemons, get_state, messaging
+
+app = Flask(__name__)
+app.config["IMMUTANT_CLUSTERED"] = True
+ImmutantExtension(app)
+STOPPED = get_state(app).keys.prefix + "test:stopped"
+
+def run():
+    ctx = daemons.current()
+    while not ctx.wait(0.05):
+        pass
+
+def stop():
+    get_state().store.rpush(STOPPED, get_state().node_name)
+
+daemons.start("worker", run, stop, app=app)
+
+messaging.start("/queue/work", app=app)
+
+@messaging.listen("/queue/work", app=app)
+def work(body):
+    pass
+'''
+
+
+def test_sigterm_to_a_node_serving_a_deployed_app_is_graceful(two_nodes, node_env, tmp_path, store_client,
+                                                               cluster_name):
+    # Given two nodes that got an app with a singleton daemon and a consumer through `deploy`
+    keys = Keys(cluster_name)
+    folder = tmp_path / "graceful"
+    folder.mkdir()
+    (folder / "app.py").write_text(GRACEFUL_APP)
+    assert deploy(node_env, folder).returncode == 0
+    for name in ("a", "b"):
+        two_nodes[name].wait_for("deployed graceful v1", timeout=20)
+        two_nodes[name].wait_for(r"messaging: consuming /queue/work", timeout=20)
+    first = json.loads(wait_until(lambda: store_client.get(keys.lease("daemon:worker")), timeout=10))
+    holder, survivor = first["node"], "b" if first["node"] == "a" else "a"
+    # When the holder's node gets SIGTERM
+    two_nodes[holder].signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    second = json.loads(wait_until(
+        lambda: (raw := store_client.get(keys.lease("daemon:worker"))) and json.loads(raw)["node"] == survivor
+        and raw, timeout=10))
+    handover = time.monotonic() - stopped
+    print(f"handover after SIGTERM of the deployed holder: {handover:.3f}s")
+    # Then its runtime stopped gracefully: the stop function ran and the lease was released, so the
+    # survivor took over before the failure timeout (2 s) could explain it
+    assert two_nodes[holder].wait(20) == 0
+    assert [n.decode() for n in store_client.lrange(keys.prefix + "test:stopped", 0, -1)] == [holder]
+    assert handover < 2.0
+    assert second["fence"] > first["fence"]
+    # And the survivor does not take the stopped node's consumer for dead
+    time.sleep(2.5)  # past the failure timeout: a SIGKILLed runtime's heartbeat would have expired
+    assert f"consumer {holder}." not in two_nodes[survivor].output
+    assert not [c for c in store_client.smembers(keys.messaging_consumers) if c.decode().startswith(f"{holder}.")]
+
+
+def test_sigkill_of_a_node_takes_its_deployed_runtimes_along(two_nodes, node_env, tmp_path):
+    # Given a node whose runtime came through `deploy` (spawned for the deployer, not the main thread)
+    folder = write_app(tmp_path / "shop", "1")
+    assert deploy(node_env, folder).returncode == 0
+    two_nodes["a"].wait_for("deployed shop v1", timeout=20)
+    runtimes = wait_until(lambda: children_of(two_nodes["a"].pid), timeout=5)
+    # When the node is SIGKILLed, then its runtimes die with it
+    two_nodes["a"].signal(signal.SIGKILL)
+    wait_until(lambda: not any(pid_alive(pid) for pid in runtimes), timeout=3)

@@ -17,7 +17,7 @@ from flask_immutant.cluster.lease import SAFETY_MARGIN, LeaseManager, read_holde
 from flask_immutant.keys import Keys
 from flask_immutant.store.embedded import redis_server_binary
 
-from support import wait_until
+from support import REFUSALS, store_refusing, wait_until
 
 TTL = 1.0
 
@@ -112,6 +112,26 @@ def test_a_holder_that_cannot_renew_stops_before_its_lease_can_expire(private_re
             assert not keeper.valid()
         finally:
             os.kill(proc.pid, signal.SIGCONT)
+    finally:
+        manager.close()
+
+
+@pytest.mark.parametrize("reply", REFUSALS)
+def test_a_holder_whose_store_refuses_to_renew_stops_before_its_lease_can_expire(private_redis, cluster_name,
+                                                                                  reply):
+    url, _ = private_redis
+    manager = LeaseManager(url, Keys(cluster_name), "refused", TTL)
+    try:
+        a = Recorder()
+        keeper = manager.keeper("job", a.on_acquired, a.on_lost)
+        wait_until(lambda: keeper.held, timeout=2)
+        # When the store answers renewals with an outage reply (no replicas, demoted, busy)
+        with store_refusing(url.removeprefix("unix://"), reply):
+            refused = time.monotonic()
+            # Then the holder stops its work before the TTL from its last renewal runs out
+            wait_until(lambda: a.lost, timeout=TTL * 2)
+            assert a.lost[0] - refused < TTL
+            assert not keeper.valid()
     finally:
         manager.close()
 

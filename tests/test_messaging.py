@@ -473,3 +473,92 @@ def test_a_store_restart_loses_no_acknowledged_message(node, publisher, embedded
     assert len(acknowledged) == 300
     wait_until(lambda: set(handled(worker)) >= set(acknowledged), timeout=60,
                message="all acknowledged messages handled")
+
+
+# --- store outage (Redis broker on a private store the test freezes, kills and restarts) --------
+
+
+@pytest.fixture
+def outage_publisher(mq_env: dict[str, str], private_redis: Any) -> Iterator[Messaging]:
+    state = ImmutantState.build({}, environ={**mq_env, "IMMUTANT_REDIS_URL": private_redis.url})
+    messaging = messaging_of(state)
+    try:
+        yield messaging
+    finally:
+        messaging.publisher.close()
+        state.store.close()
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_a_frozen_store_does_not_make_live_consumers_look_dead(node, outage_publisher, private_redis):
+    # Given two nodes, one of them busy with a message for many failure timeouts
+    a, b = node("alpha", IMMUTANT_REDIS_URL=private_redis.url), node("beta", IMMUTANT_REDIS_URL=private_redis.url)
+    ready(a), ready(b)
+    time.sleep(FAILURE_TIMEOUT * 1.5)  # the cluster has been beating for a while
+    outage_publisher.publish("/queue/work", {"n": 1, "kind": "busy", "seconds": 6.0})
+    wait_until(lambda: "busy 1 on" in a.output + b.output, timeout=10)
+    # When the store is frozen past every heartbeat's TTL, then thaws
+    private_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(FAILURE_TIMEOUT * 2.5)
+    finally:
+        private_redis.proc.send_signal(signal.SIGCONT)
+    # Then the busy consumer keeps its message: it is handled once, by the node that had it
+    wait_until(lambda: "finished 1 on" in a.output + b.output, timeout=20)
+    time.sleep(FAILURE_TIMEOUT * 2)
+    output = a.output + "\n" + b.output
+    assert output.count("busy 1 on") == 1 and "is gone" not in output, output
+    # And neither node says that it, or the other, left and came back
+    assert "member left" not in output and "re-joined" not in output, output
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_consumers_resume_as_soon_as_a_restarted_store_answers(node, outage_publisher, private_redis):
+    # Given a consuming node
+    worker = node("worker", IMMUTANT_REDIS_URL=private_redis.url)
+    ready(worker)
+    outage_publisher.publish("/queue/work", {"n": 0})
+    wait_until(lambda: handled(worker) == [0], timeout=10)
+    # When the store is killed, stays down a while, and is started again
+    private_redis.stop()
+    time.sleep(3.6)  # past Dramatiq's first fixed restart delay (3 s), which then finds it down
+    private_redis.start()
+    back = time.monotonic()
+    wait_until(lambda: _published(outage_publisher, {"n": 1}), timeout=10)
+    wait_until(lambda: 1 in handled(worker), timeout=15)
+    resumed = time.monotonic() - back
+    print(f"consumer resumed {resumed:.2f}s after the store answered again")
+    # Then it consumes again well before Dramatiq's next fixed restart (3 s after the last) would
+    assert resumed < 1.5
+
+
+def _published(messaging: Messaging, body: Any) -> bool:
+    try:
+        messaging.publish("/queue/work", body)
+    except redis.RedisError:
+        return False
+    return True
+
+
+def test_a_steady_trickle_spreads_evenly_over_three_nodes(node, publisher):
+    # Given three nodes listening on one queue, which poll an idle queue at different rates (their
+    # poll interval follows the failure timeout; on real hosts latency and load differ likewise)
+    nodes = [node(name, IMMUTANT_FAILURE_TIMEOUT=timeout) for name, timeout in (("one", "0.5"), ("two", "1.0"),
+                                                                                 ("three", "2.0"))]
+    for process in nodes:
+        ready(process)
+    time.sleep(1.0)
+    # When messages come one at a time, at a steady pace a consumer's poll backoff can lock onto
+    total, pace = TRICKLE
+    for n in range(total):
+        publisher.publish("/queue/work", {"n": n})
+        time.sleep(pace)
+    wait_until(lambda: sum(len(handled(p)) for p in nodes) >= total, timeout=30)
+    # Then the busiest node handles at most 1.5 times what the least busy one does
+    counts = sorted(len(handled(p)) for p in nodes)
+    print(f"{total} messages every {pace}s over three nodes: {counts}")
+    assert counts[-1] <= 1.5 * counts[0], counts
+
+
+#: Messages and the pause between them for the trickle test (one at a time, as at 1/s, faster).
+TRICKLE = (120, 0.2)

@@ -149,3 +149,33 @@ def test_a_malformed_reply_is_a_remote_error_not_a_crash(raw: bytes) -> None:
 
     ok, error = _reply(raw)
     assert not ok and "malformed reply" in error
+
+
+def test_contract_dramatiq_consumer_restart_delay_and_running_flag() -> None:
+    """The Redis broker's consumers resume on their own (redis_broker.resuming_redis_broker): that relies
+    on Dramatiq reading its restart delay from this module global at each restart, and on its
+    consumer threads saying whether they still run."""
+    import inspect
+
+    import dramatiq.worker
+
+    assert isinstance(dramatiq.worker.CONSUMER_RESTART_DELAY_SECS, (int, float))
+    source = inspect.getsource(dramatiq.worker.ConsumerThread.run)
+    assert "time.sleep(CONSUMER_RESTART_DELAY_SECS)" in source and "self.broker.consume(" in source
+    assert "self.running = False" in inspect.getsource(dramatiq.worker.ConsumerThread.stop)
+
+
+def test_contract_dramatiq_redis_consumer_hooks() -> None:
+    """redis_broker.waking_consumer subclasses whatever ``RedisBroker.consumer_class`` gives, reads its
+    message cache and prefetch counts, and relies on a zero ``timeout`` meaning "no backoff sleep"."""
+    import inspect
+
+    from dramatiq.brokers.redis import RedisBroker
+    from dramatiq.common import compute_backoff
+
+    assert "self.consumer_class(" in inspect.getsource(RedisBroker.consume)
+    consumer_source = inspect.getsource(RedisBroker.consumer_class.fget(None))  # type: ignore[union-attr]
+    for name in ("self.message_cache", "def outstanding_message_count", "self.prefetch",
+                 "compute_backoff(self.misses, max_backoff=self.timeout)", "def requeue"):
+        assert name in consumer_source, name
+    assert all(compute_backoff(misses, max_backoff=0)[1] == 0 for misses in range(40))

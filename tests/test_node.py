@@ -12,6 +12,9 @@ from typing import Any
 import pytest
 import requests
 
+from flask_immutant.balancer import registry
+from flask_immutant.keys import Keys
+
 from support import children_of, pid_alive, run_flask, wait_until
 
 APP = '''
@@ -46,9 +49,9 @@ def names(env: dict[str, str]) -> set[str]:
     return {m["name"] for m in members(env)}
 
 
-def http_get(port: int) -> requests.Response | None:
+def http_get(port: int, host: str = "127.0.0.1") -> requests.Response | None:
     try:
-        return requests.get(f"http://127.0.0.1:{port}/", timeout=5)
+        return requests.get(f"http://{host}:{port}/", timeout=5)
     except requests.RequestException:  # refused, or a runtime still starting on a loaded machine
         return None
 
@@ -206,3 +209,24 @@ def test_port_offset_moves_the_http_port(start_node, app_file, node_env):
     assert wait_until(lambda: http_get(port), timeout=10).status_code == 200
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", int(node_env["IMMUTANT_HTTP_PORT"]))) != 0
+
+
+def test_a_wildcard_bind_without_an_advertised_address_is_a_one_line_error(start_node):
+    node = start_node("--host", "0.0.0.0")
+    assert node.wait(20) != 0
+    errors = [line for line in node.lines if line.startswith("Error:")]
+    assert len(errors) == 1 and "IMMUTANT_ADVERTISE_HOST" in errors[0], node.output
+    assert "Traceback" not in node.output
+
+
+def test_a_node_advertises_the_address_it_is_told_to(start_node, app_file, node_env, store_client, cluster_name):
+    # Given a node bound to every interface, told to advertise another loopback address
+    node = start_node("--clustered", "--host", "0.0.0.0", "--advertise-host", "127.0.0.2", app=str(app_file))
+    node.wait_for("joined cluster")
+    # Then membership and its context (which both balancers route by) carry that address
+    assert [m["address"] for m in members(node_env)] == ["127.0.0.2"]
+    (context,) = wait_until(lambda: registry.contexts(store_client, Keys(cluster_name)), timeout=10)
+    assert context.host == "127.0.0.2"
+    # And the node answers there
+    port = int(node_env["IMMUTANT_HTTP_PORT"])
+    assert wait_until(lambda: http_get(port, host="127.0.0.2"), timeout=10).text == "hello"

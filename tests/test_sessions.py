@@ -20,7 +20,7 @@ from flask_immutant import ImmutantConfigError, ImmutantExtension, get_state
 from flask_immutant.web import regenerate
 from flask_immutant.web.sessions import SLIDE_GRANULARITY_CAP_MS
 
-from support import track, wait_until
+from support import REFUSALS, store_refusing, track, wait_until
 
 
 def make_app(home: Path, cluster: str, **config: Any) -> Flask:
@@ -286,6 +286,25 @@ def test_a_dead_store_answers_503_with_a_logged_reason_and_recovers(outage_app, 
     fresh = app.test_client()
     wait_until(lambda: fresh.post("/login/carol").status_code == 200, timeout=10, message="sessions to recover")
     assert fresh.get("/whoami").text == "carol"
+
+
+@pytest.mark.parametrize("reply", REFUSALS)
+def test_a_store_refusing_to_serve_is_an_outage_not_a_bug(outage_app, private_redis, reply) -> None:
+    client = outage_app.test_client()
+    client.post("/login/alice")
+    # When the store answers with an error reply that means "not now" (failover, no replicas, busy)
+    with store_refusing(private_redis.socket, reply):
+        # Then a request that must write its session gets a 503, never a 500
+        assert app_response(outage_app.test_client().post("/login/bob")) == 503
+        assert client.get("/ping").text == "pong"
+    # And sessions work again once it serves
+    fresh = outage_app.test_client()
+    wait_until(lambda: fresh.post("/login/carol").status_code == 200, timeout=10, message="sessions to recover")
+
+
+def app_response(response: Any) -> int:
+    assert "Traceback" not in response.text
+    return int(response.status_code)
 
 
 def test_status_section(app: Flask) -> None:

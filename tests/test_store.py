@@ -244,3 +244,18 @@ def test_nodes_bring_a_killed_embedded_store_back(own_home, start_node, node_env
     with contextlib.closing(store.client()) as client:
         assert client.get("survives") == b"2"
     wait_until(lambda: '"name"' in run_flask(["immutant", "status", "--json"], {**node_env, **env}).stdout, timeout=5)
+
+
+def test_one_rule_says_which_store_errors_are_outages() -> None:
+    from redis.sentinel import MasterNotFoundError
+
+    from flask_immutant.store.outage import is_outage
+
+    assert is_outage(MasterNotFoundError("No master found for 'mymaster'"))
+    assert is_outage(redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory"))
+    assert is_outage(redis.ResponseError("NOREPLICAS Not enough good replicas to write."))
+    assert is_outage(redis.ResponseError("Error running script (call to f_1): @user_script:1: @user_script: 1: "
+                                         "-READONLY You can't write against a read only replica."))
+    assert is_outage(redis.ResponseError("Command # 1 (DEL k) of pipeline caused error: BUSY Redis is busy"))
+    assert not is_outage(redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"))
+    assert not is_outage(redis.ResponseError("ERR unknown command 'BUSYX'"))

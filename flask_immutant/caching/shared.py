@@ -26,6 +26,7 @@ import redis
 from .. import lua
 from ..errors import StoreUnavailableError
 from ..keys import Keys
+from ..store.outage import STORE_ERRORS, is_outage
 from .base import MISSING, SWAP_RETRIES, CacheContentionError, ClusterCache, log
 from .breaker import CircuitBreaker
 from .serialization import Serializer
@@ -36,8 +37,6 @@ TYPED_CODEC = TypedMsgpackSerializer()
 
 T = TypeVar("T")
 
-#: Errors that mean "the store is not reachable now", as opposed to a bug or a wrong-type key.
-STORE_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, StoreUnavailableError)
 
 PLAIN, DEADLINE, MEMO, TYPED = 0, 1, 2, 3
 _INT_START = frozenset(b"-0123456789")
@@ -103,6 +102,8 @@ class SharedCache(ClusterCache):
                 self.client  # noqa: B018 - connect (and start the embedded store) inside the guard
             result = op()
         except STORE_ERRORS as exc:
+            if not is_outage(exc):
+                raise
             self.breaker.failure(exc)
             raise _Down(str(exc)) from exc
         self.breaker.success()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: Addresses that mean "every interface": a node bound to one advertises its host name instead.
+#: Addresses that mean "every interface": a node bound to one must be told what to advertise.
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 
 
@@ -31,6 +31,7 @@ class NodeIdentity:
     ports: Mapping[str, int]
     data_dir: Path
     clustered: bool
+    #: What other nodes and balancers connect to (IMMUTANT_ADVERTISE_HOST, else the bind address).
     address: str = field(default="")
 
     @classmethod
@@ -38,7 +39,10 @@ class NodeIdentity:
         offset = settings["IMMUTANT_PORT_OFFSET"]
         name = settings["IMMUTANT_NODE_NAME"] or default_node_name(offset)
         host = settings["IMMUTANT_HOST"]
-        address = socket.gethostname() if host in WILDCARD_HOSTS else host
+        # Outside a node (which refuses a wildcard bind with nothing to advertise) the host name
+        # is the best guess.
+        address = settings.get("IMMUTANT_ADVERTISE_HOST") or (socket.gethostname() if host in WILDCARD_HOSTS
+                                                               else host)
         return cls(
             name=name,
             host=host,

@@ -28,6 +28,7 @@ from ..keys import Keys
 from ..loops import Loop
 from ..records import check_types, hash_of, read_records, warn
 from ..store.connect import close_quietly
+from ..store.outage import Recovery
 from .identity import NodeIdentity
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ class Membership:
         self._on_store_error = on_store_error or (lambda exc: None)
         self._known: dict[str, Member] = {}
         self._reasons: dict[str, str] = {}
+        self._recovery = Recovery(failure_timeout)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._loops: list[Loop] = []
@@ -264,7 +266,8 @@ class Membership:
             self._claimed = False
             self._on_lost(f"node name {self.me.name!r} was claimed by another node while this one stalled")
         elif result == 2:
-            log.warning("node %s re-joined the cluster after missing its heartbeats", self.me.name)
+            # Its claim lapsed while the store or this node was frozen: it never left, so say only that.
+            log.warning("heartbeat restored after its claim lapsed (the store or this node was frozen)")
 
     def _watch(self) -> float:
         """Poll the members, then wait for an event, a wake or the heartbeat interval."""
@@ -306,10 +309,15 @@ class Membership:
 
     def _poll(self, pubsub: Any) -> None:
         members, expired = _read_members(self.store, self.keys, self.failure_timeout)
-        for name in expired:
-            if name != self.me.name:
-                self._scripts["reap"](keys=self._member_keys(name), args=[name])
+        self._recovery.answered()
         current = {m.name: m for m in members}
+        if self._recovery.trusted():
+            for name in expired:
+                if name != self.me.name:
+                    self._scripts["reap"](keys=self._member_keys(name), args=[name])
+        else:  # right after an outage every claim may have expired: wait for fresh heartbeats
+            current.update({n: self._known[n] for n in expired if n in self._known})
+        current.setdefault(self.me.name, self._known.get(self.me.name, self.me))  # we only leave by leave()
         for name, member in current.items():
             if name not in self._known:
                 self._known[name] = member

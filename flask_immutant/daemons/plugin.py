@@ -63,6 +63,8 @@ def daemon_status(state: ImmutantState, store: redis.Redis) -> list[dict[str, An
             holder = _singleton_holder(store, state, record["name"])
             entry.update(node=holder.node if holder else None, fencing_token=holder.fence if holder else None,
                          since=holder.since if holder else None, state="running" if holder else "waiting")
+            if holder is None or record["fencing_token"] != holder.fence:
+                entry.update(restarts=0, last_error=None)  # the record is an earlier holder's
         elif record["node"] not in live:
             continue
         result.append(entry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from .. import lua
 from ..cluster.lease import SAFETY_MARGIN, LeaseKeeper
 
 if TYPE_CHECKING:
@@ -86,6 +88,7 @@ class DaemonRunner:
         self._keeper: LeaseKeeper | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._record_script = lua.script(store, "daemon_record")
 
     @property
     def record_field(self) -> str:
@@ -110,6 +113,7 @@ class DaemonRunner:
 
     def _begin(self, fence: int | None) -> None:
         with self._lock:
+            self.restarts = 0  # counted per holding: the record shows the current holder's
             context = DaemonContext(self.spec.name, self.node, fence, self._keeper)
             self.context = context
             self._thread = threading.Thread(target=self._loop, args=(context,), daemon=True,
@@ -150,8 +154,8 @@ class DaemonRunner:
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 log.exception("daemon %s failed", self.spec.name)
-            if context.stopping.is_set():
-                break
+            if not context.valid():
+                break  # the lease was lost (or the daemon told to stop): returning was right
             if error is None:
                 log.warning("daemon %s returned while it should run; restarting", self.spec.name)
                 error = "start function returned"
@@ -177,12 +181,17 @@ class DaemonRunner:
             log.exception("daemon %s: stop function failed", self.spec.name)
 
     def _write_record(self, state: str, context: DaemonContext | None = None, error: str | None = None) -> None:
+        fence = context.fence if context else None
+        if context is not None and not context.valid():
+            return  # no longer the holder: the record is the new holder's to write
         record = {
-            "name": self.spec.name, "singleton": self.spec.singleton, "node": self.node, "state": state,
-            "since": time.time(), "fencing_token": context.fence if context else None,
-            "restarts": self.restarts, "last_error": error,
+            "name": self.spec.name, "singleton": self.spec.singleton, "node": self.node, "pid": os.getpid(),
+            "state": state, "since": time.time(), "fencing_token": fence, "restarts": self.restarts,
+            "last_error": error,
         }
         try:
-            self.store.hset(self.keys.daemons, self.record_field, json.dumps(record))
+            self._record_script(keys=[self.keys.daemons],
+                                args=[self.record_field, json.dumps(record), "" if fence is None else fence,
+                                      f"{self.node}:{os.getpid()}"])
         except redis.RedisError as exc:
             log.debug("daemon %s: status record not written: %s", self.spec.name, exc)

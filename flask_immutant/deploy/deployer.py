@@ -72,7 +72,6 @@ class Deployer:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._pubsub: Any = None
-        # Spawned from this long-lived thread: a runtime's parent-death signal follows the thread.
         self._loop = Loop("deployer", self._step, 0.0, on_error=self._drop_subscription)
         self._stop = self._loop.stopping
 
@@ -217,7 +216,7 @@ class Deployer:
             self._retire(current, self.node.settings["IMMUTANT_SHUTDOWN_TIMEOUT"],
                          close_listener=current.own_listener and current.listener is not listener)
         port = listener.getsockname()[1]
-        log.info("deployed %s on http://%s:%d%s", deployment.label, self.node.identity.host, port,
+        log.info("deployed %s on http://%s:%d%s", deployment.label, self.node.identity.address, port,
                  deployment.context_path)
         self._report(fresh)
 

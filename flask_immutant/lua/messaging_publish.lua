@@ -2,6 +2,8 @@
 -- a topic), dropping it if its idempotency key was seen within the window.
 -- KEYS[1]: the idempotency key's marker (any key when there is none)
 -- ARGV: dedupe_ttl_ms (0: no key), namespace, then per target: queue, message id, data, front (1/0)
+-- Each message also leaves a token on the queue's wake list, where idle consumers wait (BLPOP):
+-- Redis hands it to the one that has waited longest. The list is capped (tokens only wake).
 -- Returns -1 for a duplicate, else the number of queues written.
 local ttl = tonumber(ARGV[1])
 if ttl > 0 then
@@ -18,6 +20,10 @@ for i = 3, #ARGV, 4 do
         redis.call("lpush", queue, ARGV[i + 1])
     else
         redis.call("rpush", queue, ARGV[i + 1])
+    end
+    if string.sub(queue, -3) ~= ".DQ" then
+        redis.call("rpush", queue .. ".wake", "1")
+        redis.call("ltrim", queue .. ".wake", -64, -1)
     end
     written = written + 1
 end

@@ -1,13 +1,26 @@
 -- Requeue the unacknowledged messages of dead consumers, at the head of their queues.
--- A consumer is dead when its heartbeat key (TTL = failure timeout) is gone.
--- KEYS[1]: SET of consumer ids; KEYS[2]: SET of consumed Dramatiq queue names
--- ARGV[1]: Dramatiq namespace; ARGV[2]: heartbeat key prefix (id appended)
+-- A consumer is dead when its heartbeat key (TTL = failure timeout) is gone, judged only once
+-- beats have come without a gap for a whole failure timeout: right after an outage or a store
+-- restart every heartbeat may have expired, the living's too, and they must not be robbed.
+-- KEYS[1]: SET of consumer ids; KEYS[2]: SET of consumed Dramatiq queue names; KEYS[3]: HASH last/since
+-- ARGV[1]: Dramatiq namespace; ARGV[2]: heartbeat key prefix (id appended); ARGV[3]: failure timeout ms
+-- ARGV[4] (optional): only this consumer, which is leaving (no waiting for a run of beats)
 -- Returns a flat list: dead id, messages requeued, dead id, messages requeued...
 local namespace = ARGV[1]
 local prefix = ARGV[2]
-local queues = redis.call("smembers", KEYS[2])
 local result = {}
-for _, id in ipairs(redis.call("smembers", KEYS[1])) do
+local time = redis.call("time")
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local last = tonumber(redis.call("hget", KEYS[3], "last"))
+local since = tonumber(redis.call("hget", KEYS[3], "since"))
+local leaving = ARGV[4]
+if not leaving and (not last or not since or now - last > tonumber(ARGV[3]) / 2
+                    or now - since < tonumber(ARGV[3])) then
+    return result
+end
+local queues = redis.call("smembers", KEYS[2])
+local candidates = leaving and {leaving} or redis.call("smembers", KEYS[1])
+for _, id in ipairs(candidates) do
     if redis.call("exists", prefix .. id) == 0 then
         local moved = 0
         for _, queue in ipairs(queues) do
@@ -17,6 +30,10 @@ for _, id in ipairs(redis.call("smembers", KEYS[1])) do
                 for _, message_id in ipairs(redis.call("smembers", acks)) do
                     if redis.call("hexists", messages, message_id) == 1 then
                         redis.call("lpush", namespace .. ":" .. name, message_id)
+                        if name == queue then  -- wake an idle consumer (see messaging_publish.lua)
+                            redis.call("rpush", namespace .. ":" .. name .. ".wake", "1")
+                            redis.call("ltrim", namespace .. ":" .. name .. ".wake", -64, -1)
+                        end
                         moved = moved + 1
                     end
                 end

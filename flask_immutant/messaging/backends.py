@@ -25,6 +25,7 @@ from dramatiq.middleware import Middleware
 
 from .. import lua
 from ..keys import Keys
+from .redis_broker import WAKE_TOKENS, resuming_redis_broker
 
 log = logging.getLogger("flask_immutant.messaging")
 
@@ -72,17 +73,22 @@ class Backend:
     def describe(self) -> str:
         raise NotImplementedError
 
-    def reap(self) -> list[tuple[str, int]]:
-        """Requeue the unacked messages of dead consumers; returns ``(consumer id, requeued)``."""
+    def reap(self, failure_timeout: float, leaving: str | None = None) -> list[tuple[str, int]]:
+        """Requeue the unacked messages of dead consumers (or of ``leaving`` only, which stopped);
+        returns ``(consumer id, requeued)``."""
+        args: list[Any] = [self.keys.messaging_namespace, self.keys.messaging_consumer(""), int(failure_timeout * 1000)]
         flat = self._reap(
-            keys=[self.keys.messaging_consumers, self.keys.messaging_queues],
-            args=[self.keys.messaging_namespace, self.keys.messaging_consumer("")],
+            keys=[self.keys.messaging_consumers, self.keys.messaging_queues, self.keys.messaging_beats],
+            args=args + ([leaving] if leaving else []),
         )
         pairs = []
         for index in range(0, len(flat), 2):
             name = flat[index].decode() if isinstance(flat[index], bytes) else str(flat[index])
             pairs.append((name, int(flat[index + 1])))
         return pairs
+
+    def wake(self, queues: Sequence[str]) -> None:
+        """Wake every consumer waiting on ``queues`` (this process's, which are stopping, too)."""
 
     def dedupe_marked(self, dedupe: tuple[str, int] | None) -> bool:
         """Mark an idempotency key in the store; False if it was already marked."""
@@ -105,9 +111,11 @@ class RedisBackend(Backend):
         self._publish = lua.script(self.client, "messaging_publish")
 
     def make_broker(self, middleware: Sequence[Middleware], consumer_id: str | None = None) -> Broker:
-        from dramatiq.brokers.redis import RedisBroker
+        import dramatiq.worker
 
-        broker = RedisBroker(
+        # The consumer waits for the store itself (redis_broker.py), not a fixed 3 s.
+        dramatiq.worker.CONSUMER_RESTART_DELAY_SECS = 0.0
+        broker = resuming_redis_broker()(
             client=self.client, namespace=self.namespace, middleware=list(middleware),
             heartbeat_timeout=DRAMATIQ_HEARTBEAT_TIMEOUT,
         )
@@ -134,6 +142,14 @@ class RedisBackend(Backend):
         key = dedupe[0] if dedupe else self.namespace
         return int(self._publish(keys=[key], args=args)) >= 0
 
+    def wake(self, queues: Sequence[str]) -> None:
+        waiting = int(self.store.scard(self.keys.messaging_consumers)) + 1
+        pipe = self.client.pipeline(transaction=False)
+        for queue in queues:
+            pipe.rpush(self.keys.messaging_wake(queue), *["1"] * waiting)
+            pipe.ltrim(self.keys.messaging_wake(queue), -max(WAKE_TOKENS, waiting), -1)
+        pipe.execute()
+
     def queue_stats(self, broker: Broker | None, queue: str) -> dict[str, int | None]:
         base = f"{self.namespace}:{queue}"
         pipe = self.client.pipeline(transaction=False)
@@ -147,7 +163,8 @@ class RedisBackend(Backend):
 
     def delete_queue(self, broker: Broker, queue: str) -> None:
         base = f"{self.namespace}:{queue}"
-        self.client.delete(base, f"{base}.msgs", f"{base}.DQ", f"{base}.DQ.msgs", f"{base}.XQ", f"{base}.XQ.msgs")
+        self.client.delete(base, f"{base}.msgs", f"{base}.DQ", f"{base}.DQ.msgs", f"{base}.XQ", f"{base}.XQ.msgs",
+                           self.keys.messaging_wake(queue))
 
     def describe(self) -> str:
         return "redis (cluster store)" if not self.url else "redis"

@@ -170,6 +170,10 @@ class Engine:
 
     def stop(self, timeout: float) -> None:
         """Finish handlers in progress (bounded), put prefetched messages back, leave."""
+        try:
+            self.backend.wake(list(self.bindings))  # our idle consumers stop now, not after their wait
+        except redis.RedisError as exc:
+            log.debug("could not wake idle consumers: %s", exc)
         self.worker.stop(timeout=int(timeout * 1000))
         for loop in self._loops:
             loop.stop(timeout=1.0)
@@ -178,7 +182,8 @@ class Engine:
                 if binding.owned:
                     self._drop_subscription(binding)
             self.messaging.state.store.delete(self.keys.messaging_consumer(self.consumer_id))
-            self.backend.reap()  # anything still unacked (a handler outlived the timeout) goes back now
+            # anything still unacked (a handler outlived the timeout) goes back now
+            self.backend.reap(self.failure_timeout, leaving=self.consumer_id)
         except redis.RedisError as exc:
             log.warning("messaging could not leave cleanly (%s); the reaper of another node will", exc)
         self.broker.close()
@@ -327,7 +332,8 @@ class Engine:
             prefetched=self._prefetched(),
         )
         self._heartbeat(
-            keys=[self.keys.messaging_consumer(self.consumer_id), self.keys.messaging_consumers],
+            keys=[self.keys.messaging_consumer(self.consumer_id), self.keys.messaging_consumers,
+                  self.keys.messaging_beats],
             args=[self.consumer_id, record, int(self.failure_timeout * 1000)],
         )
 
@@ -351,7 +357,7 @@ class Engine:
 
     def reap_once(self) -> list[tuple[str, int]]:
         """Give the unacknowledged messages of dead consumers back to their queues."""
-        dead = self.backend.reap()
+        dead = self.backend.reap(self.failure_timeout)
         for consumer_id, moved in dead:
             log.warning("messaging: consumer %s is gone; %d unacknowledged message(s) requeued", consumer_id, moved)
         if dead:

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import logging
 import os
+import queue
 import select
 import signal
 import socket
@@ -19,12 +20,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any, TypeVar
 
 import redis
 
 from ..cluster import Member, Membership, NodeIdentity
+from ..cluster.identity import WILDCARD_HOSTS
 from ..errors import NodeStartError
 from ..extension import ImmutantState
 from ..loops import Loop
@@ -32,6 +36,7 @@ from ..store import EmbeddedStore, client_from_url, describe_url, store_url
 from .runtime import EXIT_APP_FAILED, set_parent_death_signal
 
 log = logging.getLogger("flask_immutant.node")
+T = TypeVar("T")
 
 #: Restart backoff for a crashed app runtime: first delay, cap, and the uptime that resets it.
 RESTART_BACKOFF = (0.5, 30.0, 30.0)
@@ -50,6 +55,40 @@ class AppTarget:
     @property
     def label(self) -> str:
         return self.import_path or os.path.basename(self.root)
+
+
+class _Spawner:
+    """Starts every app runtime from one thread that lives as long as the process.
+
+    Linux binds a child's parent-death signal to the *thread* that forked it, not the process: a
+    runtime spawned from a thread that ends (the deployer's, at shutdown) is SIGKILLed right then,
+    before the node could stop it gracefully. From this thread it dies only with the node.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def call(self, fn: Callable[[], T]) -> T:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="immutant-spawner", daemon=True)
+                self._thread.start()
+        done: Future[T] = Future()
+        self._requests.put((fn, done))
+        return done.result()
+
+    def _run(self) -> None:
+        while True:
+            fn, done = self._requests.get()
+            try:
+                done.set_result(fn())
+            except BaseException as exc:  # handed to the caller
+                done.set_exception(exc)
+
+
+_spawner = _Spawner()
 
 
 class RuntimeProcess:
@@ -77,10 +116,10 @@ class RuntimeProcess:
             "--listen-fd", str(fds[0]), "--lifeline-fd", str(lifeline_r), "--ready-fd", str(ready_w),
         ]
         env = {**os.environ, **self.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(
+        self.process = _spawner.call(lambda: subprocess.Popen(
             args, cwd=self.target.root, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
             preexec_fn=set_parent_death_signal,
-        )
+        ))
         os.close(lifeline_r)
         os.close(ready_w)
         os.set_inheritable(self._lifeline_w, False)
@@ -231,6 +270,11 @@ class Node:
         self.state = state
         self.settings = state.settings
         self.identity = NodeIdentity.from_settings(self.settings)
+        if self.identity.host in WILDCARD_HOSTS and not self.settings["IMMUTANT_ADVERTISE_HOST"]:
+            raise NodeStartError(
+                f"IMMUTANT_HOST={self.identity.host} binds every interface, so other nodes and balancers "
+                "cannot tell which address reaches this node: set IMMUTANT_ADVERTISE_HOST (--advertise-host)"
+            )
         self.target = target
         self.offset_given = offset_given
         self.store: redis.Redis | None = None
@@ -254,7 +298,8 @@ class Node:
         embedded = "" if self.settings["IMMUTANT_REDIS_URL"] else " (embedded)"
         return (
             f"flask-immutant node {ident.name}: cluster={self.state.keys.cluster} "
-            f"clustered={'yes' if ident.clustered else 'no'} host={ident.host} {ports} "
+            f"clustered={'yes' if ident.clustered else 'no'} host={ident.host}"
+            f"{f' advertise={ident.address}' if ident.address != ident.host else ''} {ports} "
             f"offset={ident.port_offset} data={ident.data_dir} "
             f"store={describe_url(self.effective_url())}{embedded} "
             f"app={self.target.label if self.target else '(none: waiting for deployments)'}"
@@ -311,7 +356,7 @@ class Node:
         runtime.spawn()
         self.runtimes.append(runtime)
         if runtime.wait_ready(READY_TIMEOUT, self.stop_requested):
-            log.info("app %s serves on http://%s:%d", target.label, self.identity.host, self.identity.http_port)
+            log.info("app %s serves on http://%s:%d", target.label, self.identity.address, self.identity.http_port)
         return runtime
 
     def run(self) -> None:
@@ -339,13 +384,14 @@ class Node:
         if self.stopped.is_set():
             return
         self.stopped.set()
-        self.state.pm.hook.immutant_node_stopping(node=self)
-        if self.idle_responder is not None:
-            self.idle_responder.served.set()
         timeout = self.settings["IMMUTANT_SHUTDOWN_TIMEOUT"]
+        # The node's own runtimes stop while plugins stop theirs (the deployer's), all in parallel.
         threads = [threading.Thread(target=r.stop, args=(timeout,)) for r in self.runtimes]
         for thread in threads:
             thread.start()
+        self.state.pm.hook.immutant_node_stopping(node=self)
+        if self.idle_responder is not None:
+            self.idle_responder.served.set()
         for thread in threads:
             thread.join()
         if self.membership is not None:

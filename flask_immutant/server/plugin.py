@@ -25,6 +25,8 @@ def immutant_register_commands(cli: click.Group) -> None:
 @click.option("--node-name", default=None, help="Node name (IMMUTANT_NODE_NAME); default: host name + offset.")
 @click.option("--port-offset", type=int, default=None, help="Added to every port (IMMUTANT_PORT_OFFSET).")
 @click.option("--host", default=None, help="Address to bind (IMMUTANT_HOST), default 127.0.0.1.")
+@click.option("--advertise-host", default=None,
+              help="Address other nodes and balancers reach this node at (IMMUTANT_ADVERTISE_HOST).")
 @click.option("--threads", type=int, default=None, help="HTTP threads per app runtime (IMMUTANT_THREADS).")
 @click.option("--home", default=None, help="Folder for the store and node data (IMMUTANT_HOME).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
@@ -36,6 +38,7 @@ def run(ctx: click.Context, verbose: bool, **options: Any) -> None:
         "IMMUTANT_NODE_NAME": options["node_name"],
         "IMMUTANT_PORT_OFFSET": options["port_offset"],
         "IMMUTANT_HOST": options["host"],
+        "IMMUTANT_ADVERTISE_HOST": options["advertise_host"],
         "IMMUTANT_THREADS": options["threads"],
         "IMMUTANT_HOME": options["home"],
     }

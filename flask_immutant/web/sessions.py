@@ -32,7 +32,8 @@ from werkzeug.exceptions import ServiceUnavailable
 from .. import lua
 from ..caching.breaker import CircuitBreaker
 from ..caching.serialization import Serializer
-from ..errors import ImmutantError, StoreUnavailableError
+from ..errors import ImmutantError
+from ..store.outage import STORE_ERRORS, is_outage
 
 if TYPE_CHECKING:
     from ..extension import ImmutantState
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("flask_immutant.sessions")
 T = TypeVar("T")
 
-STORE_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, StoreUnavailableError)
 #: Session ids accepted from a cookie; anything else starts a new session (and never becomes a key).
 SID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{20,128}$")
 #: Fraction of the lifetime a session's expiry may slide before it is pushed back (capped at a
@@ -129,6 +129,8 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]
         try:
             result = op()
         except STORE_ERRORS as exc:
+            if not is_outage(exc):
+                raise
             self.breaker.failure(exc)
             raise SessionUnavailable(f"{type(exc).__name__}: {exc}") from exc
         self.breaker.success()

@@ -1,0 +1,134 @@
+"""Dramatiq's Redis broker, made to resume at once after an outage and to spread a trickle evenly.
+
+Two changes, both through Dramatiq's extension points (a broker subclass and its
+``consumer_class``; tests/test_messaging_units.py holds the contract tests):
+
+- a consumer that lost the store waits for it itself instead of Dramatiq's fixed 3 s restart delay;
+- an idle consumer waits on its queue's wake list (BLPOP) instead of polling with a backoff, and
+  every publish, retry and requeue adds a token there, so Redis hands a trickle of messages to the
+  consumer that has waited longest, round the nodes in turn.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+from dramatiq import Message
+
+log = logging.getLogger("flask_immutant.messaging")
+
+#: Wake tokens kept per queue (more would only wake idle consumers for nothing).
+WAKE_TOKENS = 64
+#: Longest wait of an idle consumer for a token, seconds. Long, so waits seldom time out: a
+#: consumer whose wait timed out goes to the back of the line. Below the store's socket timeout.
+IDLE_WAIT = 3.0
+#: Seconds a consumer holding as many messages as its prefetch waits before looking again.
+SATURATED_POLL = 0.05
+#: Seconds between PINGs of a consumer waiting for the store to come back.
+RESUME_POLL = 0.05
+#: Pause before a consumer that failed again soon after resuming resumes again: first, cap (s).
+RESUME_BACKOFF = (0.05, 1.0)
+
+
+@functools.cache
+def resuming_redis_broker() -> Any:
+    from dramatiq.brokers.redis import RedisBroker
+
+    class ResumingRedisBroker(RedisBroker):  # type: ignore[misc]
+        """Dramatiq's Redis broker whose consumers resume as soon as the store answers again.
+
+        After a broker error Dramatiq's consumer thread sleeps a fixed delay (3 s) and calls
+        :meth:`consume` again. Here the delay is zero and ``consume`` waits instead: until the store
+        answers a PING (checked every :data:`RESUME_POLL`), and with a growing pause when it keeps
+        failing soon after resuming (a store that answers PING but refuses writes)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._resumes: dict[int, tuple[float, int]] = {}
+
+        @property
+        def consumer_class(self) -> type:
+            return waking_consumer(super().consumer_class)
+
+        def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+            """Dramatiq's own enqueues (a retry, a delayed message coming due) wake a consumer too."""
+            enqueued = super().enqueue(message, delay=delay)
+            if delay is None:
+                wake = f"{self.namespace}:{enqueued.queue_name}.wake"
+                pipe = self.client.pipeline(transaction=False)
+                pipe.rpush(wake, "1").ltrim(wake, -WAKE_TOKENS, -1).execute()
+            return enqueued
+
+        def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
+            thread = threading.current_thread()
+            last, quick_failures = self._resumes.get(thread.ident or 0, (0.0, 0))
+            quick_failures = quick_failures + 1 if time.monotonic() - last < RESUME_BACKOFF[1] * 2 else 0
+            if quick_failures:
+                time.sleep(min(RESUME_BACKOFF[1], RESUME_BACKOFF[0] * 2 ** quick_failures))
+            waited = False
+            while getattr(thread, "running", True):  # a Dramatiq ConsumerThread being stopped
+                try:
+                    self.client.ping()
+                    break
+                except redis.RedisError as exc:
+                    if not waited:
+                        log.warning("messaging: consumer of %s waits for the store (%s)", queue_name, exc)
+                    waited = True
+                    time.sleep(RESUME_POLL)
+            if waited:
+                log.info("messaging: consumer of %s resumes", queue_name)
+            self._resumes[thread.ident or 0] = (time.monotonic(), quick_failures)
+            if queue_name.endswith(".DQ"):  # polled: it must also look at due times regularly
+                return super().consume(queue_name, prefetch, timeout)
+            consumer: Any = super().consume(queue_name, prefetch, 0)  # no backoff sleep: waits for a token
+            consumer.idle_wait = IDLE_WAIT
+            return consumer
+
+    return ResumingRedisBroker
+
+
+@functools.cache
+def waking_consumer(base: type) -> type:
+    class WakingConsumer(base):  # type: ignore[misc,valid-type]
+        """Dramatiq's Redis consumer, which on an empty queue waits on the queue's wake list
+        instead of polling with a backoff.
+
+        Polling hands a message to whichever consumer happens to poll first, and a consumer that
+        just got one polls densely for a while, so a steady trickle clusters on a few nodes. Redis
+        gives each token to the consumer that has blocked longest, so a trickle goes round the
+        consumers in turn, as RabbitMQ does. ``idle_wait`` (seconds) bounds a wait, so messages
+        that came without a token (the reaper's requeues) are still fetched."""
+
+        idle_wait: float | None = None
+        _idle = False
+
+        def __next__(self) -> Any:
+            if self.idle_wait is not None and self._idle and not self.message_cache:
+                if self.outstanding_message_count >= self.prefetch:
+                    time.sleep(SATURATED_POLL)  # busy: leave the tokens to consumers that can fetch
+                else:
+                    try:
+                        self.broker.client.blpop([f"{self.broker.namespace}:{self.queue_name}.wake"],
+                                                 timeout=self.idle_wait)
+                    except (redis.ConnectionError, redis.TimeoutError) as exc:
+                        from dramatiq.errors import ConnectionClosed
+
+                        raise ConnectionClosed(exc) from None
+            message = super().__next__()
+            self._idle = message is None
+            return message
+
+        def requeue(self, messages: Any) -> None:
+            messages = list(messages)
+            super().requeue(messages)
+            if messages:
+                wake = f"{self.broker.namespace}:{self.queue_name}.wake"
+                pipe = self.broker.client.pipeline(transaction=False)
+                pipe.rpush(wake, *["1"] * len(messages)).ltrim(wake, -WAKE_TOKENS, -1).execute()
+
+    return WakingConsumer
