@@ -202,7 +202,7 @@ class EmbeddedBalancer:
                     async for chunk in upstream.content.iter_chunked(CHUNK):
                         await response.write(chunk)
                 await response.write_eof()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 # The backend failed mid-response: the status line is gone, so cut the connection.
                 assert decision.backend is not None
                 log.warning("%s %s: node %s failed while answering: %s", request.method, request.path_qs,

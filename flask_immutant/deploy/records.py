@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImmutantError
+from ..private import make_private_dir
 
 SIGNATURE_ALGORITHM = "hmac-sha256"
 
@@ -92,7 +93,7 @@ def cluster_secret(settings: Mapping[str, Any]) -> bytes:
     if configured:
         return str(configured).encode()
     path = Path(settings["IMMUTANT_HOME"]) / "secret"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(path.parent)  # IMMUTANT_HOME is owner-only when we create it
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
