@@ -119,11 +119,12 @@ def test_a_stale_socket_file_does_not_prevent_a_start(own_home):
     assert store.is_running()
 
 
-def test_a_deep_home_gets_a_short_private_socket():
+def test_a_deep_home_gets_a_short_socket_in_a_private_folder():
     deep = Path("/tmp") / ("d" * 120)
     store = EmbeddedStore(deep)
     assert len(str(store.socket)) <= MAX_SOCKET_PATH
-    assert str(os.getuid()) in store.socket.name
+    folder = store.socket.parent.lstat()
+    assert folder.st_uid == os.geteuid() and folder.st_mode & 0o777 == 0o700
     assert EmbeddedStore(Path("/tmp") / ("e" * 120)).socket != store.socket
 
 
