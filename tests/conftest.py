@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 
+from flask_immutant.portable import PORTABLE_ENV
 from flask_immutant.store import EmbeddedStore
 
 from support import TRACKED_APPS, NodeProcess, free_port_base, stop_embedded_store
@@ -51,7 +52,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process apps read the process environment: keep the tester's IMMUTANT_* out of it, for
     every test, so an exported IMMUTANT_REDIS_URL never reaches a real store from a test."""
     for key in list(os.environ):
-        if key.startswith("IMMUTANT_"):
+        if key.startswith("IMMUTANT_") and key != PORTABLE_ENV:  # that one is the tier's, not the app's
             monkeypatch.delenv(key)
 
 
@@ -97,6 +98,8 @@ def node_env(immutant_home: Path, embedded_store: EmbeddedStore, cluster_name: s
         IMMUTANT_HTTP_PORT=str(free_port_base()),
         PYTHONUNBUFFERED="1",
     )
+    if PORTABLE_ENV in os.environ:
+        env[PORTABLE_ENV] = os.environ[PORTABLE_ENV]  # a portable run runs its nodes portably too
     return env
 
 
