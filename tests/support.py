@@ -17,6 +17,15 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+#: Wall-clock upper bounds in tests are multiplied by this (a shared or slow machine, parallel
+#: workers); bounds that tell one mechanism from another (a release from a TTL expiry) are not.
+TIME_SLACK = float(os.environ.get("TEST_TIME_SLACK", "1.5"))
+
+
+def within(seconds: float) -> float:
+    """An upper bound of ``seconds`` on wall-clock time, with the suite's slack."""
+    return seconds * TIME_SLACK
+
 
 def wait_until(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, message: str = "") -> T:
     """Poll ``condition`` until it returns something truthy; fail with ``message`` at the deadline."""
