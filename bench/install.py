@@ -6,8 +6,8 @@ fresh virtualenv and times, from a warm pip cache (one untimed install first fil
 - **install**: ``pip install -e SOURCE`` (the Quick start's first command, without the run);
 - **serve**: ``python -m flask --app example_app/app immutant run --clustered`` in a fresh
   ``IMMUTANT_HOME`` (the node also starts the embedded store) until its first HTTP 200;
-- **peer**: ``pip install flask`` in another fresh virtualenv, then ``flask run`` of the same app
-  until its first HTTP 200: the least a Flask app needs.
+- **peer**: ``pip install flask`` in another fresh virtualenv, then ``flask run`` of a one-route
+  app until its first HTTP 200: the least a Flask app needs.
 
 The untimed warming install is reported too: on an interpreter with no wheel for a dependency it
 is where pip compiles (what a user without a pip cache waits).
@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 APP = "example_app/app"
 DEADLINE = 120.0
+PEER_APP = "from flask import Flask\napp = Flask(__name__)\n\n@app.get('/')\ndef index():\n    return 'hi'\n"
 
 
 def free_port() -> int:
@@ -122,8 +123,13 @@ def measure(python: str, source: Path) -> dict[str, float | str]:
     with venv(python) as py:
         peer_install = timed([str(py), "-m", "pip", "install", "-q", "flask"], source, env)
         port = free_port()
-        peer_serve = time_to_http([str(py), "-m", "flask", "--app", APP, "run", "--port", str(port)],
-                                  source, clean_environ(), port)
+        folder = Path(tempfile.mkdtemp(prefix="imb-peer-"))
+        (folder / "hello.py").write_text(PEER_APP)
+        try:
+            peer_serve = time_to_http([str(py), "-m", "flask", "--app", "hello", "run", "--port", str(port)],
+                                      folder, clean_environ(), port)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     return {"python": version, "warming": warming, "install": install, "serve": serve, "server": server,
             "peer_install": peer_install, "peer_serve": peer_serve}
 
