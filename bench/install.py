@@ -115,7 +115,8 @@ def measure(python: str, source: Path) -> dict[str, float | str]:
             serve = time_to_http([str(py), "-m", "flask", "--app", APP, "immutant", "run", "--clustered"],
                                  source, node_env, port)
             which = "from flask_immutant.store.embedded import redis_server_binary as b; print(b())"
-            server = subprocess.run([str(py), "-c", which], capture_output=True, text=True, check=False).stdout.strip()
+            server = subprocess.run([str(py), "-c", which], cwd=home, capture_output=True, text=True,
+                                    check=False).stdout.strip()  # not from cwd: the installed package
         finally:
             subprocess.run([str(py), "-m", "flask", "immutant", "store", "stop"], cwd=home,
                            env=clean_environ(IMMUTANT_HOME=str(home)), capture_output=True, check=False)
