@@ -1,11 +1,14 @@
-"""Fixtures: one real embedded redis-server per test session, a fresh cluster name per test,
-and node subprocesses that are always cleaned up."""
+"""Fixtures: one real embedded store server per test session (per xdist worker), a fresh cluster
+name per test, node subprocesses that are always cleaned up; and the tiers: every test gets its
+markers (unit, nodes, rabbitmq, haproxy, browser, multihost) from the rule in
+``pytest_collection_modifyitems``, so new tests need no marker of their own."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 
+from flask_immutant.portable import PORTABLE_ENV
 from flask_immutant.store import EmbeddedStore
 
 from support import TRACKED_APPS, NodeProcess, free_port_base, stop_embedded_store
@@ -43,11 +47,12 @@ def embedded_store(immutant_home: Path) -> Iterator[EmbeddedStore]:
         stop_embedded_store(store)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process apps read the process environment: keep the tester's IMMUTANT_* out of it."""
+    """In-process apps read the process environment: keep the tester's IMMUTANT_* out of it, for
+    every test, so an exported IMMUTANT_REDIS_URL never reaches a real store from a test."""
     for key in list(os.environ):
-        if key.startswith("IMMUTANT_"):
+        if key.startswith("IMMUTANT_") and key != PORTABLE_ENV:  # that one is the tier's, not the app's
             monkeypatch.delenv(key)
 
 
@@ -93,6 +98,8 @@ def node_env(immutant_home: Path, embedded_store: EmbeddedStore, cluster_name: s
         IMMUTANT_HTTP_PORT=str(free_port_base()),
         PYTHONUNBUFFERED="1",
     )
+    if PORTABLE_ENV in os.environ:
+        env[PORTABLE_ENV] = os.environ[PORTABLE_ENV]  # a portable run runs its nodes portably too
     return env
 
 
@@ -171,3 +178,92 @@ def private_redis() -> Iterator[PrivateRedis]:
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- tiers: markers from one rule, and services that skip locally but fail in CI ----------------
+
+#: marker -> (module-name words, fixture-name words, parameter values) that put a test in it.
+#: Fixture names are matched over the whole fixture closure, so a fixture built on ``node_env``
+#: or ``start_node`` makes its users ``nodes`` tests too.
+TIERS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "multihost": (("multihost", "netns"), ("netns", "namespace", "multihost"), ()),
+    "browser": (("browser",), ("browser", "playwright"), ()),
+    "haproxy": (("haproxy",), ("haproxy",), ("haproxy",)),
+    "rabbitmq": (("rabbitmq",), ("rabbitmq",), ("rabbitmq",)),
+    "nodes": ((), ("node_env", "start_node", "nodes"), ()),
+}
+#: The tiers that need more than Python and the embedded store: checked before each such test.
+SERVICE_TIERS = ("rabbitmq", "haproxy", "browser", "multihost")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, about in [
+        ("unit", "in-process tests (may use the shared embedded store); the fast tier: pytest -m unit"),
+        ("nodes", "start node, balancer or CLI subprocesses"),
+        ("rabbitmq", "need RabbitMQ on 127.0.0.1:5672"),
+        ("haproxy", "need the haproxy binary"),
+        ("browser", "need /usr/bin/chromium (Playwright drives it)"),
+        ("multihost", "need root and network namespaces"),
+    ]:
+        config.addinivalue_line("markers", f"{name}: {about}")
+
+
+def tiers_of(item: pytest.Item) -> set[str]:
+    """The markers the rule gives ``item``: by its module's name, the fixtures it uses and its
+    parameters; a test none of them matches is ``unit``."""
+    module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].lower()
+    fixtures = [name.lower() for name in getattr(item, "fixturenames", ())]
+    callspec = getattr(item, "callspec", None)
+    params = [str(value).lower() for value in callspec.params.values()] if callspec else []
+    found = {
+        tier for tier, (modules, fixture_words, values) in TIERS.items()
+        if any(word in module for word in modules)
+        or any(word in name for word in fixture_words for name in fixtures)
+        or any(value in values for value in params)
+    }
+    if found & set(SERVICE_TIERS):
+        found.add("nodes")  # a service test runs processes, never in the fast tier
+    return found or {"unit"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for tier in tiers_of(item):
+            item.add_marker(tier)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def missing_service(tier: str) -> str | None:
+    """Why the service a tier needs is not here, or None when it is."""
+    if tier == "rabbitmq" and not _port_open(5672):
+        return "RabbitMQ is not running on 127.0.0.1:5672 (apt-get install rabbitmq-server; .ci/run starts it)"
+    if tier == "haproxy" and not (shutil.which("haproxy") or os.path.exists("/usr/sbin/haproxy")):
+        return "haproxy is not installed (apt-get install haproxy; .ci/run does)"
+    if tier == "browser" and not os.path.exists("/usr/bin/chromium"):
+        return "/usr/bin/chromium is missing (apt-get install chromium; .ci/run does)"
+    if tier == "multihost" and (os.geteuid() != 0 or not shutil.which("ip")):
+        return "network namespaces need root and the ip command (iproute2)"
+    return None
+
+
+_MISSING: dict[str, str | None] = {}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A missing service skips the test locally, with the reason; in CI (CI=true) it fails."""
+    for tier in SERVICE_TIERS:
+        if item.get_closest_marker(tier) is None:
+            continue
+        if tier not in _MISSING:
+            _MISSING[tier] = missing_service(tier)
+        reason = _MISSING[tier]
+        if reason is None:
+            continue
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{reason} (CI=true: a missing service is a failure)", pytrace=False)
+        pytest.skip(reason)

@@ -19,6 +19,15 @@ import redis
 
 T = TypeVar("T")
 
+#: Wall-clock upper bounds in tests are multiplied by this (a shared or slow machine, parallel
+#: workers); bounds that tell one mechanism from another (a release from a TTL expiry) are not.
+TIME_SLACK = float(os.environ.get("TEST_TIME_SLACK", "2"))
+
+
+def within(seconds: float) -> float:
+    """An upper bound of ``seconds`` on wall-clock time, with the suite's slack."""
+    return seconds * TIME_SLACK
+
 
 def wait_until(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, message: str = "") -> T:
     """Poll ``condition`` until it returns something truthy; fail with ``message`` at the deadline."""
@@ -160,6 +169,16 @@ def run_flask(args: Sequence[str], env: dict[str, str], cwd: str | Path | None =
         [sys.executable, "-m", "flask", *args], env=env, cwd=cwd, capture_output=True, text=True,
         timeout=timeout, stdin=subprocess.DEVNULL, check=False,
     )
+
+
+def invoke_flask(args: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``flask ARGS`` in this process through Flask's CLI runner, for commands that need no
+    process of their own (listings, status, errors): what :func:`run_flask` returns, faster."""
+    from click.testing import CliRunner
+    from flask.cli import cli
+
+    result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+    return subprocess.CompletedProcess(["flask", *args], result.exit_code, result.stdout, result.stderr)
 
 
 def stop_embedded_store(store: Any) -> None:

@@ -72,9 +72,9 @@ class _Body:
             wait = min(self.idle, self.deadline - time.monotonic())
             try:
                 if wait <= 0:
-                    raise asyncio.TimeoutError
+                    raise TimeoutError
                 chunk = await asyncio.wait_for(self.content.readany(), timeout=wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.refusal = _error(408, "the request body did not arrive in time")
                 raise _Refused from None
             if not chunk:
@@ -241,7 +241,7 @@ class EmbeddedBalancer:
                     async for chunk in upstream.content.iter_chunked(CHUNK):
                         await response.write(chunk)
                 await response.write_eof()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 # The backend failed mid-response: the status line is gone, so cut the connection.
                 assert decision.backend is not None
                 log.warning("%s %s: node %s failed while answering: %s", request.method, request.path_qs,

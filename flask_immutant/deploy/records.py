@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import names
 from ..errors import ImmutantError
+from ..private import make_private_dir
 
 SIGNATURE_ALGORITHM = "hmac-sha256"
 #: Signed before the record, so no other signed message of the package can pass for one.
@@ -144,7 +145,7 @@ def cluster_secret(settings: Mapping[str, Any]) -> bytes:
     if configured:
         return str(configured).encode()
     path = Path(settings["IMMUTANT_HOME"]) / "secret"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(path.parent)  # IMMUTANT_HOME is owner-only when we create it
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

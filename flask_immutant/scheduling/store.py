@@ -85,7 +85,7 @@ class JobStore:
             self.remove(spec.name)
             return True
         self.scheduler.schedule(
-            dt.datetime.fromtimestamp(first, tz=dt.timezone.utc), FIRE_FUNCTION, args=[self.app, spec.name],
+            dt.datetime.fromtimestamp(first, tz=dt.UTC), FIRE_FUNCTION, args=[self.app, spec.name],
             id=self.job_id(spec.name), meta={"immutant": spec.to_meta()}, result_ttl=-1,
         )
         # rq-scheduler keeps whole seconds; due times here are to the millisecond.

@@ -32,6 +32,7 @@ from ..cluster.identity import WILDCARD_HOSTS
 from ..errors import NodeStartError
 from ..extension import ImmutantState
 from ..loops import Loop
+from ..private import make_private_dir
 from ..store import EmbeddedStore, client_from_url, describe_url, store_url
 from .runtime import EXIT_APP_FAILED, set_parent_death_signal
 
@@ -427,7 +428,7 @@ class Node:
 
     def _lock_data_dir(self) -> None:
         data_dir = self.identity.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(data_dir)  # and IMMUTANT_HOME above it, when we create it
         handle = open(data_dir / "node.lock", "a+")  # noqa: SIM115 - held for the node's life
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

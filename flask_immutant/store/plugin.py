@@ -53,7 +53,7 @@ def store_status(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"embedded store: not running ({info['url']})")
         return
     click.echo(
-        f"embedded store: running pid={info['pid']} redis={info['version']} url={info['url']} "
+        f"embedded store: running {info['server']} {info['version']} pid={info['pid']} url={info['url']} "
         f"uptime={info['uptime_seconds']}s clients={info['clients']} memory={info['used_memory']} "
         f"keys={info['keys']} aof={'on' if info['aof'] else 'off'} dir={info['dir']}"
     )
