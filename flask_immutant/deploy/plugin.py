@@ -59,7 +59,7 @@ def immutant_settings() -> list[Setting]:
 
 
 def deployment_store(state: ImmutantState, store: redis.Redis) -> DeploymentStore:
-    return DeploymentStore(store, state.keys, cluster_secret(state.settings), state.settings["IMMUTANT_CLUSTER"])
+    return DeploymentStore(store, state.keys, cluster_secret(state.settings))
 
 
 @hookimpl(trylast=True)

@@ -18,11 +18,11 @@ from .records import Deployment, DeploymentError, sign, verify
 
 
 class DeploymentStore:
-    def __init__(self, store: redis.Redis, keys: Keys, secret: bytes, cluster: str) -> None:
+    def __init__(self, store: redis.Redis, keys: Keys, secret: bytes) -> None:
         self.store = store
         self.keys = keys
         self.secret = secret
-        self.cluster = cluster
+        self.cluster = keys.cluster  # what every signature binds a record to
 
     def put(self, deployment: Deployment, archive: bytes | None = None, rollback: bool = False) -> Deployment:
         """Store ``deployment`` as the next version of its name and tell every node.
@@ -108,8 +108,10 @@ class DeploymentStore:
 
 #: The JSON types of a deployment's state on one node (``set_node_state``).
 NODE_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
-    "state": str, "since": float, "version": int, "pid": (int, type(None)), "port": (int, type(None)),
-    "context_path": str, "error": (str, type(None)), "serving_version": int,
+    "state": str, "since": float, "version": (int, type(None)), "pid": (int, type(None)),
+    "port": (int, type(None)), "context_path": str, "error": (str, type(None)),
+    # A refusal may name no version (the record was unreadable) and serve none.
+    "serving_version": (int, type(None)),
 }
 
 
