@@ -112,6 +112,9 @@ NODE_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
     "port": (int, type(None)), "context_path": str, "error": (str, type(None)),
     # A refusal may name no version (the record was unreadable) and serve none.
     "serving_version": (int, type(None)),
+    # Which record of that version the state is about (a store restored from a backup can issue
+    # a version number twice): ``deploy --wait`` matches it.
+    "deployed_at": (float, type(None)),
 }
 
 
