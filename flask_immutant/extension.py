@@ -90,10 +90,10 @@ class ImmutantState:
 
     def feature(self, name: str, factory: Callable[[ImmutantState], T]) -> T:
         """The per-app object of feature ``name`` (a registry, a manager), made on first use."""
-        found = self.features.get(name)
+        found: T | None = self.features.get(name)
         if found is None:
             found = self.features[name] = factory(self)
-        return found  # type: ignore[no-any-return]
+        return found
 
     def members(self) -> list[Member]:
         """The cluster's live members, read from the store (any process, any node)."""
@@ -298,7 +298,7 @@ class ImmutantExtension:
         ``until=``, ``limit=``, ``singleton=``, ``misfire=``: see ``jobs.schedule``). It receives
         the :class:`~flask_immutant.jobs.Fire` it runs for, if it takes an argument."""
         from . import jobs
-        from .scheduling import JobSpec
+        from .scheduling.spec import JobSpec
 
         JobSpec.build(name, **schedule)  # a schedule that cannot be fails here, at import
 
