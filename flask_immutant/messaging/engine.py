@@ -86,7 +86,8 @@ class DeadLetters(Retries):
         self.engine = engine
 
     def after_process_message(self, broker: Any, message: Any, *, result: Any = None, exception: Any = None) -> None:
-        super().after_process_message(broker, message, result=result, exception=exception)
+        super().after_process_message(  # type: ignore[no-untyped-call]  # Dramatiq's hook is unannotated
+            broker, message, result=result, exception=exception)
         if exception is None or not message.failed:
             return
         try:

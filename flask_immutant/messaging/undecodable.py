@@ -140,7 +140,7 @@ class GuardedConsumer(Consumer):
                 return None
             reason = self.refusal(message)
             if reason is None:
-                return message  # type: ignore[no-any-return]
+                return message
             self.refuse(message, reason, _decoding.raw)
 
     def refusal(self, message: Any) -> str | None:
