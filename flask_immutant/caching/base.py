@@ -75,7 +75,7 @@ def args_digest(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return hashlib.blake2b(packed, digest_size=16).hexdigest()
 
 
-class ClusterCache(BaseCache):  # type: ignore[misc]
+class ClusterCache(BaseCache):
     """A named cache: cachelib's interface plus ``put_if_absent``, ``compare_and_set``, ``swap``
     and ``memoize``. Get one from :func:`flask_immutant.caching.cache`.
 

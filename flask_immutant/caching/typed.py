@@ -87,7 +87,7 @@ def _default(value: Any) -> Any:
         return msgpack.ExtType(HTTP_EXCEPTION, packb(_exception_fields(value)))
     for base in _PLAIN_BASES:
         if isinstance(value, base):
-            return base(value)  # type: ignore[call-overload,arg-type]
+            return base(value)  # type: ignore[arg-type]
     raise TypeError(f"cannot cache a value of type {kind.__module__}.{kind.__qualname__}")
 
 
@@ -136,7 +136,7 @@ def _response(fields: Any) -> WerkzeugResponse:
     if cls is None or not isinstance(body, bytes) or not isinstance(status, str):
         raise ValueError(f"not a stored response: {tag!r}")
     if cls.__name__ == "CachedResponse":
-        return cls(WerkzeugResponse(body, status, [tuple(header) for header in headers]), timeout)  # type: ignore[call-arg,arg-type]
+        return cls(WerkzeugResponse(body, status, [tuple(header) for header in headers]), timeout)  # type: ignore[arg-type]
     return cls(body, status, [tuple(header) for header in headers])
 
 
