@@ -62,7 +62,7 @@ def schedule(
         _declare(app, lambda target: registry(state=require_feature(get_state(target), "jobs")).add(spec, call))
         return function
 
-    return register if fn is None else register(fn)  # type: ignore[arg-type]
+    return register if fn is None else register(fn)
 
 
 def unschedule(name: str, *, app: Flask | None = None) -> bool:

@@ -16,7 +16,8 @@ from functools import cache
 from typing import Any
 
 import redis
-from rq.job import Job, NoSuchJobError
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq_scheduler import Scheduler
 
