@@ -116,7 +116,7 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]
         self.breaker = breaker
         self._merge_script: Any = None
 
-    @property  # type: ignore[override]
+    @property
     def client(self) -> redis.Redis:
         return self.state.store
 
@@ -148,7 +148,7 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]
             pipe = self.client.pipeline(transaction=False)
             pipe.hgetall(store_id)
             pipe.pttl(store_id)
-            return pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+            return pipe.execute(raise_on_error=False)
 
         try:
             fields, remaining = self._call(read)
