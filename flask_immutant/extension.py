@@ -173,11 +173,12 @@ def app_for(app: Flask | None) -> Flask | None:
     from flask import current_app, has_app_context
 
     if has_app_context():
+        # Flask types current_app as the Flask it proxies; the proxy is what has the method
         return current_app._get_current_object()  # type: ignore[attr-defined, no-any-return]
     return None
 
 
-def declare(app: Flask | None, declaration: Declaration) -> Any:
+def declare(app: Flask | None, declaration: Callable[[Flask], T]) -> T | None:
     """Apply ``declaration`` to :func:`app_for` ``(app)``, else to the app initialised last in
     this process, else keep it for the next app initialised (a module-level declaration in an
     app factory's module): a declaration is never lost, nor an error for want of an app context.
@@ -354,6 +355,7 @@ def get_state(app: Flask | None = None) -> ImmutantState:
             raise NoAppError("working outside of application context: pass app=..., or call this inside one (a view, "
                              "a listener, a daemon, a job, or `with app.app_context():`)")
     try:
-        return app.extensions[EXTENSION_KEY]  # type: ignore[no-any-return]
+        state: ImmutantState = app.extensions[EXTENSION_KEY]
+        return state
     except KeyError:
         raise NoAppError("this app has no ImmutantExtension: add ImmutantExtension(app)") from None
