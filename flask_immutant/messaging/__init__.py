@@ -63,7 +63,7 @@ def messaging_for(app: Flask | None = None) -> Messaging:
 def declare(name: str, *, app: Flask | None = None, kind: str | None = None, **options: Any) -> Destination | None:
     """Declare a destination: ``/queue/...`` or ``/topic/...``, or any name with ``kind=``.
     Returns it, or ``None`` when kept for the next app initialised."""
-    return _declare(app, lambda target: messaging_for(target).start(name, kind=kind, **options))  # type: ignore[no-any-return]
+    return _declare(app, lambda target: messaging_for(target).start(name, kind=kind, **options))
 
 
 #: The name before the one vocabulary (``start`` now means nothing else anywhere): still works.
