@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, cast, overload
 
 from dramatiq import Message as DramatiqMessage
 from dramatiq.broker import Broker
@@ -108,7 +108,7 @@ class Response:
         if self._outcome is None:
             raw = self._messaging.state.store.lpop(self._messaging.state.keys.messaging_reply(self.correlation_id))
             if raw is not None:
-                self._outcome = _reply(raw)  # type: ignore[arg-type]
+                self._outcome = _reply(cast(bytes, raw))  # LPOP without a count: one bulk reply
         return self._outcome is not None
 
     def result(self, timeout: float | None = None) -> Any:

@@ -102,7 +102,7 @@ def guard_consumers(broker: Broker, dead_letter: DeadLetter) -> None:
         return GuardedConsumer(broker, consume(queue_name, prefetch=prefetch, timeout=timeout),
                                queue_name, dead_letter)
 
-    broker.consume = guarded  # type: ignore[method-assign]
+    broker.consume = guarded  # type: ignore[method-assign]  # this broker instance's, on purpose
 
 
 class GuardedConsumer(Consumer):
