@@ -223,7 +223,7 @@ class SharedCache(ClusterCache):
             pipe = self.client.pipeline(transaction=False)
             pipe.delete(*rkeys)
             pipe.zrem(self._index, *rkeys)
-            return pipe.execute()[0]  # type: ignore[no-any-return]
+            return cast(int, pipe.execute()[0])  # DEL's integer reply
 
         try:
             return self._call(delete)
@@ -279,7 +279,7 @@ class SharedCache(ClusterCache):
             with self.client.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(rkey)
-                    current = self.decode(pipe.get(rkey))  # type: ignore[arg-type]
+                    current = self.decode(cast("bytes | None", pipe.get(rkey)))  # watching: GET answers at once
                     if expect is not None and current != expect:
                         return False, current
                     new = fn(current)
