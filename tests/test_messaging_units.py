@@ -96,7 +96,8 @@ def test_selector_expressions(expression: str, properties: dict[str, object], ex
     assert selector is not None and selector(properties) is expected
 
 
-@pytest.mark.parametrize("expression", ["__import__('os')", "a.b == 1", "x[0] == 1", "a is None", "a ==="])
+@pytest.mark.parametrize("expression", ["__import__('os')", "a.b == 1", "x[0] == 1", "a is None", "a ===",
+                                        "x == -'a'", "x == -None"])  # a negated string was a TypeError
 def test_unsafe_or_invalid_selectors_are_refused(expression: str) -> None:
     with pytest.raises(MessagingError, match="selector"):
         compile_selector(expression)

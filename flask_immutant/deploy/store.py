@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -92,7 +92,7 @@ class DeploymentStore:
             return exc
 
     def archive(self, sha256: str) -> bytes | None:
-        return self.store.get(self.keys.deployment_archive(sha256))  # type: ignore[return-value]
+        return cast("bytes | None", self.store.get(self.keys.deployment_archive(sha256)))  # redis-py's untyped reply
 
     def set_node_state(self, name: str, node: str, state: str, **details: Any) -> None:
         record = {"state": state, "since": time.time(), **details}

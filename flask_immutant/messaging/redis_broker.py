@@ -15,10 +15,13 @@ import functools
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from dramatiq import Message
+
+if TYPE_CHECKING:
+    from dramatiq.brokers.redis import RedisBroker
 
 log = logging.getLogger("flask_immutant.messaging")
 
@@ -36,10 +39,10 @@ RESUME_BACKOFF = (0.05, 1.0)
 
 
 @functools.cache
-def resuming_redis_broker() -> Any:
+def resuming_redis_broker() -> type[RedisBroker]:
     from dramatiq.brokers.redis import RedisBroker
 
-    class ResumingRedisBroker(RedisBroker):  # type: ignore[misc]
+    class ResumingRedisBroker(RedisBroker):
         """Dramatiq's Redis broker whose consumers resume as soon as the store answers again.
 
         After a broker error Dramatiq's consumer thread sleeps a fixed delay (3 s) and calls
@@ -48,7 +51,7 @@ def resuming_redis_broker() -> Any:
         failing soon after resuming (a store that answers PING but refuses writes)."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # Dramatiq's is unannotated
             self._resumes: dict[int, tuple[float, int]] = {}
 
         @property
@@ -61,7 +64,9 @@ def resuming_redis_broker() -> Any:
             if delay is None:
                 wake = f"{self.namespace}:{enqueued.queue_name}.wake"
                 pipe = self.client.pipeline(transaction=False)
-                pipe.rpush(wake, "1").ltrim(wake, -WAKE_TOKENS, -1).execute()
+                pipe.rpush(wake, "1")
+                pipe.ltrim(wake, -WAKE_TOKENS, -1)
+                pipe.execute()
             return enqueued
 
         def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
@@ -94,7 +99,7 @@ def resuming_redis_broker() -> Any:
 
 @functools.cache
 def waking_consumer(base: type) -> type:
-    class WakingConsumer(base):  # type: ignore[misc,valid-type]
+    class WakingConsumer(base):  # type: ignore[misc]  # a base chosen at run time is Any to mypy
         """Dramatiq's Redis consumer, which on an empty queue waits on the queue's wake list
         instead of polling with a backoff.
 

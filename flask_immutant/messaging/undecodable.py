@@ -102,7 +102,7 @@ def guard_consumers(broker: Broker, dead_letter: DeadLetter) -> None:
         return GuardedConsumer(broker, consume(queue_name, prefetch=prefetch, timeout=timeout),
                                queue_name, dead_letter)
 
-    broker.consume = guarded  # type: ignore[method-assign]
+    broker.consume = guarded  # type: ignore[method-assign]  # this broker instance's, on purpose
 
 
 class GuardedConsumer(Consumer):
@@ -140,7 +140,7 @@ class GuardedConsumer(Consumer):
                 return None
             reason = self.refusal(message)
             if reason is None:
-                return message  # type: ignore[no-any-return]
+                return message
             self.refuse(message, reason, _decoding.raw)
 
     def refusal(self, message: Any) -> str | None:

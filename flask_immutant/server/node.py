@@ -32,9 +32,10 @@ from ..cluster.identity import WILDCARD_HOSTS
 from ..errors import NodeStartError
 from ..extension import ImmutantState
 from ..loops import Loop
+from ..portable import set_parent_death_signal
 from ..private import make_private_dir
 from ..store import EmbeddedStore, client_from_url, describe_url, store_url
-from .runtime import EXIT_APP_FAILED, set_parent_death_signal
+from .runtime import EXIT_APP_FAILED
 
 log = logging.getLogger("flask_immutant.node")
 T = TypeVar("T")

@@ -60,7 +60,7 @@ def _sentinel_client(url: str, **options: Any) -> redis.Redis:
     if parts.scheme.startswith("rediss"):
         options["ssl"] = True
     sentinel = Sentinel(hosts, sentinel_kwargs={**auth, **_timeouts(options)}, **auth, **options)
-    client = sentinel.master_for(service, db=db, redis_class=SentinelManagedRedis)
+    client: SentinelManagedRedis = sentinel.master_for(service, db=db, redis_class=SentinelManagedRedis)
     client.sentinel_manager = sentinel
     return client
 
