@@ -105,6 +105,14 @@ def guard_consumers(broker: Broker, dead_letter: DeadLetter) -> None:
     broker.consume = guarded  # type: ignore[method-assign]
 
 
+def on_redis(broker: Broker) -> bool:
+    """Whether ``broker`` is Dramatiq's Redis broker or a subclass (ours resumes: redis_broker.py);
+    there a message's broker id is inside it, so an unreadable one is found by its bytes."""
+    from dramatiq.brokers.redis import RedisBroker  # redis is a core dependency; pika is not
+
+    return isinstance(broker, RedisBroker)
+
+
 class GuardedConsumer(Consumer):
     """A Dramatiq consumer that hands the worker only messages it can process."""
 
@@ -113,7 +121,7 @@ class GuardedConsumer(Consumer):
         self.inner = inner
         self.queue_name = queue_name
         self.dead_letter = dead_letter
-        self.on_redis = type(broker).__module__ == "dramatiq.brokers.redis"
+        self.on_redis = on_redis(broker)
 
     def __getattr__(self, name: str) -> Any:  # outstanding_message_count and the like
         return getattr(self.inner, name)
