@@ -179,3 +179,38 @@ def test_contract_dramatiq_redis_consumer_hooks() -> None:
                  "compute_backoff(self.misses, max_backoff=self.timeout)", "def requeue"):
         assert name in consumer_source, name
     assert all(compute_backoff(misses, max_backoff=0)[1] == 0 for misses in range(40))
+
+
+def test_the_guard_acks_an_undecodable_message_on_the_broker_the_redis_backend_makes(store_client, cluster_name) -> None:
+    """Regression: the guard knew Dramatiq's Redis broker by its module, so on our subclass (which
+    the Redis backend makes) an undecodable message got no broker id: acking it raised, and the
+    consumer thread restarted with the rest of its fetched batch stranded in its ack set."""
+    import dramatiq
+
+    from flask_immutant.keys import Keys
+    from flask_immutant.messaging.backends import RedisBackend, Target
+    from flask_immutant.messaging.undecodable import guard_consumers
+    from support import wait_until
+
+    # Given the broker a node's engine consumes with, guarded, and garbage ahead of a good message
+    backend = RedisBackend(store_client, Keys(cluster_name))
+    broker = backend.make_broker([], consumer_id=f"{cluster_name}.consumer")
+    dead: list[tuple[object, ...]] = []
+    guard_consumers(broker, lambda *record: dead.append(record))
+    queue = f"{cluster_name}.q.guarded"
+    good = dramatiq.actor(lambda: None, broker=broker, queue_name=queue, actor_name=f"{cluster_name}_good")
+    store_client.hset(f"{backend.namespace}:{queue}.msgs", "garbage-id", b"\xff garbage")
+    store_client.rpush(f"{backend.namespace}:{queue}", "garbage-id")
+    backend.publish(broker, [Target(good.message())], None)
+    # When its consumer fetches both
+    consumer = broker.consume(queue, prefetch=4, timeout=100)
+    message = wait_until(lambda: next(consumer), timeout=10)
+    # Then the good message is delivered, the garbage is dead-lettered with its bytes and acknowledged
+    assert message.actor_name == good.actor_name
+    assert [(q, raw) for q, _, _, raw, _ in dead] == [(queue, b"\xff garbage")], dead
+    assert "not a Dramatiq message" in str(dead[0][2])
+    acks = f"{backend.namespace}:__acks__.{broker.broker_id}.{queue}"
+    assert store_client.smembers(acks) == {message.options["redis_message_id"].encode()}
+    assert not store_client.hexists(f"{backend.namespace}:{queue}.msgs", "garbage-id")
+    consumer.ack(message)
+    assert not store_client.exists(acks)
