@@ -189,15 +189,10 @@ class GuardedConsumer(Consumer):
     def _redis_id_of(self, raw: Any) -> str | None:
         """The Redis broker's id of a fetched message, found by its bytes among this consumer's
         unacknowledged messages (the id is inside the message, which could not be read)."""
-        broker: Any = self.broker
-        base = f"{broker.namespace}:{self.queue_name}"
-        ids = sorted(broker.client.smembers(f"{broker.namespace}:__acks__.{broker.broker_id}.{self.queue_name}"))
-        if not ids:
-            return None
-        for redis_id, data in zip(ids, broker.client.hmget(f"{base}.msgs", ids), strict=True):
-            if data == raw:
-                return redis_id.decode() if isinstance(redis_id, bytes) else str(redis_id)
-        return None
+        from .redis_broker import fetched_ids
+
+        ids = fetched_ids(self.broker, self.queue_name, [raw])
+        return ids[0] if ids else None
 
 
 def dead_letter_record(queue: str, message_id: str, reason: str, raw: Any, message: Any) -> dict[str, Any]:
