@@ -341,9 +341,7 @@ class Engine:
 
     def _prefetched(self) -> dict[str, int]:
         """RabbitMQ: messages delivered to this process and not yet acknowledged, per queue."""
-        # By module, not isinstance: importing dramatiq's RabbitMQ broker needs pika, which only
-        # the `rabbitmq` extra installs.
-        if type(self.broker).__module__ != "dramatiq.brokers.rabbitmq":
+        if self.backend.kind != "rabbitmq":  # the backend made the broker (and may subclass it)
             return {}
         counts: dict[str, int] = {}
         for name, thread in list(self.worker.consumers.items()):
