@@ -17,7 +17,7 @@ see docs/messaging.md.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ImmutantConfigError
@@ -93,6 +93,26 @@ def publish(
     )
 
 
+def publish_many(
+    name: str,
+    messages: Iterable[Any],
+    *,
+    app: Flask | None = None,
+    keys: Iterable[str | None] | None = None,
+    priority: int | None = None,
+    ttl: float | None = None,
+    delay: float | None = None,
+    properties: Mapping[str, Any] | None = None,
+    encoding: str = "json",
+) -> list[str | None]:
+    """Publish several messages to one queue or topic in one round trip to the broker; returns
+    their ids in order (``None``: dropped as a duplicate of its key in ``keys``)."""
+    return messaging_for(app).publish_many(
+        name, messages, keys=keys, priority=priority, ttl=ttl, delay=delay, properties=properties,
+        encoding=encoding,
+    )
+
+
 def listen(
     name: str,
     handler: Handler | None = None,
@@ -149,6 +169,7 @@ __all__ = [
     "listen",
     "messaging_for",
     "publish",
+    "publish_many",
     "request",
     "respond",
     "start",
