@@ -481,7 +481,7 @@ def test_publish_many_keeps_the_batch_order_on_the_queue(publisher):
     batch = publisher.publish_many("/queue/ordered", list(range(20)))
     urgent = publisher.publish_many("/queue/ordered", ["u1", "u2", "u3"], priority=9)
     # A priority above 4 goes ahead (Redis: to the head of the queue; RabbitMQ: priority 9 first)
-    assert _queued_ids(publisher, "/queue/ordered") == urgent + [first] + batch
+    assert _queued_ids(publisher, "/queue/ordered") == [*urgent, first, *batch]
 
 
 def test_publish_many_refuses_a_key_count_that_does_not_match(publisher):

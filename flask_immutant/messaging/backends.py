@@ -225,10 +225,10 @@ class RabbitmqBackend(Backend):
         if len(batch) == 1:
             return [self._publish_one(broker, *batch[0])]
         marked = self.dedupe_marked_many([dedupe for _targets, dedupe in batch])
-        keys = [dedupe[0] for (_targets, dedupe), fresh in zip(batch, marked) if dedupe is not None and fresh]
+        keys = [dedupe[0] for (_targets, dedupe), fresh in zip(batch, marked, strict=True) if dedupe is not None and fresh]
         try:
             channel = self._batch_channel(broker)
-            for (targets, _dedupe), fresh in zip(batch, marked):
+            for (targets, _dedupe), fresh in zip(batch, marked, strict=True):
                 if not fresh:
                     continue
                 for target in targets:

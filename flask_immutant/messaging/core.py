@@ -266,7 +266,7 @@ class Messaging:
         if len(key_list) != len(bodies):
             raise MessagingError(f"publish_many got {len(bodies)} messages but {len(key_list)} keys: "
                                  "expected one key (or None) per message")
-        outgoing = self._outgoing(destination, list(zip(bodies, key_list)), priority=priority, ttl=ttl,
+        outgoing = self._outgoing(destination, list(zip(bodies, key_list, strict=True)), priority=priority, ttl=ttl,
                                   delay=delay, properties=properties, encoding=encoding)
         ids: list[str | None] = []
         for start in range(0, len(outgoing), PUBLISH_BATCH):
@@ -325,7 +325,7 @@ class Messaging:
         except (TypeError, ValueError) as exc:  # json.dumps of the Dramatiq message, done once
             raise EncodeError(f"cannot encode the message for {destination.name} as JSON: {exc}") from None
         ids: list[str | None] = []
-        for (message_id, key, _targets, _dedupe), fresh in zip(outgoing, published):
+        for (message_id, key, _targets, _dedupe), fresh in zip(outgoing, published, strict=True):
             if not fresh:
                 log.info("dropped a duplicate of key %r on %s", key, destination.name)
             ids.append(message_id if fresh else None)
