@@ -1,9 +1,9 @@
 -- Publish messages (one, or a publish_many batch), each to one or more Dramatiq queues (a queue,
 -- or every subscription of a topic), dropping a message whose idempotency key was seen within
 -- the window. All in one call: a batch is written whole and in order.
--- KEYS[m]: message m's idempotency key's marker (any key when it has none)
--- ARGV: namespace, then per message: dedupe_ttl_ms (0: no key), number of targets, then per
--- target: queue, message id, data, front (1/0)
+-- KEYS: the idempotency markers of the messages that have a key, in order
+-- ARGV: namespace, then per message: "<dedupe ttl ms (0: no key)> <number of targets>", then per
+-- target: "<front 1/0><message id> <queue>" and the data (few arguments: packing them is the cost)
 -- Messages put in front (priority above normal) keep their batch order there too. Each message
 -- also leaves a token on its queue's wake list, where idle consumers wait (BLPOP): Redis hands it
 -- to the one that has waited longest. The list is capped (tokens only wake).
@@ -12,25 +12,32 @@ local namespace = ARGV[1]
 local results = {}
 local fronts, front_queues = {}, {}
 local wakes, wake_queues = {}, {}
-local i = 2
-for m = 1, #KEYS do
-    local ttl = tonumber(ARGV[i])
-    local count = tonumber(ARGV[i + 1])
-    i = i + 2
-    if ttl > 0 and not redis.call("set", KEYS[m], "1", "NX", "PX", ttl) then
+local i, k, m = 2, 0, 0
+while i <= #ARGV do
+    local ttl, count = string.match(ARGV[i], "^(%d+) (%d+)$")
+    ttl, count = tonumber(ttl), tonumber(count)
+    i = i + 1
+    m = m + 1
+    local fresh = true
+    if ttl > 0 then
+        k = k + 1
+        fresh = redis.call("set", KEYS[k], "1", "NX", "PX", ttl)
+    end
+    if not fresh then
         results[m] = -1
     else
-        for j = i, i + 4 * (count - 1), 4 do
-            local queue = namespace .. ":" .. ARGV[j]
-            redis.call("hset", queue .. ".msgs", ARGV[j + 1], ARGV[j + 2])
-            if ARGV[j + 3] == "1" then
+        for j = i, i + 2 * (count - 1), 2 do
+            local front, id, name = string.match(ARGV[j], "^(%d)(%S+) (.+)$")
+            local queue = namespace .. ":" .. name
+            redis.call("hset", queue .. ".msgs", id, ARGV[j + 1])
+            if front == "1" then
                 if not fronts[queue] then
                     fronts[queue] = {}
                     front_queues[#front_queues + 1] = queue
                 end
-                table.insert(fronts[queue], ARGV[j + 1])
+                table.insert(fronts[queue], id)
             else
-                redis.call("rpush", queue, ARGV[j + 1])
+                redis.call("rpush", queue, id)
             end
             if string.sub(queue, -3) ~= ".DQ" then
                 if not wakes[queue] then
@@ -42,7 +49,7 @@ for m = 1, #KEYS do
         end
         results[m] = count
     end
-    i = i + 4 * count
+    i = i + 2 * count
 end
 for _, queue in ipairs(front_queues) do
     local ids = fronts[queue]

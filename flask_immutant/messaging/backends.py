@@ -146,8 +146,9 @@ class RedisBackend(Backend):
         args: list[Any] = [self.namespace]
         encode = get_encoder().encode
         for targets, dedupe in batch:
-            keys.append(dedupe[0] if dedupe else self.namespace)
-            args.extend((dedupe[1] if dedupe else 0, len(targets)))
+            if dedupe:
+                keys.append(dedupe[0])
+            args.append(f"{dedupe[1] if dedupe else 0} {len(targets)}")
             for target in targets:
                 message = target.message
                 redis_id = str(uuid.uuid4())
@@ -160,8 +161,8 @@ class RedisBackend(Backend):
                           "kwargs": message.kwargs, "options": options, "message_id": message.message_id,
                           "message_timestamp": message.message_timestamp}
                 front = target.priority is not None and target.priority > NORMAL_PRIORITY
-                args.extend((queue, redis_id, encode(fields), "1" if front else "0"))
-        if not keys:
+                args.extend((f"{1 if front else 0}{redis_id} {queue}", encode(fields)))
+        if len(args) == 1:
             return []
         return [int(written) >= 0 for written in self._publish(keys=keys, args=args)]
 
@@ -225,7 +226,8 @@ class RabbitmqBackend(Backend):
         if len(batch) == 1:
             return [self._publish_one(broker, *batch[0])]
         marked = self.dedupe_marked_many([dedupe for _targets, dedupe in batch])
-        keys = [dedupe[0] for (_targets, dedupe), fresh in zip(batch, marked, strict=True) if dedupe is not None and fresh]
+        keys = [dedupe[0] for (_targets, dedupe), fresh in zip(batch, marked, strict=True)
+                if dedupe is not None and fresh]
         try:
             channel = self._batch_channel(broker)
             for (targets, _dedupe), fresh in zip(batch, marked, strict=True):
