@@ -17,21 +17,36 @@ see docs/messaging.md.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ImmutantConfigError
 from ..extension import FEATURE_FLAGS
 from ..extension import declare as _declare
-from .codec import Message
-from .core import Handler, Listener, Messaging, Response
-from .destination import Destination
-from .engine import current_message
 from .errors import EncodeError, MalformedMessage, MessagingError, RemoteError, RequestTimeout
-from .selector import Selector
 
 if TYPE_CHECKING:
     from flask import Flask
+
+    from .codec import Message
+    from .core import Handler, Listener, Messaging, Response
+    from .destination import Destination
+    from .engine import current_message
+    from .selector import Selector
+
+#: Imported on first use, so that loading the plugin (every CLI command does) never loads Dramatiq.
+_LAZY = {"Message": ".codec", "Handler": ".core", "Listener": ".core", "Messaging": ".core", "Response": ".core",
+         "Destination": ".destination", "current_message": ".engine", "Selector": ".selector"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a name of ``_LAZY`` on first use (PEP 562) and keep it."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
 
 
 class MessagingSwitchedOff(ImmutantConfigError, MessagingError):

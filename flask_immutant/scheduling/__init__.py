@@ -9,17 +9,30 @@ time, a job is stored and started once the app runtime starts.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..extension import declare as _declare
 from ..extension import get_state, require_feature, with_context
-from .driver import Fire, current
-from .registry import registry
-from .spec import JobSpec
 
 if TYPE_CHECKING:
     from flask import Flask
+
+    from .driver import Fire, current
+    from .spec import JobSpec
+
+#: Imported on first use, so that loading the plugin (every CLI command does) never loads croniter.
+_LAZY = {"Fire": ".driver", "current": ".driver", "registry": ".registry", "JobSpec": ".spec"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a name of ``_LAZY`` on first use (PEP 562) and keep it."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,6 +57,10 @@ def schedule(
     schedule that cannot be (names the argument, the value and what is allowed) and
     :class:`~flask_immutant.ImmutantConfigError` if ``IMMUTANT_JOBS`` is off. ``fn`` may take the
     :class:`Fire` it runs for as its argument. Without ``app``: as ``daemons.declare``."""
+    from .driver import current
+    from .registry import registry
+    from .spec import JobSpec
+
     spec = JobSpec.build(name, cron=cron, every=every, at=at, in_=in_, until=until, limit=limit,
                          singleton=singleton, misfire=misfire)
 
@@ -59,6 +76,8 @@ def schedule(
 
 def unschedule(name: str, *, app: Flask | None = None) -> bool:
     """Remove job ``name`` from the cluster (and this app). False if this app did not declare it."""
+    from .registry import registry
+
     return registry(app).remove(name)
 
 
