@@ -7,18 +7,32 @@ in the cluster store; ``invalidated`` adds a near cache in each process kept coh
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ..errors import NoAppError
-from .backend import flask_caching_backend
-from .base import MISSING, MODES, CacheContentionError, ClusterCache
 from .breaker import CircuitBreaker
 from .serialization import Serializer
 
 if TYPE_CHECKING:
     from flask import Flask
 
+    from .backend import flask_caching_backend
+    from .base import MISSING, MODES, CacheContentionError, ClusterCache
     from .caches import CacheRegistry
+
+#: Imported on first use, so that loading the plugin (every CLI command does) never loads cachelib.
+_LAZY = {"flask_caching_backend": ".backend", "MISSING": ".base", "MODES": ".base",
+         "CacheContentionError": ".base", "ClusterCache": ".base"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a name of ``_LAZY`` on first use (PEP 562) and keep it."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
 
 
 def registry(app: Flask | None = None) -> CacheRegistry:

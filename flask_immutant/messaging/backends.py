@@ -14,18 +14,18 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
-from dramatiq import Message
-from dramatiq.broker import Broker
-from dramatiq.common import current_millis, dq_name, xq_name
-from dramatiq.message import get_encoder
-from dramatiq.middleware import Middleware
 
 from .. import lua
 from ..keys import Keys
 from .redis_broker import WAKE_TOKENS, resuming_redis_broker
+
+if TYPE_CHECKING:
+    from dramatiq import Message
+    from dramatiq.broker import Broker
+    from dramatiq.middleware import Middleware
 
 log = logging.getLogger("flask_immutant.messaging")
 
@@ -144,6 +144,9 @@ class RedisBackend(Backend):
         """One script call (one round trip) for the whole batch: written whole, in order."""
         keys: list[str] = []
         args: list[Any] = [self.namespace]
+        from dramatiq.common import current_millis, dq_name  # Dramatiq loads when messaging is used
+        from dramatiq.message import get_encoder
+
         encode = get_encoder().encode
         for targets, dedupe in batch:
             if dedupe:
@@ -223,6 +226,8 @@ class RabbitmqBackend(Backend):
         """One message: Dramatiq's enqueue, confirmed. A batch: the idempotency keys marked in one
         round trip, then the messages in one transaction on a channel of their own (publisher
         confirms wait per message in pika's blocking client; a commit waits once for all)."""
+        from dramatiq.common import current_millis, dq_name
+
         if len(batch) == 1:
             return [self._publish_one(broker, *batch[0])]
         marked = self.dedupe_marked_many([dedupe for _targets, dedupe in batch])
@@ -277,6 +282,7 @@ class RabbitmqBackend(Backend):
     def queue_stats(self, broker: Broker | None, queue: str) -> dict[str, int | None]:
         """Ready messages from a passive declare; in flight comes from consumer heartbeats."""
         import pika
+        from dramatiq.common import dq_name, xq_name
 
         with self._lock:
             for _attempt in range(2):
@@ -300,6 +306,8 @@ class RabbitmqBackend(Backend):
         return {"depth": None, "in_flight": None, "delayed": None, "rejected": None}
 
     def delete_queue(self, broker: Broker, queue: str) -> None:
+        from dramatiq.common import dq_name
+
         channel = broker.channel  # type: ignore[attr-defined]
         for name in (queue, dq_name(queue), f"{queue}.XQ"):
             channel.queue_delete(queue=name)

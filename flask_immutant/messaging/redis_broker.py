@@ -15,10 +15,12 @@ import functools
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
-from dramatiq import Message
+
+if TYPE_CHECKING:
+    from dramatiq import Message
 
 log = logging.getLogger("flask_immutant.messaging")
 
