@@ -256,19 +256,21 @@ def test_concurrent_swaps_lose_no_update(app: Flask, mode: str) -> None:
 
 
 class CommandCounter:
-    """Counts a client's round trips: each takes a connection from its pool (a command through the
-    client or through ``store.direct``, or a whole pipeline)."""
+    """Counts a client's round trips: what its connections send (one command, or a pipeline's
+    commands at once), whether through the client, its pool or ``store.direct``; the heartbeat
+    PINGs of a near cache's tracking connection are not the cache's reads."""
 
     def __init__(self, client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
-        pool = client.connection_pool
-        original = pool.get_connection
+        connection_class = client.connection_pool.connection_class
+        send_packed = connection_class.send_packed_command
 
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.count += 1
-            return original(*args, **kwargs)
+        def counted(connection: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
+            if b"".join(command if isinstance(command, list) else [command]) != b"*1\r\n$4\r\nPING\r\n":
+                self.count += 1
+            return send_packed(connection, command, *args, **kwargs)
 
-        monkeypatch.setattr(pool, "get_connection", counted)
+        monkeypatch.setattr(connection_class, "send_packed_command", counted)
 
 
 @pytest.mark.parametrize(("mode", "round_trips"), [("distributed", 1), ("invalidated", 0)])
@@ -482,6 +484,15 @@ def test_direct_commands_keep_redis_py_s_pool_contract(embedded_store) -> None:
             direct.command(client, "GET", key + "l")
         assert direct.command(client, "GET", key) == b"\x03abc"  # the same pooled connection, usable
         assert len(client.connection_pool._available_connections) == 1  # released, not leaked
+        pinned = direct.Pinned(client)
+        assert pinned.command("GET", key) == b"\x03abc"
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            pinned.command("GET", key + "l")
+        assert pinned.command("SET", key, b"y", "PX", 60_000) == b"OK"
+        assert pinned.command("GET", key) == b"y"
+        assert len(client.connection_pool._available_connections) == 0  # kept out of the pool
+        pinned.close()
+        assert len(client.connection_pool._available_connections) == 1  # given back
         client.delete(key, key + "l")
     finally:
         client.close()
@@ -494,8 +505,9 @@ def test_a_killed_pooled_connection_costs_a_retry_not_a_miss(app: Flask, embedde
     assert cache.get("a") == {"v": 1}
     admin = redis.Redis(unix_socket_path=str(embedded_store.socket))
     try:
-        own = cache.client.client_id()  # type: ignore[attr-defined]
-        admin.client_kill_filter(_id=own)
+        # the connection of the plain GET/SET path, and the one the pool hands out
+        for own in {cache._direct.command("CLIENT", "ID"), cache.client.client_id()}:  # type: ignore[attr-defined]
+            admin.client_kill_filter(_id=own)
     finally:
         admin.close()
     if mode == "invalidated":

@@ -70,6 +70,7 @@ class SharedCache(ClusterCache):
         super().__init__(name, **options)
         self._connect = client
         self._client: redis.Redis | None = None
+        self._direct: direct.Pinned  # with the client: the connection of the plain GET/SET path
         self._connect_lock = threading.Lock()
         self.keys = keys
         self.serializer = serializer
@@ -92,6 +93,7 @@ class SharedCache(ClusterCache):
                     client = self._connect()
                     self._scripts = {name: lua.script(client, name)
                                      for name in ("cache_get", "cache_set", "cache_incr", "cache_unlock")}
+                    self._direct = direct.Pinned(client)
                     self._client = client
         return self._client
 
@@ -169,13 +171,13 @@ class SharedCache(ClusterCache):
         if mode == "add":
             args.append("NX")
         if pipe is self._client:
-            return direct.command(pipe, *args)
+            return self._direct.command(*args)
         return pipe.execute_command(*args)
 
     def _read_raw(self, rkey: str) -> bytes | None:
         if self._scripted:
             return self._scripts["cache_get"](keys=[rkey, self._index], args=[self.idle_ms, self._indexed])  # type: ignore[no-any-return]
-        return direct.command(self.client, "GET", rkey)  # type: ignore[no-any-return]
+        return self._direct.command("GET", rkey)
 
     # --- primitives ------------------------------------------------------------------------
 
@@ -319,7 +321,7 @@ class SharedCache(ClusterCache):
 
     def _memo_read(self, key: str) -> tuple[Any, bool]:
         try:
-            return self.decode_memo(self._call(lambda: direct.command(self.client, "GET", key)))
+            return self.decode_memo(self._call(lambda: self._direct.command("GET", key)))
         except _Down:
             return MISSING, False
 
@@ -344,7 +346,7 @@ class SharedCache(ClusterCache):
             pass
 
     def _queue_memo(self, key: str, raw: bytes, px: int) -> Any:
-        return direct.command(self.client, "SET", key, raw, *(("PX", px) if px else ()))
+        return self._direct.command("SET", key, raw, *(("PX", px) if px else ()))
 
     def _memo_forget(self, key: str) -> bool:
         try:
@@ -354,4 +356,6 @@ class SharedCache(ClusterCache):
 
     def close(self) -> None:
         """Forget the client (the pool belongs to the cache registry, which closes it)."""
+        if self._client is not None:
+            self._direct.close()
         self._client = None
