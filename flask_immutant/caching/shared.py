@@ -177,7 +177,7 @@ class SharedCache(ClusterCache):
     def _read_raw(self, rkey: str) -> bytes | None:
         if self._scripted:
             return self._scripts["cache_get"](keys=[rkey, self._index], args=[self.idle_ms, self._indexed])  # type: ignore[no-any-return]
-        return self._direct.command("GET", rkey)
+        return self._direct.command("GET", rkey)  # type: ignore[no-any-return]
 
     # --- primitives ------------------------------------------------------------------------
 

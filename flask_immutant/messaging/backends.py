@@ -239,7 +239,7 @@ class RabbitmqBackend(Backend):
                 if not fresh:
                     continue
                 for target in targets:
-                    broker.declare_queue(target.message.queue_name, ensure=True)  # type: ignore[attr-defined]
+                    broker.declare_queue(target.message.queue_name, ensure=True)  # type: ignore[call-arg]
                     message = target.message
                     if target.delay is not None:
                         message = message.copy(queue_name=dq_name(message.queue_name),

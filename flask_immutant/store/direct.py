@@ -21,9 +21,10 @@ import redis
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
-def command(client: redis.Redis, *args: Any) -> Any:
+def command(redis_client: redis.Redis, *args: Any) -> Any:
     """``client.execute_command(*args)`` for commands without a response callback (GET, SET...):
     the raw reply (SET answers ``b"OK"`` or ``None``). Redis errors (``ResponseError``) raise."""
+    client: Any = redis_client  # redis-py's connection methods carry no type hints
     pool = client.connection_pool
     try:
         connection = pool.get_connection()
@@ -49,7 +50,7 @@ class Pinned:
     :meth:`close`."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self.client = client
+        self.client: Any = client  # redis-py's connection methods carry no type hints
         self._lock = threading.Lock()
         self._connection: Any = None
         self._pid = os.getpid()
