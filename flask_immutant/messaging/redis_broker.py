@@ -52,6 +52,8 @@ def resuming_redis_broker() -> Any:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._resumes: dict[int, tuple[float, int]] = {}
+            #: Set when the worker is stopping: idle consumers poll instead of waiting for a token.
+            self.stopping = threading.Event()
 
         @property
         def consumer_class(self) -> type:
@@ -111,8 +113,11 @@ def waking_consumer(base: type) -> type:
 
         def __next__(self) -> Any:
             if self.idle_wait is not None and self._idle and not self.message_cache:
-                if self.outstanding_message_count >= self.prefetch:
-                    time.sleep(SATURATED_POLL)  # busy: leave the tokens to consumers that can fetch
+                if self.outstanding_message_count >= self.prefetch or self.broker.stopping.is_set():
+                    # busy: leave the tokens to consumers that can fetch; stopping: Dramatiq tells
+                    # consumers to stop only once its workers are done, and a consumer waiting
+                    # for a token would hold the stop up by up to ``idle_wait``
+                    time.sleep(SATURATED_POLL)
                 else:
                     try:
                         self.broker.client.blpop([f"{self.broker.namespace}:{self.queue_name}.wake"],
