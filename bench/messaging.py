@@ -6,7 +6,9 @@
    through raw Dramatiq, on the same Redis (a private embedded store), the same worker threads and
    the same poll interval, in one run; prints the ratio (target >= 0.95). With ``--rabbitmq`` the
    same comparison runs on RabbitMQ too.
-2. Redelivery after SIGKILL of a consumer node holding messages, with no other traffic: time from
+2. ``publish_many`` of ``--batch`` messages (100) against as many single publishes, publishing
+   only, interleaved rounds; prints the ratio (target >= 5x). ``--only-batch`` runs just this.
+3. Redelivery after SIGKILL of a consumer node holding messages, with no other traffic: time from
    the kill until a surviving node has handled every one (target <= failure timeout + 1 s, 0 lost).
 """
 
@@ -152,6 +154,37 @@ def compare(home: Path, url: str, args: argparse.Namespace, broker_url: str | No
     print(f"    ratio (flask-immutant / raw Dramatiq throughput): {ratio:.3f}  (target >= 0.95)")
 
 
+def batch_vs_single(home: Path, args: argparse.Namespace, broker_url: str | None) -> None:
+    """``publish_many`` of N messages vs N ``publish`` calls, publishing only (nobody consumes)."""
+    label = "RabbitMQ" if broker_url else "Redis"
+    app = Flask("bench-batch")
+    app.config.update(IMMUTANT_HOME=str(home), IMMUTANT_CLUSTER=f"benchb{uuid.uuid4().hex[:6]}",
+                      IMMUTANT_BROKER_URL=broker_url)
+    ImmutantExtension(app)
+    messaging = messaging_for(app)
+    destination = messaging.start("/queue/batch")
+    n = args.batch
+    bodies = [{"n": i, "t": 0.0} for i in range(n)]
+    messaging.publish_many("/queue/batch", bodies[:2])  # connect, declare, load the script
+    single: list[float] = []
+    batch: list[float] = []
+    for _round in range(args.batch_rounds):  # interleaved, so both see the same machine
+        started = time.perf_counter()
+        for body in bodies:
+            messaging.publish("/queue/batch", body)
+        single.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        messaging.publish_many("/queue/batch", bodies)
+        batch.append(time.perf_counter() - started)
+    messaging.backend.delete_queue(messaging.publisher, destination.queue_name)
+    messaging.publisher.close()
+    one, many = statistics.median(single), statistics.median(batch)
+    print(f"\n== {label}: publish_many of {n} vs {n} single publishes, median of {args.batch_rounds} rounds ==")
+    print(f"   {n} x publish: {one * 1000:8.2f} ms ({n / one:8.0f}/s)   publish_many: {many * 1000:8.2f} ms "
+          f"({n / many:8.0f}/s)")
+    print(f"    ratio (publish_many / single publishes, messages per second): {one / many:.1f}x  (target >= 5x)")
+
+
 APP = r'''
 import os, sys, time
 from flask import Flask
@@ -266,6 +299,9 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--held", type=int, default=5)
     parser.add_argument("--failure-timeout", type=float, default=2.0)
+    parser.add_argument("--batch", type=int, default=100, help="messages per publish_many (0: skip)")
+    parser.add_argument("--batch-rounds", type=int, default=20)
+    parser.add_argument("--only-batch", action="store_true", help="only publish_many vs single publishes")
     parser.add_argument("--rabbitmq", default=None, help="also compare on this RabbitMQ (amqp:// URL)")
     args = parser.parse_args()
 
@@ -276,6 +312,12 @@ def main() -> None:
     store = EmbeddedStore(home)
     url = store.ensure_running()
     try:
+        if args.batch:
+            batch_vs_single(home, args, None)
+            if args.rabbitmq:
+                batch_vs_single(home, args, args.rabbitmq)
+        if args.only_batch:
+            return
         compare(home, url, args, None)
         if args.rabbitmq:
             compare(home, url, args, args.rabbitmq)

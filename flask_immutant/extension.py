@@ -7,7 +7,7 @@ import inspect
 import json
 import os
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -316,6 +316,13 @@ class ImmutantExtension:
         from . import messaging
 
         return messaging.publish(name, message, **options)
+
+    def publish_many(self, name: str, messages: Iterable[Any], **options: Any) -> list[str | None]:
+        """Publish several messages to a queue or topic of the current app in one round trip to
+        the broker (``messaging.publish_many``); their ids in order."""
+        from . import messaging
+
+        return messaging.publish_many(name, messages, **options)
 
     def request(self, name: str, message: Any, **options: Any) -> Any:
         """Send a request; ``.result()`` on the returned response waits for the answer."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import pickle
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -256,17 +257,21 @@ def test_concurrent_swaps_lose_no_update(app: Flask, mode: str) -> None:
 
 
 class CommandCounter:
-    """Counts the commands a client sends (pipelines count one per command)."""
+    """Counts a client's round trips: what its connections send (one command, or a pipeline's
+    commands at once), whether through the client, its pool or ``store.direct``; the heartbeat
+    PINGs of a near cache's tracking connection are not the cache's reads."""
 
     def __init__(self, client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
-        original = client.execute_command
+        connection_class = client.connection_pool.connection_class
+        send_packed = connection_class.send_packed_command
 
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.count += 1
-            return original(*args, **kwargs)
+        def counted(connection: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
+            if b"".join(command if isinstance(command, list) else [command]) != b"*1\r\n$4\r\nPING\r\n":
+                self.count += 1
+            return send_packed(connection, command, *args, **kwargs)
 
-        monkeypatch.setattr(client, "execute_command", counted)
+        monkeypatch.setattr(connection_class, "send_packed_command", counted)
 
 
 @pytest.mark.parametrize(("mode", "round_trips"), [("distributed", 1), ("invalidated", 0)])
@@ -280,6 +285,9 @@ def test_a_memoize_hit_costs_one_round_trip_or_none(app, monkeypatch, mode, roun
         return {"a": a, "b": b}
 
     assert lookup(1, b="y") == {"a": 1, "b": "y"}
+    if mode == "invalidated":  # a near hit needs the tracking connection up, and a fill after it
+        assert cache.tracking(10)  # type: ignore[attr-defined]
+        assert lookup(1, b="y") == {"a": 1, "b": "y"}
     counter = CommandCounter(cache.client, monkeypatch)  # type: ignore[attr-defined]
     assert lookup(1, b="y") == {"a": 1, "b": "y"}
     assert counter.count == round_trips
@@ -456,3 +464,56 @@ def test_a_dead_store_fails_open_behind_a_breaker_and_recovers(outage_app, priva
     wait_until(lambda: cache.set("k", "again") and cache.get("k") == "again", timeout=10,
                message="the cache to recover")
     assert breaker.state == "closed"
+
+
+# --- the plain GET/SET path (store/direct.py) ----------------------------------------------------
+
+
+def test_direct_commands_keep_redis_py_s_pool_contract(embedded_store) -> None:
+    """The public pool/connection methods store.direct relies on: replies as the client gives
+    them (raw, no response callbacks), Redis errors raised with the connection still usable."""
+    from flask_immutant.store import client_from_url, direct
+
+    client = client_from_url(embedded_store.url)
+    try:
+        key = f"direct-{uuid.uuid4().hex}"
+        assert direct.command(client, "SET", key, b"\x03abc", "PX", 60_000) == b"OK"
+        assert direct.command(client, "SET", key, b"x", "NX") is None
+        assert direct.command(client, "GET", key) == client.get(key) == b"\x03abc"
+        client.lpush(key + "l", "1")
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            direct.command(client, "GET", key + "l")
+        assert direct.command(client, "GET", key) == b"\x03abc"  # the same pooled connection, usable
+        assert len(client.connection_pool._available_connections) == 1  # released, not leaked
+        pinned = direct.Pinned(client)
+        assert pinned.command("GET", key) == b"\x03abc"
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            pinned.command("GET", key + "l")
+        assert pinned.command("SET", key, b"y", "PX", 60_000) == b"OK"
+        assert pinned.command("GET", key) == b"y"
+        assert len(client.connection_pool._available_connections) == 0  # kept out of the pool
+        pinned.close()
+        assert len(client.connection_pool._available_connections) == 1  # given back
+        client.delete(key, key + "l")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("mode", ["distributed", "invalidated"])
+def test_a_killed_pooled_connection_costs_a_retry_not_a_miss(app: Flask, embedded_store, mode: str) -> None:
+    cache = open_cache(app, f"killed-{mode}", mode=mode)
+    cache.set("a", {"v": 1})
+    assert cache.get("a") == {"v": 1}
+    admin = redis.Redis(unix_socket_path=str(embedded_store.socket))
+    try:
+        # the connection of the plain GET/SET path, and the one the pool hands out
+        for own in {cache._direct.command("CLIENT", "ID"), cache.client.client_id()}:  # type: ignore[attr-defined]
+            admin.client_kill_filter(_id=own)
+    finally:
+        admin.close()
+    if mode == "invalidated":
+        cache.near.flush()  # type: ignore[attr-defined]  # read through to the store
+    assert cache.get("a") == {"v": 1}
+    cache.set("b", 2)
+    assert cache.get("b") == 2
+    assert cache.breaker.state == "closed"  # type: ignore[attr-defined]

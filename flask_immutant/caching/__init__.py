@@ -7,15 +7,21 @@ in the cluster store; ``invalidated`` adds a near cache in each process kept coh
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
 from ..moved import moved_attribute
-from .backend import flask_caching_backend
-from .base import MISSING, CacheContentionError, ClusterCache
-from .caches import registry_for
 
 if TYPE_CHECKING:
     from flask import Flask
+
+    from .backend import flask_caching_backend
+    from .base import MISSING, CacheContentionError, ClusterCache
+
+#: Public names imported on first use, so that loading the plugin (every CLI command does) never
+#: loads cachelib.
+_LAZY = {"flask_caching_backend": ".backend", "MISSING": ".base", "CacheContentionError": ".base",
+         "ClusterCache": ".base"}
 
 #: Internals that were public before issue 12: importable here still, with a DeprecationWarning.
 MOVED = {
@@ -27,6 +33,11 @@ MOVED = {
 
 
 def __getattr__(name: str) -> object:
+    """A public name of ``_LAZY`` on first use (PEP 562), else a moved internal (with a warning)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
     return moved_attribute(__name__, name, MOVED)
 
 
@@ -47,6 +58,8 @@ def cache(
     ``max_entries``: least recently used entries are evicted past it. ``serializer``: ``"msgpack"``
     (default: ``IMMUTANT_CACHE_SERIALIZER``), ``"json"`` or ``"pickle"`` (unsafe: opt-in).
     """
+    from .caches import registry_for
+
     return registry_for(app).cache(name, mode=mode, ttl=ttl, idle=idle, max_entries=max_entries, serializer=serializer)
 
 

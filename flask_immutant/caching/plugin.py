@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..hookspecs import hookimpl
 from ..settings import Setting, float_range, to_bool
-from .caches import CacheRegistry
 from .serialization import CACHE_SERIALIZERS
 
 if TYPE_CHECKING:
@@ -14,6 +13,7 @@ if TYPE_CHECKING:
 
     from ..extension import ImmutantState
     from ..server.runtime import AppRuntime
+    from .caches import CacheRegistry
 
 #: The setting that turns this feature on; off, the plugin is unregistered.
 FLAG = "IMMUTANT_CACHE"
@@ -43,6 +43,8 @@ def immutant_settings() -> list[Setting]:
 
 @hookimpl(trylast=True)
 def immutant_init_app(app: Flask, state: ImmutantState) -> None:
+    from .caches import CacheRegistry  # here: a CLI command never imports cachelib
+
     state.features[FEATURE] = CacheRegistry(state)
 
 

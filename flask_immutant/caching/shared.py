@@ -26,6 +26,7 @@ import redis
 from .. import lua
 from ..errors import StoreUnavailableError
 from ..keys import Keys
+from ..store import direct
 from ..store.outage import STORE_ERRORS, is_outage
 from .base import MISSING, SWAP_RETRIES, CacheContentionError, ClusterCache, log
 from .breaker import CircuitBreaker
@@ -69,6 +70,7 @@ class SharedCache(ClusterCache):
         super().__init__(name, **options)
         self._connect = client
         self._client: redis.Redis | None = None
+        self._direct: direct.Pinned  # with the client: the connection of the plain GET/SET path
         self._connect_lock = threading.Lock()
         self.keys = keys
         self.serializer = serializer
@@ -77,7 +79,8 @@ class SharedCache(ClusterCache):
         self._entry_prefix = keys.cache_entry(name, "")
         self._index = keys.cache_index(name)
         self._indexed = "1" if self.max_entries else "0"
-        # Entries that need a script: sliding expiry, an LRU index, or both ttl and idle.
+        # Reads that need a script: sliding expiry (which must never pass an entry's own deadline)
+        # or an LRU index. Every other read is one plain GET.
         self._scripted = bool(self.idle_ms or self.max_entries)
 
     # --- plumbing --------------------------------------------------------------------------
@@ -90,6 +93,7 @@ class SharedCache(ClusterCache):
                     client = self._connect()
                     self._scripts = {name: lua.script(client, name)
                                      for name in ("cache_get", "cache_set", "cache_incr", "cache_unlock")}
+                    self._direct = direct.Pinned(client)
                     self._client = client
         return self._client
 
@@ -154,19 +158,26 @@ class SharedCache(ClusterCache):
         return MISSING
 
     def _queue_set(self, pipe: Any, rkey: str, raw: bytes, ttl_ms: int, mode: str = "set") -> Any:
-        """Queue the write on a pipeline, or run it on a client (and return its reply)."""
-        if self._scripted or mode == "pia":
+        """Queue the write on a pipeline, or run it on the client (and return its reply). A script
+        only where the write is more than one SET: an LRU index, put-if-absent's answer, or the
+        deadline header of an entry with both ttl and idle expiry."""
+        if self.max_entries or mode == "pia" or (ttl_ms and self.idle_ms):
             return self._scripts["cache_set"](
                 keys=[rkey, self._index], args=[raw, ttl_ms, self.idle_ms, self.max_entries or 0, mode], client=pipe
             )
+        args: list[Any] = ["SET", rkey, raw]
+        if ttl_ms or self.idle_ms:
+            args += ["PX", ttl_ms or self.idle_ms]
         if mode == "add":
-            return pipe.set(rkey, raw, px=ttl_ms or None, nx=True)
-        return pipe.set(rkey, raw, px=ttl_ms or None)
+            args.append("NX")
+        if pipe is self._client:
+            return self._direct.command(*args)
+        return pipe.execute_command(*args)
 
     def _read_raw(self, rkey: str) -> bytes | None:
         if self._scripted:
             return self._scripts["cache_get"](keys=[rkey, self._index], args=[self.idle_ms, self._indexed])  # type: ignore[no-any-return]
-        return self.client.get(rkey)  # type: ignore[return-value]
+        return self._direct.command("GET", rkey)  # type: ignore[no-any-return]
 
     # --- primitives ------------------------------------------------------------------------
 
@@ -310,7 +321,7 @@ class SharedCache(ClusterCache):
 
     def _memo_read(self, key: str) -> tuple[Any, bool]:
         try:
-            return self.decode_memo(self._call(lambda: self.client.get(key)))  # type: ignore[arg-type]
+            return self.decode_memo(self._call(lambda: self._direct.command("GET", key)))
         except _Down:
             return MISSING, False
 
@@ -330,9 +341,12 @@ class SharedCache(ClusterCache):
         fresh_until = int(time.time() * 1000) + fresh_ms if fresh_ms else 0
         raw = b"\x02" + b"%013d" % fresh_until + self.encode(value)
         try:
-            self._call(lambda: self.client.set(key, raw, px=(fresh_ms + stale_ms) or None))
+            self._call(lambda: self._queue_memo(key, raw, fresh_ms + stale_ms))
         except _Down:
             pass
+
+    def _queue_memo(self, key: str, raw: bytes, px: int) -> Any:
+        return self._direct.command("SET", key, raw, *(("PX", px) if px else ()))
 
     def _memo_forget(self, key: str) -> bool:
         try:
@@ -342,4 +356,6 @@ class SharedCache(ClusterCache):
 
     def close(self) -> None:
         """Forget the client (the pool belongs to the cache registry, which closes it)."""
+        if self._client is not None:
+            self._direct.close()
         self._client = None

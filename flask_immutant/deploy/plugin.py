@@ -21,9 +21,6 @@ from ..hookspecs import hookimpl
 from ..loops import Loop
 from ..settings import Setting, int_range, resolve, to_bool
 from ..store import existing_store
-from . import archive
-from .deployer import Deployer
-from .folder import DeploymentFolder
 from .records import Deployment, DeploymentError, cluster_secret
 from .store import DeploymentStore
 
@@ -64,6 +61,9 @@ def deployment_store(state: ImmutantState, store: redis.Redis) -> DeploymentStor
 
 @hookimpl(trylast=True)
 def immutant_node_started(node: Node) -> None:
+    from .deployer import Deployer  # here: only a node runs the deployer and the folder scan
+    from .folder import DeploymentFolder
+
     assert node.store is not None
     store = deployment_store(node.state, node.store)
     deployer = Deployer(node, store, node.settings["IMMUTANT_ARCHIVE_LIMIT"])
@@ -191,6 +191,8 @@ def deploy(ctx: click.Context, name: str | None, context_path: str, sets: tuple[
 
 
 def _pack(root: str, limit: int) -> tuple[bytes, str]:
+    from . import archive  # tarfile, only for `deploy --archive`
+
     try:
         return archive.pack(root, limit)
     except DeploymentError as exc:

@@ -17,30 +17,39 @@ see docs/messaging.md.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ImmutantConfigError
 from ..extension import FEATURE_FLAGS
 from ..extension import declare as _declare
 from ..moved import moved_attribute
-from .codec import Message
-from .core import Handler, Listener, Response
-from .destination import Destination
-from .engine import current_message
 from .errors import EncodeError, MalformedMessage, MessagingError, RemoteError, RequestTimeout
-from .selector import Selector
 
 if TYPE_CHECKING:
     from flask import Flask
 
-    from .core import Messaging
+    from .codec import Message
+    from .core import Handler, Listener, Messaging, Response
+    from .destination import Destination
+    from .engine import current_message
+    from .selector import Selector
 
+#: Public names imported on first use, so that loading the plugin (every CLI command does) never
+#: loads Dramatiq.
+_LAZY = {"Message": ".codec", "Handler": ".core", "Listener": ".core", "Response": ".core",
+         "Destination": ".destination", "current_message": ".engine", "Selector": ".selector"}
 #: Internals that were public before issue 12: importable here still, with a DeprecationWarning.
 MOVED = {"Messaging": "flask_immutant.messaging.core.Messaging"}
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> Any:
+    """A public name of ``_LAZY`` on first use (PEP 562), else a moved internal (with a warning)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
     return moved_attribute(__name__, name, MOVED)
 
 
@@ -104,6 +113,26 @@ def publish(
     )
 
 
+def publish_many(
+    name: str,
+    messages: Iterable[Any],
+    *,
+    app: Flask | None = None,
+    keys: Iterable[str | None] | None = None,
+    priority: int | None = None,
+    ttl: float | None = None,
+    delay: float | None = None,
+    properties: Mapping[str, Any] | None = None,
+    encoding: str = "json",
+) -> list[str | None]:
+    """Publish several messages to one queue or topic in one round trip to the broker; returns
+    their ids in order (``None``: dropped as a duplicate of its key in ``keys``)."""
+    return messaging_for(app).publish_many(
+        name, messages, keys=keys, priority=priority, ttl=ttl, delay=delay, properties=properties,
+        encoding=encoding,
+    )
+
+
 def listen(
     name: str,
     handler: Handler | None = None,
@@ -158,6 +187,7 @@ __all__ = [
     "declare",
     "listen",
     "publish",
+    "publish_many",
     "request",
     "respond",
     "start",

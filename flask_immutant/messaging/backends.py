@@ -17,18 +17,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
-from dramatiq import Message
-from dramatiq.broker import Broker
-from dramatiq.common import current_millis, dq_name, xq_name
-from dramatiq.message import get_encoder
-from dramatiq.middleware import Middleware
 
 from .. import lua
 from ..keys import Keys
 from .redis_broker import WAKE_TOKENS, resuming_redis_broker
 
 if TYPE_CHECKING:
+    from dramatiq import Message
+    from dramatiq.broker import Broker
     from dramatiq.brokers.rabbitmq import RabbitmqBroker
+    from dramatiq.middleware import Middleware
 
 log = logging.getLogger("flask_immutant.messaging")
 
@@ -49,6 +47,10 @@ class Target:
     priority: int | None = None
 
 
+#: One message to publish: its targets (one per queue) and its idempotency marker (key, ttl ms).
+Outgoing = tuple[Sequence[Target], "tuple[str, int] | None"]
+
+
 class Backend:
     """What a broker needs beyond Dramatiq: building it, atomic multi-queue publish, stats."""
 
@@ -64,6 +66,10 @@ class Backend:
 
     def publish(self, broker: Broker, targets: Sequence[Target], dedupe: tuple[str, int] | None) -> bool:
         """Write ``targets`` (all or, on error, possibly some); False if ``dedupe`` marked a duplicate."""
+        return self.publish_many(broker, [(targets, dedupe)])[0]
+
+    def publish_many(self, broker: Broker, batch: Sequence[Outgoing]) -> list[bool]:
+        """Write each message's targets, in order; per message False if its dedupe marked a duplicate."""
         raise NotImplementedError
 
     def queue_stats(self, broker: Broker | None, queue: str) -> dict[str, int | None]:
@@ -100,6 +106,15 @@ class Backend:
         key, ttl_ms = dedupe
         return bool(self.store.set(key, "1", nx=True, px=ttl_ms))
 
+    def dedupe_marked_many(self, dedupes: Sequence[tuple[str, int] | None]) -> list[bool]:
+        """:meth:`dedupe_marked` for each, in order and in one round trip."""
+        pipe = self.store.pipeline(transaction=False)
+        for dedupe in dedupes:
+            if dedupe is not None:
+                pipe.set(dedupe[0], "1", nx=True, px=dedupe[1])
+        replies = iter(pipe.execute())
+        return [True if dedupe is None else bool(next(replies)) for dedupe in dedupes]
+
 
 class RedisBackend(Backend):
     """Dramatiq's Redis broker: queues are lists under ``Keys.messaging_namespace``."""
@@ -126,24 +141,34 @@ class RedisBackend(Backend):
             broker.broker_id = consumer_id  # its ack sets are named after it; the reaper finds them
         return broker
 
-    def publish(self, broker: Broker, targets: Sequence[Target], dedupe: tuple[str, int] | None) -> bool:
-        args: list[Any] = [dedupe[1] if dedupe else 0, self.namespace]
+    def publish_many(self, broker: Broker, batch: Sequence[Outgoing]) -> list[bool]:
+        """One script call (one round trip) for the whole batch: written whole, in order."""
+        keys: list[str] = []
+        args: list[Any] = [self.namespace]
+        from dramatiq.common import current_millis, dq_name  # Dramatiq loads when messaging is used
+        from dramatiq.message import get_encoder
+
         encode = get_encoder().encode
-        for target in targets:
-            message = target.message
-            redis_id = str(uuid.uuid4())
-            options = {**message.options, "redis_message_id": redis_id}
-            queue = message.queue_name
-            if target.delay is not None:
-                queue = dq_name(queue)
-                options["eta"] = current_millis() + target.delay
-            fields = {"queue_name": queue, "actor_name": message.actor_name, "args": message.args,
-                      "kwargs": message.kwargs, "options": options, "message_id": message.message_id,
-                      "message_timestamp": message.message_timestamp}
-            front = target.priority is not None and target.priority > NORMAL_PRIORITY
-            args.extend((queue, redis_id, encode(fields), "1" if front else "0"))
-        key = dedupe[0] if dedupe else self.namespace
-        return int(self._publish(keys=[key], args=args)) >= 0
+        for targets, dedupe in batch:
+            if dedupe:
+                keys.append(dedupe[0])
+            args.append(f"{dedupe[1] if dedupe else 0} {len(targets)}")
+            for target in targets:
+                message = target.message
+                redis_id = str(uuid.uuid4())
+                options = {**message.options, "redis_message_id": redis_id}
+                queue = message.queue_name
+                if target.delay is not None:
+                    queue = dq_name(queue)
+                    options["eta"] = current_millis() + target.delay
+                fields = {"queue_name": queue, "actor_name": message.actor_name, "args": message.args,
+                          "kwargs": message.kwargs, "options": options, "message_id": message.message_id,
+                          "message_timestamp": message.message_timestamp}
+                front = target.priority is not None and target.priority > NORMAL_PRIORITY
+                args.extend((f"{1 if front else 0}{redis_id} {queue}", encode(fields)))
+        if len(args) == 1:
+            return []
+        return [int(written) >= 0 for written in self._publish(keys=keys, args=args)]
 
     def wake(self, queues: Sequence[str]) -> None:
         waiting = int(self.store.scard(self.keys.messaging_consumers)) + 1
@@ -187,6 +212,7 @@ class RabbitmqBackend(Backend):
         self.url = url
         self._lock = threading.Lock()
         self._inspector: Any = None
+        self._batch = threading.local()
 
     def make_broker(self, middleware: Sequence[Middleware], consumer_id: str | None = None) -> Broker:
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
@@ -197,7 +223,49 @@ class RabbitmqBackend(Backend):
         return RabbitmqBroker(url=self.url, middleware=list(middleware), confirm_delivery=True,
                               max_priority=MAX_PRIORITY)
 
-    def publish(self, broker: Broker, targets: Sequence[Target], dedupe: tuple[str, int] | None) -> bool:
+    def publish_many(self, broker: Broker, batch: Sequence[Outgoing]) -> list[bool]:
+        """One message: Dramatiq's enqueue, confirmed. A batch: the idempotency keys marked in one
+        round trip, then the messages in one transaction on a channel of their own (publisher
+        confirms wait per message in pika's blocking client; a commit waits once for all)."""
+        from dramatiq.common import current_millis, dq_name
+
+        if len(batch) == 1:
+            return [self._publish_one(broker, *batch[0])]
+        marked = self.dedupe_marked_many([dedupe for _targets, dedupe in batch])
+        keys = [dedupe[0] for (_targets, dedupe), fresh in zip(batch, marked, strict=True)
+                if dedupe is not None and fresh]
+        try:
+            channel = self._batch_channel(broker)
+            for (targets, _dedupe), fresh in zip(batch, marked, strict=True):
+                if not fresh:
+                    continue
+                for target in targets:
+                    broker.declare_queue(target.message.queue_name, ensure=True)  # type: ignore[call-arg]
+                    message = target.message
+                    if target.delay is not None:
+                        message = message.copy(queue_name=dq_name(message.queue_name),
+                                               options={"eta": current_millis() + target.delay})
+                    channel.basic_publish(exchange="", routing_key=message.queue_name, body=message.encode(),
+                                          properties=_pika_properties(target.priority))
+            channel.tx_commit()
+        except Exception:
+            self._batch = threading.local()  # a failed channel is not used again
+            if keys:
+                self.store.delete(*keys)  # not published: let the publisher try again with the keys
+            raise
+        return marked
+
+    def _batch_channel(self, broker: Broker) -> Any:
+        """This thread's transactional channel on the broker's connection (opened on first use)."""
+        connection = broker.connection  # type: ignore[attr-defined]
+        channel = getattr(self._batch, "channel", None)
+        if channel is None or not channel.is_open or getattr(self._batch, "connection", None) is not connection:
+            channel = connection.channel()
+            channel.tx_select()
+            self._batch.channel, self._batch.connection = channel, connection
+        return channel
+
+    def _publish_one(self, broker: Broker, targets: Sequence[Target], dedupe: tuple[str, int] | None) -> bool:
         if not self.dedupe_marked(dedupe):
             return False
         try:
@@ -215,6 +283,7 @@ class RabbitmqBackend(Backend):
     def queue_stats(self, broker: Broker | None, queue: str) -> dict[str, int | None]:
         """Ready messages from a passive declare; in flight comes from consumer heartbeats."""
         import pika
+        from dramatiq.common import dq_name, xq_name
 
         with self._lock:
             for _attempt in range(2):
@@ -238,6 +307,8 @@ class RabbitmqBackend(Backend):
         return {"depth": None, "in_flight": None, "delayed": None, "rejected": None}
 
     def delete_queue(self, broker: Broker, queue: str) -> None:
+        from dramatiq.common import dq_name
+
         channel = cast("RabbitmqBroker", broker).channel  # this backend's make_broker made it
         for name in (queue, dq_name(queue), f"{queue}.XQ"):
             channel.queue_delete(queue=name)
@@ -250,6 +321,14 @@ class RabbitmqBackend(Backend):
 
     def describe(self) -> str:
         return "rabbitmq"
+
+
+def _pika_properties(priority: int | None) -> Any:
+    """The properties Dramatiq's RabbitMQ enqueue gives a message (persistent, with its priority)."""
+    import pika
+
+    return pika.BasicProperties(delivery_mode=2, priority=None if priority is None
+                                else max(0, min(MAX_PRIORITY, priority)))
 
 
 def make_backend(store: redis.Redis, keys: Keys, broker_url: str | None) -> Backend:

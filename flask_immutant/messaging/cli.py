@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..cli import echoed_as_json_or_empty, load_state, one_line_errors
 from ..errors import ImmutantError
 from ..records import check_types, hash_of, json_object, read_records, required
-from .backends import Target
-from .core import Messaging
 from .plugin import messaging_of
 from .status import queue_entries
+
+if TYPE_CHECKING:
+    from .core import Messaging
 
 
 def _messaging(ctx: click.Context) -> Messaging:
@@ -69,6 +70,8 @@ def requeue_dead_messages(messaging: Messaging, name: str) -> tuple[int, int]:
     deleted here."""
     from dramatiq import Message as DramatiqMessage
 
+    from . import backends
+
     store, keys = messaging.state.store, messaging.state.keys
     queues = _queues_named(messaging, name)
     moved = kept = 0
@@ -81,7 +84,7 @@ def requeue_dead_messages(messaging: Messaging, name: str) -> tuple[int, int]:
             message: DramatiqMessage[Any] = DramatiqMessage(queue_name=queue, actor_name=original["actor_name"],
                                       args=tuple(original["args"]), kwargs=original.get("kwargs") or {},
                                       options={}, message_timestamp=original["message_timestamp"])
-            messaging.backend.publish(messaging.publisher, [Target(message)], None)
+            messaging.backend.publish(messaging.publisher, [backends.Target(message)], None)
             store.hdel(dead_key, message_id)
             moved += 1
     return moved, kept

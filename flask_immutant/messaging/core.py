@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, cast, overload
 
@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("flask_immutant.messaging")
 
 Handler = Callable[[Any], Any]
+#: Messages per broker call of ``publish_many`` (a bigger batch is sent in several round trips, so
+#: one script never holds the store for long).
+PUBLISH_BATCH = 500
 _numbers = itertools.count(1)
 
 
@@ -234,41 +237,99 @@ class Messaging:
         has the message (acknowledged to the publisher).
         """
         destination = self._destination(name)
+        outgoing = self._outgoing(destination, [(message, key)], priority=priority, ttl=ttl, delay=delay,
+                                  properties=properties, correlation_id=correlation_id, encoding=encoding,
+                                  reply_to=reply_to)
+        return self._send(destination, outgoing)[0]
+
+    def publish_many(
+        self,
+        name: str,
+        messages: Iterable[Any],
+        *,
+        keys: Iterable[str | None] | None = None,
+        priority: int | None = None,
+        ttl: float | None = None,
+        delay: float | None = None,
+        properties: Mapping[str, Any] | None = None,
+        encoding: str = "json",
+    ) -> list[str | None]:
+        """Publish each of ``messages`` to one destination, with the same options, in one round trip
+        to the broker; returns their ids in order (``None``: dropped as a duplicate of its key).
+
+        ``keys``, when given, holds one idempotency key (or ``None``) per message. On the Redis
+        broker the batch is written whole and in the order given; on RabbitMQ in one transaction.
+        """
+        destination = self._destination(name)
+        bodies = list(messages)
+        key_list = [None] * len(bodies) if keys is None else list(keys)
+        if len(key_list) != len(bodies):
+            raise MessagingError(f"publish_many got {len(bodies)} messages but {len(key_list)} keys: "
+                                 "expected one key (or None) per message")
+        outgoing = self._outgoing(destination, list(zip(bodies, key_list, strict=True)), priority=priority, ttl=ttl,
+                                  delay=delay, properties=properties, encoding=encoding)
+        ids: list[str | None] = []
+        for start in range(0, len(outgoing), PUBLISH_BATCH):
+            ids += self._send(destination, outgoing[start:start + PUBLISH_BATCH])
+        return ids
+
+    def _outgoing(
+        self,
+        destination: Destination,
+        messages: list[tuple[Any, str | None]],
+        *,
+        priority: int | None,
+        ttl: float | None,
+        delay: float | None,
+        properties: Mapping[str, Any] | None,
+        encoding: str,
+        correlation_id: str | None = None,
+        reply_to: str | None = None,
+    ) -> list[tuple[str, str | None, list[Target], tuple[str, int] | None]]:
+        """Each message checked and encoded: (id, key, one target per queue, idempotency marker)."""
         self._register(destination)
         if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
                                      or not 0 <= priority <= 9):
             raise MessagingError(f"priority={priority!r} is not allowed: expected an integer from 0 to 9")
         if delay is not None and delay < 0:
             raise MessagingError(f"delay={delay!r} is not allowed: expected seconds >= 0")
-        data = envelope(destination.name, message, encoding=encoding, properties=properties,
-                        correlation_id=correlation_id, reply_to=reply_to, key=key, ttl=ttl)
         if destination.kind == "queue":
             queues = [destination.queue_name]
         else:
             queues = [q.decode() if isinstance(q, bytes) else q
                       for q in self.state.store.hkeys(self.state.keys.messaging_subscriptions(destination.name))]
-        message_id = str(uuid.uuid4())
-        targets = []
-        for queue in queues:
-            dramatiq_message: DramatiqMessage[Any] = DramatiqMessage(
-                queue_name=queue, actor_name=actor_name(queue), args=(data,), kwargs={}, options={},
-                message_id=message_id,
-            )
-            targets.append(Target(dramatiq_message, None if delay is None else int(delay * 1000), priority))
-        dedupe = None
-        if key is not None:
-            window = int(self.state.settings["IMMUTANT_MESSAGING_DEDUPE_WINDOW"] * 1000)
-            dedupe = (self.state.keys.messaging_dedupe(destination.name, str(key)), window)
-        if not targets:
-            return message_id  # a topic nobody subscribes to: nothing to keep
+        delay_ms = None if delay is None else int(delay * 1000)
+        window = int(self.state.settings["IMMUTANT_MESSAGING_DEDUPE_WINDOW"] * 1000)
+        outgoing = []
+        for message, key in messages:
+            data = envelope(destination.name, message, encoding=encoding, properties=properties,
+                            correlation_id=correlation_id, reply_to=reply_to, key=key, ttl=ttl)
+            message_id = str(uuid.uuid4())
+            targets = [
+                Target(DramatiqMessage(queue_name=queue, actor_name=actor_name(queue), args=(data,), kwargs={},
+                                       options={}, message_id=message_id), delay_ms, priority)
+                for queue in queues
+            ]
+            dedupe = None if key is None else (self.state.keys.messaging_dedupe(destination.name, str(key)), window)
+            outgoing.append((message_id, key, targets, dedupe))
+        return outgoing
+
+    def _send(self, destination: Destination,
+              outgoing: list[tuple[str, str | None, list[Target], tuple[str, int] | None]]) -> list[str | None]:
+        """Hand the messages to the broker in one batch; their ids, ``None`` for duplicates."""
+        if not outgoing or not outgoing[0][2]:
+            return [message_id for message_id, *_rest in outgoing]  # a topic nobody subscribes to
         try:
-            published = self.backend.publish(self._publishing_broker(), targets, dedupe)
+            published = self.backend.publish_many(self._publishing_broker(),
+                                                   [(targets, dedupe) for _id, _key, targets, dedupe in outgoing])
         except (TypeError, ValueError) as exc:  # json.dumps of the Dramatiq message, done once
             raise EncodeError(f"cannot encode the message for {destination.name} as JSON: {exc}") from None
-        if not published:
-            log.info("dropped a duplicate of key %r on %s", key, destination.name)
-            return None
-        return message_id
+        ids: list[str | None] = []
+        for (message_id, key, _targets, _dedupe), fresh in zip(outgoing, published, strict=True):
+            if not fresh:
+                log.info("dropped a duplicate of key %r on %s", key, destination.name)
+            ids.append(message_id if fresh else None)
+        return ids
 
     def _publishing_broker(self) -> Broker:
         return self.publisher

@@ -172,6 +172,9 @@ class Engine:
 
     def stop(self, timeout: float) -> None:
         """Finish handlers in progress (bounded), put prefetched messages back, leave."""
+        stopping = getattr(self.broker, "stopping", None)
+        if stopping is not None:
+            stopping.set()  # idle consumers poll from now on, until Dramatiq stops them
         try:
             self.backend.wake(list(self.bindings))  # our idle consumers stop now, not after their wait
         except redis.RedisError as exc:

@@ -10,13 +10,13 @@ import redis
 from ..hookspecs import hookimpl
 from ..settings import Setting
 from .config import FLAG, SETTINGS
-from .core import Messaging
 
 if TYPE_CHECKING:
     from flask import Flask
 
     from ..extension import ImmutantState
     from ..server.runtime import AppRuntime
+    from .core import Messaging
 
 __all__ = ["FLAG", "messaging_of"]
 
@@ -24,6 +24,8 @@ FEATURE = "messaging"
 
 
 def messaging_of(state: ImmutantState) -> Messaging:
+    from .core import Messaging  # here: a CLI command that does not publish never imports Dramatiq
+
     return state.feature(FEATURE, Messaging)
 
 

@@ -20,7 +20,9 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import redis
-from dramatiq import Message
+
+if TYPE_CHECKING:
+    from dramatiq import Message
 
 if TYPE_CHECKING:
     from dramatiq.brokers.redis import RedisBroker
@@ -57,6 +59,8 @@ def resuming_redis_broker() -> type[RedisBroker]:
             self._resumes: dict[int, tuple[float, int]] = {}
             #: queue -> fetched messages a closed consumer could not put back (the store was away)
             self._stranded: dict[str, list[bytes]] = {}
+            #: Set when the worker is stopping: idle consumers poll instead of waiting for a token.
+            self.stopping = threading.Event()
 
         @property
         def consumer_class(self) -> type:
@@ -129,8 +133,11 @@ def waking_consumer(base: type) -> type:
 
         def __next__(self) -> Any:
             if self.idle_wait is not None and self._idle and not self.message_cache:
-                if self.outstanding_message_count >= self.prefetch:
-                    time.sleep(SATURATED_POLL)  # busy: leave the tokens to consumers that can fetch
+                if self.outstanding_message_count >= self.prefetch or self.broker.stopping.is_set():
+                    # busy: leave the tokens to consumers that can fetch; stopping: Dramatiq tells
+                    # consumers to stop only once its workers are done, and a consumer waiting
+                    # for a token would hold the stop up by up to ``idle_wait``
+                    time.sleep(SATURATED_POLL)
                 else:
                     try:
                         self.broker.client.blpop([f"{self.broker.namespace}:{self.queue_name}.wake"],

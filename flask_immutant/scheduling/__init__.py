@@ -9,29 +9,36 @@ time, a job is stored and started once the app runtime starts.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..extension import declare as _declare
 from ..extension import get_state, require_feature, with_context
 from ..moved import moved_attribute
-from .driver import Fire, current
-from .registry import registry
-from .spec import JobSpec as _JobSpec
 
 if TYPE_CHECKING:
     from flask import Flask
 
-F = TypeVar("F", bound=Callable[..., Any])
+    from .driver import Fire, current
 
-__all__ = ["Fire", "current", "fire", "schedule", "stop", "unschedule"]
-
+#: Imported on first use, so that loading the plugin (every CLI command does) never loads croniter.
+_LAZY = {"Fire": ".driver", "current": ".driver", "registry": ".registry"}
 #: Internals that were public before issue 12: importable here still, with a DeprecationWarning.
 MOVED = {"JobSpec": "flask_immutant.scheduling.spec.JobSpec"}
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> Any:
+    """A name of ``_LAZY`` on first use (PEP 562), else a moved internal (with a warning)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
     return moved_attribute(__name__, name, MOVED)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+__all__ = ["Fire", "current", "fire", "schedule", "stop", "unschedule"]
 
 
 def schedule(
@@ -52,7 +59,11 @@ def schedule(
     schedule that cannot be (names the argument, the value and what is allowed) and
     :class:`~flask_immutant.ImmutantConfigError` if ``IMMUTANT_JOBS`` is off. ``fn`` may take the
     :class:`Fire` it runs for as its argument. Without ``app``: as ``daemons.declare``."""
-    spec = _JobSpec.build(name, cron=cron, every=every, at=at, in_=in_, until=until, limit=limit,
+    from .driver import current
+    from .registry import registry
+    from .spec import JobSpec
+
+    spec = JobSpec.build(name, cron=cron, every=every, at=at, in_=in_, until=until, limit=limit,
                          singleton=singleton, misfire=misfire)
 
     def register(function: F) -> F:
@@ -67,6 +78,8 @@ def schedule(
 
 def unschedule(name: str, *, app: Flask | None = None) -> bool:
     """Remove job ``name`` from the cluster (and this app). False if this app did not declare it."""
+    from .registry import registry
+
     return registry(app).remove(name)
 
 

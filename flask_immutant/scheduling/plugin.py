@@ -13,7 +13,6 @@ from ..cluster.lease import read_holder
 from ..hookspecs import hookimpl
 from ..records import decoded, read_records
 from ..settings import Setting, to_bool
-from .registry import registry
 from .store import JobStore
 
 if TYPE_CHECKING:
@@ -30,11 +29,15 @@ def immutant_settings() -> list[Setting]:
 
 @hookimpl(trylast=True)
 def immutant_runtime_started(runtime: AppRuntime) -> None:
+    from .registry import registry  # here: croniter loads in a runtime, not in every CLI command
+
     registry(state=runtime.state).activate()
 
 
 @hookimpl(trylast=True)
 def immutant_runtime_stopping(runtime: AppRuntime) -> None:
+    from .registry import registry
+
     registry(state=runtime.state).shutdown()
 
 

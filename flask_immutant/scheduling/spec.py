@@ -13,8 +13,6 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from croniter import CroniterError, croniter
-
 MISFIRE_POLICIES = ("fire_once", "skip")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -52,6 +50,8 @@ def normalise_cron(expression: str) -> tuple[str, bool]:
     fields = expression.split()
     if len(fields) not in (5, 6):
         raise ValueError(f"cron={expression!r}: expected 5 fields (minute first) or 6 (seconds first, as Quartz)")
+    from croniter import croniter  # here: a CLI command that reads no cron never loads it
+
     fields = ["*" if f == "?" else f for f in fields]
     normalised = " ".join(fields)
     if not croniter.is_valid(normalised, second_at_beginning=len(fields) == 6):
@@ -62,6 +62,8 @@ def normalise_cron(expression: str) -> tuple[str, bool]:
 def check_cron_fires(expression: str) -> None:
     """A valid expression may still never match a date (``0 0 30 2 *``): refuse it up front
     rather than have the scheduler find out on every tick."""
+    from croniter import CroniterError, croniter
+
     normalised, seconds_first = normalise_cron(expression)
     try:
         croniter(normalised, dt.datetime.now().astimezone(), second_at_beginning=seconds_first).get_next(float)
@@ -156,6 +158,8 @@ class JobSpec:
         return None
 
     def _cron_after(self, moment: float) -> float:
+        from croniter import croniter
+
         assert self.cron is not None
         expression, seconds_first = normalise_cron(self.cron)
         start = dt.datetime.fromtimestamp(moment).astimezone()

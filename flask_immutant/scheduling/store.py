@@ -12,19 +12,19 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
-from functools import cache
-from typing import Any, cast
+from functools import cache, cached_property
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
-from rq.exceptions import NoSuchJobError
-from rq.job import Job
-from rq.serializers import JSONSerializer
-from rq_scheduler import Scheduler
 
 from .. import lua
 from ..keys import Keys
 from ..records import decoded, hash_of, read_records
 from .spec import JobSpec
+
+if TYPE_CHECKING:  # RQ is imported where it is used: `flask immutant status` with no jobs never needs it
+    from rq.job import Job
+    from rq_scheduler import Scheduler
 
 #: The function an RQ tool would see for our schedules; we fire by name from the app's registry.
 FIRE_FUNCTION = "flask_immutant.scheduling.fire"
@@ -33,6 +33,8 @@ FIRE_FUNCTION = "flask_immutant.scheduling.fire"
 @cache
 def _job_class(prefix: str) -> type[Job]:
     """An RQ Job class that lives under ``prefix`` and serialises as JSON, never pickle."""
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
 
     class ImmutantJob(Job):
         redis_job_namespace_prefix = prefix
@@ -51,10 +53,18 @@ class JobStore:
         self.store = store
         self.keys = keys
         self.app = app_id(app)
+        self._app_name = app
         self.job_class = _job_class(keys.rq_job_prefix)
-        self.scheduler = Scheduler(queue_name=f"immutant-{app}", connection=store, job_class=self.job_class)
-        self.scheduler.scheduled_jobs_key = keys.jobs_schedule(app)
         self._claim = lua.script(store, "jobs_claim")
+
+    @cached_property
+    def scheduler(self) -> Scheduler:
+        from rq_scheduler import Scheduler
+
+        scheduler = Scheduler(queue_name=f"immutant-{self._app_name}", connection=self.store,
+                              job_class=self.job_class)
+        scheduler.scheduled_jobs_key = self.keys.jobs_schedule(self._app_name)
+        return scheduler
 
     def job_id(self, name: str) -> str:
         return f"{self.app}-{name}"  # RQ ids allow letters, digits, '_' and '-' only
@@ -63,6 +73,9 @@ class JobStore:
         return job_id[len(self.app) + 1:]
 
     def stored_spec(self, name: str) -> JobSpec | None:
+        from rq.exceptions import NoSuchJobError
+        from rq.serializers import JSONSerializer
+
         try:
             job = self.job_class.fetch(self.job_id(name), connection=self.store, serializer=JSONSerializer)
         except NoSuchJobError:

@@ -12,7 +12,6 @@ import click
 from ..cli import load_state, one_line_errors, setup_logging
 from ..hookspecs import hookimpl
 from ..settings import unknown_environment
-from .node import AppTarget, Node
 
 
 @hookimpl(trylast=True)
@@ -46,6 +45,8 @@ def run(ctx: click.Context, /, verbose: bool, **options: Any) -> None:
     offset_given = options["port_offset"] is not None or "IMMUTANT_PORT_OFFSET" in os.environ or (
         app is not None and "IMMUTANT_PORT_OFFSET" in app.config and app.config["IMMUTANT_PORT_OFFSET"] != 0
     )
+    from .node import AppTarget, Node  # here: other commands never import the node and runtime
+
     target = AppTarget(import_path) if app is not None else None
     node = Node(state, target, offset_given=offset_given)
     click.echo(node.banner())

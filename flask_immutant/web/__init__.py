@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
-from .sessions import ImmutantSession, ImmutantSessionInterface, SessionUnavailable
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .sessions import ImmutantSession, ImmutantSessionInterface, SessionUnavailable
+
+#: Imported on first use, so that loading the plugin (every CLI command does) never loads Flask-Session.
+_LAZY = {"ImmutantSession": ".sessions", "ImmutantSessionInterface": ".sessions", "SessionUnavailable": ".sessions"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a name of ``_LAZY`` on first use (PEP 562) and keep it."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
 
 
 def regenerate() -> None:
@@ -11,6 +27,8 @@ def regenerate() -> None:
     An id an attacker planted before login (session fixation) then leads nowhere.
     """
     from flask import current_app, session
+
+    from .sessions import ImmutantSessionInterface
 
     interface = current_app.session_interface
     if not isinstance(interface, ImmutantSessionInterface):

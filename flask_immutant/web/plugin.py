@@ -8,12 +8,12 @@ from ..caching.breaker import CircuitBreaker
 from ..caching.serialization import SAFE_SERIALIZERS
 from ..hookspecs import hookimpl
 from ..settings import Setting, to_bool
-from .sessions import ImmutantSessionInterface, log
 
 if TYPE_CHECKING:
     from flask import Flask
 
     from ..extension import ImmutantState
+    from .sessions import ImmutantSessionInterface
 
 #: The setting that turns this feature on; off, the plugin is unregistered.
 FLAG = "IMMUTANT_SESSIONS"
@@ -40,6 +40,8 @@ def immutant_settings() -> list[Setting]:
 
 @hookimpl(trylast=True)
 def immutant_init_app(app: Flask, state: ImmutantState) -> None:
+    from .sessions import ImmutantSessionInterface, log  # here: CLI commands never import Flask-Session
+
     settings = state.settings
     interface = ImmutantSessionInterface(
         app, state,
