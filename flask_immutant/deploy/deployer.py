@@ -159,6 +159,7 @@ class Deployer:
             with self._lock:
                 gone = self.running.pop(name)
             log.info("undeploying %s", gone.deployment.label)
+            self.marks.mark_undeployed(name)
             self._retire(gone, self.node.settings["IMMUTANT_SHUTDOWN_TIMEOUT"], True)
             self._root_served()
             self.store.clear_node_state(name, self.name)
@@ -172,6 +173,9 @@ class Deployer:
         if mark is not None and deployment.order < mark:
             return DeploymentError(f"{deployment.label} (epoch {deployment.epoch}) is older than v{mark[1]} "
                                    f"(epoch {mark[0]}) which node {self.name} has seen: {advice}")
+        if mark is not None and deployment.order == mark and current is None and self.marks.undeployed(deployment.name):
+            return DeploymentError(f"{deployment.label} (epoch {deployment.epoch}) was undeployed on node {self.name}; "
+                                   "a record written back after its undeploy is refused: deploy the app again")
         if current is not None and current.deployment.order == deployment.order and current.deployment != deployment:
             return DeploymentError(f"{deployment.label} (epoch {deployment.epoch}) differs from the {deployment.label} "
                                    f"node {self.name} runs: {advice}")

@@ -95,7 +95,8 @@ class DeploymentStore:
         return self.store.get(self.keys.deployment_archive(sha256))  # type: ignore[return-value]
 
     def set_node_state(self, name: str, node: str, state: str, **details: Any) -> None:
-        record = {"state": state, "since": time.time(), **details}
+        # An unknown detail is left out, not written as null: readers check NODE_STATE_TYPES.
+        record = {"state": state, "since": time.time(), **{k: v for k, v in details.items() if v is not None}}
         self.store.hset(self.keys.deployment_nodes(name), node, json.dumps(record))
 
     def clear_node_state(self, name: str, node: str) -> None:
