@@ -125,15 +125,16 @@ class Deployer:
             if self._stop.is_set():
                 return
             current = self.running.get(name)
-            version = None
+            record = None
             if not isinstance(item, DeploymentError):
-                version, item = item.version, self._not_older(item, current)
+                record, item = item, self._not_older(item, current)
             if isinstance(item, DeploymentError):
-                if self.refused.get(name) != str(item):
+                refusal = f"{item} ({record.deployed_at if record else 'unread'})"  # once per record and reason
+                if self.refused.get(name) != refusal:
                     log.error("refusing deployment %s: %s", name, item)
-                    self.refused[name] = str(item)
+                    self.refused[name] = refusal
                     serving = current.deployment.version if current is not None and current.runtime else None
-                    self.store.set_node_state(name, self.name, "refused", error=str(item), version=version,
+                    self.store.set_node_state(name, self.name, "refused", record, error=str(item),
                                               serving_version=serving)
                 if current is not None:
                     self._supervise(current)  # what it ran before keeps running, restarted if it crashes
@@ -197,7 +198,7 @@ class Deployer:
 
     def _deploy(self, deployment: Deployment, current: Running | None) -> None:
         log.info("deploying %s", deployment.label)
-        self.store.set_node_state(deployment.name, self.name, "starting", version=deployment.version)
+        self.store.set_node_state(deployment.name, self.name, "starting", deployment)
         try:
             target = self._target(deployment)
             listener, own = self._listener_for(deployment, current)
@@ -239,12 +240,11 @@ class Deployer:
         if current is not None and current.runtime is not None and current.state == "deployed":
             # Keep serving the previous version; record the failed one as what was asked.
             current.error = f"v{deployment.version} failed: {reason}"
-            self.store.set_node_state(deployment.name, self.name, "failed", version=deployment.version,
-                                      error=reason, serving_version=current.deployment.version)
+            self.store.set_node_state(deployment.name, self.name, "failed", deployment, error=reason, serving_version=current.deployment.version)
             current.deployment = deployment  # do not retry this version on every poll
             return
         self._track(Running(deployment, None, None, "failed", reason), None)
-        self.store.set_node_state(deployment.name, self.name, "failed", version=deployment.version, error=reason)
+        self.store.set_node_state(deployment.name, self.name, "failed", deployment, error=reason)
 
     def _supervise(self, running: Running) -> None:
         runtime = running.runtime
@@ -260,8 +260,8 @@ class Deployer:
             reason = "failed to start" if code == EXIT_APP_FAILED else f"exited with status {code}"
             log.warning("app runtime of %s %s; restarting in %.1fs", running.deployment.label, reason,
                         running.restart_delay)
-            self.store.set_node_state(running.deployment.name, self.name, "restarting",
-                                      version=running.deployment.version, error=reason)
+            self.store.set_node_state(running.deployment.name, self.name, "restarting", running.deployment,
+                                      error=reason)
             return
         if now < running.restart_at:
             return
@@ -282,7 +282,7 @@ class Deployer:
         assert running.runtime is not None and running.listener is not None
         process = running.runtime.process
         self.store.set_node_state(
-            running.deployment.name, self.name, running.state, version=running.deployment.version,
+            running.deployment.name, self.name, running.state, running.deployment,
             pid=process.pid if process else None, port=running.listener.getsockname()[1],
             context_path=running.deployment.context_path, error=running.error,
         )

@@ -209,6 +209,7 @@ def _await_nodes(state: ImmutantState, store: redis.Redis, deployments: Deployme
     while time.monotonic() < deadline and len(reported) < len(members):
         for node, info in deployments.node_states(record.name).items():
             if node in members and node not in reported and info.get("version") == record.version \
+                    and info.get("deployed_at") == record.deployed_at \
                     and info.get("state") in ("deployed", "failed", "refused"):
                 reported[node] = info
                 where = f"port {info.get('port')}{record.context_path}" if info.get("port") else ""

@@ -94,7 +94,12 @@ class DeploymentStore:
     def archive(self, sha256: str) -> bytes | None:
         return self.store.get(self.keys.deployment_archive(sha256))  # type: ignore[return-value]
 
-    def set_node_state(self, name: str, node: str, state: str, **details: Any) -> None:
+    def set_node_state(self, name: str, node: str, state: str, record: Deployment | None = None,
+                       **details: Any) -> None:
+        """``record``: the one this state is about; its version and ``deployed_at`` tell a waiting
+        ``deploy`` that the state answers its record, not an earlier one of the same version."""
+        if record is not None:
+            details.update(version=record.version, deployed_at=record.deployed_at)
         # An unknown detail is left out, not written as null: readers check NODE_STATE_TYPES.
         record = {"state": state, "since": time.time(), **{k: v for k, v in details.items() if v is not None}}
         self.store.hset(self.keys.deployment_nodes(name), node, json.dumps(record))
@@ -110,7 +115,7 @@ class DeploymentStore:
 #: The JSON types of a deployment's state on one node (``set_node_state``).
 NODE_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
     "state": str, "since": float, "version": int, "pid": (int, type(None)), "port": (int, type(None)),
-    "context_path": str, "error": (str, type(None)), "serving_version": int,
+    "context_path": str, "error": (str, type(None)), "serving_version": int, "deployed_at": (float, int),
 }
 
 
