@@ -24,7 +24,7 @@ from flask.cli import AppGroup, NoAppException, ScriptInfo
 from .errors import ImmutantConfigError, ImmutantError
 from .extension import EXTENSION_KEY, ImmutantState
 from .plugins import make_plugin_manager
-from .settings import import_paths
+from .settings import float_range, import_paths
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -95,6 +95,12 @@ def checked_option(kind: Callable[[Any], Any]) -> Callable[[click.Context, click
             raise click.BadParameter(f"{value!r}: expected {exc}") from None
 
     return callback
+
+
+#: ``--wait SECONDS`` of the commands that wait for the nodes: finite, not negative (never nan).
+WAIT_SECONDS = checked_option(float_range(0, 86400))
+#: A TCP port to listen on (0: any free one).
+LISTEN_PORT = click.IntRange(0, 65535)
 
 
 def find_app(ctx: click.Context) -> tuple[Flask | None, str | None]:

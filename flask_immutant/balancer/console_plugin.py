@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import load_state, one_line_errors, setup_logging
+from ..cli import LISTEN_PORT, load_state, one_line_errors, setup_logging
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
 
@@ -46,7 +46,7 @@ def refuse_remote_console(host: str, allow_remote: bool, *, otherwise: str = "")
 
 @click.command(help="Serve the management console (nodes, contexts, deployments, daemons, queues, jobs, "
                     "with enable/disable/stop) on its own; the embedded balancer serves it at /_immutant/.")
-@click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port to serve on.")
+@click.option("--port", type=LISTEN_PORT, default=DEFAULT_PORT, show_default=True, help="Port to serve on.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (loopback unless --allow-remote).")
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host (put TLS in front of it).")

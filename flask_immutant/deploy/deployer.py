@@ -240,7 +240,8 @@ class Deployer:
         if current is not None and current.runtime is not None and current.state == "deployed":
             # Keep serving the previous version; record the failed one as what was asked.
             current.error = f"v{deployment.version} failed: {reason}"
-            self.store.set_node_state(deployment.name, self.name, "failed", deployment, error=reason, serving_version=current.deployment.version)
+            self.store.set_node_state(deployment.name, self.name, "failed", deployment, error=reason,
+                                      serving_version=current.deployment.version)
             current.deployment = deployment  # do not retry this version on every poll
             return
         self._track(Running(deployment, None, None, "failed", reason), None)
