@@ -10,13 +10,14 @@ by ``lua/jobs_claim.lua``, one compare-and-set per due time, by the lease-holdin
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import time
 from functools import cache
 from typing import Any
 
 import redis
-from rq.job import Job, NoSuchJobError
+from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq_scheduler import Scheduler
 
@@ -62,11 +63,14 @@ class JobStore:
         return job_id[len(self.app) + 1:]
 
     def stored_spec(self, name: str) -> JobSpec | None:
+        """The spec in the stored job's ``meta`` field, read alone: RQ's ``Job.fetch`` would inflate
+        its zlib-compressed fields, which a store writer can make a bomb of."""
+        raw = self.store.hget(self.keys.rq_job_prefix + self.job_id(name), "meta")
         try:
-            job = self.job_class.fetch(self.job_id(name), connection=self.store, serializer=JSONSerializer)
-        except NoSuchJobError:
+            meta = json.loads(raw) if raw is not None else None
+        except ValueError:
             return None
-        spec = job.meta.get("immutant")
+        spec = meta.get("immutant") if isinstance(meta, dict) else None
         return JobSpec.from_meta(spec) if isinstance(spec, dict) else None
 
     def upsert(self, spec: JobSpec, now: float | None = None) -> bool:
