@@ -59,8 +59,10 @@ def console(ctx: click.Context, port: int, host: str, allow_remote: bool, verbos
 
     from ..deploy.records import cluster_secret
     from .console import make_console_app
+    from .parse_errors import log_parse_errors_briefly
 
     setup_logging(verbose)
+    log_parse_errors_briefly()
     state, _app, _path = load_state(ctx)
     secret = cluster_secret(state.settings)
     where = ("IMMUTANT_SECRET" if state.settings.get("IMMUTANT_SECRET")
