@@ -205,3 +205,17 @@ def test_an_undeployed_record_written_back_is_refused(node, node_env, tmp_path, 
     assert deploy(node_env, folder).returncode == 0
     wait_until(lambda: (get(node.port) or {}).get("version") == "1", timeout=10)
     assert json.loads(store_client.hget(keys.deployments, "shop"))["record"]["version"] == 2
+
+
+@pytest.mark.parametrize("issued", [b'{"epoch": 1e400, "version": 1}', b'{"version": -1e400}', b"[1, 2]", b"\xff"])
+def test_a_garbage_counter_of_issued_versions_never_breaks_a_deploy(node_env, tmp_path, store_client, cluster_name,
+                                                                   issued):
+    keys = Keys(cluster_name)
+    folder = write_app(tmp_path / "shop", "1")
+    assert deploy(node_env, folder).returncode == 0
+    # When a store writer garbles the counter of versions issued for the name
+    store_client.hset(keys.deployments_issued, "shop", issued)
+    # Then the next deploy still issues a newer version (the stored record decides)
+    result = deploy(node_env, folder)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert json.loads(store_client.hget(keys.deployments, "shop"))["record"]["version"] == 2

@@ -50,9 +50,12 @@ class DeploymentStore:
         epoch, version = (previous.epoch, previous.version) if previous else (0, 0)
         try:
             issued = json.loads(self.store.hget(self.keys.deployments_issued, name) or "{}")
-            epoch, version = max((epoch, version), (int(issued.get("epoch", 0)), int(issued.get("version", 0))))
-        except (ValueError, TypeError, AttributeError):
-            pass  # an unreadable counter: the stored record decides; nodes refuse anything older
+        except ValueError:
+            issued = None
+        counted = (issued.get("epoch", 0), issued.get("version", 0)) if isinstance(issued, dict) else None
+        # An unreadable counter: the stored record decides; nodes refuse anything older.
+        if counted is not None and all(type(n) is int and n >= 0 for n in counted):
+            epoch, version = max((epoch, version), counted)
         if rollback:
             return max(epoch + 1, int(time.time())), 1
         return epoch, version + 1
