@@ -13,7 +13,7 @@ from typing import Any
 import redis
 
 from ..keys import Keys
-from ..records import check_types, hash_of, json_object, read_records, required
+from ..records import check_types, from_json, hash_of, json_object, read_records, required
 from .records import Deployment, DeploymentError, sign, verify
 
 
@@ -49,7 +49,7 @@ class DeploymentStore:
         """(epoch, version) newer than the stored record and than any issued before for ``name``."""
         epoch, version = (previous.epoch, previous.version) if previous else (0, 0)
         try:
-            issued = json.loads(self.store.hget(self.keys.deployments_issued, name) or "{}")
+            issued = from_json(self.store.hget(self.keys.deployments_issued, name) or "{}")
         except ValueError:
             issued = None
         counted = (issued.get("epoch", 0), issued.get("version", 0)) if isinstance(issued, dict) else None

@@ -22,8 +22,9 @@ for i = 3, #ARGV, 4 do
         redis.call("rpush", queue, ARGV[i + 1])
     end
     if string.sub(queue, -3) ~= ".DQ" then
-        redis.call("rpush", queue .. ".wake", "1")
-        redis.call("ltrim", queue .. ".wake", -64, -1)
+        -- pcall: tokens only wake; a wake key of another type must not fail the publish
+        redis.pcall("rpush", queue .. ".wake", "1")
+        redis.pcall("ltrim", queue .. ".wake", -64, -1)
     end
     written = written + 1
 end

@@ -10,7 +10,6 @@ by ``lua/jobs_claim.lua``, one compare-and-set per due time, by the lease-holdin
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 import time
 from functools import cache
@@ -23,7 +22,7 @@ from rq_scheduler import Scheduler
 
 from .. import lua
 from ..keys import Keys
-from ..records import decoded, hash_of, read_records
+from ..records import decoded, from_json, hash_of, read_records
 from .spec import JobSpec
 
 #: The function an RQ tool would see for our schedules; we fire by name from the app's registry.
@@ -67,7 +66,7 @@ class JobStore:
         its zlib-compressed fields, which a store writer can make a bomb of."""
         raw = self.store.hget(self.keys.rq_job_prefix + self.job_id(name), "meta")
         try:
-            meta = json.loads(raw) if raw is not None else None
+            meta = from_json(raw) if raw is not None else None
         except ValueError:
             return None
         spec = meta.get("immutant") if isinstance(meta, dict) else None
