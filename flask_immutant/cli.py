@@ -45,6 +45,16 @@ class ImmutantGroup(AppGroup):
             pm = make_plugin_manager(entry_points=False)
         pm.hook.immutant_register_commands(cli=self)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Arguments become store keys, folder names and balancer commands: one that is not text
+        (bytes the locale cannot decode, which Python keeps as lone surrogates) is one usage error."""
+        for arg in args:
+            try:
+                arg.encode("utf-8")
+            except UnicodeEncodeError:
+                raise click.UsageError(f"argument {arg!r} is not valid UTF-8 text", ctx) from None
+        return super().parse_args(ctx, args)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._register()
         return super().list_commands(ctx)

@@ -75,6 +75,8 @@ def test_a_schedule_that_cannot_be_is_one_error_line(node_env, tmp_path: Path, a
     (["balancer", "--port", "70000"], ["--port", "70000"]),
     (["ctl", "weight", "x"], ["x"]),
     (["ctl", "weight", "101"], ["101"]),
+    (["undeploy", "shop\udcff"], ["not valid UTF-8"]),
+    (["queues", "requeue-dead", "/queue/\udcff"], ["not valid UTF-8"]),
 ])
 def test_a_nonsense_command_argument_is_one_error_line(node_env, tmp_path: Path, args, expected):
     # Given no node runs, so a command that accepted the value would start working with it
