@@ -104,8 +104,8 @@ class DeploymentStore:
         if record is not None:
             details.update(version=record.version, deployed_at=record.deployed_at)
         # An unknown detail is left out, not written as null: readers check NODE_STATE_TYPES.
-        record = {"state": state, "since": time.time(), **{k: v for k, v in details.items() if v is not None}}
-        self.store.hset(self.keys.deployment_nodes(name), node, json.dumps(record))
+        stored = {"state": state, "since": time.time(), **{k: v for k, v in details.items() if v is not None}}
+        self.store.hset(self.keys.deployment_nodes(name), node, json.dumps(stored))
 
     def clear_node_state(self, name: str, node: str) -> None:
         self.store.hdel(self.keys.deployment_nodes(name), node)

@@ -37,7 +37,8 @@ def push_wake_tokens(client: redis.Redis, tokens: dict[str, int]) -> None:
     an error for the publisher or requeuer."""
     pipe = client.pipeline(transaction=False)
     for wake, count in tokens.items():
-        pipe.rpush(wake, *["1"] * count).ltrim(wake, -max(WAKE_TOKENS, count), -1)
+        pipe.rpush(wake, *["1"] * count)
+        pipe.ltrim(wake, -max(WAKE_TOKENS, count), -1)
     pipe.execute(raise_on_error=False)
 
 
