@@ -24,7 +24,7 @@ from flask.cli import AppGroup, NoAppException, ScriptInfo
 from .errors import ImmutantConfigError, ImmutantError
 from .extension import EXTENSION_KEY, ImmutantState
 from .plugins import make_plugin_manager
-from .settings import import_paths
+from .settings import float_range, import_paths
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,6 +44,16 @@ class ImmutantGroup(AppGroup):
             click.echo(f"Warning: only built-in commands are available: {exc}", err=True)
             pm = make_plugin_manager(entry_points=False)
         pm.hook.immutant_register_commands(cli=self)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Arguments become store keys, folder names and balancer commands: one that is not text
+        (bytes the locale cannot decode, which Python keeps as lone surrogates) is one usage error."""
+        for arg in args:
+            try:
+                arg.encode("utf-8")
+            except UnicodeEncodeError:
+                raise click.UsageError(f"argument {arg!r} is not valid UTF-8 text", ctx) from None
+        return super().parse_args(ctx, args)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._register()
@@ -95,6 +105,12 @@ def checked_option(kind: Callable[[Any], Any]) -> Callable[[click.Context, click
             raise click.BadParameter(f"{value!r}: expected {exc}") from None
 
     return callback
+
+
+#: ``--wait SECONDS`` of the commands that wait for the nodes: finite, not negative (never nan).
+WAIT_SECONDS = checked_option(float_range(0, 86400))
+#: A TCP port to listen on (0: any free one).
+LISTEN_PORT = click.IntRange(0, 65535)
 
 
 def find_app(ctx: click.Context) -> tuple[Flask | None, str | None]:

@@ -80,12 +80,22 @@ def shown(raw: bytes | str) -> str:
     return repr(raw[:80]) + ("…" if len(raw) > 80 else "")
 
 
+def from_json(raw: bytes | str) -> Any:
+    """``json.loads`` for bytes anyone with store access wrote: nesting past the parser's recursion
+    limit (``[[[...`` 100,000 deep) is a ``ValueError`` like any other bad JSON, not a
+    ``RecursionError`` that no reader expects."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def parsed_json(raw: bytes | str | None, family: str, name: str, shape: type[T]) -> T | None:
     """``raw`` parsed as JSON of type ``shape``; ``None`` (with a warning) if it is anything else."""
     if raw is None:
         return None
     try:
-        value = json.loads(raw)
+        value = from_json(raw)
     except (ValueError, TypeError) as exc:
         warn(f"skipped the {family} record {shown(name)}: not JSON ({exc})")
         return None
@@ -141,7 +151,7 @@ def read_records(raw: Mapping[Any, Any], family: str, parse: Callable[[str, Any]
 
 def json_object(name: str, raw: Any) -> dict[str, Any]:
     """A parser for :func:`read_records`: the value must be a JSON object."""
-    value = json.loads(raw)
+    value = from_json(raw)
     if not isinstance(value, dict):
         raise TypeError(f"expected a JSON object, got {type(value).__name__}")
     return value

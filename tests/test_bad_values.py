@@ -63,3 +63,24 @@ def test_a_schedule_that_cannot_be_is_one_error_line(node_env, tmp_path: Path, a
     result = run_flask(["--app", "app", "immutant", "status"], node_env, cwd=tmp_path, timeout=30)
     line = one_error_line(result)
     assert expected in line, line
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["deploy", "--wait", "nan"], ["--wait", "nan", "from 0 to 86400"]),
+    (["deploy", "--wait", "inf"], ["--wait", "inf"]),
+    (["deploy", "--wait", "-1"], ["--wait", "-1"]),
+    (["undeploy", "shop", "--wait", "nan"], ["--wait", "nan"]),
+    (["console", "--port", "99999"], ["--port", "99999", "65535"]),
+    (["console", "--port", "-1"], ["--port", "-1"]),
+    (["balancer", "--port", "70000"], ["--port", "70000"]),
+    (["ctl", "weight", "x"], ["x"]),
+    (["ctl", "weight", "101"], ["101"]),
+    (["undeploy", "shop\udcff"], ["not valid UTF-8"]),
+    (["queues", "requeue-dead", "/queue/\udcff"], ["not valid UTF-8"]),
+])
+def test_a_nonsense_command_argument_is_one_error_line(node_env, tmp_path: Path, args, expected):
+    # Given no node runs, so a command that accepted the value would start working with it
+    result = run_flask(["immutant", *args], node_env, cwd=tmp_path, timeout=30)
+    line = one_error_line(result)
+    for fragment in expected:
+        assert fragment in line, line

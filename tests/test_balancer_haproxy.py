@@ -174,3 +174,27 @@ def test_the_reconciler_sends_no_injected_runtime_api_command(tmp_path: Path, cl
             wait_until(lambda: requests.get(haproxy.url + "/who", timeout=5).status_code == 200, timeout=5)
     finally:
         backend.close()
+
+
+def test_a_load_factor_out_of_range_in_the_store_never_keeps_other_servers_out_of_haproxy(
+        tmp_path: Path, cluster_name, store_client):
+    keys = Keys(cluster_name)
+    backend = Backend("z")
+    try:
+        with running_haproxy(tmp_path, ["/"], cluster_name) as haproxy:
+            # Given a context a store writer published with a load factor HAProxy cannot take as a
+            # weight (its servers sort before the good one), and a good context
+            for node, load in (("a", 1000), ("b", -5)):
+                key = keys.context(node, "/")
+                store_client.set(key, json.dumps({"node": node, "context_path": "/", "app": "x", "host": "127.0.0.1",
+                                                  "port": backend.port, "load": load, "pid": 1, "since": 0.0}), ex=30)
+                store_client.sadd(keys.contexts, key)
+            registry.publish(store_client, keys, registry.Context("z", "/", "app", "127.0.0.1", backend.port, 100,
+                                                                  os.getpid(), time.time()), 30)
+            # When the reconciler syncs HAProxy with the store's table
+            Reconciler(haproxy.api).sync(registry.routing_table(store_client, keys))
+            # Then the good server is in HAProxy and serves
+            assert "z" in haproxy.servers()
+            wait_until(lambda: requests.get(haproxy.url + "/who", timeout=5).status_code == 200, timeout=5)
+    finally:
+        backend.close()

@@ -217,3 +217,59 @@ def test_a_cached_view_filled_through_one_node_is_served_identically_by_another(
     assert requests.get(b + "/tuple", timeout=5).status_code == 201
     assert requests.get(b + "/tuple", timeout=5).text == "created"  # not the JSON array ["created",201,...]
     assert b"no such page" in requests.get(b + "/missing", timeout=5).content
+
+
+def _nested_tuples(depth: int) -> bytes:
+    """A typed entry of ``depth`` tuples, each in the next: a few hundred bytes."""
+    import msgpack
+
+    from flask_immutant.caching.typed import TUPLE
+
+    data = msgpack.packb([])
+    for _ in range(depth):
+        data = msgpack.packb(msgpack.ExtType(TUPLE, data))
+    return data
+
+
+def _exception(name: str, fields: dict[str, Any]) -> bytes:
+    import msgpack
+
+    from flask_immutant.caching.typed import HTTP_EXCEPTION
+
+    return msgpack.packb(msgpack.ExtType(HTTP_EXCEPTION, msgpack.packb([name, fields])))
+
+
+def test_a_store_writer_cannot_crash_or_break_a_cached_view(start_node, node_env, tmp_path: Path, store_client,
+                                                            cluster_name) -> None:
+    import requests
+
+    # Given a node serving @cached views, with their entries in the cache
+    app = tmp_path / "cached_views_app.py"
+    app.write_text(CACHED_VIEWS_APP)
+    node = start_node("--clustered", app=str(app), env={"CACHE_MODE": "distributed"})
+    url = f"http://127.0.0.1:{node_env['IMMUTANT_HTTP_PORT']}"
+    node.wait_for("joined cluster")
+    wait_until(lambda: responding(url), timeout=20, message="the node to serve the app")
+    for path in ("/tuple", "/cached-response", "/missing"):
+        requests.get(url + path, timeout=5)
+    entries = {path: [k for k in store_client.scan_iter(Keys(cluster_name).prefix + "cache:*") if path.encode() in k]
+               for path in ("/tuple", "/cached-response", "/missing")}
+    assert all(len(found) == 1 for found in entries.values()), entries
+    # When a store writer replaces them with typed entries nested deep enough to overflow the C
+    # stack of a decoder that recursed, and with HTTP exceptions whose fields cannot be served
+    hostile = {
+        "/tuple": _nested_tuples(300),
+        "/cached-response": _nested_tuples(5000),
+        "/missing": _exception("MethodNotAllowed", {"valid_methods": 5}),
+    }
+    for path, payload in hostile.items():
+        store_client.set(entries[path][0], b"\x03" + payload)
+    # Then each is a miss: the view runs again and is served as it should be, by the same process
+    assert requests.get(url + "/cached-response", timeout=5).text == "dynamic ttl"
+    assert requests.get(url + "/tuple", timeout=5).status_code == 201, node.output[-3000:]
+    assert requests.get(url + "/missing", timeout=5).status_code == 404, node.output[-3000:]
+    assert node.proc.poll() is None
+    assert requests.get(url + "/calls/tuple", timeout=5).text == "2"
+    for exception in ({"retry_after": "soon"}, {"response": "x"}, {"description": 5}):
+        store_client.set(entries["/missing"][0], b"\x03" + _exception("NotFound", exception))
+        assert requests.get(url + "/missing", timeout=5).status_code == 404, exception

@@ -181,3 +181,41 @@ def test_a_garbage_record_under_an_unsafe_name_is_refused_and_can_be_undeployed(
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "undeployed ../../evil"  # every node has let go of it
     assert store_client.hget(keys.deployments, "../../evil") is None
+
+
+def test_an_undeployed_record_written_back_is_refused(node, node_env, tmp_path, store_client, cluster_name):
+    keys = Keys(cluster_name)
+    # Given a deployment that ran on a node and was then undeployed
+    folder = write_app(tmp_path / "shop", "1")
+    assert deploy(node_env, folder).returncode == 0
+    wait_until(lambda: get(node.port), timeout=10)
+    signed = store_client.hget(keys.deployments, "shop")
+    assert run_flask(["immutant", "undeploy", "shop", "--wait", "10"], node_env).returncode == 0
+    wait_until(lambda: not process_states(node.pid), timeout=15)
+    # When a store writer writes its signed record back
+    store_client.hset(keys.deployments, "shop", signed)
+    store_client.publish(keys.deployments_changed, "shop")
+    # Then the node refuses it, saying why, and starts nothing
+    node.wait_for("refusing deployment shop: shop v1 .*was undeployed")
+    time.sleep(1.5)
+    assert not process_states(node.pid)
+    rows = {row["name"]: row for row in json.loads(run_flask(["immutant", "list", "--json"], node_env).stdout)}
+    assert rows["shop"]["nodes"]["a"]["state"] == "refused", rows
+    # And a fresh deploy of the same name is accepted
+    assert deploy(node_env, folder).returncode == 0
+    wait_until(lambda: (get(node.port) or {}).get("version") == "1", timeout=10)
+    assert json.loads(store_client.hget(keys.deployments, "shop"))["record"]["version"] == 2
+
+
+@pytest.mark.parametrize("issued", [b'{"epoch": 1e400, "version": 1}', b'{"version": -1e400}', b"[1, 2]", b"\xff"])
+def test_a_garbage_counter_of_issued_versions_never_breaks_a_deploy(node_env, tmp_path, store_client, cluster_name,
+                                                                   issued):
+    keys = Keys(cluster_name)
+    folder = write_app(tmp_path / "shop", "1")
+    assert deploy(node_env, folder).returncode == 0
+    # When a store writer garbles the counter of versions issued for the name
+    store_client.hset(keys.deployments_issued, "shop", issued)
+    # Then the next deploy still issues a newer version (the stored record decides)
+    result = deploy(node_env, folder)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert json.loads(store_client.hget(keys.deployments, "shop"))["record"]["version"] == 2

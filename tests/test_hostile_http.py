@@ -418,3 +418,40 @@ def test_the_balancer_closes_a_connection_whose_request_head_never_completes(bac
             assert closed, "the balancer kept a connection whose request head never completed"
     finally:
         process.cleanup()
+
+
+MALFORMED = [
+    b"POST /who HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /who HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\nabcd",
+    b"GET /who HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",  # obs-fold
+    b"GET /who HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /who HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 100_000 + b"\r\n\r\n",
+    b"POST /who HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\nx\r\n0\r\n\r\n",
+]
+
+
+def test_malformed_requests_are_a_400_and_one_log_line_never_a_traceback(backend, node_env, tmp_path):
+    # Given the balancer and the console, each a real process
+    balancer, url = start_embedded(node_env, tmp_path)
+    console_port = free_port()
+    console = NodeProcess(["immutant", "console", "--port", str(console_port)], node_env, cwd=tmp_path)
+    try:
+        console.wait_for("console for cluster", timeout=20)
+        wait_until(lambda: requests.get(f"{url}/who", timeout=5).status_code == 200, timeout=10)
+        hits = backend.hits
+        # When clients send requests no HTTP parser may accept (smuggling attempts among them)
+        for port in (port_of(url), console_port):
+            for request in MALFORMED:
+                # Then each is a 400, none reaches the node
+                assert status_of(exchange(port, request)) == 400, (port, request[:80])
+        assert backend.hits == hits
+        # And neither process logs a traceback for them: a client's garbage is one line in the log
+        for process in (balancer, console):
+            wait_until(lambda process=process: process.output.count("malformed request from") >= len(MALFORMED),
+                       timeout=10, message=process.output[-2000:])
+            assert "Traceback" not in process.output, process.output[-3000:]
+        assert requests.get(f"{url}/who", timeout=5).json()["node"] == "x"
+    finally:
+        balancer.cleanup()
+        console.cleanup()

@@ -221,3 +221,40 @@ def test_every_due_time_fires_once_across_a_scheduler_failover(start_node, app_f
     # And status --json carries the jobs section
     document = json.loads(run_flask(["immutant", "status", "--json"], node_env).stdout)
     assert {row["name"] for row in document["jobs"]} == {"tick", "flaky"}
+
+
+def _zlib_bomb(size: int) -> bytes:
+    """``size`` zero bytes, zlib-compressed to about a thousandth of that."""
+    import zlib
+
+    packer = zlib.compressobj(9)
+    chunk = bytes(1 << 24)
+    return b"".join(packer.compress(chunk) for _ in range(size >> 24)) + packer.flush()
+
+
+def _limited_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_DATA, (400 << 20, 400 << 20))
+
+
+def test_a_compressed_bomb_in_a_stored_job_is_never_inflated(start_node, app_file, store_client, cluster_name,
+                                                             node_env):
+    import subprocess
+    import sys
+
+    keys = Keys(cluster_name)
+    node = start_node("--clustered", "--node-name", "a", app=str(app_file))
+    node.wait_for("joined cluster")
+    listed = wait_until(lambda: json.loads(run_flask(["immutant", "jobs", "--json"], node_env).stdout), timeout=15)
+    tick = next(row for row in listed if row["name"] == "tick")
+    # When a store writer puts a zlib bomb (1 GiB inflated) into the fields of a stored job that
+    # RQ inflates when it loads a job
+    job_key = keys.rq_job_prefix + f"{tick['app']}-tick"
+    bomb = _zlib_bomb(1 << 30)
+    store_client.hset(job_key, mapping={"data": bomb, "exc_info": bomb})
+    # Then listing the jobs, within 400 MiB of heap, still lists it
+    result = subprocess.run([sys.executable, "-m", "flask", "immutant", "jobs", "--json"], env=node_env,
+                            capture_output=True, text=True, timeout=60, preexec_fn=_limited_memory, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tick" in {row["name"] for row in json.loads(result.stdout)}, result.stderr[-2000:]

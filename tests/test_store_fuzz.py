@@ -195,7 +195,7 @@ def write_garbage(store: Any, keys: Keys, garbage: Garbage, job_app: str, secret
     for kind in Garbage.TYPES:
         digest = hashlib.sha256(kind.encode()).hexdigest()
         garbage.write(store, keys.deployment_archive(digest), kind)
-        DeploymentStore(store, keys, secret).put(Deployment(
+        DeploymentStore(store, keys, secret, keys.cluster).put(Deployment(
             name=f"fuzzarch-{kind}", import_path="app", root="/nonexistent", context_path=f"/fuzz-{kind}",
             archive=digest))
     # contexts, controls, weights
@@ -345,3 +345,76 @@ def test_a_family_key_of_another_type_is_reported_and_the_rest_listed(node_env, 
     for command in (["status"], ["jobs"], ["daemons"], ["queues"], ["list"], ["ctl", "show"]):
         result = run_flask(["immutant", *command], node_env)
         assert result.returncode == 0 and "Traceback" not in result.stderr, (command, result.stderr[-1500:])
+
+
+def test_a_wake_list_of_another_type_neither_fails_publishes_nor_stalls_consumers(start_node, fuzz_env, tmp_path,
+                                                                                 store_client, cluster_name):
+    import time
+
+    keys = Keys(cluster_name)
+    # Given a node consuming a queue
+    node = start_node("--clustered", "--node-name", "a", env=fuzz_env)
+    node.wait_for("joined cluster")
+    folder = tmp_path / "fuzzapp"
+    folder.mkdir()
+    (folder / "app.py").write_text(APP % "1")
+    assert run_flask(["immutant", "deploy", "--name", "fuzzapp"], fuzz_env, cwd=folder).returncode == 0
+    port = int(fuzz_env["IMMUTANT_HTTP_PORT"])
+    wait_until(lambda: _get(port, "/") == {"version": "1"}, timeout=10)
+    node.wait_for("messaging: consuming /queue/work")
+    # When a store writer replaces the queue's list of wake tokens by a string
+    wake = keys.messaging_wake(f"{cluster_name}.q.work")
+    store_client.set(wake, "garbage")
+    time.sleep(1.5)  # idle consumers go back to waiting on it
+    # Then publishing still succeeds, once, and the message is delivered
+    for n in (1, 2, 3):
+        response = requests.post(f"http://127.0.0.1:{port}/publish/{n}", timeout=5)
+        assert response.status_code == 200, response.text[:300]
+    wait_until(lambda: sorted(store_client.lrange(keys.prefix + "test:received", 0, -1)) == [b"1", b"2", b"3"],
+               timeout=10)
+    # And the consumers did not crash on it (the tokens list is theirs to repair)
+    assert store_client.type(wake) in (b"list", b"none")
+    assert "Consumer encountered an unexpected error" not in node.output, node.output[-3000:]
+
+
+def test_json_nested_past_the_parsers_recursion_limit_is_skipped_like_any_garbage(
+        start_node, fuzz_env, tmp_path, store_client, cluster_name):
+    keys = Keys(cluster_name)
+    deep = b"[" * 100_000  # json.loads raises RecursionError, which is no ValueError
+    # Given a node with an app (daemon, job, listener) deployed
+    node = start_node("--clustered", "--node-name", "a", env=fuzz_env)
+    node.wait_for("joined cluster")
+    folder = tmp_path / "fuzzapp"
+    folder.mkdir()
+    (folder / "app.py").write_text(APP % "1")
+    assert run_flask(["immutant", "deploy", "--name", "fuzzapp"], fuzz_env, cwd=folder).returncode == 0
+    jobs = wait_until(lambda: json.loads(run_flask(["immutant", "jobs", "--json"], fuzz_env).stdout), timeout=15)
+    # When a store writer puts such JSON in every family read as JSON
+    for family in (keys.members, keys.deployments, keys.deployment_nodes("fuzzapp"), keys.daemons,
+                   keys.messaging_destinations, keys.messaging_subscriptions("/topic/work"), keys.context_control,
+                   keys.context_weight, keys.deployments_issued, keys.messaging_dead(f"{cluster_name}.q.work")):
+        store_client.hset(family, "fzdeep", deep)
+    for key in (keys.lease("daemon:fzdeep"), keys.messaging_consumer("fzdeep"), keys.loop_health("fzdeep"),
+                keys.context("fzdeep", "/fzdeep")):
+        store_client.set(key, deep)
+    store_client.sadd(keys.messaging_consumers, "fzdeep")
+    store_client.sadd(keys.loop_health_index, "fzdeep")
+    store_client.sadd(keys.contexts, keys.context("fzdeep", "/fzdeep"))
+    store_client.hset(keys.rq_job_prefix + f"{jobs[0]['app']}-tick", "meta", deep)
+    store_client.publish(keys.events, deep)
+    store_client.publish(keys.deployments_changed, "fzdeep")
+    # Then every listing answers without a traceback, a new version deploys, and the node stays healthy
+    for command in (["status", "--json"], ["jobs"], ["daemons"], ["queues"], ["list"], ["ctl", "show"]):
+        result = run_flask(["immutant", *command], fuzz_env)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (command, result.stderr[-2000:])
+    (folder / "app.py").write_text(APP % "2")
+    second = run_flask(["immutant", "deploy", "--name", "fuzzapp"], fuzz_env, cwd=folder)
+    assert second.returncode == 0 and "a: deployed" in second.stdout, second.stdout + second.stderr
+    _console_status(fuzz_env)
+
+    def healthy() -> bool:
+        members = json.loads(run_flask(["immutant", "status", "--json"], fuzz_env).stdout)["members"]
+        return [m["name"] for m in members if m["healthy"]] == ["a"]
+
+    wait_until(healthy, timeout=15, interval=0.5)
+    assert node.proc.poll() is None

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..cli import load_state, one_line_errors, setup_logging
+from ..cli import LISTEN_PORT, load_state, one_line_errors, setup_logging
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
 from ..loops import report_health, stop_reporting
@@ -35,7 +35,7 @@ def immutant_register_commands(cli: click.Group) -> None:
 @click.command(help="Balance HTTP across the cluster's contexts: the embedded balancer (default), or keep "
                     "HAProxy's servers in line with them (--haproxy SOCKET). See docs/balancer.md.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the embedded balancer binds.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+@click.option("--port", default=8000, show_default=True, type=LISTEN_PORT,
               help="Port of the embedded balancer (0: any free one, printed at start).")
 @click.option("--haproxy", "haproxy_socket", default=None, metavar="SOCKET",
               help="Drive HAProxy through the runtime API on this unix socket instead of serving.")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import load_state, one_line_errors, setup_logging
+from ..cli import LISTEN_PORT, load_state, one_line_errors, setup_logging
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
 
@@ -46,7 +46,7 @@ def refuse_remote_console(host: str, allow_remote: bool, *, otherwise: str = "")
 
 @click.command(help="Serve the management console (nodes, contexts, deployments, daemons, queues, jobs, "
                     "with enable/disable/stop) on its own; the embedded balancer serves it at /_immutant/.")
-@click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port to serve on.")
+@click.option("--port", type=LISTEN_PORT, default=DEFAULT_PORT, show_default=True, help="Port to serve on.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (loopback unless --allow-remote).")
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host (put TLS in front of it).")
@@ -60,8 +60,10 @@ def console(ctx: click.Context, port: int, host: str, allow_remote: bool, verbos
 
     from ..deploy.records import cluster_secret
     from .console import make_console_app
+    from .parse_errors import log_parse_errors_briefly
 
     setup_logging(verbose)
+    log_parse_errors_briefly()
     state, _app, _path = load_state(ctx)
     secret = cluster_secret(state.settings)
     where = ("IMMUTANT_SECRET" if state.settings.get("IMMUTANT_SECRET")

@@ -258,7 +258,9 @@ class EmbeddedBalancer:
                     stop: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set (or SIGINT/SIGTERM when it is not given)."""
         from ..server.http import raise_descriptor_limit
+        from .parse_errors import log_parse_errors_briefly
 
+        log_parse_errors_briefly()
         raise_descriptor_limit(2 * self.pool_size)  # a client's and a node's connection per request
         runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False,
                                keepalive_timeout=self.client_idle)

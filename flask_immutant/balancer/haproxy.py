@@ -290,9 +290,9 @@ def _check_server(server: Backend) -> None:
     commands) follows the :mod:`..names` rules, whatever a table was built from."""
     names.checked(names.name, server.node, "node")
     names.checked(names.host, server.host, "host")
-    for number in (server.port, server.weight):
-        if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < 65536:
-            raise ValueError(f"port/weight {number!r}: expected an integer")
+    for number, high in ((server.port, 65535), (server.weight, 256)):  # 256: HAProxy's largest weight
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number <= high:
+            raise ValueError(f"port/weight {number!r}: expected an integer from 0 to {high}")
     if server.state not in HAPROXY_STATES:
         raise ValueError(f"state {server.state!r}: expected one of {', '.join(HAPROXY_STATES)}")
 

@@ -52,6 +52,8 @@ class Context:
                 raise ValueError(f"context {self.node}|{self.context_path}: port, load, pid, weight are integers")
         if not 0 < self.port < 65536:
             raise ValueError(f"context {self.node}|{self.context_path}: port {self.port} is not a TCP port")
+        if not (0 <= self.load <= 100 and 0 <= self.weight <= 100):
+            raise ValueError(f"context {self.node}|{self.context_path}: load and weight are 0-100")
 
     @property
     def key(self) -> str:

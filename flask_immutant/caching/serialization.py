@@ -15,6 +15,7 @@ from typing import Any, Protocol, cast
 
 import msgpack
 
+from ..records import from_json
 from .typed import TypedMsgpackSerializer
 
 
@@ -53,8 +54,8 @@ class JsonSerializer:
 
     def loads(self, data: bytes) -> Any:
         try:
-            return json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return from_json(data)
+        except ValueError as exc:  # not UTF-8, not JSON, or nested too deeply
             raise ValueError(f"not JSON: {exc}") from None
 
 

@@ -9,6 +9,10 @@ plain data (status, headers, body, description), never a class or a function nam
 a store writer can choose *which* value of the set comes back, as with any plain value, but
 cannot make the reader run code (docs/caching.md).
 
+Each extension is decoded by a nested msgpack call, which takes tens of kilobytes of C stack: a
+few hundred nested tuples would crash the process, so nesting is bounded (:data:`MAX_NESTING`)
+both ways: such a value is refused when set and is a miss when read.
+
 Subclasses of plain types outside the set (an ``OrderedDict``, an ``IntEnum``) are stored as
 their plain base value, as plain msgpack always did; anything else is a ``TypeError``.
 """
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import inspect
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import msgpack
@@ -32,9 +38,16 @@ HTTP_EXCEPTIONS: dict[str, type[HTTPException]] = {
     name: cls for name, cls in vars(werkzeug.exceptions).items()
     if inspect.isclass(cls) and issubclass(cls, HTTPException)
 }
-#: The attributes of an HTTP exception that travel with it (others would be lost: refused).
-EXCEPTION_FIELDS = frozenset({"description", "response", "valid_methods", "retry_after", "length", "units"})
+#: The attributes of an HTTP exception that travel with it (others would be lost: refused), with
+#: the types a decoded one must have: any other would make serving the exception fail.
+EXCEPTION_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "description": str, "response": WerkzeugResponse, "valid_methods": (list, tuple), "retry_after": int, "length": int,
+    "units": str,
+}
 _PLAIN_BASES = (dict, list, str, bytes, int, float)
+#: Deepest nesting of typed values (a tuple in a tuple...); far above what a view caches.
+MAX_NESTING = 16
+_depth = threading.local()
 #: Values Flask changes while it serves them (headers, cookies): in-process copies of them are
 #: kept encoded, so that every hit gets a fresh object and one request's cookies never reach the next.
 MUTATED_BY_FLASK = (WerkzeugResponse, HTTPException, tuple)
@@ -108,7 +121,7 @@ def _exception_fields(exc: HTTPException) -> list[Any]:
         kind = type(exc)
         raise TypeError(f"cannot cache an exception of type {kind.__module__}.{kind.__qualname__}")
     fields = {key: value for key, value in vars(exc).items() if value is not None}
-    unknown = set(fields) - EXCEPTION_FIELDS
+    unknown = set(fields) - EXCEPTION_FIELDS.keys()
     if unknown:
         raise TypeError(f"cannot cache {name} with its {', '.join(sorted(unknown))} (not a plain field)")
     return [name, fields]
@@ -144,7 +157,10 @@ def _response(fields: Any) -> WerkzeugResponse:
 def _exception(fields: Any) -> HTTPException:
     name, attributes = fields
     cls = HTTP_EXCEPTIONS.get(name)
-    if cls is None or not isinstance(attributes, dict) or not set(attributes) <= EXCEPTION_FIELDS:
+    if cls is None or not isinstance(attributes, dict) or not all(
+            isinstance(value, EXCEPTION_FIELDS.get(key, ())) and not isinstance(value, bool)
+            for key, value in attributes.items()) or not all(
+            isinstance(method, str) for method in attributes.get("valid_methods", ())):
         raise ValueError(f"not a stored HTTP exception: {name!r}")
     exc = cls.__new__(cls)
     HTTPException.__init__(exc)
@@ -152,13 +168,27 @@ def _exception(fields: Any) -> HTTPException:
     return exc
 
 
+@contextmanager
+def _nested(error: type[Exception]) -> Iterator[None]:
+    """One level deeper into typed values; ``error`` past :data:`MAX_NESTING`."""
+    depth = getattr(_depth, "value", 0)
+    if depth >= MAX_NESTING:
+        raise error(f"typed values nested more than {MAX_NESTING} deep")
+    _depth.value = depth + 1
+    try:
+        yield
+    finally:
+        _depth.value = depth
+
+
 def packb(value: Any) -> bytes:
-    packed = msgpack.packb(value, use_bin_type=True, strict_types=True, default=_default)
-    return cast(bytes, packed)  # msgpack is untyped
+    with _nested(TypeError):
+        return cast(bytes, msgpack.packb(value, use_bin_type=True, strict_types=True, default=_default))
 
 
 def unpackb(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook)
+    with _nested(ValueError):
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook)
 
 
 class TypedMsgpackSerializer:
@@ -181,7 +211,7 @@ class TypedMsgpackSerializer:
             raise
 
     def loads(self, data: bytes) -> Any:
-        try:
-            return unpackb(data)
+        try:  # the outer value, as in ``dumps``, is not a nesting level
+            return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook)
         except Exception as exc:  # bytes anyone with store access wrote: any failure is "not an entry"
             raise ValueError(f"not msgpack: {type(exc).__name__}: {exc}") from None

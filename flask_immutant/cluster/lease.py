@@ -34,7 +34,7 @@ from redis.retry import Retry
 from .. import lua
 from ..keys import Keys
 from ..loops import Loop
-from ..records import MALFORMED, warn
+from ..records import MALFORMED, from_json, warn
 from ..store.connect import close_quietly
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def read_holder(store: redis.Redis, keys: Keys, name: str) -> Holder | None:
         raw = store.get(keys.lease(name))
         if raw is None:
             return None
-        data = json.loads(raw)
+        data = from_json(raw)
         return Holder(name, str(data["node"]), int(data["pid"]), int(data["fence"]), float(data["since"]))
     except MALFORMED as exc:
         warn(f"lease {name!r} holds something else than a holder record ({type(exc).__name__}: {exc})")

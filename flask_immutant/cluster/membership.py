@@ -26,7 +26,7 @@ from .. import lua
 from ..errors import NodeStartError
 from ..keys import Keys
 from ..loops import Loop
-from ..records import check_types, hash_of, read_records, warn
+from ..records import check_types, from_json, hash_of, read_records, warn
 from ..store.connect import close_quietly
 from ..store.outage import Recovery
 from .identity import NodeIdentity
@@ -55,7 +55,7 @@ class Member:
 
     @classmethod
     def from_json(cls, raw: str | bytes, last_heartbeat: float | None = None) -> Member:
-        data = json.loads(raw)
+        data = from_json(raw)
         if not isinstance(data, dict):
             raise TypeError(f"expected a JSON object, got {type(data).__name__}")
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "last_heartbeat"}
@@ -295,7 +295,7 @@ class Membership:
 
     def _note_event(self, raw: bytes | str) -> None:
         try:
-            event = json.loads(raw)
+            event = from_json(raw)
         except ValueError:
             return
         if isinstance(event, dict) and event.get("event") == "left" and isinstance(event.get("name"), str):

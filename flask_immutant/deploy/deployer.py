@@ -125,16 +125,17 @@ class Deployer:
             if self._stop.is_set():
                 return
             current = self.running.get(name)
-            version = deployed_at = None
+            record = None
             if not isinstance(item, DeploymentError):
-                version, deployed_at, item = item.version, item.deployed_at, self._not_older(item, current)
+                record, item = item, self._not_older(item, current)
             if isinstance(item, DeploymentError):
-                if self.refused.get(name) != str(item):
+                refusal = f"{item} ({record.deployed_at if record else 'unread'})"  # once per record and reason
+                if self.refused.get(name) != refusal:
                     log.error("refusing deployment %s: %s", name, item)
-                    self.refused[name] = str(item)
+                    self.refused[name] = refusal
                     serving = current.deployment.version if current is not None and current.runtime else None
-                    self.store.set_node_state(name, self.name, "refused", error=str(item), version=version,
-                                              deployed_at=deployed_at, serving_version=serving)
+                    self.store.set_node_state(name, self.name, "refused", record, error=str(item),
+                                              serving_version=serving)
                 if current is not None:
                     self._supervise(current)  # what it ran before keeps running, restarted if it crashes
                 continue
@@ -159,6 +160,7 @@ class Deployer:
             with self._lock:
                 gone = self.running.pop(name)
             log.info("undeploying %s", gone.deployment.label)
+            self.marks.mark_undeployed(name)
             self._retire(gone, self.node.settings["IMMUTANT_SHUTDOWN_TIMEOUT"], True)
             self._root_served()
             self.store.clear_node_state(name, self.name)
@@ -172,6 +174,9 @@ class Deployer:
         if mark is not None and deployment.order < mark:
             return DeploymentError(f"{deployment.label} (epoch {deployment.epoch}) is older than v{mark[1]} "
                                    f"(epoch {mark[0]}) which node {self.name} has seen: {advice}")
+        if mark is not None and deployment.order == mark and current is None and self.marks.undeployed(deployment.name):
+            return DeploymentError(f"{deployment.label} (epoch {deployment.epoch}) was undeployed on node {self.name}; "
+                                   "a record written back after its undeploy is refused: deploy the app again")
         if current is not None and current.deployment.order == deployment.order and current.deployment != deployment:
             return DeploymentError(f"{deployment.label} (epoch {deployment.epoch}) differs from the {deployment.label} "
                                    f"node {self.name} runs: {advice}")
@@ -193,7 +198,7 @@ class Deployer:
 
     def _deploy(self, deployment: Deployment, current: Running | None) -> None:
         log.info("deploying %s", deployment.label)
-        self._set_state(deployment, "starting")
+        self.store.set_node_state(deployment.name, self.name, "starting", deployment)
         try:
             target = self._target(deployment)
             listener, own = self._listener_for(deployment, current)
@@ -235,11 +240,12 @@ class Deployer:
         if current is not None and current.runtime is not None and current.state == "deployed":
             # Keep serving the previous version; record the failed one as what was asked.
             current.error = f"v{deployment.version} failed: {reason}"
-            self._set_state(deployment, "failed", error=reason, serving_version=current.deployment.version)
+            self.store.set_node_state(deployment.name, self.name, "failed", deployment, error=reason,
+                                      serving_version=current.deployment.version)
             current.deployment = deployment  # do not retry this version on every poll
             return
         self._track(Running(deployment, None, None, "failed", reason), None)
-        self._set_state(deployment, "failed", error=reason)
+        self.store.set_node_state(deployment.name, self.name, "failed", deployment, error=reason)
 
     def _supervise(self, running: Running) -> None:
         runtime = running.runtime
@@ -255,7 +261,8 @@ class Deployer:
             reason = "failed to start" if code == EXIT_APP_FAILED else f"exited with status {code}"
             log.warning("app runtime of %s %s; restarting in %.1fs", running.deployment.label, reason,
                         running.restart_delay)
-            self._set_state(running.deployment, "restarting", error=reason)
+            self.store.set_node_state(running.deployment.name, self.name, "restarting", running.deployment,
+                                      error=reason)
             return
         if now < running.restart_at:
             return
@@ -272,16 +279,11 @@ class Deployer:
         if close_listener and running.own_listener and running.listener is not None:
             running.listener.close()
 
-    def _set_state(self, deployment: Deployment, state: str, **details: Any) -> None:
-        """This node's state of ``deployment``, naming the record (version and deployed_at) it is about."""
-        self.store.set_node_state(deployment.name, self.name, state, version=deployment.version,
-                                  deployed_at=deployment.deployed_at, **details)
-
     def _report(self, running: Running) -> None:
         assert running.runtime is not None and running.listener is not None
         process = running.runtime.process
-        self._set_state(
-            running.deployment, running.state,
+        self.store.set_node_state(
+            running.deployment.name, self.name, running.state, running.deployment,
             pid=process.pid if process else None, port=running.listener.getsockname()[1],
             context_path=running.deployment.context_path, error=running.error,
         )

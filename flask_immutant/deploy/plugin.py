@@ -14,7 +14,7 @@ import click
 import redis
 
 from .. import names
-from ..cli import checked_option, echoed_as_json_or_empty, load_state, one_line_errors, state_and_store
+from ..cli import WAIT_SECONDS, checked_option, echoed_as_json_or_empty, load_state, one_line_errors, state_and_store
 from ..cluster.membership import live_members
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
@@ -156,7 +156,8 @@ def _parse_sets(pairs: tuple[str, ...], state: ImmutantState) -> dict[str, str]:
 @click.option("--archive", is_flag=True, help="Ship the app folder in the cluster store (nodes share no disk).")
 @click.option("--rollback", is_flag=True, help="A deliberate rollback: nodes that ran a newer version of this "
               "name accept this one (see docs/deploy.md).")
-@click.option("--wait", type=float, default=15.0, show_default=True, help="Seconds to wait for the nodes.")
+@click.option("--wait", type=float, default=15.0, show_default=True, callback=WAIT_SECONDS,
+              help="Seconds to wait for the nodes.")
 @click.pass_context
 @one_line_errors
 def deploy(ctx: click.Context, name: str | None, context_path: str, sets: tuple[str, ...], archive: bool,
@@ -226,7 +227,8 @@ def _await_nodes(state: ImmutantState, store: redis.Redis, deployments: Deployme
 
 @click.command(help="Undeploy NAME from every node: daemons stop, listeners stop, the runtimes exit.")
 @click.argument("name")  # any name: a garbage record written into the store can be removed too
-@click.option("--wait", type=float, default=15.0, show_default=True, help="Seconds to wait for the nodes.")
+@click.option("--wait", type=float, default=15.0, show_default=True, callback=WAIT_SECONDS,
+              help="Seconds to wait for the nodes.")
 @click.pass_context
 @one_line_errors
 def undeploy(ctx: click.Context, name: str, wait: float) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 from .. import names
 from ..errors import ImmutantError
 from ..private import make_private_dir
+from ..records import from_json
 
 SIGNATURE_ALGORITHM = "hmac-sha256"
 #: Signed before the record, so no other signed message of the package can pass for one.
@@ -115,7 +116,7 @@ def verify(raw: bytes | str, secret: bytes, *, name: str, cluster: str) -> Deplo
     """The deployment in ``raw``, stored under ``name`` in ``cluster``, if its signature is valid
     under ``secret`` and it was signed for that name and cluster; else DeploymentError."""
     try:
-        envelope = json.loads(raw)
+        envelope = from_json(raw)
         record, signature = envelope["record"], envelope["signature"]
     except (ValueError, KeyError, TypeError):
         raise DeploymentError("deployment record is malformed or unsigned") from None

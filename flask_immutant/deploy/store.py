@@ -13,7 +13,7 @@ from typing import Any, cast
 import redis
 
 from ..keys import Keys
-from ..records import check_types, hash_of, json_object, read_records, required
+from ..records import check_types, from_json, hash_of, json_object, read_records, required
 from .records import Deployment, DeploymentError, sign, verify
 
 
@@ -49,10 +49,13 @@ class DeploymentStore:
         """(epoch, version) newer than the stored record and than any issued before for ``name``."""
         epoch, version = (previous.epoch, previous.version) if previous else (0, 0)
         try:
-            issued = json.loads(self.store.hget(self.keys.deployments_issued, name) or "{}")
-            epoch, version = max((epoch, version), (int(issued.get("epoch", 0)), int(issued.get("version", 0))))
-        except (ValueError, TypeError, AttributeError):
-            pass  # an unreadable counter: the stored record decides; nodes refuse anything older
+            issued = from_json(self.store.hget(self.keys.deployments_issued, name) or "{}")
+        except ValueError:
+            issued = None
+        counted = (issued.get("epoch", 0), issued.get("version", 0)) if isinstance(issued, dict) else None
+        # An unreadable counter: the stored record decides; nodes refuse anything older.
+        if counted is not None and all(type(n) is int and n >= 0 for n in counted):
+            epoch, version = max((epoch, version), counted)
         if rollback:
             return max(epoch + 1, int(time.time())), 1
         return epoch, version + 1
@@ -94,9 +97,15 @@ class DeploymentStore:
     def archive(self, sha256: str) -> bytes | None:
         return cast("bytes | None", self.store.get(self.keys.deployment_archive(sha256)))  # redis-py's untyped reply
 
-    def set_node_state(self, name: str, node: str, state: str, **details: Any) -> None:
-        record = {"state": state, "since": time.time(), **details}
-        self.store.hset(self.keys.deployment_nodes(name), node, json.dumps(record))
+    def set_node_state(self, name: str, node: str, state: str, record: Deployment | None = None,
+                       **details: Any) -> None:
+        """``record``: the one this state is about; its version and ``deployed_at`` tell a waiting
+        ``deploy`` that the state answers its record, not an earlier one of the same version."""
+        if record is not None:
+            details.update(version=record.version, deployed_at=record.deployed_at)
+        # An unknown detail is left out, not written as null: readers check NODE_STATE_TYPES.
+        stored = {"state": state, "since": time.time(), **{k: v for k, v in details.items() if v is not None}}
+        self.store.hset(self.keys.deployment_nodes(name), node, json.dumps(stored))
 
     def clear_node_state(self, name: str, node: str) -> None:
         self.store.hdel(self.keys.deployment_nodes(name), node)
@@ -108,13 +117,8 @@ class DeploymentStore:
 
 #: The JSON types of a deployment's state on one node (``set_node_state``).
 NODE_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
-    "state": str, "since": float, "version": (int, type(None)), "pid": (int, type(None)),
-    "port": (int, type(None)), "context_path": str, "error": (str, type(None)),
-    # A refusal may name no version (the record was unreadable) and serve none.
-    "serving_version": (int, type(None)),
-    # Which record of that version the state is about (a store restored from a backup can issue
-    # a version number twice): ``deploy --wait`` matches it.
-    "deployed_at": (float, type(None)),
+    "state": str, "since": float, "version": int, "pid": (int, type(None)), "port": (int, type(None)),
+    "context_path": str, "error": (str, type(None)), "serving_version": int, "deployed_at": (float, int),
 }
 
 

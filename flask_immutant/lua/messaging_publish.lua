@@ -62,7 +62,8 @@ for _, queue in ipairs(wake_queues) do
     for j = 1, math.min(wakes[queue], 64) do
         tokens[j] = "1"
     end
-    redis.call("rpush", queue .. ".wake", unpack(tokens))
-    redis.call("ltrim", queue .. ".wake", -64, -1)
+    -- pcall: tokens only wake; a wake key of another type must not fail the publish
+    redis.pcall("rpush", queue .. ".wake", unpack(tokens))
+    redis.pcall("ltrim", queue .. ".wake", -64, -1)
 end
 return results

@@ -31,8 +31,8 @@ for _, id in ipairs(candidates) do
                     if redis.call("hexists", messages, message_id) == 1 then
                         redis.call("lpush", namespace .. ":" .. name, message_id)
                         if name == queue then  -- wake an idle consumer (see messaging_publish.lua)
-                            redis.call("rpush", namespace .. ":" .. name .. ".wake", "1")
-                            redis.call("ltrim", namespace .. ":" .. name .. ".wake", -64, -1)
+                            redis.pcall("rpush", namespace .. ":" .. name .. ".wake", "1")  -- tokens only wake
+                            redis.pcall("ltrim", namespace .. ":" .. name .. ".wake", -64, -1)
                         end
                         moved = moved + 1
                     end

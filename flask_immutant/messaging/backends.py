@@ -20,7 +20,7 @@ import redis
 
 from .. import lua
 from ..keys import Keys
-from .redis_broker import WAKE_TOKENS, resuming_redis_broker
+from .redis_broker import push_wake_tokens, resuming_redis_broker
 
 if TYPE_CHECKING:
     from dramatiq import Message
@@ -172,11 +172,7 @@ class RedisBackend(Backend):
 
     def wake(self, queues: Sequence[str]) -> None:
         waiting = int(self.store.scard(self.keys.messaging_consumers)) + 1
-        pipe = self.client.pipeline(transaction=False)
-        for queue in queues:
-            pipe.rpush(self.keys.messaging_wake(queue), *["1"] * waiting)
-            pipe.ltrim(self.keys.messaging_wake(queue), -max(WAKE_TOKENS, waiting), -1)
-        pipe.execute()
+        push_wake_tokens(self.client, {self.keys.messaging_wake(queue): waiting for queue in queues})
 
     def queue_stats(self, broker: Broker | None, queue: str) -> dict[str, int | None]:
         base = f"{self.namespace}:{queue}"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..cli import echoed_as_json_or_empty, load_state, one_line_errors
 from ..errors import ImmutantError
-from ..records import check_types, hash_of, json_object, read_records, required
+from ..records import check_types, from_json, hash_of, json_object, read_records, required
 from .plugin import messaging_of
 from .status import queue_entries
 
@@ -96,7 +95,7 @@ _REPUBLISHABLE = {"actor_name", "args", "message_timestamp"}
 
 def _json_field(raw: Any, name: str) -> Any:
     try:
-        data = json.loads(raw)
+        data = from_json(raw)
     except (TypeError, ValueError):
         return None
     return data.get(name) if isinstance(data, dict) else None
@@ -114,7 +113,7 @@ def _queues_named(messaging: Messaging, name: str) -> list[str]:
     store, keys = messaging.state.store, messaging.state.keys
     raw = store.hget(keys.messaging_destinations, name)
     if raw is not None:
-        record = json.loads(raw)
+        record = from_json(raw)
         if record.get("kind") == "queue":
             return [record["queue"]]
         subs = [q.decode() if isinstance(q, bytes) else q for q in store.hkeys(keys.messaging_subscriptions(name))]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast, overload
 from dramatiq import Message as DramatiqMessage
 from dramatiq.broker import Broker
 
-from ..records import hash_of, json_object, read_records
+from ..records import from_json, hash_of, json_object, read_records
 from .backends import Backend, Target, make_backend
 from .codec import Message, envelope
 from .destination import Destination, actor_name
@@ -138,7 +138,7 @@ class Response:
 def _reply(raw: bytes | str) -> tuple[bool, Any]:
     """(ok, value or error) of a reply; one that is not ours is an error, never an exception here."""
     try:
-        data = json.loads(raw)
+        data = from_json(raw)
     except ValueError as exc:
         return False, f"a malformed reply ({exc})"
     if not isinstance(data, dict) or (data.get("ok") and "value" not in data):

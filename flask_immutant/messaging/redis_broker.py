@@ -36,6 +36,29 @@ WAKE_TOKENS = 64
 IDLE_WAIT = 3.0
 #: Seconds a consumer holding as many messages as its prefetch waits before looking again.
 SATURATED_POLL = 0.05
+
+
+def push_wake_tokens(client: redis.Redis, tokens: dict[str, int]) -> None:
+    """Leave ``count`` tokens on each wake list of ``tokens`` (capped). Tokens only wake, so a wake
+    key a store writer replaced by another type is skipped here (its consumer repairs it), never
+    an error for the publisher or requeuer."""
+    pipe = client.pipeline(transaction=False)
+    for wake, count in tokens.items():
+        pipe.rpush(wake, *["1"] * count)
+        pipe.ltrim(wake, -max(WAKE_TOKENS, count), -1)
+    pipe.execute(raise_on_error=False)
+
+
+def wait_for_wake_token(client: redis.Redis, wake: str, timeout: float) -> None:
+    """BLPOP one token of ``wake``; a key of another type (garbage a store writer put there) is
+    deleted, with a warning, so that tokens can be left again."""
+    try:
+        client.blpop([wake], timeout=timeout)
+    except redis.ResponseError as exc:
+        if "WRONGTYPE" not in str(exc):
+            raise
+        log.warning("wake list %s held another type of value (%s); replaced", wake, client.type(wake))
+        client.delete(wake)
 #: Seconds between PINGs of a consumer waiting for the store to come back.
 RESUME_POLL = 0.05
 #: Pause before a consumer that failed again soon after resuming resumes again: first, cap (s).
@@ -80,11 +103,7 @@ def resuming_redis_broker() -> type[RedisBroker]:
             """Dramatiq's own enqueues (a retry, a delayed message coming due) wake a consumer too."""
             enqueued = super().enqueue(message, delay=delay)
             if delay is None:
-                wake = f"{self.namespace}:{enqueued.queue_name}.wake"
-                pipe = self.client.pipeline(transaction=False)
-                pipe.rpush(wake, "1")
-                pipe.ltrim(wake, -WAKE_TOKENS, -1)
-                pipe.execute()
+                push_wake_tokens(self.client, {f"{self.namespace}:{enqueued.queue_name}.wake": 1})
             return enqueued
 
         def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
@@ -140,8 +159,8 @@ def waking_consumer(base: type) -> type:
                     time.sleep(SATURATED_POLL)
                 else:
                     try:
-                        self.broker.client.blpop([f"{self.broker.namespace}:{self.queue_name}.wake"],
-                                                 timeout=self.idle_wait)
+                        wait_for_wake_token(self.broker.client, f"{self.broker.namespace}:{self.queue_name}.wake",
+                                            self.idle_wait)
                     except (redis.ConnectionError, redis.TimeoutError) as exc:
                         from dramatiq.errors import ConnectionClosed
 
@@ -163,9 +182,7 @@ def waking_consumer(base: type) -> type:
             messages = list(messages)
             super().requeue(messages)
             if messages:
-                wake = f"{self.broker.namespace}:{self.queue_name}.wake"
-                pipe = self.broker.client.pipeline(transaction=False)
-                pipe.rpush(wake, *["1"] * len(messages)).ltrim(wake, -WAKE_TOKENS, -1).execute()
+                push_wake_tokens(self.broker.client, {f"{self.broker.namespace}:{self.queue_name}.wake": len(messages)})
 
     return WakingConsumer
 
