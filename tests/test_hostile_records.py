@@ -70,7 +70,7 @@ def _folder(name: str) -> tuple[tarfile.TarInfo, None]:
 
 
 def _deployments(store_client: Any, cluster: str, home: Path) -> DeploymentStore:
-    return DeploymentStore(store_client, Keys(cluster), cluster_secret({"IMMUTANT_HOME": str(home)}), cluster)
+    return DeploymentStore(store_client, Keys(cluster), cluster_secret({"IMMUTANT_HOME": str(home)}))
 
 
 def _signed_archive(data: bytes) -> Callable[..., str]:

@@ -195,7 +195,7 @@ def write_garbage(store: Any, keys: Keys, garbage: Garbage, job_app: str, secret
     for kind in Garbage.TYPES:
         digest = hashlib.sha256(kind.encode()).hexdigest()
         garbage.write(store, keys.deployment_archive(digest), kind)
-        DeploymentStore(store, keys, secret, keys.cluster).put(Deployment(
+        DeploymentStore(store, keys, secret).put(Deployment(
             name=f"fuzzarch-{kind}", import_path="app", root="/nonexistent", context_path=f"/fuzz-{kind}",
             archive=digest))
     # contexts, controls, weights
