@@ -250,7 +250,7 @@ class SentinelStore:
                 f"sentinel failover-timeout {SERVICE} 5000\n"
                 f"sentinel parallel-syncs {SERVICE} 2\n")
             self.procs[name] = host.popen([redis_server(), str(config), "--sentinel"], "sentinel.log")
-        wait_until(lambda: self.replicas_of(first) == 2, timeout=20, message="two replicas attached")
+        wait_until(lambda: self.replicas_of(first) == 2, timeout=20, message="two replicas attached and acknowledging")
         wait_until(lambda: self.primary() == first, timeout=20, message="Sentinels agree on the primary")
 
     def wait_ready(self) -> None:
@@ -291,7 +291,8 @@ class SentinelStore:
     def replicas_of(self, host: Host) -> int:
         client = self.client(host)
         try:
-            return int(client.info("replication")["connected_slaves"])
+            info = client.info("replication")  # "good" replicas: what min-replicas-to-write counts
+            return int(info.get("min_slaves_good_slaves", info["connected_slaves"]))
         except redis.RedisError:
             return 0
         finally:
