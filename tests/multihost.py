@@ -406,6 +406,13 @@ class Cluster:
             return None
         return str(json.loads(raw)["node"]) if raw else None
 
+    def acquired(self, host: str) -> float:
+        """When ``host``'s node acquired the daemon's lease it holds now (the lease's ``since``)."""
+        raw = self.client.get(self.keys.lease(f"daemon:{DAEMON}"))
+        lease = json.loads(raw) if raw else {}
+        assert lease.get("node") == host, f"{host} does not hold the daemon's lease: {lease}"
+        return float(lease["since"])
+
     def effects(self) -> list[tuple[int, float, str]]:
         """Every effect of the fenced daemon: (fencing token, time, host), in time order."""
         found = []
