@@ -148,8 +148,9 @@ class FailoverWatch:
         address = self._client.sentinel_get_master_addr_by_name(self.service)
         self._client.connection_pool.disconnect(inuse_connections=False)  # one connection: the subscription
         self._heard = self._pinged = time.monotonic()
-        if address:
-            self._switched((str(address[0]), int(address[1])))
+        if isinstance(address, (tuple, list)) and len(address) == 2:
+            host = address[0].decode() if isinstance(address[0], bytes) else str(address[0])
+            self._switched((host, int(address[1])))
 
     def _announced(self, data: Any) -> None:
         text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
