@@ -291,12 +291,16 @@ class SentinelStore:
     def replicas_of(self, host: Host) -> int:
         client = self.client(host)
         try:
-            info = client.info("replication")  # "good" replicas: what min-replicas-to-write counts
-            return int(info.get("min_slaves_good_slaves", info["connected_slaves"]))
+            info = client.info("replication")
         except redis.RedisError:
             return 0
         finally:
             client.close()
+        # Replicas done with their first sync (Valkey and Redis 7 delay a diskless one by 5 s, and
+        # count the replica as connected meanwhile), and fresh enough for min-replicas-to-write.
+        online = sum(1 for key, value in info.items()
+                     if key.startswith("slave") and isinstance(value, dict) and value.get("state") == "online")
+        return min(online, int(info.get("min_slaves_good_slaves", online)))
 
     def primary(self) -> Host | None:
         """The primary the Sentinels reachable from here agree on (``None``: none yet)."""
