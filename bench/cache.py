@@ -70,6 +70,7 @@ def main() -> int:
     from flask_caching import Cache as FlaskCaching
 
     from flask_immutant import ImmutantExtension, caching
+    from flask_immutant.caching.caches import registry_for
     from flask_immutant.caching.serialization import MsgpackSerializer
     from flask_immutant.caching.typed import TypedMsgpackSerializer
     from flask_immutant.store import EmbeddedStore
@@ -157,7 +158,7 @@ def main() -> int:
         print(line("flask-immutant invalidated (near cache)", hot_near))
         print(f"  ratio invalidated vs distributed: {hot_near / hot_dist:.1f}x (target >= 20x)")
 
-        caching.registry(app).close()
+        registry_for(app).close()
         peer_client.close()
     finally:
         store.stop()

@@ -79,7 +79,7 @@ def one_line_errors(func: F) -> F:
         except redis.RedisError as exc:
             raise click.ClickException(f"the cluster store did not answer: {exc}") from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps func's signature; mypy cannot see it
 
 
 def checked_option(kind: Callable[[Any], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:

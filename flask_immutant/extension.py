@@ -90,10 +90,10 @@ class ImmutantState:
 
     def feature(self, name: str, factory: Callable[[ImmutantState], T]) -> T:
         """The per-app object of feature ``name`` (a registry, a manager), made on first use."""
-        found = self.features.get(name)
+        found: T | None = self.features.get(name)
         if found is None:
             found = self.features[name] = factory(self)
-        return found  # type: ignore[no-any-return]
+        return found
 
     def members(self) -> list[Member]:
         """The cluster's live members, read from the store (any process, any node)."""
@@ -173,11 +173,12 @@ def app_for(app: Flask | None) -> Flask | None:
     from flask import current_app, has_app_context
 
     if has_app_context():
+        # Flask types current_app as the Flask it proxies; the proxy is what has the method
         return current_app._get_current_object()  # type: ignore[attr-defined, no-any-return]
     return None
 
 
-def declare(app: Flask | None, declaration: Declaration) -> Any:
+def declare(app: Flask | None, declaration: Callable[[Flask], T]) -> T | None:
     """Apply ``declaration`` to :func:`app_for` ``(app)``, else to the app initialised last in
     this process, else keep it for the next app initialised (a module-level declaration in an
     app factory's module): a declaration is never lost, nor an error for want of an app context.
@@ -298,7 +299,7 @@ class ImmutantExtension:
         ``until=``, ``limit=``, ``singleton=``, ``misfire=``: see ``jobs.schedule``). It receives
         the :class:`~flask_immutant.jobs.Fire` it runs for, if it takes an argument."""
         from . import jobs
-        from .scheduling import JobSpec
+        from .scheduling.spec import JobSpec
 
         JobSpec.build(name, **schedule)  # a schedule that cannot be fails here, at import
 
@@ -354,6 +355,7 @@ def get_state(app: Flask | None = None) -> ImmutantState:
             raise NoAppError("working outside of application context: pass app=..., or call this inside one (a view, "
                              "a listener, a daemon, a job, or `with app.app_context():`)")
     try:
-        return app.extensions[EXTENSION_KEY]  # type: ignore[no-any-return]
+        state: ImmutantState = app.extensions[EXTENSION_KEY]
+        return state
     except KeyError:
         raise NoAppError("this app has no ImmutantExtension: add ImmutantExtension(app)") from None

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
-from .scheduling import Fire, JobSpec, current, schedule, stop, unschedule
+from .moved import moved_attribute
+from .scheduling import MOVED, Fire, current, schedule, stop, unschedule
 
-__all__ = ["Fire", "JobSpec", "current", "schedule", "stop", "unschedule"]
+__all__ = ["Fire", "current", "schedule", "stop", "unschedule"]
+
+
+def __getattr__(name: str) -> object:
+    return moved_attribute(__name__, name, MOVED)

@@ -39,7 +39,7 @@ def backoff_delay(failures: int, interval: float, cap: float | None = None) -> f
     doubling from the interval (at least the first delay) up to ``cap`` (default: the cap)."""
     first, default_cap = BACKOFF
     cap = max(default_cap if cap is None else cap, interval)
-    return min(cap, max(interval, first) * 2 ** min(failures - 1, 16))
+    return min(cap, max(interval, first) * 2.0 ** min(failures - 1, 16))
 
 
 def _iso(epoch: float | None) -> str | None:

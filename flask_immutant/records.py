@@ -99,7 +99,7 @@ def parsed_json(raw: bytes | str | None, family: str, name: str, shape: type[T])
 def hash_of(store: redis.Redis, key: str, family: str) -> dict[Any, Any]:
     """HGETALL ``key``; a key of another Redis type is garbage: empty, with a warning."""
     try:
-        return store.hgetall(key)  # type: ignore[return-value]
+        return store.hgetall(key)
     except redis.ResponseError as exc:
         warn(f"skipped every {family} record: {key} is not a hash ({exc})")
         return {}

@@ -264,6 +264,38 @@ def test_api_md_lists_every_public_name_with_one_line_each() -> None:
             assert hasattr(module, name), f"{module_name}.__all__ names {name}, which it lacks"
 
 
+#: Internals that left the public surface (issue 12 point 3), with their private homes.
+INTERNALS = {
+    "flask_immutant.caching": {"MODES": "flask_immutant.caching.base",
+                               "CircuitBreaker": "flask_immutant.caching.breaker",
+                               "Serializer": "flask_immutant.caching.serialization",
+                               "registry": "flask_immutant.caching.caches"},
+    "flask_immutant.jobs": {"JobSpec": "flask_immutant.scheduling.spec"},
+    "flask_immutant.scheduling": {"JobSpec": "flask_immutant.scheduling.spec"},
+    "flask_immutant.messaging": {"Messaging": "flask_immutant.messaging.core", "messaging_for": None},
+}
+
+
+def test_internals_are_out_of_the_public_surface_and_old_imports_still_work() -> None:
+    documented = documented_names()
+    for module_name, names in INTERNALS.items():
+        module = importlib.import_module(module_name)
+        for name, home in names.items():
+            # Then no __all__ and no API section lists the internal
+            assert name not in module.__all__ and name not in documented[module_name], f"{module_name}.{name}"
+            assert name not in flask_immutant.__all__
+            if home is None:
+                continue
+            # And the old import still works, warns, and names the private home
+            with pytest.warns(DeprecationWarning, match=rf"import it from {re.escape(home)}"):
+                value = getattr(module, name)
+            private = importlib.import_module(home)
+            assert value is getattr(private, "registry_for" if name == "registry" else name)
+    # And a name that never existed is still an AttributeError
+    with pytest.raises(AttributeError, match="no attribute 'nonesuch'"):
+        _ = caching.nonesuch
+
+
 # --- the new shape and the old one, on real nodes -------------------------------------------
 
 

@@ -17,6 +17,7 @@ from flask import Flask
 
 from flask_immutant import ImmutantConfigError, ImmutantExtension, StoreUnavailableError, caching, get_state
 from flask_immutant.caching import ClusterCache
+from flask_immutant.caching.caches import registry_for
 
 from support import REFUSALS, store_refusing, track, wait_until
 
@@ -38,7 +39,7 @@ def app(clean_env: None, immutant_home: Path, embedded_store: Any, cluster_name:
     try:
         yield app
     finally:
-        caching.registry(app).close()
+        registry_for(app).close()
 
 
 def open_cache(app: Flask, name: str = "c", **options: Any) -> ClusterCache:
@@ -82,7 +83,7 @@ def test_shared_modes_are_seen_by_every_app_of_the_cluster(clean_env, app, immut
         open_cache(app, "mine", mode="local").set("k", 1)
         assert open_cache(other, "mine", mode="local").get("k") is None
     finally:
-        caching.registry(other).close()
+        registry_for(other).close()
 
 
 def test_one_name_has_one_configuration(app: Flask) -> None:
@@ -403,7 +404,7 @@ def outage_app(clean_env, immutant_home, cluster_name, private_redis) -> Iterato
     try:
         yield app
     finally:
-        caching.registry(app).close()
+        registry_for(app).close()
 
 
 @pytest.mark.parametrize("reply", REFUSALS)
@@ -424,7 +425,7 @@ def test_a_store_refusing_to_serve_fails_open_like_a_dead_one(outage_app, privat
 @pytest.mark.parametrize("mode", SHARED)
 def test_a_dead_store_fails_open_behind_a_breaker_and_recovers(outage_app, private_redis, caplog, mode) -> None:
     cache = open_cache(outage_app, mode=mode)
-    breaker = caching.registry(outage_app).breaker
+    breaker = registry_for(outage_app).breaker
     cache.set("k", "v")
     assert cache.get("k") == "v"
     calls: list[int] = []

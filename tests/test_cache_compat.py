@@ -21,6 +21,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from flask_immutant import ImmutantConfigError, ImmutantExtension, caching, get_state
 from flask_immutant.caching import typed
+from flask_immutant.caching.caches import registry_for
 
 from support import track, wait_until
 
@@ -37,7 +38,7 @@ def app(clean_env: None, immutant_home: Path, embedded_store: Any, cluster_name:
     try:
         yield app
     finally:
-        caching.registry(app).close()
+        registry_for(app).close()
 
 
 def same_response(a: Response, b: Response) -> bool:
@@ -159,7 +160,7 @@ def test_cache_serializer_is_honoured_in_every_mode(app: Flask, mode: str) -> No
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_cachelib_json_serializer_can_be_injected(app: Flask, mode: str) -> None:
-    cache = caching.registry(app).instance("json", mode=mode)
+    cache = registry_for(app).instance("json", mode=mode)
     cache.serializer = JSONSerializer()
     assert cache.set("k", {"a": 1}) and cache.get("k") == {"a": 1}
 
@@ -179,7 +180,7 @@ def test_flask_caching_settings_are_honoured(app: Flask, mode: str) -> None:
     assert backend.max_entries == (3 if mode == "local" else None)
     assert backend.key_prefix == "site1_" and backend.ignore_delete_many_errors
     if mode != "local":  # the prefix is part of the key in the named cache, as cachelib's key_prefix is
-        assert caching.registry(app).instance("flask-caching", mode=mode).get("site1_k") == 1
+        assert registry_for(app).instance("flask-caching", mode=mode).get("site1_k") == 1
 
 
 def test_clear_with_a_key_prefix_clears_only_that_prefix(app: Flask) -> None:

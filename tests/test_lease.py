@@ -170,7 +170,7 @@ def primary_and_replica(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[
             folder.mkdir()
             started.append(subprocess.Popen(
                 [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                 "--appendonly", "no", "--dir", str(folder), *extra],
+                 "--appendonly", "no", "--dir", str(folder), "--repl-diskless-sync-delay", "0", *extra],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         import redis
 
@@ -189,12 +189,15 @@ def primary_and_replica(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[
 
 
 def _connected_replicas(client: object) -> int:
+    """Replicas that finished their first sync (a replica still loading acknowledges no WAIT)."""
     import redis
 
     try:
-        return int(client.info("replication")["connected_slaves"])  # type: ignore[attr-defined]
+        info = client.info("replication")  # type: ignore[attr-defined]
     except redis.RedisError:
         return 0
+    replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+    return sum(1 for replica in replicas if replica.get("state") == "online")
 
 
 def test_a_confirmed_lease_is_held_and_renewed_through_a_replica(primary_and_replica, cluster_name):

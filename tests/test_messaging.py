@@ -19,7 +19,8 @@ import pytest
 import redis
 
 from flask_immutant import ImmutantState
-from flask_immutant.messaging import Messaging, RemoteError
+from flask_immutant.messaging import RemoteError
+from flask_immutant.messaging.core import Messaging
 from flask_immutant.messaging.plugin import messaging_of
 
 from support import NodeProcess, run_flask, wait_until

@@ -96,7 +96,8 @@ def test_selector_expressions(expression: str, properties: dict[str, object], ex
     assert selector is not None and selector(properties) is expected
 
 
-@pytest.mark.parametrize("expression", ["__import__('os')", "a.b == 1", "x[0] == 1", "a is None", "a ==="])
+@pytest.mark.parametrize("expression", ["__import__('os')", "a.b == 1", "x[0] == 1", "a is None", "a ===",
+                                        "x == -'a'", "x == -None"])  # a negated string was a TypeError
 def test_unsafe_or_invalid_selectors_are_refused(expression: str) -> None:
     with pytest.raises(MessagingError, match="selector"):
         compile_selector(expression)
@@ -162,6 +163,9 @@ def test_contract_dramatiq_consumer_restart_delay_and_running_flag() -> None:
     assert isinstance(dramatiq.worker.CONSUMER_RESTART_DELAY_SECS, (int, float))
     source = inspect.getsource(dramatiq.worker.ConsumerThread.run)
     assert "time.sleep(CONSUMER_RESTART_DELAY_SECS)" in source and "self.broker.consume(" in source
+    # ... and on it closing the old consumer first (whose close puts its fetched batch back)
+    assert "self.close()" in source
+    assert "self.consumer.close()" in inspect.getsource(dramatiq.worker.ConsumerThread.close)
     assert "self.running = False" in inspect.getsource(dramatiq.worker.ConsumerThread.stop)
 
 
@@ -179,3 +183,71 @@ def test_contract_dramatiq_redis_consumer_hooks() -> None:
                  "compute_backoff(self.misses, max_backoff=self.timeout)", "def requeue"):
         assert name in consumer_source, name
     assert all(compute_backoff(misses, max_backoff=0)[1] == 0 for misses in range(40))
+
+
+def test_the_guard_acks_undecodable_messages_on_the_broker_the_redis_backend_makes(store_client, cluster_name) -> None:
+    """Regression: the guard knew Dramatiq's Redis broker by its module, so on our subclass (which
+    the Redis backend makes) an undecodable message got no broker id: acking it raised, and the
+    consumer thread restarted with the rest of its fetched batch stranded in its ack set."""
+    import dramatiq
+
+    from flask_immutant.keys import Keys
+    from flask_immutant.messaging.backends import RedisBackend, Target
+    from flask_immutant.messaging.undecodable import guard_consumers
+
+    from support import wait_until
+
+    # Given the broker a node's engine consumes with, guarded, and garbage ahead of a good message
+    backend = RedisBackend(store_client, Keys(cluster_name))
+    broker = backend.make_broker([], consumer_id=f"{cluster_name}.consumer")
+    dead: list[tuple[object, ...]] = []
+    guard_consumers(broker, lambda *record: dead.append(record))
+    queue = f"{cluster_name}.q.guarded"
+    good = dramatiq.actor(lambda: None, broker=broker, queue_name=queue, actor_name=f"{cluster_name}_good")
+    store_client.hset(f"{backend.namespace}:{queue}.msgs", "garbage-id", b"\xff garbage")
+    store_client.rpush(f"{backend.namespace}:{queue}", "garbage-id")
+    backend.publish(broker, [Target(good.message())], None)
+    # When its consumer fetches both
+    consumer = broker.consume(queue, prefetch=4, timeout=100)
+    message = wait_until(lambda: next(consumer), timeout=10)
+    # Then the good message is delivered, the garbage is dead-lettered with its bytes and acknowledged
+    assert message.actor_name == good.actor_name
+    assert [(q, raw) for q, _, _, raw, _ in dead] == [(queue, b"\xff garbage")], dead
+    assert "not a Dramatiq message" in str(dead[0][2])
+    acks = f"{backend.namespace}:__acks__.{broker.broker_id}.{queue}"
+    assert store_client.smembers(acks) == {message.options["redis_message_id"].encode()}
+    assert not store_client.hexists(f"{backend.namespace}:{queue}.msgs", "garbage-id")
+    consumer.ack(message)
+    assert not store_client.exists(acks)
+
+
+def test_a_closed_redis_consumer_puts_back_what_it_fetched_and_never_handed_out(store_client, cluster_name) -> None:
+    """Regression: after a consumer error Dramatiq's consumer thread closes the consumer and makes a
+    new one; the old one's fetched batch stayed in its ack set (our heartbeat alive, so no reaper
+    took it) until the node left."""
+    import dramatiq
+
+    from flask_immutant.keys import Keys
+    from flask_immutant.messaging.backends import RedisBackend, Target
+
+    from support import wait_until
+
+    # Given a consumer that fetched three messages and handed out one
+    backend = RedisBackend(store_client, Keys(cluster_name))
+    broker = backend.make_broker([], consumer_id=f"{cluster_name}.consumer")
+    queue = f"{cluster_name}.q.batch"
+    actor = dramatiq.actor(lambda n: None, broker=broker, queue_name=queue, actor_name=f"{cluster_name}_n")
+    backend.publish(broker, [Target(actor.message(n)) for n in range(3)], None)
+    consumer = broker.consume(queue, prefetch=3, timeout=100)
+    first = wait_until(lambda: next(consumer), timeout=10)
+    acks = f"{backend.namespace}:__acks__.{broker.broker_id}.{queue}"
+    assert store_client.scard(acks) == 3
+    # When it is closed (as Dramatiq's consumer thread does before it makes a new one)
+    consumer.close()
+    # Then only the handed-out message stays unacknowledged; the other two wait in the queue again
+    assert store_client.smembers(acks) == {first.options["redis_message_id"].encode()}
+    assert store_client.llen(f"{backend.namespace}:{queue}") == 2
+    # And the next consumer delivers them, so none is lost or doubled
+    fresh = broker.consume(queue, prefetch=3, timeout=100)
+    rest = [wait_until(lambda: next(fresh), timeout=10) for _ in range(2)]
+    assert sorted(m.args[0] for m in [first, *rest]) == [0, 1, 2]

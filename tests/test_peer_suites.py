@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from flask_immutant.caching import MODES
+from flask_immutant.caching.base import MODES
 
 PEERS = Path(__file__).parent / "peer_suites"
 #: The pinned peers: suite name -> (distribution, version, test paths inside the sdist).

@@ -56,6 +56,7 @@ def refuse_remote_console(host: str, allow_remote: bool, *, otherwise: str = "")
 def console(ctx: click.Context, port: int, host: str, allow_remote: bool, verbose: bool) -> None:
     refuse_remote_console(host, allow_remote)
     from aiohttp import web
+    from aiohttp.log import access_logger
 
     from ..deploy.records import cluster_secret
     from .console import make_console_app
@@ -72,5 +73,5 @@ def console(ctx: click.Context, port: int, host: str, allow_remote: bool, verbos
         click.echo(f"console for cluster {state.settings['IMMUTANT_CLUSTER']} on http://{shown}:{port}/ "
                    f"(log in with the cluster secret: {where})")
 
-    web.run_app(app, host=host, port=port, print=started, access_log=None if not verbose else web.access_logger,
+    web.run_app(app, host=host, port=port, print=started, access_log=None if not verbose else access_logger,
                 handle_signals=True)

@@ -9,29 +9,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import NoAppError
+from ..moved import moved_attribute
 from .backend import flask_caching_backend
-from .base import MISSING, MODES, CacheContentionError, ClusterCache
-from .breaker import CircuitBreaker
-from .serialization import Serializer
+from .base import MISSING, CacheContentionError, ClusterCache
+from .caches import registry_for
 
 if TYPE_CHECKING:
     from flask import Flask
 
-    from .caches import CacheRegistry
+#: Internals that were public before issue 12: importable here still, with a DeprecationWarning.
+MOVED = {
+    "MODES": "flask_immutant.caching.base.MODES",
+    "CircuitBreaker": "flask_immutant.caching.breaker.CircuitBreaker",
+    "Serializer": "flask_immutant.caching.serialization.Serializer",
+    "registry": "flask_immutant.caching.caches.registry_for",
+}
 
 
-def registry(app: Flask | None = None) -> CacheRegistry:
-    """The cache registry of ``app`` (default: the current app)."""
-    from ..extension import app_for, get_state, switched_off
-
-    target = app_for(app)
-    if target is None:
-        raise NoAppError("caching.cache() needs an app: pass app=..., or call it inside an app context")
-    found = get_state(target).features.get("caching")
-    if found is None:
-        raise switched_off("cache")
-    return found  # type: ignore[no-any-return]
+def __getattr__(name: str) -> object:
+    return moved_attribute(__name__, name, MOVED)
 
 
 def cache(
@@ -51,17 +47,7 @@ def cache(
     ``max_entries``: least recently used entries are evicted past it. ``serializer``: ``"msgpack"``
     (default: ``IMMUTANT_CACHE_SERIALIZER``), ``"json"`` or ``"pickle"`` (unsafe: opt-in).
     """
-    return registry(app).cache(name, mode=mode, ttl=ttl, idle=idle, max_entries=max_entries, serializer=serializer)
+    return registry_for(app).cache(name, mode=mode, ttl=ttl, idle=idle, max_entries=max_entries, serializer=serializer)
 
 
-__all__ = [
-    "MISSING",
-    "MODES",
-    "CacheContentionError",
-    "CircuitBreaker",
-    "ClusterCache",
-    "Serializer",
-    "cache",
-    "flask_caching_backend",
-    "registry",
-]
+__all__ = ["MISSING", "CacheContentionError", "ClusterCache", "cache", "flask_caching_backend"]

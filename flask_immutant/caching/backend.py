@@ -31,7 +31,7 @@ def flask_caching_backend(app: Flask, config: dict[str, Any], args: list[Any], o
     its key prefix, ``CACHE_THRESHOLD`` its ``max_entries`` in local mode (0: unbounded), ``CACHE_IGNORE_ERRORS``
     and ``CACHE_OPTIONS`` as in cachelib. Settings it cannot honour are refused by name.
     """
-    from . import registry
+    from .caches import registry_for
 
     if args:
         raise ImmutantConfigError(f"CACHE_ARGS={args!r}: the cluster cache takes no positional arguments "
@@ -61,7 +61,7 @@ def flask_caching_backend(app: Flask, config: dict[str, Any], args: list[Any], o
     timeout = options.get("default_timeout")
     if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
         raise ImmutantConfigError(f"CACHE_DEFAULT_TIMEOUT={timeout!r}: expected seconds >= 0 (0: no expiry)")
-    return registry(app).instance(
+    return registry_for(app).instance(
         name, mode=mode, ttl=timeout or None, idle=options.get("idle"), max_entries=threshold or None,
         key_prefix=key_prefix, ignore_delete_many_errors=bool(options.get("ignore_delete_many_errors", True)),
     )

@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast
 
 import msgpack
 from cachelib.base import BaseCache
@@ -24,7 +24,19 @@ from ..errors import ImmutantError
 
 log = logging.getLogger("flask_immutant.caching")
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class Memoized(Protocol, Generic[P, R_co]):
+    """What ``memoize`` returns: the function, plus ``forget``, ``cache_key`` and ``uncached``."""
+
+    forget: Callable[..., bool]
+    cache_key: Callable[..., str]
+    uncached: Callable[..., Any]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
 
 MODES = ("distributed", "replicated", "invalidated", "local")
 
@@ -75,7 +87,7 @@ def args_digest(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return hashlib.blake2b(packed, digest_size=16).hexdigest()
 
 
-class ClusterCache(BaseCache):  # type: ignore[misc]
+class ClusterCache(BaseCache):
     """A named cache: cachelib's interface plus ``put_if_absent``, ``compare_and_set``, ``swap``
     and ``memoize``. Get one from :func:`flask_immutant.caching.cache`.
 
@@ -148,7 +160,8 @@ class ClusterCache(BaseCache):  # type: ignore[misc]
         raise NotImplementedError
 
     def _incr(self, key: str, delta: int) -> int | None:
-        return self._swap(key, lambda old: (0 if old is MISSING else old) + delta, self.ttl_ms, None)[1]  # type: ignore[no-any-return]
+        incremented: int = self._swap(key, lambda old: (0 if old is MISSING else old) + delta, self.ttl_ms, None)[1]
+        return incremented
 
     def _swap(self, key: str, fn: Callable[[Any], Any], ttl_ms: int, expect: Any) -> tuple[bool, Any]:
         """Atomically: read ``key``; if ``expect`` is given and differs, stop (False, current);
@@ -256,7 +269,7 @@ class ClusterCache(BaseCache):  # type: ignore[misc]
         stale: float = 0.0,
         lock_timeout: float = MEMOIZE_LOCK_TIMEOUT,
         name: str | None = None,
-    ) -> Callable[[F], F]:
+    ) -> Callable[[Callable[P, R]], Memoized[P, R]]:
         """Decorator: cache a function's results by its arguments, computing each once in the cluster.
 
         A hit costs one store round trip (none in ``invalidated`` mode). On a miss, one caller in
@@ -272,13 +285,14 @@ class ClusterCache(BaseCache):  # type: ignore[misc]
             raise ValueError("memoize(stale=...) needs a timeout (or a cache ttl) after which results are stale")
         lock_ms = seconds_to_ms(lock_timeout)
 
-        def decorator(fn: F) -> F:
+        def decorator(fn: Callable[P, R]) -> Memoized[P, R]:
             function = name or f"{fn.__module__}.{fn.__qualname__}"
 
             @functools.wraps(fn)
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
+            def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
                 key = self._memo_key(function, args_digest(args, kwargs))
-                return self._memoized(key, fn, args, kwargs, fresh_ms, stale_ms, lock_ms)
+                result: R = self._memoized(key, fn, args, kwargs, fresh_ms, stale_ms, lock_ms)
+                return result
 
             def forget(*args: Any, **kwargs: Any) -> bool:
                 return self._memo_forget(self._memo_key(function, args_digest(args, kwargs)))
@@ -286,10 +300,11 @@ class ClusterCache(BaseCache):  # type: ignore[misc]
             def cache_key(*args: Any, **kwargs: Any) -> str:
                 return self._memo_key(function, args_digest(args, kwargs))
 
-            wrapper.forget = forget  # type: ignore[attr-defined]
-            wrapper.cache_key = cache_key  # type: ignore[attr-defined]
-            wrapper.uncached = fn  # type: ignore[attr-defined]
-            return wrapper  # type: ignore[return-value]
+            memoized = cast(Memoized[P, R], wrapper)  # the attributes are set on the next lines
+            memoized.forget = forget
+            memoized.cache_key = cache_key
+            memoized.uncached = fn
+            return memoized
 
         return decorator
 

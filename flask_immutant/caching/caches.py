@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..errors import ImmutantConfigError
+from ..errors import ImmutantConfigError, NoAppError
 from ..settings import identifier
 from .base import MODES, ClusterCache, log
 from .breaker import CircuitBreaker
@@ -19,6 +19,7 @@ from .shared import SharedCache
 
 if TYPE_CHECKING:
     import redis
+    from flask import Flask
 
     from ..extension import ImmutantState
 
@@ -123,3 +124,16 @@ class CacheRegistry:
             self._client.close()
             self._client = None
 
+
+
+def registry_for(app: Flask | None = None) -> CacheRegistry:
+    """The cache registry of ``app`` (default: the current app); internal: users call ``cache()``."""
+    from ..extension import app_for, get_state, switched_off
+
+    target = app_for(app)
+    if target is None:
+        raise NoAppError("caching.cache() needs an app: pass app=..., or call it inside an app context")
+    found: CacheRegistry | None = get_state(target).features.get("caching")
+    if found is None:
+        raise switched_off("cache")
+    return found

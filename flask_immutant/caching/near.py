@@ -244,7 +244,7 @@ class InvalidatedCache(SharedCache):
                 pipe = self.client.pipeline(transaction=False)
                 queue_read(pipe)
                 pipe.pttl(rkey)
-                return pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+                return pipe.execute(raise_on_error=False)
 
             raw, pttl = self._call(op)
             value = kept = decode(raw)

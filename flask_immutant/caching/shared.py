@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 
@@ -185,11 +185,11 @@ class SharedCache(ClusterCache):
 
         def read() -> list[Any]:
             if not self._scripted:
-                return self.client.mget(rkeys)  # type: ignore[return-value]
+                return self.client.mget(rkeys)
             pipe = self.client.pipeline(transaction=False)
             for rkey in rkeys:
                 self._scripts["cache_get"](keys=[rkey, self._index], args=[self.idle_ms, self._indexed], client=pipe)
-            return pipe.execute()  # type: ignore[no-any-return]
+            return pipe.execute()
 
         try:
             return [self.decode(raw) for raw in self._call(read)]
@@ -219,11 +219,11 @@ class SharedCache(ClusterCache):
 
         def delete() -> int:
             if not self.max_entries:
-                return self.client.delete(*rkeys)  # type: ignore[return-value]
+                return self.client.delete(*rkeys)
             pipe = self.client.pipeline(transaction=False)
             pipe.delete(*rkeys)
             pipe.zrem(self._index, *rkeys)
-            return pipe.execute()[0]  # type: ignore[no-any-return]
+            return cast(int, pipe.execute()[0])  # DEL's integer reply
 
         try:
             return self._call(delete)
@@ -263,8 +263,8 @@ class SharedCache(ClusterCache):
         if self.ttl_ms and self.idle_ms:  # the deadline header does not fit an ASCII integer
             return super()._incr(key, delta)
         try:
-            return self._call(lambda: self._scripts["cache_incr"](
-                keys=[self.rkey(key), self._index], args=[delta, self.ttl_ms, self.idle_ms, self._indexed]))
+            return self._call(lambda: cast(int, self._scripts["cache_incr"](  # Lua's integer reply
+                keys=[self.rkey(key), self._index], args=[delta, self.ttl_ms, self.idle_ms, self._indexed])))
         except _Down:
             return None
         except redis.ResponseError as exc:
@@ -279,7 +279,7 @@ class SharedCache(ClusterCache):
             with self.client.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(rkey)
-                    current = self.decode(pipe.get(rkey))  # type: ignore[arg-type]
+                    current = self.decode(cast("bytes | None", pipe.get(rkey)))  # watching: GET answers at once
                     if expect is not None and current != expect:
                         return False, current
                     new = fn(current)

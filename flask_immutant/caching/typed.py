@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import werkzeug.exceptions
@@ -87,7 +87,7 @@ def _default(value: Any) -> Any:
         return msgpack.ExtType(HTTP_EXCEPTION, packb(_exception_fields(value)))
     for base in _PLAIN_BASES:
         if isinstance(value, base):
-            return base(value)  # type: ignore[call-overload,arg-type]
+            return base(value)  # type: ignore[arg-type]  # value is an instance of base, one of these
     raise TypeError(f"cannot cache a value of type {kind.__module__}.{kind.__qualname__}")
 
 
@@ -136,7 +136,8 @@ def _response(fields: Any) -> WerkzeugResponse:
     if cls is None or not isinstance(body, bytes) or not isinstance(status, str):
         raise ValueError(f"not a stored response: {tag!r}")
     if cls.__name__ == "CachedResponse":
-        return cls(WerkzeugResponse(body, status, [tuple(header) for header in headers]), timeout)  # type: ignore[call-arg,arg-type]
+        # Flask-Caching's CachedResponse(response, timeout) is typed as the Response it subclasses
+        return cls(WerkzeugResponse(body, status, [tuple(header) for header in headers]), timeout)  # type: ignore[arg-type]
     return cls(body, status, [tuple(header) for header in headers])
 
 
@@ -152,7 +153,8 @@ def _exception(fields: Any) -> HTTPException:
 
 
 def packb(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True, strict_types=True, default=_default)  # type: ignore[no-any-return]
+    packed = msgpack.packb(value, use_bin_type=True, strict_types=True, default=_default)
+    return cast(bytes, packed)  # msgpack is untyped
 
 
 def unpackb(data: bytes) -> Any:
@@ -173,7 +175,7 @@ class TypedMsgpackSerializer:
         if packer is None:
             packer = self._local.packer = msgpack.Packer(use_bin_type=True, strict_types=True, default=_default)
         try:
-            return packer.pack(value)  # type: ignore[no-any-return]
+            return cast(bytes, packer.pack(value))  # msgpack is untyped
         except BaseException:
             packer.reset()
             raise

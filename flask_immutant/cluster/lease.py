@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -36,6 +36,9 @@ from ..keys import Keys
 from ..loops import Loop
 from ..records import MALFORMED, warn
 from ..store.connect import close_quietly
+
+if TYPE_CHECKING:
+    from ..extension import ImmutantState
 
 log = logging.getLogger(__name__)
 
@@ -285,17 +288,17 @@ class LeaseManager:
         self._pubsub = None
 
 
-def lease_manager(state: Any) -> LeaseManager:
+def lease_manager(state: ImmutantState) -> LeaseManager:
     """The one lease manager of an app runtime (shared by daemons and the job scheduler);
     closed by the cluster plugin when the runtime stops."""
     from ..store import store_url
 
-    def make(state: Any) -> LeaseManager:
+    def make(state: ImmutantState) -> LeaseManager:
         settings = state.settings
         return LeaseManager(store_url(settings, start=True), state.keys, state.node_name,
                             settings["IMMUTANT_FAILURE_TIMEOUT"], settings["IMMUTANT_LEASE_REPLICAS"])
 
-    return state.feature("leases", make)  # type: ignore[no-any-return]
+    return state.feature("leases", make)
 
 
 def singleton_name(state: Any, name: str) -> str:

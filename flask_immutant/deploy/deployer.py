@@ -125,16 +125,16 @@ class Deployer:
             if self._stop.is_set():
                 return
             current = self.running.get(name)
-            version = None
+            version = deployed_at = None
             if not isinstance(item, DeploymentError):
-                version, item = item.version, self._not_older(item, current)
+                version, deployed_at, item = item.version, item.deployed_at, self._not_older(item, current)
             if isinstance(item, DeploymentError):
                 if self.refused.get(name) != str(item):
                     log.error("refusing deployment %s: %s", name, item)
                     self.refused[name] = str(item)
                     serving = current.deployment.version if current is not None and current.runtime else None
                     self.store.set_node_state(name, self.name, "refused", error=str(item), version=version,
-                                              serving_version=serving)
+                                              deployed_at=deployed_at, serving_version=serving)
                 if current is not None:
                     self._supervise(current)  # what it ran before keeps running, restarted if it crashes
                 continue
@@ -193,7 +193,7 @@ class Deployer:
 
     def _deploy(self, deployment: Deployment, current: Running | None) -> None:
         log.info("deploying %s", deployment.label)
-        self.store.set_node_state(deployment.name, self.name, "starting", version=deployment.version)
+        self._set_state(deployment, "starting")
         try:
             target = self._target(deployment)
             listener, own = self._listener_for(deployment, current)
@@ -235,12 +235,11 @@ class Deployer:
         if current is not None and current.runtime is not None and current.state == "deployed":
             # Keep serving the previous version; record the failed one as what was asked.
             current.error = f"v{deployment.version} failed: {reason}"
-            self.store.set_node_state(deployment.name, self.name, "failed", version=deployment.version,
-                                      error=reason, serving_version=current.deployment.version)
+            self._set_state(deployment, "failed", error=reason, serving_version=current.deployment.version)
             current.deployment = deployment  # do not retry this version on every poll
             return
         self._track(Running(deployment, None, None, "failed", reason), None)
-        self.store.set_node_state(deployment.name, self.name, "failed", version=deployment.version, error=reason)
+        self._set_state(deployment, "failed", error=reason)
 
     def _supervise(self, running: Running) -> None:
         runtime = running.runtime
@@ -256,8 +255,7 @@ class Deployer:
             reason = "failed to start" if code == EXIT_APP_FAILED else f"exited with status {code}"
             log.warning("app runtime of %s %s; restarting in %.1fs", running.deployment.label, reason,
                         running.restart_delay)
-            self.store.set_node_state(running.deployment.name, self.name, "restarting",
-                                      version=running.deployment.version, error=reason)
+            self._set_state(running.deployment, "restarting", error=reason)
             return
         if now < running.restart_at:
             return
@@ -274,11 +272,16 @@ class Deployer:
         if close_listener and running.own_listener and running.listener is not None:
             running.listener.close()
 
+    def _set_state(self, deployment: Deployment, state: str, **details: Any) -> None:
+        """This node's state of ``deployment``, naming the record (version and deployed_at) it is about."""
+        self.store.set_node_state(deployment.name, self.name, state, version=deployment.version,
+                                  deployed_at=deployment.deployed_at, **details)
+
     def _report(self, running: Running) -> None:
         assert running.runtime is not None and running.listener is not None
         process = running.runtime.process
-        self.store.set_node_state(
-            running.deployment.name, self.name, running.state, version=running.deployment.version,
+        self._set_state(
+            running.deployment, running.state,
             pid=process.pid if process else None, port=running.listener.getsockname()[1],
             context_path=running.deployment.context_path, error=running.error,
         )

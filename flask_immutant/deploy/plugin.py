@@ -59,7 +59,7 @@ def immutant_settings() -> list[Setting]:
 
 
 def deployment_store(state: ImmutantState, store: redis.Redis) -> DeploymentStore:
-    return DeploymentStore(store, state.keys, cluster_secret(state.settings), state.settings["IMMUTANT_CLUSTER"])
+    return DeploymentStore(store, state.keys, cluster_secret(state.settings))
 
 
 @hookimpl(trylast=True)
@@ -209,6 +209,7 @@ def _await_nodes(state: ImmutantState, store: redis.Redis, deployments: Deployme
     while time.monotonic() < deadline and len(reported) < len(members):
         for node, info in deployments.node_states(record.name).items():
             if node in members and node not in reported and info.get("version") == record.version \
+                    and info.get("deployed_at") == record.deployed_at \
                     and info.get("state") in ("deployed", "failed", "refused"):
                 reported[node] = info
                 where = f"port {info.get('port')}{record.context_path}" if info.get("port") else ""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -18,11 +18,11 @@ from .records import Deployment, DeploymentError, sign, verify
 
 
 class DeploymentStore:
-    def __init__(self, store: redis.Redis, keys: Keys, secret: bytes, cluster: str) -> None:
+    def __init__(self, store: redis.Redis, keys: Keys, secret: bytes) -> None:
         self.store = store
         self.keys = keys
         self.secret = secret
-        self.cluster = cluster
+        self.cluster = keys.cluster  # what every signature binds a record to
 
     def put(self, deployment: Deployment, archive: bytes | None = None, rollback: bool = False) -> Deployment:
         """Store ``deployment`` as the next version of its name and tell every node.
@@ -92,7 +92,7 @@ class DeploymentStore:
             return exc
 
     def archive(self, sha256: str) -> bytes | None:
-        return self.store.get(self.keys.deployment_archive(sha256))  # type: ignore[return-value]
+        return cast("bytes | None", self.store.get(self.keys.deployment_archive(sha256)))  # redis-py's untyped reply
 
     def set_node_state(self, name: str, node: str, state: str, **details: Any) -> None:
         record = {"state": state, "since": time.time(), **details}
@@ -108,8 +108,13 @@ class DeploymentStore:
 
 #: The JSON types of a deployment's state on one node (``set_node_state``).
 NODE_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
-    "state": str, "since": float, "version": int, "pid": (int, type(None)), "port": (int, type(None)),
-    "context_path": str, "error": (str, type(None)), "serving_version": int,
+    "state": str, "since": float, "version": (int, type(None)), "pid": (int, type(None)),
+    "port": (int, type(None)), "context_path": str, "error": (str, type(None)),
+    # A refusal may name no version (the record was unreadable) and serve none.
+    "serving_version": (int, type(None)),
+    # Which record of that version the state is about (a store restored from a backup can issue
+    # a version number twice): ``deploy --wait`` matches it.
+    "deployed_at": (float, type(None)),
 }
 
 

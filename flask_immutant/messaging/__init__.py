@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ImmutantConfigError
 from ..extension import FEATURE_FLAGS
 from ..extension import declare as _declare
+from ..moved import moved_attribute
 from .codec import Message
-from .core import Handler, Listener, Messaging, Response
+from .core import Handler, Listener, Response
 from .destination import Destination
 from .engine import current_message
 from .errors import EncodeError, MalformedMessage, MessagingError, RemoteError, RequestTimeout
@@ -33,13 +34,23 @@ from .selector import Selector
 if TYPE_CHECKING:
     from flask import Flask
 
+    from .core import Messaging
+
+#: Internals that were public before issue 12: importable here still, with a DeprecationWarning.
+MOVED = {"Messaging": "flask_immutant.messaging.core.Messaging"}
+
+
+def __getattr__(name: str) -> object:
+    return moved_attribute(__name__, name, MOVED)
+
 
 class MessagingSwitchedOff(ImmutantConfigError, MessagingError):
     """Messaging used while ``IMMUTANT_MESSAGING`` is off (a ``MessagingError`` too, as before)."""
 
 
 def messaging_for(app: Flask | None = None) -> Messaging:
-    """The :class:`Messaging` of ``app`` (default: the current app)."""
+    """The per-app messaging object of ``app`` (default: the current app); internal: the functions
+    here are the public way."""
     from ..extension import get_state, switched_off
     from .plugin import messaging_of
 
@@ -52,7 +63,7 @@ def messaging_for(app: Flask | None = None) -> Messaging:
 def declare(name: str, *, app: Flask | None = None, kind: str | None = None, **options: Any) -> Destination | None:
     """Declare a destination: ``/queue/...`` or ``/topic/...``, or any name with ``kind=``.
     Returns it, or ``None`` when kept for the next app initialised."""
-    return _declare(app, lambda target: messaging_for(target).start(name, kind=kind, **options))  # type: ignore[no-any-return]
+    return _declare(app, lambda target: messaging_for(target).start(name, kind=kind, **options))
 
 
 #: The name before the one vocabulary (``start`` now means nothing else anywhere): still works.
@@ -138,7 +149,6 @@ __all__ = [
     "Listener",
     "MalformedMessage",
     "Message",
-    "Messaging",
     "MessagingError",
     "RemoteError",
     "RequestTimeout",
@@ -147,7 +157,6 @@ __all__ = [
     "current_message",
     "declare",
     "listen",
-    "messaging_for",
     "publish",
     "request",
     "respond",

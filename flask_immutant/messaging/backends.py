@@ -14,7 +14,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from dramatiq import Message
@@ -26,6 +26,9 @@ from dramatiq.middleware import Middleware
 from .. import lua
 from ..keys import Keys
 from .redis_broker import WAKE_TOKENS, resuming_redis_broker
+
+if TYPE_CHECKING:
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 log = logging.getLogger("flask_immutant.messaging")
 
@@ -235,7 +238,7 @@ class RabbitmqBackend(Backend):
         return {"depth": None, "in_flight": None, "delayed": None, "rejected": None}
 
     def delete_queue(self, broker: Broker, queue: str) -> None:
-        channel = broker.channel  # type: ignore[attr-defined]
+        channel = cast("RabbitmqBroker", broker).channel  # this backend's make_broker made it
         for name in (queue, dq_name(queue), f"{queue}.XQ"):
             channel.queue_delete(queue=name)
 

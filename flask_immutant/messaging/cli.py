@@ -101,10 +101,10 @@ def _json_field(raw: Any, name: str) -> Any:
 
 def _dead_message(message_id: str, raw: Any) -> dict[str, Any]:
     """The original message of a dead-letter record (a malformed one stays where it is, named)."""
-    original = json_object(message_id, raw)["message"]
+    original: dict[str, Any] = json_object(message_id, raw)["message"]
     required(original, {"actor_name": str, "args": list, "message_timestamp": int})
     check_types(original, {"kwargs": (dict, type(None))})
-    return original  # type: ignore[no-any-return]
+    return original
 
 
 def _queues_named(messaging: Messaging, name: str) -> list[str]:

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast, overload
 
 from dramatiq import Message as DramatiqMessage
 from dramatiq.broker import Broker
@@ -108,7 +108,7 @@ class Response:
         if self._outcome is None:
             raw = self._messaging.state.store.lpop(self._messaging.state.keys.messaging_reply(self.correlation_id))
             if raw is not None:
-                self._outcome = _reply(raw)  # type: ignore[arg-type]
+                self._outcome = _reply(cast(bytes, raw))  # LPOP without a count: one bulk reply
         return self._outcome is not None
 
     def result(self, timeout: float | None = None) -> Any:
@@ -284,6 +284,15 @@ class Messaging:
 
     # --- listening ---
 
+    @overload
+    def listen(self, name: str, handler: Handler, *, concurrency: int | None = None,
+               selector: str | Selector | None = None, durable_name: str | None = None) -> Listener: ...
+
+    @overload
+    def listen(self, name: str, handler: None = None, *, concurrency: int | None = None,
+               selector: str | Selector | None = None,
+               durable_name: str | None = None) -> Callable[[Handler], Listener]: ...
+
     def listen(
         self,
         name: str,
@@ -292,7 +301,7 @@ class Messaging:
         concurrency: int | None = None,
         selector: str | Selector | None = None,
         durable_name: str | None = None,
-    ) -> Any:
+    ) -> Listener | Callable[[Handler], Listener]:
         """Call ``handler(body)`` for messages on ``name``; returns a :class:`Listener`. Without a
         handler, returns a decorator."""
         if handler is None:

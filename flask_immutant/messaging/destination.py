@@ -51,7 +51,7 @@ class Destination:
                 )
         if kind not in KINDS:
             raise MessagingError(f"kind={kind!r} is not allowed: expected 'queue' or 'topic'")
-        return cls(name, kind, cluster)  # type: ignore[arg-type]
+        return cls(name, kind, cluster)
 
     @property
     def short(self) -> str:

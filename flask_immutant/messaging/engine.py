@@ -86,7 +86,8 @@ class DeadLetters(Retries):
         self.engine = engine
 
     def after_process_message(self, broker: Any, message: Any, *, result: Any = None, exception: Any = None) -> None:
-        super().after_process_message(broker, message, result=result, exception=exception)
+        super().after_process_message(  # type: ignore[no-untyped-call]  # Dramatiq's hook is unannotated
+            broker, message, result=result, exception=exception)
         if exception is None or not message.failed:
             return
         try:
@@ -153,6 +154,7 @@ class Engine:
         )
         # Dramatiq declares an actor's queue (which starts its consumer) before it records the
         # actor; a message already waiting would then find no actor and be dead-lettered.
+        # (method-assign: the method of this one broker instance is replaced, on purpose)
         self.broker.declare_actor = functools.partial(_declare_actor_first, self.broker)  # type: ignore[method-assign]
         guard_consumers(self.broker, self.bury_undeliverable)
         threads = self.settings["IMMUTANT_WORKER_THREADS"]
@@ -339,9 +341,7 @@ class Engine:
 
     def _prefetched(self) -> dict[str, int]:
         """RabbitMQ: messages delivered to this process and not yet acknowledged, per queue."""
-        # By module, not isinstance: importing dramatiq's RabbitMQ broker needs pika, which only
-        # the `rabbitmq` extra installs.
-        if type(self.broker).__module__ != "dramatiq.brokers.rabbitmq":
+        if self.backend.kind != "rabbitmq":  # the backend made the broker (and may subclass it)
             return {}
         counts: dict[str, int] = {}
         for name, thread in list(self.worker.consumers.items()):

@@ -1,9 +1,10 @@
 """Dramatiq's Redis broker, made to resume at once after an outage and to spread a trickle evenly.
 
-Two changes, both through Dramatiq's extension points (a broker subclass and its
+Three changes, all through Dramatiq's extension points (a broker subclass and its
 ``consumer_class``; tests/test_messaging_units.py holds the contract tests):
 
 - a consumer that lost the store waits for it itself instead of Dramatiq's fixed 3 s restart delay;
+- a consumer Dramatiq closes to restart it puts its fetched, never handed out batch back;
 - an idle consumer waits on its queue's wake list (BLPOP) instead of polling with a backoff, and
   every publish, retry and requeue adds a token there, so Redis hands a trickle of messages to the
   consumer that has waited longest, round the nodes in turn.
@@ -15,10 +16,14 @@ import functools
 import logging
 import threading
 import time
-from typing import Any
+from collections import Counter
+from typing import TYPE_CHECKING, Any
 
 import redis
 from dramatiq import Message
+
+if TYPE_CHECKING:
+    from dramatiq.brokers.redis import RedisBroker
 
 log = logging.getLogger("flask_immutant.messaging")
 
@@ -36,10 +41,10 @@ RESUME_BACKOFF = (0.05, 1.0)
 
 
 @functools.cache
-def resuming_redis_broker() -> Any:
+def resuming_redis_broker() -> type[RedisBroker]:
     from dramatiq.brokers.redis import RedisBroker
 
-    class ResumingRedisBroker(RedisBroker):  # type: ignore[misc]
+    class ResumingRedisBroker(RedisBroker):
         """Dramatiq's Redis broker whose consumers resume as soon as the store answers again.
 
         After a broker error Dramatiq's consumer thread sleeps a fixed delay (3 s) and calls
@@ -48,12 +53,24 @@ def resuming_redis_broker() -> Any:
         failing soon after resuming (a store that answers PING but refuses writes)."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # Dramatiq's is unannotated
             self._resumes: dict[int, tuple[float, int]] = {}
+            #: queue -> fetched messages a closed consumer could not put back (the store was away)
+            self._stranded: dict[str, list[bytes]] = {}
 
         @property
         def consumer_class(self) -> type:
             return waking_consumer(super().consumer_class)
+
+        def put_back(self, queue_name: str, fetched: list[bytes]) -> None:
+            """Return messages a consumer fetched and never handed out; if the store is away, the
+            next consume of the queue (which waits for the store) tries again."""
+            try:
+                give_back(self, queue_name, fetched)
+            except redis.RedisError as exc:
+                log.warning("messaging: %d fetched message(s) of %s go back when the store answers (%s)",
+                            len(fetched), queue_name, exc)
+                self._stranded.setdefault(queue_name, []).extend(fetched)
 
         def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
             """Dramatiq's own enqueues (a retry, a delayed message coming due) wake a consumer too."""
@@ -61,7 +78,9 @@ def resuming_redis_broker() -> Any:
             if delay is None:
                 wake = f"{self.namespace}:{enqueued.queue_name}.wake"
                 pipe = self.client.pipeline(transaction=False)
-                pipe.rpush(wake, "1").ltrim(wake, -WAKE_TOKENS, -1).execute()
+                pipe.rpush(wake, "1")
+                pipe.ltrim(wake, -WAKE_TOKENS, -1)
+                pipe.execute()
             return enqueued
 
         def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
@@ -83,6 +102,7 @@ def resuming_redis_broker() -> Any:
             if waited:
                 log.info("messaging: consumer of %s resumes", queue_name)
             self._resumes[thread.ident or 0] = (time.monotonic(), quick_failures)
+            self.put_back(queue_name, self._stranded.pop(queue_name, []))
             if queue_name.endswith(".DQ"):  # polled: it must also look at due times regularly
                 return super().consume(queue_name, prefetch, timeout)
             consumer: Any = super().consume(queue_name, prefetch, 0)  # no backoff sleep: waits for a token
@@ -94,7 +114,7 @@ def resuming_redis_broker() -> Any:
 
 @functools.cache
 def waking_consumer(base: type) -> type:
-    class WakingConsumer(base):  # type: ignore[misc,valid-type]
+    class WakingConsumer(base):  # type: ignore[misc]  # a base chosen at run time is Any to mypy
         """Dramatiq's Redis consumer, which on an empty queue waits on the queue's wake list
         instead of polling with a backoff.
 
@@ -123,6 +143,15 @@ def waking_consumer(base: type) -> type:
             self._idle = message is None
             return message
 
+        def close(self) -> None:
+            """Put back what was fetched and never handed out: after an error Dramatiq's consumer
+            thread makes a new consumer, and this one's batch would wait in its ack set (our
+            heartbeat alive, so no reaper takes it) until the node leaves."""
+            cached: list[bytes] = [data for data in self.message_cache if data is not None]
+            self.message_cache.clear()
+            self.broker.put_back(self.queue_name, cached)
+            super().close()
+
         def requeue(self, messages: Any) -> None:
             messages = list(messages)
             super().requeue(messages)
@@ -132,3 +161,32 @@ def waking_consumer(base: type) -> type:
                 pipe.rpush(wake, *["1"] * len(messages)).ltrim(wake, -WAKE_TOKENS, -1).execute()
 
     return WakingConsumer
+
+
+def fetched_ids(broker: Any, queue_name: str, fetched: list[bytes]) -> list[str]:
+    """The broker's ids of messages this broker fetched from ``queue_name`` and holds unacknowledged,
+    found by their bytes (an undecodable message cannot say its id)."""
+    if not fetched:
+        return []
+    ids = sorted(broker.client.smembers(f"{broker.namespace}:__acks__.{broker.broker_id}.{queue_name}"))
+    if not ids:
+        return []
+    wanted = Counter(fetched)
+    found = []
+    for redis_id, data in zip(ids, broker.client.hmget(f"{broker.namespace}:{queue_name}.msgs", ids), strict=True):
+        if wanted[data] > 0:
+            wanted[data] -= 1
+            found.append(redis_id.decode() if isinstance(redis_id, bytes) else str(redis_id))
+    return found
+
+
+def give_back(broker: Any, queue_name: str, fetched: list[bytes]) -> None:
+    """Return fetched, unacknowledged messages to their queue and wake a consumer for each
+    (Dramatiq's requeue only moves ids still in our ack set, so a reaped one is not doubled)."""
+    ids = fetched_ids(broker, queue_name, fetched)
+    if ids:
+        broker.do_requeue(queue_name, *ids)
+    if ids and not queue_name.endswith(".DQ"):  # delay queues are polled, not woken
+        wake = f"{broker.namespace}:{queue_name}.wake"
+        pipe = broker.client.pipeline(transaction=False)
+        pipe.rpush(wake, *["1"] * len(ids)).ltrim(wake, -WAKE_TOKENS, -1).execute()

@@ -68,8 +68,11 @@ def _compile(node: ast.AST, source: str) -> Callable[[Mapping[str, Any]], Any]:
         operand = _compile(node.operand, source)
         return lambda p: not operand(p)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
-        value = -node.operand.value  # type: ignore[operator]
-        return lambda p: value
+        literal = node.operand.value
+        if not isinstance(literal, (int, float)):
+            raise MessagingError(f"selector {source!r}: only a number can be negated, not {literal!r}")
+        negated = -literal
+        return lambda p: negated
     if isinstance(node, ast.Compare):
         left = _compile(node.left, source)
         ops = [_COMPARE[type(op)] for op in node.ops if type(op) in _COMPARE]

@@ -102,7 +102,15 @@ def guard_consumers(broker: Broker, dead_letter: DeadLetter) -> None:
         return GuardedConsumer(broker, consume(queue_name, prefetch=prefetch, timeout=timeout),
                                queue_name, dead_letter)
 
-    broker.consume = guarded  # type: ignore[method-assign]
+    broker.consume = guarded  # type: ignore[method-assign]  # this broker instance's, on purpose
+
+
+def on_redis(broker: Broker) -> bool:
+    """Whether ``broker`` is Dramatiq's Redis broker or a subclass (ours resumes: redis_broker.py);
+    there a message's broker id is inside it, so an unreadable one is found by its bytes."""
+    from dramatiq.brokers.redis import RedisBroker  # redis is a core dependency; pika is not
+
+    return isinstance(broker, RedisBroker)
 
 
 class GuardedConsumer(Consumer):
@@ -113,7 +121,7 @@ class GuardedConsumer(Consumer):
         self.inner = inner
         self.queue_name = queue_name
         self.dead_letter = dead_letter
-        self.on_redis = type(broker).__module__ == "dramatiq.brokers.redis"
+        self.on_redis = on_redis(broker)
 
     def __getattr__(self, name: str) -> Any:  # outstanding_message_count and the like
         return getattr(self.inner, name)
@@ -140,7 +148,7 @@ class GuardedConsumer(Consumer):
                 return None
             reason = self.refusal(message)
             if reason is None:
-                return message  # type: ignore[no-any-return]
+                return message
             self.refuse(message, reason, _decoding.raw)
 
     def refusal(self, message: Any) -> str | None:
@@ -181,15 +189,10 @@ class GuardedConsumer(Consumer):
     def _redis_id_of(self, raw: Any) -> str | None:
         """The Redis broker's id of a fetched message, found by its bytes among this consumer's
         unacknowledged messages (the id is inside the message, which could not be read)."""
-        broker: Any = self.broker
-        base = f"{broker.namespace}:{self.queue_name}"
-        ids = sorted(broker.client.smembers(f"{broker.namespace}:__acks__.{broker.broker_id}.{self.queue_name}"))
-        if not ids:
-            return None
-        for redis_id, data in zip(ids, broker.client.hmget(f"{base}.msgs", ids), strict=True):
-            if data == raw:
-                return redis_id.decode() if isinstance(redis_id, bytes) else str(redis_id)
-        return None
+        from .redis_broker import fetched_ids
+
+        ids = fetched_ids(self.broker, self.queue_name, [raw])
+        return ids[0] if ids else None
 
 
 def dead_letter_record(queue: str, message_id: str, reason: str, raw: Any, message: Any) -> dict[str, Any]:

@@ -14,16 +14,24 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..extension import declare as _declare
 from ..extension import get_state, require_feature, with_context
+from ..moved import moved_attribute
 from .driver import Fire, current
 from .registry import registry
-from .spec import JobSpec
+from .spec import JobSpec as _JobSpec
 
 if TYPE_CHECKING:
     from flask import Flask
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-__all__ = ["Fire", "JobSpec", "current", "fire", "schedule", "stop", "unschedule"]
+__all__ = ["Fire", "current", "fire", "schedule", "stop", "unschedule"]
+
+#: Internals that were public before issue 12: importable here still, with a DeprecationWarning.
+MOVED = {"JobSpec": "flask_immutant.scheduling.spec.JobSpec"}
+
+
+def __getattr__(name: str) -> object:
+    return moved_attribute(__name__, name, MOVED)
 
 
 def schedule(
@@ -44,7 +52,7 @@ def schedule(
     schedule that cannot be (names the argument, the value and what is allowed) and
     :class:`~flask_immutant.ImmutantConfigError` if ``IMMUTANT_JOBS`` is off. ``fn`` may take the
     :class:`Fire` it runs for as its argument. Without ``app``: as ``daemons.declare``."""
-    spec = JobSpec.build(name, cron=cron, every=every, at=at, in_=in_, until=until, limit=limit,
+    spec = _JobSpec.build(name, cron=cron, every=every, at=at, in_=in_, until=until, limit=limit,
                          singleton=singleton, misfire=misfire)
 
     def register(function: F) -> F:
@@ -54,7 +62,7 @@ def schedule(
         _declare(app, lambda target: registry(state=require_feature(get_state(target), "jobs")).add(spec, call))
         return function
 
-    return register if fn is None else register(fn)  # type: ignore[arg-type]
+    return register if fn is None else register(fn)
 
 
 def unschedule(name: str, *, app: Flask | None = None) -> bool:

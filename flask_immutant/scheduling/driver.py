@@ -119,7 +119,7 @@ class JobDriver:
                     following = spec.next_due_after_now(due, now)
                 if spec.limit is not None and fired >= spec.limit:
                     following = None
-                self._local_next[name] = due = following  # type: ignore[assignment]
+                self._local_next[name] = due = following
             if due is not None:
                 soonest = min(soonest, due)
         return soonest

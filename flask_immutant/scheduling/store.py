@@ -13,10 +13,11 @@ import datetime as dt
 import re
 import time
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import redis
-from rq.job import Job, NoSuchJobError
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq_scheduler import Scheduler
 
@@ -98,9 +99,9 @@ class JobStore:
 
     def due(self, now: float) -> list[tuple[str, float]]:
         """(name, due time) of every job due by ``now``, earliest first."""
-        entries: list[tuple[bytes, float]] = self.store.zrangebyscore(  # type: ignore[assignment]
+        entries = cast("list[tuple[bytes, float]]", self.store.zrangebyscore(  # redis-py's untyped reply
             self.keys.jobs_schedule(self.app), "-inf", now, withscores=True
-        )
+        ))
         found = read_records(dict(entries), f"{self.app} schedule", lambda _name, score: float(score))
         return sorted(((self.name_of(job_id), due) for job_id, due in found.items()), key=lambda item: item[1])
 

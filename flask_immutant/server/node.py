@@ -32,9 +32,10 @@ from ..cluster.identity import WILDCARD_HOSTS
 from ..errors import NodeStartError
 from ..extension import ImmutantState
 from ..loops import Loop
+from ..portable import set_parent_death_signal
 from ..private import make_private_dir
 from ..store import EmbeddedStore, client_from_url, describe_url, store_url
-from .runtime import EXIT_APP_FAILED, set_parent_death_signal
+from .runtime import EXIT_APP_FAILED
 
 log = logging.getLogger("flask_immutant.node")
 T = TypeVar("T")
@@ -386,11 +387,12 @@ class Node:
             return
         self.stopped.set()
         timeout = self.settings["IMMUTANT_SHUTDOWN_TIMEOUT"]
-        # The node's own runtimes stop while plugins stop theirs (the deployer's), all in parallel.
+        # Plugins hear of the stop before any runtime stops (the deployer stops its runtimes there,
+        # in parallel); then the node's own runtimes stop, in parallel too.
+        self.state.pm.hook.immutant_node_stopping(node=self)
         threads = [threading.Thread(target=r.stop, args=(timeout,)) for r in self.runtimes]
         for thread in threads:
             thread.start()
-        self.state.pm.hook.immutant_node_stopping(node=self)
         if self.idle_responder is not None:
             self.idle_responder.served.set()
         for thread in threads:

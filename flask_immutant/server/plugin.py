@@ -32,7 +32,7 @@ def immutant_register_commands(cli: click.Group) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.pass_context
 @one_line_errors
-def run(ctx: click.Context, verbose: bool, **options: Any) -> None:
+def run(ctx: click.Context, /, verbose: bool, **options: Any) -> None:
     overrides = {
         "IMMUTANT_CLUSTERED": options["clustered"],
         "IMMUTANT_NODE_NAME": options["node_name"],

@@ -26,7 +26,6 @@ from typing import Any
 from flask import Flask
 
 from ..extension import DEPLOYMENT_ENV, EXTENSION_KEY, ImmutantExtension, ImmutantState
-from ..portable import set_parent_death_signal  # noqa: F401 - the node's preexec_fn
 
 log = logging.getLogger("flask_immutant.runtime")
 
@@ -145,13 +144,14 @@ def _draining_channel(stopping: threading.Event) -> type:
     from waitress.channel import HTTPChannel
     from waitress.task import WSGITask
 
-    class DrainingTask(WSGITask):  # type: ignore[misc]
-        def build_response_header(self) -> Any:
+    class DrainingTask(WSGITask):
+        def build_response_header(self) -> bytes:
             if stopping.is_set():
-                self.request.headers["CONNECTION"] = "close"
+                # waitress's stubs type Task.request as an ErrorTask's Error; a WSGITask's is its parser
+                self.request.headers["CONNECTION"] = "close"  # type: ignore[attr-defined]
             return super().build_response_header()
 
-    class DrainingChannel(HTTPChannel):  # type: ignore[misc]
+    class DrainingChannel(HTTPChannel):
         task_class = DrainingTask
 
     return DrainingChannel

@@ -64,7 +64,7 @@ def _sentinel_client(url: str, **options: Any) -> redis.Redis:
     options["connection_class"] = failover.InterruptibleSSLConnection if options.get("ssl") else \
         failover.InterruptibleConnection
     sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **auth, **options)
-    client = sentinel.master_for(service, db=db, redis_class=SentinelManagedRedis)
+    client: SentinelManagedRedis = sentinel.master_for(service, db=db, redis_class=SentinelManagedRedis)
     client.sentinel_manager = sentinel
     failover.watch(client.connection_pool, hosts, service, sentinel_kwargs)
     return client

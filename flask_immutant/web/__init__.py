@@ -17,6 +17,7 @@ def regenerate() -> None:
         from ..extension import switched_off
 
         raise switched_off("sessions")
+    # Flask types session as the SessionMixin it proxies; the proxy is what has the method
     interface.regenerate(session._get_current_object())  # type: ignore[attr-defined]
 
 

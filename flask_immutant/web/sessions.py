@@ -61,7 +61,7 @@ class SessionUnavailable(ImmutantError, ServiceUnavailable):
         self.reason = reason
 
 
-class ImmutantSession(ServerSideSession):  # type: ignore[misc]
+class ImmutantSession(ServerSideSession):  # type: ignore[misc]  # Flask-Session is untyped
     """A server-side session that remembers the encoded fields it was loaded with."""
 
     def __init__(self, initial: dict[str, Any] | None = None, sid: str | None = None,
@@ -96,7 +96,7 @@ for _name in ("__getitem__", "__setitem__", "__delitem__", "__contains__", "__it
 del _name
 
 
-class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]
+class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # Flask-Session is untyped
     """Flask-Session's Redis interface on the cluster store; installed by the ``web`` plugin."""
 
     session_class = ImmutantSession
@@ -116,7 +116,7 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]
         self.breaker = breaker
         self._merge_script: Any = None
 
-    @property  # type: ignore[override]
+    @property
     def client(self) -> redis.Redis:
         return self.state.store
 
@@ -148,7 +148,7 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]
             pipe = self.client.pipeline(transaction=False)
             pipe.hgetall(store_id)
             pipe.pttl(store_id)
-            return pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+            return pipe.execute(raise_on_error=False)
 
         try:
             fields, remaining = self._call(read)
@@ -257,7 +257,7 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]
             def replace() -> None:
                 pipe = self.client.pipeline(transaction=True)
                 pipe.delete(store_id)
-                pipe.hset(store_id, mapping=encoded)  # type: ignore[arg-type]
+                pipe.hset(store_id, mapping=encoded)  # type: ignore[arg-type]  # redis-py's Mapping key is invariant
                 pipe.pexpire(store_id, lifetime_ms)
                 pipe.execute()
 

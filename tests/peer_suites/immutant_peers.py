@@ -21,6 +21,7 @@ from flask import Flask
 
 from flask_immutant import ImmutantExtension, caching
 from flask_immutant.caching import local
+from flask_immutant.caching.caches import registry_for
 
 MODE = os.environ.get("IMMUTANT_PEER_MODE", "distributed")
 SUITE = os.environ.get("IMMUTANT_PEER_SUITE", "")
@@ -77,7 +78,7 @@ def close_app(app: Flask) -> None:
     if state is None:
         return
     if "caching" in state.features:
-        caching.registry(app).close()
+        registry_for(app).close()
     if "store" in vars(state):
         state.store.close()
 
@@ -112,7 +113,7 @@ def immutant_cache_factory() -> Iterator[Any]:
                 ignore_delete_many_errors: bool = True) -> caching.ClusterCache:
         app = immutant_app()
         apps.append(app)
-        return caching.registry(app).instance("peer", mode=MODE, ttl=default_timeout or None,
+        return registry_for(app).instance("peer", mode=MODE, ttl=default_timeout or None,
                                              key_prefix=key_prefix or "",
                                              ignore_delete_many_errors=ignore_delete_many_errors)
 
