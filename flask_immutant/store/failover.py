@@ -49,7 +49,7 @@ class InterruptibleConnection(SentinelManagedConnection):
     primary is answered by the promoted replica)."""
 
     def connect_to(self, address: tuple[str, int]) -> None:
-        super().connect_to(address)
+        super().connect_to(address)  # type: ignore[no-untyped-call]  # redis-py's is unannotated
         with _lock:
             _connections.add(self)
 
@@ -57,8 +57,8 @@ class InterruptibleConnection(SentinelManagedConnection):
         """Reconnect through the Sentinels. redis-py 8 reconnects a connection that a command's
         retry disconnected at its last address (``connect_check_health``), the lost primary's."""
         if self._sock is None:
-            self.connect()
-        super().send_packed_command(command, check_health)
+            self.connect()  # type: ignore[no-untyped-call]  # redis-py's is unannotated
+        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]  # as above
 
     def interrupt(self) -> None:
         """Shut the socket down: a read waiting on it ends, its owner reconnects."""
