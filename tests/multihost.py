@@ -250,7 +250,7 @@ class SentinelStore:
                 f"sentinel failover-timeout {SERVICE} 5000\n"
                 f"sentinel parallel-syncs {SERVICE} 2\n")
             self.procs[name] = host.popen([redis_server(), str(config), "--sentinel"], "sentinel.log")
-        wait_until(lambda: self.replicas_of(first) == 2, timeout=20, message="two replicas attached")
+        wait_until(lambda: self.replicas_of(first) == 2, timeout=20, message="two replicas attached and acknowledging")
         wait_until(lambda: self.primary() == first, timeout=20, message="Sentinels agree on the primary")
 
     def wait_ready(self) -> None:
@@ -291,11 +291,16 @@ class SentinelStore:
     def replicas_of(self, host: Host) -> int:
         client = self.client(host)
         try:
-            return int(client.info("replication")["connected_slaves"])
+            info = client.info("replication")
         except redis.RedisError:
             return 0
         finally:
             client.close()
+        # Replicas done with their first sync (Valkey and Redis 7 delay a diskless one by 5 s, and
+        # count the replica as connected meanwhile), and fresh enough for min-replicas-to-write.
+        online = sum(1 for key, value in info.items()
+                     if key.startswith("slave") and isinstance(value, dict) and value.get("state") == "online")
+        return min(online, int(info.get("min_slaves_good_slaves", online)))
 
     def primary(self) -> Host | None:
         """The primary the Sentinels reachable from here agree on (``None``: none yet)."""
@@ -404,6 +409,13 @@ class Cluster:
         except redis.RedisError:
             return None
         return str(json.loads(raw)["node"]) if raw else None
+
+    def acquired(self, host: str) -> float:
+        """When ``host``'s node acquired the daemon's lease it holds now (the lease's ``since``)."""
+        raw = self.client.get(self.keys.lease(f"daemon:{DAEMON}"))
+        lease = json.loads(raw) if raw else {}
+        assert lease.get("node") == host, f"{host} does not hold the daemon's lease: {lease}"
+        return float(lease["since"])
 
     def effects(self) -> list[tuple[int, float, str]]:
         """Every effect of the fenced daemon: (fencing token, time, host), in time order."""

@@ -222,3 +222,51 @@ def test_the_record_belongs_to_the_current_holder_after_a_frozen_holder_resumes(
     assert (raw["node"], raw["fencing_token"], raw["last_error"]) == (survivor, second.fence, None)
     # And the resumed node does not take the return for a crash
     assert "returned while it should run" not in nodes[first.node].output
+
+
+def test_a_new_holder_acts_while_the_store_client_for_its_record_hangs(embedded_store, keys, tmp_path):
+    # Given a store client that hangs (its server frozen, the way a primary lost in a partition
+    # leaves a client waiting), next to a lease manager on a store that answers
+    import subprocess
+    import threading
+
+    from flask import Flask
+
+    from flask_immutant.cluster.lease import LeaseManager
+    from flask_immutant.daemons.runner import DaemonRunner, DaemonSpec
+    from flask_immutant.store.embedded import redis_server_binary
+
+    from support import free_port_base
+
+    port = free_port_base(0)
+    frozen = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stuck = redis.Redis(port=port, socket_timeout=None)
+    leases = LeaseManager(embedded_store.url, keys, "n1", ttl=2.0)
+    started, stopped = threading.Event(), threading.Event()
+    runner = None
+    try:
+        wait_until(lambda: _pings(stuck), timeout=10, message="the second redis-server answers")
+        os.kill(frozen.pid, signal.SIGSTOP)
+        spec = DaemonSpec("hung-record", lambda: started.set() or stopped.wait(30), stopped.set, singleton=True)
+        runner = DaemonRunner(spec, Flask(__name__), "n1", keys, stuck, leases, "daemon:hung-record")
+        # When it acquires the daemon's lease
+        runner.activate()
+        # Then the daemon runs at once, without waiting for its status record to be written
+        wait_until(started.is_set, timeout=within(5), message="the daemon started while its record hangs")
+    finally:
+        stopped.set()
+        os.kill(frozen.pid, signal.SIGCONT)
+        frozen.kill()
+        frozen.wait()
+        if runner is not None:
+            runner.shutdown()
+        leases.close()
+        stuck.close()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False

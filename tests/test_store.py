@@ -194,7 +194,8 @@ def test_sentinel_url_finds_the_master(redis_server, tmp_path):
         direct = redis.Redis(port=port, password=password, db=3)
         assert direct.get("via-sentinel") == b"1"
         direct.close()
-        assert len(probe.client_list()) == before + 1  # it asked the Sentinel
+        # (it asked the Sentinel, and listens there for failovers)
+        wait_until(lambda: len(probe.client_list()) == before + 2, timeout=5, message="two Sentinel connections")
         # And closing it closes its connection to the Sentinel too
         client.close()
         wait_until(lambda: len(probe.client_list()) == before, timeout=5, message="the Sentinel connection closed")
@@ -202,6 +203,73 @@ def test_sentinel_url_finds_the_master(redis_server, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_command_waiting_on_a_lost_primary_goes_to_the_promoted_replica(tmp_path):
+    # Given a primary, its replica and a Sentinel, and a client that never gives up on a reply
+    import threading
+
+    primary_port, replica_port, sentinel_port = (free_port_base(0) for _ in range(3))
+    def server(port: int, *args: str) -> subprocess.Popen[bytes]:
+        folder = tmp_path / str(port)
+        folder.mkdir()
+        return subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--dir", str(folder), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    procs = [server(primary_port), server(replica_port, "--replicaof", "127.0.0.1", str(primary_port))]
+    client = None
+    try:
+        replica = redis.Redis(port=replica_port)
+        wait_until(lambda: _replicating(replica), timeout=20, message="the replica is in sync")
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                        f"sentinel monitor mymaster 127.0.0.1 {primary_port} 1\n"
+                        "sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n")
+        procs.append(subprocess.Popen([redis_server_binary(), str(conf), "--sentinel"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        sentinel = redis.Redis(port=sentinel_port)
+        wait_until(lambda: _knows_replicas(sentinel), timeout=20, message="the Sentinel knows the replica")
+        client = client_from_url(f"redis+sentinel://127.0.0.1:{sentinel_port}/mymaster", socket_timeout=None)
+        client.set("k", "1")
+        # When the primary stops answering (frozen, as a partition leaves it) with a command in flight
+        os.kill(procs[0].pid, signal.SIGSTOP)
+        replies: list[object] = []
+
+        def incr() -> None:
+            try:
+                replies.append(client.incr("k"))
+            except Exception as exc:
+                replies.append(exc)
+
+        waiting = threading.Thread(target=incr, daemon=True)
+        waiting.start()
+        # Then the Sentinel promotes the replica, and the command is answered there
+        wait_until(lambda: replies, timeout=30, message="the command in flight is answered after the promotion")
+        assert replies == [2] and replica.get("k") == b"2"
+        assert replica.info("replication")["role"] == "master"
+        replica.close()
+        sentinel.close()
+    finally:
+        os.kill(procs[0].pid, signal.SIGCONT)
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        if client is not None:
+            client.close()
+
+
+def _replicating(replica: redis.Redis) -> bool:
+    try:
+        return replica.info("replication").get("master_link_status") == "up"
+    except redis.RedisError:
+        return False
+
+
+def _knows_replicas(sentinel: redis.Redis) -> bool:
+    try:
+        return len(sentinel.execute_command("SENTINEL", "replicas", "mymaster")) == 1
+    except redis.RedisError:
+        return False
 
 
 def test_passwords_are_masked_in_descriptions():

@@ -15,6 +15,7 @@ import redis
 
 from .. import lua
 from ..cluster.lease import SAFETY_MARGIN, LeaseKeeper
+from ..loops import Loop
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -30,6 +31,10 @@ RESTART_BACKOFF = (0.5, 10.0)
 FAILURES_BEFORE_STEPPING_ASIDE = 3
 #: How long a node that stepped aside stays out of the contest, in failure timeouts.
 STEP_ASIDE_TIMEOUTS = 5
+#: Seconds between tries of a status record the store refused or did not answer.
+RECORD_RETRY = 0.5
+#: Seconds a stopping daemon waits for its last record ("stopped") to be written.
+RECORD_FLUSH = 1.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ class DaemonRunner:
         self._keeper: LeaseKeeper | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._record_script = lua.script(store, "daemon_record")
+        self._records = RecordWriter(store, keys.daemons, self.record_field, spec.name)
 
     @property
     def record_field(self) -> str:
@@ -108,6 +113,7 @@ class DaemonRunner:
         else:
             self._end()
         self._write_record("stopped")
+        self._records.close(RECORD_FLUSH)
 
     # --- lease callbacks (keeper thread) ---
 
@@ -181,6 +187,7 @@ class DaemonRunner:
             log.exception("daemon %s: stop function failed", self.spec.name)
 
     def _write_record(self, state: str, context: DaemonContext | None = None, error: str | None = None) -> None:
+        """Hand the record to the writer; never waits on the store (see :class:`RecordWriter`)."""
         fence = context.fence if context else None
         if context is not None and not context.valid():
             return  # no longer the holder: the record is the new holder's to write
@@ -189,9 +196,57 @@ class DaemonRunner:
             "state": state, "since": time.time(), "fencing_token": fence, "restarts": self.restarts,
             "last_error": error,
         }
-        try:
-            self._record_script(keys=[self.keys.daemons],
-                                args=[self.record_field, json.dumps(record), "" if fence is None else fence,
-                                      f"{self.node}:{os.getpid()}"])
-        except redis.RedisError as exc:
-            log.debug("daemon %s: status record not written: %s", self.spec.name, exc)
+        self._records.post(record, context.valid if context is not None else None)
+
+
+class RecordWriter:
+    """Writes one daemon's status records, latest first, on a thread of its own.
+
+    A holder must act as soon as its lease is confirmed: writing "running" first, on the runtime's
+    general store client, held a new holder back 14-21 s while that client still waited on a
+    primary lost in a partition. Only the latest record matters; one the store did not take is
+    tried again until a newer one replaces it or its holder's lease is gone.
+    """
+
+    def __init__(self, store: redis.Redis, key: str, field: str, daemon: str) -> None:
+        self.key = key
+        self.field = field
+        self._script = lua.script(store, "daemon_record")
+        self._pending: tuple[dict[str, Any], Callable[[], bool] | None] | None = None
+        self._lock = threading.Lock()
+        self._written = threading.Event()
+        self._loop = Loop(f"daemon-record-{daemon}", self._write, 60.0).start()
+
+    def post(self, record: dict[str, Any], still_holder: Callable[[], bool] | None = None) -> None:
+        """Write ``record`` soon, unless ``still_holder()`` is false by then."""
+        with self._lock:
+            self._pending = (record, still_holder)
+            self._written.clear()
+        self._loop.wake()
+
+    def close(self, flush: float) -> None:
+        """Wait up to ``flush`` seconds for the last record, then stop."""
+        self._written.wait(flush)
+        self._loop.stop(timeout=flush)
+
+    def _write(self) -> float | None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        record, still_holder = pending
+        if still_holder is None or still_holder():
+            fence = record["fencing_token"]
+            try:
+                self._script(keys=[self.key], args=[self.field, json.dumps(record), "" if fence is None else fence,
+                                                    f"{record['node']}:{record['pid']}"])
+            except redis.RedisError as exc:
+                log.debug("daemon %s: status record not written yet: %s", record["name"], exc)
+                with self._lock:
+                    if self._pending is None:
+                        self._pending = pending
+                return RECORD_RETRY
+        with self._lock:
+            if self._pending is None:
+                self._written.set()
+        return None

@@ -62,7 +62,9 @@ def wait_for_wake_token(client: redis.Redis, wake: str, timeout: float) -> None:
 #: Seconds between PINGs of a consumer waiting for the store to come back.
 RESUME_POLL = 0.05
 #: Pause before a consumer that failed again soon after resuming resumes again: first, cap (s).
-RESUME_BACKOFF = (0.05, 1.0)
+#: The cap bounds how late consumers come back after a promoted primary refused writes for a while
+#: (``min-replicas-to-write`` until the other replica re-attached): 1 s made it 1 s.
+RESUME_BACKOFF = (0.05, 0.25)
 
 
 @functools.cache

@@ -18,6 +18,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from ..errors import StoreUnavailableError
+from . import failover
 from .embedded import EmbeddedStore
 
 #: Seconds to wait for a reply before calling the store unreachable.
@@ -59,19 +60,25 @@ def _sentinel_client(url: str, **options: Any) -> redis.Redis:
     auth = {"username": unquote(username) or None, "password": unquote(password) or None}
     if parts.scheme.startswith("rediss"):
         options["ssl"] = True
-    sentinel = Sentinel(hosts, sentinel_kwargs={**auth, **_timeouts(options)}, **auth, **options)
+    sentinel_kwargs = {**auth, **_timeouts(options)}
+    options["connection_class"] = failover.InterruptibleSSLConnection if options.get("ssl") else \
+        failover.InterruptibleConnection
+    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **auth, **options)
     client: SentinelManagedRedis = sentinel.master_for(service, db=db, redis_class=SentinelManagedRedis)
     client.sentinel_manager = sentinel
+    failover.watch(client.connection_pool, hosts, service, sentinel_kwargs)
     return client
 
 
 class SentinelManagedRedis(redis.Redis):
-    """A client of the primary a Sentinel names. redis-py's ``close()`` leaves the connections
+    """A client of the primary a Sentinel names, whose connections are dropped as soon as the
+    Sentinels announce a new primary (failover.py). redis-py's ``close()`` leaves the connections
     to the Sentinels open (one per Sentinel asked); this one closes them too."""
 
     sentinel_manager: Sentinel | None = None
 
     def close(self) -> None:
+        failover.unwatch(self.connection_pool)
         super().close()
         if self.sentinel_manager is not None:
             for client in self.sentinel_manager.sentinels:
