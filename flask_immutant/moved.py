@@ -9,14 +9,27 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from typing import Any
 
 
-def moved_attribute(module: str, name: str, moved: dict[str, str]) -> object:
+def moved_attribute(module: str, name: str, moved: dict[str, str], stacklevel: int = 3) -> object:
     """For a package's ``__getattr__``: ``moved`` maps an old public name to ``"module.attribute"``."""
     target = moved.get(name)
     if target is None:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
     home, _, attribute = target.rpartition(".")
     warnings.warn(f"{module}.{name} is internal and no longer public: import it from {home} "
-                  "(it may change without notice)", DeprecationWarning, stacklevel=3)
+                  "(it may change without notice)", DeprecationWarning, stacklevel=stacklevel)
     return getattr(importlib.import_module(home), attribute)
+
+
+def lazy_or_moved(package: str, namespace: dict[str, Any], name: str, lazy: dict[str, str],
+                  moved: dict[str, str]) -> Any:
+    """A package's ``__getattr__`` (PEP 562): a public name of ``lazy`` (name -> relative module) is
+    imported on first use and kept in ``namespace``, so a CLI command never loads the feature's
+    libraries it does not run; any other name is looked up in ``moved``."""
+    if name in lazy:
+        value = getattr(importlib.import_module(lazy[name], package), name)
+        namespace[name] = value
+        return value
+    return moved_attribute(package, name, moved, stacklevel=4)

@@ -7,10 +7,9 @@ in the cluster store; ``invalidated`` adds a near cache in each process kept coh
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..moved import moved_attribute
+from ..moved import lazy_or_moved
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -32,13 +31,8 @@ MOVED = {
 }
 
 
-def __getattr__(name: str) -> object:
-    """A public name of ``_LAZY`` on first use (PEP 562), else a moved internal (with a warning)."""
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    return moved_attribute(__name__, name, MOVED)
+def __getattr__(name: str) -> Any:
+    return lazy_or_moved(__name__, globals(), name, _LAZY, MOVED)
 
 
 def cache(

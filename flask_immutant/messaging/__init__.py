@@ -17,14 +17,13 @@ see docs/messaging.md.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ImmutantConfigError
 from ..extension import FEATURE_FLAGS
 from ..extension import declare as _declare
-from ..moved import moved_attribute
+from ..moved import lazy_or_moved
 from .errors import EncodeError, MalformedMessage, MessagingError, RemoteError, RequestTimeout
 
 if TYPE_CHECKING:
@@ -45,12 +44,7 @@ MOVED = {"Messaging": "flask_immutant.messaging.core.Messaging"}
 
 
 def __getattr__(name: str) -> Any:
-    """A public name of ``_LAZY`` on first use (PEP 562), else a moved internal (with a warning)."""
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    return moved_attribute(__name__, name, MOVED)
+    return lazy_or_moved(__name__, globals(), name, _LAZY, MOVED)
 
 
 class MessagingSwitchedOff(ImmutantConfigError, MessagingError):

@@ -9,13 +9,12 @@ time, a job is stored and started once the app runtime starts.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..extension import declare as _declare
 from ..extension import get_state, require_feature, with_context
-from ..moved import moved_attribute
+from ..moved import lazy_or_moved
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -29,12 +28,7 @@ MOVED = {"JobSpec": "flask_immutant.scheduling.spec.JobSpec"}
 
 
 def __getattr__(name: str) -> Any:
-    """A name of ``_LAZY`` on first use (PEP 562), else a moved internal (with a warning)."""
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    return moved_attribute(__name__, name, MOVED)
+    return lazy_or_moved(__name__, globals(), name, _LAZY, MOVED)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
