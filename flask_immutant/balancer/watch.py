@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import redis
 
 from ..keys import Keys
 from ..loops import Loop
-from ..store import close_quietly
+from ..store.connect import Subscription
 from .registry import Backend, routing_table
 
 log = logging.getLogger("flask_immutant.balancer")
@@ -40,9 +39,9 @@ class TableWatcher:
         self.on_tick = on_tick
         self.poll = poll
         self.table: Table = {}
-        self._pubsub: Any = None
+        self._subscription = Subscription(self.store, self.keys.contexts_changed)
         self._table_loop = Loop("balancer-table", self._tick, poll, wait_first=True)
-        self._events = Loop("balancer-events", self._listen, 0.0, on_error=self._drop_subscription)
+        self._events = Loop("balancer-events", self._listen, 0.0, on_error=self._subscription.drop)
 
     def start(self) -> None:
         self._table_loop.start()
@@ -51,7 +50,7 @@ class TableWatcher:
     def stop(self) -> None:
         self._events.stop(2)
         self._table_loop.stop(2)
-        self._drop_subscription()
+        self._subscription.drop()
 
     def refresh(self) -> Table:
         """Read the table now (also used once before serving, then every poll or change notice).
@@ -67,14 +66,7 @@ class TableWatcher:
 
     def _listen(self) -> float:
         """Wake the table loop when a context changes (it polls anyway)."""
-        if self._pubsub is None:
-            self._pubsub = self.store.pubsub(ignore_subscribe_messages=True)
-            self._pubsub.subscribe(self.keys.contexts_changed)
-        if self._pubsub.get_message(timeout=0.5) is not None:
+        if self._subscription.get_message(timeout=0.5) is not None:
             self._table_loop.wake()
         return 0.0
 
-    def _drop_subscription(self, _exc: BaseException | None = None) -> None:
-        if self._pubsub is not None:
-            close_quietly(self._pubsub)
-        self._pubsub = None

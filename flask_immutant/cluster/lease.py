@@ -35,7 +35,7 @@ from .. import lua
 from ..keys import Keys
 from ..loops import Loop
 from ..records import MALFORMED, from_json, warn
-from ..store.connect import close_quietly
+from ..store.connect import Subscription
 
 if TYPE_CHECKING:
     from ..extension import ImmutantState
@@ -233,8 +233,8 @@ class LeaseManager:
                                      retry=Retry(NoBackoff(), 0))
         self.scripts = {name: lua.script(self.store, f"lease_{name}") for name in ("acquire", "renew", "release")}
         self._keepers: list[LeaseKeeper] = []
-        self._pubsub: Any = None
-        self._listener = Loop("lease-wakeup", self._listen, 0.0, on_error=self._drop_subscription).start()
+        self._subscription = Subscription(self.store, self.keys.lease_released)
+        self._listener = Loop("lease-wakeup", self._listen, 0.0, on_error=self._subscription.drop).start()
 
     def keeper(self, name: str, on_acquired: Callable[[int], None], on_lost: Callable[[], None]) -> LeaseKeeper:
         keeper = LeaseKeeper(self, name, on_acquired, on_lost)
@@ -266,26 +266,18 @@ class LeaseManager:
         for keeper in list(self._keepers):
             keeper.stop()
         self._listener.stop(timeout=2)
-        self._drop_subscription()
+        self._subscription.drop()
         self.store.close()
 
     def _listen(self) -> float:
         """Wake the keepers of a lease just released (they poll anyway)."""
-        if self._pubsub is None:
-            self._pubsub = self.store.pubsub(ignore_subscribe_messages=True)
-            self._pubsub.subscribe(self.keys.lease_released)
-        message = self._pubsub.get_message(timeout=0.2)
+        message = self._subscription.get_message(timeout=0.2)
         if message and message.get("type") == "message":
             name = message["data"].decode(errors="replace") if isinstance(message["data"], bytes) else message["data"]
             for keeper in self._keepers:
                 if keeper.name == name and not keeper.held:
                     keeper.wake()
         return 0.0
-
-    def _drop_subscription(self, _exc: BaseException | None = None) -> None:
-        if self._pubsub is not None:
-            close_quietly(self._pubsub)
-        self._pubsub = None
 
 
 def lease_manager(state: ImmutantState) -> LeaseManager:

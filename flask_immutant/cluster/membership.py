@@ -27,7 +27,7 @@ from ..errors import NodeStartError
 from ..keys import Keys
 from ..loops import Loop
 from ..records import check_types, from_json, hash_of, read_records, warn
-from ..store.connect import close_quietly
+from ..store.connect import Subscription
 from ..store.outage import Recovery
 from .identity import NodeIdentity
 
@@ -196,7 +196,7 @@ class Membership:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._loops: list[Loop] = []
-        self._pubsub: Any = None
+        self._subscription = Subscription(self.store, self.keys.events)
         self._claimed = True
         self._scripts = {name: lua.script(store, f"member_{name}") for name in ("claim", "heartbeat", "leave", "reap")}
 
@@ -225,7 +225,7 @@ class Membership:
         self._loops = [
             Loop("heartbeat", self._heartbeat, self.interval, wait_first=True, stop_event=self._stop,
                  backoff_cap=self.interval).start(),
-            Loop("membership", self._watch, 0.0, on_error=self._drop_subscription, stop_event=self._stop).start(),
+            Loop("membership", self._watch, 0.0, on_error=self._subscription.drop, stop_event=self._stop).start(),
         ]
 
     def leave(self) -> None:
@@ -233,7 +233,7 @@ class Membership:
         self._wake.set()
         for loop in self._loops:
             loop.stop(timeout=self.failure_timeout)
-        self._drop_subscription()
+        self._subscription.drop()
         try:
             self._scripts["leave"](keys=self._member_keys(), args=[self.token, self.me.name])
         except redis.RedisError as exc:
@@ -271,10 +271,7 @@ class Membership:
 
     def _watch(self) -> float:
         """Poll the members, then wait for an event, a wake or the heartbeat interval."""
-        if self._pubsub is None:
-            self._pubsub = self.store.pubsub(ignore_subscribe_messages=True)
-            self._pubsub.subscribe(self.keys.events)
-        pubsub = self._pubsub
+        pubsub = self._subscription.open()
         self._poll(pubsub)
         deadline = time.monotonic() + self.interval
         while not self._stop.is_set() and not self._wake.is_set():
@@ -287,11 +284,6 @@ class Membership:
                 break
         self._wake.clear()
         return 0.0
-
-    def _drop_subscription(self, _exc: BaseException | None = None) -> None:
-        if self._pubsub is not None:
-            close_quietly(self._pubsub)
-        self._pubsub = None
 
     def _note_event(self, raw: bytes | str) -> None:
         try:

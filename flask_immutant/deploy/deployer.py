@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -25,7 +25,7 @@ from ..extension import DEPLOYMENT_ENV
 from ..loops import Loop
 from ..server.node import READY_TIMEOUT, AppTarget, RuntimeProcess
 from ..server.runtime import EXIT_APP_FAILED
-from ..store import close_quietly
+from ..store.connect import Subscription
 from . import archive
 from .marks import HighWaterMarks
 from .records import Deployment, DeploymentError
@@ -71,8 +71,8 @@ class Deployer:
             node.identity.data_dir / f"deployment-marks.{node.settings['IMMUTANT_CLUSTER']}.json")
         self._wake = threading.Event()
         self._lock = threading.Lock()
-        self._pubsub: Any = None
-        self._loop = Loop("deployer", self._step, 0.0, on_error=self._drop_subscription)
+        self._subscription = Subscription(store.store, store.keys.deployments_changed)
+        self._loop = Loop("deployer", self._step, 0.0, on_error=self._subscription.drop)
         self._stop = self._loop.stopping
 
     @property
@@ -86,7 +86,7 @@ class Deployer:
         """Node shutdown: stop every deployment's runtime, in parallel, within the shutdown timeout."""
         self._wake.set()
         self._loop.stop(timeout=READY_TIMEOUT)
-        self._drop_subscription()
+        self._subscription.drop()
         timeout = self.node.settings["IMMUTANT_SHUTDOWN_TIMEOUT"]
         with self._lock:
             running, self.running = list(self.running.values()), {}
@@ -103,21 +103,14 @@ class Deployer:
 
     def _step(self) -> float:
         """Reconcile, then wait for a change notice, a wake or the poll interval."""
-        if self._pubsub is None:
-            self._pubsub = self.store.store.pubsub(ignore_subscribe_messages=True)
-            self._pubsub.subscribe(self.store.keys.deployments_changed)
+        self._subscription.open()  # subscribe before reading, so no change notice is missed
         self.reconcile()
         deadline = time.monotonic() + POLL_INTERVAL
         while not self._stop.is_set() and not self._wake.is_set() and time.monotonic() < deadline:
-            if self._pubsub.get_message(timeout=0.1):
+            if self._subscription.get_message(timeout=0.1):
                 break
         self._wake.clear()
         return 0.0
-
-    def _drop_subscription(self, _exc: BaseException | None = None) -> None:
-        if self._pubsub is not None:
-            close_quietly(self._pubsub)
-        self._pubsub = None
 
     def reconcile(self) -> None:
         wanted = self.store.all()

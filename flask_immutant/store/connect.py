@@ -106,6 +106,36 @@ def close_quietly(connection: Any) -> None:
         connection.close()
 
 
+class Subscription:
+    """The pub/sub subscription of a background loop: opened on first use, dropped after an error
+    (pass :meth:`drop` as the ``Loop``'s ``on_error``) and opened again by the next step."""
+
+    def __init__(self, store: redis.Redis, *channels: str) -> None:
+        self.store = store
+        self.channels = channels
+        self._pubsub: Any = None
+
+    def open(self) -> Any:
+        """The pub/sub connection, subscribing first if there is none."""
+        if self._pubsub is None:
+            pubsub = self.store.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(*self.channels)
+            except BaseException:
+                close_quietly(pubsub)
+                raise
+            self._pubsub = pubsub
+        return self._pubsub
+
+    def get_message(self, timeout: float) -> Any:
+        return self.open().get_message(timeout=timeout)
+
+    def drop(self, _exc: BaseException | None = None) -> None:
+        if self._pubsub is not None:
+            close_quietly(self._pubsub)
+        self._pubsub = None
+
+
 def describe_url(url: str) -> str:
     """``url`` with any password masked, for logs and the first line of ``run``."""
     parts = urlsplit(url)
