@@ -69,6 +69,9 @@ def close_tracked_stores() -> Iterator[None]:
     yield
     while TRACKED_APPS:
         state = TRACKED_APPS.pop().extensions.get("immutant")
+        sessions = state.features.get("sessions") if state is not None else None
+        if sessions is not None:
+            sessions.close()  # the near cache's tracking thread
         if state is not None and "store" in vars(state):
             state.store.close()
 

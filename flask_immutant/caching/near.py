@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import threading
 import time
 from collections import OrderedDict
@@ -113,16 +114,28 @@ class NearCache:
 
 
 class Tracker:
-    """The thread that holds the tracking connection of one cache and applies its invalidations."""
+    """The thread that holds one tracking connection (``CLIENT TRACKING ... BCAST PREFIX prefix``)
+    and applies its invalidations to ``near``. The caches of mode ``invalidated`` and the session
+    near cache (``web/near.py``) each run one."""
 
-    def __init__(self, cache: InvalidatedCache) -> None:
-        self.cache = cache
-        self.near = cache.near
+    def __init__(self, name: str, client: Callable[[], redis.Redis], prefix: str, near: NearCache,
+                 on_subscribed: Callable[[], None] | None = None) -> None:
+        self.name = name
+        self.client = client
+        self.prefix = prefix
+        self.near = near
+        self.on_subscribed = on_subscribed
         self.stopping = threading.Event()
         self.subscribed = threading.Event()
-        self._loop = Loop(f"cache-{cache.name}", self._track, 0.0, on_error=self._lost, stop_event=self.stopping,
+        self._loop = Loop(name, self._track, 0.0, on_error=self._lost, stop_event=self.stopping,
                           backoff_cap=RECONNECT_MAX)
         self._conn: Any = None
+        #: The tracking connection's ``CLIENT ID`` on the server (None until connected).
+        self.client_id: int | None = None
+        self._fd = -1
+        # True from the moment the thread may have taken bytes off the socket until it has applied
+        # them and found nothing more to read (see ``settled``).
+        self._reading = True
 
     def start(self) -> None:
         self._loop.start()
@@ -132,6 +145,24 @@ class Tracker:
         self.near.flush(healthy=False)
         self._loop.stop(timeout)
 
+    def settled(self) -> bool:
+        """True when no invalidation is waiting to be applied: none unread on the connection and
+        none read but not yet applied. Redis writes a key's invalidation to this connection before
+        it answers the write, so on one machine (loopback or a unix socket, where the bytes are in
+        our socket when Redis's ``write`` returns) a write that has returned anywhere is either
+        applied already or makes this False. Check it *before* looking a key up in the near cache."""
+        fd = self._fd
+        if fd < 0:
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        try:
+            if poller.poll(0):  # readable, hung up or closed: not settled either way
+                return False
+        except OSError:
+            return False
+        return not self._reading
+
     def _lost(self, exc: BaseException) -> None:
         """Tracking broke: bypass the near cache until it is back (the loop logs and retries)."""
         self.subscribed.clear()
@@ -139,36 +170,48 @@ class Tracker:
         self._disconnect()
 
     def _disconnect(self) -> None:
+        self._fd = -1
+        self._reading = True
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.disconnect()
             self._conn = None
 
     def _track(self) -> None:
-        pool: Any = self.cache.client.connection_pool
+        pool: Any = self.client().connection_pool
         # RESP2 on purpose: invalidations arrive as ordinary pub/sub messages of the redirect
         # target; our own PINGs replace the health check, which subscribed mode does not answer.
         conn: Any = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2, "health_check_interval": 0})
         self._conn = conn
+        self._reading = True
         conn.connect()
         conn.send_command("CLIENT", "ID")
-        client_id = conn.read_response()
-        conn.send_command("CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX", self.cache.prefix)
+        self.client_id = client_id = conn.read_response()
+        conn.send_command("CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX", self.prefix)
         conn.read_response()
         conn.send_command("SUBSCRIBE", INVALIDATE_CHANNEL)
         conn.read_response()
+        # redis-py keeps its socket in ``_sock`` (no public accessor); waiting on it with poll()
+        # rather than ``can_read`` leaves unread bytes visible to ``settled``.
+        self._fd = conn._sock.fileno()
+        waiter = select.poll()
+        waiter.register(self._fd, select.POLLIN | select.POLLPRI)
         self.near.flush(healthy=True)
         self.subscribed.set()
         self._loop.mark_healthy()
-        self.cache.breaker.success()
-        log.debug("cache %s: tracking %s* as client %s", self.cache.name, self.cache.prefix, client_id)
+        if self.on_subscribed is not None:
+            self.on_subscribed()
+        log.debug("tracking %s: %s* as client %s", self.name, self.prefix, client_id)
         last_ping = time.monotonic()
         awaiting_pong = False
         while not self.stopping.is_set():
-            if conn.can_read(timeout=HEARTBEAT / 4):
+            while conn.can_read(timeout=0):  # everything buffered or readable now, while marked reading
                 self._handle(conn.read_response())
-                if awaiting_pong and self._pong:
-                    awaiting_pong = self._pong = False
+            self._reading = False
+            if waiter.poll(HEARTBEAT / 4 * 1000):
+                self._reading = True  # before a byte leaves the socket
+            if awaiting_pong and self._pong:
+                awaiting_pong = self._pong = False
             now = time.monotonic()
             if awaiting_pong and now - last_ping > HEARTBEAT:
                 raise redis.TimeoutError(f"no reply to a heartbeat within {HEARTBEAT}s")
@@ -216,7 +259,8 @@ class InvalidatedCache(SharedCache):
         if tracker is None:
             with self._tracker_lock:
                 if self._tracker is None:
-                    self._tracker = Tracker(self)
+                    self._tracker = Tracker(f"cache-{self.name}", lambda: self.client, self.prefix, self.near,
+                                            on_subscribed=self.breaker.success)
                     self._tracker.start()
                 tracker = self._tracker
         return tracker
