@@ -9,7 +9,7 @@ What changes from Flask-Session 0.8's ``RedisSessionInterface``:
   needed). Expiry still slides: the read also asks for the remaining lifetime, and the expiry is
   pushed back when it has slid by more than ``SLIDE_GRANULARITY`` of the lifetime.
 - **Lost updates (opt-in).** ``IMMUTANT_SESSION_MERGE = True`` writes only the fields a request
-  changed or removed (``session_merge.lua``), so concurrent requests changing different keys
+  changed or removed (``sessions_merge.lua``), so concurrent requests changing different keys
   both keep their change. Off, a changed session is replaced whole, last writer wins.
 - **No round trip for a hot session** (``IMMUTANT_SESSION_NEAR_ENTRIES``): an unchanged session
   read recently in this process is served from a near copy kept coherent by Redis client
@@ -280,7 +280,7 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
                removed: list[str], lifetime_ms: int) -> bool:
         if self.merge:
             if self._merge_script is None:
-                self._merge_script = lua.script(self.client, "session_merge")
+                self._merge_script = lua.script(self.client, "web/sessions_merge")
             args: list[Any] = [lifetime_ms, "1" if session.loaded else "0", len(changed)]
             for key, raw in changed.items():
                 args += [key, raw]
