@@ -9,7 +9,9 @@ docs/caching.md explains the choice over application-level pub/sub and over redi
 RESP3 cache.
 
 Reads that miss the near cache fill it only if no invalidation of that key arrived while the
-read was in flight (the "caching in progress" race). While the tracking connection is down, the
+read was in flight (the "caching in progress" race). (The session near cache also checks
+``Tracker.settled`` before each near read; a cache does not: the check is a system call, which
+would more than double the cost of a near hit.) While the tracking connection is down, the
 near cache is empty and bypassed; a heartbeat PING detects a silent connection within
 ``HEARTBEAT`` seconds.
 """
@@ -133,6 +135,7 @@ class Tracker:
         #: The tracking connection's ``CLIENT ID`` on the server (None until connected).
         self.client_id: int | None = None
         self._fd = -1
+        self._pollers = threading.local()
         # True from the moment the thread may have taken bytes off the socket until it has applied
         # them and found nothing more to read (see ``settled``).
         self._reading = True
@@ -154,8 +157,12 @@ class Tracker:
         fd = self._fd
         if fd < 0:
             return False
-        poller = select.poll()
-        poller.register(fd, select.POLLIN | select.POLLPRI)
+        mine = self._pollers  # one poll object per thread: a poll object refuses concurrent use
+        poller = getattr(mine, "poller", None)
+        if poller is None or mine.fd != fd:
+            poller = mine.poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLPRI)
+            mine.fd = fd
         try:
             if poller.poll(0):  # readable, hung up or closed: not settled either way
                 return False
