@@ -8,6 +8,7 @@ cluster store, so the rest of the feature is the same on either.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -145,17 +146,16 @@ class RedisBackend(Backend):
         """One script call (one round trip) for the whole batch: written whole, in order."""
         keys: list[str] = []
         args: list[Any] = [self.namespace]
-        from dramatiq.common import current_millis, dq_name  # Dramatiq loads when messaging is used
-        from dramatiq.message import get_encoder
-
+        current_millis, dq_name, get_encoder = _dramatiq_helpers()
         encode = get_encoder().encode
+        uuid4 = uuid.uuid4
         for targets, dedupe in batch:
             if dedupe:
                 keys.append(dedupe[0])
             args.append(f"{dedupe[1] if dedupe else 0} {len(targets)}")
             for target in targets:
                 message = target.message
-                redis_id = str(uuid.uuid4())
+                redis_id = str(uuid4())
                 options = {**message.options, "redis_message_id": redis_id}
                 queue = message.queue_name
                 if target.delay is not None:
@@ -317,6 +317,16 @@ class RabbitmqBackend(Backend):
 
     def describe(self) -> str:
         return "rabbitmq"
+
+
+@functools.cache
+def _dramatiq_helpers() -> tuple[Any, Any, Any]:
+    """Dramatiq's ``current_millis``, ``dq_name`` and ``get_encoder``, imported on first publish
+    (Dramatiq loads when messaging is used), then looked up once, not per publish."""
+    from dramatiq.common import current_millis, dq_name
+    from dramatiq.message import get_encoder
+
+    return current_millis, dq_name, get_encoder
 
 
 def _pika_properties(priority: int | None) -> Any:
