@@ -16,6 +16,7 @@ every change of a key under the app's session prefix on a tracking connection, a
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,12 +38,15 @@ class SessionNearCache:
         self.tracker = Tracker(name, client, prefix, self.near)
         self.hits = 0
         self._started = False
+        self._start_lock = threading.Lock()
 
     def lookup(self, store_id: str) -> tuple[dict[Any, bytes], int] | None:
         """The near copy of ``store_id`` (its fields and remaining ms), or None: read the store."""
         if not self._started:
-            self._started = True
-            self.tracker.start()
+            with self._start_lock:  # the first requests may come on several threads at once
+                if not self._started:
+                    self.tracker.start()
+                    self._started = True
             return None
         if not self.tracker.settled():  # first: an invalidation read after the lookup would be missed
             return None
@@ -77,5 +81,6 @@ class SessionNearCache:
         return {"near_hits": self.hits, "near_entries": len(self.near), "tracking": self.near.healthy}
 
     def close(self) -> None:
-        if self._started:
-            self.tracker.stop()
+        with self._start_lock:
+            if self._started:
+                self.tracker.stop()
