@@ -15,9 +15,9 @@ import click
 
 from .cli import find_app, one_line_errors
 from .errors import ImmutantError
-from .extension import EXTENSION_KEY, ImmutantState
 from .hookspecs import hookimpl
 from .settings import PREFIX, pick
+from .state import EXTENSION_KEY, ImmutantState
 
 #: What each source is called in the output (``option``: this command's ``--set``).
 SOURCE_NAMES = {"default": "default", "app.config": "app.config", "environment": "environment",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import redis
@@ -12,6 +12,9 @@ from ..cli import load_state, one_line_errors
 from ..hookspecs import hookimpl
 from ..loops import read_health, report_health, stop_reporting
 from .membership import live_members
+
+if TYPE_CHECKING:
+    from ..protocols import RuntimeView
 
 
 @hookimpl(trylast=True)
@@ -30,16 +33,18 @@ def immutant_node_stopping(node: Any) -> None:
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_started(runtime: Any) -> None:
+def immutant_runtime_started(runtime: RuntimeView) -> None:
     state = runtime.state
     report_health(state.store, state.keys, state.node_name, f"runtime:{runtime.app.name}",
                   state.settings["IMMUTANT_FAILURE_TIMEOUT"])
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_stopping(runtime: Any) -> None:
+def immutant_runtime_stopping(runtime: RuntimeView) -> None:
     """After the features (called later, being registered earlier): close the leases they used."""
-    manager = runtime.state.features.pop("leases", None)
+    from .lease import LEASES
+
+    manager = runtime.state.pop(LEASES)
     if manager is not None:
         manager.close()
     stop_reporting()

@@ -17,8 +17,8 @@ from ..settings import Setting, to_bool
 from .registry import registry
 
 if TYPE_CHECKING:
-    from ..extension import ImmutantState
-    from ..server.runtime import AppRuntime
+    from ..protocols import RuntimeView
+    from ..state import ImmutantState
 
 FLAG = "IMMUTANT_DAEMONS"
 
@@ -29,13 +29,13 @@ def immutant_settings() -> list[Setting]:
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_started(runtime: AppRuntime) -> None:
-    registry(state=runtime.state).activate_all()
+def immutant_runtime_started(runtime: RuntimeView) -> None:
+    registry(runtime.app).activate_all()
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_stopping(runtime: AppRuntime) -> None:
-    registry(state=runtime.state).shutdown()
+def immutant_runtime_stopping(runtime: RuntimeView) -> None:
+    registry(runtime.app).shutdown()
 
 
 @hookimpl(trylast=True)

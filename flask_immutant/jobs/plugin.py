@@ -16,8 +16,8 @@ from ..settings import Setting, to_bool
 from .store import JobStore
 
 if TYPE_CHECKING:
-    from ..extension import ImmutantState
-    from ..server.runtime import AppRuntime
+    from ..protocols import RuntimeView
+    from ..state import ImmutantState
 
 FLAG = "IMMUTANT_JOBS"
 
@@ -28,17 +28,17 @@ def immutant_settings() -> list[Setting]:
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_started(runtime: AppRuntime) -> None:
+def immutant_runtime_started(runtime: RuntimeView) -> None:
     from .registry import registry  # here: croniter loads in a runtime, not in every CLI command
 
-    registry(state=runtime.state).activate()
+    registry(runtime.app).activate()
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_stopping(runtime: AppRuntime) -> None:
+def immutant_runtime_stopping(runtime: RuntimeView) -> None:
     from .registry import registry
 
-    registry(state=runtime.state).shutdown()
+    registry(runtime.app).shutdown()
 
 
 @hookimpl(trylast=True)

@@ -9,7 +9,6 @@ import click
 from ..cli import echoed_as_json_or_empty, load_state, one_line_errors
 from ..errors import ImmutantError
 from ..records import check_types, from_json, hash_of, json_object, read_records, required
-from .plugin import messaging_of
 from .status import queue_entries
 
 if TYPE_CHECKING:
@@ -17,6 +16,8 @@ if TYPE_CHECKING:
 
 
 def _messaging(ctx: click.Context) -> Messaging:
+    from .core import messaging_of  # here: listing queues never imports Dramatiq
+
     state, _app, _path = load_state(ctx)
     return messaging_of(state)
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast, overload
 from dramatiq import Message as DramatiqMessage
 from dramatiq.broker import Broker
 
+from ..protocols import Slot
 from ..records import from_json, hash_of, json_object, read_records
 from .backends import Backend, Target, make_backend
 from .codec import Message, envelope
@@ -31,10 +32,12 @@ from .errors import EncodeError, MessagingError, RemoteError, RequestTimeout
 from .selector import Selector, compile_selector
 
 if TYPE_CHECKING:
-    from ..extension import ImmutantState
-    from ..server.runtime import AppRuntime
+    from ..protocols import RuntimeView
+    from ..state import ImmutantState
 
 log = logging.getLogger("flask_immutant.messaging")
+#: Where an app's :class:`Messaging` is kept in its state.
+MESSAGING: Slot[Messaging] = Slot("messaging")
 
 Handler = Callable[[Any], Any]
 #: Messages per broker call of ``publish_many`` (a bigger batch is sent in several round trips, so
@@ -144,6 +147,11 @@ def _reply(raw: bytes | str) -> tuple[bool, Any]:
     if not isinstance(data, dict) or (data.get("ok") and "value" not in data):
         return False, f"a malformed reply: {str(data)[:200]!r}"
     return (True, data["value"]) if data.get("ok") else (False, data.get("error"))
+
+
+def messaging_of(state: ImmutantState) -> Messaging:
+    """The app's messaging, made on first use."""
+    return state.feature(MESSAGING, Messaging)
 
 
 class Messaging:
@@ -430,7 +438,7 @@ class Messaging:
 
     # --- runtime ---
 
-    def runtime_started(self, runtime: AppRuntime) -> None:
+    def runtime_started(self, runtime: RuntimeView) -> None:
         node = os.environ.get("IMMUTANT_NODE_NAME") or "local"
         engine = Engine(self, runtime.app, node)
         for destination in list(self.destinations.values()):
@@ -443,7 +451,7 @@ class Messaging:
             self._register(listener.destination)
             engine.bind(listener)
 
-    def runtime_stopping(self, runtime: AppRuntime) -> None:
+    def runtime_stopping(self, runtime: RuntimeView) -> None:
         with self._lock:
             engine, self.engine = self.engine, None
         if engine is not None:
