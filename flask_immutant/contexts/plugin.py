@@ -12,6 +12,7 @@ import click
 import redis
 
 from ..cli import echoed_as_json_or_empty, one_line_errors, state_and_store
+from ..cli_table import echo_table
 from ..cluster.identity import NodeIdentity
 from ..errors import ImmutantError
 from ..extension import DEPLOYMENT_ENV
@@ -198,6 +199,6 @@ def show(ctx: click.Context, as_json: bool) -> None:
         found = registry.contexts(store, state.keys)
     if echoed_as_json_or_empty([c.status() for c in found], as_json, "no contexts"):
         return
-    for c in found:
-        click.echo(f"{c.context_path:<16} {c.node:<20} {c.host}:{c.port:<6} {c.state:<9} weight={c.weight} "
-                   f"load={c.load} app={c.app}")
+    echo_table(("CONTEXT", "NODE", "ADDRESS", "STATE", "WEIGHT", "LOAD", "APP"),
+               ([c.context_path, c.node, f"{c.host}:{c.port}", c.state, c.weight, c.load, c.app] for c in found),
+               right={"WEIGHT", "LOAD"})

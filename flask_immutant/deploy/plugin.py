@@ -15,6 +15,7 @@ import redis
 
 from .. import names
 from ..cli import WAIT_SECONDS, checked_option, echoed_as_json_or_empty, load_state, one_line_errors, state_and_store
+from ..cli_table import echo_table
 from ..cluster.membership import live_members
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
@@ -261,9 +262,9 @@ def list_deployments(ctx: click.Context, as_json: bool) -> None:
             continue
         click.echo(f"{row['name']} v{row['version']} {row['context_path']} ({row['mode']}: {row['app'] or 'app'} "
                    f"in {row['root']})")
-        for node, info in sorted(row["nodes"].items()):
-            extra = f" port {info['port']}" if info.get("port") else ""
-            if info.get("balancer"):
-                extra += f" {info['balancer']['state']} weight={info['balancer']['weight']}"
-            error = f" error: {info['error']}" if info.get("error") else ""
-            click.echo(f"  {node:<20} {info['state']:<10} v{info.get('version')}{extra}{error}")
+        if row["nodes"]:
+            echo_table(("NODE", "STATE", "VERSION", "PORT", "CONTEXT STATE", "WEIGHT", "ERROR"),
+                       ([node, info["state"], f"v{info.get('version')}", info.get("port"),
+                         (info.get("balancer") or {}).get("state"), (info.get("balancer") or {}).get("weight"),
+                         info.get("error")] for node, info in sorted(row["nodes"].items())),
+                       right={"PORT", "WEIGHT"}, indent="  ")
