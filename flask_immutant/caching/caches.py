@@ -35,7 +35,7 @@ def check_name_and_mode(name: str, mode: str) -> None:
 
 
 class CacheRegistry:
-    """Kept in ``state.features["caching"]``: one cache object per name, created on first use."""
+    """Kept in the app state's ``CACHES`` slot: one cache object per name, created on first use."""
 
     def __init__(self, state: ImmutantState) -> None:
         self.state = state

@@ -1,6 +1,6 @@
 """The messaging API of one app: destinations, publish, listen, request/respond.
 
-Kept in ``state.features["messaging"]``. Calls made where the app is only imported (module level
+Kept in the app state's ``MESSAGING`` slot. Calls made where the app is only imported (module level
 of ``app.py`` in the node supervisor, a CLI command, the app runtime before it starts) register
 listeners; the app runtime starts consuming in ``immutant_runtime_started``. Calls made once the
 runtime is running (``state.runtime`` set) take effect at once. Publishing works anywhere.
@@ -155,7 +155,7 @@ def messaging_of(state: ImmutantState) -> Messaging:
 
 
 class Messaging:
-    """Messaging for one app (``state.features["messaging"]``)."""
+    """Messaging for one app (in its state's ``MESSAGING`` slot)."""
 
     def __init__(self, state: ImmutantState) -> None:
         self.state = state
