@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ..caching.breaker import CircuitBreaker
@@ -12,9 +13,8 @@ from ..settings import Setting, int_range, to_bool
 if TYPE_CHECKING:
     from flask import Flask
 
-    from ..extension import ImmutantState
-    from ..server.runtime import AppRuntime
-    from .sessions import ImmutantSessionInterface
+    from ..protocols import RuntimeView
+    from ..state import ImmutantState
 
 #: The setting that turns this feature on; off, the plugin is unregistered.
 FLAG = "IMMUTANT_SESSIONS"
@@ -44,7 +44,7 @@ def immutant_settings() -> list[Setting]:
 
 @hookimpl(trylast=True)
 def immutant_init_app(app: Flask, state: ImmutantState) -> None:
-    from .sessions import ImmutantSessionInterface, log  # here: CLI commands never import Flask-Session
+    from .sessions import SESSIONS, ImmutantSessionInterface, log  # here: CLI commands never import Flask-Session
 
     settings = state.settings
     interface = ImmutantSessionInterface(
@@ -55,19 +55,27 @@ def immutant_init_app(app: Flask, state: ImmutantState) -> None:
         near_entries=settings["IMMUTANT_SESSION_NEAR_ENTRIES"],
     )
     app.session_interface = interface
-    state.features[FEATURE] = interface
+    state.put(SESSIONS, interface)
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_stopping(runtime: AppRuntime) -> None:
-    interface: ImmutantSessionInterface | None = runtime.state.features.get(FEATURE)
+def immutant_runtime_stopping(runtime: RuntimeView) -> None:
+    if __package__ + ".sessions" not in sys.modules:  # then no app has sessions
+        return
+    from .sessions import SESSIONS
+
+    interface = runtime.state.get(SESSIONS)
     if interface is not None:
         interface.close()
 
 
 @hookimpl(trylast=True)
 def immutant_status(state: ImmutantState) -> dict[str, Any]:
-    interface: ImmutantSessionInterface | None = state.features.get(FEATURE)
+    if __package__ + ".sessions" not in sys.modules:  # then no app has sessions: never import Flask-Session for nothing
+        return {}
+    from .sessions import SESSIONS
+
+    interface = state.get(SESSIONS)
     if interface is None:
         return {}
     return {FEATURE: {
