@@ -16,6 +16,8 @@ import pluggy
 from . import plugins
 from .errors import ImmutantConfigError, NoAppError
 from .keys import Keys
+from .server.environ import DEPLOYMENT_ENV as DEPLOYMENT_ENV  # re-exported: where it was
+from .server.environ import DeploymentEnviron
 from .settings import CORE_SETTINGS, Settings, import_paths, resolve, table
 
 if TYPE_CHECKING:
@@ -31,7 +33,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXTENSION_KEY = "immutant"
 #: Set by a node for the runtime of a deployment: JSON ``{name, context_path, settings, config}``.
 #: Its ``IMMUTANT_*`` settings override the app's config (``flask immutant deploy --set``).
-DEPLOYMENT_ENV = "_IMMUTANT_DEPLOYMENT"
 
 
 class ImmutantState:
@@ -84,9 +85,9 @@ class ImmutantState:
     @cached_property
     def node_name(self) -> str:
         """This process's node name (set by the node for its app runtimes, else the default)."""
-        from .cluster.identity import NodeIdentity
+        from .cluster.identity import node_name
 
-        return NodeIdentity.from_settings(self.settings).name
+        return node_name(self.settings)
 
     def feature(self, name: str, factory: Callable[[ImmutantState], T]) -> T:
         """The per-app object of feature ``name`` (a registry, a manager), made on first use."""
@@ -231,10 +232,10 @@ class ImmutantExtension:
         global _last_app
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("ImmutantExtension is already initialised on this app")
-        deployment = json.loads(os.environ.get(DEPLOYMENT_ENV) or "{}")
-        state = ImmutantState.build(app.config, overrides=deployment.get("settings"))
+        deployment = DeploymentEnviron.current()
+        state = ImmutantState.build(app.config, overrides=deployment.settings)
         app.config.update(state.settings)
-        state.app_id = state.settings["IMMUTANT_APP_ID"] or deployment.get("name") or app.name
+        state.app_id = state.settings["IMMUTANT_APP_ID"] or deployment.name or app.name
         app.extensions[EXTENSION_KEY] = state
         state.pm.hook.immutant_init_app(app=app, state=state)
         self._apps.add(app)

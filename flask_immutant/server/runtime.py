@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -25,7 +24,8 @@ from typing import Any
 
 from flask import Flask
 
-from ..extension import DEPLOYMENT_ENV, EXTENSION_KEY, ImmutantExtension, ImmutantState
+from ..extension import EXTENSION_KEY, ImmutantExtension, ImmutantState
+from .environ import DeploymentEnviron
 
 log = logging.getLogger("flask_immutant.runtime")
 
@@ -196,12 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
 
-    deployment = json.loads(os.environ.get(DEPLOYMENT_ENV, "{}"))
     try:
+        deployment = DeploymentEnviron.current()
         app = load_app(args.app)
-        app.config.update(deployment.get("config", {}))
+        app.config.update(deployment.config)
         sock = socket.socket(fileno=args.listen_fd)
-        runtime = AppRuntime(app, sock, deployment.get("context_path", "/"))
+        runtime = AppRuntime(app, sock, deployment.context_path)
         runtime.start()
     except Exception as exc:
         log.exception("app %s failed to start", args.app or "(found in the current folder)")
