@@ -27,6 +27,7 @@ from ..loops import Loop
 from ..private import make_private_dir
 from ..store import EmbeddedStore, client_from_url, describe_url, store_url
 from .supervisor import READY_TIMEOUT, AppTarget, RuntimeProcess, Supervisor, Unit, stop_all
+from .zygote import start_template, stop_template
 
 __all__ = ["READY_TIMEOUT", "AppTarget", "IdleResponder", "Node", "RuntimeProcess"]
 
@@ -173,6 +174,7 @@ class Node:
     # --- lifecycle ---
 
     def start(self) -> None:
+        start_template()  # first: its imports overlap with the node's start-up
         self._listener = self._bind()
         url = store_url(self.settings, start=True)
         self.store = client_from_url(url)
@@ -247,6 +249,7 @@ class Node:
             self.idle_responder.served.set()
         if self.local is not None:
             stop_all([self.local.runtime], timeout)
+        stop_template()  # after the runtimes: they die with it
         if self.membership is not None:
             self.membership.leave()
         if self._listener is not None:
