@@ -44,7 +44,8 @@ PRELOAD = (
     "waitress.server", "waitress.channel", "waitress.task", "waitress.proxy_headers", "waitress.wasyncore",
     "flask_immutant", "flask_immutant.plugins", "flask_immutant.server.runtime", "flask_immutant.server.http",
     "flask_immutant.cluster.lease", "flask_immutant.cluster.membership",
-    "flask_immutant.daemons.runner", "flask_immutant.messaging.engine", "flask_immutant.messaging.redis_broker",
+    "flask_immutant.daemons.runner", "flask_immutant.jobs.driver", "flask_immutant.messaging.engine",
+    "flask_immutant.messaging.redis_broker",
     "flask_immutant.caching", "dramatiq", "cachelib", "croniter", "msgpack",
 )
 #: The process name (``comm``) of the template, so ``ps`` and tests tell it from its runtimes.
