@@ -38,6 +38,8 @@ log = logging.getLogger("flask_immutant.deploy")
 
 #: Seconds between full looks at the deployments, besides change notices.
 POLL_INTERVAL = 1.0
+#: Longest wait for a change notice before a wake or stop is noticed (a notice ends it at once).
+WAKE_SLICE = 0.05
 
 
 @dataclass
@@ -102,7 +104,7 @@ class Deployer:
         self.reconcile()
         deadline = time.monotonic() + POLL_INTERVAL
         while not self._stop.is_set() and not self._wake.is_set() and time.monotonic() < deadline:
-            if self._subscription.get_message(timeout=0.1):
+            if self._subscription.get_message(timeout=WAKE_SLICE):
                 break
         self._wake.clear()
         return 0.0

@@ -240,10 +240,8 @@ class Node:
         self.stopped.set()
         self.stop_requested.set()  # cuts short any wait for a runtime to become ready
         timeout = self.settings["IMMUTANT_SHUTDOWN_TIMEOUT"]
-        # The local runtime is told to stop, then the plugins hear of the stop (the deployer stops
-        # its runtimes there, in parallel); then the node waits for the local one.
-        if self.local is not None:
-            self.local.runtime.terminate()  # told first, so it drains while the plugins stop theirs
+        # Plugins hear of the stop before any runtime stops (the deployer stops its runtimes there,
+        # in parallel); then the node's own runtime stops.
         self.state.pm.hook.immutant_node_stopping(node=self)
         if self.idle_responder is not None:
             self.idle_responder.served.set()

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from ..portable import linux_extras, set_parent_death_signal
 
@@ -279,7 +279,7 @@ def _serve(control: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
         control.send(json.dumps({"pid": pid}).encode())
 
 
-def _run_child(request: dict[str, Any], fds: list[int]) -> int:
+def _run_child(request: dict[str, Any], fds: list[int]) -> NoReturn:
     """In a forked child: become the runtime ``python -m flask_immutant.server.runtime`` would be."""
     from . import runtime
 
@@ -291,8 +291,8 @@ def _run_child(request: dict[str, Any], fds: list[int]) -> int:
     sys.path[0] = root  # what ``python -m`` puts first: the folder it runs in
     importlib.invalidate_caches()
     listen, lifeline, ready = fds
-    return runtime.main(["--app", request["app"], "--listen-fd", str(listen), "--lifeline-fd", str(lifeline),
-                         "--ready-fd", str(ready)])
+    runtime.exit_now(runtime.main(["--app", request["app"], "--listen-fd", str(listen),
+                                   "--lifeline-fd", str(lifeline), "--ready-fd", str(ready)]))
 
 
 def main(argv: list[str] | None = None) -> int:
