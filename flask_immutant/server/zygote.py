@@ -105,7 +105,7 @@ class Template:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:
             self.process = spawn([sys.executable, "-m", "flask_immutant.server.zygote", str(theirs.fileno())],
-                                 "/", env, (theirs.fileno(),))
+                                 os.getcwd(), env, (theirs.fileno(),))  # the node's sys.path[0]
         finally:
             theirs.close()
         self._reader = threading.Thread(target=self._read, name="immutant-template", daemon=True)
@@ -213,9 +213,12 @@ def stop_template() -> None:
 
 
 def preload() -> list[str]:
-    """Import :data:`PRELOAD`; returns what failed to import (an optional library not installed)."""
+    """Import :data:`PRELOAD` and the built-in plugins; returns what failed to import (an
+    optional library that is not installed)."""
+    from ..plugins import DEFAULT_PLUGINS
+
     failed = []
-    for name in PRELOAD:
+    for name in (*PRELOAD, *DEFAULT_PLUGINS):
         try:
             importlib.import_module(name)
         except ImportError as exc:
