@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Generator
 from typing import Any
 
 import click
@@ -36,13 +37,16 @@ def immutant_runtime_started(runtime: Any) -> None:
                   state.settings["IMMUTANT_FAILURE_TIMEOUT"])
 
 
-@hookimpl(trylast=True)
-def immutant_runtime_stopping(runtime: Any) -> None:
-    """After the features (called later, being registered earlier): close the leases they used."""
-    manager = runtime.state.features.pop("leases", None)
-    if manager is not None:
-        manager.close()
-    stop_reporting()
+@hookimpl(wrapper=True, trylast=True)
+def immutant_runtime_stopping(runtime: Any) -> Generator[None, Any, Any]:
+    """Around the features' implementations: once they have stopped, close the leases they used."""
+    try:
+        return (yield)
+    finally:
+        manager = runtime.state.features.pop("leases", None)
+        if manager is not None:
+            manager.close()
+        stop_reporting()
 
 
 @hookimpl(trylast=True)

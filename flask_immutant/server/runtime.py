@@ -20,8 +20,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, NoReturn
+from collections.abc import Callable, Generator
+from typing import Any, NoReturn, cast
 
 from flask import Flask
 
@@ -140,16 +140,39 @@ class AppRuntime:
     def _stop_plugins(self, deadline: float) -> None:
         """Call every ``immutant_runtime_stopping`` implementation at once, each in a thread, and
         wait for all (until ``deadline``): features stop independently, so a daemon's handover
-        does not wait for Dramatiq's workers, nor the other way round."""
+        does not wait for Dramatiq's workers, nor the other way round. Wrappers (``wrapper=True``:
+        the cluster plugin closes the leases once the features are done) run around them all."""
+        hook = self.state.pm.hook.immutant_runtime_stopping
+        impls = hook.get_hookimpls()
+        if any(impl.hookwrapper for impl in impls):  # old-style wrappers: pluggy's own, serial call
+            _stop_one(hook, "(all)", {"runtime": self})
+            return
+        kwargs = {"runtime": self}
+        wrappers: list[Generator[None, Any, Any]] = []
+        for impl in [i for i in impls if i.wrapper]:
+            try:
+                generator = cast("Generator[None, Any, Any]",
+                                 impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames}))
+                next(generator)
+                wrappers.append(generator)
+            except Exception:
+                log.exception("plugin %s failed while stopping", impl.plugin_name)
         threads = []
-        for impl in self.state.pm.hook.immutant_runtime_stopping.get_hookimpls():
-            kwargs = {"runtime": self} if "runtime" in impl.argnames else {}
-            thread = threading.Thread(target=_stop_one, args=(impl.function, impl.plugin_name, kwargs),
-                                      name=f"immutant-stop-{impl.plugin_name}", daemon=True)
+        for impl in [i for i in impls if not i.wrapper]:
+            thread = threading.Thread(
+                target=_stop_one, name=f"immutant-stop-{impl.plugin_name}", daemon=True,
+                args=(impl.function, impl.plugin_name, {k: v for k, v in kwargs.items() if k in impl.argnames}))
             thread.start()
             threads.append(thread)
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        for generator in reversed(wrappers):
+            try:
+                generator.send([])  # the results of the inner calls (none: the hook returns nothing)
+            except StopIteration:
+                pass
+            except Exception:
+                log.exception("a plugin failed while stopping")
 
 
 def _stop_one(function: Callable[..., Any], plugin: str, kwargs: dict[str, Any]) -> None:

@@ -37,15 +37,19 @@ from ..portable import linux_extras, set_parent_death_signal
 
 log = logging.getLogger("flask_immutant.node")
 
-#: What the template imports: what every runtime imports before it reaches the app. A name that
-#: no longer imports is a test failure (tests/test_zygote.py), not a silent slow start.
+#: What the template imports before it forks the first runtime: what every runtime imports
+#: before it serves HTTP (the built-in plugins too). A name that no longer imports is a test
+#: failure (tests/test_zygote.py), not a silent slow start.
 PRELOAD = (
     "flask", "flask.cli", "werkzeug.routing", "jinja2", "redis", "pluggy", "click",
     "waitress.server", "waitress.channel", "waitress.task", "waitress.proxy_headers", "waitress.wasyncore",
     "flask_immutant", "flask_immutant.plugins", "flask_immutant.server.runtime", "flask_immutant.server.http",
-    "flask_immutant.cluster.lease", "flask_immutant.cluster.membership",
-    "flask_immutant.daemons.runner", "flask_immutant.jobs.driver", "flask_immutant.messaging.engine",
-    "flask_immutant.messaging.redis_broker",
+)
+#: What it imports afterwards, one module at a time while no fork is asked for: what features
+#: import once a runtime serves (a fork asked for meanwhile waits for one module at most).
+PRELOAD_LATER = (
+    "flask_immutant.cluster.lease", "flask_immutant.cluster.membership", "flask_immutant.daemons.runner",
+    "flask_immutant.jobs.driver", "flask_immutant.messaging.engine", "flask_immutant.messaging.redis_broker",
     "flask_immutant.caching", "dramatiq", "cachelib", "croniter", "msgpack",
 )
 #: The process name (``comm``) of the template, so ``ps`` and tests tell it from its runtimes.
@@ -91,7 +95,8 @@ class ForkedProcess:
 
 
 class Template:
-    """The node's handle on its template process."""
+    """The node's handle on its template process: a fork of the node itself when it has no
+    thread yet (the node starts it first thing), else ``python -m flask_immutant.server.zygote``."""
 
     def __init__(self, spawn: Callable[[list[str], str, dict[str, str], tuple[int, ...]], Any]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -102,12 +107,22 @@ class Template:
         self._early: dict[int, int] = {}  # exits reported before the fork's answer was read
         self._exits = threading.Lock()  # guards _children and _early
         self.alive = True
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        try:
-            self.process = spawn([sys.executable, "-m", "flask_immutant.server.zygote", str(theirs.fileno())],
-                                 os.getcwd(), env, (theirs.fileno(),))  # the node's sys.path[0]
-        finally:
-            theirs.close()
+        if threading.active_count() == 1:
+            # Single-threaded, no store connection yet: this process itself is the template, with
+            # everything the CLI imported (Flask, the plugins) already there.
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            node = os.getpid()
+            pid = os.fork()
+            if pid == 0:
+                ours.close()
+                _become_template(theirs, node)
+            self.pid = pid
+        else:  # a replacement, once the node runs threads: a fresh interpreter imports it all
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            self.pid = spawn([sys.executable, "-m", "flask_immutant.server.zygote", str(theirs.fileno())],
+                             os.getcwd(), env, (theirs.fileno(),)).pid  # the node's sys.path[0]
+        theirs.close()
         self._reader = threading.Thread(target=self._read, name="immutant-template", daemon=True)
         self._reader.start()
 
@@ -212,13 +227,19 @@ def stop_template() -> None:
 # --- in the template ---------------------------------------------------------------------------
 
 
-def preload() -> list[str]:
-    """Import :data:`PRELOAD` and the built-in plugins; returns what failed to import (an
-    optional library that is not installed)."""
+def preload_list() -> list[str]:
+    """Every module the template imports, in order: :data:`PRELOAD`, the built-in plugins, then
+    :data:`PRELOAD_LATER`."""
     from ..plugins import DEFAULT_PLUGINS
 
+    return [*PRELOAD, *DEFAULT_PLUGINS, *PRELOAD_LATER]
+
+
+def preload(names: list[str] | None = None) -> list[str]:
+    """Import ``names`` (default: all of :func:`preload_list`); returns what failed to import
+    (an optional library that is not installed)."""
     failed = []
-    for name in (*PRELOAD, *DEFAULT_PLUGINS):
+    for name in preload_list() if names is None else names:
         try:
             importlib.import_module(name)
         except ImportError as exc:
@@ -231,9 +252,10 @@ def _set_name(name: bytes) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
-def _serve(control: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
-    """The template's loop: fork on request, report exits. Returns in a forked child (its
-    request and descriptors), or None when the node is gone."""
+def _serve(control: socket.socket, later: list[str]) -> tuple[dict[str, Any], list[int]] | None:
+    """The template's loop: fork on request, report exits, import ``later`` one module at a time
+    while idle. Returns in a forked child (its request and descriptors), or None when the node
+    is gone."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -242,7 +264,10 @@ def _serve(control: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the node's to handle
     zygote = os.getpid()
     while True:
-        readable, _, _ = select.select([control.fileno(), wake_r], [], [])
+        readable, _, _ = select.select([control.fileno(), wake_r], [], [], 0 if later else None)
+        if not readable and later:
+            _report_failures(preload([later.pop(0)]))
+            continue
         if wake_r in readable:
             with contextlib.suppress(BlockingIOError):
                 while os.read(wake_r, 512):
@@ -298,13 +323,34 @@ def _run_child(request: dict[str, Any], fds: list[int]) -> NoReturn:
                                    "--lifeline-fd", str(lifeline), "--ready-fd", str(ready)]))
 
 
+def _become_template(control: socket.socket, node: int) -> NoReturn:
+    """In a child forked from the node before it started any thread: serve as the template."""
+    set_parent_death_signal()
+    if os.getppid() != node:  # the node died before the signal was armed
+        os._exit(0)
+    _set_name(TEMPLATE_NAME)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    job = _serve(control, preload_list())  # what the node had not imported comes while idle
+    if job is None:
+        os._exit(0)
+    _run_child(*job)
+
+
+def _report_failures(failures: list[str]) -> None:
+    for failure in failures:
+        print(f"flask-immutant: runtime template: not preloaded: {failure}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     control = socket.socket(fileno=int(args[0]))
     _set_name(TEMPLATE_NAME)
-    for failure in preload():
-        print(f"flask-immutant: runtime template: not preloaded: {failure}", file=sys.stderr, flush=True)
-    job = _serve(control)
+    names = preload_list()
+    first = len(names) - len(PRELOAD_LATER)
+    _report_failures(preload(names[:first]))
+    job = _serve(control, names[first:])
     if job is None:
         os._exit(0)  # the node is gone or done: nothing to flush, and tearing down all modules takes long
     return _run_child(*job)
