@@ -79,6 +79,16 @@ class Cluster:
             start_new_session=True,
         )
 
+    def serves(self, name: str) -> bool:
+        """Whether the node's app runtime answers HTTP (any status: the bench app has no routes)."""
+        port = int(self.env["IMMUTANT_HTTP_PORT"]) + {"a": 0, "b": 100}[name]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+                conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                return conn.recv(12).startswith(b"HTTP/1.")
+        except OSError:
+            return False
+
     def client(self) -> redis.Redis:
         deadline = time.monotonic() + 20
         while not self.store.is_running():
@@ -127,7 +137,8 @@ def measure(cluster: Cluster, client: redis.Redis, signum: int, exits: list[floa
         exits.append(time.monotonic() - sent_mono)  # polled by the handover wait first: an upper bound
     cluster.start(loser)
     wait_for(lambda: client.hexists(cluster.keys.members, loser))
-    time.sleep(1.0)  # let the restarted node's runtime come up and contend
+    wait_for(lambda: cluster.serves(loser))  # its runtime is up, so its daemon contends next time
+    time.sleep(0.5)
     return elapsed
 
 
