@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -309,30 +310,46 @@ def _serve(control: socket.socket, later: list[str]) -> tuple[dict[str, Any], li
 
 def _run_child(request: dict[str, Any], fds: list[int]) -> NoReturn:
     """In a forked child: become the runtime ``python -m flask_immutant.server.runtime`` would be."""
-    from . import runtime
+    try:
+        from . import runtime
 
-    _set_name(RUNTIME_NAME)
-    root = request["root"]
-    os.chdir(root)
-    os.environ.clear()
-    os.environ.update(request["env"])
-    sys.path[0] = root  # what ``python -m`` puts first: the folder it runs in
-    importlib.invalidate_caches()
-    listen, lifeline, ready = fds
-    runtime.exit_now(runtime.main(["--app", request["app"], "--listen-fd", str(listen),
-                                   "--lifeline-fd", str(lifeline), "--ready-fd", str(ready)]))
+        _set_name(RUNTIME_NAME)
+        root = request["root"]
+        os.chdir(root)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.path[0] = root  # what ``python -m`` puts first: the folder it runs in
+        importlib.invalidate_caches()
+        listen, lifeline, ready = fds
+    except BaseException:
+        traceback.print_exc()
+        os._exit(70)
+    try:
+        code = runtime.main(["--app", request["app"], "--listen-fd", str(listen), "--lifeline-fd", str(lifeline),
+                             "--ready-fd", str(ready)])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # never back into the code the template was forked from
+        traceback.print_exc()
+        code = 1
+    runtime.exit_now(code)
 
 
 def _become_template(control: socket.socket, node: int) -> NoReturn:
-    """In a child forked from the node before it started any thread: serve as the template."""
-    set_parent_death_signal()
-    if os.getppid() != node:  # the node died before the signal was armed
-        os._exit(0)
-    _set_name(TEMPLATE_NAME)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    job = _serve(control, preload_list())  # what the node had not imported comes while idle
+    """In a child forked from the node before it started any thread: serve as the template.
+    Never returns, whatever happens: returning would run the rest of the node's command here."""
+    try:
+        set_parent_death_signal()
+        if os.getppid() != node:  # the node died before the signal was armed
+            os._exit(0)
+        _set_name(TEMPLATE_NAME)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        job = _serve(control, preload_list())  # what the node had not imported comes while idle
+    except BaseException:
+        traceback.print_exc()
+        os._exit(70)
     if job is None:
         os._exit(0)
     _run_child(*job)
