@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import select
 import signal
 import socket
@@ -18,17 +17,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Protocol
 
 from ..loops import Backoff
-from ..portable import set_parent_death_signal
 from .runtime import EXIT_APP_FAILED
+from .spawn import popen
+from .zygote import fork_runtime
 
 log = logging.getLogger("flask_immutant.node")
-T = TypeVar("T")
 
 #: Restart backoff of a crashed app runtime: first delay, cap, and the uptime that resets it.
 RESTART_BACKOFF = (0.5, 30.0, 30.0)
@@ -64,47 +62,6 @@ class Process(Protocol):
     def kill(self) -> None: ...
 
 
-class _Spawner:
-    """Starts every child process from one thread that lives as long as the process.
-
-    Linux binds a child's parent-death signal to the *thread* that forked it, not the process: a
-    runtime spawned from a thread that ends (the deployer's, at shutdown) is SIGKILLed right then,
-    before the node could stop it gracefully. From this thread it dies only with the node.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._requests: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def call(self, fn: Callable[[], T]) -> T:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="immutant-spawner", daemon=True)
-                self._thread.start()
-        done: Future[T] = Future()
-        self._requests.put((fn, done))
-        return done.result()
-
-    def _run(self) -> None:
-        while True:
-            fn, done = self._requests.get()
-            try:
-                done.set_result(fn())
-            except BaseException as exc:  # handed to the caller
-                done.set_exception(exc)
-
-
-spawner = _Spawner()
-
-
-def popen(args: list[str], cwd: str, env: dict[str, str], pass_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
-    """A child that dies with this process (parent-death signal, from the long-lived spawner)."""
-    return spawner.call(lambda: subprocess.Popen(
-        args, cwd=cwd, env=env, pass_fds=pass_fds, stdin=subprocess.DEVNULL, preexec_fn=set_parent_death_signal,
-    ))
-
-
 class RuntimeProcess:
     """One app runtime child and the pipes that tie it to this supervisor."""
 
@@ -121,8 +78,6 @@ class RuntimeProcess:
         self._ready_r: IO[bytes] | None = None
 
     def spawn(self) -> None:
-        from .zygote import fork_runtime
-
         lifeline_r, self._lifeline_w = os.pipe()
         ready_r, ready_w = os.pipe()
         fds = (self.listener.fileno(), lifeline_r, ready_w)

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from ..portable import linux_extras, set_parent_death_signal
+from .spawn import popen
 
 log = logging.getLogger("flask_immutant.node")
 
@@ -190,8 +191,6 @@ def start_template() -> None:
     global _template
     if not linux_extras():
         return
-    from .supervisor import popen
-
     with _template_lock:
         if _template is None or not _template.alive:
             _template = Template(popen)
