@@ -80,7 +80,8 @@ def main() -> None:
             (app_dir / "app.py").write_text(APP.format(version=version))
             started = time.monotonic()
             result = flask(["immutant", "deploy", "--wait", "0"], env, app_dir)
-            assert result.returncode == 0, result.stdout + result.stderr
+            # --wait 0 returns at once and exits non-zero ("no answer within 0s"): the nodes' HTTP is the answer
+            assert "registered" in result.stdout, result.stdout + result.stderr
             while not all(serving(port, version) for port in ports):
                 time.sleep(0.01)
             times.append(time.monotonic() - started)
@@ -121,7 +122,7 @@ def main() -> None:
             thread.join()
         elapsed = time.monotonic() - load_started
         print(f"deploy -> serving on 2 nodes (includes the deploy command's start-up), n={len(times)}: "
-              f"median {statistics.median(times):.2f}s  max {max(times):.2f}s  (target <= 2 s)")
+              f"median {statistics.median(times):.2f}s  max {max(times):.2f}s  (target <= 1.0 s)")
         print(f"redeploys under keep-alive load: {args.redeploys} redeploys, {args.clients} clients, "
               f"{ok[0] + failed[0]} requests in {elapsed:.1f}s ({(ok[0] + failed[0]) / elapsed:.0f} req/s), "
               f"failed {failed[0]}  (target 0){'  ' + ', '.join(sorted(set(errors))) if errors else ''}")

@@ -4,12 +4,11 @@ here for older imports)."""
 
 from __future__ import annotations
 
-import json
-import os
 import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .server.environ import DEPLOYMENT_ENV, DeploymentEnviron
 from .state import (
     EXTENSION_KEY,
     FEATURE_FLAGS,
@@ -32,9 +31,6 @@ __all__ = ["DEPLOYMENT_ENV", "EXTENSION_KEY", "FEATURE_FLAGS", "ImmutantExtensio
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Set by a node for the runtime of a deployment: JSON ``{name, context_path, settings, config}``.
-#: Its ``IMMUTANT_*`` settings override the app's config (``flask immutant deploy --set``).
-DEPLOYMENT_ENV = "_IMMUTANT_DEPLOYMENT"
 
 
 class ImmutantExtension:
@@ -57,10 +53,10 @@ class ImmutantExtension:
     def init_app(self, app: Flask) -> None:
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("ImmutantExtension is already initialised on this app")
-        deployment = json.loads(os.environ.get(DEPLOYMENT_ENV) or "{}")
-        state = ImmutantState.build(app.config, overrides=deployment.get("settings"))
+        deployment = DeploymentEnviron.current()
+        state = ImmutantState.build(app.config, overrides=deployment.settings)
         app.config.update(state.settings)
-        state.app_id = state.settings["IMMUTANT_APP_ID"] or deployment.get("name") or app.name
+        state.app_id = state.settings["IMMUTANT_APP_ID"] or deployment.name or app.name
         app.extensions[EXTENSION_KEY] = state
         state.pm.hook.immutant_init_app(app=app, state=state)
         self._apps.add(app)

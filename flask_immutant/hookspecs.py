@@ -67,7 +67,8 @@ def immutant_runtime_started(runtime: RuntimeView) -> None:
 @hookspec
 def immutant_runtime_stopping(runtime: RuntimeView) -> None:
     """The app runtime is shutting down; stop background work and release leases. Bounded by
-    ``IMMUTANT_SHUTDOWN_TIMEOUT`` for the whole runtime."""
+    ``IMMUTANT_SHUTDOWN_TIMEOUT`` for the whole runtime. The implementations run at the same
+    time, each in its own thread."""
 
 
 # --- Node (the supervisor process of ``flask immutant run``) --------------------------------

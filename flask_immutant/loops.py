@@ -2,7 +2,8 @@
 
 Every long-running thread of the package is a :class:`Loop`. A step that raises is logged with
 its loop's name and traceback the first time, and again only when the error changes; the rest
-are counted. The loop then backs off (:func:`backoff_delay`, one policy for all) and carries on.
+are counted. The loop then backs off (:func:`backoff_delay`, one policy for all; :class:`Backoff`
+is the same policy for restarts) and carries on.
 Each process publishes the :class:`Health` of its loops to the store (:class:`HealthReporter`),
 and ``flask immutant status`` reports it: a node whose loop keeps failing is unhealthy.
 """
@@ -40,6 +41,27 @@ def backoff_delay(failures: int, interval: float, cap: float | None = None) -> f
     first, default_cap = BACKOFF
     cap = max(default_cap if cap is None else cap, interval)
     return min(cap, max(interval, first) * 2.0 ** min(failures - 1, 16))
+
+
+class Backoff:
+    """The restart backoff of something that keeps failing (an app runtime, a daemon): the same
+    doubling as :func:`backoff_delay`, from ``first`` up to ``cap``; a run that lasted
+    ``reset_after`` seconds or more starts the doubling over."""
+
+    def __init__(self, first: float, cap: float, reset_after: float | None = None) -> None:
+        self.first = first
+        self.cap = cap
+        self.reset_after = cap * 3 if reset_after is None else reset_after
+        self.failures = 0
+
+    def next_delay(self, ran_for: float = 0.0) -> float:
+        """The delay before the next try, after a failure of a run that lasted ``ran_for`` s."""
+        self.failures = 1 if ran_for >= self.reset_after else self.failures + 1
+        return min(self.cap, self.first * 2.0 ** min(self.failures - 1, 16))
+
+    def reset(self) -> None:
+        """A try worked: the next failure waits ``first`` again."""
+        self.failures = 0
 
 
 def _iso(epoch: float | None) -> str | None:

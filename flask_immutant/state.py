@@ -89,9 +89,9 @@ class ImmutantState:
     @cached_property
     def node_name(self) -> str:
         """This process's node name (set by the node for its app runtimes, else the default)."""
-        from .cluster.identity import NodeIdentity
+        from .cluster.identity import node_name
 
-        return NodeIdentity.from_settings(self.settings).name
+        return node_name(self.settings)
 
     def get(self, slot: Slot[T]) -> T | None:
         """The object a feature keeps in ``slot`` for this app, if it put one."""

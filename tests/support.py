@@ -88,6 +88,35 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def descendants_of(pid: int) -> list[int]:
+    """Children of ``pid``, their children and so on (Linux /proc)."""
+    found, pending = [], [pid]
+    while pending:
+        for child in children_of(pending.pop()):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
+def process_name(pid: int) -> str | None:
+    """The process's name (``comm``), or None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
+def runtimes_of(node_pid: int) -> list[int]:
+    """A node's app runtimes: its descendants, without the runtime template they fork from
+    (``server/zygote.py``); started as fresh interpreters they are its children."""
+    return [p for p in descendants_of(node_pid) if process_name(p) != "immutant-tmpl"]
+
+
+def template_of(node_pid: int) -> list[int]:
+    """A node's runtime template process, if it has one."""
+    return [p for p in children_of(node_pid) if process_name(p) == "immutant-tmpl"]
+
+
 class NodeProcess:
     """A ``flask immutant ...`` subprocess whose output is collected line by line; ``prefix``
     runs it through a wrapper that execs it (``ip netns exec NS``), so the pid is still flask's."""

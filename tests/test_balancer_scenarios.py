@@ -18,7 +18,7 @@ from balancer_support import running_haproxy, start_embedded, start_reconciler
 from flask_immutant.contexts import registry
 from flask_immutant.keys import Keys
 
-from support import NodeProcess, children_of, pid_alive, run_flask, wait_until
+from support import NodeProcess, descendants_of, pid_alive, run_flask, wait_until
 
 APP = '''
 from flask import Flask, request, session
@@ -105,7 +105,7 @@ def ready(cluster: Cluster) -> Cluster:
 
 def sigkill_node(node: NodeProcess) -> None:
     """SIGKILL a node and wait until its app runtime has died with it."""
-    runtimes = children_of(node.pid)
+    runtimes = descendants_of(node.pid)
     node.signal(signal.SIGKILL)
     wait_until(lambda: not pid_alive(node.pid) and not any(pid_alive(pid) for pid in runtimes), timeout=10)
 

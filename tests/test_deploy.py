@@ -19,7 +19,7 @@ from flask_immutant.deploy import archive
 from flask_immutant.deploy.records import Deployment, DeploymentError, sign, verify
 from flask_immutant.keys import Keys
 
-from support import children_of, pid_alive, run_flask, wait_until, within
+from support import pid_alive, run_flask, runtimes_of, wait_until, within
 
 APP = '''
 import os, threading
@@ -424,7 +424,7 @@ def test_sigkill_of_a_node_takes_its_deployed_runtimes_along(two_nodes, node_env
     folder = write_app(tmp_path / "shop", "1")
     assert deploy(node_env, folder).returncode == 0
     two_nodes["a"].wait_for("deployed shop v1", timeout=20)
-    runtimes = wait_until(lambda: children_of(two_nodes["a"].pid), timeout=5)
+    runtimes = wait_until(lambda: runtimes_of(two_nodes["a"].pid), timeout=5)
     # When the node is SIGKILLed, then its runtimes die with it
     two_nodes["a"].signal(signal.SIGKILL)
     wait_until(lambda: not any(pid_alive(pid) for pid in runtimes), timeout=3)

@@ -15,18 +15,21 @@ from test_deploy import deploy, get, write_app
 
 from flask_immutant.keys import Keys
 
-from support import children_of, run_flask, wait_until
+from support import children_of, process_name, run_flask, wait_until
 
 
 def process_states(pid: int) -> dict[int, str]:
-    """Every descendant of ``pid`` with its state letter (``Z``: a zombie nobody reaped)."""
+    """Every descendant of ``pid`` but the runtime template (always there, runtimes or not) with
+    its state letter (``Z``: a zombie nobody reaped)."""
     found: dict[int, str] = {}
     pending = [pid]
     while pending:
         for child in children_of(pending.pop()):
             with contextlib.suppress(OSError):
-                found[child] = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
                 pending.append(child)
+                if process_name(child) != "immutant-tmpl":
+                    found[child] = state
     return found
 
 

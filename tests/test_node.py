@@ -15,7 +15,7 @@ import requests
 from flask_immutant.contexts import registry
 from flask_immutant.keys import Keys
 
-from support import children_of, pid_alive, run_flask, wait_until, within
+from support import pid_alive, run_flask, runtimes_of, wait_until, within
 
 APP = '''
 import sys
@@ -116,7 +116,7 @@ def test_sigkill_of_the_supervisor_takes_its_app_runtime_along(start_node, app_f
     # Given a node serving an app from a child runtime
     node = start_node("--clustered", app=str(app_file))
     node.wait_for("joined cluster")
-    runtime_pids = wait_until(lambda: children_of(node.pid), timeout=5)
+    runtime_pids = wait_until(lambda: runtimes_of(node.pid), timeout=5)
     # When the supervisor is killed with SIGKILL
     node.signal(signal.SIGKILL)
     killed_at = time.monotonic()
@@ -130,14 +130,14 @@ def test_a_crashed_app_runtime_is_restarted(start_node, app_file, node_env):
     node = start_node("--clustered", app=str(app_file))
     node.wait_for("joined cluster")
     port = int(node_env["IMMUTANT_HTTP_PORT"])
-    (runtime,) = wait_until(lambda: children_of(node.pid), timeout=5)
+    (runtime,) = wait_until(lambda: runtimes_of(node.pid), timeout=5)
     # When the runtime dies
     import os
 
     os.kill(runtime, signal.SIGKILL)
     # Then the supervisor starts a new one that serves again
     node.wait_for("restarting in", timeout=5)
-    new = wait_until(lambda: [p for p in children_of(node.pid) if p != runtime], timeout=10)
+    new = wait_until(lambda: [p for p in runtimes_of(node.pid) if p != runtime], timeout=10)
     assert new
     assert wait_until(lambda: http_get(port), timeout=10).text == "hello"
 

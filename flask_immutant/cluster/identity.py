@@ -23,6 +23,12 @@ def default_node_name(port_offset: int) -> str:
     return short if port_offset == 0 else f"{short}-{port_offset}"
 
 
+def node_name(settings: Mapping[str, Any]) -> str:
+    """The node's name: ``IMMUTANT_NODE_NAME`` (the node passes its own to its runtimes), else
+    the default. The one place a node name comes from."""
+    return settings["IMMUTANT_NODE_NAME"] or default_node_name(settings["IMMUTANT_PORT_OFFSET"])
+
+
 @dataclass(frozen=True)
 class NodeIdentity:
     name: str
@@ -37,7 +43,7 @@ class NodeIdentity:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> NodeIdentity:
         offset = settings["IMMUTANT_PORT_OFFSET"]
-        name = settings["IMMUTANT_NODE_NAME"] or default_node_name(offset)
+        name = node_name(settings)
         host = settings["IMMUTANT_HOST"]
         # Outside a node (which refuses a wildcard bind with nothing to advertise) the host name
         # is the best guess.

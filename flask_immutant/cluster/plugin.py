@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -40,15 +41,18 @@ def immutant_runtime_started(runtime: RuntimeView) -> None:
                   state.settings["IMMUTANT_FAILURE_TIMEOUT"])
 
 
-@hookimpl(trylast=True)
-def immutant_runtime_stopping(runtime: RuntimeView) -> None:
-    """After the features (called later, being registered earlier): close the leases they used."""
+@hookimpl(wrapper=True, trylast=True)
+def immutant_runtime_stopping(runtime: RuntimeView) -> Generator[None, Any, Any]:
+    """Around the features' implementations: once they have stopped, close the leases they used."""
     from .lease import LEASES
 
-    manager = runtime.state.pop(LEASES)
-    if manager is not None:
-        manager.close()
-    stop_reporting()
+    try:
+        return (yield)
+    finally:
+        manager = runtime.state.pop(LEASES)
+        if manager is not None:
+            manager.close()
+        stop_reporting()
 
 
 @hookimpl(trylast=True)

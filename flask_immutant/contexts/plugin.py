@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -15,10 +14,10 @@ from ..cli import echoed_as_json_or_empty, one_line_errors, state_and_store
 from ..cli_table import echo_table
 from ..cluster.identity import NodeIdentity
 from ..errors import ImmutantError
-from ..extension import DEPLOYMENT_ENV
 from ..hookspecs import hookimpl
 from ..loops import Loop
 from ..protocols import Slot
+from ..server.environ import DeploymentEnviron
 from ..settings import Setting, to_bool
 from . import registry
 
@@ -47,10 +46,10 @@ class ContextPublisher:
         self.store = state.store
         self.ttl = state.settings["IMMUTANT_FAILURE_TIMEOUT"]
         identity = NodeIdentity.from_settings(state.settings)
-        deployment = json.loads(os.environ.get(DEPLOYMENT_ENV) or "{}")
+        deployment = DeploymentEnviron.current()
         self.base = registry.Context(
             node=state.node_name, context_path=runtime.context_path,
-            app=deployment.get("name") or runtime.app.name, host=identity.address, port=runtime.port,
+            app=deployment.name or runtime.app.name, host=identity.address, port=runtime.port,
             load=100, pid=os.getpid(), since=time.time(),
         )
         self._cpu_sample = (time.process_time(), time.monotonic())

@@ -15,7 +15,7 @@ import redis
 
 from .. import lua
 from ..cluster.lease import SAFETY_MARGIN, LeaseKeeper
-from ..loops import Loop
+from ..loops import Backoff, Loop
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -146,8 +146,7 @@ class DaemonRunner:
 
     def _loop(self, context: DaemonContext) -> None:
         _local.context = context
-        failures = 0
-        delay = RESTART_BACKOFF[0]
+        backoff = Backoff(*RESTART_BACKOFF)
         self._write_record("running", context)
         while not context.stopping.is_set():
             log.info("daemon %s starting on %s%s", self.spec.name, self.node,
@@ -166,7 +165,8 @@ class DaemonRunner:
                 log.warning("daemon %s returned while it should run; restarting", self.spec.name)
                 error = "start function returned"
             self.restarts += 1
-            failures = 1 if time.monotonic() - started > RESTART_BACKOFF[1] * 3 else failures + 1
+            delay = backoff.next_delay(time.monotonic() - started)
+            failures = backoff.failures
             self._write_record("restarting", context, error)
             if self._keeper is not None and failures >= FAILURES_BEFORE_STEPPING_ASIDE:
                 log.warning("daemon %s failed %d times in a row here; letting another node try",
@@ -175,7 +175,6 @@ class DaemonRunner:
                 return
             if context.stopping.wait(delay):
                 break
-            delay = min(RESTART_BACKOFF[1], delay * 2)
 
     def _call_stop(self) -> None:
         if self.spec.stop_fn is None:

@@ -10,21 +10,19 @@ next version; one that crashes later is restarted with backoff.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import redis
 
 from .. import names
-from ..extension import DEPLOYMENT_ENV
 from ..loops import Loop
-from ..server.node import READY_TIMEOUT, AppTarget, RuntimeProcess
-from ..server.runtime import EXIT_APP_FAILED
+from ..server.environ import DeploymentEnviron
+from ..server.supervisor import READY_TIMEOUT, AppTarget, RuntimeProcess, Unit, stop_all
 from ..store.connect import Subscription
 from . import archive
 from .marks import HighWaterMarks
@@ -40,8 +38,8 @@ log = logging.getLogger("flask_immutant.deploy")
 
 #: Seconds between full looks at the deployments, besides change notices.
 POLL_INTERVAL = 1.0
-#: Restart backoff of a deployment's runtime that crashed after it was ready: first delay, cap.
-RESTART_BACKOFF = (0.5, 30.0)
+#: Longest wait for a change notice before a wake or stop is noticed (a notice ends it at once).
+WAKE_SLICE = 0.05
 
 
 @dataclass
@@ -49,14 +47,15 @@ class Running:
     """A deployment as this node runs it."""
 
     deployment: Deployment
-    runtime: RuntimeProcess | None
+    unit: Unit | None
     listener: socket.socket | None
     state: str = "starting"
     error: str | None = None
-    restart_delay: float = RESTART_BACKOFF[0]
-    restart_at: float = 0.0
     own_listener: bool = False
-    retired: list[RuntimeProcess] = field(default_factory=list)
+
+    @property
+    def runtime(self) -> RuntimeProcess | None:
+        return None if self.unit is None else self.unit.runtime
 
 
 class Deployer:
@@ -90,11 +89,9 @@ class Deployer:
         timeout = self.node.settings["IMMUTANT_SHUTDOWN_TIMEOUT"]
         with self._lock:
             running, self.running = list(self.running.values()), {}
-        threads = [threading.Thread(target=self._retire, args=(r, timeout, True)) for r in running]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        stop_all([r.runtime for r in running if r.runtime is not None], timeout)
+        for item in running:
+            self._retire(item, timeout, True)  # already stopped: closes the listeners
 
     def wake(self) -> None:
         self._wake.set()
@@ -107,7 +104,7 @@ class Deployer:
         self.reconcile()
         deadline = time.monotonic() + POLL_INTERVAL
         while not self._stop.is_set() and not self._wake.is_set() and time.monotonic() < deadline:
-            if self._subscription.get_message(timeout=0.1):
+            if self._subscription.get_message(timeout=WAKE_SLICE):
                 break
         self._wake.clear()
         return 0.0
@@ -198,16 +195,15 @@ class Deployer:
         except DeploymentError as exc:
             self._failed(deployment, current, str(exc))
             return
-        runtime = RuntimeProcess(target, listener, self._environ(deployment))
-        runtime.spawn()
-        if not runtime.wait_ready(READY_TIMEOUT, self._stop):
-            reason = runtime.failure or "the app runtime did not become ready"
-            runtime.stop(5.0)
+        unit = self.node.supervisor.start(deployment.label, target, listener, self._environ(deployment))
+        if not unit.runtime.ready:
+            reason = unit.runtime.failure or "the app runtime did not become ready"
+            unit.runtime.stop(5.0)
             if own and (current is None or listener is not current.listener):
                 listener.close()
             self._failed(deployment, current, reason)
             return
-        fresh = Running(deployment, runtime, listener, "deployed", own_listener=own)
+        fresh = Running(deployment, unit, listener, "deployed", own_listener=own)
         self._track(fresh, current)
         self._root_served()
         if current is not None:  # the new one serves: drain the old one
@@ -241,29 +237,14 @@ class Deployer:
         self.store.set_node_state(deployment.name, self.name, "failed", deployment, error=reason)
 
     def _supervise(self, running: Running) -> None:
-        runtime = running.runtime
-        if runtime is None or running.state != "deployed":
+        """Restart a crashed runtime (the node's supervisor decides when) and say so."""
+        if running.unit is None or running.state != "deployed":
             return
-        code = runtime.poll()
-        if code is None:
-            return
-        runtime.close_pipes()
-        now = time.monotonic()
-        if running.restart_at == 0.0:
-            running.restart_at = now + running.restart_delay
-            reason = "failed to start" if code == EXIT_APP_FAILED else f"exited with status {code}"
-            log.warning("app runtime of %s %s; restarting in %.1fs", running.deployment.label, reason,
-                        running.restart_delay)
+        happened = self.node.supervisor.check(running.unit)
+        if happened == "crashed":
             self.store.set_node_state(running.deployment.name, self.name, "restarting", running.deployment,
-                                      error=reason)
-            return
-        if now < running.restart_at:
-            return
-        running.restart_at = 0.0
-        running.restart_delay = min(RESTART_BACKOFF[1], running.restart_delay * 2)
-        runtime.spawn()
-        if runtime.wait_ready(READY_TIMEOUT, self._stop):
-            running.restart_delay = RESTART_BACKOFF[0]
+                                      error=running.unit.crash)
+        elif happened == "restarted":
             self._report(running)
 
     def _retire(self, running: Running, timeout: float, close_listener: bool) -> None:
@@ -317,16 +298,6 @@ class Deployer:
         return self.node.bind_extra(), True
 
     def _environ(self, deployment: Deployment) -> dict[str, str]:
-        settings = {k: v for k, v in deployment.settings.items() if k.startswith("IMMUTANT_")}
-        config = {k: _config_value(v) for k, v in deployment.settings.items() if not k.startswith("IMMUTANT_")}
-        payload = {"name": deployment.name, "version": deployment.version,
-                   "context_path": deployment.context_path, "settings": settings, "config": config}
-        return {**self.node.runtime_environ(), DEPLOYMENT_ENV: json.dumps(payload)}
-
-
-def _config_value(raw: str) -> object:
-    """``--set DEBUG=true`` sets ``True``, ``--set N=3`` sets ``3``; anything else stays a string."""
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
+        passed = DeploymentEnviron.of(deployment.name, deployment.version, deployment.context_path,
+                                      deployment.settings)
+        return {**self.node.runtime_environ(), **passed.environ()}

@@ -36,6 +36,7 @@ from .codec import Message, decode
 from .destination import Destination, actor_name
 from .errors import MalformedMessage
 from .undecodable import dead_letter_record, encoded, guard_consumers
+from .workqueue import ClosableWorkQueue
 
 if TYPE_CHECKING:
     from ..protocols import StateView
@@ -195,6 +196,7 @@ class Engine:
         threads = self.settings["IMMUTANT_WORKER_THREADS"]
         poll_ms = int(min(1000, max(50, self.interval * 2000)))
         self.worker = dramatiq.Worker(self.broker, worker_threads=threads, worker_timeout=poll_ms)
+        self.worker.work_queue = self._work_queue = ClosableWorkQueue()  # before start: threads take it there
 
     # --- lifecycle ---
 
@@ -214,6 +216,7 @@ class Engine:
             self.backend.wake(list(self.bindings))  # our idle consumers stop now, not after their wait
         except redis.RedisError as exc:
             log.debug("could not wake idle consumers: %s", exc)
+        self._work_queue.close()  # idle worker threads see the stop now, not after their poll
         self.worker.stop(timeout=int(timeout * 1000))
         for loop in self._loops:
             loop.stop(timeout=1.0)

@@ -7,23 +7,15 @@ them within ``IMMUTANT_SHUTDOWN_TIMEOUT`` and leaves the cluster at once.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
 import os
-import queue
 import select
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import IO, Any, TypeVar
+from typing import IO
 
 import redis
 
@@ -32,145 +24,14 @@ from ..cluster.identity import WILDCARD_HOSTS
 from ..errors import NodeStartError
 from ..extension import ImmutantState
 from ..loops import Loop
-from ..portable import set_parent_death_signal
 from ..private import make_private_dir
 from ..store import EmbeddedStore, client_from_url, describe_url, store_url
-from .runtime import EXIT_APP_FAILED
+from .supervisor import READY_TIMEOUT, AppTarget, RuntimeProcess, Supervisor, Unit, stop_all
+from .zygote import start_template, stop_template
+
+__all__ = ["READY_TIMEOUT", "AppTarget", "IdleResponder", "Node", "RuntimeProcess"]
 
 log = logging.getLogger("flask_immutant.node")
-T = TypeVar("T")
-
-#: Restart backoff for a crashed app runtime: first delay, cap, and the uptime that resets it.
-RESTART_BACKOFF = (0.5, 30.0, 30.0)
-#: Seconds an app runtime has to report ready before it is taken as failed.
-READY_TIMEOUT = 60.0
-
-
-@dataclass
-class AppTarget:
-    """What app a runtime serves: an import path as ``flask --app`` takes it, and the folder
-    the path is relative to."""
-
-    import_path: str | None
-    root: str = field(default_factory=os.getcwd)
-
-    @property
-    def label(self) -> str:
-        return self.import_path or os.path.basename(self.root)
-
-
-class _Spawner:
-    """Starts every app runtime from one thread that lives as long as the process.
-
-    Linux binds a child's parent-death signal to the *thread* that forked it, not the process: a
-    runtime spawned from a thread that ends (the deployer's, at shutdown) is SIGKILLed right then,
-    before the node could stop it gracefully. From this thread it dies only with the node.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._requests: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def call(self, fn: Callable[[], T]) -> T:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="immutant-spawner", daemon=True)
-                self._thread.start()
-        done: Future[T] = Future()
-        self._requests.put((fn, done))
-        return done.result()
-
-    def _run(self) -> None:
-        while True:
-            fn, done = self._requests.get()
-            try:
-                done.set_result(fn())
-            except BaseException as exc:  # handed to the caller
-                done.set_exception(exc)
-
-
-_spawner = _Spawner()
-
-
-class RuntimeProcess:
-    """One app runtime child and the pipes that tie it to this supervisor."""
-
-    def __init__(self, target: AppTarget, listener: socket.socket, environ: dict[str, str]) -> None:
-        self.target = target
-        self.environ = environ
-        self.listener = listener
-        self.process: subprocess.Popen[bytes] | None = None
-        self.started_at = 0.0
-        self.ready = False
-        #: Why the runtime did not become ready (the app's import error, say), once known.
-        self.failure: str | None = None
-        self._lifeline_w: int | None = None
-        self._ready_r: IO[bytes] | None = None
-
-    def spawn(self) -> None:
-        lifeline_r, self._lifeline_w = os.pipe()
-        ready_r, ready_w = os.pipe()
-        fds = (self.listener.fileno(), lifeline_r, ready_w)
-        args = [
-            sys.executable, "-m", "flask_immutant.server.runtime",
-            "--app", self.target.import_path or "",
-            "--listen-fd", str(fds[0]), "--lifeline-fd", str(lifeline_r), "--ready-fd", str(ready_w),
-        ]
-        env = {**os.environ, **self.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = _spawner.call(lambda: subprocess.Popen(
-            args, cwd=self.target.root, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
-            preexec_fn=set_parent_death_signal,
-        ))
-        os.close(lifeline_r)
-        os.close(ready_w)
-        os.set_inheritable(self._lifeline_w, False)
-        self._ready_r = os.fdopen(ready_r, "rb")
-        self.started_at = time.monotonic()
-        self.ready = False
-        self.failure = None
-
-    def wait_ready(self, timeout: float, cancel: threading.Event | None = None) -> bool:
-        """Block until the runtime reports ready (True), or exits, times out or is cancelled."""
-        assert self._ready_r is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not (cancel and cancel.is_set()):
-            readable, _, _ = select.select([self._ready_r], [], [], 0.1)
-            if readable:
-                line = self._ready_r.readline().decode(errors="replace").strip()
-                self.ready = line == "ready"
-                if line.startswith("failed "):
-                    self.failure = line[len("failed "):]
-                elif not self.ready:
-                    self.failure = "the app runtime exited before it was ready"
-                return self.ready
-        return False
-
-    def poll(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    def stop(self, timeout: float) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("app runtime %s did not stop in %.0fs; killing it", self.target.label, timeout)
-                self.process.kill()
-                self.process.wait()
-        self.close_pipes()
-
-    def close_pipes(self) -> None:
-        if self._lifeline_w is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._lifeline_w)
-            self._lifeline_w = None
-        if self._ready_r is not None:
-            self._ready_r.close()
-            self._ready_r = None
-
 
 #: Seconds the idle responder keeps reading a connection it answered, waiting for the client to hang up.
 IDLE_LINGER = 2.0
@@ -281,8 +142,11 @@ class Node:
         self.offset_given = offset_given
         self.store: redis.Redis | None = None
         self.membership: Membership | None = None
-        self.runtimes: list[RuntimeProcess] = []
         self.stop_requested = threading.Event()
+        #: Starts, restarts and stops every runtime of this node, the deployer's too.
+        self.supervisor = Supervisor(self.stop_requested)
+        #: The runtime of the app the node was started with (``--app``), once started.
+        self.local: Unit | None = None
         self.stopped = threading.Event()
         self._listener: socket.socket | None = None
         self._dir_lock: IO[str] | None = None
@@ -310,6 +174,7 @@ class Node:
     # --- lifecycle ---
 
     def start(self) -> None:
+        start_template()  # first: its imports overlap with the node's start-up
         self._listener = self._bind()
         url = store_url(self.settings, start=True)
         self.store = client_from_url(url)
@@ -327,7 +192,7 @@ class Node:
             self.membership = None
             raise
         if self.target is not None:
-            self.start_runtime(self.target)
+            self.local = self.start_local(self.target)
         else:
             self.idle_responder = IdleResponder(self.listener, self.identity.name, self.stopped)
             self.idle_responder.start()
@@ -353,50 +218,36 @@ class Node:
         sock.set_inheritable(True)
         return sock
 
-    def start_runtime(self, target: AppTarget) -> RuntimeProcess:
-        runtime = RuntimeProcess(target, self.listener, self.runtime_environ())
-        runtime.spawn()
-        self.runtimes.append(runtime)
-        if runtime.wait_ready(READY_TIMEOUT, self.stop_requested):
+    def start_local(self, target: AppTarget) -> Unit:
+        """The app the node was started with: a local deployment on the node's socket, with the
+        node's environment (no deployment record, so no ``_IMMUTANT_DEPLOYMENT``)."""
+        unit = self.supervisor.start(target.label, target, self.listener, self.runtime_environ())
+        if unit.runtime.ready:
             log.info("app %s serves on http://%s:%d", target.label, self.identity.address, self.identity.http_port)
-        return runtime
+        return unit
 
     def run(self) -> None:
-        """Supervise until stopped: restart a crashed runtime with backoff."""
-        delays: dict[int, float] = {}
+        """Supervise until stopped: the local app's runtime is restarted with backoff (the
+        deployer's runtimes are checked by the deployer, through the same supervisor)."""
         while not self.stop_requested.wait(0.2):
-            for index, runtime in enumerate(self.runtimes):
-                code = runtime.poll()
-                if code is None:
-                    continue
-                runtime.close_pipes()
-                uptime = time.monotonic() - runtime.started_at
-                first, cap, reset_after = RESTART_BACKOFF
-                delay = first if uptime >= reset_after else min(cap, delays.get(index, first / 2) * 2)
-                delays[index] = delay
-                reason = "failed to start" if code == EXIT_APP_FAILED else f"exited with status {code}"
-                log.warning("app runtime %s %s; restarting in %.1fs", runtime.target.label, reason, delay)
-                if self.stop_requested.wait(delay):
-                    break
-                runtime.spawn()
-                runtime.wait_ready(READY_TIMEOUT, self.stop_requested)
+            if self.local is not None:
+                self.supervisor.check(self.local)
 
     def stop(self) -> None:
         """Graceful stop: runtimes first (bounded), then leave the cluster at once."""
         if self.stopped.is_set():
             return
         self.stopped.set()
+        self.stop_requested.set()  # cuts short any wait for a runtime to become ready
         timeout = self.settings["IMMUTANT_SHUTDOWN_TIMEOUT"]
         # Plugins hear of the stop before any runtime stops (the deployer stops its runtimes there,
-        # in parallel); then the node's own runtimes stop, in parallel too.
+        # in parallel); then the node's own runtime stops.
         self.state.pm.hook.immutant_node_stopping(node=self)
-        threads = [threading.Thread(target=r.stop, args=(timeout,)) for r in self.runtimes]
-        for thread in threads:
-            thread.start()
         if self.idle_responder is not None:
             self.idle_responder.served.set()
-        for thread in threads:
-            thread.join()
+        if self.local is not None:
+            stop_all([self.local.runtime], timeout)
+        stop_template()  # after the runtimes: they die with it
         if self.membership is not None:
             self.membership.leave()
         if self._listener is not None:

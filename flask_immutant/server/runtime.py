@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import functools
 import logging
 import os
 import signal
@@ -20,12 +20,13 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import Any, NoReturn, cast
 
 from flask import Flask
 
-from ..extension import DEPLOYMENT_ENV, EXTENSION_KEY, ImmutantExtension, ImmutantState
+from ..extension import EXTENSION_KEY, ImmutantExtension, ImmutantState
+from .environ import DeploymentEnviron
 
 log = logging.getLogger("flask_immutant.runtime")
 
@@ -123,18 +124,62 @@ class AppRuntime:
             # Our copy of the listener only (server.close() would also close the trigger we
             # still need), from the loop thread.
             server.trigger.pull_trigger(lambda: wasyncore.dispatcher.close(server))
-        try:
-            self.state.pm.hook.immutant_runtime_stopping(runtime=self)
-        except Exception:
-            log.exception("a plugin failed while stopping")
+        self._stop_plugins(deadline)
         if server is None:
             return
         while time.monotonic() < deadline:
-            server.trigger.pull_trigger(lambda: _close_idle_channels(server))
-            time.sleep(0.05)
+            closed = threading.Event()
+            server.trigger.pull_trigger(functools.partial(_close_idle_channels, server, closed))
+            closed.wait(max(0.0, min(0.05, deadline - time.monotonic())))  # the loop thread closed them
             if not _channels(server):
                 break
+            time.sleep(0.01)  # requests in progress: look again soon
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=max(0.0, deadline - time.monotonic()))
+
+
+    def _stop_plugins(self, deadline: float) -> None:
+        """Call every ``immutant_runtime_stopping`` implementation at once, each in a thread, and
+        wait for all (until ``deadline``): features stop independently, so a daemon's handover
+        does not wait for Dramatiq's workers, nor the other way round. Wrappers (``wrapper=True``:
+        the cluster plugin closes the leases once the features are done) run around them all."""
+        hook = self.state.pm.hook.immutant_runtime_stopping
+        impls = hook.get_hookimpls()
+        if any(impl.hookwrapper for impl in impls):  # old-style wrappers: pluggy's own, serial call
+            _stop_one(hook, "(all)", {"runtime": self})
+            return
+        kwargs = {"runtime": self}
+        wrappers: list[Generator[None, Any, Any]] = []
+        for impl in [i for i in impls if i.wrapper]:
+            try:
+                generator = cast("Generator[None, Any, Any]",
+                                 impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames}))
+                next(generator)
+                wrappers.append(generator)
+            except Exception:
+                log.exception("plugin %s failed while stopping", impl.plugin_name)
+        threads = []
+        for impl in [i for i in impls if not i.wrapper]:
+            thread = threading.Thread(
+                target=_stop_one, name=f"immutant-stop-{impl.plugin_name}", daemon=True,
+                args=(impl.function, impl.plugin_name, {k: v for k, v in kwargs.items() if k in impl.argnames}))
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for generator in reversed(wrappers):
+            try:
+                generator.send([])  # the results of the inner calls (none: the hook returns nothing)
+            except StopIteration:
+                pass
+            except Exception:
+                log.exception("a plugin failed while stopping")
+
+
+def _stop_one(function: Callable[..., Any], plugin: str, kwargs: dict[str, Any]) -> None:
+    try:
+        function(**kwargs)
+    except Exception:
+        log.exception("plugin %s failed while stopping", plugin)
 
 
 def _draining_channel(stopping: threading.Event) -> type:
@@ -163,13 +208,16 @@ def _channels(server: Any) -> list[Any]:
     return [channel for channel in list(server._map.values()) if isinstance(channel, HTTPChannel)]
 
 
-def _close_idle_channels(server: Any) -> None:
+def _close_idle_channels(server: Any, done: threading.Event) -> None:
     """Close keep-alive connections with no request in progress (runs in the loop thread)."""
-    for channel in _channels(server):
-        with channel.requests_lock:
-            idle = not channel.requests and channel.request is None and not channel.total_outbufs_len
-        if idle:
-            channel.handle_close()
+    try:
+        for channel in _channels(server):
+            with channel.requests_lock:
+                idle = not channel.requests and channel.request is None and not channel.total_outbufs_len
+            if idle:
+                channel.handle_close()
+    finally:
+        done.set()
 
 
 def _watch_lifeline(fd: int) -> None:
@@ -196,12 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
 
-    deployment = json.loads(os.environ.get(DEPLOYMENT_ENV, "{}"))
     try:
+        deployment = DeploymentEnviron.current()
         app = load_app(args.app)
-        app.config.update(deployment.get("config", {}))
+        app.config.update(deployment.config)
         sock = socket.socket(fileno=args.listen_fd)
-        runtime = AppRuntime(app, sock, deployment.get("context_path", "/"))
+        runtime = AppRuntime(app, sock, deployment.context_path)
         runtime.start()
     except Exception as exc:
         log.exception("app %s failed to start", args.app or "(found in the current folder)")
@@ -217,5 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> NoReturn:
+    """Leave without tearing the interpreter down: the stop hooks have run, every thread was given
+    its bounded stop, and unloading the libraries would only add to the node's stop time."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
