@@ -33,6 +33,12 @@ class Keys:
         """Pub/sub channel of membership events (JSON ``{"event", "name", "reason"}``)."""
         return f"{self.prefix}events"
 
+    @property
+    def event_log(self) -> str:
+        """STREAM of cluster events (``events/``): ``kind``, ``node``, ``pid``, ``at``, ``fields`` (JSON),
+        capped near ``IMMUTANT_EVENTS_MAXLEN`` entries."""
+        return f"{self.prefix}event-log"
+
     def lease(self, name: str) -> str:
         """STRING JSON ``{owner, fence, node, pid, since}`` with a TTL: who holds lease ``name``."""
         return f"{self.prefix}lease:{name}"
@@ -40,6 +46,11 @@ class Keys:
     def lease_fence(self, name: str) -> str:
         """STRING: the last fencing token handed out for lease ``name`` (never expires)."""
         return f"{self.prefix}lease:{name}:fence"
+
+    def lease_last(self, name: str) -> str:
+        """STRING JSON of the last holder of lease ``name`` (no TTL); a release deletes it, so one
+        still there at the next acquisition means the holder never released: a failover."""
+        return f"{self.prefix}lease:{name}:last"
 
     @property
     def lease_released(self) -> str:

@@ -140,9 +140,9 @@ class Console:
     def forget_status(self) -> None:
         self._snapshot = None
 
-    async def control(self, state: str, node: str | None, context_path: str | None) -> None:
+    async def control(self, state: str, node: str | None, context_path: str | None, by: str | None = None) -> None:
         await asyncio.to_thread(
-            lambda: registry.set_control(self._client(), self.state.keys, state, node, context_path))
+            lambda: registry.set_control(self._client(), self.state.keys, state, node, context_path, by))
         self.forget_status()
 
     def close(self) -> None:
@@ -314,7 +314,7 @@ async def _control(request: web.Request) -> web.StreamResponse:
         raise web.HTTPBadRequest(text=json.dumps({"error": "; ".join(problems)}), content_type="application/json")
     console = request.app[CONSOLE_KEY]
     try:
-        await console.control(str(state), node, context_path)
+        await console.control(str(state), node, context_path, by=f"console ({request.remote})")
     except (ImmutantError, redis.RedisError) as exc:
         return web.json_response({"error": f"the cluster store did not answer: {exc}"}, status=503)
     log.info("console: %s node=%s context=%s (from %s)", state, node or "*", context_path or "*", request.remote)

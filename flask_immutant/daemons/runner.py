@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from .. import lua
+from .. import events, lua
 from ..cluster.lease import SAFETY_MARGIN, LeaseKeeper
 from ..loops import Loop
 
@@ -166,6 +166,7 @@ class DaemonRunner:
                 log.warning("daemon %s returned while it should run; restarting", self.spec.name)
                 error = "start function returned"
             self.restarts += 1
+            events.emit("daemon.restarted", daemon=self.spec.name, restarts=self.restarts, error=error)
             failures = 1 if time.monotonic() - started > RESTART_BACKOFF[1] * 3 else failures + 1
             self._write_record("restarting", context, error)
             if self._keeper is not None and failures >= FAILURES_BEFORE_STEPPING_ASIDE:

@@ -28,7 +28,7 @@ import dramatiq
 import redis
 from dramatiq.middleware import Middleware, Retries
 
-from .. import lua
+from .. import events, lua
 from ..loops import Loop
 from ..records import hash_of, json_object, read_records
 from .backends import Backend, heartbeat_record
@@ -319,13 +319,21 @@ class Engine:
             "message": {"actor_name": raw.actor_name, "args": list(raw.args), "kwargs": raw.kwargs,
                         "message_id": raw.message_id, "message_timestamp": raw.message_timestamp},
         }
-        self.messaging.state.store.hset(self.keys.messaging_dead(queue), raw.message_id, heartbeat_record(**record))
+        pipe = self.messaging.state.store.pipeline()
+        pipe.hset(self.keys.messaging_dead(queue), raw.message_id, heartbeat_record(**record))
+        events.record(pipe, self.keys, "message.dead", queue=queue, destination=record["destination"],
+                      message_id=raw.message_id, reason=record["reason"], attempts=attempts)
+        pipe.execute()
         log.warning("message %s on %s is dead: %s", raw.message_id, record["destination"], record["reason"])
 
     def bury_undeliverable(self, queue: str, message_id: str, reason: str, raw: Any, message: Any) -> None:
         """Dead-letter a message the consumer could not decode or has no actor for."""
         record = dead_letter_record(queue, message_id, reason, raw, message)
-        self.messaging.state.store.hset(self.keys.messaging_dead(queue), message_id, encoded(record))
+        pipe = self.messaging.state.store.pipeline()
+        pipe.hset(self.keys.messaging_dead(queue), message_id, encoded(record))
+        events.record(pipe, self.keys, "message.dead", queue=queue, destination=None, message_id=message_id,
+                      reason=record["reason"], attempts=record.get("attempts"))
+        pipe.execute()
         log.warning("message %s on %s is dead: %s", message_id, queue, record["reason"])
 
     # --- heartbeat and reaper ---

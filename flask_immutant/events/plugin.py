@@ -1,0 +1,127 @@
+"""Built-in plugin: the event log's setting, its writer in each node and runtime, ``flask immutant events``."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import time
+from typing import Any
+
+import click
+
+from ..cli import checked_option, echoed_as_json_or_empty, one_line_errors, state_and_store
+from ..hookspecs import hookimpl
+from ..records import collecting
+from ..settings import Setting, int_range
+from . import log as event_log
+
+MAXLEN = "IMMUTANT_EVENTS_MAXLEN"
+
+
+@hookimpl(trylast=True)
+def immutant_settings() -> list[Setting]:
+    return [Setting(MAXLEN, 10000, int_range(100), "Events the cluster event log keeps (the stream is trimmed "
+                    "near this length; `flask immutant events`).", "int")]
+
+
+@hookimpl(trylast=True)
+def immutant_node_starting(node: Any) -> None:
+    event_log.start(node.store, node.state.keys, node.identity.name, node.settings[MAXLEN])
+
+
+@hookimpl(trylast=True)
+def immutant_runtime_started(runtime: Any) -> None:
+    state = runtime.state
+    event_log.start(state.store, state.keys, state.node_name, state.settings[MAXLEN])
+
+
+@hookimpl(trylast=True)
+def immutant_register_commands(cli: click.Group) -> None:
+    cli.add_command(events)
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def since_value(text: str) -> tuple[str, float]:
+    """``--since``: ``("ago", seconds)`` for a duration (``30s``, ``10m``, ``2h``, ``1d``), or
+    ``("at", epoch)`` for a timestamp (ISO 8601, UTC unless it names a zone; or epoch seconds)."""
+    text = text.strip()
+    match = _DURATION.match(text)
+    if match:
+        return "ago", float(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        return "at", float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError("a duration (30s, 10m, 2h, 1d) or a timestamp (2026-11-29T06:00:00Z, or epoch seconds)"
+                         ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return "at", when.timestamp()
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
+
+
+def _details(fields: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(fields.items())
+                    if v is not None)
+
+
+def _line(event: event_log.Event) -> str:
+    return f"{_iso(event.time):<24} {event.kind:<18} {event.node or '-':<16} {_details(event.fields)}"
+
+
+HEADER = f"{'TIME (store, UTC)':<24} {'KIND':<18} {'NODE':<16} DETAILS"
+
+
+@click.command(help="Show the cluster event log: joins, leaves, failovers, deploys, ctl actions, dead letters, "
+               "store outages (docs/events.md).")
+@click.option("--since", "since", callback=checked_option(since_value), metavar="WHEN",
+              help="Only events since a duration ago (10m, 2h) or a timestamp (ISO 8601 UTC, or epoch seconds).")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing events as they are written (Ctrl-C stops).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event (one per line with --follow).")
+@click.option("--count", "-n", type=click.IntRange(1), default=None, help="Only the newest N events.")
+@click.pass_context
+@one_line_errors
+def events(ctx: click.Context, since: tuple[str, float] | None, follow: bool, as_json: bool,
+           count: int | None) -> None:
+    with state_and_store(ctx) as (state, store):
+        start = None
+        if since is not None:
+            how, value = since
+            if how == "ago":
+                seconds, micros = store.time()
+                value = seconds + micros / 1e6 - value
+            start = value
+        if not follow:
+            found = [e.to_dict() for e in event_log.read(store, state.keys, start, count)]
+            if echoed_as_json_or_empty(found, as_json, "no events"):
+                return
+            click.echo(HEADER)
+            for item in found:
+                click.echo(_line(event_log.Event(**item)))
+            return
+        after = event_log.last_id(store, state.keys)
+        backlog = (event_log.read(store, state.keys, start, count, until=after)
+                   if (start is not None or count) and after != "0-0" else [])
+        if not as_json:
+            click.echo(HEADER)
+        with collecting() as warnings:
+            try:
+                while True:
+                    for event in backlog:
+                        click.echo(json.dumps(event.to_dict(), sort_keys=True) if as_json else _line(event))
+                    for warning in warnings:  # now, not when the command ends
+                        click.echo(f"Warning: {warning}", err=True)
+                    warnings.clear()
+                    backlog, after = event_log.follow(store, state.keys, after)
+            except KeyboardInterrupt:
+                return
