@@ -87,7 +87,8 @@ class EventLog:
         self.node = node
         self.maxlen = maxlen
         self._queue: collections.deque[dict[str, str]] = collections.deque(maxlen=QUEUE_LIMIT)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the queue
+        self._writing = threading.Lock()  # one writer at a time: the loop or a flush, never both
         self._down_since: float | None = None
         self._dropped = 0
         self.loop = Loop("event-log", self._step, 1.0)
@@ -115,6 +116,10 @@ class EventLog:
         return 1.0
 
     def _write(self) -> bool:
+        with self._writing:
+            return self._write_batch()
+
+    def _write_batch(self) -> bool:
         with self._lock:
             batch = [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
         try:

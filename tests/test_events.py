@@ -1,0 +1,317 @@
+"""The cluster event log on real node processes and a real store: joins, a SIGKILL failover
+(each fact exactly once), deploys per node, ctl actions, dead letters, store outages, garbage
+in the stream, ``flask immutant events`` (``--since``, ``--json``, ``--follow``)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import typing
+
+import pytest
+import redis
+
+from flask_immutant import ImmutantState, events
+from flask_immutant.cluster.lease import read_holder
+from flask_immutant.events import log as event_log
+from flask_immutant.events.kinds import KINDS
+from flask_immutant.events.plugin import since_value
+from flask_immutant.keys import Keys
+from flask_immutant.messaging.plugin import messaging_of
+
+from support import NodeProcess, invoke_flask, run_flask, wait_until
+
+DAEMON_APP = '''
+from flask import Flask
+from flask_immutant import ImmutantExtension, daemons
+
+app = Flask(__name__)
+app.config["IMMUTANT_CLUSTERED"] = True
+ImmutantExtension(app)
+
+def run():
+    ctx = daemons.current()
+    while not ctx.wait(0.1):
+        pass
+
+daemons.start("worker", run, app=app)
+'''
+
+SHOP_APP = '''
+from flask import Flask
+from flask_immutant import ImmutantExtension, messaging
+
+app = Flask(__name__)
+app.config["IMMUTANT_CLUSTERED"] = True
+ImmutantExtension(app)
+
+def work(body):
+    raise RuntimeError("cannot handle " + str(body))
+
+messaging.listen("/queue/orders", work, app=app)
+
+@app.get("/")
+def index():
+    return "shop"
+'''
+
+
+@pytest.fixture
+def keys(cluster_name: str) -> Keys:
+    return Keys(cluster_name)
+
+
+def read(store: redis.Redis, keys: Keys, kind: str | None = None) -> list[events.Event]:
+    return [e for e in events.read(store, keys) if kind is None or e.kind == kind]
+
+
+def worker_leases(store: redis.Redis, keys: Keys, kind: str = "lease.acquired") -> list[events.Event]:
+    """The daemon's lease events (the runtimes hold other leases too: the job scheduler's)."""
+    return [e for e in read(store, keys, kind) if e.fields["lease"] == "daemon:worker"]
+
+
+def test_the_kinds_table_and_the_typed_names_agree():
+    assert set(typing.get_args(events.Name)) == set(KINDS)
+    for kind in KINDS.values():
+        assert kind.meaning and kind.emitter and kind.fields
+
+
+def test_an_unknown_kind_is_refused_without_raising_into_the_caller(store_client, keys, caplog):
+    pipe = store_client.pipeline()
+    events.record(pipe, keys, "member.exploded")  # type: ignore[arg-type]
+    pipe.execute()
+    assert read(store_client, keys) == []
+    assert "unknown event kind 'member.exploded'" in caplog.text
+
+
+def test_a_node_join_sigkill_failover_and_timeout_leave_are_each_one_event(start_node, node_env, tmp_path,
+                                                                           store_client, keys):
+    # Given three nodes, two of them running an app with a singleton daemon
+    app = tmp_path / "daemon_app.py"
+    app.write_text(DAEMON_APP)
+    nodes = {
+        "a": start_node("--clustered", "--node-name", "a", app=str(app)),
+        "b": start_node("--clustered", "--node-name", "b", "--port-offset", "100", app=str(app)),
+        "c": start_node("--clustered", "--node-name", "c", "--port-offset", "200"),
+    }
+    for node in nodes.values():
+        node.wait_for("joined cluster")
+    first = wait_until(lambda: read_holder(store_client, keys, "daemon:worker"), timeout=15)
+    survivor = "b" if first.node == "a" else "a"
+    # Then each join is one event, from the node that joined
+    joined = wait_until(lambda: (found := read(store_client, keys, "member.joined")) and len(found) == 3 and found)
+    assert sorted((e.fields["member"], e.node) for e in joined) == [("a", "a"), ("b", "b"), ("c", "c")]
+    (acquired,) = wait_until(lambda: worker_leases(store_client, keys), timeout=5)
+    assert acquired.node == first.node and acquired.fields["failover"] is False
+    # When the holder's node is killed
+    nodes[first.node].signal(signal.SIGKILL)
+    nodes[first.node].wait()
+    wait_until(lambda: (h := read_holder(store_client, keys, "daemon:worker")) and h.node == survivor, timeout=10)
+    wait_until(lambda: read(store_client, keys, "member.left"), timeout=10)
+    time.sleep(3.0)  # two more failure timeouts: every survivor has seen the death and polled again
+    # Then the leave by timeout is one event, from one of the two survivors (the reaper)
+    (left,) = read(store_client, keys, "member.left")
+    assert left.fields == {"member": first.node, "reason": "timeout"}
+    assert left.node in {survivor, "c"}
+    # And the lease change is one failover event, from the new holder, naming the dead one
+    failovers = [e for e in worker_leases(store_client, keys) if e.fields["failover"]]
+    assert [(e.node, e.fields["lease"], e.fields["previous_node"]) for e in failovers] == [
+        (survivor, "daemon:worker", first.node)]
+    # And no one reported the dead holder's lease as released (it never was)
+    assert worker_leases(store_client, keys, "lease.released") == []
+    # And `flask immutant events` shows them in the store's order, with a header
+    result = run_flask(["immutant", "events"], node_env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:2] == ["TIME", "(store,"]
+    assert any("member.left" in line and f"member={first.node}" in line and "reason=timeout" in line
+               for line in lines)
+
+
+def test_a_graceful_stop_is_a_leave_and_a_release_not_a_failover(start_node, tmp_path, store_client, keys):
+    app = tmp_path / "daemon_app.py"
+    app.write_text(DAEMON_APP)
+    a = start_node("--clustered", "--node-name", "a", app=str(app))
+    b = start_node("--clustered", "--node-name", "b", "--port-offset", "100", app=str(app))
+    a.wait_for("joined cluster")
+    b.wait_for("joined cluster")
+    first = wait_until(lambda: read_holder(store_client, keys, "daemon:worker"), timeout=15)
+    nodes = {"a": a, "b": b}
+    # When the holder's node stops (SIGTERM)
+    nodes[first.node].signal(signal.SIGTERM)
+    assert nodes[first.node].wait(20) == 0
+    survivor = "b" if first.node == "a" else "a"
+    # Then it said it left, released its lease, and the other node took it over: no failover
+    wait_until(lambda: len(worker_leases(store_client, keys)) == 2, timeout=10)
+    (left,) = read(store_client, keys, "member.left")
+    assert (left.node, left.fields) == (first.node, {"member": first.node, "reason": "left"})
+    (released,) = worker_leases(store_client, keys, "lease.released")
+    assert released.node == first.node and released.fields["fence"] == first.fence
+    taken = worker_leases(store_client, keys)[-1]
+    assert taken.node == survivor and taken.fields["failover"] is False
+
+
+def test_deploy_undeploy_ctl_and_a_dead_letter_are_events(start_node, node_env, tmp_path, store_client, keys):
+    # Given two nodes with no app
+    a = start_node("--clustered", "--node-name", "a")
+    b = start_node("--clustered", "--node-name", "b", "--port-offset", "100")
+    a.wait_for("joined cluster")
+    b.wait_for("joined cluster")
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    (folder / "app.py").write_text(SHOP_APP)
+    # When an app is deployed
+    result = run_flask(["immutant", "deploy"], node_env, cwd=folder)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Then the request is one event and each node reports its outcome once
+    outcomes = wait_until(lambda: (found := read(store_client, keys, "deploy.node")) and len(found) == 2 and found,
+                          timeout=30)
+    assert sorted((e.node, e.fields["deployment"], e.fields["state"], e.fields["version"]) for e in outcomes) == [
+        ("a", "shop", "deployed", 1), ("b", "shop", "deployed", 1)]
+    (requested,) = read(store_client, keys, "deploy.requested")
+    assert requested.fields["deployment"] == "shop" and requested.fields["version"] == 1
+    assert "@" in requested.fields["by"]
+    # When an operator disables node a's contexts
+    assert run_flask(["immutant", "ctl", "disable", "--node", "a"], node_env).returncode == 0
+    (action,) = read(store_client, keys, "ctl.action")
+    assert action.fields["action"] == "disabled" and action.fields["scope_node"] == "a"
+    # When the app is undeployed
+    assert run_flask(["immutant", "undeploy", "shop"], node_env).returncode == 0
+    gone = wait_until(lambda: (found := read(store_client, keys, "undeploy.node")) and len(found) == 2 and found,
+                      timeout=20)
+    assert sorted(e.node for e in gone) == ["a", "b"]
+    assert [e.fields["deployment"] for e in read(store_client, keys, "undeploy.requested")] == ["shop"]
+    # And `events --json --since` prints them all as JSON, in order
+    listed = json.loads(run_flask(["immutant", "events", "--json", "--since", "10m"], node_env).stdout)
+    kinds = [e["kind"] for e in listed]
+    assert kinds.index("deploy.requested") < kinds.index("deploy.node") < kinds.index("undeploy.requested")
+
+
+def test_a_dead_letter_is_one_event_from_the_consumer_that_buried_it(start_node, node_env, tmp_path, store_client,
+                                                                     keys):
+    # Given a node whose handler always raises, and one retry
+    node_env = {**node_env, "IMMUTANT_MESSAGING_MAX_RETRIES": "1", "IMMUTANT_MESSAGING_MIN_BACKOFF": "0.05"}
+    app = tmp_path / "shop_app.py"
+    app.write_text(SHOP_APP)
+    node = start_node("--clustered", "--node-name", "a", app=str(app), env=node_env)
+    node.wait_for("consuming /queue/orders")
+    # When a message fails twice
+    state = ImmutantState.build({}, environ=node_env)
+    messaging = messaging_of(state)
+    try:
+        messaging.publish("/queue/orders", {"n": 7})
+        (dead,) = wait_until(lambda: read(store_client, keys, "message.dead"), timeout=30, message=node.output)
+    finally:
+        messaging.publisher.close()
+        state.store.close()
+    # Then it is one event, from that node, with the reason
+    assert dead.node == "a" and dead.fields["destination"] == "/queue/orders" and dead.fields["attempts"] == 2
+    assert "cannot handle" in dead.fields["reason"]
+
+
+def test_events_follow_prints_an_event_written_after_it_started(start_node, node_env, store_client, keys):
+    # Given some history, and `events --follow --json` running
+    pipe = store_client.pipeline()
+    events.record(pipe, keys, "undeploy.requested", deployment="old", by="test")
+    pipe.execute()
+    follower = NodeProcess(["immutant", "events", "--follow", "--json"], node_env)
+    try:
+        time.sleep(1.5)  # let it start reading (it prints nothing before a new event)
+        assert follower.proc.poll() is None, follower.output
+        # When an event is written
+        assert run_flask(["immutant", "ctl", "stop", "--node", "x", "--future"], node_env).returncode == 0
+        # Then it prints that one, and not the older one
+        line = json.loads(follower.wait_for(r'"ctl.action"', timeout=15).string)
+        assert line["fields"]["action"] == "stopped" and line["fields"]["scope_node"] == "x"
+        assert "old" not in follower.output
+    finally:
+        follower.cleanup()
+
+
+def test_garbage_in_the_stream_is_skipped_and_named(node_env, store_client, keys):
+    # Given good events and garbage written by someone with store access
+    pipe = store_client.pipeline()
+    events.record(pipe, keys, "deploy.requested", node="a", deployment="one", version=1, rollback=False, by="t")
+    pipe.execute()
+    bad = [
+        store_client.xadd(keys.event_log, {"nonsense": "1"}),
+        store_client.xadd(keys.event_log, {"kind": "member.joined", "fields": "{not json"}),
+        store_client.xadd(keys.event_log, {"kind": "member.joined", "fields": "[1, 2]"}),
+        store_client.xadd(keys.event_log, {b"kind": b"\xff\xfe", b"fields": b"{}"}),
+    ]
+    pipe = store_client.pipeline()
+    events.record(pipe, keys, "undeploy.requested", node="a", deployment="one", by="t")
+    pipe.execute()
+    # When the log is listed
+    result = invoke_flask(["immutant", "events"], node_env)
+    # Then the good ones are shown and each bad one is named in a warning
+    assert result.returncode == 0
+    assert "deploy.requested" in result.stdout and "undeploy.requested" in result.stdout
+    for entry_id in bad[:3]:
+        assert f"skipped the event {entry_id!r}" in result.stderr or f"skipped the event {entry_id}" in result.stderr
+    assert result.stderr.count("Warning: skipped the event") == 4, result.stderr
+    # And a key of another type is one warning, not a traceback
+    store_client.delete(keys.event_log)
+    store_client.set(keys.event_log, "x")
+    result = invoke_flask(["immutant", "events", "--json"], node_env)
+    assert result.returncode == 0 and json.loads(result.stdout) == []
+    assert "is not a stream" in result.stderr
+
+
+@pytest.mark.parametrize("text, expected", [("10m", ("ago", 600.0)), ("90s", ("ago", 90.0)),
+                                            ("2h", ("ago", 7200.0)), ("1700000000", ("at", 1700000000.0)),
+                                            ("2023-11-14T22:13:20Z", ("at", 1700000000.0)),
+                                            ("2023-11-14T22:13:20", ("at", 1700000000.0))])
+def test_since_takes_durations_and_timestamps(text, expected):
+    assert since_value(text) == expected
+
+
+def test_a_bad_since_is_one_line(node_env):
+    result = invoke_flask(["immutant", "events", "--since", "yesterday"], node_env)
+    assert result.returncode == 2
+    assert "Invalid value for '--since': 'yesterday': expected a duration (30s, 10m, 2h, 1d)" in result.stderr
+
+
+def test_the_stream_is_capped(store_client, keys):
+    writer = event_log.EventLog(store_client, keys, "n", maxlen=100)
+    for i in range(1000):
+        writer.add("undeploy.requested", {"deployment": f"d{i}", "by": "t"})
+        if i % 100 == 99:
+            assert writer.flush()
+    assert 100 <= store_client.xlen(keys.event_log) < 1000
+    assert read(store_client, keys)[-1].fields["deployment"] == "d999"
+
+
+def test_emit_never_raises_and_events_wait_out_a_store_outage(private_redis, keys):
+    # Given a writer on a store that then goes down
+    client = redis.Redis.from_url(private_redis.url, socket_timeout=1, socket_connect_timeout=1)
+    writer = event_log.EventLog(client, keys, "n", maxlen=1000)
+    private_redis.stop()
+    # When events are emitted meanwhile, the emitter never sees an error and the write waits
+    writer.add("lease.lost", {"lease": "x", "fence": 1, "reason": "cannot renew"})
+    assert writer.flush(0.5) is False
+    # Then once the store is back they are written
+    private_redis.start()
+    wait_until(lambda: writer.flush(0.5), timeout=10)
+    (lost,) = read(client, keys)
+    assert lost.kind == "lease.lost" and lost.node == "n"
+    client.close()
+
+
+def test_a_store_outage_seen_by_a_node_is_one_event_once_the_store_is_back(start_node, private_redis, keys):
+    # Given a node on a store of its own
+    node = start_node("--clustered", "--node-name", "a", env={"IMMUTANT_REDIS_URL": private_redis.url})
+    node.wait_for("joined cluster")
+    client = redis.Redis.from_url(private_redis.url)
+    wait_until(lambda: read(client, keys, "member.joined"), timeout=10)
+    # When the store is down for a few seconds (and comes back empty)
+    private_redis.stop()
+    time.sleep(3.0)
+    private_redis.start()
+    # Then the node writes one store.outage event, naming how long it lasted
+    (outage,) = wait_until(lambda: read(client, keys, "store.outage"), timeout=20)
+    assert outage.node == "a" and outage.fields["seconds"] >= 1.0 and outage.fields["error"]
+    time.sleep(2.0)
+    assert len(read(client, keys, "store.outage")) == 1
+    client.close()
