@@ -8,6 +8,7 @@ import json
 import signal
 import time
 import typing
+from pathlib import Path
 
 import pytest
 import redis
@@ -315,3 +316,13 @@ def test_a_store_outage_seen_by_a_node_is_one_event_once_the_store_is_back(start
     time.sleep(2.0)
     assert len(read(client, keys, "store.outage")) == 1
     client.close()
+
+
+def test_docs_events_md_lists_every_kind_with_its_fields():
+    doc = (Path(__file__).parent.parent / "docs" / "events.md").read_text(encoding="utf-8")
+    table = doc.split("<!-- kinds-table -->", 1)[1].split("<!-- /kinds-table -->", 1)[0]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in table.strip().splitlines()[2:]}
+    assert set(rows) == set(KINDS), "docs/events.md's kinds table differs from flask_immutant/events/kinds.py"
+    for name, kind in KINDS.items():
+        documented = rows[name].split("|")[4]
+        assert [f.strip().strip("`") for f in documented.split(",")] == list(kind.fields), name

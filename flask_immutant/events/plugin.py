@@ -22,7 +22,7 @@ MAXLEN = "IMMUTANT_EVENTS_MAXLEN"
 @hookimpl(trylast=True)
 def immutant_settings() -> list[Setting]:
     return [Setting(MAXLEN, 10000, int_range(100), "Events the cluster event log keeps (the stream is trimmed "
-                    "near this length; `flask immutant events`).", "int")]
+                    "near this length; `flask immutant events`).", "int", env=True)]
 
 
 @hookimpl(trylast=True)
