@@ -136,6 +136,7 @@ class Engine:
         self.interval = self.failure_timeout / BEATS_PER_TIMEOUT
         self.bindings: dict[str, Binding] = {}
         self.in_flight: defaultdict[str, int] = defaultdict(int)
+        self.handled: defaultdict[str, int] = defaultdict(int)  # since the last beat, for the console's history
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._loops: list[Loop] = []
@@ -295,6 +296,7 @@ class Engine:
                 listener.handle(message)
         finally:
             self.in_flight[queue] -= 1
+            self.handled[queue] += 1
             _local.current = None
         if done_key:
             store.set(done_key, "1", px=int(self.settings["IMMUTANT_MESSAGING_DEDUPE_WINDOW"] * 1000))
@@ -349,6 +351,19 @@ class Engine:
                   self.keys.messaging_beats],
             args=[self.consumer_id, record, int(self.failure_timeout * 1000)],
         )
+        self._count_handled()
+
+    def _count_handled(self) -> None:
+        """Add what was handled since the last beat to the cluster's per-queue counters."""
+        counts = {q: n for q, n in list(self.handled.items()) if n}
+        if not counts:
+            return
+        pipe = self.messaging.state.store.pipeline(transaction=False)
+        for queue, n in counts.items():
+            pipe.hincrby(self.keys.messaging_handled, queue, n)
+        pipe.execute()
+        for queue, n in counts.items():
+            self.handled[queue] -= n
 
     def _prefetched(self) -> dict[str, int]:
         """RabbitMQ: messages delivered to this process and not yet acknowledged, per queue."""
