@@ -258,6 +258,13 @@ def test_garbage_in_the_stream_is_skipped_and_named(node_env, store_client, keys
     result = invoke_flask(["immutant", "events", "--json"], node_env)
     assert result.returncode == 0 and json.loads(result.stdout) == []
     assert "is not a stream" in result.stderr
+    # And the action an event records still happens: the garbage costs the event, not the action
+    result = invoke_flask(["immutant", "ctl", "disable", "--node", "z", "--future"], node_env)
+    assert result.returncode == 0, result.stderr
+    assert store_client.hget(keys.context_control, "z|*") == b"DISABLED"
+    writer = event_log.EventLog(store_client, keys, "n", maxlen=100)
+    writer.add("member.joined", {"member": "n"})
+    assert writer.flush(2.0) and store_client.get(keys.event_log) == b"x"
 
 
 @pytest.mark.parametrize("text, expected", [("10m", ("ago", 600.0)), ("90s", ("ago", 90.0)),

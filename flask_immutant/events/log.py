@@ -27,6 +27,7 @@ from typing import Any
 
 import redis
 
+from .. import lua
 from ..keys import Keys
 from ..loops import Loop
 from ..records import decoded, from_json, shown, warn
@@ -49,10 +50,12 @@ def _envelope(kind: str, node: str, fields: dict[str, Any]) -> dict[str, str]:
 
 
 def _xadd(client: Any, keys: Keys, entry: dict[str, str], maxlen: int | None) -> None:
-    if maxlen:
-        client.xadd(keys.event_log, entry, maxlen=maxlen, approximate=True)
-    else:
-        client.xadd(keys.event_log, entry)  # trimmed by the next write of a node's writer
+    """Queue one append on ``client`` (a pipeline); an unset ``maxlen`` leaves trimming to the next
+    write of a node's writer. Through a script that cannot fail the pipeline (``log_append.lua``)."""
+    args: list[Any] = [maxlen or 0]
+    for field, value in entry.items():
+        args += [field, value]
+    lua.script(client, "events/log_append")(keys=[keys.event_log], args=args, client=client)
 
 
 def who() -> str:
@@ -126,7 +129,7 @@ class EventLog:
             pipe = self.store.pipeline(transaction=False)
             for entry in batch:
                 _xadd(pipe, self.keys, entry, self.maxlen)
-            pipe.execute()
+            written = pipe.execute()
         except STORE_ERRORS as exc:
             if self._down_since is None:
                 self._down_since = time.time()
@@ -141,6 +144,8 @@ class EventLog:
         if self._down_since is not None:
             log.warning("event log: writing events again (%d dropped meanwhile)", dropped)
             self._down_since = None
+        if not all(written):
+            warn(f"event log: {self.keys.event_log} is not a stream; {sum(1 for w in written if not w)} event(s) dropped")
         return True
 
 
