@@ -29,14 +29,16 @@ def immutant_register_commands(cli: click.Group) -> None:
 @hookimpl(trylast=True)
 def immutant_node_started(node: Any) -> None:
     """Every node samples the cluster for the console's charts (one sample per slot in all)."""
-    from .history import Sampler
+    from .history import SAMPLER, Sampler
 
-    node.state.features["history"] = Sampler(node.state).start()
+    node.state.put(SAMPLER, Sampler(node.state).start())
 
 
 @hookimpl(trylast=True)
 def immutant_node_stopping(node: Any) -> None:
-    sampler = node.state.features.pop("history", None)
+    from .history import SAMPLER
+
+    sampler = node.state.pop(SAMPLER)
     if sampler is not None:
         sampler.stop()
 

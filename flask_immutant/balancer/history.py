@@ -18,10 +18,11 @@ import redis
 
 from ..keys import Keys
 from ..loops import Loop
+from ..protocols import Slot
 from ..records import MALFORMED, decoded, from_json, shown, warn
 
 if TYPE_CHECKING:
-    from ..extension import ImmutantState
+    from ..state import ImmutantState
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,10 @@ class Sampler:
 
     def stop(self) -> None:
         self.loop.stop()
+
+
+#: A node supervisor's sampler.
+SAMPLER: Slot[Sampler] = Slot("history")
 
 
 def read_history(store: redis.Redis, keys: Keys, since: float) -> list[dict[str, Any]]:
