@@ -125,7 +125,7 @@ def test_a_node_join_sigkill_failover_and_timeout_leave_are_each_one_event(start
     result = run_flask(["immutant", "events"], node_env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split()[:2] == ["TIME", "(store,"]
+    assert lines[0].split()[:4] == ["TIME", "(store,", "UTC)", "KIND"]
     assert any("member.left" in line and f"member={first.node}" in line and "reason=timeout" in line
                for line in lines)
 
@@ -217,8 +217,10 @@ def test_events_follow_prints_an_event_written_after_it_started(start_node, node
     events.record(pipe, keys, "undeploy.requested", deployment="old", by="test")
     pipe.execute()
     follower = NodeProcess(["immutant", "events", "--follow", "--json"], node_env)
+    reader = NodeProcess(["immutant", "events", "-f"], node_env)
     try:
-        time.sleep(1.5)  # let it start reading (it prints nothing before a new event)
+        reader.wait_for("^TIME \\(store, UTC\\) +KIND +NODE +DETAILS$")
+        time.sleep(1.5)  # let the JSON one start reading too (it prints nothing before a new event)
         assert follower.proc.poll() is None, follower.output
         # When an event is written
         assert run_flask(["immutant", "ctl", "stop", "--node", "x", "--future"], node_env).returncode == 0
@@ -226,8 +228,13 @@ def test_events_follow_prints_an_event_written_after_it_started(start_node, node
         line = json.loads(follower.wait_for(r'"ctl.action"', timeout=15).string)
         assert line["fields"]["action"] == "stopped" and line["fields"]["scope_node"] == "x"
         assert "old" not in follower.output
+        # And the table form prints it as a row under its header
+        row = reader.wait_for(r"ctl\.action", timeout=15).string
+        assert "action=stopped" in row and "scope_node=x" in row and "by=" in row
+        assert "old" not in reader.output
     finally:
         follower.cleanup()
+        reader.cleanup()
 
 
 def test_garbage_in_the_stream_is_skipped_and_named(node_env, store_client, keys):

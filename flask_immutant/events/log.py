@@ -144,8 +144,9 @@ class EventLog:
         if self._down_since is not None:
             log.warning("event log: writing events again (%d dropped meanwhile)", dropped)
             self._down_since = None
-        if not all(written):
-            warn(f"event log: {self.keys.event_log} is not a stream; {sum(1 for w in written if not w)} event(s) dropped")
+        lost = sum(1 for w in written if not w)
+        if lost:
+            warn(f"event log: {self.keys.event_log} is not a stream; {lost} event(s) dropped")
         return True
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from ..cli import checked_option, echoed_as_json_or_empty, one_line_errors, state_and_store
+from ..cli_table import cell, echo_table
 from ..hookspecs import hookimpl
 from ..records import collecting
 from ..settings import Setting, int_range
@@ -75,11 +76,19 @@ def _details(fields: dict[str, Any]) -> str:
                     if v is not None)
 
 
-def _line(event: event_log.Event) -> str:
-    return f"{_iso(event.time):<24} {event.kind:<18} {event.node or '-':<16} {_details(event.fields)}"
+HEADER = ("TIME (store, UTC)", "KIND", "NODE", "DETAILS")
+#: Column widths while following (rows arrive one by one, so they cannot be fitted to the widest).
+FOLLOW_WIDTHS = (24, 18, 16)
 
 
-HEADER = f"{'TIME (store, UTC)':<24} {'KIND':<18} {'NODE':<16} DETAILS"
+def _row(event: event_log.Event) -> tuple[str, str, str, str]:
+    return _iso(event.time), event.kind, event.node, _details(event.fields)
+
+
+def _line(cells: tuple[str, ...]) -> str:
+    """One row while following: the widths of :data:`FOLLOW_WIDTHS`, the last column unpadded."""
+    *padded, last = (cell(value) for value in cells)
+    return "  ".join(text.ljust(width) for text, width in zip(padded, FOLLOW_WIDTHS, strict=True)) + "  " + last
 
 
 @click.command(help="Show the cluster event log: joins, leaves, failovers, deploys, ctl actions, dead letters, "
@@ -105,20 +114,18 @@ def events(ctx: click.Context, since: tuple[str, float] | None, follow: bool, as
             found = [e.to_dict() for e in event_log.read(store, state.keys, start, count)]
             if echoed_as_json_or_empty(found, as_json, "no events"):
                 return
-            click.echo(HEADER)
-            for item in found:
-                click.echo(_line(event_log.Event(**item)))
+            echo_table(HEADER, [_row(event_log.Event(**item)) for item in found])
             return
         after = event_log.last_id(store, state.keys)
         backlog = (event_log.read(store, state.keys, start, count, until=after)
                    if (start is not None or count) and after != "0-0" else [])
         if not as_json:
-            click.echo(HEADER)
+            click.echo(_line(HEADER))
         with collecting() as warnings:
             try:
                 while True:
                     for event in backlog:
-                        click.echo(json.dumps(event.to_dict(), sort_keys=True) if as_json else _line(event))
+                        click.echo(json.dumps(event.to_dict(), sort_keys=True) if as_json else _line(_row(event)))
                     for warning in warnings:  # now, not when the command ends
                         click.echo(f"Warning: {warning}", err=True)
                     warnings.clear()
