@@ -211,6 +211,31 @@ def test_a_dead_letter_is_one_event_from_the_consumer_that_buried_it(start_node,
     assert "cannot handle" in dead.fields["reason"]
 
 
+BROKEN_DAEMON_APP = '''
+from flask import Flask
+from flask_immutant import ImmutantExtension, daemons
+
+app = Flask(__name__)
+app.config["IMMUTANT_CLUSTERED"] = True
+ImmutantExtension(app)
+
+def run():
+    raise RuntimeError("broken daemon")
+
+daemons.start("broken", run, app=app)
+'''
+
+
+def test_a_daemon_restart_is_an_event_from_the_runtime_running_it(start_node, tmp_path, store_client, keys):
+    app = tmp_path / "broken_app.py"
+    app.write_text(BROKEN_DAEMON_APP)
+    node = start_node("--clustered", "--node-name", "a", app=str(app))
+    node.wait_for("daemon broken failed")
+    restarted = wait_until(lambda: read(store_client, keys, "daemon.restarted"), timeout=15)
+    assert restarted[0].node == "a" and restarted[0].fields["daemon"] == "broken"
+    assert restarted[0].fields["restarts"] == 1 and "broken daemon" in restarted[0].fields["error"]
+
+
 def test_events_follow_prints_an_event_written_after_it_started(start_node, node_env, store_client, keys):
     # Given some history, and `events --follow --json` running
     pipe = store_client.pipeline()
