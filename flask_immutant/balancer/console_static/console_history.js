@@ -43,7 +43,8 @@ function axes(t0, t1, top, unit) {
   group.append(svg("line", {x1: PAD.left, x2: W - PAD.right, y1: H - PAD.bottom, y2: H - PAD.bottom}));
   for (let i = 0; i <= 3; i++) {
     const t = t0 + (t1 - t0) * i / 3;
-    const label = i === 3 ? "now" : `-${Math.round((t1 - t) / 60)}m`;
+    const ago = t1 - t;
+    const label = i === 3 ? "now" : t1 - t0 <= 300 ? `-${Math.round(ago)}s` : `-${Math.round(ago / 60)}m`;
     group.append(svg("text", {x: x(t), y: H - 5, "text-anchor": i === 0 ? "start" : i === 3 ? "end" : "middle"}, label));
   }
   group.append(svg("text", {x: 2, y: PAD.top + 8}, `${top}${unit}`));
