@@ -174,6 +174,8 @@ def test_log_in_see_both_nodes_and_disable_a_context(start_node, node_env, tmp_p
             page.wait_for_selector(f"#chart-{chart} svg polyline", state="attached", timeout=20_000)
         history = page.evaluate("fetch('api/history?minutes=5').then((r) => r.json())")
         assert {"a", "b"} <= set(history["samples"][-1]["nodes"])
+        slots = [sample["slot"] for sample in history["samples"]]  # two nodes sample: one sample per slot
+        assert slots == sorted(set(slots)), slots
         assert [e["fields"]["member"] for e in history["events"] if e["kind"] == "member.left"] == [holder.node]
         page.wait_for_selector("#contexts tr[data-key='a|/']", timeout=20_000)
         page.wait_for_selector("#contexts tr[data-key='b|/']", timeout=20_000)

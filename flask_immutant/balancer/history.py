@@ -74,7 +74,7 @@ class Sampler:
         slot = int((seconds + micros / 1e6) // self.every)
         if not store.set(keys.history_slot(slot), self.state.node_name or "-", nx=True, px=int(self.every * 4000)):
             return
-        sample = sample_of(self.state.status(), _handled(store, keys))
+        sample = {**sample_of(self.state.status(), _handled(store, keys)), "slot": slot}
         store.xadd(keys.history, {"sample": json.dumps(sample, sort_keys=True)}, maxlen=self.kept, approximate=True)
 
     def start(self) -> Sampler:
