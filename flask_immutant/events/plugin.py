@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from ..cli import checked_option, echoed_as_json_or_empty, one_line_errors, state_and_store
-from ..cli_table import cell, echo_table
+from ..cli_table import cell, echo_table, printable
 from ..hookspecs import hookimpl
 from ..records import collecting
 from ..settings import Setting, int_range
@@ -127,7 +127,7 @@ def events(ctx: click.Context, since: tuple[str, float] | None, follow: bool, as
                     for event in backlog:
                         click.echo(json.dumps(event.to_dict(), sort_keys=True) if as_json else _line(_row(event)))
                     for warning in warnings:  # now, not when the command ends
-                        click.echo(f"Warning: {warning}", err=True)
+                        click.echo(f"Warning: {printable(str(warning))}", err=True)
                     warnings.clear()
                     backlog, after = event_log.follow(store, state.keys, after)
             except KeyboardInterrupt:
