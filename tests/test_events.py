@@ -313,6 +313,29 @@ def test_a_bad_since_is_one_line(node_env):
     assert "Invalid value for '--since': 'yesterday': expected a duration (30s, 10m, 2h, 1d)" in result.stderr
 
 
+@pytest.mark.parametrize("follow", [[], ["--follow"]], ids=["list", "follow"])
+@pytest.mark.parametrize("text, expected", [
+    ("nan", "expected a timestamp from 1970-01-01T00:00:00Z"), ("inf", "expected a timestamp from 1970"),
+    ("-inf", "expected a timestamp from 1970"), ("1e400", "expected a timestamp from 1970"),
+    ("-5", "expected a timestamp from 1970"), ("0001-01-01", "expected a timestamp from 1970"),
+    ("1e13", "to 9999-12-31T23:59:59Z (epoch 253402300799)"), ("99999999999d", "expected a duration of at most 36500d"),
+    ("1" + "0" * 400 + "s", "expected a duration of at most 36500d"),
+])
+def test_a_since_that_no_stream_id_can_hold_is_the_one_line_error(node_env, store_client, keys, follow, text,
+                                                                    expected):
+    # Given a log with an event in it
+    pipe = store_client.pipeline()
+    events.record(pipe, keys, "undeploy.requested", node="a", deployment="one", by="t")
+    pipe.execute()
+    # When --since is not a finite time between the epoch and year 9999, or a duration over 100 years
+    args = ["immutant", "events", *follow, "--since", text]
+    result = run_flask(args, node_env, timeout=30) if follow else invoke_flask(args, node_env)
+    # Then it is the usual one-line option error: no traceback, no warning about the stream
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"Error: Invalid value for '--since': {text!r}: " in result.stderr and expected in result.stderr
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr and result.stdout == ""
+
+
 def test_the_stream_is_capped(store_client, keys):
     writer = event_log.EventLog(store_client, keys, "n", maxlen=100)
     for i in range(1000):

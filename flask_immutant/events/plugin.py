@@ -44,27 +44,39 @@ def immutant_register_commands(cli: click.Group) -> None:
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: The latest timestamp ``--since`` takes (9999-12-31T23:59:59Z; a stream id holds far more).
+LATEST = 253402300799.0
+#: The longest duration ``--since`` takes: 100 years back (the log keeps far less).
+LONGEST = 36500 * 86400.0
+_WHAT = "a duration (30s, 10m, 2h, 1d) or a timestamp (2026-11-29T06:00:00Z, or epoch seconds)"
 
 
 def since_value(text: str) -> tuple[str, float]:
     """``--since``: ``("ago", seconds)`` for a duration (``30s``, ``10m``, ``2h``, ``1d``), or
-    ``("at", epoch)`` for a timestamp (ISO 8601, UTC unless it names a zone; or epoch seconds)."""
+    ``("at", epoch)`` for a timestamp (ISO 8601, UTC unless it names a zone; or epoch seconds).
+    A duration beyond :data:`LONGEST`, a time before the epoch or after :data:`LATEST`, ``nan``
+    and ``inf`` are refused here, so the store is never asked for a stream id it cannot hold."""
     text = text.strip()
     match = _DURATION.match(text)
     if match:
-        return "ago", float(match.group(1)) * _UNITS[match.group(2)]
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        if not seconds <= LONGEST:  # also catches an overflow to inf
+            raise ValueError(f"a duration of at most {LONGEST / 86400:.0f}d")
+        return "ago", seconds
     try:
-        return "at", float(text)
+        when = float(text)
     except ValueError:
-        pass
-    try:
-        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError("a duration (30s, 10m, 2h, 1d) or a timestamp (2026-11-29T06:00:00Z, or epoch seconds)"
-                         ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return "at", when.timestamp()
+        try:
+            parsed = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=datetime.UTC)
+            when = parsed.timestamp()
+        except (ValueError, OverflowError):
+            raise ValueError(_WHAT) from None
+    if not 0 <= when <= LATEST:  # also nan, inf and -inf
+        raise ValueError("a timestamp from 1970-01-01T00:00:00Z (epoch 0) to 9999-12-31T23:59:59Z "
+                         f"(epoch {LATEST:.0f})")
+    return "at", when
 
 
 def _iso(epoch: float) -> str:
@@ -108,7 +120,7 @@ def events(ctx: click.Context, since: tuple[str, float] | None, follow: bool, as
             how, value = since
             if how == "ago":
                 seconds, micros = store.time()
-                value = seconds + micros / 1e6 - value
+                value = max(0.0, seconds + micros / 1e6 - value)
             start = value
         if not follow:
             found = [e.to_dict() for e in event_log.read(store, state.keys, start, count)]
