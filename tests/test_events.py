@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from flask_immutant import ImmutantState, events
-from flask_immutant.cluster.lease import read_holder
+from flask_immutant.cluster.lease import LeaseManager, read_holder
 from flask_immutant.events import log as event_log
 from flask_immutant.events.kinds import KINDS
 from flask_immutant.events.plugin import since_value
@@ -210,6 +210,52 @@ def test_a_dead_letter_is_one_event_from_the_consumer_that_buried_it(start_node,
     assert dead.node == "a" and dead.fields["destination"] == "/queue/orders" and dead.fields["attempts"] == 2
     assert "cannot handle" in dead.fields["reason"]
 
+
+
+def test_a_huge_dead_letter_reason_is_cut_with_a_marker(start_node, node_env, tmp_path, store_client, keys):
+    # Given a node whose handler raises with a text quoting the whole message body, and no retries
+    node_env = {**node_env, "IMMUTANT_MESSAGING_MAX_RETRIES": "0"}
+    app = tmp_path / "shop_app.py"
+    app.write_text(SHOP_APP)
+    node = start_node("--clustered", "--node-name", "a", app=str(app), env=node_env)
+    node.wait_for("consuming /queue/orders")
+    # When a message with a 100 000-character body is dead-lettered
+    state = ImmutantState.build({}, environ=node_env)
+    messaging = messaging_of(state)
+    try:
+        messaging.publish("/queue/orders", "x" * 100_000)
+        (dead,) = wait_until(lambda: read(store_client, keys, "message.dead"), timeout=30, message=node.output)
+    finally:
+        messaging.publisher.close()
+        state.store.close()
+    # Then its event keeps the start of the reason and says how much was cut
+    reason = dead.fields["reason"]
+    kept, mark = reason.split(event_log.CUT_MARK)
+    assert len(kept) == event_log.FIELD_LIMIT and "cannot handle xxx" in kept
+    assert mark.endswith(" more characters]") and int(mark.split()[0]) > 90_000
+    # And the other fields are whole
+    assert dead.fields["destination"] == "/queue/orders" and dead.fields["attempts"] == 1
+
+
+def test_a_holder_that_stops_without_deleting_its_key_released_it_and_did_not_lose_it(embedded_store, store_client,
+                                                                                         keys):
+    # Given this process's event writer and a lease holder on the real store
+    event_log.start(store_client, keys, "n1", 1000)
+    manager = LeaseManager(embedded_store.url, keys, "n1", 1.0)
+    try:
+        keeper = manager.keeper("solo", lambda fence: None, lambda: None)
+        wait_until(lambda: keeper.held, timeout=5)
+        # When it stops on purpose but leaves the key to expire
+        keeper.stop(release=False)
+        assert event_log.flush(5.0)
+    finally:
+        manager.close()
+        event_log.stop()
+    # Then that is a release that left the key to expire (as lease_released_total counts it), not a loss
+    assert read(store_client, keys, "lease.lost") == []
+    (released,) = read(store_client, keys, "lease.released")
+    assert released.fields == {"lease": "solo", "fence": released.fields["fence"], "left_to_expire": True}
+    assert store_client.exists(keys.lease("solo"))  # the key is still there, waiting out its TTL
 
 BROKEN_DAEMON_APP = '''
 from flask import Flask

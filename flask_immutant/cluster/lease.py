@@ -206,7 +206,9 @@ class LeaseKeeper:
             self._lose(release=False, lost="expired or taken")
 
     def _lose(self, release: bool, lost: str | None = None) -> None:
-        """Stop the work; ``release`` the key; ``lost``: why the lease was lost (else it is given up)."""
+        """Stop the work; ``release`` the key. ``lost``: why the holder lost it (it could not renew,
+        stalled, or found it expired or taken); ``None``: it gave the lease up on purpose — stepping
+        aside, stopping, or stopping with ``release=False`` to leave the key to expire."""
         owner, self._deadline, fence = self._owner, 0.0, self.fence
         try:
             self.on_lost()
@@ -216,10 +218,10 @@ class LeaseKeeper:
             self.fence, self.held_since = None, None
         if release:
             self.manager.release(self.name, owner)
-        if lost is not None or not release:
-            events.emit("lease.lost", lease=self.name, fence=fence, reason=lost or "stopped without releasing")
+        if lost is not None:
+            events.emit("lease.lost", lease=self.name, fence=fence, reason=lost)
         else:
-            events.emit("lease.released", lease=self.name, fence=fence)
+            events.emit("lease.released", lease=self.name, fence=fence, left_to_expire=not release)
 
 
 class LeaseManager:

@@ -35,9 +35,11 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("lease.acquired", "a singleton lease (daemon or scheduler) has a new holder; `failover` is true when the "
          "previous holder never released it (it crashed, stalled or lost the store)",
          "the new holder", ("lease", "fence", "failover", "previous_node")),
-    Kind("lease.released", "a holder gave its lease up (stopping, undeployed, or stepping aside)",
-         "the holder", ("lease", "fence")),
-    Kind("lease.lost", "a holder found its lease expired or taken, or could not renew it, and stopped its work",
+    Kind("lease.released", "a holder gave its lease up on purpose (stopping, undeployed, or stepping aside); "
+         "`left_to_expire` is true when it stopped without deleting the key, so the next holder waits out the TTL",
+         "the holder", ("lease", "fence", "left_to_expire")),
+    Kind("lease.lost", "a holder found its lease expired or taken, could not renew it, or stalled past its "
+         "renewal deadline, and stopped its work",
          "the holder that lost it", ("lease", "fence", "reason")),
     Kind("daemon.restarted", "a daemon failed or returned and is restarted in place", "the runtime running it",
          ("daemon", "restarts", "error")),

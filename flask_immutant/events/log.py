@@ -40,13 +40,26 @@ log = logging.getLogger("flask_immutant.events")
 QUEUE_LIMIT = 1000
 #: Events written per round trip.
 BATCH = 100
+#: Characters kept of each text field (a dead letter's reason may quote a whole message body):
+#: the stream stays near ``MAXLEN`` small events, and the console's fetches stay small.
+FIELD_LIMIT = 2048
+#: What ends a field that was cut, followed by how many characters were left out.
+CUT_MARK = "... [cut: "
+
+
+def capped(text: str) -> str:
+    """``text``, or its first :data:`FIELD_LIMIT` characters and a marker saying how many were cut."""
+    if len(text) <= FIELD_LIMIT:
+        return text
+    return f"{text[:FIELD_LIMIT]}{CUT_MARK}{len(text) - FIELD_LIMIT} more characters]"
 
 
 def _envelope(kind: str, node: str, fields: dict[str, Any]) -> dict[str, str]:
     if kind not in KINDS:
         raise ValueError(f"unknown event kind {kind!r}")
-    return {"kind": kind, "node": node, "pid": str(os.getpid()), "at": f"{time.time():.3f}",
-            "fields": json.dumps(fields, sort_keys=True, default=str)}
+    fields = {name: capped(value) if isinstance(value, str) else value for name, value in fields.items()}
+    return {"kind": kind, "node": capped(node), "pid": str(os.getpid()), "at": f"{time.time():.3f}",
+            "fields": json.dumps(fields, sort_keys=True, default=lambda value: capped(str(value)))}
 
 
 def _xadd(client: Any, keys: Keys, entry: dict[str, str], maxlen: int | None) -> None:
