@@ -37,6 +37,8 @@ def _escaped(match: re.Match[str]) -> str:
 def printable(text: str) -> str:
     """``text`` with each control character shown as an escape (``\\x1b``, ``\\n``): one line,
     inert on a terminal."""
+    if text.isprintable():  # no control character (the common case, checked in C)
+        return text
     return _CONTROL.sub(_escaped, text)
 
 
