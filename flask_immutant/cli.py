@@ -21,6 +21,7 @@ import redis
 from flask import Flask
 from flask.cli import AppGroup, NoAppException, ScriptInfo
 
+from .cli_table import printable
 from .errors import ImmutantConfigError, ImmutantError
 from .plugins import make_plugin_manager
 from .settings import float_range, import_paths
@@ -81,13 +82,13 @@ def one_line_errors(func: F) -> F:
                     return func(*args, **kwargs)
                 finally:
                     for warning in warnings:
-                        click.echo(f"Warning: {warning}", err=True)
-        except ImmutantError as exc:
-            raise click.ClickException(str(exc)) from None
+                        click.echo(f"Warning: {printable(str(warning))}", err=True)
+        except ImmutantError as exc:  # its text may name what the store holds: printable
+            raise click.ClickException(printable(str(exc))) from None
         except NoAppException as exc:
-            raise click.ClickException(str(exc).splitlines()[0]) from None
+            raise click.ClickException(printable(str(exc).splitlines()[0])) from None
         except redis.RedisError as exc:
-            raise click.ClickException(f"the cluster store did not answer: {exc}") from None
+            raise click.ClickException(printable(f"the cluster store did not answer: {exc}")) from None
 
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps func's signature; mypy cannot see it
 

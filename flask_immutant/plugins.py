@@ -31,6 +31,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "flask_immutant.messaging.plugin",
     "flask_immutant.balancer.console_plugin",
     "flask_immutant.balancer.balancer_plugin",
+    "flask_immutant.events.plugin",
     "flask_immutant.config_command",
 )
 

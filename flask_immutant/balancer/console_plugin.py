@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -23,6 +24,23 @@ DEFAULT_PORT = 8001
 @hookimpl(trylast=True)
 def immutant_register_commands(cli: click.Group) -> None:
     cli.add_command(console)
+
+
+@hookimpl(trylast=True)
+def immutant_node_started(node: Any) -> None:
+    """Every node samples the cluster for the console's charts (one sample per slot in all)."""
+    from .history import SAMPLER, Sampler
+
+    node.state.put(SAMPLER, Sampler(node.state).start())
+
+
+@hookimpl(trylast=True)
+def immutant_node_stopping(node: Any) -> None:
+    from .history import SAMPLER
+
+    sampler = node.state.pop(SAMPLER)
+    if sampler is not None:
+        sampler.stop()
 
 
 def is_loopback(host: str) -> bool:

@@ -118,8 +118,11 @@ class EmbeddedBalancer:
 
     def _on_tick(self, table: Table, changed: bool) -> None:
         if changed:
+            # A weight follows every load wobble of an idle node: INFO only when routes change.
+            routes = _describe(table, weights=False)
+            (log.info if routes != _describe(self.table, weights=False) else log.debug)(
+                "routing table: %s", _describe(table))
             self.table = table
-            log.info("routing table: %s", _describe(table))
 
     # --- the aiohttp application -------------------------------------------------------------
 
@@ -364,9 +367,10 @@ def _reason(exc: BaseException) -> str:
     return text.split("\n")[0]
 
 
-def _describe(table: Table) -> str:
+def _describe(table: Table, weights: bool = True) -> str:
     if not table:
         return "empty"
-    return "; ".join(f"{path} -> " + ", ".join(f"{b.node}@{b.address} {b.state} w{b.weight}" for b in backends)
+    return "; ".join(f"{path} -> " + ", ".join(f"{b.node}@{b.address} {b.state}" + (f" w{b.weight}" if weights else "")
+                                               for b in sorted(backends, key=lambda b: (b.node, b.address)))
                      for path, backends in sorted(table.items()))
 

@@ -309,7 +309,9 @@ class ReconcilerLoop:
     def _on_tick(self, table: Table, changed: bool) -> None:
         """One pass; an unreachable HAProxy raises, so the table loop reports it and retries."""
         for command in self.reconciler.sync(table):
-            log.info("haproxy: %s", command)
+            # Weights follow every load wobble of an idle node: DEBUG; servers added, removed or
+            # put in another state: INFO.
+            (log.debug if command.startswith("set weight ") else log.info)("haproxy: %s", command)
         self.synced.set()
 
     def start(self) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from .. import lua
+from .. import events, lua
 from ..cluster.lease import SAFETY_MARGIN, LeaseKeeper
 from ..loops import Backoff, Loop
 
@@ -167,6 +167,7 @@ class DaemonRunner:
             self.restarts += 1
             delay = backoff.next_delay(time.monotonic() - started)
             failures = backoff.failures
+            events.emit("daemon.restarted", daemon=self.spec.name, restarts=self.restarts, error=error)
             self._write_record("restarting", context, error)
             if self._keeper is not None and failures >= FAILURES_BEFORE_STEPPING_ASIDE:
                 log.warning("daemon %s failed %d times in a row here; letting another node try",

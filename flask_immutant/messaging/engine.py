@@ -28,7 +28,7 @@ import dramatiq
 import redis
 from dramatiq.middleware import Middleware, Retries
 
-from .. import lua
+from .. import events, lua
 from ..loops import Loop
 from ..records import hash_of, json_object, read_records
 from .backends import Backend, heartbeat_record
@@ -172,6 +172,7 @@ class Engine:
         self.interval = self.failure_timeout / BEATS_PER_TIMEOUT
         self.bindings: dict[str, Binding] = {}
         self.in_flight: defaultdict[str, int] = defaultdict(int)
+        self.handled: defaultdict[str, int] = defaultdict(int)  # since the last beat, for the console's history
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._loops: list[Loop] = []
@@ -333,6 +334,7 @@ class Engine:
                 listener.handle(message)
         finally:
             self.in_flight[queue] -= 1
+            self.handled[queue] += 1
             _local.current = None
         if done_key:
             store.set(done_key, "1", px=int(self.settings["IMMUTANT_MESSAGING_DEDUPE_WINDOW"] * 1000))
@@ -357,13 +359,21 @@ class Engine:
             "message": {"actor_name": raw.actor_name, "args": list(raw.args), "kwargs": raw.kwargs,
                         "message_id": raw.message_id, "message_timestamp": raw.message_timestamp},
         }
-        self.messaging.state.store.hset(self.keys.messaging_dead(queue), raw.message_id, heartbeat_record(**record))
+        pipe = self.messaging.state.store.pipeline()
+        pipe.hset(self.keys.messaging_dead(queue), raw.message_id, heartbeat_record(**record))
+        events.record(pipe, self.keys, "message.dead", queue=queue, destination=record["destination"],
+                      message_id=raw.message_id, reason=record["reason"], attempts=attempts)
+        pipe.execute()
         log.warning("message %s on %s is dead: %s", raw.message_id, record["destination"], record["reason"])
 
     def bury_undeliverable(self, queue: str, message_id: str, reason: str, raw: Any, message: Any) -> None:
         """Dead-letter a message the consumer could not decode or has no actor for."""
         record = dead_letter_record(queue, message_id, reason, raw, message)
-        self.messaging.state.store.hset(self.keys.messaging_dead(queue), message_id, encoded(record))
+        pipe = self.messaging.state.store.pipeline()
+        pipe.hset(self.keys.messaging_dead(queue), message_id, encoded(record))
+        events.record(pipe, self.keys, "message.dead", queue=queue, destination=None, message_id=message_id,
+                      reason=record["reason"], attempts=record.get("attempts"))
+        pipe.execute()
         log.warning("message %s on %s is dead: %s", message_id, queue, record["reason"])
 
     # --- heartbeat and reaper ---
@@ -379,6 +389,19 @@ class Engine:
                   self.keys.messaging_beats],
             args=[self.consumer_id, record, int(self.failure_timeout * 1000)],
         )
+        self._count_handled()
+
+    def _count_handled(self) -> None:
+        """Add what was handled since the last beat to the cluster's per-queue counters."""
+        counts = {q: n for q, n in list(self.handled.items()) if n}
+        if not counts:
+            return
+        pipe = self.messaging.state.store.pipeline(transaction=False)
+        for queue, n in counts.items():
+            pipe.hincrby(self.keys.messaging_handled, queue, n)
+        pipe.execute()
+        for queue, n in counts.items():
+            self.handled[queue] -= n
 
     def _prefetched(self) -> dict[str, int]:
         """RabbitMQ: messages delivered to this process and not yet acknowledged, per queue."""
