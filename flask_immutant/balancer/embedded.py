@@ -28,7 +28,10 @@ from .watch import Table, TableWatcher
 if TYPE_CHECKING:
     import redis
 
-    from ..extension import ImmutantState
+    from ..metrics import definitions as metrics
+from ..extension import ImmutantState
+from ..metrics.http import METRICS_PATH, allowed, refusal
+from ..metrics.process import enable, render
 
 log = logging.getLogger("flask_immutant.balancer")
 
@@ -113,6 +116,8 @@ class EmbeddedBalancer:
         self._refused: dict[str, float] = {}  # backend address -> monotonic time it may be tried again
         self._client: aiohttp.ClientSession | None = None
         self.watcher = TableWatcher(self.store, state.keys, self._on_tick)
+        if settings["IMMUTANT_METRICS"]:
+            enable()
 
     # --- the table --------------------------------------------------------------------------
 
@@ -127,6 +132,7 @@ class EmbeddedBalancer:
         app = web.Application(handler_args={"max_field_size": 65536}, middlewares=[_paths_only])
         if self.console:
             self._mount_console(app)
+        app.router.add_route("*", METRICS_PATH, self.metrics)  # never forwarded: a node would trust our address
         app.router.add_route("*", "/{tail:.*}", self.handle)
         app.cleanup_ctx.append(self._lifecycle)
         return app
@@ -170,6 +176,7 @@ class EmbeddedBalancer:
         tried: set[str] = set()
         disconnects: dict[str, int] = {}
         failures: list[str] = []
+        started = time.monotonic()
         while True:
             decision = self._decide(request.path, route, tried)
             backend = decision.backend
@@ -190,6 +197,7 @@ class EmbeddedBalancer:
                 failures.append(f"node {backend.node} ({backend.address}) refused the connection: {_reason(exc)}")
                 log.info("%s %s: %s", request.method, request.path_qs, failures[-1])
                 if not (body and body.consumed):  # nothing was sent: safe for any method, as HAProxy does
+                    metrics.BALANCER_RETRIES.inc(backend.node, decision.context_path or "")
                     continue
                 return _error(502, failures[-1])
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
@@ -201,6 +209,7 @@ class EmbeddedBalancer:
                     tried.add(backend.node)
                 failures.append(f"node {backend.node} ({backend.address}) closed the connection: {_reason(exc)}")
                 if retriable and not (body and body.consumed):
+                    metrics.BALANCER_RETRIES.inc(backend.node, decision.context_path or "")
                     continue
                 return _error(502, failures[-1])
             except aiohttp.ServerTimeoutError:
@@ -210,7 +219,18 @@ class EmbeddedBalancer:
                 if body is not None and body.refusal is not None:
                     return body.refusal  # the client's body broke a limit; aiohttp wraps _Refused
                 return _error(502, f"node {backend.node} ({backend.address}): {_reason(exc)}")
+            metrics.BALANCER_SECONDS.observe(time.monotonic() - started, backend.node, decision.context_path or "")
+            metrics.BALANCER_REQUESTS.inc(backend.node, decision.context_path or "", f"{upstream.status // 100}xx")
             return await self._relay(request, upstream, decision)
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        """This balancer's own metrics (``IMMUTANT_METRICS``), for loopback and ``IMMUTANT_METRICS_ALLOW``."""
+        if not self.state.settings["IMMUTANT_METRICS"]:
+            return _error(404, "metrics are off on this balancer (IMMUTANT_METRICS)")
+        if not allowed(request.remote or "", self.state.settings["IMMUTANT_METRICS_ALLOW"]):
+            return _error(403, refusal(request.remote or ""))
+        body, content_type = await asyncio.to_thread(render)
+        return web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
     def _decide(self, path: str, route: str | None, tried: set[str]) -> routing.Decision:
         table = self.table

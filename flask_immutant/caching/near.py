@@ -27,6 +27,7 @@ from typing import Any
 import redis
 
 from ..loops import Loop
+from ..metrics import definitions as metrics
 from .base import MISSING
 from .shared import SharedCache, _Down
 from .typed import MUTATED_BY_FLASK, Encoded
@@ -184,6 +185,7 @@ class Tracker:
             return
         kind = message[0]
         if kind == b"message" and message[1] == INVALIDATE_CHANNEL:
+            metrics.CACHE_INVALIDATIONS.inc(self.cache.name)
             keys = message[2]
             if keys is None:  # FLUSHDB / FLUSHALL
                 self.near.flush()
@@ -266,6 +268,7 @@ class InvalidatedCache(SharedCache):
         value = self.near.get(rkey)
         if value is not MISSING:
             self.near_hits += 1
+            metrics.CACHE_NEAR_HITS.inc(self.name)
             return self.decode(value.data) if type(value) is Encoded else value
 
         def read(pipe: Any) -> None:
@@ -319,6 +322,7 @@ class InvalidatedCache(SharedCache):
             fresh_until, value = near
             if fresh_until == 0 or time.time() * 1000 < fresh_until:
                 self.near_hits += 1
+                metrics.CACHE_NEAR_HITS.inc(self.name)
                 return value, True
             return value, False
 

@@ -34,6 +34,7 @@ from redis.retry import Retry
 from .. import lua
 from ..keys import Keys
 from ..loops import Loop
+from ..metrics import definitions as metrics
 from ..records import MALFORMED, from_json, warn
 from ..store.connect import Subscription
 
@@ -106,6 +107,7 @@ class LeaseKeeper:
         poll = manager.ttl / POLLS_PER_TTL
         self._loop = Loop(f"lease-{name}", self._step, poll, backoff_cap=manager.ttl / RENEWALS_PER_TTL)
         self._unconfirmed_owner = ""  # owner token of an acquisition no replica confirmed yet
+        metrics.LEASE_HOLDER.set(0, name)
 
     @property
     def held(self) -> bool:
@@ -174,6 +176,8 @@ class LeaseKeeper:
         self._owner, self.fence, self.held_since = owner, int(fence), time.time()
         self._deadline = sent + m.ttl * (1 - SAFETY_MARGIN)
         log.info("lease %s acquired by %s (fencing token %d)", self.name, m.node, self.fence)
+        metrics.LEASE_ACQUIRED.inc(self.name)
+        metrics.LEASE_HOLDER.set(1, self.name)
         try:
             self.on_acquired(self.fence)
         except Exception:
@@ -183,7 +187,7 @@ class LeaseKeeper:
         m = self.manager
         if time.monotonic() >= self._deadline:
             log.warning("lease %s: deadline passed before renewal (stalled?); giving it up", self.name)
-            self._lose(release=True)
+            self._lose(release=True, lost=True)
             return
         sent = time.monotonic()
         try:
@@ -193,16 +197,19 @@ class LeaseKeeper:
         except redis.RedisError as exc:
             if time.monotonic() >= self._deadline - m.ttl / RENEWALS_PER_TTL:
                 log.warning("lease %s: cannot renew (%s); stopping work before it can expire", self.name, exc)
-                self._lose(release=False)
+                self._lose(release=False, lost=True)
             raise
         if renewed:
             self._deadline = sent + m.ttl * (1 - SAFETY_MARGIN)
+            metrics.LEASE_RENEW_SECONDS.observe(time.monotonic() - sent, self.name)
         else:
             log.warning("lease %s: lost (expired or taken); stopping work", self.name)
-            self._lose(release=False)
+            self._lose(release=False, lost=True)
 
-    def _lose(self, release: bool) -> None:
+    def _lose(self, release: bool, lost: bool = False) -> None:
         owner, self._deadline = self._owner, 0.0
+        metrics.LEASE_HOLDER.set(0, self.name)
+        (metrics.LEASE_LOST if lost else metrics.LEASE_RELEASED).inc(self.name)
         try:
             self.on_lost()
         except Exception:

@@ -16,6 +16,7 @@ import redis
 from .. import lua
 from ..cluster.lease import SAFETY_MARGIN, LeaseKeeper
 from ..loops import Loop
+from ..metrics import definitions as metrics
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -166,6 +167,7 @@ class DaemonRunner:
                 log.warning("daemon %s returned while it should run; restarting", self.spec.name)
                 error = "start function returned"
             self.restarts += 1
+            metrics.DAEMON_RESTARTS.inc(self.spec.name)
             failures = 1 if time.monotonic() - started > RESTART_BACKOFF[1] * 3 else failures + 1
             self._write_record("restarting", context, error)
             if self._keeper is not None and failures >= FAILURES_BEFORE_STEPPING_ASIDE:

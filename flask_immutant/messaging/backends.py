@@ -82,19 +82,22 @@ class Backend:
     def describe(self) -> str:
         raise NotImplementedError
 
-    def reap(self, failure_timeout: float, leaving: str | None = None) -> list[tuple[str, int]]:
+    def reap(self, failure_timeout: float, leaving: str | None = None) -> list[tuple[str, int, dict[str, int]]]:
         """Requeue the unacked messages of dead consumers (or of ``leaving`` only, which stopped);
-        returns ``(consumer id, requeued)``."""
+        returns ``(consumer id, requeued, requeued per Dramatiq queue)``."""
         args: list[Any] = [self.keys.messaging_namespace, self.keys.messaging_consumer(""), int(failure_timeout * 1000)]
         flat = self._reap(
             keys=[self.keys.messaging_consumers, self.keys.messaging_queues, self.keys.messaging_beats],
             args=args + ([leaving] if leaving else []),
         )
-        pairs = []
-        for index in range(0, len(flat), 2):
+        found = []
+        for index in range(0, len(flat), 3):
             name = flat[index].decode() if isinstance(flat[index], bytes) else str(flat[index])
-            pairs.append((name, int(flat[index + 1])))
-        return pairs
+            pairs = flat[index + 2] or []
+            queues = {(q.decode() if isinstance(q, bytes) else str(q)): int(n) for q, n in zip(pairs[::2], pairs[1::2],
+                                                                                            strict=True)}
+            found.append((name, int(flat[index + 1]), queues))
+        return found
 
     def wake(self, queues: Sequence[str]) -> None:
         """Wake every consumer waiting on ``queues`` (this process's, which are stopping, too)."""

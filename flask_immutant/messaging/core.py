@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, cast, overload
 from dramatiq import Message as DramatiqMessage
 from dramatiq.broker import Broker
 
-from ..records import from_json, hash_of, json_object, read_records
+from ..metrics import definitions as metrics
+from ..records import decoded, from_json, hash_of, json_object, read_records
 from .backends import Backend, Target, make_backend
 from .codec import Message, envelope
 from .destination import Destination, actor_name
@@ -214,6 +215,17 @@ class Messaging:
                              "destination", json_object)
         return [name for name, record in found.items() if record.get("kind") == "topic"]
 
+    def destination_names(self) -> dict[str, str]:
+        """Dramatiq queue -> destination name, for every queue and topic subscription in the store."""
+        store, keys = self.state.store, self.state.keys
+        found = read_records(hash_of(store, keys.messaging_destinations, "destination"), "destination", json_object)
+        names = {str(record["queue"]): name for name, record in found.items() if record.get("queue")}
+        for name, record in found.items():
+            if record.get("kind") == "topic":
+                subscriptions = hash_of(store, keys.messaging_subscriptions(name), "subscription")
+                names.update((decoded(queue) or "", name) for queue in subscriptions)
+        return names
+
     # --- publishing ---
 
     def publish(
@@ -324,6 +336,7 @@ class Messaging:
                                                    [(targets, dedupe) for _id, _key, targets, dedupe in outgoing])
         except (TypeError, ValueError) as exc:  # json.dumps of the Dramatiq message, done once
             raise EncodeError(f"cannot encode the message for {destination.name} as JSON: {exc}") from None
+        metrics.PUBLISHED.inc(destination.name, amount=sum(1 for fresh in published if fresh))
         ids: list[str | None] = []
         for (message_id, key, _targets, _dedupe), fresh in zip(outgoing, published, strict=True):
             if not fresh:

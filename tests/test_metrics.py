@@ -1,0 +1,238 @@
+"""Metrics: the definitions and docs/metrics.md agree, the allow-list, the metrics path, the
+multi-process folder across real processes, and ``flask immutant metrics`` against a real node."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from flask_immutant import ImmutantExtension
+from flask_immutant.errors import ImmutantConfigError
+from flask_immutant.metrics import definitions, process
+from flask_immutant.metrics.http import METRICS_PATH, allowed
+
+from support import invoke_flask, run_flask, wait_until
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+
+
+@pytest.fixture
+def metrics_off(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Metrics are process-wide: each test starts and ends with them off and no folder set."""
+    monkeypatch.delenv(process.MULTIPROC_ENV, raising=False)
+    process.disable()
+    try:
+        yield
+    finally:
+        process.disable()
+
+
+# --- the definitions and their docs ------------------------------------------------------------
+
+
+def test_every_metric_is_named_once_with_the_prefix_and_kind_suffix() -> None:
+    names = [metric.name for metric in definitions.ALL]
+    assert len(names) == len(set(names)) >= 30
+    for metric in definitions.ALL:
+        assert re.fullmatch(r"immutant_[a-z_]+", metric.name), metric.name
+        assert metric.name.endswith("_total") == (metric.kind == "counter"), metric.name
+        assert metric.help.strip().endswith("."), f"{metric.name}: help is a sentence"
+        assert all(re.fullmatch(r"[a-z_]+", label) for label in metric.labels), metric.name
+
+
+def test_docs_list_every_metric_with_its_labels_one_line_each() -> None:
+    # Given docs/metrics.md's table rows: | `name` | kind | labels | meaning |
+    rows = re.findall(r"^\| `(immutant_\w+)` \| (\w+) \| ([^|]*) \|", DOC.read_text(encoding="utf-8"), re.MULTILINE)
+    documented = {name: (kind, labels.strip()) for name, kind, labels in rows}
+    # Then each metric is there once, with its kind and labels, and nothing else is
+    assert len(rows) == len(documented), "a metric is documented twice"
+    expected = {m.name: (m.kind, ", ".join(f"`{label}`" for label in m.labels) or "-") for m in definitions.ALL}
+    assert documented == expected
+
+
+# --- who may read them -----------------------------------------------------------------------
+
+
+def test_loopback_is_always_allowed_and_others_only_through_the_allow_list() -> None:
+    ten = (ipaddress.ip_network("10.0.0.0/8"),)
+    assert allowed("127.0.0.1", ()) and allowed("127.8.9.1", ()) and allowed("::1", ())
+    assert allowed("::ffff:127.0.0.1", ())  # an IPv4 peer on a dual-stack socket
+    assert not allowed("10.1.2.3", ()) and allowed("10.1.2.3", ten)
+    assert not allowed("192.168.1.1", ten) and not allowed("fe80::1", ten)
+    assert allowed("2001:db8::5", (ipaddress.ip_network("::/0"),))
+    assert not allowed("", ten) and not allowed("not-an-address", ten)
+
+
+def test_a_bad_allow_list_is_one_clear_error_naming_the_key() -> None:
+    app = Flask(__name__)
+    app.config.update(IMMUTANT_METRICS=True, IMMUTANT_METRICS_ALLOW="10.0.0.0/8, prometheus.local")
+    with pytest.raises(ImmutantConfigError) as caught:
+        ImmutantExtension(app)
+    message = str(caught.value)
+    assert "IMMUTANT_METRICS_ALLOW" in message and "prometheus.local" in message and "\n" not in message
+
+
+# --- the metrics path on an app ---------------------------------------------------------------
+
+
+def _app(**config: object) -> Flask:
+    app = Flask(__name__)
+    app.config.update(IMMUTANT_METRICS=True, IMMUTANT_MESSAGING=False, IMMUTANT_DAEMONS=False, IMMUTANT_JOBS=False,
+                      **config)
+    ImmutantExtension(app)
+
+    @app.get("/-/other")
+    def other() -> str:
+        return "the app's own"
+
+    return app
+
+
+def test_the_path_answers_loopback_and_refuses_others(metrics_off: None) -> None:
+    # Given an app with metrics on and a counter that moved
+    client = _app().test_client()
+    definitions.PUBLISHED.inc("/queue/unit", amount=3)
+    # When loopback asks, Then it gets the exposition text with that counter
+    ok = client.get(METRICS_PATH, environ_base={"REMOTE_ADDR": "127.0.0.1"})
+    assert ok.status_code == 200 and ok.content_type.startswith("text/plain")
+    assert 'immutant_messages_published_total{destination="/queue/unit"} 3.0' in ok.get_data(as_text=True)
+    # When another address asks, Then it is refused in one line naming the setting
+    refused = client.get(METRICS_PATH, environ_base={"REMOTE_ADDR": "10.9.9.9"})
+    assert refused.status_code == 403 and "IMMUTANT_METRICS_ALLOW" in refused.get_data(as_text=True)
+    # And the app's own routes are untouched
+    assert client.get("/-/other").get_data(as_text=True) == "the app's own"
+    assert client.post(METRICS_PATH, environ_base={"REMOTE_ADDR": "127.0.0.1"}).status_code == 405
+
+
+def test_the_allow_list_opens_the_path_to_a_network(metrics_off: None) -> None:
+    client = _app(IMMUTANT_METRICS_ALLOW="10.0.0.0/8").test_client()
+    assert client.get(METRICS_PATH, environ_base={"REMOTE_ADDR": "10.9.9.9"}).status_code == 200
+    assert client.get(METRICS_PATH, environ_base={"REMOTE_ADDR": "192.168.0.9"}).status_code == 403
+
+
+def test_metrics_off_leaves_the_path_to_the_app_and_records_nothing(metrics_off: None) -> None:
+    app = Flask(__name__)
+    app.config.update(IMMUTANT_MESSAGING=False, IMMUTANT_DAEMONS=False, IMMUTANT_JOBS=False)
+    ImmutantExtension(app)
+    assert not process.enabled()
+    definitions.PUBLISHED.inc("/queue/unit")  # a no-op
+    assert app.test_client().get(METRICS_PATH).status_code == 404
+
+
+# --- several processes, one node --------------------------------------------------------------
+
+CHILD = textwrap.dedent("""
+    import sys
+    from flask_immutant.metrics import definitions, process
+    process.enable()
+    definitions.DELIVERED.inc("/queue/mp", amount=int(sys.argv[1]))
+    definitions.IN_FLIGHT.inc("/queue/mp")
+    print("recorded", flush=True)
+    sys.stdin.readline()  # stay alive until told
+""")
+
+
+def test_values_of_several_processes_add_up_and_a_dead_ones_live_gauges_go(
+        metrics_off: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a node's folder and two real processes recording into it
+    folder = process.prepare_folder(tmp_path / "node")
+    monkeypatch.setenv(process.MULTIPROC_ENV, str(folder))
+    children = [subprocess.Popen([sys.executable, "-c", CHILD, str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True, env={**os.environ}) for n in (2, 5)]
+    try:
+        for child in children:
+            assert child.stdout is not None and child.stdout.readline().strip() == "recorded"
+        # When this process renders, Then it sums both processes' counters and live gauges
+        text = process.render()[0].decode()
+        assert 'immutant_messages_delivered_total{destination="/queue/mp"} 7.0' in text
+        assert 'immutant_messages_in_flight{destination="/queue/mp"} 2.0' in text
+        # When one is SIGKILLed, Then its counter stays (it happened) and its live gauge goes
+        children[0].kill()
+        children[0].wait()
+        text = process.render()[0].decode()
+        assert 'immutant_messages_delivered_total{destination="/queue/mp"} 7.0' in text
+        assert 'immutant_messages_in_flight{destination="/queue/mp"} 1.0' in text
+    finally:
+        for child in children:
+            child.kill()
+            child.communicate()
+
+
+def test_prepare_folder_empties_a_previous_runs_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(process.MULTIPROC_ENV, raising=False)
+    stale = tmp_path / "metrics" / "counter_4242.db"
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    folder = process.prepare_folder(tmp_path)
+    assert folder == stale.parent and not stale.exists() and os.environ[process.MULTIPROC_ENV] == str(folder)
+    monkeypatch.delenv(process.MULTIPROC_ENV)
+
+
+# --- flask immutant metrics -------------------------------------------------------------------
+
+NODE_APP = """
+from flask import Flask
+from flask_immutant import ImmutantExtension
+
+immutant = ImmutantExtension()
+
+@immutant.listen("/queue/cli-metrics")
+def received(n):
+    pass
+
+app = Flask(__name__)
+app.config.update(IMMUTANT_METRICS=True)
+immutant.init_app(app)
+
+@app.post("/publish")
+def publish():
+    immutant.publish("/queue/cli-metrics", 1)
+    return "published"
+"""
+
+
+def test_metrics_command_prints_a_real_nodes_metrics(start_node, node_env: dict[str, str], tmp_path: Path) -> None:
+    # Given a node serving an app with metrics on, and a message published through it
+    (tmp_path / "metrics_app.py").write_text(NODE_APP)
+    node = start_node(app="metrics_app.py")
+    node.wait_for(r"serves on http://")
+    base = f"http://127.0.0.1:{node_env['IMMUTANT_HTTP_PORT']}"
+    with urllib.request.urlopen(urllib.request.Request(f"{base}/publish", method="POST"), timeout=10) as response:
+        assert response.read() == b"published"
+
+    # When `flask immutant metrics` asks it
+    def scrape() -> str | None:
+        result = run_flask(["immutant", "metrics"], node_env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        delivered = 'immutant_messages_delivered_total{destination="/queue/cli-metrics"} 1.0'
+        return result.stdout if delivered in result.stdout else None
+
+    text = wait_until(scrape, 30, interval=0.5)
+    # Then it prints the node's exposition text: its own counters and what it read from the store
+    assert "immutant_cluster_members 1.0" in text
+    assert 'immutant_queue_depth{destination="/queue/cli-metrics"}' in text
+    # And the same text is at the node's metrics path
+    with urllib.request.urlopen(f"{base}{METRICS_PATH}", timeout=10) as response:
+        assert "immutant_cluster_members" in response.read().decode()
+
+
+def test_metrics_command_says_in_one_line_when_no_node_answers(node_env: dict[str, str]) -> None:
+    result = invoke_flask(["immutant", "metrics", "--url", "http://127.0.0.1:9"], node_env)
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: no node answers at http://127.0.0.1:9/-/immutant/metrics")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_metrics_command_refuses_a_url_that_is_not_http(node_env: dict[str, str]) -> None:
+    result = invoke_flask(["immutant", "metrics", "--url", "file:///etc/passwd"], node_env)
+    assert result.returncode == 1 and "expected http://host:port" in result.stderr
