@@ -49,7 +49,7 @@ class ClusterCollector:
         return [family(m.DEPLOYMENT_STATE, [((name, state), 1.0) for name, state in sorted(states.items())])]
 
     def _load_factors(self) -> list[Any]:
-        from ..balancer.registry import contexts
+        from ..contexts.registry import contexts
 
         node = self.state.node_name
         return [family(m.LOAD_FACTOR, [((c.context_path,), float(c.load))
