@@ -23,7 +23,7 @@ from dramatiq import Message as DramatiqMessage
 from dramatiq.broker import Broker
 
 from ..metrics import definitions as metrics
-from ..records import decoded, from_json, hash_of, json_object, read_records
+from ..records import from_json, hash_of, json_object, read_records
 from .backends import Backend, Target, make_backend
 from .codec import Message, envelope
 from .destination import Destination, actor_name
@@ -217,14 +217,10 @@ class Messaging:
 
     def destination_names(self) -> dict[str, str]:
         """Dramatiq queue -> destination name, for every queue and topic subscription in the store."""
-        store, keys = self.state.store, self.state.keys
-        found = read_records(hash_of(store, keys.messaging_destinations, "destination"), "destination", json_object)
-        names = {str(record["queue"]): name for name, record in found.items() if record.get("queue")}
-        for name, record in found.items():
-            if record.get("kind") == "topic":
-                subscriptions = hash_of(store, keys.messaging_subscriptions(name), "subscription")
-                names.update((decoded(queue) or "", name) for queue in subscriptions)
-        return names
+        from .status import destination_queues
+
+        return {queue: name for name, queues in destination_queues(self.state.store, self.state.keys).items()
+                for queue in queues}
 
     # --- publishing ---
 

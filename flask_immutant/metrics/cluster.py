@@ -1,11 +1,18 @@
 """What a scrape reads from the cluster store rather than from recorded values: queue depths,
-this node's deployments and contexts, the cluster's size. Each is a few pipelined reads (kept
-cheap: ``bench/metrics_scrape.py``); one that fails is left out of that scrape, logged once at
-DEBUG, and the rest is still served."""
+this node's deployments and contexts, the cluster's size.
+
+A reading is a handful of pipelined round trips, whatever the number of destinations. In a
+runtime with a hundred threads each round trip also waits for the GIL, so a scrape does not wait
+for them: it serves the last reading and, when that is older than :data:`FRESH_FOR`, starts the
+next one in the background (only the first scrape reads in line). With Prometheus scraping every
+few seconds the values are one scrape old at most. A part that fails to read is left out of that
+reading (logged at DEBUG); the rest is still served."""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -18,22 +25,54 @@ if TYPE_CHECKING:
     from ..extension import ImmutantState
 
 log = logging.getLogger("flask_immutant.metrics")
+#: A scraped metric's values: label values (in the metric's label order) and the value.
+Samples = list[tuple[tuple[str, ...], float]]
+#: Seconds a reading of the store serves scrapes before a scrape starts the next one.
+FRESH_FOR = 1.0
 
 
 class ClusterCollector:
     """A prometheus_client custom collector over one app's state (its store, keys, node name)."""
 
-    def __init__(self, state: ImmutantState) -> None:
+    def __init__(self, state: ImmutantState, fresh_for: float = FRESH_FOR) -> None:
         self.state = state
+        self.fresh_for = fresh_for
+        self._lock = threading.Lock()
+        self._families: list[Any] | None = None
+        self._read_at = 0.0
+        self._reading = False
 
     def collect(self) -> Iterator[Any]:
+        """The last reading; a stale one is replaced in the background for the next scrape."""
+        with self._lock:
+            families = self._families
+            start = families is not None and not self._reading and time.monotonic() - self._read_at >= self.fresh_for
+            self._reading = self._reading or start
+        if families is None:
+            families = self.read()
+        elif start:
+            threading.Thread(target=self._read_in_background, name="immutant-metrics-read", daemon=True).start()
+        return iter(families)
+
+    def read(self) -> list[Any]:
+        """Read everything now and keep it as the last reading."""
+        families: list[Any] = []
         for read in (self._members, self._deployments, self._load_factors, self._queues):
             try:
-                families = read()
+                families += read()
             except STORE_ERRORS as exc:
-                log.debug("metrics: %s left out of this scrape: %s", read.__name__.lstrip("_"), exc)
-                continue
-            yield from families
+                log.debug("metrics: %s left out of this reading: %s", read.__name__.lstrip("_"), exc)
+        with self._lock:
+            self._families, self._read_at, self._reading = families, time.monotonic(), False
+        return families
+
+    def _read_in_background(self) -> None:
+        try:
+            self.read()
+        except Exception:  # a malformed record, a bug: the next scrape tries again
+            log.exception("metrics: reading the cluster store failed")
+            with self._lock:
+                self._reading = False
 
     def _members(self) -> list[Any]:
         return [family(m.MEMBERS, [((), float(len(self.state.members())))])]
@@ -56,16 +95,26 @@ class ClusterCollector:
                                        for c in contexts(self.state.store, self.state.keys) if c.node == node])]
 
     def _queues(self) -> list[Any]:
+        """Depth and dead letters of every destination: three round trips to the store and one
+        to the broker (pipelined on Redis), however many destinations there are."""
         from ..messaging.plugin import FEATURE as MESSAGING
-        from ..messaging.status import queue_entries
+        from ..messaging.status import destination_queues
 
         messaging = self.state.features.get(MESSAGING)
         if messaging is None:
             return []
-
-        entries = queue_entries(messaging.backend, self.state.store, self.state.keys)
-        return [family(m.QUEUE_DEPTH, [((e["name"],), float(_summed(e, "depth"))) for e in entries]),
-                family(m.QUEUE_DEAD, [((e["name"],), float(_summed(e, "dead"))) for e in entries])]
+        store, keys = self.state.store, self.state.keys
+        queues_of = destination_queues(store, keys)
+        every = [queue for queues in queues_of.values() for queue in queues]
+        counts = messaging.backend.counts(every)
+        pipe = store.pipeline(transaction=False)
+        for queue in every:
+            pipe.hlen(keys.messaging_dead(queue))
+        dead = dict(zip(every, (int(n) for n in pipe.execute()), strict=True))
+        named = sorted(queues_of.items())
+        depths: Samples = [((name,), float(sum(counts[q][0] for q in queues))) for name, queues in named]
+        buried: Samples = [((name,), float(sum(dead[q] + counts[q][1] for q in queues))) for name, queues in named]
+        return [family(m.QUEUE_DEPTH, depths), family(m.QUEUE_DEAD, buried)]
 
 
 def _state(name: str, raw: Any) -> str:
@@ -74,13 +123,7 @@ def _state(name: str, raw: Any) -> str:
     return str(record["state"])
 
 
-def _summed(entry: dict[str, Any], field: str) -> int:
-    if entry["kind"] == "queue":
-        return int(entry.get(field) or 0)
-    return sum(int(sub.get(field) or 0) for sub in entry.get("subscriptions", ()))
-
-
-def family(metric: Metric, samples: list[tuple[tuple[str, ...], float]]) -> Any:
+def family(metric: Metric, samples: Samples) -> Any:
     """A prometheus_client gauge family for a scraped ``metric``."""
     from prometheus_client.core import GaugeMetricFamily
 

@@ -10,6 +10,9 @@ from .metric import Metric
 
 #: Lease renewals are one round trip to the store: milliseconds, unless it struggles.
 RENEW_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+#: Handler and balancer times: seven buckets, not prometheus_client's fifteen, as each is a series
+#: per destination or backend that every scrape reads and writes (bench/metrics_scrape.py).
+SECONDS_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0)
 #: How late a job fires: a few milliseconds normally, seconds to minutes across a failover.
 LATENESS_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -29,7 +32,8 @@ REDELIVERED = Metric("counter", "immutant_messages_redelivered_total",
                      "Unacknowledged messages of a dead consumer put back on their queue, per destination "
                      "(Redis broker; RabbitMQ requeues them itself).", ("destination",))
 HANDLER_SECONDS = Metric("histogram", "immutant_message_handler_seconds",
-                         "Time a listener took to handle one message, per destination.", ("destination",))
+                         "Time a listener took to handle one message, per destination.", ("destination",),
+                         buckets=SECONDS_BUCKETS)
 IN_FLIGHT = Metric("gauge", "immutant_messages_in_flight",
                    "Messages being handled by this node's listeners now, per destination.", ("destination",))
 QUEUE_DEPTH = Metric("gauge", "immutant_queue_depth",
@@ -92,7 +96,7 @@ BALANCER_REQUESTS = Metric("counter", "immutant_balancer_requests_total",
                            ("backend", "context", "status"))
 BALANCER_SECONDS = Metric("histogram", "immutant_balancer_request_seconds",
                           "Time from the balancer receiving a request to the backend's response head.",
-                          ("backend", "context"))
+                          ("backend", "context"), buckets=SECONDS_BUCKETS)
 BALANCER_RETRIES = Metric("counter", "immutant_balancer_retries_total",
                           "Requests the embedded balancer retried on another backend after this one failed.",
                           ("backend", "context"))
