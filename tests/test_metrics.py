@@ -19,9 +19,10 @@ from flask import Flask
 from flask_immutant import ImmutantExtension
 from flask_immutant.errors import ImmutantConfigError
 from flask_immutant.metrics import definitions, process
+from flask_immutant.metrics.cluster import ClusterCollector
 from flask_immutant.metrics.http import METRICS_PATH, allowed
 
-from support import invoke_flask, run_flask, wait_until
+from support import invoke_flask, run_flask, track, wait_until
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 
@@ -127,6 +128,38 @@ def test_metrics_off_leaves_the_path_to_the_app_and_records_nothing(metrics_off:
     assert not process.enabled()
     definitions.PUBLISHED.inc("/queue/unit")  # a no-op
     assert app.test_client().get(METRICS_PATH).status_code == 404
+
+
+# --- what a scrape reads from the store ------------------------------------------------------
+
+
+def _depth(collector: ClusterCollector) -> float | None:
+    for found in collector.collect():
+        if found.name == definitions.QUEUE_DEPTH.name:
+            return next((sample.value for sample in found.samples if sample.labels["destination"] == "/queue/depth"),
+                        None)
+    return None
+
+
+def test_a_scrape_serves_the_last_reading_and_refreshes_it_in_the_background(
+        metrics_off: None, immutant_home: Path, embedded_store: object, cluster_name: str) -> None:
+    # Given an app on the real store with one message waiting on a queue nobody consumes
+    app = track(Flask(__name__))
+    app.config.update(IMMUTANT_HOME=str(immutant_home), IMMUTANT_CLUSTER=cluster_name, IMMUTANT_METRICS=True)
+    immutant = ImmutantExtension(app)
+    with app.app_context():
+        immutant.publish("/queue/depth", 1)
+    collector = ClusterCollector(app.extensions["immutant"], fresh_for=3600)
+    # When the first scrape reads, Then it reads in line
+    assert _depth(collector) == 1.0
+    # When a second message arrives, Then a fresh reading still serves the next scrape
+    with app.app_context():
+        immutant.publish("/queue/depth", 2)
+    assert _depth(collector) == 1.0
+    # When the reading is stale, Then that scrape still gets it, and a later one the new reading
+    collector.fresh_for = 0.0
+    assert _depth(collector) == 1.0
+    wait_until(lambda: _depth(collector) == 2.0, 10, message="the background reading")
 
 
 # --- several processes, one node --------------------------------------------------------------
