@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -269,3 +270,74 @@ def test_metrics_command_says_in_one_line_when_no_node_answers(node_env: dict[st
 def test_metrics_command_refuses_a_url_that_is_not_http(node_env: dict[str, str]) -> None:
     result = invoke_flask(["immutant", "metrics", "--url", "file:///etc/passwd"], node_env)
     assert result.returncode == 1 and "expected http://host:port" in result.stderr
+
+
+# --- messaging counters across a SIGKILL ------------------------------------------------------
+
+FAILOVER_APP = """
+import os, threading
+from flask import Flask, request
+from flask_immutant import ImmutantExtension
+
+immutant = ImmutantExtension()
+NODE = os.environ.get("IMMUTANT_NODE_NAME")  # set in the runtime; not in the supervisor
+
+@immutant.listen("/queue/hold")
+def hold(body):
+    if body == "fail":
+        raise RuntimeError("failing on purpose")
+    if NODE == "victim":
+        print("holding", flush=True)
+        threading.Event().wait(60)
+
+app = Flask(__name__)
+app.config.update(IMMUTANT_METRICS=True, IMMUTANT_CLUSTERED=True, IMMUTANT_MESSAGING_MAX_RETRIES=1,
+                  IMMUTANT_MESSAGING_MIN_BACKOFF=0.05, IMMUTANT_MESSAGING_MAX_BACKOFF=0.1)
+immutant.init_app(app)
+
+@app.post("/publish/<body>")
+def publish(body):
+    immutant.publish("/queue/hold", body)
+    return "published"
+"""
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{METRICS_PATH}", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def _value(text: str, sample: str) -> float | None:
+    found = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else None
+
+
+def test_a_dead_consumers_messages_count_as_redelivered_and_failures_as_retried_then_dead(
+        start_node, node_env: dict[str, str], tmp_path: Path) -> None:
+    # Given a victim node holding three messages in its handlers
+    (tmp_path / "hold_app.py").write_text(FAILOVER_APP)
+    victim = start_node("--node-name", "victim", app="hold_app.py")
+    victim.wait_for(r"serves on http://")
+    port = int(node_env["IMMUTANT_HTTP_PORT"])
+    for _ in range(3):
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/publish/hold", method="POST"),
+                               timeout=10).close()
+    wait_until(lambda: victim.output.count("holding") == 3, 30)
+    survivor = start_node("--node-name", "survivor", "--port-offset", "100", app="hold_app.py")
+    survivor.wait_for(r"serves on http://")
+    # When the victim is killed with SIGKILL
+    victim.signal(signal.SIGKILL)
+    # Then the survivor's metrics count its three messages as redelivered after a dead consumer
+    hold = 'destination="/queue/hold"'
+    wait_until(lambda: _value(_scrape(port + 100), f"immutant_messages_redelivered_total{{{hold}}}") == 3.0, 30)
+    # And delivered there, once each
+    wait_until(lambda: _value(_scrape(port + 100), f"immutant_messages_delivered_total{{{hold}}}") == 3.0, 30)
+    # When a message fails every attempt
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port + 100}/publish/fail", method="POST"),
+                           timeout=10).close()
+    # Then it counts two failures, one retry and one dead letter, and the dead-letter store shows it
+    wait_until(lambda: _value(_scrape(port + 100), f"immutant_messages_dead_lettered_total{{{hold}}}") == 1.0, 30)
+    text = _scrape(port + 100)
+    assert _value(text, f"immutant_messages_failed_total{{{hold}}}") == 2.0
+    assert _value(text, f"immutant_messages_retried_total{{{hold}}}") == 1.0
+    wait_until(lambda: _value(_scrape(port + 100), f"immutant_queue_dead{{{hold}}}") == 1.0, 10)
