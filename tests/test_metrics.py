@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -341,3 +343,51 @@ def test_a_dead_consumers_messages_count_as_redelivered_and_failures_as_retried_
     assert _value(text, f"immutant_messages_failed_total{{{hold}}}") == 2.0
     assert _value(text, f"immutant_messages_retried_total{{{hold}}}") == 1.0
     wait_until(lambda: _value(_scrape(port + 100), f"immutant_queue_dead{{{hold}}}") == 1.0, 10)
+
+
+# --- the embedded balancer --------------------------------------------------------------------
+
+
+def test_the_embedded_balancer_counts_requests_and_retries_and_never_forwards_the_metrics_path(
+        node_env: dict[str, str], store_client, cluster_name: str, tmp_path: Path) -> None:
+    from balancer_support import Backend, free_port, start_embedded
+
+    from flask_immutant.contexts import registry
+    from flask_immutant.keys import Keys
+
+    # Given a backend x and a context whose node refuses connections, behind balancers with and without metrics
+    keys, backend, dead = Keys(cluster_name), Backend("x"), free_port()
+    for node, port in (("x", backend.port), ("dead", dead)):
+        registry.publish(store_client, keys, registry.Context(node, "/", "app", "127.0.0.1", port, 100, os.getpid(),
+                                                              time.time()), 60)
+        registry.announce(store_client, keys, f"{node}|/")
+    on, on_url = start_embedded({**node_env, "IMMUTANT_METRICS": "1"}, tmp_path)
+    off, off_url = start_embedded(node_env, tmp_path)
+    try:
+        wait_until(lambda: _status(f"{on_url}/who", {"IMMUTANT_ROUTE": "x"}) == 200, 10)
+        # When a client bound to the dead node asks
+        assert _status(f"{on_url}/who", {"IMMUTANT_ROUTE": "dead"}) == 200
+        # Then the balancer's metrics count the retry on the dead node and the request x answered
+        hits = backend.hits
+        text = _scrape_url(on_url)
+        assert (_value(text, 'immutant_balancer_retries_total{backend="dead",context="/"}') or 0) >= 1
+        assert (_value(text, 'immutant_balancer_requests_total{backend="x",context="/",status="2xx"}') or 0) >= 2
+        assert (_value(text, 'immutant_balancer_request_seconds_count{backend="x",context="/"}') or 0) >= 2
+        # And a balancer with metrics off answers the path 404 itself; neither forwards it
+        assert _status(f"{off_url}{METRICS_PATH}") == 404
+        assert backend.hits == hits
+    finally:
+        on.cleanup()
+        off.cleanup()
+        backend.close()
+
+
+def _status(url: str, cookies: dict[str, str] | None = None) -> int:
+    import requests
+
+    return int(requests.get(url, cookies=cookies, timeout=10).status_code)
+
+
+def _scrape_url(base: str) -> str:
+    with urllib.request.urlopen(f"{base}{METRICS_PATH}", timeout=10) as response:
+        return str(response.read().decode())

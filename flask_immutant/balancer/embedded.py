@@ -22,16 +22,16 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from ..metrics import definitions as metrics
+from ..metrics.http import METRICS_PATH, allowed, refusal
+from ..metrics.process import enable, render
 from . import routing
 from .watch import Table, TableWatcher
 
 if TYPE_CHECKING:
     import redis
 
-    from ..metrics import definitions as metrics
-from ..extension import ImmutantState
-from ..metrics.http import METRICS_PATH, allowed, refusal
-from ..metrics.process import enable, render
+    from ..extension import ImmutantState
 
 log = logging.getLogger("flask_immutant.balancer")
 
