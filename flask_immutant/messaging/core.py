@@ -1,6 +1,6 @@
 """The messaging API of one app: destinations, publish, listen, request/respond.
 
-Kept in ``state.features["messaging"]``. Calls made where the app is only imported (module level
+Kept in the app state's ``MESSAGING`` slot. Calls made where the app is only imported (module level
 of ``app.py`` in the node supervisor, a CLI command, the app runtime before it starts) register
 listeners; the app runtime starts consuming in ``immutant_runtime_started``. Calls made once the
 runtime is running (``state.runtime`` set) take effect at once. Publishing works anywhere.
@@ -23,6 +23,7 @@ from dramatiq import Message as DramatiqMessage
 from dramatiq.broker import Broker
 
 from ..metrics import definitions as metrics
+from ..protocols import Slot
 from ..records import from_json, hash_of, json_object, read_records
 from .backends import Backend, Target, make_backend
 from .codec import Message, envelope
@@ -32,10 +33,12 @@ from .errors import EncodeError, MessagingError, RemoteError, RequestTimeout
 from .selector import Selector, compile_selector
 
 if TYPE_CHECKING:
-    from ..extension import ImmutantState
-    from ..server.runtime import AppRuntime
+    from ..protocols import RuntimeView
+    from ..state import ImmutantState
 
 log = logging.getLogger("flask_immutant.messaging")
+#: Where an app's :class:`Messaging` is kept in its state.
+MESSAGING: Slot[Messaging] = Slot("messaging")
 
 Handler = Callable[[Any], Any]
 #: Messages per broker call of ``publish_many`` (a bigger batch is sent in several round trips, so
@@ -147,8 +150,13 @@ def _reply(raw: bytes | str) -> tuple[bool, Any]:
     return (True, data["value"]) if data.get("ok") else (False, data.get("error"))
 
 
+def messaging_of(state: ImmutantState) -> Messaging:
+    """The app's messaging, made on first use."""
+    return state.feature(MESSAGING, Messaging)
+
+
 class Messaging:
-    """Messaging for one app (``state.features["messaging"]``)."""
+    """Messaging for one app (in its state's ``MESSAGING`` slot)."""
 
     def __init__(self, state: ImmutantState) -> None:
         self.state = state
@@ -214,13 +222,6 @@ class Messaging:
         found = read_records(hash_of(self.state.store, self.state.keys.messaging_destinations, "destination"),
                              "destination", json_object)
         return [name for name, record in found.items() if record.get("kind") == "topic"]
-
-    def destination_names(self) -> dict[str, str]:
-        """Dramatiq queue -> destination name, for every queue and topic subscription in the store."""
-        from .status import destination_queues
-
-        return {queue: name for name, queues in destination_queues(self.state.store, self.state.keys).items()
-                for queue in queues}
 
     # --- publishing ---
 
@@ -439,7 +440,7 @@ class Messaging:
 
     # --- runtime ---
 
-    def runtime_started(self, runtime: AppRuntime) -> None:
+    def runtime_started(self, runtime: RuntimeView) -> None:
         node = os.environ.get("IMMUTANT_NODE_NAME") or "local"
         engine = Engine(self, runtime.app, node)
         for destination in list(self.destinations.values()):
@@ -452,7 +453,7 @@ class Messaging:
             self._register(listener.destination)
             engine.bind(listener)
 
-    def runtime_stopping(self, runtime: AppRuntime) -> None:
+    def runtime_stopping(self, runtime: RuntimeView) -> None:
         with self._lock:
             engine, self.engine = self.engine, None
         if engine is not None:

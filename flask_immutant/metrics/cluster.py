@@ -97,10 +97,10 @@ class ClusterCollector:
     def _queues(self) -> list[Any]:
         """Depth and dead letters of every destination: three round trips to the store and one
         to the broker (pipelined on Redis), however many destinations there are."""
-        from ..messaging.plugin import FEATURE as MESSAGING
+        from ..messaging.core import MESSAGING
         from ..messaging.status import destination_queues
 
-        messaging = self.state.features.get(MESSAGING)
+        messaging = self.state.get(MESSAGING)
         if messaging is None:
             return []
         store, keys = self.state.store, self.state.keys
