@@ -204,6 +204,30 @@ def test_values_of_several_processes_add_up_and_a_dead_ones_live_gauges_go(
             child.communicate()
 
 
+def test_a_metric_call_never_raises_into_its_caller_and_goes_quiet_after_a_failure(
+        metrics_off: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # Given metrics on in a node's folder, with one value recorded, and then the folder removed
+    # (a tmp cleaner, a second node on the same data dir): a new file cannot be opened
+    import shutil
+
+    folder = process.prepare_folder(tmp_path / "node")
+    monkeypatch.setenv(process.MULTIPROC_ENV, str(folder))
+    process.enable()
+    definitions.LEASE_HOLDER.set(1, "scheduler")
+    shutil.rmtree(folder)
+    # When every kind of call site records (counters' file is open already: unlabelled ones open it)
+    with caplog.at_level("WARNING", logger="flask_immutant.metrics"):
+        definitions.PUBLISHED.inc("/queue/orders")
+        definitions.HANDLER_SECONDS.observe(0.01, "/queue/orders")
+        definitions.HANDLER_SECONDS.observe(0.02, "/queue/orders")
+        definitions.IN_FLIGHT.dec("/queue/orders")
+    # Then none raised, each failing metric said so once, and is a no-op from then on
+    failed = [r.getMessage() for r in caplog.records if "stopped recording" in r.getMessage()]
+    assert sorted(failed) == sorted(f"metrics: {name} stopped recording in this process (no more values until restart)"
+                                    for name in ("immutant_message_handler_seconds", "immutant_messages_in_flight"))
+    assert definitions.HANDLER_SECONDS._live is None and definitions.LEASE_HOLDER._live is not None
+
+
 def test_prepare_folder_empties_a_previous_runs_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(process.MULTIPROC_ENV, raising=False)
     stale = tmp_path / "metrics" / "counter_4242.db"

@@ -330,9 +330,9 @@ class Engine:
             return
         _local.current = message
         self.in_flight[queue] += 1
-        metrics.IN_FLIGHT.inc(message.destination)
         started = time.perf_counter()
         try:
+            metrics.IN_FLIGHT.inc(message.destination)
             with self.app.app_context():
                 listener.handle(message)
         except BaseException:
@@ -341,10 +341,10 @@ class Engine:
         else:
             metrics.DELIVERED.inc(message.destination)
         finally:
+            self.in_flight[queue] -= 1  # our own bookkeeping first: it never waits on a metric
+            _local.current = None
             metrics.HANDLER_SECONDS.observe(time.perf_counter() - started, message.destination)
             metrics.IN_FLIGHT.dec(message.destination)
-            self.in_flight[queue] -= 1
-            _local.current = None
         if done_key:
             store.set(done_key, "1", px=int(self.settings["IMMUTANT_MESSAGING_DEDUPE_WINDOW"] * 1000))
 

@@ -7,11 +7,14 @@ each call is a no-op costing one attribute read, and prometheus_client is never 
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Kind = Literal["counter", "gauge", "histogram"]
 GaugeMode = Literal["livesum", "livemax", "liveall"]
+log = logging.getLogger("flask_immutant.metrics")
 
 
 @dataclass(eq=False)
@@ -32,24 +35,42 @@ class Metric:
     _live: Any = field(default=None, repr=False)
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
-        live = self._live
-        if live is not None:
-            (live.labels(*labels) if labels else live).inc(amount)
+        if self._live is not None:
+            self._record("inc", labels, amount)
 
     def dec(self, *labels: str, amount: float = 1.0) -> None:
-        live = self._live
-        if live is not None:
-            (live.labels(*labels) if labels else live).dec(amount)
+        if self._live is not None:
+            self._record("dec", labels, amount)
 
     def set(self, value: float, *labels: str) -> None:
-        live = self._live
-        if live is not None:
-            (live.labels(*labels) if labels else live).set(value)
+        if self._live is not None:
+            self._record("set", labels, value)
 
     def observe(self, value: float, *labels: str) -> None:
+        if self._live is not None:
+            self._record("observe", labels, value)
+
+    def _record(self, how: str, labels: tuple[str, ...], value: float) -> None:
+        """A metric never raises into the code it measures: the first failure (the multi-process
+        folder gone, no file descriptor left, a bad label) is logged and the metric goes quiet."""
         live = self._live
-        if live is not None:
-            (live.labels(*labels) if labels else live).observe(value)
+        try:
+            getattr(live.labels(*labels) if labels else live, how)(value)
+        except Exception:
+            self._live = None
+            log.warning("metrics: %s stopped recording in this process (no more values until restart)",
+                        self.name, exc_info=True)
+
+    def forget(self, **labels: str) -> None:
+        """Drop every series whose labels include ``labels`` (a backend that left): in-memory
+        registries only, as prometheus_client cannot remove series in multi-process mode."""
+        live = self._live
+        if live is None or not self.labels or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return
+        try:
+            live.remove_by_labels(labels)
+        except Exception:
+            log.debug("metrics: could not forget %s %s", self.name, labels, exc_info=True)
 
     def bind(self, registry: Any) -> None:
         """Create the prometheus_client object (in ``registry``; ``None`` in multi-process mode,
