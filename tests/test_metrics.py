@@ -415,3 +415,104 @@ def _status(url: str, cookies: dict[str, str] | None = None) -> int:
 def _scrape_url(base: str) -> str:
     with urllib.request.urlopen(f"{base}{METRICS_PATH}", timeout=10) as response:
         return str(response.read().decode())
+
+
+# --- the reserved prefix is never forwarded, and a node does not lend trust to a proxy ---------
+
+RESERVED_APP = """
+from flask import Flask
+from flask_immutant import ImmutantExtension
+immutant = ImmutantExtension()
+app = Flask(__name__)
+app.config.update(IMMUTANT_METRICS=True)
+immutant.init_app(app)
+
+@app.get("/")
+def index():
+    return "hello"
+"""
+#: The metrics path as a client may spell it to slip past a prefix check: encoded slashes and
+#: letters (once and twice), repeated slashes, dot segments, another case.
+SPELLINGS = (METRICS_PATH, "/-/immutant%2Fmetrics", "/-/immutant%2fmetrics", "/-%2Fimmutant%2Fmetrics",
+             "/-/%69mmutant/metrics", "/-/immutant%252Fmetrics", "//-/immutant/metrics", "/-//immutant/metrics",
+             "/-/./immutant/metrics", "/x/../-/immutant/metrics", "/x/%2e%2e/-/immutant/metrics",
+             "/-/IMMUTANT/metrics", f"{METRICS_PATH}?x=1")
+
+
+def raw_get(base: str, target: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """GET ``target`` byte for byte as given (no client-side normalisation)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
+    try:
+        connection.request("GET", target, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read().decode("utf-8", "replace")
+    finally:
+        connection.close()
+
+
+def start_metrics_node(start_node, tmp_path: Path, **env: str) -> str:
+    (tmp_path / "app.py").write_text(RESERVED_APP)
+    node = start_node(app="app.py", env=env)
+    return node.wait_for(r"serves on (http://[\d.]+:\d+)", timeout=60).group(1)
+
+
+def test_the_reserved_prefix_is_recognised_however_it_is_spelt() -> None:
+    from flask_immutant.metrics.http import reserved
+
+    assert all(reserved(target) for target in SPELLINGS)
+    assert not any(reserved(target) for target in ("/", "/-/immutantly", "/immutant/metrics", "/shop/-/x",
+                                                   "/static/immutant/app.js"))
+
+
+def test_a_node_refuses_its_metrics_to_a_request_forwarded_by_an_untrusted_proxy(start_node, tmp_path: Path) -> None:
+    # Given a node with metrics on and no IMMUTANT_TRUSTED_PROXIES
+    url = start_metrics_node(start_node, tmp_path)
+    wait_until(lambda: raw_get(url, "/")[0] == 200, 30)
+    # When a loopback peer asks directly, Then it reads the metrics
+    status, body = raw_get(url, METRICS_PATH)
+    assert status == 200 and "immutant_cluster_members" in body
+    # When a loopback peer asks with a header a proxy adds (a proxy on this machine nobody listed),
+    # Then the node refuses: the proxy's loopback address is not the client's
+    for header in ("X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "Forwarded"):
+        status, body = raw_get(url, METRICS_PATH, {header: "for=203.0.113.9" if header == "Forwarded" else "x"})
+        assert status == 403 and "IMMUTANT_TRUSTED_PROXIES" in body, (header, status, body)
+    # And the app's own paths still answer such requests
+    assert raw_get(url, "/", {"X-Forwarded-For": "203.0.113.9"})[0] == 200
+
+
+def test_the_embedded_balancer_never_forwards_the_reserved_prefix_however_spelt(
+        start_node, node_env: dict[str, str], tmp_path: Path) -> None:
+    from balancer_support import start_embedded
+
+    # Given a node with metrics on, behind the embedded balancer, and a client that is not loopback
+    start_metrics_node(start_node, tmp_path)
+    balancer, url = start_embedded(node_env, tmp_path, "--host", "0.0.0.0", "--no-console")
+    public = url.replace("0.0.0.0", _public_address())
+    try:
+        wait_until(lambda: raw_get(public, "/")[0] == 200, 30)
+        # When the client asks for the metrics path, spelt every way
+        for target in SPELLINGS:
+            status, body = raw_get(public, target)
+            # Then the balancer answers itself (its own metrics refuse a public client); the node is never asked
+            assert status in (403, 404) and body.startswith("flask-immutant balancer:"), (target, status, body[:200])
+    finally:
+        balancer.cleanup()
+
+
+def _public_address() -> str:
+    """This machine's address that is not loopback, as the internet side of a balancer sees it."""
+    import socket
+
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # nothing is sent: picks the interface a route would use
+        address = str(probe.getsockname()[0])
+    finally:
+        probe.close()
+    if address.startswith("127."):
+        pytest.skip("this machine has no address besides loopback")
+    return address

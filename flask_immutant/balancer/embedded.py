@@ -23,7 +23,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ..metrics import definitions as metrics
-from ..metrics.http import METRICS_PATH, allowed, refusal
+from ..metrics.http import METRICS_PATH, allowed, refusal, reserved
 from ..metrics.process import enable, render
 from . import routing
 from .watch import Table, TableWatcher
@@ -167,6 +167,8 @@ class EmbeddedBalancer:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         assert self._client is not None
+        if reserved(request.raw_path):  # however spelt: a node would take our address for the client's
+            return _error(404, "flask-immutant's own paths (/-/immutant/) are not forwarded")
         route = request.cookies.get(routing.ROUTE_COOKIE)
         retriable = request.method in routing.IDEMPOTENT_METHODS
         if request.content_length is not None and request.content_length > self.max_body:
