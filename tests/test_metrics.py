@@ -516,3 +516,46 @@ def _public_address() -> str:
     if address.startswith("127."):
         pytest.skip("this machine has no address besides loopback")
     return address
+
+
+# --- an unreachable broker -----------------------------------------------------------------------
+
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+#: A node's scrape reading, in its own process (pika leaves a refused connection's sockets behind).
+READING = textwrap.dedent("""
+    import json, sys
+    from flask import Flask
+    from flask_immutant import ImmutantExtension
+    from flask_immutant.metrics.cluster import ClusterCollector
+    app = Flask(__name__)
+    app.config.update(IMMUTANT_METRICS=True, IMMUTANT_BROKER_URL=sys.argv[1])
+    immutant = ImmutantExtension(app)
+    if len(sys.argv) > 2:
+        with app.app_context():
+            immutant.publish(sys.argv[2], 1)
+    reading = {found.name: {s.labels.get("destination", ""): s.value for s in found.samples}
+               for found in ClusterCollector(app.extensions["immutant"]).collect()}
+    print(json.dumps(reading))
+""")
+
+
+def _reading(env: dict[str, str], broker: str, *publish: str) -> dict[str, dict[str, float]]:
+    import json
+
+    done = subprocess.run([sys.executable, "-c", READING, broker, *publish], env=env, capture_output=True, text=True,
+                          timeout=120, check=True)
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_an_unreachable_broker_leaves_queue_depths_out_and_says_so(node_env: dict[str, str], cluster_name: str) -> None:
+    from balancer_support import free_port
+
+    # Given a message waiting on RabbitMQ, counted by a node that reaches it
+    destination = f"/queue/up-{cluster_name}"
+    up = _reading(node_env, RABBITMQ_URL, destination)
+    assert up["immutant_queue_depth"][destination] == 1.0 and up["immutant_broker_up"] == {"": 1.0}
+    # When a node of the same cluster reads while its broker does not answer (nothing listens there)
+    down = _reading(node_env, f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F")
+    # Then the depth is not reported as 0 but left out, and immutant_broker_up is 0
+    assert destination not in down["immutant_queue_depth"] and destination not in down["immutant_queue_dead"]
+    assert down["immutant_broker_up"] == {"": 0.0}

@@ -79,13 +79,17 @@ class Backend:
     def delete_queue(self, broker: Broker, queue: str) -> None:
         raise NotImplementedError
 
-    def counts(self, queues: Sequence[str]) -> dict[str, tuple[int, int]]:
+    def counts(self, queues: Sequence[str]) -> dict[str, tuple[int, int] | None]:
         """``(waiting, rejected)`` of each queue as :meth:`queue_stats` counts them, for a metrics
-        scrape: in as few round trips as the broker allows (one per queue here)."""
-        found = {}
+        scrape: in as few round trips as the broker allows (one per queue here). ``None`` for a
+        queue the broker did not count (unreachable): unknown is not 0."""
+        found: dict[str, tuple[int, int] | None] = dict.fromkeys(queues)
         for queue in queues:
             stats = self.queue_stats(None, queue)
-            found[queue] = (int(stats.get("depth") or 0), int(stats.get("rejected") or 0))
+            depth, rejected = stats.get("depth"), stats.get("rejected")
+            if depth is None:
+                break  # unreachable: asking for every other queue would only wait as long again
+            found[queue] = (int(depth), int(rejected or 0))
         return found
 
     def describe(self) -> str:
@@ -197,7 +201,7 @@ class RedisBackend(Backend):
         return {"depth": int(waiting), "in_flight": max(0, int(stored) - int(waiting)), "delayed": int(delayed),
                 "rejected": int(rejected)}
 
-    def counts(self, queues: Sequence[str]) -> dict[str, tuple[int, int]]:
+    def counts(self, queues: Sequence[str]) -> dict[str, tuple[int, int] | None]:
         pipe = self.client.pipeline(transaction=False)
         for queue in queues:
             base = f"{self.namespace}:{queue}"  # Dramatiq's keys, as in queue_stats

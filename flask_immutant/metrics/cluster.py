@@ -96,7 +96,9 @@ class ClusterCollector:
 
     def _queues(self) -> list[Any]:
         """Depth and dead letters of every destination: three round trips to the store and one
-        to the broker (pipelined on Redis), however many destinations there are."""
+        to the broker (pipelined on Redis), however many destinations there are. A destination
+        whose queues the broker did not count is left out (unknown is not 0), and
+        ``immutant_broker_up`` says so."""
         from ..messaging.core import MESSAGING
         from ..messaging.status import destination_queues
 
@@ -106,15 +108,25 @@ class ClusterCollector:
         store, keys = self.state.store, self.state.keys
         queues_of = destination_queues(store, keys)
         every = [queue for queues in queues_of.values() for queue in queues]
-        counts = messaging.backend.counts(every)
+        counts: dict[str, tuple[int, int] | None]
+        try:
+            counts = messaging.backend.counts(every)
+        except Exception as exc:  # the broker's own errors (redis, pika, sockets): unknown, not 0
+            log.debug("metrics: the broker did not count its queues: %s", exc)
+            counts = dict.fromkeys(every)
         pipe = store.pipeline(transaction=False)
         for queue in every:
             pipe.hlen(keys.messaging_dead(queue))
         dead = dict(zip(every, (int(n) for n in pipe.execute()), strict=True))
-        named = sorted(queues_of.items())
-        depths: Samples = [((name,), float(sum(counts[q][0] for q in queues))) for name, queues in named]
-        buried: Samples = [((name,), float(sum(dead[q] + counts[q][1] for q in queues))) for name, queues in named]
-        return [family(m.QUEUE_DEPTH, depths), family(m.QUEUE_DEAD, buried)]
+        depths: Samples = []
+        buried: Samples = []
+        for name, queues in sorted(queues_of.items()):
+            known = [counted for counted in (counts.get(q) for q in queues) if counted is not None]
+            if len(known) == len(queues):
+                depths.append(((name,), float(sum(waiting for waiting, _ in known))))
+                buried.append(((name,), float(sum(dead[q] for q in queues) + sum(rejected for _, rejected in known))))
+        up = float(all(counts.get(q) is not None for q in every))
+        return [family(m.QUEUE_DEPTH, depths), family(m.QUEUE_DEAD, buried), family(m.BROKER_UP, [((), up)])]
 
 
 def _state(name: str, raw: Any) -> str:

@@ -42,6 +42,10 @@ QUEUE_DEPTH = Metric("gauge", "immutant_queue_depth",
 QUEUE_DEAD = Metric("gauge", "immutant_queue_dead",
                     "Messages in a destination's dead-letter store, read at scrape time.", ("destination",),
                     scraped=True)
+BROKER_UP = Metric("gauge", "immutant_broker_up",
+                   "1 when the message broker counted every queue at the last reading, 0 when it did not "
+                   "(its queues' depth and dead letters are then left out, not reported as 0); read at scrape "
+                   "time.", scraped=True)
 
 # --- singletons: leases, daemons, jobs ------------------------------------------------------
 
