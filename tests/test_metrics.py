@@ -559,3 +559,34 @@ def test_an_unreachable_broker_leaves_queue_depths_out_and_says_so(node_env: dic
     # Then the depth is not reported as 0 but left out, and immutant_broker_up is 0
     assert destination not in down["immutant_queue_depth"] and destination not in down["immutant_queue_dead"]
     assert down["immutant_broker_up"] == {"": 0.0}
+
+
+def test_the_embedded_balancer_forgets_a_backends_series_when_it_leaves_the_routing_table(
+        node_env: dict[str, str], store_client, cluster_name: str, tmp_path: Path) -> None:
+    from balancer_support import Backend, start_embedded
+
+    from flask_immutant.contexts import registry
+    from flask_immutant.keys import Keys
+
+    # Given two backends of one context behind a balancer with metrics on, each having answered
+    keys, backends = Keys(cluster_name), {name: Backend(name) for name in ("x", "y")}
+    for name, backend in backends.items():
+        registry.publish(store_client, keys, registry.Context(name, "/", "app", "127.0.0.1", backend.port, 100,
+                                                              os.getpid(), time.time()), 60)
+        registry.announce(store_client, keys, f"{name}|/")
+    balancer, url = start_embedded({**node_env, "IMMUTANT_METRICS": "1"}, tmp_path)
+    series = 'immutant_balancer_requests_total{{backend="{}",context="/",status="2xx"}}'
+    try:
+        for name in backends:
+            wait_until(lambda name=name: _status(f"{url}/who", {"IMMUTANT_ROUTE": name}) == 200
+                       and _value(_scrape_url(url), series.format(name)) is not None, 10)
+        # When y leaves the routing table (its node undeployed, or a pod that is gone for good)
+        registry.withdraw(store_client, keys, "y", "/", os.getpid())
+        registry.announce(store_client, keys, "y|/")
+        # Then the balancer's metrics drop y's series and keep x's
+        wait_until(lambda: 'backend="y"' not in _scrape_url(url), 10, message="y's series dropped")
+        assert _value(_scrape_url(url), series.format("x")) is not None
+    finally:
+        balancer.cleanup()
+        for backend in backends.values():
+            backend.close()

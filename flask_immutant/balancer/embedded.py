@@ -123,8 +123,12 @@ class EmbeddedBalancer:
 
     def _on_tick(self, table: Table, changed: bool) -> None:
         if changed:
+            gone = _backends(self.table) - _backends(table)
             self.table = table
             log.info("routing table: %s", _describe(table))
+            for node, context_path in gone:  # its series go with it: names of pods that come and go pile up
+                for metric in (metrics.BALANCER_REQUESTS, metrics.BALANCER_SECONDS, metrics.BALANCER_RETRIES):
+                    metric.forget(backend=node, context=context_path)
 
     # --- the aiohttp application -------------------------------------------------------------
 
@@ -341,6 +345,11 @@ def _error(status: int, message: str) -> web.Response:
 def _reason(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text.split("\n")[0]
+
+
+def _backends(table: Table) -> set[tuple[str, str]]:
+    """(node, context path) of every server in ``table``: the balancer metrics' label pairs."""
+    return {(server.node, context_path) for context_path, servers in table.items() for server in servers}
 
 
 def _describe(table: Table) -> str:
