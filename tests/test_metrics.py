@@ -204,28 +204,115 @@ def test_values_of_several_processes_add_up_and_a_dead_ones_live_gauges_go(
             child.communicate()
 
 
-def test_a_metric_call_never_raises_into_its_caller_and_goes_quiet_after_a_failure(
-        metrics_off: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    # Given metrics on in a node's folder, with one value recorded, and then the folder removed
-    # (a tmp cleaner, a second node on the same data dir): a new file cannot be opened
-    import shutil
+NO_FOLDER = textwrap.dedent("""
+    import logging, os, shutil
+    from flask_immutant.metrics import definitions, process
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    process.enable()
+    definitions.LEASE_HOLDER.set(1, "scheduler")
+    shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    definitions.PUBLISHED.inc("/queue/orders")
+    definitions.HANDLER_SECONDS.observe(0.01, "/queue/orders")
+    definitions.HANDLER_SECONDS.observe(0.02, "/queue/orders")
+    definitions.IN_FLIGHT.dec("/queue/orders")
+    print("returned", definitions.HANDLER_SECONDS._live is None, definitions.LEASE_HOLDER._live is not None)
+""")
+
+
+def test_a_metric_call_never_raises_into_its_caller_and_goes_quiet_after_a_failure(tmp_path: Path) -> None:
+    # Given a process recording into a node's folder, with one value recorded, and then the folder
+    # removed (a tmp cleaner, a second node on the same data dir): no new file can be opened
+    folder = tmp_path / "node" / "metrics"
+    folder.mkdir(parents=True)
+    # When every kind of call site records (counters' file is open already: unlabelled ones open it)
+    done = subprocess.run([sys.executable, "-c", NO_FOLDER], env={**os.environ, process.MULTIPROC_ENV: str(folder)},
+                          capture_output=True, text=True, timeout=60, check=False)
+    # Then every call returned, each failing metric said so once, and is a no-op from then on
+    assert done.returncode == 0 and done.stdout.strip() == "returned True True", done.stderr
+    failed = sorted(line for line in done.stderr.splitlines() if "stopped recording" in line)
+    assert failed == sorted(f"metrics: {name} stopped recording in this process (no more values until restart)"
+                            for name in ("immutant_message_handler_seconds", "immutant_messages_in_flight"))
+
+
+EXITING = textwrap.dedent("""
+    import sys
+    from flask_immutant.metrics import definitions, process
+    process.enable()
+    definitions.DELIVERED.inc("/queue/mp", amount=int(sys.argv[1]))
+    definitions.HANDLER_SECONDS.observe(float(sys.argv[1]) / 100, "/queue/mp")
+    definitions.IN_FLIGHT.inc("/queue/mp")
+    definitions.LEASE_HOLDER.set(1, "scheduler")
+""")
+
+
+def _counted(text: str) -> dict[str, float]:
+    """A scrape's counter and histogram samples (what outlives a process)."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(("immutant_messages_delivered", "immutant_message_handler"))}
+
+
+def test_folding_dead_processes_keeps_every_value_contract(
+        metrics_off: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pins prometheus_client's private file layout (MmapedDict, KIND_PID.db) that archive.py writes."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
 
     folder = process.prepare_folder(tmp_path / "node")
     monkeypatch.setenv(process.MULTIPROC_ENV, str(folder))
+    for rounds in ((1, 2, 3), (4, 5)):
+        # Given real processes that recorded into the node's folder and exited
+        for amount in rounds:
+            subprocess.run([sys.executable, "-c", EXITING, str(amount)], env={**os.environ}, check=True)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(folder))
+        unfolded = _counted(generate_latest(registry).decode())
+        # When a scrape renders
+        text = process.render()[0].decode()
+        # Then it shows what reading every file showed (up to float rounding: the sums are added
+        # in another order), their gauges are gone, and the folder holds one archive per kind,
+        # however many processes came and went
+        assert _counted(text) == pytest.approx(unfolded) and len(unfolded) > 5
+        assert "immutant_messages_in_flight{" not in text and "immutant_lease_holder{" not in text
+        assert sorted(f.name for f in folder.glob("*.db")) == ["counter_archive.db", "histogram_archive.db"]
+    assert 'immutant_messages_delivered_total{destination="/queue/mp"} 15.0' in text
+    assert 'immutant_message_handler_seconds_count{destination="/queue/mp"} 5.0' in text
+
+
+HOLDER = textwrap.dedent("""
+    import sys
+    from flask_immutant.metrics import definitions, process
     process.enable()
     definitions.LEASE_HOLDER.set(1, "scheduler")
-    shutil.rmtree(folder)
-    # When every kind of call site records (counters' file is open already: unlabelled ones open it)
-    with caplog.at_level("WARNING", logger="flask_immutant.metrics"):
-        definitions.PUBLISHED.inc("/queue/orders")
-        definitions.HANDLER_SECONDS.observe(0.01, "/queue/orders")
-        definitions.HANDLER_SECONDS.observe(0.02, "/queue/orders")
-        definitions.IN_FLIGHT.dec("/queue/orders")
-    # Then none raised, each failing metric said so once, and is a no-op from then on
-    failed = [r.getMessage() for r in caplog.records if "stopped recording" in r.getMessage()]
-    assert sorted(failed) == sorted(f"metrics: {name} stopped recording in this process (no more values until restart)"
-                                    for name in ("immutant_message_handler_seconds", "immutant_messages_in_flight"))
-    assert definitions.HANDLER_SECONDS._live is None and definitions.LEASE_HOLDER._live is not None
+    print("holding", flush=True)
+    sys.stdin.readline()
+""")
+
+
+def test_a_reused_pid_does_not_keep_a_dead_processs_lease_holder_gauge(
+        metrics_off: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a process that held a lease, recorded it, and was SIGKILLed
+    folder = process.prepare_folder(tmp_path / "node")
+    monkeypatch.setenv(process.MULTIPROC_ENV, str(folder))
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ})
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+    assert _value(process.render()[0].decode(), 'immutant_lease_holder{lease="scheduler"}') == 1.0
+    holder.kill()
+    holder.communicate()
+    # And its pid now belongs to another, unrelated living process (pids are reused): the dead
+    # holder's files, start time record included, renamed to a living process's pid stand for that
+    stranger = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline()"], stdin=subprocess.PIPE)
+    try:
+        for path in list(folder.iterdir()):
+            if path.name.endswith((f"_{holder.pid}.db", f"_{holder.pid}")):
+                path.rename(folder / path.name.replace(str(holder.pid), str(stranger.pid)))
+        # When a scrape renders, Then the stranger is not taken for the holder: the gauge is gone
+        text = process.render()[0].decode()
+        assert "immutant_lease_holder{" not in text
+        assert not list(folder.glob(f"*_{stranger.pid}*"))
+    finally:
+        stranger.kill()
+        stranger.communicate()
 
 
 def test_prepare_folder_empties_a_previous_runs_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

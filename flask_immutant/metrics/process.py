@@ -9,6 +9,12 @@ memory and serves its own.
 
 prometheus_client is process-global by nature (the folder holds one file set per pid), so this
 module is too; nothing here is imported until metrics are on.
+
+A process that is gone leaves files behind. So that a node that restarts runtimes for months does
+not read thousands of files per scrape, each scrape folds a dead process's counters and
+histograms into one archive file per kind (:mod:`.archive`) and deletes its gauges. Whether a pid
+is still the process that wrote the files is decided by the start time it recorded
+(:func:`started`), not by the pid alone: pids are reused.
 """
 
 from __future__ import annotations
@@ -17,20 +23,24 @@ import contextlib
 import os
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import archive
 from .definitions import ALL
 
 #: prometheus_client reads its multi-process folder from this variable.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: The folder under a node's data dir.
 FOLDER = "metrics"
-#: Per-process gauge files of modes whose dead processes' values must go (``mark_process_dead``).
-_LIVE_FILE = re.compile(r"^gauge_live\w*?_(\d+)\.db$")
+#: A process's files in the folder: prometheus_client's ``KIND[_MODE]_PID.db``.
+_PID_FILE = re.compile(r"^(counter|histogram|gauge_\w+?|summary)_(\d+)\.db$")
+#: What a process records about itself on :func:`enable`: its start time (:func:`started`).
+_STARTED = "started_{}"
 
 _lock = threading.Lock()
+_render_lock = threading.Lock()
 #: The mode the definitions are bound in: None (off), "memory" or the multi-process folder.
 _bound: str | None = None
 _registry: Any = None
@@ -41,7 +51,7 @@ def prepare_folder(data_dir: Path) -> Path:
     runtimes started from here on write to it. Called by the supervisor before any runtime."""
     folder = Path(data_dir) / FOLDER
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for stale in folder.glob("*.db"):
+    for stale in (*folder.glob("*.db"), *folder.glob("*.folding"), *folder.glob(_STARTED.format("*"))):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
     os.environ[MULTIPROC_ENV] = str(folder)
@@ -63,7 +73,26 @@ def enable() -> None:
         _registry = CollectorRegistry(auto_describe=True) if mode == "memory" else None
         for metric in ALL:
             metric.bind(_registry)
+        if mode != "memory":
+            record_start(mode)
+            _at_fork_once()
         _bound = mode
+
+
+_forks_watched = False
+
+
+def _at_fork_once() -> None:
+    """A child forked from a process that records (a zygote's runtimes) notes its own start."""
+    global _forks_watched
+    if not _forks_watched and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_record_in_child)
+        _forks_watched = True
+
+
+def _record_in_child() -> None:
+    if _bound not in (None, "memory"):
+        record_start(str(_bound))
 
 
 def disable() -> None:
@@ -85,16 +114,16 @@ def render(extra: Iterable[Any] = ()) -> tuple[bytes, str]:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
     folder = os.environ.get(MULTIPROC_ENV)
-    registry: Any
     if folder:
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        forget_dead_processes(Path(folder))
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=folder)
+        with _locked(Path(folder)):
+            forget_dead_processes(Path(folder))
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=folder)
+            output = generate_latest(registry)
     else:
-        registry = _registry if _registry is not None else CollectorRegistry()
-    output = generate_latest(registry)
+        output = generate_latest(_registry if _registry is not None else CollectorRegistry())
     for collector in extra:
         scraped = CollectorRegistry(auto_describe=False)
         scraped.register(collector)
@@ -103,24 +132,65 @@ def render(extra: Iterable[Any] = ()) -> tuple[bytes, str]:
 
 
 def forget_dead_processes(folder: Path) -> list[int]:
-    """``mark_process_dead`` for every process whose live gauges are in ``folder`` but which is
-    gone: a runtime that exited, was SIGKILLed or was forked from a zygote and died. Done at
-    scrape time, so no supervisor code has to report exits; returns the pids forgotten."""
-    from prometheus_client.multiprocess import mark_process_dead
-
-    pids = {int(m.group(1)) for m in map(_LIVE_FILE.match, os.listdir(folder)) if m}
-    gone = [pid for pid in sorted(pids) if not _alive(pid)]
+    """Fold the files of every process that wrote to ``folder`` and is gone into the archives (a
+    runtime that exited, was SIGKILLed, or was forked and died): its counters and histograms are
+    added to one file per kind, its gauges (live modes) dropped. Done at scrape time, under the
+    folder's lock, so no supervisor code has to report exits; returns the pids folded."""
+    files: dict[int, list[str]] = {}
+    for name in os.listdir(folder):
+        found = _PID_FILE.match(name)
+        if found:
+            files.setdefault(int(found.group(2)), []).append(name)
+    gone = [pid for pid in sorted(files) if not _alive(pid, folder)]
     for pid in gone:
+        for name in files[pid]:
+            kind = name.split("_", 1)[0]
+            if kind in archive.KINDS:
+                archive.fold(folder / name, folder / archive.name_of(kind))
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()
         with contextlib.suppress(FileNotFoundError):
-            mark_process_dead(pid, str(folder))
+            (folder / _STARTED.format(pid)).unlink()
     return gone
 
 
-def _alive(pid: int) -> bool:
+def started(pid: int) -> str | None:
+    """When ``pid`` started, as the kernel counts it (``/proc``), or None where that cannot be read
+    (not Linux, or no such process): a reused pid has another start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def record_start(folder: str | Path) -> None:
+    """Note this process's start time in ``folder`` (on enable, and in a forked child)."""
+    with contextlib.suppress(OSError):
+        (Path(folder) / _STARTED.format(os.getpid())).write_text(started(os.getpid()) or "")
+
+
+def _alive(pid: int, folder: Path) -> bool:
+    """Whether ``pid`` is still the process that wrote its files in ``folder``."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # the pid now belongs to someone else's process: not ours, but taken
-        return True
-    return True
+    except PermissionError:  # another user's process now: our runtimes run as us
+        return False
+    try:
+        recorded = (folder / _STARTED.format(pid)).read_text()
+    except OSError:
+        return True  # no record (written before this version, or the write failed): the pid alone
+    now = started(pid)
+    return not recorded or now is None or now == recorded
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """The folder's lock, across the processes of a node: one scrape folds at a time, and no
+    scrape reads a file another is folding."""
+    with _render_lock, archive.flock(folder):
+        yield
