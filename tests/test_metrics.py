@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from flask import Flask
 
 from flask_immutant import ImmutantExtension
@@ -484,6 +485,9 @@ def test_the_embedded_balancer_counts_requests_and_retries_and_never_forwards_th
         assert (_value(text, 'immutant_balancer_retries_total{backend="dead",context="/"}') or 0) >= 1
         assert (_value(text, 'immutant_balancer_requests_total{backend="x",context="/",status="2xx"}') or 0) >= 2
         assert (_value(text, 'immutant_balancer_request_seconds_count{backend="x",context="/"}') or 0) >= 2
+        # And a proxy on loopback in front of the balancer (a TLS terminator) does not lend it its address
+        assert requests.get(f"{on_url}{METRICS_PATH}", headers={"X-Forwarded-For": "203.0.113.9"},
+                            timeout=10).status_code == 403
         # And a balancer with metrics off answers the path 404 itself; neither forwards it
         assert _status(f"{off_url}{METRICS_PATH}") == 404
         assert backend.hits == hits

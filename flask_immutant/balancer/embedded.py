@@ -23,7 +23,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ..metrics import definitions as metrics
-from ..metrics.http import METRICS_PATH, allowed, refusal, reserved
+from ..metrics.http import METRICS_PATH, allowed, forwarding, refusal, reserved
 from ..metrics.process import enable, render
 from . import routing
 from .watch import Table, TableWatcher
@@ -233,6 +233,8 @@ class EmbeddedBalancer:
         """This balancer's own metrics (``IMMUTANT_METRICS``), for loopback and ``IMMUTANT_METRICS_ALLOW``."""
         if not self.state.settings["IMMUTANT_METRICS"]:
             return _error(404, "metrics are off on this balancer (IMMUTANT_METRICS)")
+        if any(forwarding(name) for name in request.headers):  # a proxy in front: its address is not the client's
+            return _error(403, "metrics are not served through a proxy (the request has X-Forwarded-* headers)")
         if not allowed(request.remote or "", self.state.settings["IMMUTANT_METRICS_ALLOW"]):
             return _error(403, refusal(request.remote or ""))
         body, content_type = await asyncio.to_thread(render)

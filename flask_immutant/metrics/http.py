@@ -48,9 +48,15 @@ def reserved(raw_path: str) -> bool:
     return re.search(RESERVED_PATTERN, decoded.lower()) is not None
 
 
+def forwarding(header: str) -> bool:
+    """Whether ``header`` (``X-Forwarded-For``, or WSGI's ``HTTP_X_FORWARDED_FOR``) is one a proxy adds."""
+    name = header.lower().replace("_", "-").removeprefix("http-")
+    return name == "forwarded" or name.startswith("x-forwarded-")
+
+
 def forwarded(environ: dict[str, Any]) -> bool:
     """Whether a WSGI request carries a header a proxy adds (``X-Forwarded-*``, ``Forwarded``)."""
-    return any(key == "HTTP_FORWARDED" or key.startswith("HTTP_X_FORWARDED_") for key in environ)
+    return any(forwarding(key) for key in environ if key.startswith("HTTP_"))
 
 
 def allowed(peer: str, allow: Iterable[Network]) -> bool:

@@ -34,8 +34,9 @@ from .definitions import ALL
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: The folder under a node's data dir.
 FOLDER = "metrics"
-#: A process's files in the folder: prometheus_client's ``KIND[_MODE]_PID.db``.
-_PID_FILE = re.compile(r"^(counter|histogram|gauge_\w+?|summary)_(\d+)\.db$")
+#: A process's files that a scrape folds when it is gone: prometheus_client's ``KIND[_MODE]_PID.db``
+#: of the kinds and gauge modes the definitions use (live gauges: a dead process's values go).
+_PID_FILE = re.compile(r"^(counter|histogram|gauge_live\w*?)_(\d+)\.db$")
 #: What a process records about itself on :func:`enable`: its start time (:func:`started`).
 _STARTED = "started_{}"
 
