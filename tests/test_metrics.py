@@ -42,6 +42,13 @@ def metrics_off(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         process.disable()
 
 
+def node_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A node's metrics folder, exported as prepare_folder does; unset again after the test
+    (monkeypatch records the variable before prepare_folder sets it, or it would restore it)."""
+    monkeypatch.setenv(process.MULTIPROC_ENV, "")
+    return process.prepare_folder(tmp_path / "node")
+
+
 # --- the definitions and their docs ------------------------------------------------------------
 
 
@@ -182,8 +189,7 @@ CHILD = textwrap.dedent("""
 def test_values_of_several_processes_add_up_and_a_dead_ones_live_gauges_go(
         metrics_off: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a node's folder and two real processes recording into it
-    folder = process.prepare_folder(tmp_path / "node")
-    monkeypatch.setenv(process.MULTIPROC_ENV, str(folder))
+    node_folder(tmp_path, monkeypatch)
     children = [subprocess.Popen([sys.executable, "-c", CHILD, str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  text=True, env={**os.environ}) for n in (2, 5)]
     try:
@@ -258,8 +264,7 @@ def test_folding_dead_processes_keeps_every_value_contract(
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    folder = process.prepare_folder(tmp_path / "node")
-    monkeypatch.setenv(process.MULTIPROC_ENV, str(folder))
+    folder = node_folder(tmp_path, monkeypatch)
     for rounds in ((1, 2, 3), (4, 5)):
         # Given real processes that recorded into the node's folder and exited
         for amount in rounds:
@@ -292,8 +297,7 @@ HOLDER = textwrap.dedent("""
 def test_a_reused_pid_does_not_keep_a_dead_processs_lease_holder_gauge(
         metrics_off: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a process that held a lease, recorded it, and was SIGKILLed
-    folder = process.prepare_folder(tmp_path / "node")
-    monkeypatch.setenv(process.MULTIPROC_ENV, str(folder))
+    folder = node_folder(tmp_path, monkeypatch)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env={**os.environ})
     assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
@@ -317,13 +321,12 @@ def test_a_reused_pid_does_not_keep_a_dead_processs_lease_holder_gauge(
 
 
 def test_prepare_folder_empties_a_previous_runs_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(process.MULTIPROC_ENV, raising=False)
+    monkeypatch.setenv(process.MULTIPROC_ENV, "")  # recorded before prepare_folder sets it: unset again after
     stale = tmp_path / "metrics" / "counter_4242.db"
     stale.parent.mkdir()
     stale.write_bytes(b"old")
     folder = process.prepare_folder(tmp_path)
     assert folder == stale.parent and not stale.exists() and os.environ[process.MULTIPROC_ENV] == str(folder)
-    monkeypatch.delenv(process.MULTIPROC_ENV)
 
 
 # --- flask immutant metrics -------------------------------------------------------------------
