@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -684,3 +685,56 @@ def test_the_embedded_balancer_forgets_a_backends_series_when_it_leaves_the_rout
         balancer.cleanup()
         for backend in backends.values():
             backend.close()
+
+
+HANDLED_APP = """
+import os
+from flask import Flask
+from flask_immutant import ImmutantExtension
+
+immutant = ImmutantExtension()
+
+@immutant.listen("/queue/handled")
+def received(n):
+    with open(os.environ["HANDLED_LOG"], "a") as log:
+        log.write(f"{n}\\n")
+
+app = Flask(__name__)
+app.config.update(IMMUTANT_METRICS=True, IMMUTANT_MESSAGING_MAX_RETRIES=2)
+immutant.init_app(app)
+
+@app.post("/publish/<int:n>")
+def publish(n):
+    immutant.publish("/queue/handled", n)
+    return "published"
+"""
+
+
+def test_a_message_is_handled_once_when_its_metrics_cannot_be_written(
+        start_node, node_env: dict[str, str], tmp_path: Path) -> None:
+    # Given a real node with metrics on whose metrics folder is removed before any message
+    # (the handler histogram's file cannot be opened: the first observe fails)
+    (tmp_path / "handled_app.py").write_text(HANDLED_APP)
+    handled = tmp_path / "handled.log"
+    name = f"handled-{node_env['IMMUTANT_CLUSTER']}"
+    node = start_node(app="handled_app.py", env={"IMMUTANT_NODE_NAME": name, "HANDLED_LOG": str(handled)})
+    node.wait_for(r"serves on http://")
+    shutil.rmtree(Path(node_env["IMMUTANT_HOME"]) / "nodes" / name / "metrics")
+    base = f"http://127.0.0.1:{node_env['IMMUTANT_HTTP_PORT']}"
+
+    def publish(n: int) -> None:
+        with urllib.request.urlopen(urllib.request.Request(f"{base}/publish/{n}", method="POST"), timeout=10) as r:
+            assert r.read() == b"published"
+
+    # When a message is published and handled without raising
+    publish(1)
+    # Then the node says once that the metric stopped recording; the handler's success stands
+    node.wait_for(r"immutant_message_handler_seconds stopped recording", timeout=30)
+    # And later messages are handled, each once, with no failure reaching the engine
+    publish(2)
+    publish(3)
+    wait_until(lambda: handled.exists() and sorted(handled.read_text().split()) == ["1", "2", "3"], 30)
+    # (each metric that failed logged one warning with its traceback, and there is no other)
+    output = node.output
+    failed = re.findall(r"metrics: (\w+) stopped recording", output)
+    assert len(failed) == len(set(failed)) and output.count("Traceback") == len(failed), output[-3000:]
