@@ -33,6 +33,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "flask_immutant.balancer.balancer_plugin",
     "flask_immutant.events.plugin",
     "flask_immutant.config_command",
+    "flask_immutant.metrics.plugin",
 )
 
 #: The setuptools entry-point group third-party plugins register under.

@@ -22,6 +22,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from ..metrics import definitions as metrics
+from ..metrics.http import METRICS_PATH, allowed, forwarding, refusal, reserved
+from ..metrics.process import enable, render
 from . import routing
 from .watch import Table, TableWatcher
 
@@ -113,6 +116,8 @@ class EmbeddedBalancer:
         self._refused: dict[str, float] = {}  # backend address -> monotonic time it may be tried again
         self._client: aiohttp.ClientSession | None = None
         self.watcher = TableWatcher(self.store, state.keys, self._on_tick)
+        if settings["IMMUTANT_METRICS"]:
+            enable()
 
     # --- the table --------------------------------------------------------------------------
 
@@ -122,7 +127,11 @@ class EmbeddedBalancer:
             routes = _describe(table, weights=False)
             (log.info if routes != _describe(self.table, weights=False) else log.debug)(
                 "routing table: %s", _describe(table))
+            gone = _backends(self.table) - _backends(table)
             self.table = table
+            for node, context_path in gone:  # its series go with it: names of pods that come and go pile up
+                for metric in (metrics.BALANCER_REQUESTS, metrics.BALANCER_SECONDS, metrics.BALANCER_RETRIES):
+                    metric.forget(backend=node, context=context_path)
 
     # --- the aiohttp application -------------------------------------------------------------
 
@@ -130,6 +139,7 @@ class EmbeddedBalancer:
         app = web.Application(handler_args={"max_field_size": 65536}, middlewares=[_paths_only])
         if self.console:
             self._mount_console(app)
+        app.router.add_route("*", METRICS_PATH, self.metrics)  # never forwarded: a node would trust our address
         app.router.add_route("*", "/{tail:.*}", self.handle)
         app.cleanup_ctx.append(self._lifecycle)
         return app
@@ -164,6 +174,8 @@ class EmbeddedBalancer:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         assert self._client is not None
+        if reserved(request.raw_path):  # however spelt: a node would take our address for the client's
+            return _error(404, "flask-immutant's own paths (/-/immutant/) are not forwarded")
         route = request.cookies.get(routing.ROUTE_COOKIE)
         retriable = request.method in routing.IDEMPOTENT_METHODS
         if request.content_length is not None and request.content_length > self.max_body:
@@ -173,6 +185,7 @@ class EmbeddedBalancer:
         tried: set[str] = set()
         disconnects: dict[str, int] = {}
         failures: list[str] = []
+        started = time.monotonic()
         while True:
             decision = self._decide(request.path, route, tried)
             backend = decision.backend
@@ -193,6 +206,7 @@ class EmbeddedBalancer:
                 failures.append(f"node {backend.node} ({backend.address}) refused the connection: {_reason(exc)}")
                 log.info("%s %s: %s", request.method, request.path_qs, failures[-1])
                 if not (body and body.consumed):  # nothing was sent: safe for any method, as HAProxy does
+                    metrics.BALANCER_RETRIES.inc(backend.node, decision.context_path or "")
                     continue
                 return _error(502, failures[-1])
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
@@ -204,6 +218,7 @@ class EmbeddedBalancer:
                     tried.add(backend.node)
                 failures.append(f"node {backend.node} ({backend.address}) closed the connection: {_reason(exc)}")
                 if retriable and not (body and body.consumed):
+                    metrics.BALANCER_RETRIES.inc(backend.node, decision.context_path or "")
                     continue
                 return _error(502, failures[-1])
             except aiohttp.ServerTimeoutError:
@@ -213,7 +228,20 @@ class EmbeddedBalancer:
                 if body is not None and body.refusal is not None:
                     return body.refusal  # the client's body broke a limit; aiohttp wraps _Refused
                 return _error(502, f"node {backend.node} ({backend.address}): {_reason(exc)}")
+            metrics.BALANCER_SECONDS.observe(time.monotonic() - started, backend.node, decision.context_path or "")
+            metrics.BALANCER_REQUESTS.inc(backend.node, decision.context_path or "", f"{upstream.status // 100}xx")
             return await self._relay(request, upstream, decision)
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        """This balancer's own metrics (``IMMUTANT_METRICS``), for loopback and ``IMMUTANT_METRICS_ALLOW``."""
+        if not self.state.settings["IMMUTANT_METRICS"]:
+            return _error(404, "metrics are off on this balancer (IMMUTANT_METRICS)")
+        if any(forwarding(name) for name in request.headers):  # a proxy in front: its address is not the client's
+            return _error(403, "metrics are not served through a proxy (the request has X-Forwarded-* headers)")
+        if not allowed(request.remote or "", self.state.settings["IMMUTANT_METRICS_ALLOW"]):
+            return _error(403, refusal(request.remote or ""))
+        body, content_type = await asyncio.to_thread(render)
+        return web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
     def _decide(self, path: str, route: str | None, tried: set[str]) -> routing.Decision:
         table = self.table
@@ -365,6 +393,11 @@ def _error(status: int, message: str) -> web.Response:
 def _reason(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text.split("\n")[0]
+
+
+def _backends(table: Table) -> set[tuple[str, str]]:
+    """(node, context path) of every server in ``table``: the balancer metrics' label pairs."""
+    return {(server.node, context_path) for context_path, servers in table.items() for server in servers}
 
 
 def _describe(table: Table, weights: bool = True) -> str:

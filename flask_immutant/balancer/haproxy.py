@@ -29,6 +29,7 @@ from .. import names
 from ..contexts.registry import Server
 from ..errors import ImmutantError
 from ..keys import Keys
+from ..metrics.http import HAPROXY_DENY
 from .routing import ROUTE_COOKIE
 from .watch import Table, TableWatcher
 
@@ -104,6 +105,8 @@ def render_config(context_paths: Iterable[str], *, bind: str = "127.0.0.1:8000",
         "",
         "frontend immutant",
         f"    bind {bind}",
+        "    # flask-immutant's own paths (the metrics) are answered by each node, never forwarded",
+        f"    {HAPROXY_DENY}",
     ]
     for path in paths:
         if path.rstrip("/"):

@@ -30,6 +30,7 @@ from typing import Any
 import redis
 
 from ..loops import Loop
+from ..metrics import definitions as metrics
 from .base import MISSING
 from .shared import SharedCache, _Down
 from .typed import MUTATED_BY_FLASK, Encoded
@@ -121,8 +122,10 @@ class Tracker:
     near cache (``web/near.py``) each run one."""
 
     def __init__(self, name: str, client: Callable[[], redis.Redis], prefix: str, near: NearCache,
-                 on_subscribed: Callable[[], None] | None = None) -> None:
+                 on_subscribed: Callable[[], None] | None = None, label: str | None = None) -> None:
         self.name = name
+        #: What its invalidations are counted under in the metrics (``cache`` label).
+        self.label = name if label is None else label
         self.client = client
         self.prefix = prefix
         self.near = near
@@ -234,6 +237,7 @@ class Tracker:
             return
         kind = message[0]
         if kind == b"message" and message[1] == INVALIDATE_CHANNEL:
+            metrics.CACHE_INVALIDATIONS.inc(self.label)
             keys = message[2]
             if keys is None:  # FLUSHDB / FLUSHALL
                 self.near.flush()
@@ -267,7 +271,7 @@ class InvalidatedCache(SharedCache):
             with self._tracker_lock:
                 if self._tracker is None:
                     self._tracker = Tracker(f"cache-{self.name}", lambda: self.client, self.prefix, self.near,
-                                            on_subscribed=self.breaker.success)
+                                            on_subscribed=self.breaker.success, label=self.name)
                     self._tracker.start()
                 tracker = self._tracker
         return tracker
@@ -317,6 +321,7 @@ class InvalidatedCache(SharedCache):
         value = self.near.get(rkey)
         if value is not MISSING:
             self.near_hits += 1
+            metrics.CACHE_NEAR_HITS.inc(self.name)
             return self.decode(value.data) if type(value) is Encoded else value
 
         def read(pipe: Any) -> None:
@@ -370,6 +375,7 @@ class InvalidatedCache(SharedCache):
             fresh_until, value = near
             if fresh_until == 0 or time.time() * 1000 < fresh_until:
                 self.near_hits += 1
+                metrics.CACHE_NEAR_HITS.inc(self.name)
                 return value, True
             return value, False
 

@@ -34,6 +34,7 @@ from redis.retry import Retry
 from .. import events, lua
 from ..keys import Keys
 from ..loops import Loop
+from ..metrics import definitions as metrics
 from ..protocols import Slot
 from ..records import MALFORMED, from_json, warn
 from ..store.connect import Subscription
@@ -107,6 +108,7 @@ class LeaseKeeper:
         poll = manager.ttl / POLLS_PER_TTL
         self._loop = Loop(f"lease-{name}", self._step, poll, backoff_cap=manager.ttl / RENEWALS_PER_TTL)
         self._unconfirmed_owner = ""  # owner token of an acquisition no replica confirmed yet
+        metrics.LEASE_HOLDER.set(0, name)
 
     @property
     def held(self) -> bool:
@@ -178,6 +180,8 @@ class LeaseKeeper:
         log.info("lease %s acquired by %s (fencing token %d)", self.name, m.node, self.fence)
         events.emit("lease.acquired", lease=self.name, fence=self.fence, failover=previous is not None,
                     previous_node=_holder_node(previous))
+        metrics.LEASE_ACQUIRED.inc(self.name)
+        metrics.LEASE_HOLDER.set(1, self.name)
         try:
             self.on_acquired(self.fence)
         except Exception:
@@ -201,6 +205,7 @@ class LeaseKeeper:
             raise
         if renewed:
             self._deadline = sent + m.ttl * (1 - SAFETY_MARGIN)
+            metrics.LEASE_RENEW_SECONDS.observe(time.monotonic() - sent, self.name)
         else:
             log.warning("lease %s: lost (expired or taken); stopping work", self.name)
             self._lose(release=False, lost="expired or taken")
@@ -210,6 +215,8 @@ class LeaseKeeper:
         stalled, or found it expired or taken); ``None``: it gave the lease up on purpose — stepping
         aside, stopping, or stopping with ``release=False`` to leave the key to expire."""
         owner, self._deadline, fence = self._owner, 0.0, self.fence
+        metrics.LEASE_HOLDER.set(0, self.name)
+        (metrics.LEASE_LOST if lost else metrics.LEASE_RELEASED).inc(self.name)
         try:
             self.on_lost()
         except Exception:

@@ -16,6 +16,7 @@ import redis
 from .. import events, lua
 from ..cluster.lease import SAFETY_MARGIN, LeaseKeeper
 from ..loops import Backoff, Loop
+from ..metrics import definitions as metrics
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -168,6 +169,7 @@ class DaemonRunner:
             delay = backoff.next_delay(time.monotonic() - started)
             failures = backoff.failures
             events.emit("daemon.restarted", daemon=self.spec.name, restarts=self.restarts, error=error)
+            metrics.DAEMON_RESTARTS.inc(self.spec.name)
             self._write_record("restarting", context, error)
             if self._keeper is not None and failures >= FAILURES_BEFORE_STEPPING_ASIDE:
                 log.warning("daemon %s failed %d times in a row here; letting another node try",

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast, overload
 from dramatiq import Message as DramatiqMessage
 from dramatiq.broker import Broker
 
+from ..metrics import definitions as metrics
 from ..protocols import Slot
 from ..records import from_json, hash_of, json_object, read_records
 from .backends import Backend, Target, make_backend
@@ -332,6 +333,7 @@ class Messaging:
                                                    [(targets, dedupe) for _id, _key, targets, dedupe in outgoing])
         except (TypeError, ValueError) as exc:  # json.dumps of the Dramatiq message, done once
             raise EncodeError(f"cannot encode the message for {destination.name} as JSON: {exc}") from None
+        metrics.PUBLISHED.inc(destination.name, amount=sum(1 for fresh in published if fresh))
         ids: list[str | None] = []
         for (message_id, key, _targets, _dedupe), fresh in zip(outgoing, published, strict=True):
             if not fresh:

@@ -35,7 +35,7 @@ class SessionNearCache:
 
     def __init__(self, name: str, client: Callable[[], redis.Redis], prefix: str, max_entries: int) -> None:
         self.near = NearCache(max_entries, lru=True)
-        self.tracker = Tracker(name, client, prefix, self.near)
+        self.tracker = Tracker(name, client, prefix, self.near, label="sessions")
         self.hits = 0
         self._started = False
         self._start_lock = threading.Lock()

@@ -36,6 +36,7 @@ from .. import lua
 from ..caching.breaker import CircuitBreaker
 from ..caching.serialization import Serializer
 from ..errors import ImmutantError
+from ..metrics import definitions as metrics
 from ..protocols import Slot
 from ..store.outage import STORE_ERRORS, is_outage
 from .near import SessionNearCache
@@ -81,6 +82,7 @@ class ImmutantSession(ServerSideSession):  # type: ignore[misc]  # Flask-Session
 
 def _unavailable(name: str) -> Callable[..., Any]:
     def refuse(self: UnavailableSession, *args: Any, **kwargs: Any) -> Any:
+        metrics.SESSION_UNAVAILABLE.inc()
         raise SessionUnavailable(self.reason)
 
     refuse.__name__ = name
@@ -168,6 +170,7 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
                 fields, remaining = self._call(read)
             else:
                 fields, remaining = near.fill(store_id, lambda: self._call(read))
+            metrics.SESSION_READS.inc()
             if isinstance(fields, redis.ResponseError):  # the key is not a hash: garbage, not a session
                 log.warning("session key %s is not a session (%s): starting a new session", store_id, fields)
                 fields = {}
@@ -249,6 +252,7 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
                 self._forget(store_id)
         except SessionUnavailable as exc:
             log.warning("session store unavailable (%s): %s not saved, answering 503", exc.reason, request_line())
+            metrics.SESSION_UNAVAILABLE.inc()
             _make_503(response, exc)
             return
         if wrote or self.should_set_cookie(app, session):
@@ -301,6 +305,7 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
 
             self._call(replace)
         session.loaded = encoded
+        metrics.SESSION_WRITES.inc()
         return True
 
     # --- security -------------------------------------------------------------------------
