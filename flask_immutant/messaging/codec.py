@@ -36,6 +36,8 @@ class Message:
     expires_at: float | None = None
     encoding: str = "json"
     retries: int = 0
+    #: The publisher's trace context (W3C ``traceparent``, ``tracestate``...), empty without tracing.
+    trace: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def expired(self) -> bool:
@@ -52,6 +54,7 @@ def envelope(
     reply_to: str | None = None,
     key: str | None = None,
     ttl: float | None = None,
+    trace: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The envelope of one published message. JSON bodies are checked when the Dramatiq message
     is encoded (once, by :func:`check_json`); msgpack bodies here."""
@@ -82,6 +85,8 @@ def envelope(
         if ttl <= 0:
             raise MessagingError(f"ttl={ttl!r} is not allowed: expected a positive number of seconds")
         data["expires_at"] = round(now + ttl, 6)
+    if trace:
+        data["trace"] = dict(trace)
     return data
 
 
@@ -114,9 +119,23 @@ def decode(raw: Any, retries: int = 0, message_id: str = "") -> Message:
             expires_at=_number(raw.get("expires_at")),
             encoding=encoding,
             retries=retries,
+            trace=_trace(raw.get("trace")),
         )
     except (TypeError, ValueError) as exc:
         raise MalformedMessage(f"malformed envelope: {exc}") from None
+
+
+#: Most entries, and longest value, kept from a message's trace context (W3C baggage may be 8192).
+TRACE_ENTRIES, TRACE_VALUE = 16, 8192
+
+
+def _trace(value: Any) -> dict[str, str]:
+    """The trace context a message carries; anything malformed is dropped, never the message: a
+    wrong trace field must not send a good message to the dead letters."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in list(value.items())[:TRACE_ENTRIES]
+            if isinstance(k, str) and isinstance(v, str) and len(v) <= TRACE_VALUE}
 
 
 def _number(value: Any) -> float | None:

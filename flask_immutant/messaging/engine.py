@@ -12,6 +12,7 @@ drops; the reaper then only removes the dead consumer's topic subscriptions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -31,6 +32,7 @@ from dramatiq.middleware import Middleware, Retries
 from .. import lua
 from ..loops import Loop
 from ..records import hash_of, json_object, read_records
+from ..tracing import NO_SPAN
 from .backends import Backend, heartbeat_record
 from .codec import Message, decode
 from .destination import Destination, actor_name
@@ -291,13 +293,21 @@ class Engine:
         _local.current = message
         self.in_flight[queue] += 1
         try:
-            with self.app.app_context():
+            with self.app.app_context(), self._processing(message, binding):
                 listener.handle(message)
         finally:
             self.in_flight[queue] -= 1
             _local.current = None
         if done_key:
             store.set(done_key, "1", px=int(self.settings["IMMUTANT_MESSAGING_DEDUPE_WINDOW"] * 1000))
+
+    def _processing(self, message: Message, binding: Binding | None) -> contextlib.AbstractContextManager[Any]:
+        """The span the handler runs in (child of the publisher's), or none."""
+        tracing = self.messaging.tracing
+        if tracing is None:
+            return NO_SPAN
+        subscription = binding.queue if binding is not None and binding.destination.kind == "topic" else None
+        return tracing.processing(message, self.backend.kind, subscription)
 
     def bury(self, raw: Any, exception: BaseException) -> None:
         """Move a failed message to the dead-letter store, with its reason."""

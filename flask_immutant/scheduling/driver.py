@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from ..loops import Loop
+from ..tracing import job_span
 from .spec import JobSpec
 from .store import JobStore
 
@@ -137,7 +138,7 @@ class JobDriver:
     def _call(self, spec: JobSpec, function: Callable[[], Any], due: float) -> None:
         _local.fire = Fire(spec.name, due, self.node)
         try:
-            with self.app.app_context():
+            with self.app.app_context(), job_span(self.app, spec.name, due, spec.singleton):
                 function()
         except Exception as exc:
             log.exception("job %s (due %.3f) raised; its schedule goes on", spec.name, due)

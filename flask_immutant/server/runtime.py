@@ -26,6 +26,7 @@ from typing import Any
 from flask import Flask
 
 from ..extension import DEPLOYMENT_ENV, EXTENSION_KEY, ImmutantExtension, ImmutantState
+from ..logs import setup_logging
 
 log = logging.getLogger("flask_immutant.runtime")
 
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     threading.Thread(target=_watch_lifeline, args=(args.lifeline_fd,), name="immutant-lifeline", daemon=True).start()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    setup_logging(runtime=True)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
