@@ -137,7 +137,7 @@ FEATURE_FLAGS: dict[str, tuple[str, str]] = {
     # feature: (plugin module, flag)
     "messaging": ("flask_immutant.messaging.plugin", "IMMUTANT_MESSAGING"),
     "daemons": ("flask_immutant.daemons.plugin", "IMMUTANT_DAEMONS"),
-    "jobs": ("flask_immutant.scheduling.plugin", "IMMUTANT_JOBS"),
+    "jobs": ("flask_immutant.jobs.plugin", "IMMUTANT_JOBS"),
     "cache": ("flask_immutant.caching.plugin", "IMMUTANT_CACHE"),
     "sessions": ("flask_immutant.web.plugin", "IMMUTANT_SESSIONS"),
 }
@@ -299,7 +299,7 @@ class ImmutantExtension:
         ``until=``, ``limit=``, ``singleton=``, ``misfire=``: see ``jobs.schedule``). It receives
         the :class:`~flask_immutant.jobs.Fire` it runs for, if it takes an argument."""
         from . import jobs
-        from .scheduling.spec import JobSpec
+        from .jobs.spec import JobSpec
 
         JobSpec.build(name, **schedule)  # a schedule that cannot be fails here, at import
 

@@ -16,7 +16,7 @@ __all__ = ["current"]
 _SOURCES = (
     ("flask_immutant.messaging.engine", "current_message"),
     ("flask_immutant.daemons.runner", "current"),
-    ("flask_immutant.scheduling.driver", "current"),
+    ("flask_immutant.jobs.driver", "current"),
 )
 
 

@@ -40,7 +40,7 @@ OLD_STYLE = Path(__file__).resolve().parent / "apps" / "old_style"
 API_MD = ROOT / "docs" / "api.md"
 #: The modules whose ``__all__`` is the public surface docs/api.md lists.
 PUBLIC_MODULES = ("flask_immutant", "flask_immutant.messaging", "flask_immutant.daemons", "flask_immutant.jobs",
-                  "flask_immutant.scheduling", "flask_immutant.caching", "flask_immutant.settings",
+                  "flask_immutant.caching", "flask_immutant.settings",
                   "flask_immutant.web", "flask_immutant.running")
 
 
@@ -270,8 +270,7 @@ INTERNALS = {
                                "CircuitBreaker": "flask_immutant.caching.breaker",
                                "Serializer": "flask_immutant.caching.serialization",
                                "registry": "flask_immutant.caching.caches"},
-    "flask_immutant.jobs": {"JobSpec": "flask_immutant.scheduling.spec"},
-    "flask_immutant.scheduling": {"JobSpec": "flask_immutant.scheduling.spec"},
+    "flask_immutant.jobs": {"JobSpec": "flask_immutant.jobs.spec"},
     "flask_immutant.messaging": {"Messaging": "flask_immutant.messaging.core", "messaging_for": None},
 }
 
@@ -294,6 +293,22 @@ def test_internals_are_out_of_the_public_surface_and_old_imports_still_work() ->
     # And a name that never existed is still an AttributeError
     with pytest.raises(AttributeError, match="no attribute 'nonesuch'"):
         _ = caching.nonesuch
+
+
+def test_scheduling_is_an_old_name_of_jobs_that_still_imports() -> None:
+    # Given code written before jobs and scheduling became one module
+    from flask_immutant import scheduling
+
+    # Then each name it uses is the jobs one, with a warning naming the new module
+    for name in jobs.__all__:
+        with pytest.warns(DeprecationWarning, match=rf"flask_immutant.jobs: use jobs.{name}"):
+            assert getattr(scheduling, name) is getattr(jobs, name)
+    # And the internal it reached through it still warns with its private home
+    with pytest.warns(DeprecationWarning, match=r"import it from flask_immutant\.jobs\.spec"):
+        assert scheduling.JobSpec is importlib.import_module("flask_immutant.jobs.spec").JobSpec
+    # And schedules stored by older versions name a function that still resolves
+    with pytest.warns(DeprecationWarning):
+        assert scheduling.fire is jobs.fire
 
 
 # --- the new shape and the old one, on real nodes -------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 import requests
 from balancer_support import Backend, free_port, start_embedded
 
-from flask_immutant.balancer import registry
+from flask_immutant.contexts import registry
 from flask_immutant.keys import Keys
 
 from support import wait_until

@@ -12,9 +12,9 @@ from pathlib import Path
 import requests
 from balancer_support import Backend, haproxy_binary, running_haproxy, start_reconciler
 
-from flask_immutant.balancer import registry
 from flask_immutant.balancer.haproxy import Reconciler, backend_name, render_config
-from flask_immutant.balancer.registry import Backend as Server
+from flask_immutant.contexts import registry
+from flask_immutant.contexts.registry import Server
 from flask_immutant.keys import Keys
 
 from support import run_flask, wait_until

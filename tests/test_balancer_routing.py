@@ -5,12 +5,12 @@ from __future__ import annotations
 import itertools
 import random
 
-from flask_immutant.balancer.registry import Backend
 from flask_immutant.balancer.routing import choose, decide, match_context
+from flask_immutant.contexts.registry import Server
 
 
-def backend(node: str, state: str = "ENABLED", weight: int = 100) -> Backend:
-    return Backend(node, "127.0.0.1", 1000 + ord(node[0]), weight, state)
+def backend(node: str, state: str = "ENABLED", weight: int = 100) -> Server:
+    return Server(node, "127.0.0.1", 1000 + ord(node[0]), weight, state)
 
 
 def test_the_longest_context_path_containing_the_request_wins():

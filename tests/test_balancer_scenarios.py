@@ -15,7 +15,7 @@ import pytest
 import requests
 from balancer_support import running_haproxy, start_embedded, start_reconciler
 
-from flask_immutant.balancer import registry
+from flask_immutant.contexts import registry
 from flask_immutant.keys import Keys
 
 from support import NodeProcess, children_of, pid_alive, run_flask, wait_until

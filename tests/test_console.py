@@ -13,9 +13,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from flask_immutant.balancer import registry
 from flask_immutant.balancer.console import COOKIE, CSRF_HEADER, make_console_app
 from flask_immutant.balancer.console_plugin import is_loopback
+from flask_immutant.contexts import registry
 from flask_immutant.extension import ImmutantState
 from flask_immutant.keys import Keys
 

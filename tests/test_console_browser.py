@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from flask_immutant.balancer import registry
+from flask_immutant.contexts import registry
 from flask_immutant.keys import Keys
 
 from support import NodeProcess, run_flask, wait_until

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flask_immutant.balancer import registry
+from flask_immutant.contexts import registry
 from flask_immutant.keys import Keys
 
 from support import run_flask, wait_until, within

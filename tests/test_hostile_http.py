@@ -15,7 +15,7 @@ import pytest
 import requests
 from balancer_support import Backend, free_port, start_embedded
 
-from flask_immutant.balancer import registry
+from flask_immutant.contexts import registry
 from flask_immutant.keys import Keys
 
 from support import NodeProcess, run_flask, wait_until

@@ -16,10 +16,10 @@ import redis
 from flask import Flask
 
 from flask_immutant.cluster.lease import LeaseManager
+from flask_immutant.jobs.driver import JobDriver, current
+from flask_immutant.jobs.spec import JobSpec
+from flask_immutant.jobs.store import JobStore
 from flask_immutant.keys import Keys
-from flask_immutant.scheduling.driver import JobDriver, current
-from flask_immutant.scheduling.spec import JobSpec
-from flask_immutant.scheduling.store import JobStore
 
 from support import run_flask, wait_until
 

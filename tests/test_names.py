@@ -8,7 +8,7 @@ import pytest
 
 from flask_immutant import names
 from flask_immutant.balancer.haproxy import render_config
-from flask_immutant.balancer.registry import Context
+from flask_immutant.contexts.registry import Context
 from flask_immutant.deploy.records import Deployment, DeploymentError
 
 

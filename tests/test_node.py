@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 
-from flask_immutant.balancer import registry
+from flask_immutant.contexts import registry
 from flask_immutant.keys import Keys
 
 from support import children_of, pid_alive, run_flask, wait_until, within

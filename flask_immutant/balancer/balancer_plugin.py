@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 import click
 
 from ..cli import LISTEN_PORT, load_state, one_line_errors, setup_logging
+from ..contexts import registry
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
 from ..loops import report_health, stop_reporting
 from ..store import client_from_url, store_url
-from . import registry
 
 if TYPE_CHECKING:
     import redis

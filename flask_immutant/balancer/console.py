@@ -37,8 +37,8 @@ import redis
 from aiohttp import web
 
 from .. import names
+from ..contexts import registry
 from ..errors import ImmutantError
-from . import registry
 
 if TYPE_CHECKING:
     from ..extension import ImmutantState

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import redis
 
 from .. import names
+from ..contexts.registry import Server
 from ..errors import ImmutantError
 from ..keys import Keys
-from .registry import Backend
 from .routing import ROUTE_COOKIE
 from .watch import Table, TableWatcher
 
@@ -236,7 +236,7 @@ class Reconciler:
                 done += self._sync_backend(name, by_backend.get(name, []))
         return done
 
-    def _sync_backend(self, backend: str, wanted: list[Backend]) -> list[str]:
+    def _sync_backend(self, backend: str, wanted: list[Server]) -> list[str]:
         existing = self.api.servers(backend)
         done: list[str] = []
 
@@ -285,7 +285,7 @@ class Reconciler:
         return done
 
 
-def _check_server(server: Backend) -> None:
+def _check_server(server: Server) -> None:
     """What goes into a runtime-API command (one line, words split on spaces, ';' between
     commands) follows the :mod:`..names` rules, whatever a table was built from."""
     names.checked(names.name, server.node, "node")

@@ -1,6 +1,6 @@
 """The balancers' one state machine: which backend serves a request.
 
-Pure functions of the routing table (:func:`~flask_immutant.balancer.registry.routing_table`),
+Pure functions of the routing table (:func:`~flask_immutant.contexts.registry.routing_table`),
 the request's path and its route cookie, so the embedded balancer, the HAProxy reconciler's
 documentation and the tests agree on one set of rules:
 
@@ -20,7 +20,7 @@ import random
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from .registry import Backend
+from ..contexts.registry import Server
 
 #: The route cookie: its value names the node a session is bound to.
 ROUTE_COOKIE = "IMMUTANT_ROUTE"
@@ -35,7 +35,7 @@ class Decision:
     """Where one request goes: a backend, or why none can serve it (``status`` 503 or 404)."""
 
     context_path: str | None
-    backend: Backend | None
+    backend: Server | None
     sticky: bool = False
     reason: str = ""
 
@@ -56,8 +56,8 @@ def match_context(context_paths: Collection[str], path: str) -> str | None:
     return best
 
 
-def choose(backends: Sequence[Backend], route: str | None = None, exclude: Collection[str] = (),
-           rand: Callable[[], float] = random.random) -> tuple[Backend | None, bool]:
+def choose(backends: Sequence[Server], route: str | None = None, exclude: Collection[str] = (),
+           rand: Callable[[], float] = random.random) -> tuple[Server | None, bool]:
     """A backend for one request, and whether it is the sticky one its route cookie names.
 
     ``exclude`` holds node names that must not be used now (their connection failed).
@@ -79,7 +79,7 @@ def choose(backends: Sequence[Backend], route: str | None = None, exclude: Colle
     return enabled[-1], False
 
 
-def decide(table: Mapping[str, Sequence[Backend]], path: str, route: str | None = None,
+def decide(table: Mapping[str, Sequence[Server]], path: str, route: str | None = None,
            exclude: Collection[str] = (), rand: Callable[[], float] = random.random) -> Decision:
     """Route one request: its context, then its backend (see the module's rules)."""
     context_path = match_context(table, path)
@@ -92,7 +92,7 @@ def decide(table: Mapping[str, Sequence[Backend]], path: str, route: str | None 
     return Decision(context_path, None, reason=_why_none(context_path, backends, exclude))
 
 
-def _why_none(context_path: str, backends: Sequence[Backend], exclude: Collection[str]) -> str:
+def _why_none(context_path: str, backends: Sequence[Server], exclude: Collection[str]) -> str:
     if not backends:
         return f"no node serves {context_path}"
     states = ", ".join(f"{b.node} {'unreachable' if b.node in exclude else b.state}"

@@ -12,14 +12,14 @@ from collections.abc import Callable
 
 import redis
 
+from ..contexts.registry import Server, routing_table
 from ..keys import Keys
 from ..loops import Loop
 from ..store.connect import Subscription
-from .registry import Backend, routing_table
 
 log = logging.getLogger("flask_immutant.balancer")
 
-Table = dict[str, list[Backend]]
+Table = dict[str, list[Server]]
 
 #: Seconds between two reads of the table when nothing was announced.
 POLL_INTERVAL = 0.5

@@ -91,8 +91,8 @@ class SharedCache(ClusterCache):
             with self._connect_lock:
                 if self._client is None:
                     client = self._connect()
-                    self._scripts = {name: lua.script(client, name)
-                                     for name in ("cache_get", "cache_set", "cache_incr", "cache_unlock")}
+                    self._scripts = {f"cache_{name}": lua.script(client, f"caching/shared_{name}")
+                                     for name in ("get", "set", "incr", "unlock")}
                     self._direct = direct.Pinned(client)
                     self._client = client
         return self._client

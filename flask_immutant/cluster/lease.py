@@ -1,7 +1,7 @@
 """Leases with fencing tokens: what singleton daemons and the job scheduler hold.
 
 A lease is a key holding ``{owner, fence, node, pid, since}`` with a TTL of the failure timeout,
-renewed every quarter of it and released by compare-and-delete (Lua in ``lua/lease_*.lua``).
+renewed every quarter of it and released by compare-and-delete (Lua in ``lease_*.lua`` beside it).
 Each acquisition returns a strictly increasing fencing token.
 
 The holder's rule: its lease is *valid* only until ``sent + ttl - margin``, where ``sent`` is
@@ -231,7 +231,8 @@ class LeaseManager:
         timeout = max(0.1, ttl / RENEWALS_PER_TTL)
         self.store = client_from_url(store_url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                      retry=Retry(NoBackoff(), 0))
-        self.scripts = {name: lua.script(self.store, f"lease_{name}") for name in ("acquire", "renew", "release")}
+        self.scripts = {name: lua.script(self.store, f"cluster/lease_{name}")
+                        for name in ("acquire", "renew", "release")}
         self._keepers: list[LeaseKeeper] = []
         self._subscription = Subscription(self.store, self.keys.lease_released)
         self._listener = Loop("lease-wakeup", self._listen, 0.0, on_error=self._subscription.drop).start()

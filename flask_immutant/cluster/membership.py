@@ -198,7 +198,8 @@ class Membership:
         self._loops: list[Loop] = []
         self._subscription = Subscription(self.store, self.keys.events)
         self._claimed = True
-        self._scripts = {name: lua.script(store, f"member_{name}") for name in ("claim", "heartbeat", "leave", "reap")}
+        self._scripts = {name: lua.script(store, f"cluster/membership_{name}")
+                         for name in ("claim", "heartbeat", "leave", "reap")}
 
     # --- public ---
 

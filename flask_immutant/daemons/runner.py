@@ -212,7 +212,7 @@ class RecordWriter:
     def __init__(self, store: redis.Redis, key: str, field: str, daemon: str) -> None:
         self.key = key
         self.field = field
-        self._script = lua.script(store, "daemon_record")
+        self._script = lua.script(store, "daemons/runner_record")
         self._pending: tuple[dict[str, Any], Callable[[], bool] | None] | None = None
         self._lock = threading.Lock()
         self._written = threading.Event()

@@ -100,7 +100,7 @@ def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any]:
 
 def deployment_listing(state: ImmutantState, store: redis.Redis) -> list[dict[str, Any]]:
     """Each deployment with its state on each live node."""
-    from ..balancer.registry import contexts
+    from ..contexts.registry import contexts
 
     live = {m.name for m in live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])}
     balancing = {(c.node, c.context_path): c for c in contexts(store, state.keys)}

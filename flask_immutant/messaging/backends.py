@@ -59,7 +59,7 @@ class Backend:
     def __init__(self, store: redis.Redis, keys: Keys) -> None:
         self.store = store
         self.keys = keys
-        self._reap = lua.script(store, "messaging_reap")
+        self._reap = lua.script(store, "messaging/backends_reap")
 
     def make_broker(self, middleware: Sequence[Middleware], consumer_id: str | None = None) -> Broker:
         raise NotImplementedError
@@ -126,7 +126,7 @@ class RedisBackend(Backend):
         self.client = client or store
         self.url = url
         self.namespace = keys.messaging_namespace
-        self._publish = lua.script(self.client, "messaging_publish")
+        self._publish = lua.script(self.client, "messaging/backends_publish")
 
     def make_broker(self, middleware: Sequence[Middleware], consumer_id: str | None = None) -> Broker:
         import dramatiq.worker

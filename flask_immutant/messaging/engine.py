@@ -141,7 +141,7 @@ class Engine:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._loops: list[Loop] = []
-        self._heartbeat = lua.script(messaging.state.store, "messaging_heartbeat")
+        self._heartbeat = lua.script(messaging.state.store, "messaging/engine_heartbeat")
         self.broker = self.backend.make_broker(
             [
                 DeadLetters(

@@ -9,7 +9,7 @@ What changes from Flask-Session 0.8's ``RedisSessionInterface``:
   needed). Expiry still slides: the read also asks for the remaining lifetime, and the expiry is
   pushed back when it has slid by more than ``SLIDE_GRANULARITY`` of the lifetime.
 - **Lost updates (opt-in).** ``IMMUTANT_SESSION_MERGE = True`` writes only the fields a request
-  changed or removed (``session_merge.lua``), so concurrent requests changing different keys
+  changed or removed (``sessions_merge.lua``), so concurrent requests changing different keys
   both keep their change. Off, a changed session is replaced whole, last writer wins.
 - **Store down.** A request that touches its session gets a 503 and the reason is logged; a
   request that does not, is served. A circuit breaker spares later requests the timeout; the
@@ -243,7 +243,7 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
         """Store the session; False if merge mode found it ended meanwhile (the write is dropped)."""
         if self.merge:
             if self._merge_script is None:
-                self._merge_script = lua.script(self.client, "session_merge")
+                self._merge_script = lua.script(self.client, "web/sessions_merge")
             args: list[Any] = [lifetime_ms, "1" if session.loaded else "0", len(changed)]
             for key, raw in changed.items():
                 args += [key, raw]

@@ -64,8 +64,8 @@ class Context:
 
 
 @dataclass(frozen=True)
-class Backend:
-    """One server of a context path, as a balancer sees it."""
+class Server:
+    """One server of a context path, as a balancer sees it (HAProxy's word: a backend holds servers)."""
 
     node: str
     host: str
@@ -92,7 +92,7 @@ def announce(store: redis.Redis, keys: Keys, what: str) -> None:
 
 
 def withdraw(store: redis.Redis, keys: Keys, node: str, context_path: str, pid: int) -> bool:
-    script = lua.script(store, "context_withdraw")
+    script = lua.script(store, "contexts/registry_withdraw")
     return bool(script(keys=[keys.context(node, context_path), keys.contexts, keys.contexts_changed], args=[pid]))
 
 
@@ -164,12 +164,12 @@ def _weight(_scope: str, raw: Any) -> int:
     return value
 
 
-def routing_table(store: redis.Redis, keys: Keys) -> dict[str, list[Backend]]:
+def routing_table(store: redis.Redis, keys: Keys) -> dict[str, list[Server]]:
     """Context path -> its servers (every state: a balancer needs DISABLED ones for stickiness)."""
-    table: dict[str, list[Backend]] = {}
+    table: dict[str, list[Server]] = {}
     for context in contexts(store, keys):
         table.setdefault(context.context_path, []).append(
-            Backend(context.node, context.host, context.port, context.weight, context.state))
+            Server(context.node, context.host, context.port, context.weight, context.state))
     return table
 
 

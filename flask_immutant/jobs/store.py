@@ -4,7 +4,7 @@ rq-scheduler stores each schedule as an RQ job (here JSON-serialised, under the 
 plus its next due time in a sorted set; that is the format other RQ tools can read. We do not use
 its ``run()`` loop, its lock (a 70 s handover, deleted unconditionally) or ``enqueue_job`` (three
 separate writes, rescheduled from "now", so it drifts and can double-fire): due times are claimed
-by ``lua/jobs_claim.lua``, one compare-and-set per due time, by the lease-holding scheduler.
+by ``store_claim.lua``, one compare-and-set per due time, by the lease-holding scheduler.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # RQ is imported where it is used: `flask immutant status` wi
     from rq_scheduler import Scheduler
 
 #: The function an RQ tool would see for our schedules; we fire by name from the app's registry.
-FIRE_FUNCTION = "flask_immutant.scheduling.fire"
+FIRE_FUNCTION = "flask_immutant.jobs.fire"
 
 
 @cache
@@ -55,7 +55,7 @@ class JobStore:
         self.app = app_id(app)
         self._app_name = app
         self.job_class = _job_class(keys.rq_job_prefix)
-        self._claim = lua.script(store, "jobs_claim")
+        self._claim = lua.script(store, "jobs/store_claim")
 
     @cached_property
     def scheduler(self) -> Scheduler:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 #: Imported on first use, so that loading the plugin (every CLI command does) never loads croniter.
 _LAZY = {"Fire": ".driver", "current": ".driver", "registry": ".registry"}
 #: Internals that were public before issue 12: importable here still, with a DeprecationWarning.
-MOVED = {"JobSpec": "flask_immutant.scheduling.spec.JobSpec"}
+MOVED = {"JobSpec": "flask_immutant.jobs.spec.JobSpec"}
 
 
 def __getattr__(name: str) -> Any:
