@@ -23,4 +23,4 @@ def mode(value: Any) -> str:
 
 ROW = Setting(SETTING, "auto", mode, "OpenTelemetry spans and W3C trace context in messages (docs/tracing.md). "
               "auto: on when opentelemetry-api is installed (the otel extra); on: refuse to start without it; "
-              "off: never import it.", "auto/on/off", env=True)
+              "off: no spans, and flask-immutant never imports it.", "auto/on/off", env=True)
