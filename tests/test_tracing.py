@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 import requests
-from opentelemetry import trace
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -204,6 +205,39 @@ def test_a_raising_handler_marks_its_span_as_an_error(exporter):
     span = next(s for s in exporter.get_finished_spans() if s.name == "process /queue/err")
     assert span.status.status_code == trace.StatusCode.ERROR
     assert [e.name for e in span.events] == ["exception"]
+
+
+class BrokenPropagator(TextMapPropagator):
+    """An app's propagator that fails both ways."""
+
+    def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+        raise RuntimeError("cannot read")
+
+    def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+        raise RuntimeError("cannot write")
+
+    @property
+    def fields(self) -> set[str]:
+        return {"broken"}
+
+
+def test_a_failing_propagator_never_stops_a_publish_or_a_handler(exporter, publisher):
+    original = propagate.get_global_textmap()
+    propagate.set_global_textmap(BrokenPropagator())
+    try:
+        # When the app's propagator fails to write, the message still goes out, with no context
+        assert publisher.publish("/queue/broken", 1) is not None
+        [envelope] = _envelopes(publisher, publisher.start("/queue/broken").queue_name)
+        assert "trace" not in envelope
+        # And when it fails to read, the handler still runs, in a new trace
+        message = Message(body=1, destination="/queue/broken", id="m3", trace={"traceparent": "00-x"})
+        with Tracing("n1").processing(message, "redis", None):
+            ran = True
+        assert ran
+    finally:
+        propagate.set_global_textmap(original)
+    span = next(s for s in exporter.get_finished_spans() if s.name == "process /queue/broken")
+    assert span.parent is None
 
 
 # --- the setting, and the package without the extra ---------------------------------------------

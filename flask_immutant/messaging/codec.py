@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -134,7 +135,7 @@ def _trace(value: Any) -> dict[str, str]:
     wrong trace field must not send a good message to the dead letters."""
     if not isinstance(value, dict):
         return {}
-    return {k: v for k, v in list(value.items())[:TRACE_ENTRIES]
+    return {k: v for k, v in itertools.islice(value.items(), TRACE_ENTRIES)
             if isinstance(k, str) and isinstance(v, str) and len(v) <= TRACE_VALUE}
 
 

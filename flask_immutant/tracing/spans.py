@@ -6,6 +6,7 @@ Names and attributes follow OpenTelemetry's messaging semantic conventions where
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ from . import Sent
 
 if TYPE_CHECKING:
     from ..messaging.codec import Message
+
+log = logging.getLogger("flask_immutant.tracing")
 
 #: From the global provider at each start, through the API's proxy: the app may set its provider
 #: after importing us, as OpenTelemetry users do.
@@ -56,7 +59,10 @@ class Tracing:
         with TRACER.start_as_current_span(f"publish {destination}", kind=SpanKind.PRODUCER,
                                           attributes=attributes) as span:
             carrier: dict[str, str] = {}
-            propagate.inject(carrier)
+            try:
+                propagate.inject(carrier)
+            except Exception as exc:  # the app's propagator: its failure must not stop the publish
+                log.warning("the trace context could not be written into the message (%s)", exc)
             yield _Sent(span, carrier)
 
     @contextmanager
@@ -73,7 +79,7 @@ class Tracing:
         if subscription is not None:
             attributes["messaging.destination.subscription.name"] = subscription
         # Attached (not only passed as the parent) so the publisher's baggage comes along too.
-        token = context.attach(propagate.extract(message.trace)) if message.trace else None
+        token = context.attach(_extracted(message.trace)) if message.trace else None
         try:
             with TRACER.start_as_current_span(f"process {message.destination}", kind=SpanKind.CONSUMER,
                                               attributes=attributes):
@@ -100,6 +106,15 @@ class Tracing:
         with TRACER.start_as_current_span(f"job {name}", kind=SpanKind.INTERNAL, attributes=attributes,
                                           context=context.Context()):
             yield
+
+
+def _extracted(carrier: Mapping[str, str]) -> context.Context:
+    """The context a message carries; one the app's propagator cannot read starts a new trace."""
+    try:
+        return propagate.extract(carrier)
+    except Exception as exc:
+        log.debug("the trace context of a message could not be read (%s); it starts a new trace", exc)
+        return context.Context()
 
 
 def current_ids() -> Mapping[str, str] | None:
