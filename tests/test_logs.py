@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,10 +68,7 @@ def test_an_exception_is_a_field_of_its_line():
     try:
         1 / 0  # noqa: B018
     except ZeroDivisionError:
-        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed %s", ("here",), exc_info=True)
-        import sys
-
-        record.exc_info = sys.exc_info()
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed %s", ("here",), exc_info=sys.exc_info())
     # When it is formatted as JSON
     line = JsonFormatter().format(record)
     # Then it is one line, and the traceback is a field
