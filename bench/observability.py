@@ -1,6 +1,6 @@
 """Messaging throughput with tracing and metrics on vs off, in one run (a benchmark, not a test).
 
-    python bench/observability.py [--messages 5000] [--threads 8] [--rounds 3]
+    python bench/observability.py [--messages 2000] [--threads 8] [--rounds 8]
 
 The same publish-and-consume loop as ``bench/messaging.py`` (one process publishes as fast as it
 can to ``/queue/bench`` and its own app runtime's worker threads consume, on a private embedded
@@ -12,8 +12,10 @@ store), run alternately by two apps in one process:
   this checkout has that setting;
 - **off**: ``IMMUTANT_TRACING=off`` (and ``IMMUTANT_METRICS=0``).
 
-Each message gets a PRODUCER span when published and a CONSUMER span when handled. Prints the best
-round of each and the ratio on/off of publish+consume throughput (target >= 0.95).
+Each message gets a PRODUCER span when published and a CONSUMER span when handled. Rounds run in
+back-to-back pairs (on then off, off then on, alternately); prints the best and median round of
+each, and the on/off ratio of publish+consume throughput: the median of the pairs' ratios, and
+best against best (target >= 0.95).
 """
 
 from __future__ import annotations
@@ -114,9 +116,9 @@ def hooks(state: ImmutantState, name: str, runtime: Any) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=8, help="pairs of rounds (one on, one off)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -144,13 +146,15 @@ def main() -> None:
     for name in ("off", "on"):
         median = statistics.median(r["throughput_per_s"] for r in results[name])
         print(f"{name:>4}: publish {best[name]['publish_per_s']:8.0f}/s  publish+consume "
-              f"{best[name]['throughput_per_s']:8.0f}/s  (median {median:8.0f}/s)")
+              f"{best[name]['throughput_per_s']:8.0f}/s best, {median:8.0f}/s median")
+    # Each pair ran back to back, so its ratio sees one machine load: the median of those is the
+    # figure to read on a shared machine; best-of is printed too.
+    pairs = [on["throughput_per_s"] / off["throughput_per_s"] for on, off in zip(results["on"], results["off"],
+                                                                                   strict=True)]
     ratio = best["on"]["throughput_per_s"] / best["off"]["throughput_per_s"]
-    median_ratio = (statistics.median(r["throughput_per_s"] for r in results["on"])
-                    / statistics.median(r["throughput_per_s"] for r in results["off"]))
-    print(f"spans exported: {exporter.exported}")
-    print(f"    ratio (on / off, publish+consume throughput): best {ratio:.3f}, median {median_ratio:.3f}  "
-          "(target >= 0.95)")
+    print(f"spans exported: {exporter.exported}; pair ratios: {' '.join(f'{r:.2f}' for r in pairs)}")
+    print(f"    ratio (on / off, publish+consume throughput): median of pairs {statistics.median(pairs):.3f}, "
+          f"best vs best {ratio:.3f}  (target >= 0.95)")
 
 
 if __name__ == "__main__":

@@ -248,9 +248,7 @@ class Messaging:
             outgoing = self._outgoing(destination, [(message, key)], priority=priority, ttl=ttl, delay=delay,
                                       properties=properties, correlation_id=correlation_id, encoding=encoding,
                                       reply_to=reply_to, trace=span.carrier)
-            ids = self._send(destination, outgoing)
-            span.sent(ids)
-        return ids[0]
+            return self._send(destination, outgoing)[0]
 
     def publish_many(
         self,

@@ -31,12 +31,12 @@ log = logging.getLogger("flask_immutant.tracing")
 
 
 class Sent:
-    """What a publish tells its span: the carrier to put in each message and the ids sent."""
+    """The span of a publish, as the publisher sees it: the carrier to put in each message."""
 
-    carrier: Mapping[str, str] | None = None
+    __slots__ = ("carrier",)
 
-    def sent(self, ids: list[str | None]) -> None:
-        """Record the published message ids (a no-op without tracing)."""
+    def __init__(self) -> None:
+        self.carrier: Mapping[str, str] | None = None
 
 
 #: The span of a publish, a delivery, a daemon run or a job fire when tracing is off.

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context, propagate, trace
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from .. import __version__
 from . import Sent
@@ -28,14 +28,39 @@ log = logging.getLogger("flask_immutant.tracing")
 TRACER = trace.get_tracer("flask_immutant", __version__)
 
 
-class _Sent(Sent):
-    def __init__(self, span: Span, carrier: dict[str, str]) -> None:
-        self.span = span
-        self.carrier = carrier
+class Current(Sent):
+    """A started span made current for a ``with`` block, then ended: what the API's
+    ``start_as_current_span`` does (an exception is recorded and sets status ERROR), in one frame
+    instead of three, since every message passes through two of these."""
 
-    def sent(self, ids: list[str | None]) -> None:
-        if len(ids) == 1 and ids[0] is not None:
-            self.span.set_attribute("messaging.message.id", ids[0])
+    __slots__ = ("_context", "_token", "span")
+
+    def __init__(self, span: Span, parent: context.Context | None = None) -> None:
+        super().__init__()
+        self.span = span
+        self._context = trace.set_span_in_context(span, parent)
+        self._token: Any = None
+
+    def __enter__(self) -> Current:
+        self._token = context.attach(self._context)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        context.detach(self._token)
+        if value is not None and isinstance(value, Exception) and self.span.is_recording():
+            self.span.record_exception(value)
+            self.span.set_status(Status(StatusCode.ERROR, f"{type(value).__name__}: {value}"))
+        self.span.end()
+
+    def inject(self) -> None:
+        """Write this span's context into :attr:`carrier` with the app's propagator."""
+        carrier: dict[str, str] = {}
+        try:
+            propagate.inject(carrier, context=self._context)
+        except Exception as exc:  # the app's propagator: its failure must not stop the publish
+            log.warning("the trace context could not be written into the message (%s)", exc)
+        self.carrier = carrier
 
 
 class Tracing:
@@ -44,10 +69,8 @@ class Tracing:
     def __init__(self, node: str) -> None:
         self.node = node
 
-    @contextmanager
-    def producing(self, destination: str, system: str, count: int,
-                  correlation_id: str | None = None) -> Iterator[Sent]:
-        """The PRODUCER span of one publish (``count`` messages); the carrier holds its context."""
+    def producing(self, destination: str, system: str, count: int, correlation_id: str | None = None) -> Current:
+        """The PRODUCER span of one publish (``count`` messages); its carrier holds its context."""
         attributes: dict[str, Any] = {
             "messaging.system": system, "messaging.operation.type": "send", "messaging.operation.name": "publish",
             "messaging.destination.name": destination, "immutant.node": self.node,
@@ -56,17 +79,11 @@ class Tracing:
             attributes["messaging.batch.message_count"] = count
         if correlation_id is not None:
             attributes["messaging.message.conversation_id"] = correlation_id
-        with TRACER.start_as_current_span(f"publish {destination}", kind=SpanKind.PRODUCER,
-                                          attributes=attributes) as span:
-            carrier: dict[str, str] = {}
-            try:
-                propagate.inject(carrier)
-            except Exception as exc:  # the app's propagator: its failure must not stop the publish
-                log.warning("the trace context could not be written into the message (%s)", exc)
-            yield _Sent(span, carrier)
+        current = Current(TRACER.start_span(f"publish {destination}", kind=SpanKind.PRODUCER, attributes=attributes))
+        current.inject()
+        return current
 
-    @contextmanager
-    def processing(self, message: Message, system: str, subscription: str | None) -> Iterator[None]:
+    def processing(self, message: Message, system: str, subscription: str | None) -> Current:
         """The CONSUMER span of one delivery, child of the publisher's span the message carries;
         ``subscription`` is the queue of a topic subscriber."""
         attributes: dict[str, Any] = {
@@ -78,34 +95,30 @@ class Tracing:
             attributes["messaging.message.conversation_id"] = message.correlation_id
         if subscription is not None:
             attributes["messaging.destination.subscription.name"] = subscription
-        # Attached (not only passed as the parent) so the publisher's baggage comes along too.
-        token = context.attach(_extracted(message.trace)) if message.trace else None
-        try:
-            with TRACER.start_as_current_span(f"process {message.destination}", kind=SpanKind.CONSUMER,
-                                              attributes=attributes):
-                yield
-        finally:
-            if token is not None:
-                context.detach(token)
+        # The publisher's whole context becomes current (not only its span): baggage comes along.
+        parent = _extracted(message.trace) if message.trace else None
+        span = TRACER.start_span(f"process {message.destination}", context=parent, kind=SpanKind.CONSUMER,
+                                 attributes=attributes)
+        return Current(span, parent)
 
-    @contextmanager
-    def daemon_run(self, name: str, singleton: bool, fence: int | None) -> Iterator[None]:
+    def daemon_run(self, name: str, singleton: bool, fence: int | None) -> Current:
         attributes: dict[str, Any] = {"immutant.daemon.name": name, "immutant.daemon.singleton": singleton,
                                       "immutant.node": self.node}
         if fence is not None:
             attributes["immutant.daemon.fencing_token"] = fence
-        with TRACER.start_as_current_span(f"daemon {name}", kind=SpanKind.INTERNAL, attributes=attributes,
-                                          context=context.Context()):
-            yield
+        return _root(f"daemon {name}", attributes)
 
-    @contextmanager
-    def job_fire(self, name: str, due: float, singleton: bool) -> Iterator[None]:
+    def job_fire(self, name: str, due: float, singleton: bool) -> Current:
         attributes: dict[str, Any] = {"immutant.job.name": name, "immutant.job.due": due,
                                       "immutant.job.lateness_s": round(max(0.0, time.time() - due), 6),
                                       "immutant.job.singleton": singleton, "immutant.node": self.node}
-        with TRACER.start_as_current_span(f"job {name}", kind=SpanKind.INTERNAL, attributes=attributes,
-                                          context=context.Context()):
-            yield
+        return _root(f"job {name}", attributes)
+
+
+def _root(name: str, attributes: dict[str, Any]) -> Current:
+    """A span that starts a trace of its own (whatever the thread's context holds)."""
+    empty = context.Context()
+    return Current(TRACER.start_span(name, context=empty, kind=SpanKind.INTERNAL, attributes=attributes), empty)
 
 
 def _extracted(carrier: Mapping[str, str]) -> context.Context:
