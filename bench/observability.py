@@ -1,21 +1,23 @@
 """Messaging throughput with tracing and metrics on vs off, in one run (a benchmark, not a test).
 
-    python bench/observability.py [--messages 2000] [--threads 8] [--rounds 8]
+    python bench/observability.py [--messages 2000] [--threads 8] [--rounds 6]
 
 The same publish-and-consume loop as ``bench/messaging.py`` (one process publishes as fast as it
 can to ``/queue/bench`` and its own app runtime's worker threads consume, on a private embedded
-store), run alternately by two apps in one process:
+store), run in turn by apps in one process:
 
+- **off**: ``IMMUTANT_TRACING=off`` (and ``IMMUTANT_METRICS=0`` when this checkout has it);
 - **on**: ``IMMUTANT_TRACING=on`` with OpenTelemetry's SDK configured as a user would, a
   TracerProvider with a BatchSpanProcessor to an exporter that drops the spans (so the figure is
-  our instrumentation and the SDK, not a collector's network), and ``IMMUTANT_METRICS=1`` when
-  this checkout has that setting;
-- **off**: ``IMMUTANT_TRACING=off`` (and ``IMMUTANT_METRICS=0``).
+  our instrumentation and the SDK, not a collector's network), every trace sampled; and
+  ``IMMUTANT_METRICS=1`` when this checkout has that setting;
+- **on, 10%**: the same with the sampler production setups use, ``ParentBased(TraceIdRatioBased(0.1))``.
 
-Each message gets a PRODUCER span when published and a CONSUMER span when handled. Rounds run in
-back-to-back pairs (on then off, off then on, alternately); prints the best and median round of
-each, and the on/off ratio of publish+consume throughput: the median of the pairs' ratios, and
-best against best (target >= 0.95).
+Each message gets a PRODUCER span when published and a CONSUMER span when handled. One round runs
+the three back to back, in a rotating order; the ratio to "off" is taken within each round (one
+machine load) and the median over rounds is printed, with the best round of each and the CPU time
+of this process per message (the publisher and the consumers share it: the GIL-bound cost).
+Target: ratio >= 0.95.
 """
 
 from __future__ import annotations
@@ -36,10 +38,18 @@ from flask import Flask
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, SamplingResult, TraceIdRatioBased
 
 from flask_immutant import ImmutantExtension, ImmutantState
 from flask_immutant.messaging import messaging_for
 from flask_immutant.store import EmbeddedStore
+
+#: mode -> (tracing and metrics on, sampler)
+MODES: dict[str, tuple[bool, Sampler]] = {
+    "off": (False, ParentBased(ALWAYS_ON)),
+    "on": (True, ParentBased(ALWAYS_ON)),
+    "on, 10%": (True, ParentBased(TraceIdRatioBased(0.1))),
+}
 
 
 class DroppingExporter(SpanExporter):
@@ -54,6 +64,19 @@ class DroppingExporter(SpanExporter):
 
     def shutdown(self) -> None:
         pass
+
+
+class Switchable(Sampler):
+    """The provider's sampler, switched between rounds (OpenTelemetry allows one global provider)."""
+
+    def __init__(self) -> None:
+        self.inner: Sampler = ParentBased(ALWAYS_ON)
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        return self.inner.should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return self.inner.get_description()
 
 
 class Sink:
@@ -94,6 +117,7 @@ def run(home: Path, on: bool, threads: int, messages: int) -> dict[str, float]:
     try:
         time.sleep(0.5)
         sink = box[0] = Sink(messages)
+        cpu = time.process_time()
         started = time.perf_counter()
         for n in range(messages):
             messaging.publish("/queue/bench", n)
@@ -101,7 +125,8 @@ def run(home: Path, on: bool, threads: int, messages: int) -> dict[str, float]:
         if not sink.done.wait(300):
             raise SystemExit(f"only {sink.count} of {messages} messages arrived")
         return {"publish_per_s": messages / (published - started),
-                "throughput_per_s": messages / (sink.last - started)}
+                "throughput_per_s": messages / (sink.last - started),
+                "cpu_us": (time.process_time() - cpu) / messages * 1e6}
     finally:
         hooks(state, "immutant_runtime_stopping", runtime)
 
@@ -118,43 +143,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=8, help="pairs of rounds (one on, one off)")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of the three modes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     exporter = DroppingExporter()
-    provider = TracerProvider()
+    sampler = Switchable()
+    provider = TracerProvider(sampler=sampler)
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
 
     home = Path(tempfile.mkdtemp(prefix="imt-bench-obs-"))
     store = EmbeddedStore(home)
     store.ensure_running()
-    results: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    names = list(MODES)
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     try:
         run(home, True, args.threads, 200)  # warm up: imports, scripts, the SDK's export thread
-        for round_ in range(args.rounds):  # alternated, so neither always runs on a warmer machine
-            for on in ((False, True) if round_ % 2 == 0 else (True, False)):
-                results["on" if on else "off"].append(run(home, on, args.threads, args.messages))
+        for round_ in range(args.rounds):
+            for name in names[round_ % 3:] + names[:round_ % 3]:
+                on, sampler.inner = MODES[name]
+                results[name].append(run(home, on, args.threads, args.messages))
     finally:
         store.stop()
     provider.force_flush()
     metrics = "metrics on" if has_metrics() else "no IMMUTANT_METRICS setting in this checkout"
-    print(f"\n== Redis (embedded store): {args.messages} messages, {args.threads} worker threads, "
-          f"best of {args.rounds}; on = tracing (SDK, BatchSpanProcessor, dropping exporter) + {metrics} ==")
-    best = {name: max(runs, key=lambda r: r["throughput_per_s"]) for name, runs in results.items()}
-    for name in ("off", "on"):
-        median = statistics.median(r["throughput_per_s"] for r in results[name])
-        print(f"{name:>4}: publish {best[name]['publish_per_s']:8.0f}/s  publish+consume "
-              f"{best[name]['throughput_per_s']:8.0f}/s best, {median:8.0f}/s median")
-    # Each pair ran back to back, so its ratio sees one machine load: the median of those is the
-    # figure to read on a shared machine; best-of is printed too.
-    pairs = [on["throughput_per_s"] / off["throughput_per_s"] for on, off in zip(results["on"], results["off"],
-                                                                                   strict=True)]
-    ratio = best["on"]["throughput_per_s"] / best["off"]["throughput_per_s"]
-    print(f"spans exported: {exporter.exported}; pair ratios: {' '.join(f'{r:.2f}' for r in pairs)}")
-    print(f"    ratio (on / off, publish+consume throughput): median of pairs {statistics.median(pairs):.3f}, "
-          f"best vs best {ratio:.3f}  (target >= 0.95)")
+    print(f"\n== Redis (embedded store): {args.messages} messages, {args.threads} worker threads, {args.rounds} "
+          f"rounds; on = tracing (SDK, BatchSpanProcessor, dropping exporter) + {metrics} ==")
+    for name in names:
+        runs = results[name]
+        best = max(runs, key=lambda r: r["throughput_per_s"])
+        print(f"{name:>8}: publish+consume {best['throughput_per_s']:6.0f}/s best, "
+              f"{statistics.median(r['throughput_per_s'] for r in runs):6.0f}/s median;  "
+              f"CPU {statistics.median(r['cpu_us'] for r in runs):5.0f} us/message median")
+    print(f"spans exported: {exporter.exported}")
+    for name in names[1:]:
+        ratios = [on["throughput_per_s"] / off["throughput_per_s"]
+                  for on, off in zip(results[name], results["off"], strict=True)]
+        cpu = statistics.median(r["cpu_us"] for r in results["off"]) / statistics.median(
+            r["cpu_us"] for r in results[name])
+        print(f"    ratio ({name} / off, publish+consume throughput): median of rounds {statistics.median(ratios):.3f} "
+              f"(rounds: {' '.join(f'{r:.2f}' for r in ratios)}); CPU per message, off / {name}: {cpu:.3f}  "
+              "(target >= 0.95)")
 
 
 if __name__ == "__main__":
