@@ -42,7 +42,9 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, Sa
 
 from flask_immutant import ImmutantExtension, ImmutantState
 from flask_immutant.messaging import messaging_for
+from flask_immutant.messaging.codec import decode, envelope
 from flask_immutant.store import EmbeddedStore
+from flask_immutant.tracing.spans import Tracing
 
 #: mode -> (tracing and metrics on, sampler)
 MODES: dict[str, tuple[bool, Sampler]] = {
@@ -131,6 +133,33 @@ def run(home: Path, on: bool, threads: int, messages: int) -> dict[str, float]:
         hooks(state, "immutant_runtime_stopping", runtime)
 
 
+def span_cost(messages: int) -> float:
+    """CPU microseconds the two spans of one message cost (publish, then handle), measured alone
+    in a loop on this thread: a figure the machine's other load hardly moves."""
+    tracing = Tracing("bench")
+    best = float("inf")
+    for _ in range(3):
+        started = time.thread_time()
+        for _n in range(messages):
+            with tracing.producing("/queue/bench", "redis", 1) as span:
+                message = decode(envelope("/queue/bench", 1, trace=span.carrier), message_id="m")
+            with tracing.processing(message, "redis", None):
+                pass
+        best = min(best, (time.thread_time() - started) / messages * 1e6)
+    return best
+
+
+def span_cost_baseline(messages: int) -> float:
+    """:func:`span_cost`'s loop without the spans (the envelope and its decoding)."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.thread_time()
+        for _n in range(messages):
+            decode(envelope("/queue/bench", 1, trace=None), message_id="m")
+        best = min(best, (time.thread_time() - started) / messages * 1e6)
+    return best
+
+
 def hooks(state: ImmutantState, name: str, runtime: Any) -> None:
     """Call hook ``name`` of the messaging and metrics plugins only: no HTTP server, daemons or
     contexts run here, only what the measured path touches."""
@@ -164,6 +193,11 @@ def main() -> None:
             for name in names[round_ % 3:] + names[:round_ % 3]:
                 on, sampler.inner = MODES[name]
                 results[name].append(run(home, on, args.threads, args.messages))
+        costs = {}
+        for name in names[1:]:
+            sampler.inner = MODES[name][1]
+            costs[name] = span_cost(args.messages)
+        baseline = span_cost_baseline(args.messages)
     finally:
         store.stop()
     provider.force_flush()
@@ -177,6 +211,12 @@ def main() -> None:
               f"{statistics.median(r['throughput_per_s'] for r in runs):6.0f}/s median;  "
               f"CPU {statistics.median(r['cpu_us'] for r in runs):5.0f} us/message median")
     print(f"spans exported: {exporter.exported}")
+    off_cpu = statistics.median(r["cpu_us"] for r in results["off"])
+    for name, cost in costs.items():
+        extra = cost - baseline
+        print(f"    the spans of one message ({name}), alone: {extra:5.1f} us CPU (envelope and decode without "
+              f"them: {baseline:.1f} us); against off's {off_cpu:.0f} us per message: "
+              f"ratio {off_cpu / (off_cpu + extra):.3f}")
     for name in names[1:]:
         ratios = [on["throughput_per_s"] / off["throughput_per_s"]
                   for on, off in zip(results[name], results["off"], strict=True)]
