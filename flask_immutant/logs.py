@@ -109,6 +109,18 @@ def _log_uncaught(kind: type[BaseException], value: BaseException | None,
         logging.getLogger("flask_immutant").error("uncaught exception", exc_info=(kind, value, tb))
 
 
+def _trace_ids() -> dict[str, str]:
+    """Hex ``trace_id`` and ``span_id`` of the span active on this thread, if any. Read through
+    OpenTelemetry's API only where something already imported it: logging never loads it."""
+    api = sys.modules.get("opentelemetry.trace")
+    if api is None:
+        return {}
+    span_context = api.get_current_span().get_span_context()
+    if not span_context.is_valid:
+        return {}
+    return {"trace_id": format(span_context.trace_id, "032x"), "span_id": format(span_context.span_id, "016x")}
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line."""
 
@@ -123,10 +135,7 @@ class JsonFormatter(logging.Formatter):
             "pid": record.process,
             "thread": record.threadName,
         }
-        if "opentelemetry.trace" in sys.modules:  # only where something already uses OpenTelemetry
-            from .tracing.spans import current_ids
-
-            data.update(current_ids() or {})
+        data.update(_trace_ids())
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         if record.stack_info:

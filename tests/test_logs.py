@@ -88,3 +88,16 @@ def test_the_default_node_output_is_text(start_node: Callable[..., NodeProcess])
     node = start_node("--node-name", "plain", app=str(APP))
     line = node.wait_for(r"^\S+ \S+ INFO \[flask_immutant\.\w+\] .*", timeout=40)
     assert not line.group(0).startswith("{")
+
+
+def test_a_line_logged_under_a_span_carries_its_ids_and_one_outside_none():
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("test")
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "inside", (), None)
+    with tracer.start_as_current_span("work") as span:
+        inside = json.loads(JsonFormatter().format(record))
+    outside = json.loads(JsonFormatter().format(record))
+    assert inside["trace_id"] == format(span.get_span_context().trace_id, "032x")
+    assert inside["span_id"] == format(span.get_span_context().span_id, "016x")
+    assert "trace_id" not in outside and "span_id" not in outside

@@ -128,11 +128,3 @@ def _extracted(carrier: Mapping[str, str]) -> context.Context:
     except Exception as exc:
         log.debug("the trace context of a message could not be read (%s); it starts a new trace", exc)
         return context.Context()
-
-
-def current_ids() -> Mapping[str, str] | None:
-    """``trace_id`` and ``span_id`` (hex) of the span active on this thread, if any (for logs)."""
-    span_context = trace.get_current_span().get_span_context()
-    if not span_context.is_valid:
-        return None
-    return {"trace_id": format(span_context.trace_id, "032x"), "span_id": format(span_context.span_id, "016x")}
