@@ -41,7 +41,8 @@ def test_json_lines_carry_node_deployment_and_the_trace_of_the_message_handled(s
     web = start_node("--clustered", "--node-name", "web", app=str(APP), env=env)
     consumer = start_node("--clustered", "--node-name", "consumer", "--port-offset", "100", app=str(APP), env=env)
     consumer.wait_for(r'"message": "messaging: consuming /queue/traced', timeout=40)
-    web.wait_for(r'"message": "node web joined cluster', timeout=40)
+    for process, name in ((web, "web"), (consumer, "consumer")):
+        process.wait_for(rf'"message": "node {name} joined cluster', timeout=40)
     # When a request to web publishes 5
     published = requests.get(f"http://127.0.0.1:{node_env['IMMUTANT_HTTP_PORT']}/publish/5", timeout=30).json()
     handled = wait_until(lambda: next((r for r in records(consumer) if r["message"] == "handled 5 on consumer"),
