@@ -21,10 +21,10 @@ from flask import Flask
 from flask.cli import AppGroup, NoAppException, ScriptInfo
 
 from .errors import ImmutantConfigError, ImmutantError
-from .extension import EXTENSION_KEY, ImmutantState
 from .logs import setup_logging as setup_logging  # where the commands that start processes find it
 from .plugins import make_plugin_manager
 from .settings import float_range, import_paths
+from .state import EXTENSION_KEY, ImmutantState
 
 F = TypeVar("F", bound=Callable[..., Any])
 

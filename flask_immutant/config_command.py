@@ -14,10 +14,11 @@ from urllib.parse import urlsplit, urlunsplit
 import click
 
 from .cli import find_app, one_line_errors
+from .cli_table import echo_table
 from .errors import ImmutantError
-from .extension import EXTENSION_KEY, ImmutantState
 from .hookspecs import hookimpl
 from .settings import PREFIX, pick
+from .state import EXTENSION_KEY, ImmutantState
 
 #: What each source is called in the output (``option``: this command's ``--set``).
 SOURCE_NAMES = {"default": "default", "app.config": "app.config", "environment": "environment",
@@ -90,8 +91,9 @@ def config(ctx: click.Context, sets: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(document, indent=2, sort_keys=True, default=str))
         return
-    width = max(len(name) for name in document)
-    for name, entry in document.items():
-        value = entry["value"]
-        shown = "unset" if value in (None, []) else (",".join(value) if isinstance(value, list) else str(value))
-        click.echo(f"{name:<{width}}  {shown}  ({entry['source']})")
+    echo_table(("SETTING", "VALUE", "(SOURCE)"),
+               ([name, _shown(entry["value"]), f"({entry['source']})"] for name, entry in document.items()))
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value in (None, []) else (",".join(value) if isinstance(value, list) else str(value))

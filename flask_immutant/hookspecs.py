@@ -3,6 +3,9 @@
 A plugin is a module (or object) with functions decorated ``@hookimpl`` whose names are the
 specs below. Built-in features are plugins too (see :data:`flask_immutant.plugins.DEFAULT_PLUGINS`)
 and implement their hooks with ``trylast=True`` so a user's plugin can run first or override.
+
+Hooks pass the small read-only views of :mod:`flask_immutant.protocols` (``StateView``,
+``RuntimeView``, ``NodeView``): the stable surface a plugin may rely on (docs/plugins.md).
 """
 
 from __future__ import annotations
@@ -17,9 +20,7 @@ if TYPE_CHECKING:
     from flask import Flask
 
     from .cluster.membership import Member
-    from .extension import ImmutantState
-    from .server.node import Node
-    from .server.runtime import AppRuntime
+    from .protocols import NodeView, RuntimeView, StateView
     from .settings import Setting
 
 PROJECT = "flask_immutant"
@@ -44,7 +45,7 @@ def immutant_settings() -> list[Setting]:
 
 
 @hookspec
-def immutant_init_app(app: Flask, state: ImmutantState) -> None:
+def immutant_init_app(app: Flask, state: StateView) -> None:
     """``ImmutantExtension.init_app`` has validated the settings of ``app``.
 
     Called once per app in every process that imports it (node supervisor, app runtime, CLI).
@@ -56,15 +57,15 @@ def immutant_init_app(app: Flask, state: ImmutantState) -> None:
 
 
 @hookspec
-def immutant_runtime_started(runtime: AppRuntime) -> None:
+def immutant_runtime_started(runtime: RuntimeView) -> None:
     """The app runtime is serving HTTP; start background work (workers, daemons, jobs).
 
-    ``runtime.app`` is the Flask app and ``runtime.state`` its :class:`ImmutantState`.
+    ``runtime.app`` is the Flask app and ``runtime.state`` its state.
     """
 
 
 @hookspec
-def immutant_runtime_stopping(runtime: AppRuntime) -> None:
+def immutant_runtime_stopping(runtime: RuntimeView) -> None:
     """The app runtime is shutting down; stop background work and release leases. Bounded by
     ``IMMUTANT_SHUTDOWN_TIMEOUT`` for the whole runtime."""
 
@@ -73,12 +74,12 @@ def immutant_runtime_stopping(runtime: AppRuntime) -> None:
 
 
 @hookspec
-def immutant_node_starting(node: Node) -> None:
+def immutant_node_starting(node: NodeView) -> None:
     """The node has its identity and store but has not joined the cluster yet."""
 
 
 @hookspec
-def immutant_node_started(node: Node) -> None:
+def immutant_node_started(node: NodeView) -> None:
     """The node has joined the cluster and started the app runtimes it was given.
 
     A node with no app waits here for deployments; the deploy feature watches from this hook.
@@ -86,7 +87,7 @@ def immutant_node_started(node: Node) -> None:
 
 
 @hookspec
-def immutant_node_stopping(node: Node) -> None:
+def immutant_node_stopping(node: NodeView) -> None:
     """The node is shutting down gracefully, before it leaves the cluster."""
 
 
@@ -94,7 +95,7 @@ def immutant_node_stopping(node: Node) -> None:
 
 
 @hookspec
-def immutant_member_joined(node: Node, member: Member) -> None:
+def immutant_member_joined(node: NodeView, member: Member) -> None:
     """``member`` joined the cluster, as seen from ``node``.
 
     Called on every node, in its membership thread, once per join; on start a node sees every
@@ -103,7 +104,7 @@ def immutant_member_joined(node: Node, member: Member) -> None:
 
 
 @hookspec
-def immutant_member_left(node: Node, member: Member, reason: str) -> None:
+def immutant_member_left(node: NodeView, member: Member, reason: str) -> None:
     """``member`` left the cluster, as seen from ``node``.
 
     ``reason`` is ``"left"`` for a graceful leave (seen at once) or ``"timeout"`` when its
@@ -128,7 +129,7 @@ def immutant_register_commands(cli: click.Group) -> None:
 
 
 @hookspec
-def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any] | None:
+def immutant_status(state: StateView, store: redis.Redis) -> dict[str, Any] | None:
     """Contribute sections to ``flask immutant status --json``.
 
     ``store`` is one client of the cluster store, opened for the whole document (it never starts

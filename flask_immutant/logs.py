@@ -26,7 +26,7 @@ from .settings import Setting
 if TYPE_CHECKING:
     from flask import Flask
 
-    from .extension import ImmutantState
+    from .protocols import StateView
 
 SETTING = "IMMUTANT_LOG_FORMAT"
 FORMATS = ("text", "json")
@@ -54,17 +54,17 @@ def immutant_settings() -> list[Setting]:
 
 
 @hookimpl(trylast=True)
-def immutant_init_app(app: Flask, state: ImmutantState) -> None:
+def immutant_init_app(app: Flask, state: StateView) -> None:
     """An app runtime learns its app's id once the app is loaded (the node's own ``--app``)."""
     if _runtime and _where["deployment"] is None:
         _where["deployment"] = state.app_id
 
 
 def setup_logging(verbose: bool = False, log_format: str | None = None, *, node: str | None = None,
-                  runtime: bool = False) -> None:
+                  runtime: bool = False, deployment: str | None = None) -> None:
     """Configure the root logger of this process. ``log_format`` defaults to the environment's
     IMMUTANT_LOG_FORMAT (a node hands its settings to its runtimes there); ``runtime`` says this
-    is an app runtime, whose deployment name comes from the node too."""
+    is an app runtime, serving ``deployment`` (or, when that is not given, the app it loads)."""
     global _runtime
     if log_format is None:
         try:
@@ -72,14 +72,8 @@ def setup_logging(verbose: bool = False, log_format: str | None = None, *, node:
         except ValueError:
             log_format = ROW.default  # the node validated it; a stray value never stops a process
     _where["node"] = node or os.environ.get("IMMUTANT_NODE_NAME") or None
-    if runtime:
-        from .extension import DEPLOYMENT_ENV
-
-        _runtime = True
-        try:
-            _where["deployment"] = json.loads(os.environ.get(DEPLOYMENT_ENV) or "{}").get("name")
-        except (ValueError, AttributeError):
-            _where["deployment"] = None
+    _runtime = runtime
+    _where["deployment"] = deployment if runtime else None
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])

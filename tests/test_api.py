@@ -29,6 +29,7 @@ from flask_immutant import (
     jobs,
     messaging,
 )
+from flask_immutant import state as state_module
 from flask_immutant.keys import Keys
 from flask_immutant.messaging import MessagingError
 
@@ -47,8 +48,8 @@ PUBLIC_MODULES = ("flask_immutant", "flask_immutant.messaging", "flask_immutant.
 @pytest.fixture
 def fresh_process_state(monkeypatch: pytest.MonkeyPatch) -> None:
     """As in a process that has initialised no app yet (other tests did, in this one)."""
-    monkeypatch.setattr(extension, "_last_app", None)
-    monkeypatch.setattr(extension, "_pending", [])
+    monkeypatch.setattr(state_module, "_last_app", None)
+    monkeypatch.setattr(state_module, "_pending", [])
 
 
 def app_named(name: str, **config: Any) -> Flask:

@@ -22,7 +22,7 @@ from ..store import client_from_url, store_url
 if TYPE_CHECKING:
     import redis
 
-    from ..extension import ImmutantState
+    from ..state import ImmutantState
 
 log = logging.getLogger("flask_immutant.balancer")
 

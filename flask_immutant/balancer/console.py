@@ -41,7 +41,7 @@ from ..contexts import registry
 from ..errors import ImmutantError
 
 if TYPE_CHECKING:
-    from ..extension import ImmutantState
+    from ..state import ImmutantState
 
 log = logging.getLogger("flask_immutant.balancer.console")
 

@@ -28,7 +28,7 @@ from .watch import Table, TableWatcher
 if TYPE_CHECKING:
     import redis
 
-    from ..extension import ImmutantState
+    from ..state import ImmutantState
 
 log = logging.getLogger("flask_immutant.balancer")
 

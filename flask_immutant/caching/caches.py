@@ -9,6 +9,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import ImmutantConfigError, NoAppError
+from ..protocols import Slot
 from ..settings import identifier
 from .base import MODES, ClusterCache, log
 from .breaker import CircuitBreaker
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     import redis
     from flask import Flask
 
-    from ..extension import ImmutantState
+    from ..state import ImmutantState
 
 
 def check_name_and_mode(name: str, mode: str) -> None:
@@ -34,7 +35,7 @@ def check_name_and_mode(name: str, mode: str) -> None:
 
 
 class CacheRegistry:
-    """Kept in ``state.features["caching"]``: one cache object per name, created on first use."""
+    """Kept in the app state's ``CACHES`` slot: one cache object per name, created on first use."""
 
     def __init__(self, state: ImmutantState) -> None:
         self.state = state
@@ -126,14 +127,18 @@ class CacheRegistry:
 
 
 
+#: Where an app's :class:`CacheRegistry` is kept in its state (made by the plugin's ``init_app``).
+CACHES: Slot[CacheRegistry] = Slot("caching")
+
+
 def registry_for(app: Flask | None = None) -> CacheRegistry:
     """The cache registry of ``app`` (default: the current app); internal: users call ``cache()``."""
-    from ..extension import app_for, get_state, switched_off
+    from ..state import app_for, get_state, switched_off
 
     target = app_for(app)
     if target is None:
         raise NoAppError("caching.cache() needs an app: pass app=..., or call it inside an app context")
-    found: CacheRegistry | None = get_state(target).features.get("caching")
+    found = get_state(target).get(CACHES)
     if found is None:
         raise switched_off("cache")
     return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ..hookspecs import hookimpl
@@ -11,9 +12,8 @@ from .serialization import CACHE_SERIALIZERS
 if TYPE_CHECKING:
     from flask import Flask
 
-    from ..extension import ImmutantState
-    from ..server.runtime import AppRuntime
-    from .caches import CacheRegistry
+    from ..protocols import RuntimeView
+    from ..state import ImmutantState
 
 #: The setting that turns this feature on; off, the plugin is unregistered.
 FLAG = "IMMUTANT_CACHE"
@@ -43,21 +43,27 @@ def immutant_settings() -> list[Setting]:
 
 @hookimpl(trylast=True)
 def immutant_init_app(app: Flask, state: ImmutantState) -> None:
-    from .caches import CacheRegistry  # here: a CLI command never imports cachelib
+    from .caches import CACHES, CacheRegistry  # here: a CLI command never imports cachelib
 
-    state.features[FEATURE] = CacheRegistry(state)
+    state.put(CACHES, CacheRegistry(state))
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_stopping(runtime: AppRuntime) -> None:
-    registry = runtime.state.features.get(FEATURE)
+def immutant_runtime_stopping(runtime: RuntimeView) -> None:
+    from .caches import CACHES
+
+    registry = runtime.state.get(CACHES)
     if registry is not None:
         registry.close()
 
 
 @hookimpl(trylast=True)
 def immutant_status(state: ImmutantState) -> dict[str, Any]:
-    registry: CacheRegistry | None = state.features.get(FEATURE)
+    if __package__ + ".caches" not in sys.modules:  # then no app made a registry: never import cachelib for nothing
+        return {}
+    from .caches import CACHES
+
+    registry = state.get(CACHES)
     if registry is None:
         return {}
     return {FEATURE: {

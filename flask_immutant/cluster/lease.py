@@ -34,11 +34,12 @@ from redis.retry import Retry
 from .. import lua
 from ..keys import Keys
 from ..loops import Loop
+from ..protocols import Slot
 from ..records import MALFORMED, from_json, warn
 from ..store.connect import Subscription
 
 if TYPE_CHECKING:
-    from ..extension import ImmutantState
+    from ..state import ImmutantState
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,10 @@ class LeaseManager:
         return 0.0
 
 
+#: The app runtime's one lease manager (shared by daemons and the job scheduler).
+LEASES: Slot[LeaseManager] = Slot("leases")
+
+
 def lease_manager(state: ImmutantState) -> LeaseManager:
     """The one lease manager of an app runtime (shared by daemons and the job scheduler);
     closed by the cluster plugin when the runtime stops."""
@@ -291,7 +296,7 @@ def lease_manager(state: ImmutantState) -> LeaseManager:
         return LeaseManager(store_url(settings, start=True), state.keys, state.node_name,
                             settings["IMMUTANT_FAILURE_TIMEOUT"], settings["IMMUTANT_LEASE_REPLICAS"])
 
-    return state.feature("leases", make)
+    return state.feature(LEASES, make)
 
 
 def singleton_name(state: Any, name: str) -> str:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import redis
 
 from ..cli import load_state, one_line_errors
+from ..cli_table import echo_table
 from ..hookspecs import hookimpl
 from ..loops import read_health, report_health, stop_reporting
 from .membership import live_members
+
+if TYPE_CHECKING:
+    from ..protocols import RuntimeView
 
 
 @hookimpl(trylast=True)
@@ -30,16 +34,18 @@ def immutant_node_stopping(node: Any) -> None:
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_started(runtime: Any) -> None:
+def immutant_runtime_started(runtime: RuntimeView) -> None:
     state = runtime.state
     report_health(state.store, state.keys, state.node_name, f"runtime:{runtime.app.name}",
                   state.settings["IMMUTANT_FAILURE_TIMEOUT"])
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_stopping(runtime: Any) -> None:
+def immutant_runtime_stopping(runtime: RuntimeView) -> None:
     """After the features (called later, being registered earlier): close the leases they used."""
-    manager = runtime.state.features.pop("leases", None)
+    from .lease import LEASES
+
+    manager = runtime.state.pop(LEASES)
     if manager is not None:
         manager.close()
     stop_reporting()
@@ -72,19 +78,16 @@ def status(ctx: click.Context, as_json: bool) -> None:
         return
     members = document["members"]
     click.echo(f"cluster {document['cluster']}: {len(members)} member(s), store {document['store']['url']}")
-    for m in members:
-        click.echo(
-            f"  {m['name']:<24} {m['address']}:{m['ports'].get('http')}  pid {m['pid']}  "
-            f"up since {m['up_since']}  last heartbeat {m['last_heartbeat']}"
-            + ("" if m["clustered"] else "  (not clustered)")
-            + ("" if m["healthy"] else f"  UNHEALTHY: {', '.join(m['failing_loops'])} failing")
-        )
+    echo_table(("NAME", "ADDRESS", "PID", "UP SINCE", "LAST HEARTBEAT", "NOTE"),
+               ([m["name"], f"{m['address']}:{m['ports'].get('http')}", m["pid"], m["up_since"], m["last_heartbeat"],
+                 _note(m)] for m in members), right={"PID"}, indent="  ")
     loops = document["loops"]
     failing = [loop for loop in loops if not loop["healthy"]]
     click.echo(f"loops: {len(loops)}, " + (f"{len(failing)} FAILING" if failing else "all healthy"))
-    for loop in failing:
-        click.echo(f"  {loop['node']} {loop['role']} {loop['name']}: {loop['state']}, "
-                   f"{loop['consecutive_failures']} failure(s) in a row, last error: {loop['last_error']}")
+    if failing:
+        echo_table(("NODE", "ROLE", "LOOP", "STATE", "FAILURES IN A ROW", "LAST ERROR"),
+                   ([loop["node"], loop["role"], loop["name"], loop["state"], loop["consecutive_failures"],
+                     loop["last_error"]] for loop in failing), right={"FAILURES IN A ROW"}, indent="  ")
     for name, section in document.items():
         if name in {"schema", "cluster", "members", "store", "loops", "warnings"}:
             continue
@@ -96,3 +99,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
         else:
             click.echo(f"{name}: {json.dumps(section, sort_keys=True)}")
     click.echo("(details: --json, or each feature's own command)")
+
+
+def _note(member: dict[str, Any]) -> str:
+    """What is wrong with a member, for the status table (empty: nothing)."""
+    notes = [] if member["clustered"] else ["not clustered"]
+    if not member["healthy"]:
+        notes.append(f"UNHEALTHY: {', '.join(member['failing_loops'])} failing")
+    return "; ".join(notes)

@@ -12,22 +12,23 @@ import click
 import redis
 
 from ..cli import echoed_as_json_or_empty, one_line_errors, state_and_store
+from ..cli_table import echo_table
 from ..cluster.identity import NodeIdentity
 from ..errors import ImmutantError
 from ..extension import DEPLOYMENT_ENV
 from ..hookspecs import hookimpl
 from ..loops import Loop
+from ..protocols import Slot
 from ..settings import Setting, to_bool
 from . import registry
 
 if TYPE_CHECKING:
-    from ..extension import ImmutantState
-    from ..server.runtime import AppRuntime
+    from ..protocols import RuntimeView
+    from ..state import ImmutantState
 
 log = logging.getLogger("flask_immutant.balancer")
 
 FLAG = "IMMUTANT_CONTEXTS"
-FEATURE = "context-publisher"
 
 
 @hookimpl(trylast=True)
@@ -39,7 +40,7 @@ def immutant_settings() -> list[Setting]:
 class ContextPublisher:
     """Keeps one runtime's context in the store while it runs."""
 
-    def __init__(self, runtime: AppRuntime) -> None:
+    def __init__(self, runtime: RuntimeView) -> None:
         self.runtime = runtime
         state = runtime.state
         self.keys = state.keys
@@ -83,18 +84,21 @@ class ContextPublisher:
         return (used - previous_used) / elapsed if elapsed > 0 else 0.0
 
 
+#: Where a runtime's publisher is kept in its app's state.
+PUBLISHER: Slot[ContextPublisher] = Slot("context-publisher")
+
+
 @hookimpl(trylast=True)
-def immutant_runtime_started(runtime: AppRuntime) -> None:
-    publisher = ContextPublisher(runtime)
-    runtime.state.features[FEATURE] = publisher
+def immutant_runtime_started(runtime: RuntimeView) -> None:
+    publisher = runtime.state.put(PUBLISHER, ContextPublisher(runtime))
     publisher.start()
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_stopping(runtime: AppRuntime) -> None:
+def immutant_runtime_stopping(runtime: RuntimeView) -> None:
     """Balancers stop sending new requests while the runtime drains (trylast like every built-in;
     registered after most features, it still runs before them)."""
-    publisher = runtime.state.features.pop(FEATURE, None)
+    publisher = runtime.state.pop(PUBLISHER)
     if publisher is not None:
         publisher.stop()
 
@@ -195,6 +199,6 @@ def show(ctx: click.Context, as_json: bool) -> None:
         found = registry.contexts(store, state.keys)
     if echoed_as_json_or_empty([c.status() for c in found], as_json, "no contexts"):
         return
-    for c in found:
-        click.echo(f"{c.context_path:<16} {c.node:<20} {c.host}:{c.port:<6} {c.state:<9} weight={c.weight} "
-                   f"load={c.load} app={c.app}")
+    echo_table(("CONTEXT", "NODE", "ADDRESS", "STATE", "WEIGHT", "LOAD", "APP"),
+               ([c.context_path, c.node, f"{c.host}:{c.port}", c.state, c.weight, c.load, c.app] for c in found),
+               right={"WEIGHT", "LOAD"})

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..extension import declare as _declare
-from ..extension import get_state, require_feature, with_context
+from ..state import declare as _declare
+from ..state import get_state, require_feature, with_context
 from .registry import registry
 from .runner import DaemonContext, DaemonSpec
 from .runner import current as _current

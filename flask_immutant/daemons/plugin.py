@@ -9,6 +9,7 @@ import click
 import redis
 
 from ..cli import echoed_as_json_or_empty, one_line_errors, state_and_store
+from ..cli_table import echo_table
 from ..cluster.lease import read_holder
 from ..cluster.membership import live_members
 from ..hookspecs import hookimpl
@@ -17,8 +18,8 @@ from ..settings import Setting, to_bool
 from .registry import registry
 
 if TYPE_CHECKING:
-    from ..extension import ImmutantState
-    from ..server.runtime import AppRuntime
+    from ..protocols import RuntimeView
+    from ..state import ImmutantState
 
 FLAG = "IMMUTANT_DAEMONS"
 
@@ -29,13 +30,13 @@ def immutant_settings() -> list[Setting]:
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_started(runtime: AppRuntime) -> None:
-    registry(state=runtime.state).activate_all()
+def immutant_runtime_started(runtime: RuntimeView) -> None:
+    registry(runtime.app).activate_all()
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_stopping(runtime: AppRuntime) -> None:
-    registry(state=runtime.state).shutdown()
+def immutant_runtime_stopping(runtime: RuntimeView) -> None:
+    registry(runtime.app).shutdown()
 
 
 @hookimpl(trylast=True)
@@ -107,8 +108,7 @@ def daemons(ctx: click.Context, as_json: bool) -> None:
         entries = daemon_status(state, store)
     if echoed_as_json_or_empty(entries, as_json, "no daemons"):
         return
-    for e in entries:
-        since = time.strftime("%H:%M:%S", time.localtime(e["since"])) if e["since"] else "-"
-        kind = "singleton" if e["singleton"] else "per-node"
-        click.echo(f"{e['name']:<20} {kind:<9} {e['state']:<10} node={e['node'] or '-'} since={since} "
-                   f"token={e['fencing_token'] if e['fencing_token'] is not None else '-'} restarts={e['restarts']}")
+    echo_table(("DAEMON", "KIND", "STATE", "NODE", "SINCE", "TOKEN", "RESTARTS"),
+               ([e["name"], "singleton" if e["singleton"] else "per-node", e["state"], e["node"],
+                 time.strftime("%H:%M:%S", time.localtime(e["since"])) if e["since"] else None,
+                 e["fencing_token"], e["restarts"]] for e in entries), right={"TOKEN", "RESTARTS"})

@@ -7,7 +7,8 @@ import threading
 from typing import TYPE_CHECKING
 
 from ..cluster.lease import lease_manager, singleton_name
-from ..extension import ImmutantState, get_state
+from ..protocols import Slot
+from ..state import ImmutantState, get_state
 from .runner import DaemonRunner, DaemonSpec
 
 if TYPE_CHECKING:
@@ -15,7 +16,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flask_immutant.daemons")
 
-FEATURE = "daemons"
 
 
 class DaemonRegistry:
@@ -70,5 +70,9 @@ class DaemonRegistry:
         runner.activate()
 
 
+#: Where an app's :class:`DaemonRegistry` is kept in its state.
+DAEMONS: Slot[DaemonRegistry] = Slot("daemons")
+
+
 def registry(app: Flask | None = None, state: ImmutantState | None = None) -> DaemonRegistry:
-    return (state or get_state(app)).feature(FEATURE, DaemonRegistry)
+    return (state or get_state(app)).feature(DAEMONS, DaemonRegistry)

@@ -15,24 +15,28 @@ import redis
 
 from .. import names
 from ..cli import WAIT_SECONDS, checked_option, echoed_as_json_or_empty, load_state, one_line_errors, state_and_store
+from ..cli_table import echo_table
 from ..cluster.membership import live_members
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
 from ..loops import Loop
+from ..protocols import Slot
 from ..settings import Setting, int_range, resolve, to_bool
 from ..store import existing_store
 from .records import Deployment, DeploymentError, cluster_secret
 from .store import DeploymentStore
 
 if TYPE_CHECKING:
-    from ..extension import ImmutantState
     from ..server.node import Node
+    from ..state import ImmutantState
+    from .deployer import Deployer
 
 log = logging.getLogger("flask_immutant.deploy")
 
 FLAG = "IMMUTANT_DEPLOYMENTS"
-FEATURE = "deployer"
-FOLDER_FEATURE = "deploy-folder"
+#: The node's deployer and deployment-folder scan, in the node's state.
+DEPLOYER: Slot[Deployer] = Slot("deployer")
+FOLDER_SCAN: Slot[Loop] = Slot("deploy-folder")
 
 
 def _secret(value: Any) -> str | None:
@@ -67,19 +71,18 @@ def immutant_node_started(node: Node) -> None:
     assert node.store is not None
     store = deployment_store(node.state, node.store)
     deployer = Deployer(node, store, node.settings["IMMUTANT_ARCHIVE_LIMIT"])
-    node.state.features[FEATURE] = deployer
-    deployer.start()
+    node.state.put(DEPLOYER, deployer).start()
     folder = DeploymentFolder(Path(node.settings["IMMUTANT_HOME"]) / "deployments", store)
-    node.state.features[FOLDER_FEATURE] = Loop("deploy-folder", folder.scan, 1.0, wait_first=True,
-                                               stop_event=node.stop_requested).start()
+    node.state.put(FOLDER_SCAN, Loop("deploy-folder", folder.scan, 1.0, wait_first=True,
+                                     stop_event=node.stop_requested).start())
 
 
 @hookimpl(trylast=True)
 def immutant_node_stopping(node: Node) -> None:
-    watcher = node.state.features.pop(FOLDER_FEATURE, None)
+    watcher = node.state.pop(FOLDER_SCAN)
     if watcher is not None:
         watcher.stop()
-    deployer = node.state.features.pop(FEATURE, None)
+    deployer = node.state.pop(DEPLOYER)
     if deployer is not None:
         deployer.stop()
         for name in list(deployer.store.all()):
@@ -259,9 +262,9 @@ def list_deployments(ctx: click.Context, as_json: bool) -> None:
             continue
         click.echo(f"{row['name']} v{row['version']} {row['context_path']} ({row['mode']}: {row['app'] or 'app'} "
                    f"in {row['root']})")
-        for node, info in sorted(row["nodes"].items()):
-            extra = f" port {info['port']}" if info.get("port") else ""
-            if info.get("balancer"):
-                extra += f" {info['balancer']['state']} weight={info['balancer']['weight']}"
-            error = f" error: {info['error']}" if info.get("error") else ""
-            click.echo(f"  {node:<20} {info['state']:<10} v{info.get('version')}{extra}{error}")
+        if row["nodes"]:
+            echo_table(("NODE", "STATE", "VERSION", "PORT", "CONTEXT STATE", "WEIGHT", "ERROR"),
+                       ([node, info["state"], f"v{info.get('version')}", info.get("port"),
+                         (info.get("balancer") or {}).get("state"), (info.get("balancer") or {}).get("weight"),
+                         info.get("error")] for node, info in sorted(row["nodes"].items())),
+                       right={"PORT", "WEIGHT"}, indent="  ")

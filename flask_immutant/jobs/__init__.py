@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..extension import declare as _declare
-from ..extension import get_state, require_feature, with_context
 from ..moved import lazy_or_moved
+from ..state import declare as _declare
+from ..state import get_state, require_feature, with_context
 
 if TYPE_CHECKING:
     from flask import Flask

@@ -9,6 +9,7 @@ import click
 import redis
 
 from ..cli import echoed_as_json_or_empty, one_line_errors, state_and_store
+from ..cli_table import echo_table
 from ..cluster.lease import read_holder
 from ..hookspecs import hookimpl
 from ..records import decoded, read_records
@@ -16,8 +17,8 @@ from ..settings import Setting, to_bool
 from .store import JobStore
 
 if TYPE_CHECKING:
-    from ..extension import ImmutantState
-    from ..server.runtime import AppRuntime
+    from ..protocols import RuntimeView
+    from ..state import ImmutantState
 
 FLAG = "IMMUTANT_JOBS"
 
@@ -28,17 +29,17 @@ def immutant_settings() -> list[Setting]:
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_started(runtime: AppRuntime) -> None:
+def immutant_runtime_started(runtime: RuntimeView) -> None:
     from .registry import registry  # here: croniter loads in a runtime, not in every CLI command
 
-    registry(state=runtime.state).activate()
+    registry(runtime.app).activate()
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_stopping(runtime: AppRuntime) -> None:
+def immutant_runtime_stopping(runtime: RuntimeView) -> None:
     from .registry import registry
 
-    registry(state=runtime.state).shutdown()
+    registry(runtime.app).shutdown()
 
 
 @hookimpl(trylast=True)
@@ -78,7 +79,6 @@ def jobs(ctx: click.Context, as_json: bool) -> None:
         rows = job_status(state, store)
     if echoed_as_json_or_empty(rows, as_json, "no scheduled jobs"):
         return
-    for r in rows:
-        click.echo(f"{r['app']}.{r['name']:<20} {r['spec']:<28} next={_when(r['next_fire'])} "
-                   f"last={_when(r['last_fire'])} fired={r['fired']} holder={r['holder'] or '-'}"
-                   + (f" error={r['last_error']}" if r["last_error"] else ""))
+    echo_table(("JOB", "SPEC", "NEXT", "LAST", "FIRED", "HOLDER", "ERROR"),
+               ([f"{r['app']}.{r['name']}", r["spec"], _when(r["next_fire"]), _when(r["last_fire"]), r["fired"],
+                 r["holder"], r["last_error"]] for r in rows), right={"FIRED"})

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..cluster.lease import lease_manager, singleton_name
-from ..extension import ImmutantState, get_state
+from ..protocols import Slot
+from ..state import ImmutantState, get_state
 from .driver import JobDriver
 from .spec import JobSpec
 from .store import JobStore
@@ -15,7 +16,6 @@ from .store import JobStore
 if TYPE_CHECKING:
     from flask import Flask
 
-FEATURE = "jobs"
 
 
 class JobRegistry:
@@ -69,5 +69,9 @@ class JobRegistry:
             self.driver = None
 
 
+#: Where an app's :class:`JobRegistry` is kept in its state.
+JOBS: Slot[JobRegistry] = Slot("jobs")
+
+
 def registry(app: Flask | None = None, state: ImmutantState | None = None) -> JobRegistry:
-    return (state or get_state(app)).feature(FEATURE, JobRegistry)
+    return (state or get_state(app)).feature(JOBS, JobRegistry)

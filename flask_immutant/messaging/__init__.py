@@ -21,9 +21,9 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ImmutantConfigError
-from ..extension import FEATURE_FLAGS
-from ..extension import declare as _declare
 from ..moved import lazy_or_moved
+from ..state import FEATURE_FLAGS
+from ..state import declare as _declare
 from .errors import EncodeError, MalformedMessage, MessagingError, RemoteError, RequestTimeout
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class MessagingSwitchedOff(ImmutantConfigError, MessagingError):
 def messaging_for(app: Flask | None = None) -> Messaging:
     """The per-app messaging object of ``app`` (default: the current app); internal: the functions
     here are the public way."""
-    from ..extension import get_state, switched_off
+    from ..state import get_state, switched_off
     from .plugin import messaging_of
 
     state = get_state(app)

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..cli import echoed_as_json_or_empty, load_state, one_line_errors
+from ..cli_table import echo_table
 from ..errors import ImmutantError
 from ..records import check_types, from_json, hash_of, json_object, read_records, required
-from .plugin import messaging_of
 from .status import queue_entries
 
 if TYPE_CHECKING:
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 
 def _messaging(ctx: click.Context) -> Messaging:
+    from .core import messaging_of  # here: listing queues never imports Dramatiq
+
     state, _app, _path = load_state(ctx)
     return messaging_of(state)
 
@@ -33,17 +35,19 @@ def queues(ctx: click.Context, as_json: bool) -> None:
     entries = queue_entries(messaging.backend, messaging.state.store, messaging.state.keys)
     if echoed_as_json_or_empty(entries, as_json, "no destinations yet"):
         return
-    click.echo(f"{'DESTINATION':<32} {'DEPTH':>7} {'IN FLIGHT':>9} {'DELAYED':>7} {'DEAD':>6} CONSUMERS")
+    lines: list[list[Any]] = []
     for entry in entries:
         rows = [entry] if entry["kind"] == "queue" else entry["subscriptions"]
         for row in rows:
             label = entry["name"]
             if entry["kind"] == "topic":
                 label += f" [{row['durable_name'] or 'subscriber'}]"
-            click.echo(f"{label:<32} {_n(row['depth']):>7} {_n(row['in_flight']):>9} {_n(row['delayed']):>7} "
-                       f"{_n(row['dead']):>6} {entry['consumers']}")
+            lines.append([label, _n(row["depth"]), _n(row["in_flight"]), _n(row["delayed"]), _n(row["dead"]),
+                          entry["consumers"]])
         if entry["kind"] == "topic" and not rows:
-            click.echo(f"{entry['name']:<32} (no subscriptions)")
+            lines.append([f"{entry['name']} (no subscriptions)", None, None, None, None, entry["consumers"]])
+    echo_table(("DESTINATION", "DEPTH", "IN FLIGHT", "DELAYED", "DEAD", "CONSUMERS"), lines,
+               right={"DEPTH", "IN FLIGHT", "DELAYED", "DEAD", "CONSUMERS"})
 
 
 def _n(value: Any) -> str:

@@ -1,6 +1,6 @@
 """The messaging API of one app: destinations, publish, listen, request/respond.
 
-Kept in ``state.features["messaging"]``. Calls made where the app is only imported (module level
+Kept in the app state's ``MESSAGING`` slot. Calls made where the app is only imported (module level
 of ``app.py`` in the node supervisor, a CLI command, the app runtime before it starts) register
 listeners; the app runtime starts consuming in ``immutant_runtime_started``. Calls made once the
 runtime is running (``state.runtime`` set) take effect at once. Publishing works anywhere.
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, cast, overload
 from dramatiq import Message as DramatiqMessage
 from dramatiq.broker import Broker
 
+from ..protocols import Slot
 from ..records import from_json, hash_of, json_object, read_records
 from ..tracing import NO_SPAN, Sent, tracing_of
 from .backends import Backend, Target, make_backend
@@ -33,11 +34,13 @@ from .errors import EncodeError, MessagingError, RemoteError, RequestTimeout
 from .selector import Selector, compile_selector
 
 if TYPE_CHECKING:
-    from ..extension import ImmutantState
-    from ..server.runtime import AppRuntime
+    from ..protocols import RuntimeView
+    from ..state import ImmutantState
     from ..tracing.spans import Tracing
 
 log = logging.getLogger("flask_immutant.messaging")
+#: Where an app's :class:`Messaging` is kept in its state.
+MESSAGING: Slot[Messaging] = Slot("messaging")
 
 Handler = Callable[[Any], Any]
 #: Messages per broker call of ``publish_many`` (a bigger batch is sent in several round trips, so
@@ -149,8 +152,13 @@ def _reply(raw: bytes | str) -> tuple[bool, Any]:
     return (True, data["value"]) if data.get("ok") else (False, data.get("error"))
 
 
+def messaging_of(state: ImmutantState) -> Messaging:
+    """The app's messaging, made on first use."""
+    return state.feature(MESSAGING, Messaging)
+
+
 class Messaging:
-    """Messaging for one app (``state.features["messaging"]``)."""
+    """Messaging for one app (in its state's ``MESSAGING`` slot)."""
 
     def __init__(self, state: ImmutantState) -> None:
         self.state = state
@@ -449,7 +457,7 @@ class Messaging:
 
     # --- runtime ---
 
-    def runtime_started(self, runtime: AppRuntime) -> None:
+    def runtime_started(self, runtime: RuntimeView) -> None:
         node = os.environ.get("IMMUTANT_NODE_NAME") or "local"
         engine = Engine(self, runtime.app, node)
         for destination in list(self.destinations.values()):
@@ -462,7 +470,7 @@ class Messaging:
             self._register(listener.destination)
             engine.bind(listener)
 
-    def runtime_stopping(self, runtime: AppRuntime) -> None:
+    def runtime_stopping(self, runtime: RuntimeView) -> None:
         with self._lock:
             engine, self.engine = self.engine, None
         if engine is not None:

@@ -22,8 +22,8 @@ import time
 import traceback
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import dramatiq
 import redis
@@ -40,9 +40,48 @@ from .errors import MalformedMessage
 from .undecodable import dead_letter_record, encoded, guard_consumers
 
 if TYPE_CHECKING:
-    from .core import Listener, Messaging
+    from ..protocols import StateView
+    from ..tracing.spans import Tracing
 
 log = logging.getLogger("flask_immutant.messaging")
+
+
+class Owner(Protocol):
+    """What the engine uses of the app's messaging (``core.Messaging``, which makes the engine):
+    a protocol, so this module does not import the one that imports it."""
+
+    @property
+    def state(self) -> StateView: ...
+
+    @property
+    def backend(self) -> Backend: ...
+
+    def known_topics(self) -> list[str]: ...
+
+    def requeue_raw(self, raw: Any, *, delay: int | None = None) -> None: ...
+
+    @property
+    def tracing(self) -> Tracing | None: ...
+
+
+class Listener(Protocol):
+    """What the engine uses of a listener (``core.Listener``): where it listens, and its handler."""
+
+    #: The Dramatiq queue it is bound to, set by :meth:`Engine.bind`.
+    queue: str | None
+
+    @property
+    def destination(self) -> Destination: ...
+
+    @property
+    def durable_name(self) -> str | None: ...
+
+    @property
+    def number(self) -> int: ...
+
+    def accepts(self, properties: Mapping[str, Any]) -> bool: ...
+
+    def handle(self, message: Message) -> Any: ...
 
 #: Heartbeats per failure timeout (the membership heartbeat uses 4; consumers are cheaper to
 #: renew and a quicker reaper shortens failover).
@@ -127,7 +166,7 @@ class Binding:
 class Engine:
     """The runtime's consumer: worker, heartbeat and reaper threads, and the local bindings."""
 
-    def __init__(self, messaging: Messaging, app: Any, node_name: str) -> None:
+    def __init__(self, messaging: Owner, app: Any, node_name: str) -> None:
         self.messaging = messaging
         self.app = app
         self.settings = messaging.state.settings

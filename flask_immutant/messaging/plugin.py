@@ -9,13 +9,14 @@ import redis
 
 from ..hookspecs import hookimpl
 from ..settings import Setting
+from ..state import get_state
 from .config import FLAG, SETTINGS
 
 if TYPE_CHECKING:
     from flask import Flask
 
-    from ..extension import ImmutantState
-    from ..server.runtime import AppRuntime
+    from ..protocols import RuntimeView
+    from ..state import ImmutantState
     from .core import Messaging
 
 __all__ = ["FLAG", "messaging_of"]
@@ -24,9 +25,10 @@ FEATURE = "messaging"
 
 
 def messaging_of(state: ImmutantState) -> Messaging:
-    from .core import Messaging  # here: a CLI command that does not publish never imports Dramatiq
+    """The app's :class:`~.core.Messaging` (see :func:`.core.messaging_of`)."""
+    from .core import messaging_of  # here: a CLI command that does not publish never imports Dramatiq
 
-    return state.feature(FEATURE, Messaging)
+    return messaging_of(state)
 
 
 @hookimpl(trylast=True)
@@ -40,13 +42,13 @@ def immutant_init_app(app: Flask, state: ImmutantState) -> None:
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_started(runtime: AppRuntime) -> None:
-    messaging_of(runtime.state).runtime_started(runtime)
+def immutant_runtime_started(runtime: RuntimeView) -> None:
+    messaging_of(get_state(runtime.app)).runtime_started(runtime)
 
 
 @hookimpl(trylast=True)
-def immutant_runtime_stopping(runtime: AppRuntime) -> None:
-    messaging_of(runtime.state).runtime_stopping(runtime)
+def immutant_runtime_stopping(runtime: RuntimeView) -> None:
+    messaging_of(get_state(runtime.app)).runtime_stopping(runtime)
 
 
 @hookimpl(trylast=True)

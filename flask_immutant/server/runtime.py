@@ -192,12 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     threading.Thread(target=_watch_lifeline, args=(args.lifeline_fd,), name="immutant-lifeline", daemon=True).start()
-    setup_logging(runtime=True)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
 
     deployment = json.loads(os.environ.get(DEPLOYMENT_ENV, "{}"))
+    setup_logging(runtime=True, deployment=deployment.get("name"))
     try:
         app = load_app(args.app)
         app.config.update(deployment.get("config", {}))

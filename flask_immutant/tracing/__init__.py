@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .config import FEATURE, SETTING
+from ..protocols import Slot
+from .base import NO_SPAN, Sent
+from .config import SETTING
 
 if TYPE_CHECKING:
     from flask import Flask
 
-    from ..extension import ImmutantState
+    from ..protocols import StateView
     from .spans import Tracing
 
 __all__ = ["NO_SPAN", "SETTING", "Sent", "daemon_span", "job_span", "tracing_of"]
@@ -30,39 +32,38 @@ __all__ = ["NO_SPAN", "SETTING", "Sent", "daemon_span", "job_span", "tracing_of"
 log = logging.getLogger("flask_immutant.tracing")
 
 
-class Sent:
-    """The span of a publish, as the publisher sees it: the carrier to put in each message."""
+@dataclass(frozen=True)
+class _Decided:
+    """Whether this app traces, decided once: ``tracing`` is ``None`` when it does not."""
 
-    __slots__ = ("carrier",)
-
-    def __init__(self) -> None:
-        self.carrier: Mapping[str, str] | None = None
+    tracing: Tracing | None
 
 
-#: The span of a publish, a delivery, a daemon run or a job fire when tracing is off.
-NO_SPAN: contextlib.nullcontext[Sent] = contextlib.nullcontext(Sent())
+#: Where an app's decision (and its :class:`~.spans.Tracing`) is kept in its state.
+TRACING: Slot[_Decided] = Slot("tracing")
 
 
-def tracing_of(state: ImmutantState) -> Tracing | None:
+def tracing_of(state: StateView) -> Tracing | None:
     """The app's tracing, or ``None`` when IMMUTANT_TRACING is off or the API is not installed."""
+    decided = state.get(TRACING)
+    if decided is None:
+        decided = state.put(TRACING, _Decided(_make(state)))
+    return decided.tracing
+
+
+def _make(state: StateView) -> Tracing | None:
+    if state.settings.get(SETTING, "off") == "off":
+        return None
     try:
-        return state.features[FEATURE]  # type: ignore[no-any-return]
-    except KeyError:
-        pass
-    found: Tracing | None = None
-    if state.settings.get(SETTING, "off") != "off":
-        try:
-            from .spans import Tracing
-        except ImportError as exc:  # "auto" without the extra (plugin.py refuses "on" at init_app)
-            log.debug("tracing is off: OpenTelemetry's API cannot be imported (%s)", exc)
-        else:
-            found = Tracing(state.node_name)
-    state.features[FEATURE] = found
-    return found
+        from .spans import Tracing
+    except ImportError as exc:  # "auto" without the extra (plugin.py refuses "on" at init_app)
+        log.debug("tracing is off: OpenTelemetry's API cannot be imported (%s)", exc)
+        return None
+    return Tracing(state.node_name)
 
 
 def _tracing_of_app(app: Flask) -> Tracing | None:
-    from ..extension import EXTENSION_KEY
+    from ..state import EXTENSION_KEY
 
     state = app.extensions.get(EXTENSION_KEY)
     return None if state is None else tracing_of(state)

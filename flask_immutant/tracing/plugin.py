@@ -13,7 +13,7 @@ from .config import ROW, SETTING
 if TYPE_CHECKING:
     from flask import Flask
 
-    from ..extension import ImmutantState
+    from ..protocols import StateView
 
 
 @hookimpl(trylast=True)
@@ -22,7 +22,7 @@ def immutant_settings() -> list[Setting]:
 
 
 @hookimpl(trylast=True)
-def immutant_init_app(app: Flask, state: ImmutantState) -> None:
+def immutant_init_app(app: Flask, state: StateView) -> None:
     """``on`` without the API fails here, at start-up, rather than tracing nothing in silence."""
     if state.settings[SETTING] == "on" and not _api_installed():
         raise ImmutantConfigError(f"{SETTING}=on needs OpenTelemetry's API, which is not installed: "

@@ -9,23 +9,32 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from importlib import metadata
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from .. import __version__
-from . import Sent
+from .base import Sent
 
 if TYPE_CHECKING:
     from ..messaging.codec import Message
 
 log = logging.getLogger("flask_immutant.tracing")
 
+
+
+def _version() -> str | None:
+    try:
+        return metadata.version("flask-immutant")
+    except metadata.PackageNotFoundError:  # run from a source folder, not installed
+        return None
+
+
 #: From the global provider at each start, through the API's proxy: the app may set its provider
 #: after importing us, as OpenTelemetry users do.
-TRACER = trace.get_tracer("flask_immutant", __version__)
+TRACER = trace.get_tracer("flask_immutant", _version())
 
 
 class Current(Sent):

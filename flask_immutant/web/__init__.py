@@ -32,7 +32,7 @@ def regenerate() -> None:
 
     interface = current_app.session_interface
     if not isinstance(interface, ImmutantSessionInterface):
-        from ..extension import switched_off
+        from ..state import switched_off
 
         raise switched_off("sessions")
     # Flask types session as the SessionMixin it proxies; the proxy is what has the method

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ..caching.breaker import CircuitBreaker
@@ -12,8 +13,7 @@ from ..settings import Setting, to_bool
 if TYPE_CHECKING:
     from flask import Flask
 
-    from ..extension import ImmutantState
-    from .sessions import ImmutantSessionInterface
+    from ..state import ImmutantState
 
 #: The setting that turns this feature on; off, the plugin is unregistered.
 FLAG = "IMMUTANT_SESSIONS"
@@ -40,7 +40,7 @@ def immutant_settings() -> list[Setting]:
 
 @hookimpl(trylast=True)
 def immutant_init_app(app: Flask, state: ImmutantState) -> None:
-    from .sessions import ImmutantSessionInterface, log  # here: CLI commands never import Flask-Session
+    from .sessions import SESSIONS, ImmutantSessionInterface, log  # here: CLI commands never import Flask-Session
 
     settings = state.settings
     interface = ImmutantSessionInterface(
@@ -50,12 +50,16 @@ def immutant_init_app(app: Flask, state: ImmutantState) -> None:
         breaker=CircuitBreaker("sessions", log),
     )
     app.session_interface = interface
-    state.features[FEATURE] = interface
+    state.put(SESSIONS, interface)
 
 
 @hookimpl(trylast=True)
 def immutant_status(state: ImmutantState) -> dict[str, Any]:
-    interface: ImmutantSessionInterface | None = state.features.get(FEATURE)
+    if __package__ + ".sessions" not in sys.modules:  # then no app has sessions: never import Flask-Session for nothing
+        return {}
+    from .sessions import SESSIONS
+
+    interface = state.get(SESSIONS)
     if interface is None:
         return {}
     return {FEATURE: {

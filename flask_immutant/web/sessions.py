@@ -33,10 +33,11 @@ from .. import lua
 from ..caching.breaker import CircuitBreaker
 from ..caching.serialization import Serializer
 from ..errors import ImmutantError
+from ..protocols import Slot
 from ..store.outage import STORE_ERRORS, is_outage
 
 if TYPE_CHECKING:
-    from ..extension import ImmutantState
+    from ..state import ImmutantState
 
 log = logging.getLogger("flask_immutant.sessions")
 T = TypeVar("T")
@@ -294,3 +295,7 @@ def _make_503(response: Response, exc: SessionUnavailable) -> None:
     response.direct_passthrough = False
     response.set_data(f"503 Service Unavailable: {SessionUnavailable.description}\n")
     response.mimetype = "text/plain"
+
+
+#: Where an app's session interface is kept in its state (for the status section).
+SESSIONS: Slot[ImmutantSessionInterface] = Slot("sessions")
