@@ -266,7 +266,7 @@ from flask_immutant.errors import ImmutantConfigError
 from flask_immutant.tracing import tracing_of
 from flask_immutant.messaging.codec import decode, envelope
 
-# auto: tracing is simply off, and messages still go out and come in
+# auto: tracing is simply off, and envelopes carry no trace context
 state = ImmutantState.build({}, environ={})
 assert state.settings["IMMUTANT_TRACING"] == "auto" and tracing_of(state) is None
 assert decode(envelope("/queue/x", 1)).trace == {}
