@@ -6,6 +6,7 @@ package without the otel extra."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ import pytest
 import requests
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import TextMapPropagator
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -238,6 +239,97 @@ def test_a_failing_propagator_never_stops_a_publish_or_a_handler(exporter, publi
         propagate.set_global_textmap(original)
     span = next(s for s in exporter.get_finished_spans() if s.name == "process /queue/broken")
     assert span.parent is None
+
+
+class BrokenProcessor(SpanProcessor):
+    """An app's span processor with a bug (or an exporter it calls in line that raises) at ``where``."""
+
+    def __init__(self) -> None:
+        self.where = "nowhere"
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if self.where == "start":
+            raise RuntimeError("processor bug in on_start")
+
+    def on_end(self, span: Any) -> None:
+        if self.where == "end":
+            raise RuntimeError("processor bug in on_end")
+
+
+@pytest.fixture(scope="module")
+def processor(exporter: InMemorySpanExporter) -> BrokenProcessor:
+    broken = BrokenProcessor()
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    provider.add_span_processor(broken)
+    return broken
+
+
+@pytest.fixture
+def broken(processor: BrokenProcessor) -> Iterator[BrokenProcessor]:
+    yield processor
+    processor.where = "nowhere"
+
+
+@pytest.mark.parametrize("where", ["start", "end"])
+def test_a_raising_span_processor_never_stops_a_publish_nor_sends_it_twice(broken, publisher, where):
+    # Given an app whose span processor raises when a span starts, or when it ends (after the send)
+    broken.where = where
+    # When it publishes
+    message_id = publisher.publish(f"/queue/broken-{where}", {"n": 1})
+    # Then publish returns (a caller that retried on an exception would send the message again)
+    [envelope] = _envelopes(publisher, publisher.start(f"/queue/broken-{where}").queue_name)
+    assert message_id is not None and decode(envelope).body == {"n": 1}
+    # And a span that could not start still hands its parent's context on, one that could carries its own
+    if where == "end":
+        assert "traceparent" in envelope["trace"]
+
+
+@pytest.mark.parametrize("where", ["start", "end"])
+def test_a_raising_span_processor_never_stops_a_handler_a_daemon_or_a_job(broken, where):
+    broken.where = where
+    tracing = Tracing("n1")
+    ran = []
+    with tracing.processing(Message(body=1, destination="/queue/h", id="m1"), "redis", None):
+        ran.append("handler")
+    with tracing.daemon_run("d", True, 7):
+        ran.append("daemon")
+    with tracing.job_fire("j", 0.0, False):
+        ran.append("job")
+    assert ran == ["handler", "daemon", "job"]
+    # And the handler's own exception still reaches its caller (to be retried), not swallowed by the span
+    with pytest.raises(ZeroDivisionError), tracing.processing(Message(body=1, destination="/queue/h", id="m2"),
+                                                                "redis", None):
+        1 / 0  # noqa: B018
+
+
+def test_only_w3c_trace_context_within_its_limits_is_kept_from_a_message():
+    parent = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    kept = decode({"destination": "/queue/x", "body": 1, "trace": {
+        "traceparent": parent, "tracestate": "k=v", "baggage": "a=1", "x-other": "y", "uber-trace-id": "z"}})
+    assert kept.trace == {"traceparent": parent, "tracestate": "k=v", "baggage": "a=1"}
+    too_much = {"traceparent": parent + "-more", "tracestate": ",".join(f"k{n}=v" for n in range(33)),
+                "baggage": ",".join(f"k{n}=v" for n in range(181))}
+    assert decode({"destination": "/queue/x", "body": 1, "trace": too_much}).trace == {}
+    assert decode({"destination": "/queue/x", "body": 1, "trace": {"traceparent": "x" * 55}}).trace == {}
+
+
+def test_a_crafted_baggage_costs_at_most_one_log_line_without_the_senders_newlines(exporter, caplog):
+    # Given a message whose baggage holds 170 malformed members, the first with a forged log line
+    message = decode({"destination": "/queue/crafted", "body": 1,
+                      "trace": {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+                                "baggage": "x\nFAKE LOG LINE," + "a," * 169}})
+    assert "baggage" in message.trace
+    # When it is handled
+    with caplog.at_level(logging.DEBUG), Tracing("n1").processing(message, "redis", None):
+        pass
+    # Then OpenTelemetry's propagator said it in at most one line, and no line holds the sender's newline
+    records = [r for r in caplog.records if r.name.startswith(("opentelemetry", "flask_immutant.tracing"))]
+    assert len(records) == 1, [r.getMessage()[:100] for r in records]
+    assert "\n" not in records[0].getMessage() and "FAKE LOG LINE" in records[0].getMessage()
+    # And the trace still continues from the publisher's span
+    span = next(s for s in exporter.get_finished_spans() if s.name == "process /queue/crafted")
+    assert span.parent is not None and span.parent.span_id == int("b" * 16, 16)
 
 
 # --- the setting, and the package without the extra ---------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import itertools
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -126,8 +126,10 @@ def decode(raw: Any, retries: int = 0, message_id: str = "") -> Message:
         raise MalformedMessage(f"malformed envelope: {exc}") from None
 
 
-#: Most entries, and longest value, kept from a message's trace context (W3C baggage may be 8192).
-TRACE_ENTRIES, TRACE_VALUE = 16, 8192
+#: What is kept of a message's trace field: W3C Trace Context and Baggage, each within its
+#: specification's limits (longest value, most list members). Anything else is dropped unread.
+TRACE_FIELDS: dict[str, tuple[int, int]] = {"traceparent": (55, 1), "tracestate": (512, 32), "baggage": (8192, 180)}
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def _trace(value: Any) -> dict[str, str]:
@@ -135,8 +137,14 @@ def _trace(value: Any) -> dict[str, str]:
     wrong trace field must not send a good message to the dead letters."""
     if not isinstance(value, dict):
         return {}
-    return {k: v for k, v in itertools.islice(value.items(), TRACE_ENTRIES)
-            if isinstance(k, str) and isinstance(v, str) and len(v) <= TRACE_VALUE}
+    kept = {}
+    for key, (longest, members) in TRACE_FIELDS.items():
+        text = value.get(key)
+        if isinstance(text, str) and len(text) <= longest and text.count(",") < members:
+            kept[key] = text
+    if "traceparent" in kept and not _TRACEPARENT.fullmatch(kept["traceparent"]):
+        del kept["traceparent"]
+    return kept
 
 
 def _number(value: Any) -> float | None:

@@ -7,6 +7,7 @@ Names and attributes follow OpenTelemetry's messaging semantic conventions where
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from importlib import metadata
@@ -14,7 +15,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context, propagate, trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, NonRecordingSpan, Span, SpanKind, Status, StatusCode
 
 from .base import Sent
 
@@ -23,6 +24,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flask_immutant.tracing")
 
+#: The kinds of failure already warned about in this process: each is logged once, then at DEBUG.
+_warned: set[str] = set()
+
+
+def _failed(what: str, exc: Exception) -> None:
+    """An OpenTelemetry call (the app's SDK, processor, sampler or propagator) raised: tracing
+    must never break a publish, a handler, a daemon or a job, so the caller goes on without it."""
+    if what in _warned:
+        log.debug("tracing: %s failed again (%s: %s)", what, type(exc).__name__, exc)
+        return
+    _warned.add(what)
+    log.warning("tracing: %s failed (%s: %s); going on without it (logged once per process, then at DEBUG)",
+                what, type(exc).__name__, exc)
 
 
 def _version() -> str | None:
@@ -40,7 +54,8 @@ TRACER = trace.get_tracer("flask_immutant", _version())
 class Current(Sent):
     """A started span made current for a ``with`` block, then ended: what the API's
     ``start_as_current_span`` does (an exception is recorded and sets status ERROR), in one frame
-    instead of three, since every message passes through two of these."""
+    instead of three, since every message passes through two of these. Every OpenTelemetry call
+    in it is guarded: a failing processor or exporter costs the span, never the work."""
 
     __slots__ = ("_context", "_token", "span")
 
@@ -51,16 +66,29 @@ class Current(Sent):
         self._token: Any = None
 
     def __enter__(self) -> Current:
-        self._token = context.attach(self._context)
+        try:
+            self._token = context.attach(self._context)
+        except Exception as exc:
+            _failed("making a span current", exc)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  tb: TracebackType | None) -> None:
-        context.detach(self._token)
-        if value is not None and isinstance(value, Exception) and self.span.is_recording():
-            self.span.record_exception(value)
-            self.span.set_status(Status(StatusCode.ERROR, f"{type(value).__name__}: {value}"))
-        self.span.end()
+        try:
+            if self._token is not None:
+                context.detach(self._token)
+        except Exception as exc:
+            _failed("leaving a span's context", exc)
+        try:
+            if value is not None and isinstance(value, Exception) and self.span.is_recording():
+                self.span.record_exception(value)
+                self.span.set_status(Status(StatusCode.ERROR, f"{type(value).__name__}: {value}"))
+        except Exception as exc:
+            _failed("recording an exception on a span", exc)
+        try:
+            self.span.end()  # after a publish was sent: raising here would make its caller send it again
+        except Exception as exc:
+            _failed("ending a span", exc)
 
     def inject(self) -> None:
         """Write this span's context into :attr:`carrier` with the app's propagator."""
@@ -68,7 +96,8 @@ class Current(Sent):
         try:
             propagate.inject(carrier, context=self._context)
         except Exception as exc:  # the app's propagator: its failure must not stop the publish
-            log.warning("the trace context could not be written into the message (%s)", exc)
+            _failed("writing the trace context into a message", exc)
+            carrier = {}
         self.carrier = carrier
 
 
@@ -88,7 +117,7 @@ class Tracing:
             attributes["messaging.batch.message_count"] = count
         if correlation_id is not None:
             attributes["messaging.message.conversation_id"] = correlation_id
-        current = Current(TRACER.start_span(f"publish {destination}", kind=SpanKind.PRODUCER, attributes=attributes))
+        current = _started(f"publish {destination}", SpanKind.PRODUCER, attributes, None)
         current.inject()
         return current
 
@@ -106,34 +135,90 @@ class Tracing:
             attributes["messaging.destination.subscription.name"] = subscription
         # The publisher's whole context becomes current (not only its span): baggage comes along.
         parent = _extracted(message.trace) if message.trace else None
-        span = TRACER.start_span(f"process {message.destination}", context=parent, kind=SpanKind.CONSUMER,
-                                 attributes=attributes)
-        return Current(span, parent)
+        return _started(f"process {message.destination}", SpanKind.CONSUMER, attributes, parent)
 
     def daemon_run(self, name: str, singleton: bool, fence: int | None) -> Current:
         attributes: dict[str, Any] = {"immutant.daemon.name": name, "immutant.daemon.singleton": singleton,
                                       "immutant.node": self.node}
         if fence is not None:
             attributes["immutant.daemon.fencing_token"] = fence
-        return _root(f"daemon {name}", attributes)
+        return _started(f"daemon {name}", SpanKind.INTERNAL, attributes, context.Context())
 
     def job_fire(self, name: str, due: float, singleton: bool) -> Current:
         attributes: dict[str, Any] = {"immutant.job.name": name, "immutant.job.due": due,
                                       "immutant.job.lateness_s": round(max(0.0, time.time() - due), 6),
                                       "immutant.job.singleton": singleton, "immutant.node": self.node}
-        return _root(f"job {name}", attributes)
+        return _started(f"job {name}", SpanKind.INTERNAL, attributes, context.Context())
 
 
-def _root(name: str, attributes: dict[str, Any]) -> Current:
-    """A span that starts a trace of its own (whatever the thread's context holds)."""
-    empty = context.Context()
-    return Current(TRACER.start_span(name, context=empty, kind=SpanKind.INTERNAL, attributes=attributes), empty)
+def _started(name: str, kind: SpanKind, attributes: dict[str, Any], parent: context.Context | None) -> Current:
+    """A started span under ``parent`` (the thread's context when ``None``; an empty one starts a
+    trace of its own). When the SDK fails to start it, a non-recording span that carries the
+    parent's context stands in: the trace still travels, the work goes on."""
+    try:
+        return Current(TRACER.start_span(name, context=parent, kind=kind, attributes=attributes), parent)
+    except Exception as exc:
+        _failed("starting a span", exc)
+    try:
+        return Current(NonRecordingSpan(trace.get_current_span(parent).get_span_context()), parent)
+    except Exception as exc:  # not even the API's own context: a span that is nothing
+        _failed("reading the parent span's context", exc)
+        return Current(INVALID_SPAN, context.Context())
+
+
+#: OpenTelemetry's own loggers a propagator writes to while it reads a message's context.
+PROPAGATOR_LOGGERS = ("opentelemetry.baggage.propagation", "opentelemetry.trace.propagation.tracecontext",
+                      "opentelemetry.trace.span", "opentelemetry.propagators.composite",
+                      "opentelemetry.propagate")
+
+
+class _Held(logging.Filter):
+    """While this thread reads a message's trace context, the propagators' records are held
+    instead of written: a crafted message may hold up to 180 malformed baggage members, one
+    warning each, with the sender's text (newlines included) in every one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        held: list[logging.LogRecord] | None = getattr(self.local, "held", None)
+        if held is None:
+            return True
+        held.append(record)
+        return False
+
+
+_HELD = _Held()
+for _name in PROPAGATOR_LOGGERS:
+    logging.getLogger(_name).addFilter(_HELD)
 
 
 def _extracted(carrier: Mapping[str, str]) -> context.Context:
-    """The context a message carries; one the app's propagator cannot read starts a new trace."""
+    """The context a message carries; one the app's propagator cannot read starts a new trace.
+    What the propagators say about one message becomes at most one line, its text escaped."""
+    held: list[logging.LogRecord] = []
+    _HELD.local.held = held
     try:
         return propagate.extract(carrier)
     except Exception as exc:
-        log.debug("the trace context of a message could not be read (%s); it starts a new trace", exc)
+        _failed("reading the trace context of a message", exc)
         return context.Context()
+    finally:
+        _HELD.local.held = None
+        if held:
+            _malformed(held)
+
+
+def _malformed(held: list[logging.LogRecord]) -> None:
+    try:
+        first = held[0].getMessage()
+    except Exception:  # a record whose arguments do not format
+        first = str(held[0].msg)
+    text = f"{len(held)} warning(s) from the propagator, the first: {first[:200]!r}"
+    if "malformed trace context" in _warned:
+        log.debug("tracing: a message's trace context is malformed: %s", text)
+        return
+    _warned.add("malformed trace context")
+    log.warning("tracing: a message's trace context is malformed, what it could not read is dropped: %s "
+                "(logged once per process, then at DEBUG)", text)
