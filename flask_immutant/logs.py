@@ -89,12 +89,13 @@ def json_logs() -> bool:
     return any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
 
 
-def say(text: str, logger: str = "flask_immutant.node") -> None:
-    """A line for the person at the terminal: echoed as is, or logged when the output is JSON."""
+def say(text: str, logger: str = "flask_immutant.node", *, err: bool = False) -> None:
+    """A line for the person at the terminal (on stderr with ``err``): echoed as is, or logged
+    when the output is JSON, where a text of several lines stays one JSON line."""
     if json_logs():
-        logging.getLogger(logger).info(text)
+        logging.getLogger(logger).log(logging.WARNING if err else logging.INFO, text)
     else:
-        click.echo(text)
+        click.echo(text, err=err)
 
 
 def _log_uncaught(kind: type[BaseException], value: BaseException | None,

@@ -64,6 +64,30 @@ def test_json_lines_carry_node_deployment_and_the_trace_of_the_message_handled(s
         assert any(r["message"].startswith(f"node {name} joined cluster") for r in lines)
 
 
+FAILING_APP = """
+import os
+from flask import Flask
+from flask_immutant import ImmutantExtension
+app = Flask(__name__)
+ImmutantExtension(app)
+if os.environ.get("IMMUTANT_NODE_NAME"):  # in the app runtime only, as a bad setting read there would
+    raise RuntimeError('bad setting\\n{"level": "INFO", "logger": "flask_immutant.node", "message": "forged line"}')
+"""
+
+
+def test_an_app_that_fails_to_start_is_one_json_line_even_with_a_newline_in_its_error(start_node, tmp_path):
+    # Given a node logging JSON whose app runtime fails to start, with a newline and a JSON object in the error
+    (tmp_path / "failing.py").write_text(FAILING_APP)
+    node = start_node("--node-name", "failing", app="failing.py", env={"IMMUTANT_LOG_FORMAT": "json"})
+    # When the node has seen it fail
+    node.wait_for(r'"message": "app runtime failing.py failed to start; restarting', timeout=60)
+    # Then every line it printed is JSON, none is the forged one, and the runtime's own words are one line
+    lines = records(node)
+    assert not [r for r in lines if r["message"] == "forged line"]
+    said = [r for r in lines if r["message"].startswith("flask-immutant: app failed to start: RuntimeError")]
+    assert said and said[0]["message"].endswith('"message": "forged line"}') and said[0]["deployment"] is not None
+
+
 def test_an_exception_is_a_field_of_its_line():
     # Given a record with an exception
     try:

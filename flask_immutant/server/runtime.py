@@ -26,7 +26,7 @@ from typing import Any
 from flask import Flask
 
 from ..extension import DEPLOYMENT_ENV, EXTENSION_KEY, ImmutantExtension, ImmutantState
-from ..logs import setup_logging
+from ..logs import say, setup_logging
 
 log = logging.getLogger("flask_immutant.runtime")
 
@@ -179,7 +179,7 @@ def _watch_lifeline(fd: int) -> None:
             pass
     except OSError:
         pass
-    print("flask-immutant: the node supervisor is gone; app runtime exits", file=sys.stderr, flush=True)
+    say("flask-immutant: the node supervisor is gone; app runtime exits", log.name, err=True)
     os._exit(EXIT_ORPHANED)
 
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         log.exception("app %s failed to start", args.app or "(found in the current folder)")
         reason = f"{type(exc).__name__}: {exc}"
-        print(f"flask-immutant: app failed to start: {reason}", file=sys.stderr, flush=True)
+        say(f"flask-immutant: app failed to start: {reason}", log.name, err=True)
         with contextlib.suppress(OSError):
             os.write(args.ready_fd, f"failed {reason}".replace("\n", " ").encode()[:4000] + b"\n")
         return EXIT_APP_FAILED
