@@ -332,6 +332,39 @@ def test_a_crafted_baggage_costs_at_most_one_log_line_without_the_senders_newlin
     assert span.parent is not None and span.parent.span_id == int("b" * 16, 16)
 
 
+@pytest.mark.parametrize("sampled", [True, False])
+def test_the_lone_traceparent_path_writes_and_reads_what_the_default_propagator_does(exporter, sampled):
+    # Given OpenTelemetry's default propagator, and a publishing context with no tracestate and no baggage
+    assert propagate.get_global_textmap().fields == {"traceparent", "tracestate", "baggage"}
+    flags = trace.TraceFlags(trace.TraceFlags.SAMPLED if sampled else trace.TraceFlags.DEFAULT)
+    outer = trace.NonRecordingSpan(trace.SpanContext(0xA1, 0xB2, is_remote=True, trace_flags=flags))
+    with trace.use_span(outer), Tracing("n1").producing("/queue/lone", "redis", 1) as sent:
+        # When a publish writes its carrier, the propagator writes the same for the same context
+        expected: dict[str, str] = {}
+        propagate.inject(expected)
+    assert sent.carrier == expected and list(expected) == ["traceparent"]
+    # And a consumer reads from it the parent the propagator reads
+    message = Message(body=1, destination="/queue/lone", id="m9", trace=dict(expected))
+    with Tracing("n1").processing(message, "redis", None) as handled:
+        read = trace.get_current_span(propagate.extract(expected)).get_span_context()
+        parent = handled.span.parent if sampled else None
+    if sampled:
+        assert parent == read
+    assert read.trace_id == 0xA1 and read.trace_flags.sampled == sampled
+
+
+def test_baggage_and_tracestate_still_go_through_the_apps_propagator(exporter, publisher):
+    from opentelemetry import baggage, context
+
+    token = context.attach(baggage.set_baggage("tenant", "t1"))
+    try:
+        publisher.publish("/queue/baggage", 1)
+    finally:
+        context.detach(token)
+    [envelope] = _envelopes(publisher, publisher.start("/queue/baggage").queue_name)
+    assert envelope["trace"]["baggage"] == "tenant=t1" and "traceparent" in envelope["trace"]
+
+
 # --- the setting, and the package without the extra ---------------------------------------------
 
 

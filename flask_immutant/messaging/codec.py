@@ -129,7 +129,8 @@ def decode(raw: Any, retries: int = 0, message_id: str = "") -> Message:
 #: What is kept of a message's trace field: W3C Trace Context and Baggage, each within its
 #: specification's limits (longest value, most list members). Anything else is dropped unread.
 TRACE_FIELDS: dict[str, tuple[int, int]] = {"traceparent": (55, 1), "tracestate": (512, 32), "baggage": (8192, 180)}
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+#: W3C traceparent: version-traceid-spanid-flags, lowercase hex.
+TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def _trace(value: Any) -> dict[str, str]:
@@ -142,7 +143,7 @@ def _trace(value: Any) -> dict[str, str]:
         text = value.get(key)
         if isinstance(text, str) and len(text) <= longest and text.count(",") < members:
             kept[key] = text
-    if "traceparent" in kept and not _TRACEPARENT.fullmatch(kept["traceparent"]):
+    if "traceparent" in kept and not TRACEPARENT.fullmatch(kept["traceparent"]):
         del kept["traceparent"]
     return kept
 
