@@ -240,11 +240,11 @@ for _name in PROPAGATOR_LOGGERS:
 def _extracted(carrier: Mapping[str, str]) -> context.Context:
     """The context a message carries; one the app's propagator cannot read starts a new trace.
     What the propagators say about one message becomes at most one line, its text escaped."""
-    if len(carrier) == 1 and "traceparent" in carrier and _w3c_default():
-        return _from_traceparent(carrier["traceparent"])
     held: list[logging.LogRecord] = []
     _HELD.local.held = held
     try:
+        if len(carrier) == 1 and "traceparent" in carrier and _w3c_default():
+            return _from_traceparent(carrier["traceparent"])
         return propagate.extract(carrier)
     except Exception as exc:
         _failed("reading the trace context of a message", exc)
