@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -23,6 +22,7 @@ from flask.cli import AppGroup, NoAppException, ScriptInfo
 
 from .cli_table import printable
 from .errors import ImmutantConfigError, ImmutantError
+from .logs import setup_logging as setup_logging  # where the commands that start processes find it
 from .plugins import make_plugin_manager
 from .settings import float_range, import_paths
 from .state import EXTENSION_KEY, ImmutantState
@@ -170,8 +170,3 @@ def echoed_as_json_or_empty(data: Any, as_json: bool, empty: str) -> bool:
     return False
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
-    )

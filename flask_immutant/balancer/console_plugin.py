@@ -16,6 +16,7 @@ import click
 from ..cli import LISTEN_PORT, load_state, one_line_errors, setup_logging
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
+from ..logs import say
 
 #: Default port of ``flask immutant console``.
 DEFAULT_PORT = 8001
@@ -90,8 +91,8 @@ def console(ctx: click.Context, port: int, host: str, allow_remote: bool, verbos
     shown = f"[{host}]" if ":" in host else host
 
     def started(_message: str) -> None:
-        click.echo(f"console for cluster {state.settings['IMMUTANT_CLUSTER']} on http://{shown}:{port}/ "
-                   f"(log in with the cluster secret: {where})")
+        say(f"console for cluster {state.settings['IMMUTANT_CLUSTER']} on http://{shown}:{port}/ "
+            f"(log in with the cluster secret: {where})", "flask_immutant.console")
 
     web.run_app(app, host=host, port=port, print=started, access_log=None if not verbose else access_logger,
                 handle_signals=True)

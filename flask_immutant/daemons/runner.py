@@ -17,6 +17,7 @@ from .. import events, lua
 from ..cluster.lease import SAFETY_MARGIN, LeaseKeeper
 from ..loops import Backoff, Loop
 from ..metrics import definitions as metrics
+from ..tracing import daemon_span
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -155,7 +156,7 @@ class DaemonRunner:
             error = None
             started = time.monotonic()
             try:
-                with self.app.app_context():
+                with self.app.app_context(), daemon_span(self.app, self.spec.name, self.spec.singleton, context.fence):
                     self.spec.start_fn()
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"

@@ -20,6 +20,7 @@ import redis
 
 from ..loops import Loop
 from ..metrics import definitions as metrics
+from ..tracing import job_span
 from .spec import JobSpec
 from .store import JobStore
 
@@ -141,7 +142,7 @@ class JobDriver:
         metrics.JOB_FIRES.inc(spec.name)
         metrics.JOB_LATENESS_SECONDS.observe(max(0.0, time.time() - due), spec.name)
         try:
-            with self.app.app_context():
+            with self.app.app_context(), job_span(self.app, spec.name, due, spec.singleton):
                 function()
         except Exception as exc:
             log.exception("job %s (due %.3f) raised; its schedule goes on", spec.name, due)

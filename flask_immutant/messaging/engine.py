@@ -12,6 +12,7 @@ drops; the reaper then only removes the dead consumer's topic subscriptions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -32,6 +33,7 @@ from .. import events, lua
 from ..loops import Loop
 from ..metrics import definitions as metrics
 from ..records import hash_of, json_object, read_records
+from ..tracing import NO_SPAN
 from .backends import Backend, heartbeat_record
 from .codec import Message, decode
 from .destination import Destination, actor_name
@@ -42,6 +44,7 @@ from .workqueue import ClosableWorkQueue
 
 if TYPE_CHECKING:
     from ..protocols import StateView
+    from ..tracing.spans import Tracing
 
 log = logging.getLogger("flask_immutant.messaging")
 
@@ -59,6 +62,9 @@ class Owner(Protocol):
     def known_topics(self) -> list[str]: ...
 
     def requeue_raw(self, raw: Any, *, delay: int | None = None) -> None: ...
+
+    @property
+    def tracing(self) -> Tracing | None: ...
 
 
 class Listener(Protocol):
@@ -337,7 +343,7 @@ class Engine:
         started = time.perf_counter()
         try:
             metrics.IN_FLIGHT.inc(message.destination)
-            with self.app.app_context():
+            with self.app.app_context(), self._processing(message, binding):
                 listener.handle(message)
         except BaseException:
             metrics.FAILED.inc(message.destination)
@@ -352,6 +358,14 @@ class Engine:
             metrics.IN_FLIGHT.dec(message.destination)
         if done_key:
             store.set(done_key, "1", px=int(self.settings["IMMUTANT_MESSAGING_DEDUPE_WINDOW"] * 1000))
+
+    def _processing(self, message: Message, binding: Binding | None) -> contextlib.AbstractContextManager[Any]:
+        """The span the handler runs in (child of the publisher's), or none."""
+        tracing = self.messaging.tracing
+        if tracing is None:
+            return NO_SPAN
+        subscription = binding.queue if binding is not None and binding.destination.kind == "topic" else None
+        return tracing.processing(message, self.backend.kind, subscription)
 
     def bury(self, raw: Any, exception: BaseException) -> None:
         """Move a failed message to the dead-letter store, with its reason."""
