@@ -485,9 +485,8 @@ def test_publish_many_keeps_the_batch_order_on_the_queue(publisher):
     assert _queued_ids(publisher, "/queue/ordered") == [*urgent, first, *batch]
 
 
+@pytest.mark.parametrize("broker", ["redis"])  # wake lists are the Redis broker's
 def test_wake_tokens_stay_capped_however_many_messages_wait(publisher):
-    if publisher.backend.kind != "redis":
-        pytest.skip("wake lists are the Redis broker's")
     from flask_immutant.messaging.redis_broker import WAKE_TOKENS
 
     # Given a queue nobody consumes, and more messages than the cap, one by one and in batches
