@@ -37,8 +37,7 @@ WAKE_TOKENS = 64
 #: Longest wait of an idle consumer for a token, seconds. Long, so waits seldom time out: a
 #: consumer whose wait timed out goes to the back of the line. Below the store's socket timeout.
 IDLE_WAIT = 3.0
-#: Longest wait of a consumer holding as many messages as its prefetch before it looks again (an
-#: acknowledgement ends the wait at once); also an idle consumer's poll while the engine stops.
+#: Seconds a consumer holding as many messages as its prefetch waits before looking again.
 SATURATED_POLL = 0.05
 
 
@@ -206,31 +205,12 @@ def waking_consumer(base: type) -> type:
         #: wait for a token before fetching again (tokens are trimmed to the messages waiting).
         _drained = False
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            #: Set by every acknowledgement: a consumer holding its whole prefetch may fetch again.
-            self._room = threading.Event()
-
-        def ack(self, message: Any) -> None:
-            try:
-                super().ack(message)
-            finally:
-                self._room.set()
-
-        def nack(self, message: Any) -> None:
-            try:
-                super().nack(message)
-            finally:
-                self._room.set()
-
         def __next__(self) -> Any:
             if self.idle_wait is None or self.message_cache:
                 return super().__next__()
-            self._room.clear()
             if self.outstanding_message_count >= self.prefetch:
-                # busy: leave the tokens to consumers that can fetch; an acknowledgement ends the
-                # wait (sleeping it out capped a backlog at a prefetch per SATURATED_POLL)
-                self._room.wait(SATURATED_POLL)
+                # busy: leave the tokens to consumers that can fetch
+                time.sleep(SATURATED_POLL)
                 return None
             from dramatiq.errors import ConnectionClosed
 
