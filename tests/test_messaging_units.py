@@ -185,58 +185,6 @@ def test_contract_dramatiq_redis_consumer_hooks() -> None:
     assert all(compute_backoff(misses, max_backoff=0)[1] == 0 for misses in range(40))
 
 
-def test_contract_dramatiq_redis_dispatch_arguments() -> None:
-    """redis_broker.fetch_trimming_tokens calls Dramatiq's dispatch script itself (inside a
-    transaction, with the token trim), so it passes the arguments Dramatiq's ``do_*`` pass, in order."""
-    import inspect
-
-    from dramatiq.brokers.redis import RedisBroker
-
-    source = "".join(inspect.getsource(RedisBroker._dispatch).split())
-    assert ("args=[command,timestamp,queue_name,self.broker_id,self.heartbeat_timeout,self.dead_message_ttl,"
-            "self._should_do_maintenance(command),self._max_unpack_size(),*args,]") in source
-    assert "returndispatch(args=args,keys=keys)" in source and "keys=[self.namespace]" in source
-
-
-def test_a_fetch_takes_away_the_wake_tokens_of_the_messages_it_took(store_client, cluster_name) -> None:
-    """Regression: every publish leaves a wake token and a fetch of several messages left theirs on
-    the wake list, so idle consumers woke for nothing (a wake and an empty fetch per token), taking
-    store round trips and CPU from the publishers. A fetch now trims the list to the messages still
-    waiting, and a consumer whose fetch emptied the queue waits for a token instead of fetching again."""
-    import dramatiq
-
-    from flask_immutant.keys import Keys
-    from flask_immutant.messaging.backends import RedisBackend, Target
-
-    from support import wait_until
-
-    # Given five published messages, each with its wake token
-    backend = RedisBackend(store_client, Keys(cluster_name))
-    broker = backend.make_broker([], consumer_id=f"{cluster_name}.consumer")
-    queue = f"{cluster_name}.q.tokens"
-    actor = dramatiq.actor(lambda n: None, broker=broker, queue_name=queue, actor_name=f"{cluster_name}_t")
-    backend.publish(broker, [Target(actor.message(n)) for n in range(5)], None)
-    wake = f"{backend.namespace}:{queue}.wake"
-    assert store_client.llen(wake) == 5
-    # When a consumer with room for three fetches
-    consumer = broker.consume(queue, prefetch=3, timeout=100)
-    got = [wait_until(lambda: next(consumer), timeout=10)]
-    # Then two tokens are left, one per message still waiting
-    assert store_client.llen(f"{backend.namespace}:{queue}") == 2
-    assert store_client.llen(wake) == 2
-    got += [next(consumer), next(consumer)]
-    for message in got:
-        consumer.ack(message)
-    # And the fetch that takes the last two leaves none (it found fewer than it asked for)
-    got += [wait_until(lambda: next(consumer), timeout=10), next(consumer)]
-    assert not store_client.exists(wake)
-    assert sorted(m.args[0] for m in got) == [0, 1, 2, 3, 4]
-    # And the drained consumer now waits for a token: a publish wakes it, its fetch takes the token
-    backend.publish(broker, [Target(actor.message(5))], None)
-    assert next(consumer).args[0] == 5
-    assert not store_client.exists(wake)
-
-
 def test_the_guard_acks_undecodable_messages_on_the_broker_the_redis_backend_makes(store_client, cluster_name) -> None:
     """Regression: the guard knew Dramatiq's Redis broker by its module, so on our subclass (which
     the Redis backend makes) an undecodable message got no broker id: acking it raised, and the

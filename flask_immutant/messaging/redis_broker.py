@@ -7,15 +7,12 @@ Three changes, all through Dramatiq's extension points (a broker subclass and it
 - a consumer Dramatiq closes to restart it puts its fetched, never handed out batch back;
 - an idle consumer waits on its queue's wake list (BLPOP) instead of polling with a backoff, and
   every publish, retry and requeue adds a token there, so Redis hands a trickle of messages to the
-  consumer that has waited longest, round the nodes in turn. A fetch trims the list, in its own
-  round trip, to as many tokens as messages still wait, and a consumer whose fetch emptied the
-  queue waits for a token next instead of fetching once more to find nothing.
+  consumer that has waited longest, round the nodes in turn.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import threading
 import time
@@ -52,63 +49,16 @@ def push_wake_tokens(client: redis.Redis, tokens: dict[str, int]) -> None:
     pipe.execute(raise_on_error=False)
 
 
-def repair_wake_list(client: redis.Redis, wake: str, exc: redis.ResponseError) -> None:
-    """A BLPOP of ``wake`` failed: a key of another type (garbage a store writer put there) is
-    deleted, with a warning, so that tokens can be left again; any other error is raised."""
-    if "WRONGTYPE" not in str(exc):
-        raise exc
-    log.warning("wake list %s held another type of value (%s); replaced", wake, client.type(wake))
-    client.delete(wake)
-
-
-#: Runs right after a fetch: keeps at most as many tokens on the wake list (KEYS[2]) as messages
-#: wait in the queue (KEYS[1]). Without it the tokens of the messages a fetch took wake idle
-#: consumers for nothing (a wake and an empty fetch each). Never fewer tokens than messages waiting,
-#: so it is safe whatever ran between the fetch and it. ``pcall``: a wake key of another type is
-#: repaired by the consumer whose BLPOP fails on it (:func:`repair_wake_list`), not an error here.
-TRIM_WAKE_TOKENS = """
-local waiting = redis.call("llen", KEYS[1])
-if waiting == 0 then
-    redis.pcall("unlink", KEYS[2])
-else
-    redis.pcall("ltrim", KEYS[2], 0, waiting - 1)
-end
-return waiting
-"""
-_TRIM_SHA = hashlib.sha1(TRIM_WAKE_TOKENS.encode()).hexdigest()
-
-
-def fetch_trimming_tokens(broker: Any, queue_name: str, count: int, wait: float | None = None) -> list[bytes | None]:
-    """Dramatiq's ``fetch`` of up to ``count`` messages, then :data:`TRIM_WAKE_TOKENS`; with
-    ``wait``, first a BLPOP of one wake token (up to ``wait`` seconds). One round trip: Redis runs
-    a blocked client's pipelined commands once its BLPOP returns. The fetch is Dramatiq's own
-    dispatch script with the arguments its ``do_fetch`` passes (tests/test_messaging_units.py
-    checks that they agree)."""
-    from dramatiq.common import current_millis
-
-    dispatch = broker.scripts["dispatch"]
-    queue = f"{broker.namespace}:{queue_name}"
-    args = ["fetch", current_millis(), queue_name, broker.broker_id, broker.heartbeat_timeout,
-            broker.dead_message_ttl, broker._should_do_maintenance("fetch"), broker._max_unpack_size(), count]
-    pipe = broker.client.pipeline(transaction=False)
-    if wait is not None:
-        pipe.blpop([f"{queue}.wake"], timeout=wait)
-    pipe.evalsha(dispatch.sha, 1, broker.namespace, *args)
-    pipe.evalsha(_TRIM_SHA, 2, queue, f"{queue}.wake")
-    results = pipe.execute(raise_on_error=False)
-    if wait is not None and isinstance(results[0], redis.ResponseError):
-        repair_wake_list(broker.client, f"{queue}.wake", results[0])
-    fetched, trimmed = results[-2:]
-    if isinstance(fetched, redis.exceptions.NoScriptError) or isinstance(trimmed, redis.exceptions.NoScriptError):
-        # a restarted or flushed store: load both and fetch again (a fetch that failed took nothing)
-        broker.client.script_load(dispatch.script)
-        broker.client.script_load(TRIM_WAKE_TOKENS)
-        return fetch_trimming_tokens(broker, queue_name, count)
-    if isinstance(fetched, Exception):
-        raise fetched
-    return list(fetched)
-
-
+def wait_for_wake_token(client: redis.Redis, wake: str, timeout: float) -> None:
+    """BLPOP one token of ``wake``; a key of another type (garbage a store writer put there) is
+    deleted, with a warning, so that tokens can be left again."""
+    try:
+        client.blpop([wake], timeout=timeout)
+    except redis.ResponseError as exc:
+        if "WRONGTYPE" not in str(exc):
+            raise
+        log.warning("wake list %s held another type of value (%s); replaced", wake, client.type(wake))
+        client.delete(wake)
 #: Seconds between PINGs of a consumer waiting for the store to come back.
 RESUME_POLL = 0.05
 #: Pause before a consumer that failed again soon after resuming resumes again: first, cap (s).
@@ -200,35 +150,26 @@ def waking_consumer(base: type) -> type:
         that came without a token (the reaper's requeues) are still fetched."""
 
         idle_wait: float | None = None
-        message_cache: list[bytes | None]
-        #: The last fetch found fewer messages than it asked for, so the queue was empty then:
-        #: wait for a token before fetching again (tokens are trimmed to the messages waiting).
-        _drained = False
+        _idle = False
 
         def __next__(self) -> Any:
-            if self.idle_wait is None or self.message_cache:
-                return super().__next__()
-            if self.outstanding_message_count >= self.prefetch:
-                # busy: leave the tokens to consumers that can fetch
-                time.sleep(SATURATED_POLL)
-                return None
-            from dramatiq.errors import ConnectionClosed
-
-            try:
-                stopping = self.broker.stopping.is_set()
-                if self._drained and stopping:
-                    # Dramatiq tells consumers to stop only once its workers are done, and a
-                    # consumer waiting for a token would hold the stop up by up to ``idle_wait``
+            if self.idle_wait is not None and self._idle and not self.message_cache:
+                if self.outstanding_message_count >= self.prefetch or self.broker.stopping.is_set():
+                    # busy: leave the tokens to consumers that can fetch; stopping: Dramatiq tells
+                    # consumers to stop only once its workers are done, and a consumer waiting
+                    # for a token would hold the stop up by up to ``idle_wait``
                     time.sleep(SATURATED_POLL)
-                wait = self.idle_wait if self._drained and not stopping else None
-                wanted = self.prefetch - self.outstanding_message_count
-                self.message_cache = fetch_trimming_tokens(self.broker, self.queue_name, wanted, wait)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise ConnectionClosed(exc) from None
-            self._drained = len(self.message_cache) < wanted
-            if not self.message_cache:
-                return None
-            return super().__next__()
+                else:
+                    try:
+                        wait_for_wake_token(self.broker.client, f"{self.broker.namespace}:{self.queue_name}.wake",
+                                            self.idle_wait)
+                    except (redis.ConnectionError, redis.TimeoutError) as exc:
+                        from dramatiq.errors import ConnectionClosed
+
+                        raise ConnectionClosed(exc) from None
+            message = super().__next__()
+            self._idle = message is None
+            return message
 
         def close(self) -> None:
             """Put back what was fetched and never handed out: after an error Dramatiq's consumer
