@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -439,8 +438,7 @@ class Messaging:
     # --- runtime ---
 
     def runtime_started(self, runtime: RuntimeView) -> None:
-        node = os.environ.get("IMMUTANT_NODE_NAME") or "local"
-        engine = Engine(self, runtime.app, node)
+        engine = Engine(self, runtime.app, self.state.node_name)
         for destination in list(self.destinations.values()):
             self._register(destination)
         engine.start()
