@@ -1,0 +1,54 @@
+"""A command loads only what it runs: the CLI group, the plugin manager and an app's import leave
+the features' heavy libraries unimported (they load in a runtime, or in the command that uses
+them). Checked in a fresh interpreter (``python -c``), since this test process has imported
+everything already. docs/design.md, "Lazy imports"."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+#: Libraries a feature needs only when it runs (a runtime, a node, or its own command).
+FEATURE_LIBRARIES = ("dramatiq", "croniter", "rq_scheduler", "rq", "cachelib", "waitress", "aiohttp",
+                     "prometheus_client", "opentelemetry", "tarfile")
+
+APP = """
+from flask import Flask
+from flask_immutant import ImmutantExtension
+app = Flask(__name__)
+ImmutantExtension(app)
+"""
+
+
+def loaded_after(code: str, cwd: Path | None = None) -> set[str]:
+    """Top-level names of the modules a fresh interpreter has loaded after running ``code``."""
+    probe = code + "\nimport sys, json; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=cwd)
+    return set(json.loads(result.stdout.splitlines()[-1]))
+
+
+def test_importing_the_cli_group_loads_no_store_client_and_no_feature_library() -> None:
+    # Flask imports the group for every `flask` command (`flask run`, `flask routes`...)
+    loaded = loaded_after("import flask_immutant.cli")
+    assert "flask_immutant" in loaded
+    assert loaded.isdisjoint({*FEATURE_LIBRARIES, "redis"}), loaded & {*FEATURE_LIBRARIES, "redis"}
+
+
+def test_listing_the_commands_loads_no_feature_library() -> None:
+    # `flask immutant ...` registers every plugin's commands: the plugin modules stay light
+    loaded = loaded_after("from flask_immutant.cli import cli\n"
+                          "from flask_immutant.plugins import make_plugin_manager\n"
+                          "cli._register()\n"
+                          "make_plugin_manager()")
+    assert "pluggy" in loaded
+    assert loaded.isdisjoint(FEATURE_LIBRARIES), loaded & set(FEATURE_LIBRARIES)
+
+
+def test_importing_an_app_loads_no_feature_library(tmp_path: Path) -> None:
+    # What `deploy` and every command with an app pay: init_app registers, it does not start features
+    (tmp_path / "lazyapp.py").write_text(APP, encoding="utf-8")
+    loaded = loaded_after("import lazyapp", cwd=tmp_path)
+    assert "flask_immutant" in loaded
+    assert loaded.isdisjoint(FEATURE_LIBRARIES), loaded & set(FEATURE_LIBRARIES)
