@@ -1,7 +1,7 @@
 """A command loads only what it runs: the CLI group, the plugin manager and an app's import leave
 the features' heavy libraries unimported (they load in a runtime, or in the command that uses
 them). Checked in a fresh interpreter (``python -c``), since this test process has imported
-everything already. docs/design.md, "Lazy imports"."""
+everything already. docs/design.md, "Lazy imports: a command loads only what it runs"."""
 
 from __future__ import annotations
 
