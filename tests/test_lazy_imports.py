@@ -22,11 +22,21 @@ ImmutantExtension(app)
 """
 
 
-def loaded_after(code: str, cwd: Path | None = None) -> set[str]:
-    """Top-level names of the modules a fresh interpreter has loaded after running ``code``."""
-    probe = code + "\nimport sys, json; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+#: The features' own store code, which a command that does not show or run them never needs.
+FEATURE_MODULES = ("flask_immutant.contexts.registry", "flask_immutant.daemons.registry",
+                   "flask_immutant.daemons.runner", "flask_immutant.jobs.store", "flask_immutant.messaging.core")
+
+
+def modules_after(code: str, cwd: Path | None = None) -> set[str]:
+    """Names of the modules a fresh interpreter has loaded after running ``code``."""
+    probe = code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=cwd)
     return set(json.loads(result.stdout.splitlines()[-1]))
+
+
+def loaded_after(code: str, cwd: Path | None = None) -> set[str]:
+    """Top-level names (``redis``, not ``redis.client``) of the modules loaded after ``code``."""
+    return {name.split(".")[0] for name in modules_after(code, cwd)}
 
 
 def test_importing_the_cli_group_loads_no_store_client_and_no_feature_library() -> None:
@@ -38,12 +48,14 @@ def test_importing_the_cli_group_loads_no_store_client_and_no_feature_library() 
 
 def test_listing_the_commands_loads_no_feature_library() -> None:
     # `flask immutant ...` registers every plugin's commands: the plugin modules stay light
-    loaded = loaded_after("from flask_immutant.cli import cli\n"
-                          "from flask_immutant.plugins import make_plugin_manager\n"
-                          "cli._register()\n"
-                          "make_plugin_manager()")
-    assert "pluggy" in loaded
+    modules = modules_after("from flask_immutant.cli import cli\n"
+                            "from flask_immutant.plugins import make_plugin_manager\n"
+                            "cli._register()\n"
+                            "make_plugin_manager()")
+    loaded = {name.split(".")[0] for name in modules}
+    assert "pluggy" in loaded and "flask_immutant.daemons.plugin" in modules
     assert loaded.isdisjoint(FEATURE_LIBRARIES), loaded & set(FEATURE_LIBRARIES)
+    assert modules.isdisjoint(FEATURE_MODULES), modules & set(FEATURE_MODULES)
 
 
 def test_importing_an_app_loads_no_feature_library(tmp_path: Path) -> None:
