@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -21,7 +20,9 @@ import click
 from flask import Flask
 from flask.cli import AppGroup, NoAppException, ScriptInfo
 
+from .cli_table import printable
 from .errors import ImmutantConfigError, ImmutantError
+from .logs import setup_logging as setup_logging  # where the commands that start processes find it
 from .plugins import make_plugin_manager
 from .settings import float_range, import_paths
 from .state import EXTENSION_KEY, ImmutantState
@@ -84,15 +85,15 @@ def one_line_errors(func: F) -> F:
                     return func(*args, **kwargs)
                 finally:
                     for warning in warnings:
-                        click.echo(f"Warning: {warning}", err=True)
-        except ImmutantError as exc:
-            raise click.ClickException(str(exc)) from None
+                        click.echo(f"Warning: {printable(str(warning))}", err=True)
+        except ImmutantError as exc:  # its text may name what the store holds: printable
+            raise click.ClickException(printable(str(exc))) from None
         except NoAppException as exc:
-            raise click.ClickException(str(exc).splitlines()[0]) from None
+            raise click.ClickException(printable(str(exc).splitlines()[0])) from None
         except Exception as exc:
             if not _is_store_error(exc):
                 raise
-            raise click.ClickException(f"the cluster store did not answer: {exc}") from None
+            raise click.ClickException(printable(f"the cluster store did not answer: {exc}")) from None
 
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps func's signature; mypy cannot see it
 
@@ -181,8 +182,3 @@ def echoed_as_json_or_empty(data: Any, as_json: bool, empty: str) -> bool:
     return False
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
-    )

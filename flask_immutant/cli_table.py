@@ -5,10 +5,16 @@ prints through :func:`echo_table`, so they look alike and a column is added in o
 fit the widest cell; numbers are right-aligned when their column is named in ``right``; an empty
 cell (``None`` or ``""``) shows as ``-``; the last column is not padded. ``--json`` is the stable
 form: these tables are for people and may change.
+
+Cells hold text from the store (node names, error texts, a dead letter's reason) that anyone with
+store access, or an exception quoting a message body, may have chosen: :func:`printable` shows its
+control characters as visible escapes, so it cannot move the cursor, retitle or clear the
+terminal, or forge a line. Every command line that prints stored text outside a table uses it too.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
@@ -18,8 +24,26 @@ import click
 EMPTY = "-"
 
 
+#: C0 controls, DEL and C1 controls (8-bit CSI, OSC, ... in some terminals): never printed as they are.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or f"\\x{ord(char):02x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character shown as an escape (``\\x1b``, ``\\n``): one line,
+    inert on a terminal."""
+    if text.isprintable():  # no control character (the common case, checked in C)
+        return text
+    return _CONTROL.sub(_escaped, text)
+
+
 def cell(value: Any) -> str:
-    return EMPTY if value is None or value == "" else str(value)
+    return EMPTY if value is None or value == "" else printable(str(value))
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, right: Collection[str] = (),

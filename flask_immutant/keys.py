@@ -33,6 +33,22 @@ class Keys:
         """Pub/sub channel of membership events (JSON ``{"event", "name", "reason"}``)."""
         return f"{self.prefix}events"
 
+    @property
+    def event_log(self) -> str:
+        """STREAM of cluster events (``events/``): ``kind``, ``node``, ``pid``, ``at``, ``fields`` (JSON),
+        capped near ``IMMUTANT_EVENTS_MAXLEN`` entries."""
+        return f"{self.prefix}event-log"
+
+    @property
+    def history(self) -> str:
+        """STREAM of cluster samples for the console's charts (``balancer/history.py``): ``sample``
+        (JSON: per-queue depth and handled count, per-node load factor), one per slot, capped."""
+        return f"{self.prefix}history"
+
+    def history_slot(self, slot: int) -> str:
+        """STRING with a TTL: the node that takes history slot ``slot`` (SET NX: one sample per slot)."""
+        return f"{self.prefix}history-slot:{slot}"
+
     def lease(self, name: str) -> str:
         """STRING JSON ``{owner, fence, node, pid, since}`` with a TTL: who holds lease ``name``."""
         return f"{self.prefix}lease:{name}"
@@ -40,6 +56,11 @@ class Keys:
     def lease_fence(self, name: str) -> str:
         """STRING: the last fencing token handed out for lease ``name`` (never expires)."""
         return f"{self.prefix}lease:{name}:fence"
+
+    def lease_last(self, name: str) -> str:
+        """STRING JSON of the last holder of lease ``name`` (no TTL); a release deletes it, so one
+        still there at the next acquisition means the holder never released: a failover."""
+        return f"{self.prefix}lease:{name}:last"
 
     @property
     def lease_released(self) -> str:
@@ -90,6 +111,12 @@ class Keys:
     def messaging_subscriptions(self, topic: str) -> str:
         """HASH subscription queue -> JSON ``{"owner", "durable"}`` of one topic."""
         return f"{self.prefix}mq-subscriptions:{topic}"
+
+    @property
+    def messaging_handled(self) -> str:
+        """HASH queue -> messages handled (or failed) so far, added by each consumer's heartbeat:
+        the console's throughput is its difference between two history samples."""
+        return f"{self.prefix}mq-handled"
 
     def messaging_dead(self, queue: str) -> str:
         """HASH message id -> JSON dead-letter record (envelope, reason, retries) of one queue."""

@@ -31,7 +31,11 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "flask_immutant.messaging.plugin",
     "flask_immutant.balancer.console_plugin",
     "flask_immutant.balancer.balancer_plugin",
+    "flask_immutant.events.plugin",
     "flask_immutant.config_command",
+    "flask_immutant.metrics.plugin",
+    "flask_immutant.tracing.plugin",
+    "flask_immutant.logs",
 )
 
 #: The setuptools entry-point group third-party plugins register under.

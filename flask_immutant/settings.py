@@ -260,9 +260,11 @@ CORE_SETTINGS: tuple[Setting, ...] = (
 class Settings(Mapping[str, Any]):
     """Resolved, validated settings: a read-only mapping of ``IMMUTANT_*`` keys to typed values."""
 
-    def __init__(self, values: Mapping[str, Any], rows: Mapping[str, Setting]) -> None:
+    def __init__(self, values: Mapping[str, Any], rows: Mapping[str, Setting],
+                 sources: Mapping[str, str] | None = None) -> None:
         self._values = dict(values)
         self.rows = dict(rows)
+        self._sources = dict(sources or {})  # name -> "app.config" | "environment" | "option" (else default)
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
@@ -290,6 +292,15 @@ class Settings(Mapping[str, Any]):
             else:
                 env[name] = str(value)
         return env
+
+    def runtime_environ(self) -> dict[str, str]:
+        """What an app runtime inherits from its node: every core row (store, cluster, identity,
+        HTTP server: a node and its runtimes must agree on them), and a feature's row only when
+        the node's environment or an option set it. A feature row at its default is no choice of
+        the operator's, so the app's own config decides it (a deployed app's retries, say)."""
+        core = {row.name for row in CORE_SETTINGS}
+        return {name: value for name, value in self.environ().items()
+                if name in core or self._sources.get(name) in ("environment", "option")}
 
 
 def table(rows: Iterable[Setting]) -> dict[str, Setting]:
@@ -354,7 +365,7 @@ def resolve(
     if values.get("IMMUTANT_HOME") is None and "IMMUTANT_HOME" in rows:
         values["IMMUTANT_HOME"] = path(_default_home())
     _check_together(values, sources)
-    return Settings(values, rows)
+    return Settings(values, rows, sources)
 
 
 def _check_together(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:

@@ -1,6 +1,6 @@
 """Fixtures: one real embedded store server per test session (per xdist worker), a fresh cluster
 name per test, node subprocesses that are always cleaned up; and the tiers: every test gets its
-markers (unit, nodes, rabbitmq, haproxy, browser, multihost) from the rule in
+markers (unit, nodes, rabbitmq, haproxy, prometheus, browser, multihost) from the rule in
 ``pytest_collection_modifyitems``, so new tests need no marker of their own."""
 
 from __future__ import annotations
@@ -69,6 +69,9 @@ def close_tracked_stores() -> Iterator[None]:
     yield
     while TRACKED_APPS:
         state = TRACKED_APPS.pop().extensions.get("immutant")
+        sessions = state.features.get("sessions") if state is not None else None
+        if sessions is not None:
+            sessions.close()  # the near cache's tracking thread
         if state is not None and "store" in vars(state):
             state.store.close()
 
@@ -189,11 +192,12 @@ TIERS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "multihost": (("multihost", "netns"), ("netns", "namespace", "multihost"), ()),
     "browser": (("browser",), ("browser", "playwright"), ()),
     "haproxy": (("haproxy",), ("haproxy",), ("haproxy",)),
+    "prometheus": (("prometheus",), ("prometheus",), ()),
     "rabbitmq": (("rabbitmq",), ("rabbitmq",), ("rabbitmq",)),
     "nodes": ((), ("node_env", "start_node", "nodes"), ()),
 }
 #: The tiers that need more than Python and the embedded store: checked before each such test.
-SERVICE_TIERS = ("rabbitmq", "haproxy", "browser", "multihost")
+SERVICE_TIERS = ("rabbitmq", "haproxy", "prometheus", "browser", "multihost")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -202,6 +206,7 @@ def pytest_configure(config: pytest.Config) -> None:
         ("nodes", "start node, balancer or CLI subprocesses"),
         ("rabbitmq", "need RabbitMQ on 127.0.0.1:5672"),
         ("haproxy", "need the haproxy binary"),
+        ("prometheus", "need the prometheus server binary (Debian's prometheus package)"),
         ("browser", "need /usr/bin/chromium (Playwright drives it)"),
         ("multihost", "need root and network namespaces"),
     ]:
@@ -244,6 +249,8 @@ def missing_service(tier: str) -> str | None:
         return "RabbitMQ is not running on 127.0.0.1:5672 (apt-get install rabbitmq-server; .ci/run starts it)"
     if tier == "haproxy" and not (shutil.which("haproxy") or os.path.exists("/usr/sbin/haproxy")):
         return "haproxy is not installed (apt-get install haproxy; .ci/run does)"
+    if tier == "prometheus" and not shutil.which("prometheus"):
+        return "the prometheus server is not installed (apt-get install prometheus; .ci/run does)"
     if tier == "browser" and not os.path.exists("/usr/bin/chromium"):
         return "/usr/bin/chromium is missing (apt-get install chromium; .ci/run does)"
     if tier == "multihost" and (os.geteuid() != 0 or not shutil.which("ip")):

@@ -198,3 +198,29 @@ def test_a_load_factor_out_of_range_in_the_store_never_keeps_other_servers_out_o
             wait_until(lambda: requests.get(haproxy.url + "/who", timeout=5).status_code == 200, timeout=5)
     finally:
         backend.close()
+
+
+def test_the_generated_configuration_never_forwards_the_reserved_prefix_however_spelt(
+        start_node, node_env, cluster_name, tmp_path: Path):
+    from balancer_support import HAProxyProcess
+    from test_metrics import SPELLINGS, _public_address, raw_get, start_metrics_node
+
+    # Given a node with metrics on behind HAProxy with the generated configuration, bound to every
+    # address, and a client that is not loopback (the node would see HAProxy's loopback address)
+    start_metrics_node(start_node, tmp_path)
+    haproxy = HAProxyProcess(tmp_path, ["/"], cluster_name)
+    haproxy.config.write_text(render_config(["/"], bind=f"0.0.0.0:{haproxy.port}", socket_path=haproxy.socket,
+                                            cookie_key=cluster_name))
+    haproxy.start()
+    reconciler = start_reconciler(node_env, tmp_path, haproxy.socket)
+    public = f"http://{_public_address()}:{haproxy.port}"
+    try:
+        wait_until(lambda: raw_get(public, "/")[0] == 200, 30)
+        # When the client asks for the metrics path, spelt every way
+        for target in SPELLINGS:
+            status, body = raw_get(public, target)
+            # Then HAProxy denies it (404) and never asks the node
+            assert status == 404 and "immutant_" not in body, (target, status, body[:200])
+    finally:
+        reconciler.cleanup()
+        haproxy.stop()

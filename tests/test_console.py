@@ -254,3 +254,35 @@ def test_the_console_refuses_a_remote_host_without_allow_remote(node_env):
     assert result.stderr.strip().splitlines() == [
         "Error: --host 0.0.0.0 is not a loopback address; the console controls the cluster, so add "
         "--allow-remote to serve it there (with TLS in front)"]
+
+
+def test_history_serves_the_samples_and_events_of_the_past_minutes(state, two_contexts, store_client):
+    from flask_immutant.balancer.history import Sampler
+
+    # Given one sample taken by a node's sampler, a ctl action from the page, and garbage in the history
+    sampler = Sampler(state, every=3600)  # one slot for the whole test
+    sampler.step()
+    sampler.step()  # the same slot: no second sample
+    store_client.xadd(state.keys.history, {"sample": "[not a sample"})
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        # Without a login it is refused; a bad window is a 400 naming the allowed range
+        assert (await client.get("/api/history")).status == 401
+        bearer = {"Authorization": f"Bearer {SECRET}"}
+        bad = await client.get("/api/history?minutes=999", headers=bearer)
+        assert bad.status == 400 and "minutes: expected 1-60" in (await bad.json())["error"]
+        csrf = await login(client)
+        response = await client.post("/api/control", json={"state": "DISABLED", "node": "b", "context_path": None},
+                                     headers={"Origin": origin(client), CSRF_HEADER: csrf})
+        assert response.status == 200
+        history = await (await client.get("/api/history?minutes=5")).json()
+        # Then the sample shows each node's load factor, the event is there, the garbage is named
+        (sample,) = history["samples"]
+        assert sample["nodes"] == {"a": 80, "b": 80} and sample["queues"] == {}
+        assert history["now"] - 60 < sample["t"] <= history["now"]
+        (event,) = history["events"]
+        assert event["kind"] == "ctl.action" and event["fields"]["scope_node"] == "b"
+        assert event["fields"]["by"].startswith("console (")
+        assert any("skipped the history sample" in w for w in history["warnings"])
+
+    run(state, scenario)

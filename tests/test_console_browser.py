@@ -1,6 +1,8 @@
 """The console in a real headless Chromium (Debian's, driven by Playwright): two real nodes with a
 deployed app, `flask immutant console` as a real process; log in, see both nodes' contexts,
-disable one, see it in the page and in the store. Saves a screenshot; with
+disable one, see it in the page and in the store; publish messages, SIGKILL the daemon's node and
+restart it, and see the past minutes: the events on the timeline, throughput, depth and load
+charts from the cluster's samples. Saves a screenshot; with
 IMMUTANT_UPDATE_SCREENSHOT=1 it replaces docs/console.png (so a test run leaves the tree clean).
 
 This test never skips: `.ci/run` installs chromium, so a missing browser is a failure.
@@ -9,6 +11,7 @@ This test never skips: `.ci/run` installs chromium, so a missing browser is a fa
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +19,11 @@ from typing import Any
 
 import pytest
 
+from flask_immutant import ImmutantState
+from flask_immutant.cluster.lease import read_holder
 from flask_immutant.contexts import registry
 from flask_immutant.keys import Keys
+from flask_immutant.messaging.plugin import messaging_of
 
 from support import NodeProcess, run_flask, wait_until
 
@@ -25,6 +31,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "console.png"
+#: Read at import: the autouse ``clean_env`` fixture removes every IMMUTANT_* variable before a test runs.
+UPDATE_SCREENSHOT = bool(os.environ.get("IMMUTANT_UPDATE_SCREENSHOT"))
 
 APP = '''
 from flask import Flask
@@ -91,6 +99,7 @@ def test_log_in_see_both_nodes_and_disable_a_context(start_node, node_env, tmp_p
     b = start_node("--clustered", "--node-name", "b", "--port-offset", "100", cwd=tmp_path)
     a.wait_for("joined cluster")
     b.wait_for("joined cluster")
+    nodes = {"a": a, "b": b}
     result = run_flask(["immutant", "deploy", "--name", "shop"], node_env, cwd=tmp_path / "shop")
     assert result.returncode == 0, result.stdout + result.stderr
     wait_until(lambda: len(registry.contexts(store_client, keys)) == 2, timeout=30, message="both contexts")
@@ -132,8 +141,49 @@ def test_log_in_see_both_nodes_and_disable_a_context(start_node, node_env, tmp_p
         assert [(c["name"], c["httpOnly"], c["sameSite"]) for c in cookies] == [("immutant_console", True, "Strict")]
         assert page.evaluate("document.cookie") == ""
 
-        page.wait_for_timeout(300)  # let the daemon holder and the load bars settle for the picture
-        screenshot = DOCS_SCREENSHOT if os.environ.get("IMMUTANT_UPDATE_SCREENSHOT") else tmp_path / "console.png"
+        # When messages flow, and the daemon's node is killed and comes back
+        state = ImmutantState.build({}, environ=node_env)
+        messaging = messaging_of(state)
+        try:
+            for n in range(40):
+                messaging.publish("/queue/orders", n)
+        finally:
+            messaging.publisher.close()
+            state.store.close()
+
+        def handled() -> int:
+            history = page.evaluate("fetch('api/history?minutes=5').then((r) => r.json())")
+            return max([s["queues"].get("/queue/orders", {}).get("handled", 0) for s in history["samples"]] or [0])
+
+        wait_until(lambda: handled() >= 40, timeout=30, message="a history sample counting the 40 messages handled")
+        holder = wait_until(lambda: read_holder(store_client, keys, "daemon:ticker"), timeout=10)
+        nodes[holder.node].signal(signal.SIGKILL)
+        nodes[holder.node].wait()
+        wait_until(lambda: (h := read_holder(store_client, keys, "daemon:ticker")) and h.node != holder.node,
+                   timeout=15)
+        nodes[holder.node] = start_node("--clustered", "--node-name", holder.node, "--port-offset",
+                                        "0" if holder.node == "a" else "100", cwd=tmp_path)
+        nodes[holder.node].wait_for("joined cluster")
+
+        # Then the past minutes show the deploy, the ctl action and the failover on the timeline,
+        # and charts of throughput, depth and load factor drawn from the cluster's samples
+        for marker in ("deploy", "ctl", "failover", "join"):
+            page.wait_for_selector(f"#timeline circle.ev.{marker}", state="attached", timeout=20_000)
+        page.wait_for_selector("#timeline li:has-text('failover: daemon:ticker')", timeout=20_000)
+        for chart in ("throughput", "depth", "load"):
+            page.wait_for_selector(f"#chart-{chart} svg polyline", state="attached", timeout=20_000)
+        history = page.evaluate("fetch('api/history?minutes=5').then((r) => r.json())")
+        assert {"a", "b"} <= set(history["samples"][-1]["nodes"])
+        slots = [sample["slot"] for sample in history["samples"]]  # two nodes sample: one sample per slot
+        assert slots == sorted(set(slots)), slots
+        assert [e["fields"]["member"] for e in history["events"] if e["kind"] == "member.left"] == [holder.node]
+        page.wait_for_selector("#contexts tr[data-key='a|/']", timeout=20_000)
+        page.wait_for_selector("#contexts tr[data-key='b|/']", timeout=20_000)
+
+        page.select_option("#history-minutes", "2")  # the test's minute fills the picture
+        page.wait_for_selector("#history-note:has-text('samples')")
+        page.wait_for_timeout(1_000)  # the load bars settle for the picture
+        screenshot = DOCS_SCREENSHOT if UPDATE_SCREENSHOT else tmp_path / "console.png"
         page.screenshot(path=str(screenshot), full_page=True)
         assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:

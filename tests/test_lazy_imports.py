@@ -24,7 +24,8 @@ ImmutantExtension(app)
 
 #: The features' own store code, which a command that does not show or run them never needs.
 FEATURE_MODULES = ("flask_immutant.contexts.registry", "flask_immutant.daemons.registry",
-                   "flask_immutant.daemons.runner", "flask_immutant.jobs.store", "flask_immutant.messaging.core")
+                   "flask_immutant.daemons.runner", "flask_immutant.jobs.store", "flask_immutant.messaging.core",
+                   "flask_immutant.metrics.process", "flask_immutant.metrics.cluster", "flask_immutant.tracing.spans")
 
 
 def modules_after(code: str, cwd: Path | None = None) -> set[str]:

@@ -485,6 +485,25 @@ def test_publish_many_keeps_the_batch_order_on_the_queue(publisher):
     assert _queued_ids(publisher, "/queue/ordered") == [*urgent, first, *batch]
 
 
+@pytest.mark.parametrize("broker", ["redis"])  # wake lists are the Redis broker's
+def test_wake_tokens_stay_capped_however_many_messages_wait(publisher):
+    from flask_immutant.messaging.redis_broker import WAKE_TOKENS
+
+    # Given a queue nobody consumes, and more messages than the cap, one by one and in batches
+    queue = publisher.start("/queue/capped").queue_name
+    wake = publisher.state.keys.messaging_wake(queue)
+    store = publisher.state.store
+    for n in range(WAKE_TOKENS - 1):
+        publisher.publish("/queue/capped", n)
+    assert store.llen(wake) == WAKE_TOKENS - 1  # below the cap: a token per message
+    for n in range(10):
+        publisher.publish("/queue/capped", n)
+    publisher.publish_many("/queue/capped", list(range(150)))
+    # Then the wake list holds the cap, not a token per waiting message
+    assert store.llen(wake) == WAKE_TOKENS
+    assert store.llen(f"{publisher.state.keys.messaging_namespace}:{queue}") == WAKE_TOKENS - 1 + 160
+
+
 def test_publish_many_refuses_a_key_count_that_does_not_match(publisher):
     with pytest.raises(Exception, match="3 messages but 2 keys"):
         publisher.publish_many("/queue/work", [1, 2, 3], keys=["a", "b"])

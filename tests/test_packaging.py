@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-#: Installed here by the `test`/`rabbitmq` extras, absent after a plain `pip install flask-immutant`.
-OPTIONAL = ("pika", "playwright", "flask_caching", "pytest", "requests")
+#: Installed here by the `test`/`rabbitmq`/`otel` extras, absent after a plain `pip install flask-immutant`.
+OPTIONAL = ("pika", "playwright", "flask_caching", "pytest", "requests", "opentelemetry")
+#: The modules that exist for an extra and import it: loaded only when it is installed and on.
+NEEDS_EXTRA = ("flask_immutant.tracing.spans",)
 
 CHECK = f"""
 import importlib, pkgutil, sys
@@ -15,7 +17,8 @@ for name in {OPTIONAL!r}:
     sys.modules[name] = None  # importing it now raises ImportError, as if not installed
 import flask_immutant
 for module in pkgutil.walk_packages(flask_immutant.__path__, "flask_immutant."):
-    importlib.import_module(module.name)
+    if module.name not in {NEEDS_EXTRA!r}:
+        importlib.import_module(module.name)
 sys.path.insert(0, "example_app")
 import app
 print("ok")

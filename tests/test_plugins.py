@@ -37,8 +37,9 @@ def fresh_cli(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_built_in_features_are_registered_as_plugins() -> None:
-    # Features that are off by default (cache, sessions) are unregistered until their flag is on.
-    pm = ImmutantState.build({"IMMUTANT_CACHE": True, "IMMUTANT_SESSIONS": True}, environ={}).pm
+    # Features that are off by default (cache, sessions, metrics) are unregistered until their flag is on.
+    pm = ImmutantState.build({"IMMUTANT_CACHE": True, "IMMUTANT_SESSIONS": True, "IMMUTANT_METRICS": True},
+                             environ={}).pm
     for name in DEFAULT_PLUGINS:
         assert pm.has_plugin(name), name
     assert set(DEFAULT_PLUGINS) <= set(plugin_names(pm))

@@ -302,6 +302,67 @@ def test_a_store_refusing_to_serve_is_an_outage_not_a_bug(outage_app, private_re
     wait_until(lambda: fresh.post("/login/carol").status_code == 200, timeout=10, message="sessions to recover")
 
 
+# --- the near cache ---------------------------------------------------------------------------
+
+
+def read_near(app: Flask, client: FlaskClient, expected: str) -> None:
+    """Wait until a read of the session is served from the near cache (tracking is up)."""
+    near = app.session_interface.near  # type: ignore[attr-defined]
+    hits = near.hits
+    wait_until(lambda: client.get("/whoami").text == expected and near.hits > hits, timeout=10,
+               message="a read of the session served by the near cache")
+
+
+def session_reads(store: redis.Redis) -> int:
+    stats = store.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("hgetall", "pttl"))
+
+
+def test_a_hot_unchanged_session_is_read_with_no_store_round_trip(app, store_client) -> None:
+    client = app.test_client()
+    client.post("/login/alice")
+    read_near(app, client, "alice")
+    before = session_reads(store_client)
+    for _ in range(10):
+        assert client.get("/whoami").text == "alice"
+    assert session_reads(store_client) == before
+
+
+def test_a_change_by_anyone_else_is_never_read_stale_from_the_near_cache(app, store_client) -> None:
+    # Given a session this process reads from its near cache
+    client = app.test_client()
+    client.post("/login/user0")
+    key = session_key(app, client)
+    read_near(app, client, "user0")
+    near = app.session_interface.near  # type: ignore[attr-defined]
+    hits = near.hits
+    for n in range(1, 301):
+        assert client.get("/whoami").text == f"user{n - 1}"
+        # When another client of the store changes it and its write returns
+        store_client.hset(key, "user", msgpack.packb(f"user{n}"))
+        # Then the very next read has the change (no waiting for the invalidation's delivery)
+        assert client.get("/whoami").text == f"user{n}"
+    assert near.hits > hits  # the loop did read near copies in between
+    # And an outside delete (a logout elsewhere) is seen at once too
+    store_client.delete(key)
+    assert client.get("/whoami").text == "nobody"
+
+
+def test_a_lost_tracking_connection_sends_every_read_to_the_store(app, store_client, embedded_store) -> None:
+    # Given a session read from the near cache
+    client = app.test_client()
+    client.post("/login/alice")
+    key = session_key(app, client)
+    read_near(app, client, "alice")
+    tracker = app.session_interface.near.tracker  # type: ignore[attr-defined]
+    # When its tracking connection is killed and the session changes right after
+    store_client.client_kill_filter(_id=tracker.client_id)
+    store_client.hset(key, "user", msgpack.packb("bob"))
+    # Then the next read has the change, and near reads resume once tracking is back
+    assert client.get("/whoami").text == "bob"
+    read_near(app, client, "bob")
+
+
 def app_response(response: Any) -> int:
     assert "Traceback" not in response.text
     return int(response.status_code)
@@ -310,4 +371,4 @@ def app_response(response: Any) -> int:
 def test_status_section(app: Flask) -> None:
     state = get_state(app)
     assert state.status()["sessions"] == {"app": "sessions_app", "serializer": "msgpack", "merge": False,
-                                       "breaker": "closed"}
+                                       "breaker": "closed", "near_hits": 0, "near_entries": 0, "tracking": False}

@@ -15,6 +15,7 @@ from flask_immutant import ImmutantConfigError, Setting
 from flask_immutant.settings import (
     CORE_SETTINGS,
     identifier,
+    int_range,
     resolve,
     table,
     to_bool,
@@ -386,6 +387,20 @@ def test_environ_leaves_out_unset_and_app_only_settings() -> None:
     assert environ["IMMUTANT_CLUSTERED"] == "0"
     assert environ["IMMUTANT_PLUGINS"] == ""
 
+
+
+def test_a_runtime_inherits_core_rows_and_only_the_feature_rows_its_node_was_given() -> None:
+    # Given a node whose environment sets one feature row, whose app config sets another, a third at its default
+    rows = table([*CORE_SETTINGS, *(Setting(f"IMMUTANT_FEATURE_{n}", 5, int_range(0), "x", "int", env=True)
+                                    for n in ("ENV", "CONFIG", "DEFAULT"))])
+    settings = resolve(rows, {"IMMUTANT_FEATURE_CONFIG": 1}, environ={"IMMUTANT_FEATURE_ENV": "7"})
+    # When its runtimes' environment is made
+    environ = settings.runtime_environ()
+    # Then the operator's choice travels, and every core row (the node and its runtimes must agree)
+    assert environ["IMMUTANT_FEATURE_ENV"] == "7"
+    assert {name for name, row in ROWS.items() if row.env and settings[name] is not None} <= set(environ)
+    # And neither a default nor the node's app config overrides the config of an app the runtime loads
+    assert "IMMUTANT_FEATURE_DEFAULT" not in environ and "IMMUTANT_FEATURE_CONFIG" not in environ
 
 # --- the table itself ---------------------------------------------------------------------
 

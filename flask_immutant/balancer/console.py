@@ -54,7 +54,7 @@ CACHE_FOR = 0.5
 #: The header that carries the CSRF token of a cookie session.
 CSRF_HEADER = "X-CSRF-Token"
 
-STATIC = ("console.html", "console.js", "console.css")
+STATIC = ("console.html", "console.js", "console_history.js", "console.css")
 CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -137,12 +137,31 @@ class Console:
                 self._snapshot = (time.monotonic(), serial, document)
             return self._snapshot[2]
 
+    async def history(self, minutes: int) -> dict[str, Any]:
+        """The past ``minutes``: the cluster samples and the events, for the charts and timeline."""
+        return await asyncio.to_thread(self._history, minutes)
+
+    def _history(self, minutes: int) -> dict[str, Any]:
+        from ..events import read as read_events
+        from ..records import collecting
+        from .history import SAMPLE_EVERY, read_history
+
+        store = self._client()
+        seconds, micros = store.time()
+        now = seconds + micros / 1e6
+        since = now - minutes * 60
+        with collecting() as warnings:
+            samples = read_history(store, self.state.keys, since)
+            found = [e.to_dict() for e in read_events(store, self.state.keys, since)]
+        return {"now": now, "minutes": minutes, "every": SAMPLE_EVERY, "samples": samples, "events": found,
+                "warnings": warnings}
+
     def forget_status(self) -> None:
         self._snapshot = None
 
-    async def control(self, state: str, node: str | None, context_path: str | None) -> None:
+    async def control(self, state: str, node: str | None, context_path: str | None, by: str | None = None) -> None:
         await asyncio.to_thread(
-            lambda: registry.set_control(self._client(), self.state.keys, state, node, context_path))
+            lambda: registry.set_control(self._client(), self.state.keys, state, node, context_path, by))
         self.forget_status()
 
     def close(self) -> None:
@@ -297,6 +316,24 @@ async def _status(request: web.Request) -> web.StreamResponse:
     return web.json_response({"status": document, "time": time.time(), "states": list(registry.STATES)})
 
 
+#: Minutes of history the page may ask for.
+HISTORY_MINUTES = (1, 60)
+
+
+async def _history(request: web.Request) -> web.StreamResponse:
+    _authorized(request, action=False)
+    raw = request.query.get("minutes", "15")
+    low, high = HISTORY_MINUTES
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"minutes: expected {low}-{high}, got {raw[:20]!r}"}),
+                                 content_type="application/json")
+    try:
+        history = await request.app[CONSOLE_KEY].history(int(raw))
+    except (ImmutantError, redis.RedisError) as exc:
+        return web.json_response({"error": f"the cluster store did not answer: {exc}"}, status=503)
+    return web.json_response(history)
+
+
 async def _control(request: web.Request) -> web.StreamResponse:
     _authorized(request, action=True)
     body = await _json_body(request)
@@ -314,7 +351,7 @@ async def _control(request: web.Request) -> web.StreamResponse:
         raise web.HTTPBadRequest(text=json.dumps({"error": "; ".join(problems)}), content_type="application/json")
     console = request.app[CONSOLE_KEY]
     try:
-        await console.control(str(state), node, context_path)
+        await console.control(str(state), node, context_path, by=f"console ({request.remote})")
     except (ImmutantError, redis.RedisError) as exc:
         return web.json_response({"error": f"the cluster store did not answer: {exc}"}, status=503)
     log.info("console: %s node=%s context=%s (from %s)", state, node or "*", context_path or "*", request.remote)
@@ -359,6 +396,7 @@ def make_console_app(state: ImmutantState, *, secret: bytes | None = None,
     app.router.add_post("/logout", _logout)
     app.router.add_get("/api/session", _session)
     app.router.add_get("/api/status", _status)
+    app.router.add_get("/api/history", _history)
     app.router.add_post("/api/control", _control)
 
     async def close(_app: web.Application) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ..cli import LISTEN_PORT, load_state, one_line_errors, setup_logging
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
+from ..logs import say
 
 #: Default port of ``flask immutant console``.
 DEFAULT_PORT = 8001
@@ -23,6 +25,23 @@ DEFAULT_PORT = 8001
 @hookimpl(trylast=True)
 def immutant_register_commands(cli: click.Group) -> None:
     cli.add_command(console)
+
+
+@hookimpl(trylast=True)
+def immutant_node_started(node: Any) -> None:
+    """Every node samples the cluster for the console's charts (one sample per slot in all)."""
+    from .history import SAMPLER, Sampler
+
+    node.state.put(SAMPLER, Sampler(node.state).start())
+
+
+@hookimpl(trylast=True)
+def immutant_node_stopping(node: Any) -> None:
+    from .history import SAMPLER
+
+    sampler = node.state.pop(SAMPLER)
+    if sampler is not None:
+        sampler.stop()
 
 
 def is_loopback(host: str) -> bool:
@@ -72,8 +91,8 @@ def console(ctx: click.Context, port: int, host: str, allow_remote: bool, verbos
     shown = f"[{host}]" if ":" in host else host
 
     def started(_message: str) -> None:
-        click.echo(f"console for cluster {state.settings['IMMUTANT_CLUSTER']} on http://{shown}:{port}/ "
-                   f"(log in with the cluster secret: {where})")
+        say(f"console for cluster {state.settings['IMMUTANT_CLUSTER']} on http://{shown}:{port}/ "
+            f"(log in with the cluster secret: {where})", "flask_immutant.console")
 
     web.run_app(app, host=host, port=port, print=started, access_log=None if not verbose else access_logger,
                 handle_signals=True)

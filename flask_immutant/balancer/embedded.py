@@ -22,6 +22,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from ..metrics import definitions as metrics
+from ..metrics.http import METRICS_PATH, allowed, forwarding, refusal, reserved
+from ..metrics.process import enable, render
 from . import routing
 from .watch import Table, TableWatcher
 
@@ -113,13 +116,22 @@ class EmbeddedBalancer:
         self._refused: dict[str, float] = {}  # backend address -> monotonic time it may be tried again
         self._client: aiohttp.ClientSession | None = None
         self.watcher = TableWatcher(self.store, state.keys, self._on_tick)
+        if settings["IMMUTANT_METRICS"]:
+            enable()
 
     # --- the table --------------------------------------------------------------------------
 
     def _on_tick(self, table: Table, changed: bool) -> None:
         if changed:
+            # A weight follows every load wobble of an idle node: INFO only when routes change.
+            routes = _describe(table, weights=False)
+            (log.info if routes != _describe(self.table, weights=False) else log.debug)(
+                "routing table: %s", _describe(table))
+            gone = _backends(self.table) - _backends(table)
             self.table = table
-            log.info("routing table: %s", _describe(table))
+            for node, context_path in gone:  # its series go with it: names of pods that come and go pile up
+                for metric in (metrics.BALANCER_REQUESTS, metrics.BALANCER_SECONDS, metrics.BALANCER_RETRIES):
+                    metric.forget(backend=node, context=context_path)
 
     # --- the aiohttp application -------------------------------------------------------------
 
@@ -127,6 +139,7 @@ class EmbeddedBalancer:
         app = web.Application(handler_args={"max_field_size": 65536}, middlewares=[_paths_only])
         if self.console:
             self._mount_console(app)
+        app.router.add_route("*", METRICS_PATH, self.metrics)  # never forwarded: a node would trust our address
         app.router.add_route("*", "/{tail:.*}", self.handle)
         app.cleanup_ctx.append(self._lifecycle)
         return app
@@ -161,6 +174,8 @@ class EmbeddedBalancer:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         assert self._client is not None
+        if reserved(request.raw_path):  # however spelt: a node would take our address for the client's
+            return _error(404, "flask-immutant's own paths (/-/immutant/) are not forwarded")
         route = request.cookies.get(routing.ROUTE_COOKIE)
         retriable = request.method in routing.IDEMPOTENT_METHODS
         if request.content_length is not None and request.content_length > self.max_body:
@@ -170,6 +185,7 @@ class EmbeddedBalancer:
         tried: set[str] = set()
         disconnects: dict[str, int] = {}
         failures: list[str] = []
+        started = time.monotonic()
         while True:
             decision = self._decide(request.path, route, tried)
             backend = decision.backend
@@ -190,6 +206,7 @@ class EmbeddedBalancer:
                 failures.append(f"node {backend.node} ({backend.address}) refused the connection: {_reason(exc)}")
                 log.info("%s %s: %s", request.method, request.path_qs, failures[-1])
                 if not (body and body.consumed):  # nothing was sent: safe for any method, as HAProxy does
+                    metrics.BALANCER_RETRIES.inc(backend.node, decision.context_path or "")
                     continue
                 return _error(502, failures[-1])
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
@@ -201,6 +218,7 @@ class EmbeddedBalancer:
                     tried.add(backend.node)
                 failures.append(f"node {backend.node} ({backend.address}) closed the connection: {_reason(exc)}")
                 if retriable and not (body and body.consumed):
+                    metrics.BALANCER_RETRIES.inc(backend.node, decision.context_path or "")
                     continue
                 return _error(502, failures[-1])
             except aiohttp.ServerTimeoutError:
@@ -210,7 +228,20 @@ class EmbeddedBalancer:
                 if body is not None and body.refusal is not None:
                     return body.refusal  # the client's body broke a limit; aiohttp wraps _Refused
                 return _error(502, f"node {backend.node} ({backend.address}): {_reason(exc)}")
+            metrics.BALANCER_SECONDS.observe(time.monotonic() - started, backend.node, decision.context_path or "")
+            metrics.BALANCER_REQUESTS.inc(backend.node, decision.context_path or "", f"{upstream.status // 100}xx")
             return await self._relay(request, upstream, decision)
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        """This balancer's own metrics (``IMMUTANT_METRICS``), for loopback and ``IMMUTANT_METRICS_ALLOW``."""
+        if not self.state.settings["IMMUTANT_METRICS"]:
+            return _error(404, "metrics are off on this balancer (IMMUTANT_METRICS)")
+        if any(forwarding(name) for name in request.headers):  # a proxy in front: its address is not the client's
+            return _error(403, "metrics are not served through a proxy (the request has X-Forwarded-* headers)")
+        if not allowed(request.remote or "", self.state.settings["IMMUTANT_METRICS_ALLOW"]):
+            return _error(403, refusal(request.remote or ""))
+        body, content_type = await asyncio.to_thread(render)
+        return web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
     def _decide(self, path: str, route: str | None, tried: set[str]) -> routing.Decision:
         table = self.table
@@ -229,6 +260,8 @@ class EmbeddedBalancer:
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
                      decision: routing.Decision) -> web.StreamResponse:
         async with upstream:
+            if _small(request, upstream):
+                return await self._relay_small(request, upstream, decision)
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in upstream.headers.items():
                 if name.lower() not in HOP_BY_HOP:
@@ -250,6 +283,26 @@ class EmbeddedBalancer:
                     request.transport.close()
             except ConnectionResetError:
                 pass  # the client left
+        return response
+
+    async def _relay_small(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                           decision: routing.Decision) -> web.StreamResponse:
+        """A response whose whole body fits one chunk: read it, then answer in one write (status
+        line, headers and body together) instead of streaming it in three."""
+        try:
+            body = await upstream.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            assert decision.backend is not None
+            return _error(502, f"node {decision.backend.node} ({decision.backend.address}) failed while "
+                               f"answering: {_reason(exc)}")
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in upstream.headers.items():
+            lowered = name.lower()
+            if lowered not in HOP_BY_HOP and lowered != "content-length":  # set from the body read
+                headers.add(name, value)
+        response = web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+        if decision.set_route:
+            response.set_cookie(routing.ROUTE_COOKIE, decision.set_route, path="/", httponly=True, samesite="Lax")
         return response
 
     # --- running it --------------------------------------------------------------------------
@@ -283,7 +336,28 @@ class EmbeddedBalancer:
             await runner.cleanup()
 
     def run(self, host: str, port: int) -> None:
-        asyncio.run(self.serve(host, port))
+        """Serve until SIGINT/SIGTERM, on uvloop's event loop where it is installed."""
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(self.serve(host, port))
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop if it is installed (a dependency on Linux and macOS): its libuv transports
+    cost aiohttp's proxying about half the CPU per request of asyncio's default loop
+    (bench/balancer.py); None (asyncio's own) otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def _small(request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
+    """Whether the response has a body of a known length of at most one chunk (not HEAD's, 1xx,
+    204 or 304, whose length describes a body that is not sent)."""
+    length = upstream.content_length
+    return (length is not None and length <= CHUNK and request.method != "HEAD"
+            and upstream.status >= 200 and upstream.status not in (204, 304))
 
 
 @web.middleware
@@ -321,9 +395,15 @@ def _reason(exc: BaseException) -> str:
     return text.split("\n")[0]
 
 
-def _describe(table: Table) -> str:
+def _backends(table: Table) -> set[tuple[str, str]]:
+    """(node, context path) of every server in ``table``: the balancer metrics' label pairs."""
+    return {(server.node, context_path) for context_path, servers in table.items() for server in servers}
+
+
+def _describe(table: Table, weights: bool = True) -> str:
     if not table:
         return "empty"
-    return "; ".join(f"{path} -> " + ", ".join(f"{b.node}@{b.address} {b.state} w{b.weight}" for b in backends)
+    return "; ".join(f"{path} -> " + ", ".join(f"{b.node}@{b.address} {b.state}" + (f" w{b.weight}" if weights else "")
+                                               for b in sorted(backends, key=lambda b: (b.node, b.address)))
                      for path, backends in sorted(table.items()))
 

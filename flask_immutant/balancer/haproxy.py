@@ -29,6 +29,7 @@ from .. import names
 from ..contexts.registry import Server
 from ..errors import ImmutantError
 from ..keys import Keys
+from ..metrics.http import HAPROXY_DENY
 from .routing import ROUTE_COOKIE
 from .watch import Table, TableWatcher
 
@@ -104,6 +105,8 @@ def render_config(context_paths: Iterable[str], *, bind: str = "127.0.0.1:8000",
         "",
         "frontend immutant",
         f"    bind {bind}",
+        "    # flask-immutant's own paths (the metrics) are answered by each node, never forwarded",
+        f"    {HAPROXY_DENY}",
     ]
     for path in paths:
         if path.rstrip("/"):
@@ -309,7 +312,9 @@ class ReconcilerLoop:
     def _on_tick(self, table: Table, changed: bool) -> None:
         """One pass; an unreachable HAProxy raises, so the table loop reports it and retries."""
         for command in self.reconciler.sync(table):
-            log.info("haproxy: %s", command)
+            # Weights follow every load wobble of an idle node: DEBUG; servers added, removed or
+            # put in another state: INFO.
+            (log.debug if command.startswith("set weight ") else log.info)("haproxy: %s", command)
         self.synced.set()
 
     def start(self) -> None:

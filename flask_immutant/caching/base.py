@@ -21,6 +21,7 @@ import msgpack
 from cachelib.base import BaseCache
 
 from ..errors import ImmutantError
+from ..metrics import definitions as metrics
 
 log = logging.getLogger("flask_immutant.caching")
 
@@ -137,6 +138,14 @@ class ClusterCache(BaseCache):
             "max_entries": self.max_entries, "hits": self.hits, "misses": self.misses,
         }
 
+    def _hit(self) -> None:
+        self.hits += 1
+        metrics.CACHE_HITS.inc(self.name)
+
+    def _miss(self) -> None:
+        self.misses += 1
+        metrics.CACHE_MISSES.inc(self.name)
+
     # --- primitives a mode implements ---------------------------------------------------
 
     def _get(self, key: str) -> Any:
@@ -201,9 +210,9 @@ class ClusterCache(BaseCache):
     def get(self, key: str) -> Any:
         value = self._get(self._key(key))
         if value is MISSING:
-            self.misses += 1
+            self._miss()
             return None
-        self.hits += 1
+        self._hit()
         return value
 
     def get_many(self, *keys: str) -> list[Any]:
@@ -318,31 +327,31 @@ class ClusterCache(BaseCache):
         while True:
             value, fresh = self._memo_read(key)
             if value is not MISSING and fresh:
-                self.hits += 1
+                self._hit()
                 return value
             locked = self._memo_lock(key, token, lock_ms)
             if locked is None:  # store unavailable: compute, do not cache
-                self.misses += 1
+                self._miss()
                 return fn(*args, **kwargs)
             if locked:
                 try:
                     again, fresh = self._memo_read(key)
                     if again is not MISSING and fresh:  # another caller finished in between
-                        self.hits += 1
+                        self._hit()
                         return again
-                    self.misses += 1
+                    self._miss()
                     result = fn(*args, **kwargs)
                     self._memo_write(key, result, fresh_ms, stale_ms)
                     return result
                 finally:
                     self._memo_unlock(key, token)
             if value is not MISSING:  # stale, and someone else is recomputing it
-                self.hits += 1
+                self._hit()
                 return value
             if time.monotonic() >= deadline:
                 log.warning("cache %s: waited %.1fs for another computation of %s; computing it here",
                             self.name, lock_ms / 1000, key)
-                self.misses += 1
+                self._miss()
                 return fn(*args, **kwargs)
             time.sleep(pause)
             pause = min(pause * 2, MEMOIZE_POLL[1])

@@ -11,6 +11,8 @@ import logging
 import threading
 import time
 
+from ..metrics import definitions as metrics
+
 #: Seconds the breaker stays open before one trial call is let through.
 RESET_AFTER = 1.0
 
@@ -30,6 +32,7 @@ class CircuitBreaker:
         self.reason = ""
         #: How many calls were refused while open.
         self.refused = 0
+        metrics.BREAKER_OPEN.set(0, what)
 
     @property
     def state(self) -> str:
@@ -57,6 +60,7 @@ class CircuitBreaker:
         with self._lock:
             if self._open:
                 self._open = self._trial = False
+                metrics.BREAKER_OPEN.set(0, self.what)
                 self.log.warning("%s: cluster store reachable again; circuit closed", self.what)
 
     def failure(self, exc: BaseException) -> None:
@@ -66,6 +70,7 @@ class CircuitBreaker:
             self._open_until = time.monotonic() + self.reset_after
             self.reason = f"{type(exc).__name__}: {exc}"
         if first:
+            metrics.BREAKER_OPEN.set(1, self.what)
             self.log.warning(
                 "%s: cluster store unavailable (%s); circuit open, retrying every %gs",
                 self.what, self.reason, self.reset_after,

@@ -9,7 +9,9 @@ docs/caching.md explains the choice over application-level pub/sub and over redi
 RESP3 cache.
 
 Reads that miss the near cache fill it only if no invalidation of that key arrived while the
-read was in flight (the "caching in progress" race). While the tracking connection is down, the
+read was in flight (the "caching in progress" race). (The session near cache also checks
+``Tracker.settled`` before each near read; a cache does not: the check is a system call, which
+would more than double the cost of a near hit.) While the tracking connection is down, the
 near cache is empty and bypassed; a heartbeat PING detects a silent connection within
 ``HEARTBEAT`` seconds.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +30,7 @@ from typing import Any
 import redis
 
 from ..loops import Loop
+from ..metrics import definitions as metrics
 from .base import MISSING
 from .shared import SharedCache, _Down
 from .typed import MUTATED_BY_FLASK, Encoded
@@ -113,16 +117,31 @@ class NearCache:
 
 
 class Tracker:
-    """The thread that holds the tracking connection of one cache and applies its invalidations."""
+    """The thread that holds one tracking connection (``CLIENT TRACKING ... BCAST PREFIX prefix``)
+    and applies its invalidations to ``near``. The caches of mode ``invalidated`` and the session
+    near cache (``web/near.py``) each run one."""
 
-    def __init__(self, cache: InvalidatedCache) -> None:
-        self.cache = cache
-        self.near = cache.near
+    def __init__(self, name: str, client: Callable[[], redis.Redis], prefix: str, near: NearCache,
+                 on_subscribed: Callable[[], None] | None = None, label: str | None = None) -> None:
+        self.name = name
+        #: What its invalidations are counted under in the metrics (``cache`` label).
+        self.label = name if label is None else label
+        self.client = client
+        self.prefix = prefix
+        self.near = near
+        self.on_subscribed = on_subscribed
         self.stopping = threading.Event()
         self.subscribed = threading.Event()
-        self._loop = Loop(f"cache-{cache.name}", self._track, 0.0, on_error=self._lost, stop_event=self.stopping,
+        self._loop = Loop(name, self._track, 0.0, on_error=self._lost, stop_event=self.stopping,
                           backoff_cap=RECONNECT_MAX)
         self._conn: Any = None
+        #: The tracking connection's ``CLIENT ID`` on the server (None until connected).
+        self.client_id: int | None = None
+        self._fd = -1
+        self._pollers = threading.local()
+        # True from the moment the thread may have taken bytes off the socket until it has applied
+        # them and found nothing more to read (see ``settled``).
+        self._reading = True
 
     def start(self) -> None:
         self._loop.start()
@@ -132,6 +151,28 @@ class Tracker:
         self.near.flush(healthy=False)
         self._loop.stop(timeout)
 
+    def settled(self) -> bool:
+        """True when no invalidation is waiting to be applied: none unread on the connection and
+        none read but not yet applied. Redis writes a key's invalidation to this connection before
+        it answers the write, so on one machine (loopback or a unix socket, where the bytes are in
+        our socket when Redis's ``write`` returns) a write that has returned anywhere is either
+        applied already or makes this False. Check it *before* looking a key up in the near cache."""
+        fd = self._fd
+        if fd < 0:
+            return False
+        mine = self._pollers  # one poll object per thread: a poll object refuses concurrent use
+        poller = getattr(mine, "poller", None)
+        if poller is None or mine.fd != fd:
+            poller = mine.poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLPRI)
+            mine.fd = fd
+        try:
+            if poller.poll(0):  # readable, hung up or closed: not settled either way
+                return False
+        except OSError:
+            return False
+        return not self._reading
+
     def _lost(self, exc: BaseException) -> None:
         """Tracking broke: bypass the near cache until it is back (the loop logs and retries)."""
         self.subscribed.clear()
@@ -139,36 +180,48 @@ class Tracker:
         self._disconnect()
 
     def _disconnect(self) -> None:
+        self._fd = -1
+        self._reading = True
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.disconnect()
             self._conn = None
 
     def _track(self) -> None:
-        pool: Any = self.cache.client.connection_pool
+        pool: Any = self.client().connection_pool
         # RESP2 on purpose: invalidations arrive as ordinary pub/sub messages of the redirect
         # target; our own PINGs replace the health check, which subscribed mode does not answer.
         conn: Any = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2, "health_check_interval": 0})
         self._conn = conn
+        self._reading = True
         conn.connect()
         conn.send_command("CLIENT", "ID")
-        client_id = conn.read_response()
-        conn.send_command("CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX", self.cache.prefix)
+        self.client_id = client_id = conn.read_response()
+        conn.send_command("CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX", self.prefix)
         conn.read_response()
         conn.send_command("SUBSCRIBE", INVALIDATE_CHANNEL)
         conn.read_response()
+        # redis-py keeps its socket in ``_sock`` (no public accessor); waiting on it with poll()
+        # rather than ``can_read`` leaves unread bytes visible to ``settled``.
+        self._fd = conn._sock.fileno()
+        waiter = select.poll()
+        waiter.register(self._fd, select.POLLIN | select.POLLPRI)
         self.near.flush(healthy=True)
         self.subscribed.set()
         self._loop.mark_healthy()
-        self.cache.breaker.success()
-        log.debug("cache %s: tracking %s* as client %s", self.cache.name, self.cache.prefix, client_id)
+        if self.on_subscribed is not None:
+            self.on_subscribed()
+        log.debug("tracking %s: %s* as client %s", self.name, self.prefix, client_id)
         last_ping = time.monotonic()
         awaiting_pong = False
         while not self.stopping.is_set():
-            if conn.can_read(timeout=HEARTBEAT / 4):
+            while conn.can_read(timeout=0):  # everything buffered or readable now, while marked reading
                 self._handle(conn.read_response())
-                if awaiting_pong and self._pong:
-                    awaiting_pong = self._pong = False
+            self._reading = False
+            if waiter.poll(HEARTBEAT / 4 * 1000):
+                self._reading = True  # before a byte leaves the socket
+            if awaiting_pong and self._pong:
+                awaiting_pong = self._pong = False
             now = time.monotonic()
             if awaiting_pong and now - last_ping > HEARTBEAT:
                 raise redis.TimeoutError(f"no reply to a heartbeat within {HEARTBEAT}s")
@@ -184,6 +237,7 @@ class Tracker:
             return
         kind = message[0]
         if kind == b"message" and message[1] == INVALIDATE_CHANNEL:
+            metrics.CACHE_INVALIDATIONS.inc(self.label)
             keys = message[2]
             if keys is None:  # FLUSHDB / FLUSHALL
                 self.near.flush()
@@ -216,7 +270,8 @@ class InvalidatedCache(SharedCache):
         if tracker is None:
             with self._tracker_lock:
                 if self._tracker is None:
-                    self._tracker = Tracker(self)
+                    self._tracker = Tracker(f"cache-{self.name}", lambda: self.client, self.prefix, self.near,
+                                            on_subscribed=self.breaker.success, label=self.name)
                     self._tracker.start()
                 tracker = self._tracker
         return tracker
@@ -266,6 +321,7 @@ class InvalidatedCache(SharedCache):
         value = self.near.get(rkey)
         if value is not MISSING:
             self.near_hits += 1
+            metrics.CACHE_NEAR_HITS.inc(self.name)
             return self.decode(value.data) if type(value) is Encoded else value
 
         def read(pipe: Any) -> None:
@@ -319,6 +375,7 @@ class InvalidatedCache(SharedCache):
             fresh_until, value = near
             if fresh_until == 0 or time.time() * 1000 < fresh_until:
                 self.near_hits += 1
+                metrics.CACHE_NEAR_HITS.inc(self.name)
                 return value, True
             return value, False
 

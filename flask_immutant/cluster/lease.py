@@ -31,9 +31,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .. import lua
+from .. import events, lua
 from ..keys import Keys
 from ..loops import Loop
+from ..metrics import definitions as metrics
 from ..protocols import Slot
 from ..records import MALFORMED, from_json, warn
 from ..store.connect import Subscription
@@ -107,6 +108,7 @@ class LeaseKeeper:
         poll = manager.ttl / POLLS_PER_TTL
         self._loop = Loop(f"lease-{name}", self._step, poll, backoff_cap=manager.ttl / RENEWALS_PER_TTL)
         self._unconfirmed_owner = ""  # owner token of an acquisition no replica confirmed yet
+        metrics.LEASE_HOLDER.set(0, name)
 
     @property
     def held(self) -> bool:
@@ -159,8 +161,9 @@ class LeaseKeeper:
         owner = self._unconfirmed_owner or f"{m.node}|{os.getpid()}|{uuid.uuid4().hex}"
         info = json.dumps({"node": m.node, "pid": os.getpid(), "since": time.time()})
         sent = time.monotonic()
-        fence, confirmed = m.confirmed("acquire", [m.keys.lease(self.name), m.keys.lease_fence(self.name)],
-                                       [owner, m.ttl_ms, info])
+        reply, confirmed = m.confirmed("acquire", [m.keys.lease(self.name), m.keys.lease_fence(self.name),
+                                                   m.keys.lease_last(self.name)], [owner, m.ttl_ms, info])
+        fence, previous = reply if reply else (None, None)
         if fence is None:
             self._unconfirmed_owner = ""
             return
@@ -175,6 +178,10 @@ class LeaseKeeper:
         self._owner, self.fence, self.held_since = owner, int(fence), time.time()
         self._deadline = sent + m.ttl * (1 - SAFETY_MARGIN)
         log.info("lease %s acquired by %s (fencing token %d)", self.name, m.node, self.fence)
+        events.emit("lease.acquired", lease=self.name, fence=self.fence, failover=previous is not None,
+                    previous_node=_holder_node(previous))
+        metrics.LEASE_ACQUIRED.inc(self.name)
+        metrics.LEASE_HOLDER.set(1, self.name)
         try:
             self.on_acquired(self.fence)
         except Exception:
@@ -184,7 +191,7 @@ class LeaseKeeper:
         m = self.manager
         if time.monotonic() >= self._deadline:
             log.warning("lease %s: deadline passed before renewal (stalled?); giving it up", self.name)
-            self._lose(release=True)
+            self._lose(release=True, lost="its renewal deadline passed (stalled)")
             return
         sent = time.monotonic()
         try:
@@ -194,16 +201,22 @@ class LeaseKeeper:
         except redis.RedisError as exc:
             if time.monotonic() >= self._deadline - m.ttl / RENEWALS_PER_TTL:
                 log.warning("lease %s: cannot renew (%s); stopping work before it can expire", self.name, exc)
-                self._lose(release=False)
+                self._lose(release=False, lost=f"cannot renew: {exc}")
             raise
         if renewed:
             self._deadline = sent + m.ttl * (1 - SAFETY_MARGIN)
+            metrics.LEASE_RENEW_SECONDS.observe(time.monotonic() - sent, self.name)
         else:
             log.warning("lease %s: lost (expired or taken); stopping work", self.name)
-            self._lose(release=False)
+            self._lose(release=False, lost="expired or taken")
 
-    def _lose(self, release: bool) -> None:
-        owner, self._deadline = self._owner, 0.0
+    def _lose(self, release: bool, lost: str | None = None) -> None:
+        """Stop the work; ``release`` the key. ``lost``: why the holder lost it (it could not renew,
+        stalled, or found it expired or taken); ``None``: it gave the lease up on purpose — stepping
+        aside, stopping, or stopping with ``release=False`` to leave the key to expire."""
+        owner, self._deadline, fence = self._owner, 0.0, self.fence
+        metrics.LEASE_HOLDER.set(0, self.name)
+        (metrics.LEASE_LOST if lost else metrics.LEASE_RELEASED).inc(self.name)
         try:
             self.on_lost()
         except Exception:
@@ -212,6 +225,10 @@ class LeaseKeeper:
             self.fence, self.held_since = None, None
         if release:
             self.manager.release(self.name, owner)
+        if lost is not None:
+            events.emit("lease.lost", lease=self.name, fence=fence, reason=lost)
+        else:
+            events.emit("lease.released", lease=self.name, fence=fence, left_to_expire=not release)
 
 
 class LeaseManager:
@@ -259,7 +276,8 @@ class LeaseManager:
     def release(self, name: str, owner: str) -> None:
         """Compare-and-delete ``name`` if ``owner`` holds it, and wake contenders."""
         try:
-            self.scripts["release"](keys=[self.keys.lease(name), self.keys.lease_released], args=[owner, name],
+            self.scripts["release"](keys=[self.keys.lease(name), self.keys.lease_released, self.keys.lease_last(name)],
+                                    args=[owner, name],
                                     client=self.store)
         except redis.RedisError as exc:
             log.warning("lease %s: release failed (%s); it will expire", name, exc)
@@ -280,6 +298,15 @@ class LeaseManager:
                 if keeper.name == name and not keeper.held:
                     keeper.wake()
         return 0.0
+
+
+def _holder_node(raw: Any) -> str | None:
+    """The node named in a holder record read back from the store (``None`` if unreadable)."""
+    try:
+        data = from_json(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return data.get("node") if isinstance(data, dict) and isinstance(data.get("node"), str) else None
 
 
 #: The app runtime's one lease manager (shared by daemons and the job scheduler).

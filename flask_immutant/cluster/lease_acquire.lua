@@ -1,6 +1,8 @@
--- Acquire a lease if it is free (or already ours). KEYS: lease, fence counter.
+-- Acquire a lease if it is free (or already ours). KEYS: lease, fence counter, last holder.
 -- ARGV: owner token, ttl_ms, holder info (JSON object without owner/fence).
--- Returns the fencing token, or nil if another owner holds it.
+-- Returns {fencing token, previous holder's JSON or false}, or nil if another owner holds it.
+-- The last-holder key is deleted by a release: still there means the previous holder never
+-- released (it crashed or lost the store), which the caller reports as a failover.
 -- The token is max(last + 1, server time in ms): strictly increasing even if the store lost its
 -- last writes (AOF fsync'd once a second, a replica promoted), as long as its clock moves forward.
 local current = redis.call('GET', KEYS[1])
@@ -8,7 +10,7 @@ if current then
   local held = cjson.decode(current)
   if held.owner == ARGV[1] then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return held.fence
+    return {held.fence, false}
   end
   return false
 end
@@ -20,5 +22,8 @@ redis.call('SET', KEYS[2], string.format('%d', fence))
 local info = cjson.decode(ARGV[3])
 info.owner = ARGV[1]
 info.fence = fence
-redis.call('SET', KEYS[1], cjson.encode(info), 'PX', ARGV[2])
-return fence
+local encoded = cjson.encode(info)
+redis.call('SET', KEYS[1], encoded, 'PX', ARGV[2])
+local previous = redis.call('GET', KEYS[3])
+redis.call('SET', KEYS[3], encoded)
+return {fence, previous}

@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 
-from .. import lua
+from .. import events, lua
 from ..errors import NodeStartError
 from ..keys import Keys
 from ..loops import Loop
@@ -223,6 +223,8 @@ class Membership:
                 )
             # Our predecessor under this name was killed on this host: take the name over now.
             self._scripts["claim"](keys=keys, args=[self.token, ttl, self.me.name, self.me.to_json(), holder])
+        events.emit("member.joined", member=self.me.name, address=self.me.address,
+                    http_port=self.me.ports.get("http"), pid=self.me.pid)
         self._loops = [
             Loop("heartbeat", self._heartbeat, self.interval, wait_first=True, stop_event=self._stop,
                  backoff_cap=self.interval).start(),
@@ -236,9 +238,13 @@ class Membership:
             loop.stop(timeout=self.failure_timeout)
         self._subscription.drop()
         try:
-            self._scripts["leave"](keys=self._member_keys(), args=[self.token, self.me.name])
+            left = self._scripts["leave"](keys=self._member_keys(), args=[self.token, self.me.name])
         except redis.RedisError as exc:
             log.warning("could not leave the cluster cleanly (%s); others will see a timeout", exc)
+        else:
+            if left == 1:
+                events.emit("member.left", member=self.me.name, reason="left")
+                events.flush(1.0)
 
     def refresh(self) -> None:
         """Re-read the members now (normally done by the watcher thread)."""
@@ -261,8 +267,10 @@ class Membership:
                 keys=self._member_keys(), args=[self.token, self._ttl_ms(), self.me.name, self.me.to_json()]
             )
         except redis.RedisError as exc:
+            events.store_failed(exc)
             self._call(self._on_store_error, exc)
             raise
+        events.store_answered()
         if result == 0:
             self._claimed = False
             self._on_lost(f"node name {self.me.name!r} was claimed by another node while this one stalled")
@@ -306,8 +314,9 @@ class Membership:
         current = {m.name: m for m in members}
         if self._recovery.trusted():
             for name in expired:
-                if name != self.me.name:
-                    self._scripts["reap"](keys=self._member_keys(name), args=[name])
+                # Every node sees the death; only the one whose reap removed the member reports it.
+                if name != self.me.name and self._scripts["reap"](keys=self._member_keys(name), args=[name]) == 1:
+                    events.emit("member.left", member=name, reason="timeout")
         else:  # right after an outage every claim may have expired: wait for fresh heartbeats
             current.update({n: self._known[n] for n in expired if n in self._known})
         current.setdefault(self.me.name, self._known.get(self.me.name, self.me))  # we only leave by leave()

@@ -10,7 +10,7 @@ import click
 import redis
 
 from ..cli import load_state, one_line_errors
-from ..cli_table import echo_table
+from ..cli_table import echo_table, printable
 from ..hookspecs import hookimpl
 from ..loops import read_health, report_health, stop_reporting
 from .membership import live_members
@@ -99,7 +99,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             names = ", ".join(str(item.get("name", item.get("node", "?"))) for item in section[:8]
                               if isinstance(item, dict))
             more = f", +{len(section) - 8} more" if len(section) > 8 else ""
-            click.echo(f"{name}: {len(section)}" + (f" ({names}{more})" if names else ""))
+            click.echo(printable(f"{name}: {len(section)}" + (f" ({names}{more})" if names else "")))
         else:
             click.echo(f"{name}: {json.dumps(section, sort_keys=True)}")
     click.echo("(details: --json, or each feature's own command)")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..cli import echoed_as_json_or_empty, one_line_errors, state_and_store
-from ..cli_table import echo_table
+from ..cli_table import echo_table, printable
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
 from ..loops import Loop
@@ -159,7 +159,7 @@ def _check_scope(state: ImmutantState, store: redis.Redis, node: str | None, con
         return
     if not future:
         raise ImmutantError("; ".join(unknown) + "; add --future to store it for one that starts later")
-    click.echo(f"stored for the future: {'; '.join(unknown)}")
+    click.echo(printable(f"stored for the future: {'; '.join(unknown)}"))
 
 
 def _where(node: str | None, context_path: str | None) -> str:

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import redis
 
-from .. import lua, names
+from .. import events, lua, names
 from ..errors import ImmutantError
 from ..keys import Keys
 from ..records import MALFORMED, check_types, decoded, json_object, read_records, set_of, shown, warn
@@ -212,8 +212,9 @@ def _narrower(entries: Iterable[str], node: str | None, context_path: str | None
 
 
 def set_control(store: redis.Redis, keys: Keys, state: str, node: str | None = None,
-                context_path: str | None = None) -> None:
-    """``ctl enable|disable|stop`` at a scope (``None`` = every node / every context)."""
+                context_path: str | None = None, by: str | None = None) -> None:
+    """``ctl enable|disable|stop`` at a scope (``None`` = every node / every context); ``by``: who,
+    for the ``ctl.action`` event written with it."""
     if state not in STATES:
         raise ImmutantError(f"state {state!r}: expected one of {', '.join(STATES)}")
     node, context_path = _checked_scope(node, context_path)
@@ -224,11 +225,13 @@ def set_control(store: redis.Redis, keys: Keys, state: str, node: str | None = N
     if not (state == "ENABLED" and node is None and context_path is None):
         pipe.hset(keys.context_control, _scope(node, context_path), state)
     pipe.publish(keys.contexts_changed, f"control {state} {_scope(node, context_path)}")
+    events.record(pipe, keys, "ctl.action", action=state.lower(), scope_node=node, context_path=context_path,
+                  by=by or events.who())
     pipe.execute()
 
 
 def set_weight(store: redis.Redis, keys: Keys, weight: int | None, node: str | None = None,
-               context_path: str | None = None) -> None:
+               context_path: str | None = None, by: str | None = None) -> None:
     """``ctl weight N`` (1-100) at a scope; ``None`` returns it to the computed load factor."""
     if weight is not None and not 0 <= weight <= 100:
         raise ImmutantError(f"weight {weight}: expected 0-100, or 'auto' for the computed load factor")
@@ -240,6 +243,8 @@ def set_weight(store: redis.Redis, keys: Keys, weight: int | None, node: str | N
     if weight is not None:
         pipe.hset(keys.context_weight, _scope(node, context_path), weight)
     pipe.publish(keys.contexts_changed, f"weight {weight} {_scope(node, context_path)}")
+    events.record(pipe, keys, "ctl.action", action="weight", scope_node=node, context_path=context_path,
+                  weight=weight, by=by or events.who())
     pipe.execute()
 
 

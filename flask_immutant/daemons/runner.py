@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from .. import lua
+from .. import events, lua
 from ..cluster.lease import SAFETY_MARGIN, LeaseKeeper
 from ..loops import Backoff, Loop
+from ..metrics import definitions as metrics
+from ..tracing import daemon_span
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -154,7 +156,7 @@ class DaemonRunner:
             error = None
             started = time.monotonic()
             try:
-                with self.app.app_context():
+                with self.app.app_context(), daemon_span(self.app, self.spec.name, self.spec.singleton, context.fence):
                     self.spec.start_fn()
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
@@ -167,6 +169,8 @@ class DaemonRunner:
             self.restarts += 1
             delay = backoff.next_delay(time.monotonic() - started)
             failures = backoff.failures
+            events.emit("daemon.restarted", daemon=self.spec.name, restarts=self.restarts, error=error)
+            metrics.DAEMON_RESTARTS.inc(self.spec.name)
             self._write_record("restarting", context, error)
             if self._keeper is not None and failures >= FAILURES_BEFORE_STEPPING_ASIDE:
                 log.warning("daemon %s failed %d times in a row here; letting another node try",

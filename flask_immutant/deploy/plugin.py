@@ -15,7 +15,7 @@ import redis
 
 from .. import names
 from ..cli import WAIT_SECONDS, checked_option, echoed_as_json_or_empty, load_state, one_line_errors, state_and_store
-from ..cli_table import echo_table
+from ..cli_table import echo_table, printable
 from ..cluster.membership import live_members
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
@@ -220,7 +220,7 @@ def _await_nodes(state: ImmutantState, store: redis.Redis, deployments: Deployme
                 reported[node] = info
                 where = f"port {info.get('port')}{record.context_path}" if info.get("port") else ""
                 detail = f": {info.get('error')}" if info["state"] != "deployed" else f" ({where})"
-                click.echo(f"  {node}: {info['state']}{detail}")
+                click.echo(printable(f"  {node}: {info['state']}{detail}"))
         time.sleep(0.05)
     silent = [node for node in members if node not in reported]
     for node in silent:
@@ -244,7 +244,7 @@ def undeploy(ctx: click.Context, name: str, wait: float) -> None:
         while time.monotonic() < deadline and deployments.node_states(name):
             time.sleep(0.05)
         left = sorted(deployments.node_states(name))
-        click.echo(f"undeployed {name}" + (f"; still stopping on {', '.join(left)}" if left else ""))
+        click.echo(printable(f"undeployed {name}" + (f"; still stopping on {', '.join(left)}" if left else "")))
 
 
 @click.command("list", help="Show deployments and their state on each node.")
@@ -258,10 +258,10 @@ def list_deployments(ctx: click.Context, as_json: bool) -> None:
         return
     for row in rows:
         if "error" in row:
-            click.echo(f"{row['name']}: REFUSED: {row['error']}")
+            click.echo(printable(f"{row['name']}: REFUSED: {row['error']}"))
             continue
-        click.echo(f"{row['name']} v{row['version']} {row['context_path']} ({row['mode']}: {row['app'] or 'app'} "
-                   f"in {row['root']})")
+        click.echo(printable(f"{row['name']} v{row['version']} {row['context_path']} ({row['mode']}: "
+                             f"{row['app'] or 'app'} in {row['root']})"))
         if row["nodes"]:
             echo_table(("NODE", "STATE", "VERSION", "PORT", "CONTEXT STATE", "WEIGHT", "ERROR"),
                        ([node, info["state"], f"v{info.get('version')}", info.get("port"),

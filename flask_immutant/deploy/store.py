@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import redis
 
+from .. import events
 from ..keys import Keys
 from ..records import check_types, from_json, hash_of, json_object, read_records, required
 from .records import Deployment, DeploymentError, sign, verify
@@ -40,6 +41,8 @@ class DeploymentStore:
         pipe.hset(self.keys.deployments, record.name, sign(record, self.secret))
         pipe.hset(self.keys.deployments_issued, record.name, json.dumps({"epoch": epoch, "version": version}))
         pipe.publish(self.keys.deployments_changed, record.name)
+        events.record(pipe, self.keys, "deploy.requested", deployment=record.name, version=version,
+                      rollback=rollback, by=events.who())
         pipe.execute()
         if previous is not None and previous.archive and previous.archive != record.archive:
             self._drop_archive_unless_named(previous.archive)
@@ -65,7 +68,9 @@ class DeploymentStore:
         pipe = self.store.pipeline()
         pipe.hdel(self.keys.deployments, name)
         pipe.publish(self.keys.deployments_changed, name)
-        removed, _ = pipe.execute()
+        if previous is not None:
+            events.record(pipe, self.keys, "undeploy.requested", deployment=name, by=events.who())
+        removed, *_ = pipe.execute()
         if previous is not None and previous.archive:
             self._drop_archive_unless_named(previous.archive)
         return bool(removed)
@@ -105,15 +110,26 @@ class DeploymentStore:
             details.update(version=record.version, deployed_at=record.deployed_at)
         # An unknown detail is left out, not written as null: readers check NODE_STATE_TYPES.
         stored = {"state": state, "since": time.time(), **{k: v for k, v in details.items() if v is not None}}
-        self.store.hset(self.keys.deployment_nodes(name), node, json.dumps(stored))
+        pipe = self.store.pipeline()
+        pipe.hset(self.keys.deployment_nodes(name), node, json.dumps(stored))
+        if state in OUTCOMES:
+            events.record(pipe, self.keys, "deploy.node", node=node, deployment=name, state=state,
+                          version=details.get("version"), error=details.get("error"))
+        pipe.execute()
 
     def clear_node_state(self, name: str, node: str) -> None:
-        self.store.hdel(self.keys.deployment_nodes(name), node)
+        pipe = self.store.pipeline()
+        pipe.hdel(self.keys.deployment_nodes(name), node)
+        events.record(pipe, self.keys, "undeploy.node", node=node, deployment=name)
+        pipe.execute()
 
     def node_states(self, name: str) -> dict[str, dict[str, Any]]:
         return read_records(hash_of(self.store, self.keys.deployment_nodes(name), "node state"), f"{name} node state",
                             _node_state)
 
+
+#: Node states that are a deployment's outcome on a node (a ``deploy.node`` event each).
+OUTCOMES = frozenset({"deployed", "failed", "refused"})
 
 #: The JSON types of a deployment's state on one node (``set_node_state``).
 NODE_STATE_TYPES: dict[str, type | tuple[type, ...]] = {

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from ..loops import Loop
+from ..metrics import definitions as metrics
+from ..tracing import job_span
 from .spec import JobSpec
 from .store import JobStore
 
@@ -94,6 +96,7 @@ class JobDriver:
                 fire = spec.misfire == "fire_once"
                 next_due = spec.next_due_after_now(due, now)
                 log.warning("job %s misfired (%.1fs late): %s", name, late, "firing once" if fire else "skipped")
+                metrics.JOB_MISFIRES.inc(name, "fired_once" if fire else "skipped")
             else:
                 fire, next_due = True, spec.next_due(due)
             if self.store.claim(spec, due, next_due, self.node, fire) == 1:
@@ -136,8 +139,10 @@ class JobDriver:
 
     def _call(self, spec: JobSpec, function: Callable[[], Any], due: float) -> None:
         _local.fire = Fire(spec.name, due, self.node)
+        metrics.JOB_FIRES.inc(spec.name)
+        metrics.JOB_LATENESS_SECONDS.observe(max(0.0, time.time() - due), spec.name)
         try:
-            with self.app.app_context():
+            with self.app.app_context(), job_span(self.app, spec.name, due, spec.singleton):
                 function()
         except Exception as exc:
             log.exception("job %s (due %.3f) raised; its schedule goes on", spec.name, due)

@@ -8,6 +8,7 @@ cluster store, so the rest of the feature is the same on either.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -79,22 +80,38 @@ class Backend:
     def delete_queue(self, broker: Broker, queue: str) -> None:
         raise NotImplementedError
 
+    def counts(self, queues: Sequence[str]) -> dict[str, tuple[int, int] | None]:
+        """``(waiting, rejected)`` of each queue as :meth:`queue_stats` counts them, for a metrics
+        scrape: in as few round trips as the broker allows (one per queue here). ``None`` for a
+        queue the broker did not count (unreachable): unknown is not 0."""
+        found: dict[str, tuple[int, int] | None] = dict.fromkeys(queues)
+        for queue in queues:
+            stats = self.queue_stats(None, queue)
+            depth, rejected = stats.get("depth"), stats.get("rejected")
+            if depth is None:
+                break  # unreachable: asking for every other queue would only wait as long again
+            found[queue] = (int(depth), int(rejected or 0))
+        return found
+
     def describe(self) -> str:
         raise NotImplementedError
 
-    def reap(self, failure_timeout: float, leaving: str | None = None) -> list[tuple[str, int]]:
+    def reap(self, failure_timeout: float, leaving: str | None = None) -> list[tuple[str, int, dict[str, int]]]:
         """Requeue the unacked messages of dead consumers (or of ``leaving`` only, which stopped);
-        returns ``(consumer id, requeued)``."""
+        returns ``(consumer id, requeued, requeued per Dramatiq queue)``."""
         args: list[Any] = [self.keys.messaging_namespace, self.keys.messaging_consumer(""), int(failure_timeout * 1000)]
         flat = self._reap(
             keys=[self.keys.messaging_consumers, self.keys.messaging_queues, self.keys.messaging_beats],
             args=args + ([leaving] if leaving else []),
         )
-        pairs = []
-        for index in range(0, len(flat), 2):
+        found = []
+        for index in range(0, len(flat), 3):
             name = flat[index].decode() if isinstance(flat[index], bytes) else str(flat[index])
-            pairs.append((name, int(flat[index + 1])))
-        return pairs
+            pairs = flat[index + 2] or []
+            queues = {(q.decode() if isinstance(q, bytes) else str(q)): int(n) for q, n in zip(pairs[::2], pairs[1::2],
+                                                                                            strict=True)}
+            found.append((name, int(flat[index + 1]), queues))
+        return found
 
     def wake(self, queues: Sequence[str]) -> None:
         """Wake every consumer waiting on ``queues`` (this process's, which are stopping, too)."""
@@ -145,17 +162,16 @@ class RedisBackend(Backend):
         """One script call (one round trip) for the whole batch: written whole, in order."""
         keys: list[str] = []
         args: list[Any] = [self.namespace]
-        from dramatiq.common import current_millis, dq_name  # Dramatiq loads when messaging is used
-        from dramatiq.message import get_encoder
-
+        current_millis, dq_name, get_encoder = _dramatiq_helpers()
         encode = get_encoder().encode
+        uuid4 = uuid.uuid4
         for targets, dedupe in batch:
             if dedupe:
                 keys.append(dedupe[0])
             args.append(f"{dedupe[1] if dedupe else 0} {len(targets)}")
             for target in targets:
                 message = target.message
-                redis_id = str(uuid.uuid4())
+                redis_id = str(uuid4())
                 options = {**message.options, "redis_message_id": redis_id}
                 queue = message.queue_name
                 if target.delay is not None:
@@ -184,6 +200,15 @@ class RedisBackend(Backend):
         waiting, stored, delayed, rejected = pipe.execute()
         return {"depth": int(waiting), "in_flight": max(0, int(stored) - int(waiting)), "delayed": int(delayed),
                 "rejected": int(rejected)}
+
+    def counts(self, queues: Sequence[str]) -> dict[str, tuple[int, int] | None]:
+        pipe = self.client.pipeline(transaction=False)
+        for queue in queues:
+            base = f"{self.namespace}:{queue}"  # Dramatiq's keys, as in queue_stats
+            pipe.llen(base)
+            pipe.zcard(f"{base}.XQ")
+        replies = pipe.execute()
+        return {queue: (int(replies[2 * i]), int(replies[2 * i + 1])) for i, queue in enumerate(queues)}
 
     def delete_queue(self, broker: Broker, queue: str) -> None:
         base = f"{self.namespace}:{queue}"
@@ -317,6 +342,16 @@ class RabbitmqBackend(Backend):
 
     def describe(self) -> str:
         return "rabbitmq"
+
+
+@functools.cache
+def _dramatiq_helpers() -> tuple[Any, Any, Any]:
+    """Dramatiq's ``current_millis``, ``dq_name`` and ``get_encoder``, imported on first publish
+    (Dramatiq loads when messaging is used), then looked up once, not per publish."""
+    from dramatiq.common import current_millis, dq_name
+    from dramatiq.message import get_encoder
+
+    return current_millis, dq_name, get_encoder
 
 
 def _pika_properties(priority: int | None) -> Any:

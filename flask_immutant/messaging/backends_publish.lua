@@ -62,8 +62,11 @@ for _, queue in ipairs(wake_queues) do
     for j = 1, math.min(wakes[queue], 64) do
         tokens[j] = "1"
     end
-    -- pcall: tokens only wake; a wake key of another type must not fail the publish
-    redis.pcall("rpush", queue .. ".wake", unpack(tokens))
-    redis.pcall("ltrim", queue .. ".wake", -64, -1)
+    -- pcall: tokens only wake; a wake key of another type must not fail the publish (its error
+    -- reply is a table, not a length). Trimmed only once past the cap: one command less per publish.
+    local length = redis.pcall("rpush", queue .. ".wake", unpack(tokens))
+    if type(length) == "number" and length > 64 then
+        redis.pcall("ltrim", queue .. ".wake", -64, -1)
+    end
 end
 return results

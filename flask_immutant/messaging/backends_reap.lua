@@ -5,7 +5,7 @@
 -- KEYS[1]: SET of consumer ids; KEYS[2]: SET of consumed Dramatiq queue names; KEYS[3]: HASH last/since
 -- ARGV[1]: Dramatiq namespace; ARGV[2]: heartbeat key prefix (id appended); ARGV[3]: failure timeout ms
 -- ARGV[4] (optional): only this consumer, which is leaving (no waiting for a run of beats)
--- Returns a flat list: dead id, messages requeued, dead id, messages requeued...
+-- Returns a flat list: dead id, messages requeued, {queue, requeued, queue, requeued...}, dead id, ...
 local namespace = ARGV[1]
 local prefix = ARGV[2]
 local result = {}
@@ -23,7 +23,9 @@ local candidates = leaving and {leaving} or redis.call("smembers", KEYS[1])
 for _, id in ipairs(candidates) do
     if redis.call("exists", prefix .. id) == 0 then
         local moved = 0
+        local per_queue = {}
         for _, queue in ipairs(queues) do
+            local moved_here = 0
             for _, name in ipairs({queue, queue .. ".DQ"}) do
                 local acks = namespace .. ":__acks__." .. id .. "." .. name
                 local messages = namespace .. ":" .. name .. ".msgs"
@@ -35,15 +37,21 @@ for _, id in ipairs(candidates) do
                             redis.pcall("ltrim", namespace .. ":" .. name .. ".wake", -64, -1)
                         end
                         moved = moved + 1
+                        moved_here = moved_here + 1
                     end
                 end
                 redis.call("del", acks)
+            end
+            if moved_here > 0 then
+                table.insert(per_queue, queue)
+                table.insert(per_queue, moved_here)
             end
         end
         redis.call("zrem", namespace .. ":__heartbeats__", id)
         redis.call("srem", KEYS[1], id)
         table.insert(result, id)
         table.insert(result, moved)
+        table.insert(result, per_queue)
     end
 end
 return result

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ class Message:
     expires_at: float | None = None
     encoding: str = "json"
     retries: int = 0
+    #: The publisher's trace context (W3C ``traceparent``, ``tracestate``...), empty without tracing.
+    trace: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def expired(self) -> bool:
@@ -52,6 +55,7 @@ def envelope(
     reply_to: str | None = None,
     key: str | None = None,
     ttl: float | None = None,
+    trace: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The envelope of one published message. JSON bodies are checked when the Dramatiq message
     is encoded (once, by :func:`check_json`); msgpack bodies here."""
@@ -82,6 +86,8 @@ def envelope(
         if ttl <= 0:
             raise MessagingError(f"ttl={ttl!r} is not allowed: expected a positive number of seconds")
         data["expires_at"] = round(now + ttl, 6)
+    if trace:
+        data["trace"] = dict(trace)
     return data
 
 
@@ -114,9 +120,32 @@ def decode(raw: Any, retries: int = 0, message_id: str = "") -> Message:
             expires_at=_number(raw.get("expires_at")),
             encoding=encoding,
             retries=retries,
+            trace=_trace(raw.get("trace")),
         )
     except (TypeError, ValueError) as exc:
         raise MalformedMessage(f"malformed envelope: {exc}") from None
+
+
+#: What is kept of a message's trace field: W3C Trace Context and Baggage, each within its
+#: specification's limits (longest value, most list members). Anything else is dropped unread.
+TRACE_FIELDS: dict[str, tuple[int, int]] = {"traceparent": (55, 1), "tracestate": (512, 32), "baggage": (8192, 180)}
+#: W3C traceparent: version-traceid-spanid-flags, lowercase hex.
+TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def _trace(value: Any) -> dict[str, str]:
+    """The trace context a message carries; anything malformed is dropped, never the message: a
+    wrong trace field must not send a good message to the dead letters."""
+    if not isinstance(value, dict):
+        return {}
+    kept = {}
+    for key, (longest, members) in TRACE_FIELDS.items():
+        text = value.get(key)
+        if isinstance(text, str) and len(text) <= longest and text.count(",") < members:
+            kept[key] = text
+    if "traceparent" in kept and not TRACEPARENT.fullmatch(kept["traceparent"]):
+        del kept["traceparent"]
+    return kept
 
 
 def _number(value: Any) -> float | None:

@@ -8,6 +8,7 @@ runtime is running (``state.runtime`` set) take effect at once. Publishing works
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -21,8 +22,10 @@ from typing import TYPE_CHECKING, Any, cast, overload
 from dramatiq import Message as DramatiqMessage
 from dramatiq.broker import Broker
 
+from ..metrics import definitions as metrics
 from ..protocols import Slot
 from ..records import from_json, hash_of, json_object, read_records
+from ..tracing import NO_SPAN, Sent, tracing_of
 from .backends import Backend, Target, make_backend
 from .codec import Message, envelope
 from .destination import Destination, actor_name
@@ -33,6 +36,7 @@ from .selector import Selector, compile_selector
 if TYPE_CHECKING:
     from ..protocols import RuntimeView
     from ..state import ImmutantState
+    from ..tracing.spans import Tracing
 
 log = logging.getLogger("flask_immutant.messaging")
 #: Where an app's :class:`Messaging` is kept in its state.
@@ -172,6 +176,10 @@ class Messaging:
         return make_backend(self.state.store, self.state.keys, self.state.settings["IMMUTANT_BROKER_URL"])
 
     @cached_property
+    def tracing(self) -> Tracing | None:
+        return tracing_of(self.state)
+
+    @cached_property
     def publisher(self) -> Broker:
         """A broker for publishing only: no worker is attached, so it never consumes."""
         return self.backend.make_broker([])
@@ -244,10 +252,11 @@ class Messaging:
         has the message (acknowledged to the publisher).
         """
         destination = self._destination(name)
-        outgoing = self._outgoing(destination, [(message, key)], priority=priority, ttl=ttl, delay=delay,
-                                  properties=properties, correlation_id=correlation_id, encoding=encoding,
-                                  reply_to=reply_to)
-        return self._send(destination, outgoing)[0]
+        with self._producing(destination, 1, correlation_id) as span:
+            outgoing = self._outgoing(destination, [(message, key)], priority=priority, ttl=ttl, delay=delay,
+                                      properties=properties, correlation_id=correlation_id, encoding=encoding,
+                                      reply_to=reply_to, trace=span.carrier)
+            return self._send(destination, outgoing)[0]
 
     def publish_many(
         self,
@@ -273,12 +282,22 @@ class Messaging:
         if len(key_list) != len(bodies):
             raise MessagingError(f"publish_many got {len(bodies)} messages but {len(key_list)} keys: "
                                  "expected one key (or None) per message")
-        outgoing = self._outgoing(destination, list(zip(bodies, key_list, strict=True)), priority=priority, ttl=ttl,
-                                  delay=delay, properties=properties, encoding=encoding)
         ids: list[str | None] = []
-        for start in range(0, len(outgoing), PUBLISH_BATCH):
-            ids += self._send(destination, outgoing[start:start + PUBLISH_BATCH])
+        with self._producing(destination, len(bodies)) as span:
+            outgoing = self._outgoing(destination, list(zip(bodies, key_list, strict=True)), priority=priority,
+                                      ttl=ttl, delay=delay, properties=properties, encoding=encoding,
+                                      trace=span.carrier)
+            for start in range(0, len(outgoing), PUBLISH_BATCH):
+                ids += self._send(destination, outgoing[start:start + PUBLISH_BATCH])
         return ids
+
+    def _producing(self, destination: Destination, count: int,
+                   correlation_id: str | None = None) -> contextlib.AbstractContextManager[Sent]:
+        """The span of one publish (its context travels in every message), or none."""
+        tracing = self.tracing
+        if tracing is None:
+            return NO_SPAN
+        return tracing.producing(destination.name, self.backend.kind, count, correlation_id)
 
     def _outgoing(
         self,
@@ -292,6 +311,7 @@ class Messaging:
         encoding: str,
         correlation_id: str | None = None,
         reply_to: str | None = None,
+        trace: Mapping[str, str] | None = None,
     ) -> list[tuple[str, str | None, list[Target], tuple[str, int] | None]]:
         """Each message checked and encoded: (id, key, one target per queue, idempotency marker)."""
         self._register(destination)
@@ -310,7 +330,7 @@ class Messaging:
         outgoing = []
         for message, key in messages:
             data = envelope(destination.name, message, encoding=encoding, properties=properties,
-                            correlation_id=correlation_id, reply_to=reply_to, key=key, ttl=ttl)
+                            correlation_id=correlation_id, reply_to=reply_to, key=key, ttl=ttl, trace=trace)
             message_id = str(uuid.uuid4())
             targets = [
                 Target(DramatiqMessage(queue_name=queue, actor_name=actor_name(queue), args=(data,), kwargs={},
@@ -331,6 +351,7 @@ class Messaging:
                                                    [(targets, dedupe) for _id, _key, targets, dedupe in outgoing])
         except (TypeError, ValueError) as exc:  # json.dumps of the Dramatiq message, done once
             raise EncodeError(f"cannot encode the message for {destination.name} as JSON: {exc}") from None
+        metrics.PUBLISHED.inc(destination.name, amount=sum(1 for fresh in published if fresh))
         ids: list[str | None] = []
         for (message_id, key, _targets, _dedupe), fresh in zip(outgoing, published, strict=True):
             if not fresh:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -60,9 +61,10 @@ class Destination:
                 return self.name[len(prefix):]
         return self.name
 
-    @property
+    @functools.cached_property
     def queue_name(self) -> str:
-        """The Dramatiq queue of a queue destination (cluster-prefixed: RabbitMQ may be shared)."""
+        """The Dramatiq queue of a queue destination (cluster-prefixed: RabbitMQ may be shared);
+        computed once (every publish asks)."""
         return f"{self.cluster}.q.{_slug(self.short)}"
 
     def subscription_queue(self, subscriber: str) -> str:

@@ -12,6 +12,7 @@ drops; the reaper then only removes the dead consumer's topic subscriptions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -28,18 +29,22 @@ import dramatiq
 import redis
 from dramatiq.middleware import Middleware, Retries
 
-from .. import lua
+from .. import events, lua
 from ..loops import Loop
+from ..metrics import definitions as metrics
 from ..records import hash_of, json_object, read_records
+from ..tracing import NO_SPAN
 from .backends import Backend, heartbeat_record
 from .codec import Message, decode
 from .destination import Destination, actor_name
 from .errors import MalformedMessage
+from .status import destination_queues
 from .undecodable import dead_letter_record, encoded, guard_consumers
 from .workqueue import ClosableWorkQueue
 
 if TYPE_CHECKING:
     from ..protocols import StateView
+    from ..tracing.spans import Tracing
 
 log = logging.getLogger("flask_immutant.messaging")
 
@@ -57,6 +62,9 @@ class Owner(Protocol):
     def known_topics(self) -> list[str]: ...
 
     def requeue_raw(self, raw: Any, *, delay: int | None = None) -> None: ...
+
+    @property
+    def tracing(self) -> Tracing | None: ...
 
 
 class Listener(Protocol):
@@ -124,7 +132,10 @@ class DeadLetters(Retries):
     def after_process_message(self, broker: Any, message: Any, *, result: Any = None, exception: Any = None) -> None:
         super().after_process_message(  # type: ignore[no-untyped-call]  # Dramatiq's hook is unannotated
             broker, message, result=result, exception=exception)
-        if exception is None or not message.failed:
+        if exception is None:
+            return
+        if not message.failed:
+            metrics.RETRIED.inc(_destination_of(message))
             return
         try:
             self.engine.bury(message, exception)
@@ -173,6 +184,7 @@ class Engine:
         self.interval = self.failure_timeout / BEATS_PER_TIMEOUT
         self.bindings: dict[str, Binding] = {}
         self.in_flight: defaultdict[str, int] = defaultdict(int)
+        self.handled: defaultdict[str, int] = defaultdict(int)  # since the last beat, for the console's history
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._loops: list[Loop] = []
@@ -329,14 +341,32 @@ class Engine:
             return
         _local.current = message
         self.in_flight[queue] += 1
+        started = time.perf_counter()
         try:
-            with self.app.app_context():
+            metrics.IN_FLIGHT.inc(message.destination)
+            with self.app.app_context(), self._processing(message, binding):
                 listener.handle(message)
+        except BaseException:
+            metrics.FAILED.inc(message.destination)
+            raise
+        else:
+            metrics.DELIVERED.inc(message.destination)
         finally:
-            self.in_flight[queue] -= 1
+            self.in_flight[queue] -= 1  # our own bookkeeping first: it never waits on a metric
+            self.handled[queue] += 1
             _local.current = None
+            metrics.HANDLER_SECONDS.observe(time.perf_counter() - started, message.destination)
+            metrics.IN_FLIGHT.dec(message.destination)
         if done_key:
             store.set(done_key, "1", px=int(self.settings["IMMUTANT_MESSAGING_DEDUPE_WINDOW"] * 1000))
+
+    def _processing(self, message: Message, binding: Binding | None) -> contextlib.AbstractContextManager[Any]:
+        """The span the handler runs in (child of the publisher's), or none."""
+        tracing = self.messaging.tracing
+        if tracing is None:
+            return NO_SPAN
+        subscription = binding.queue if binding is not None and binding.destination.kind == "topic" else None
+        return tracing.processing(message, self.backend.kind, subscription)
 
     def bury(self, raw: Any, exception: BaseException) -> None:
         """Move a failed message to the dead-letter store, with its reason."""
@@ -358,13 +388,23 @@ class Engine:
             "message": {"actor_name": raw.actor_name, "args": list(raw.args), "kwargs": raw.kwargs,
                         "message_id": raw.message_id, "message_timestamp": raw.message_timestamp},
         }
-        self.messaging.state.store.hset(self.keys.messaging_dead(queue), raw.message_id, heartbeat_record(**record))
+        pipe = self.messaging.state.store.pipeline()
+        pipe.hset(self.keys.messaging_dead(queue), raw.message_id, heartbeat_record(**record))
+        events.record(pipe, self.keys, "message.dead", queue=queue, destination=record["destination"],
+                      message_id=raw.message_id, reason=record["reason"], attempts=attempts)
+        pipe.execute()
+        metrics.DEAD_LETTERED.inc(record["destination"] or queue)
         log.warning("message %s on %s is dead: %s", raw.message_id, record["destination"], record["reason"])
 
     def bury_undeliverable(self, queue: str, message_id: str, reason: str, raw: Any, message: Any) -> None:
         """Dead-letter a message the consumer could not decode or has no actor for."""
         record = dead_letter_record(queue, message_id, reason, raw, message)
-        self.messaging.state.store.hset(self.keys.messaging_dead(queue), message_id, encoded(record))
+        pipe = self.messaging.state.store.pipeline()
+        pipe.hset(self.keys.messaging_dead(queue), message_id, encoded(record))
+        events.record(pipe, self.keys, "message.dead", queue=queue, destination=None, message_id=message_id,
+                      reason=record["reason"], attempts=record.get("attempts"))
+        pipe.execute()
+        metrics.DEAD_LETTERED.inc(str(record.get("destination") or queue))
         log.warning("message %s on %s is dead: %s", message_id, queue, record["reason"])
 
     # --- heartbeat and reaper ---
@@ -380,6 +420,19 @@ class Engine:
                   self.keys.messaging_beats],
             args=[self.consumer_id, record, int(self.failure_timeout * 1000)],
         )
+        self._count_handled()
+
+    def _count_handled(self) -> None:
+        """Add what was handled since the last beat to the cluster's per-queue counters."""
+        counts = {q: n for q, n in list(self.handled.items()) if n}
+        if not counts:
+            return
+        pipe = self.messaging.state.store.pipeline(transaction=False)
+        for queue, n in counts.items():
+            pipe.hincrby(self.keys.messaging_handled, queue, n)
+        pipe.execute()
+        for queue, n in counts.items():
+            self.handled[queue] -= n
 
     def _prefetched(self) -> dict[str, int]:
         """RabbitMQ: messages delivered to this process and not yet acknowledged, per queue."""
@@ -397,14 +450,28 @@ class Engine:
     def _reap(self) -> None:
         self.reap_once()
 
-    def reap_once(self) -> list[tuple[str, int]]:
+    def reap_once(self) -> list[tuple[str, int, dict[str, int]]]:
         """Give the unacknowledged messages of dead consumers back to their queues."""
         dead = self.backend.reap(self.failure_timeout)
-        for consumer_id, moved in dead:
+        for consumer_id, moved, per_queue in dead:
             log.warning("messaging: consumer %s is gone; %d unacknowledged message(s) requeued", consumer_id, moved)
+            for destination, count in self._destinations_of(per_queue).items():
+                metrics.REDELIVERED.inc(destination, amount=count)
         if dead:
-            self._drop_dead_subscriptions({consumer_id for consumer_id, _ in dead})
+            self._drop_dead_subscriptions({consumer_id for consumer_id, *_ in dead})
         return dead
+
+    def _destinations_of(self, per_queue: dict[str, int]) -> dict[str, int]:
+        """Counts per Dramatiq queue, summed per destination name (a queue this process does
+        not know keeps its own name)."""
+        names = {queue: binding.destination.name for queue, binding in list(self.bindings.items())}
+        if any(queue not in names for queue in per_queue):
+            store, keys = self.messaging.state.store, self.messaging.state.keys
+            names.update((queue, name) for name, queues in destination_queues(store, keys).items() for queue in queues)
+        summed: dict[str, int] = {}
+        for queue, count in per_queue.items():
+            summed[names.get(queue, queue)] = summed.get(names.get(queue, queue), 0) + count
+        return summed
 
     def _drop_dead_subscriptions(self, dead: set[str]) -> None:
         store = self.messaging.state.store
@@ -418,6 +485,13 @@ class Engine:
                         self.backend.delete_queue(self.broker, name)
                     except Exception as exc:
                         log.debug("could not delete subscription queue %s: %s", name, exc)
+
+
+def _destination_of(raw: Any) -> str:
+    """The destination a Dramatiq message was published to (its queue when it does not say)."""
+    envelope = raw.args[0] if raw.args else None
+    destination = envelope.get("destination") if isinstance(envelope, dict) else None
+    return destination if isinstance(destination, str) else str(raw.queue_name).removesuffix(".DQ")
 
 
 def _declare_actor_first(broker: Any, actor: Any) -> None:

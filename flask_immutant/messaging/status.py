@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..keys import Keys
-from ..records import check_types, hash_of, json_object, read_records, required, set_of
+from ..records import check_types, decoded, hash_of, json_object, read_records, required, set_of
 from .backends import Backend
 
 
@@ -48,6 +48,21 @@ def _subscription(name: str, raw: Any) -> dict[str, Any]:
     record = json_object(name, raw)
     check_types(record, {"durable": (str, type(None)), "owner": (str, type(None))})
     return record
+
+
+def destination_queues(store: Any, keys: Keys) -> dict[str, list[str]]:
+    """Destination name -> its Dramatiq queues (a queue's one, a topic's subscriptions), in two
+    round trips however many destinations there are."""
+    destinations = read_records(hash_of(store, keys.messaging_destinations, "destination"), "destination", _destination)
+    found = {name: [record["queue"]] for name, record in destinations.items() if record["kind"] == "queue"}
+    topics = sorted(name for name, record in destinations.items() if record["kind"] == "topic")
+    if topics:
+        pipe = store.pipeline(transaction=False)
+        for name in topics:
+            pipe.hkeys(keys.messaging_subscriptions(name))
+        for name, queues in zip(topics, pipe.execute(raise_on_error=False), strict=True):
+            found[name] = [] if isinstance(queues, Exception) else sorted(decoded(q) or "" for q in queues)
+    return found
 
 
 def queue_entries(backend: Backend, store: Any, keys: Keys) -> list[dict[str, Any]]:

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from ..metrics.http import FORWARDED_BY_UNTRUSTED, forwarded
+
 log = logging.getLogger("flask_immutant.server")
 
 #: The proxy headers the embedded balancer (and HAProxy's ``option forwardfor``) set; each one
@@ -85,7 +87,9 @@ def with_read_deadline(channel_class: type, read_timeout: float) -> type:
 def with_trusted_proxies(app: WSGIApp, proxies: Iterable[Network]) -> WSGIApp:
     """``app`` behind waitress's proxy-header middleware: the ``X-Forwarded-*`` headers of a
     request from one of ``proxies`` set the client's address, scheme and host (the last value,
-    the one that proxy added); from anyone else they are removed before the app sees them."""
+    the one that proxy added); from anyone else they are removed before the app sees them, and
+    the request is marked (:data:`~..metrics.http.FORWARDED_BY_UNTRUSTED`) so the metrics path
+    refuses it: a proxy on loopback that nobody listed must not lend its address to its clients."""
     from waitress.proxy_headers import proxy_headers_middleware
 
     trusted = tuple(proxies)
@@ -95,8 +99,11 @@ def with_trusted_proxies(app: WSGIApp, proxies: Iterable[Network]) -> WSGIApp:
     doubting = proxy_headers_middleware(app, trusted_proxy=None, clear_untrusted=True, logger=log)
 
     def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        handler = believing if _is_trusted(environ.get("REMOTE_ADDR", ""), trusted) else doubting
-        return handler(environ, start_response)
+        if _is_trusted(environ.get("REMOTE_ADDR", ""), trusted):
+            return believing(environ, start_response)
+        if forwarded(environ):  # noted before they are removed: the metrics path refuses such a request
+            environ[FORWARDED_BY_UNTRUSTED] = True
+        return doubting(environ, start_response)
 
     return wsgi
 

@@ -205,8 +205,8 @@ class Node:
         return self._listener
 
     def runtime_environ(self) -> dict[str, str]:
-        """Environment for an app runtime: the node's settings, its name and the store it uses."""
-        return {**self.settings.environ(), "IMMUTANT_NODE_NAME": self.identity.name,
+        """Environment for an app runtime: the node's settings it inherits, its name and its store."""
+        return {**self.settings.runtime_environ(), "IMMUTANT_NODE_NAME": self.identity.name,
                 "IMMUTANT_REDIS_URL": self.effective_url()}
 
     def bind_extra(self) -> socket.socket:

@@ -11,6 +11,7 @@ import click
 
 from ..cli import load_state, one_line_errors, setup_logging
 from ..hookspecs import hookimpl
+from ..logs import say
 from ..settings import unknown_environment
 
 
@@ -52,8 +53,8 @@ def run(ctx: click.Context, /, verbose: bool, **options: Any) -> None:
 
     target = AppTarget(import_path) if app is not None else None
     node = Node(state, target, offset_given=offset_given)
-    click.echo(node.banner())
-    setup_logging(verbose)
+    setup_logging(verbose, state.settings["IMMUTANT_LOG_FORMAT"], node=node.identity.name)
+    say(node.banner())
     for warning in unknown_environment(state.settings.rows):
         logging.getLogger("flask_immutant.node").warning("environment: %s", warning)
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -61,7 +62,7 @@ def run(ctx: click.Context, /, verbose: bool, **options: Any) -> None:
     try:
         node.start()
         assert node.membership is not None
-        click.echo(f"node {node.identity.name} joined cluster {state.keys.cluster}")
+        say(f"node {node.identity.name} joined cluster {state.keys.cluster}")
         node.run()
     finally:
         node.stop()

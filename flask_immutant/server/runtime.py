@@ -26,6 +26,7 @@ from typing import Any, NoReturn, cast
 from flask import Flask
 
 from ..extension import EXTENSION_KEY, ImmutantExtension, ImmutantState
+from ..logs import say, setup_logging
 from .environ import DeploymentEnviron
 
 log = logging.getLogger("flask_immutant.runtime")
@@ -226,7 +227,7 @@ def _watch_lifeline(fd: int) -> None:
             pass
     except OSError:
         pass
-    print("flask-immutant: the node supervisor is gone; app runtime exits", file=sys.stderr, flush=True)
+    say("flask-immutant: the node supervisor is gone; app runtime exits", log.name, err=True)
     os._exit(EXIT_ORPHANED)
 
 
@@ -239,11 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     threading.Thread(target=_watch_lifeline, args=(args.lifeline_fd,), name="immutant-lifeline", daemon=True).start()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
 
+    try:  # logging first, so that even a garbled deployment is reported in the node's log format
+        deployment_name = DeploymentEnviron.current().name
+    except ValueError:
+        deployment_name = None
+    setup_logging(runtime=True, deployment=deployment_name)
     try:
         deployment = DeploymentEnviron.current()
         app = load_app(args.app)
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         log.exception("app %s failed to start", args.app or "(found in the current folder)")
         reason = f"{type(exc).__name__}: {exc}"
-        print(f"flask-immutant: app failed to start: {reason}", file=sys.stderr, flush=True)
+        say(f"flask-immutant: app failed to start: {reason}", log.name, err=True)
         with contextlib.suppress(OSError):
             os.write(args.ready_fd, f"failed {reason}".replace("\n", " ").encode()[:4000] + b"\n")
         return EXIT_APP_FAILED

@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Any
 from ..caching.breaker import CircuitBreaker
 from ..caching.serialization import SAFE_SERIALIZERS
 from ..hookspecs import hookimpl
-from ..settings import Setting, to_bool
+from ..settings import Setting, int_range, to_bool
 
 if TYPE_CHECKING:
     from flask import Flask
 
+    from ..protocols import RuntimeView
     from ..state import ImmutantState
 
 #: The setting that turns this feature on; off, the plugin is unregistered.
@@ -35,6 +36,9 @@ def immutant_settings() -> list[Setting]:
                 "json.", "name"),
         Setting("IMMUTANT_SESSION_MERGE", False, to_bool, "Save only the session keys a request changed, so "
                 "concurrent requests changing different keys do not lose each other's changes.", "bool"),
+        Setting("IMMUTANT_SESSION_NEAR_ENTRIES", 10_000, int_range(0), "Sessions each process keeps near, "
+                "coherent through Redis client tracking, so a hot unchanged session costs no store round trip; "
+                "0 reads every session from the store.", "int"),
     ]
 
 
@@ -48,9 +52,21 @@ def immutant_init_app(app: Flask, state: ImmutantState) -> None:
         serializer=SAFE_SERIALIZERS[settings["IMMUTANT_SESSION_SERIALIZER"]],
         merge=settings["IMMUTANT_SESSION_MERGE"],
         breaker=CircuitBreaker("sessions", log),
+        near_entries=settings["IMMUTANT_SESSION_NEAR_ENTRIES"],
     )
     app.session_interface = interface
     state.put(SESSIONS, interface)
+
+
+@hookimpl(trylast=True)
+def immutant_runtime_stopping(runtime: RuntimeView) -> None:
+    if __package__ + ".sessions" not in sys.modules:  # then no app has sessions
+        return
+    from .sessions import SESSIONS
+
+    interface = runtime.state.get(SESSIONS)
+    if interface is not None:
+        interface.close()
 
 
 @hookimpl(trylast=True)
@@ -67,4 +83,5 @@ def immutant_status(state: ImmutantState) -> dict[str, Any]:
         "serializer": interface.serializer.name,
         "merge": interface.merge,
         "breaker": interface.breaker.state,
+        **(interface.near.describe() if interface.near is not None else {"near_hits": None}),
     }}

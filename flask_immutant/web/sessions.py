@@ -11,6 +11,9 @@ What changes from Flask-Session 0.8's ``RedisSessionInterface``:
 - **Lost updates (opt-in).** ``IMMUTANT_SESSION_MERGE = True`` writes only the fields a request
   changed or removed (``sessions_merge.lua``), so concurrent requests changing different keys
   both keep their change. Off, a changed session is replaced whole, last writer wins.
+- **No round trip for a hot session** (``IMMUTANT_SESSION_NEAR_ENTRIES``): an unchanged session
+  read recently in this process is served from a near copy kept coherent by Redis client
+  tracking, as the ``invalidated`` cache mode is (``near.py``, docs/sessions.md "Near cache").
 - **Store down.** A request that touches its session gets a 503 and the reason is logged; a
   request that does not, is served. A circuit breaker spares later requests the timeout; the
   first call after ``RESET_AFTER`` seconds tries again, so it recovers by itself.
@@ -33,8 +36,10 @@ from .. import lua
 from ..caching.breaker import CircuitBreaker
 from ..caching.serialization import Serializer
 from ..errors import ImmutantError
+from ..metrics import definitions as metrics
 from ..protocols import Slot
 from ..store.outage import STORE_ERRORS, is_outage
+from .near import SessionNearCache
 
 if TYPE_CHECKING:
     from ..state import ImmutantState
@@ -77,6 +82,7 @@ class ImmutantSession(ServerSideSession):  # type: ignore[misc]  # Flask-Session
 
 def _unavailable(name: str) -> Callable[..., Any]:
     def refuse(self: UnavailableSession, *args: Any, **kwargs: Any) -> Any:
+        metrics.SESSION_UNAVAILABLE.inc()
         raise SessionUnavailable(self.reason)
 
     refuse.__name__ = name
@@ -103,7 +109,7 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
     session_class = ImmutantSession
 
     def __init__(self, app: Flask, state: ImmutantState, *, serializer: Serializer, merge: bool,
-                 breaker: CircuitBreaker) -> None:
+                 breaker: CircuitBreaker, near_entries: int = 0) -> None:
         # RedisSessionInterface.__init__ wants a client now; the store is connected on first use.
         ServerSideSessionInterface.__init__(
             self, app, key_prefix="", use_signer=False,
@@ -116,6 +122,10 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
         self.merge = merge
         self.breaker = breaker
         self._merge_script: Any = None
+        self.near: SessionNearCache | None = None
+        if near_entries:
+            self.near = SessionNearCache(f"sessions-{self.app_name}", lambda: self.state.store,
+                                         state.keys.session(self.app_name, ""), near_entries)
 
     @property
     def client(self) -> redis.Redis:
@@ -144,6 +154,10 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
         if not sid or not SID_PATTERN.match(sid):
             return self._new_session()
         store_id = self._get_store_id(sid)
+        near = self.near
+        hit = None if near is None else near.lookup(store_id)
+        if hit is not None:
+            return self._load(sid, *hit)
 
         def read() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
@@ -152,7 +166,11 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
             return pipe.execute(raise_on_error=False)
 
         try:
-            fields, remaining = self._call(read)
+            if near is None:
+                fields, remaining = self._call(read)
+            else:
+                fields, remaining = near.fill(store_id, lambda: self._call(read))
+            metrics.SESSION_READS.inc()
             if isinstance(fields, redis.ResponseError):  # the key is not a hash: garbage, not a session
                 log.warning("session key %s is not a session (%s): starting a new session", store_id, fields)
                 fields = {}
@@ -161,6 +179,9 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
             log.info("session store unavailable (%s): %s %s gets a 503 if it uses its session",
                      exc.reason, request.method, request.path)
             return UnavailableSession(sid, exc.reason)
+        return self._load(sid, fields, remaining)
+
+    def _load(self, sid: str, fields: dict[Any, bytes], remaining: int) -> ImmutantSession:
         if not fields:
             return self._new_session()  # unknown or expired: never adopt a client-chosen id
         data: dict[str, Any] = {}
@@ -191,6 +212,12 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
 
     def _delete_session(self, store_id: str) -> None:
         self.client.delete(store_id)
+        self._forget(store_id)
+
+    def close(self) -> None:
+        """Stop the near cache's tracking thread (the runtime is stopping)."""
+        if self.near is not None:
+            self.near.close()
 
     # --- saving ---------------------------------------------------------------------------
 
@@ -207,6 +234,7 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
                 if session.loaded or session.modified:
                     if session.loaded:
                         self._call(lambda: self.client.delete(store_id))
+                        self._forget(store_id)
                     response.delete_cookie(name, domain=domain, path=path)
                     response.vary.add("Cookie")
                 return
@@ -221,8 +249,10 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
                     return
             elif self._needs_slide(app, session, lifetime_ms):
                 self._call(lambda: self.client.pexpire(store_id, lifetime_ms))
+                self._forget(store_id)
         except SessionUnavailable as exc:
             log.warning("session store unavailable (%s): %s not saved, answering 503", exc.reason, request_line())
+            metrics.SESSION_UNAVAILABLE.inc()
             _make_503(response, exc)
             return
         if wrote or self.should_set_cookie(app, session):
@@ -233,6 +263,10 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
             )
             response.vary.add("Cookie")
 
+    def _forget(self, store_id: str) -> None:
+        if self.near is not None:
+            self.near.forget(store_id)
+
     def _needs_slide(self, app: Flask, session: ImmutantSession, lifetime_ms: int) -> bool:
         if not session.loaded or not app.config.get("SESSION_REFRESH_EACH_REQUEST", True):
             return False
@@ -242,6 +276,13 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
     def _write(self, store_id: str, session: ImmutantSession, encoded: dict[str, bytes], changed: dict[str, bytes],
                removed: list[str], lifetime_ms: int) -> bool:
         """Store the session; False if merge mode found it ended meanwhile (the write is dropped)."""
+        try:
+            return self._store(store_id, session, encoded, changed, removed, lifetime_ms)
+        finally:
+            self._forget(store_id)
+
+    def _store(self, store_id: str, session: ImmutantSession, encoded: dict[str, bytes], changed: dict[str, bytes],
+               removed: list[str], lifetime_ms: int) -> bool:
         if self.merge:
             if self._merge_script is None:
                 self._merge_script = lua.script(self.client, "web/sessions_merge")
@@ -264,6 +305,7 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
 
             self._call(replace)
         session.loaded = encoded
+        metrics.SESSION_WRITES.inc()
         return True
 
     # --- security -------------------------------------------------------------------------
@@ -275,6 +317,7 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
         if session.loaded:
             old = self._get_store_id(session.sid)
             self._call(lambda: self.client.delete(old))
+            self._forget(old)
         session.sid = self._generate_sid(self.sid_length)
         session.loaded = {}
         session.remaining_ms = -1

@@ -1,4 +1,5 @@
-// flask-immutant console: polls api/status every second and renders it; buttons post to
+// flask-immutant console: polls api/status every second and renders it (the past minutes:
+// console_history.js); buttons post to
 // api/control with the session's CSRF token. Every URL is relative to the page, so the console
 // works wherever it is mounted. Data is only ever inserted as text, never as HTML.
 "use strict";
@@ -175,6 +176,7 @@ function start(token) {
   $("console").hidden = false;
   $("logout").hidden = false;
   poll();
+  pollHistory();  // console_history.js
 }
 
 async function post(url, body) {
