@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -459,7 +460,8 @@ class Messaging:
     # --- runtime ---
 
     def runtime_started(self, runtime: RuntimeView) -> None:
-        engine = Engine(self, runtime.app, self.state.node_name)
+        node = os.environ.get("IMMUTANT_NODE_NAME") or "local"
+        engine = Engine(self, runtime.app, node)
         for destination in list(self.destinations.values()):
             self._register(destination)
         engine.start()
