@@ -466,6 +466,49 @@ def test_a_dead_store_fails_open_behind_a_breaker_and_recovers(outage_app, priva
     assert breaker.state == "closed"
 
 
+def test_an_invalidated_cache_on_a_tcp_store_keeps_near_copies(clean_env, immutant_home, cluster_name,
+                                                                tcp_redis) -> None:
+    # Given a store reached over TCP, as a store on another host is: redis-py 8 gives a TCP pool
+    # RESP3 maintenance-notification settings that the RESP2 tracking connection must not copy
+    app = make_app(immutant_home, cluster_name, IMMUTANT_REDIS_URL=tcp_redis.url)
+    try:
+        # When an invalidated cache starts tracking and an entry is read twice
+        cache = open_cache(app, "tcp", mode="invalidated")
+        cache.set("k", {"v": 1})
+        # Then it is served from the near copy, and a write elsewhere is seen at once
+        wait_until(lambda: cache.get("k") == {"v": 1} and cache.describe()["near_hits"] >= 1, timeout=10,
+                   message="a near hit on the TCP store")
+        other = make_app(immutant_home, cluster_name, IMMUTANT_REDIS_URL=tcp_redis.url)
+        try:
+            caching.cache("tcp", mode="invalidated", app=other).set("k", {"v": 2})
+        finally:
+            registry_for(other).close()
+        assert cache.get("k") == {"v": 2}
+    finally:
+        registry_for(app).close()
+
+
+def test_the_tracking_connection_leaves_out_only_what_redis_py_adds_for_resp3(tcp_redis) -> None:
+    """Contract with redis-py: the settings a TCP pool passes its connections are accepted by a
+    RESP2 connection once the RESP3-only ones are left out, and nothing else is left out."""
+    from flask_immutant.caching.near import RESP3_ONLY_SETTINGS, tracking_connection
+    from flask_immutant.store import client_from_url
+
+    client = client_from_url(tcp_redis.url)
+    try:
+        connection = tracking_connection(client)
+        try:
+            connection.connect()
+            connection.send_command("PING")
+            assert connection.read_response() in (b"PONG", "PONG")
+            assert connection.protocol == 2
+        finally:
+            connection.disconnect()
+        assert set(client.connection_pool.connection_kwargs) - RESP3_ONLY_SETTINGS >= {"host", "port"}
+    finally:
+        client.close()
+
+
 # --- the plain GET/SET path (store/direct.py) ----------------------------------------------------
 
 

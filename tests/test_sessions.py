@@ -328,6 +328,23 @@ def test_a_hot_unchanged_session_is_read_with_no_store_round_trip(app, store_cli
     assert session_reads(store_client) == before
 
 
+def test_a_session_on_a_tcp_store_is_read_near_too(clean_env, immutant_home, cluster_name, tcp_redis) -> None:
+    # Given a store reached over TCP, as a store on another host is (redis-py 8 configures TCP
+    # pools with settings the session tracker's RESP2 connection must not copy)
+    app = make_app(immutant_home, cluster_name, IMMUTANT_REDIS_URL=tcp_redis.url)
+    client = app.test_client()
+    client.post("/login/alice")
+    # Then a hot session is read from the near cache
+    read_near(app, client, "alice")
+    # And a change by another client of the store is seen by the very next read
+    outside = redis.Redis.from_url(tcp_redis.url)
+    try:
+        outside.hset(session_key(app, client), "user", msgpack.packb("bob"))
+    finally:
+        outside.close()
+    assert client.get("/whoami").text == "bob"
+
+
 def test_a_change_by_anyone_else_is_never_read_stale_from_the_near_cache(app, store_client) -> None:
     # Given a session this process reads from its near cache
     client = app.test_client()
