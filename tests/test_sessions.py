@@ -147,6 +147,29 @@ def test_an_unknown_session_id_is_never_adopted(app) -> None:
     assert sid_of(client) != "attacker-chosen-id-0123456789"
 
 
+def test_threads_racing_for_the_first_store_client_share_one(app) -> None:
+    """The first request with a session cookie starts the near cache's tracking thread, and both
+    threads ask for the store client at once. On Python 3.12+ (cached_property lost its lock) each
+    made one; the loser's ``__del__`` closed its pool under the request reading on it, which
+    answered 500 (``'NoneType' object has no attribute 'readline'``)."""
+    state = get_state(app)
+    assert "store" not in vars(state)
+    barrier = threading.Barrier(8)
+    seen: list[redis.Redis] = []
+
+    def first_use() -> None:
+        barrier.wait(10)
+        seen.append(state.store)
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(seen) == 8 and all(client is seen[0] for client in seen)
+    assert seen[0].ping()
+
+
 # --- writes -----------------------------------------------------------------------------------
 
 
