@@ -21,7 +21,7 @@ import redis
 from flask_immutant.portable import PORTABLE_ENV
 from flask_immutant.store import EmbeddedStore
 
-from support import TRACKED_APPS, NodeProcess, free_port_base, stop_embedded_store
+from support import TRACKED_APPS, HoldingProxy, NodeProcess, free_port_base, stop_embedded_store
 
 PLUGINS_DIR = Path(__file__).parent / "plugins"
 
@@ -193,6 +193,28 @@ def _private_redis(tcp: bool) -> Iterator[PrivateRedis]:
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _holding_proxy(target: str | Path) -> Iterator[HoldingProxy]:
+    folder = Path(tempfile.mkdtemp(prefix="imp-"))
+    proxy = HoldingProxy(target, folder)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def holding_proxy(embedded_store: EmbeddedStore) -> Iterator[HoldingProxy]:
+    """A :class:`~support.HoldingProxy` in front of the shared embedded store."""
+    yield from _holding_proxy(embedded_store.socket)
+
+
+@pytest.fixture
+def private_proxy(private_redis: PrivateRedis) -> Iterator[HoldingProxy]:
+    """A :class:`~support.HoldingProxy` in front of this test's :class:`PrivateRedis`."""
+    yield from _holding_proxy(private_redis.socket)
 
 
 # --- tiers: markers from one rule, and services that skip locally but fail in CI ----------------

@@ -7,7 +7,7 @@ import logging
 import pickle
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from flask_immutant import ImmutantConfigError, ImmutantExtension, StoreUnavaila
 from flask_immutant.caching import ClusterCache
 from flask_immutant.caching.caches import registry_for
 
-from support import REFUSALS, store_refusing, track, wait_until
+from support import REFUSALS, HoldingProxy, store_refusing, track, wait_until
 
 MODES = ["distributed", "replicated", "invalidated", "local"]
 SHARED = ["distributed", "invalidated"]
@@ -560,3 +560,66 @@ def test_a_killed_pooled_connection_costs_a_retry_not_a_miss(app: Flask, embedde
     cache.set("b", 2)
     assert cache.get("b") == 2
     assert cache.breaker.state == "closed"  # type: ignore[attr-defined]
+
+
+# --- the store client fails on its side --------------------------------------------------------
+
+
+def torn_down_under(cache: ClusterCache, proxy: HoldingProxy, marker: bytes, call: Callable[[], Any]) -> Any:
+    """``call()`` on a thread of its own; while it waits for the reply to its command containing
+    ``marker``, another thread disconnects every connection of the cache's client (the pinned one
+    of the plain GET/SET path included), so redis-py's parser fails with no redis error."""
+    held = proxy.hold(marker)
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:  # the bug: the caller got an exception instead of a miss
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert held.wait(10), f"no request with {marker!r} reached the store"
+        cache.client.connection_pool.disconnect()  # type: ignore[attr-defined]
+    finally:
+        proxy.release()
+        thread.join(30)
+    assert outcome, "the call did not finish"
+    return outcome[0]
+
+
+@pytest.fixture
+def proxied_app(clean_env, immutant_home, embedded_store, cluster_name, holding_proxy) -> Iterator[Flask]:
+    app = make_app(immutant_home, cluster_name, IMMUTANT_REDIS_URL=holding_proxy.url)
+    try:
+        yield app
+    finally:
+        registry_for(app).close()
+
+
+# the plain GET on the pinned connection; the near cache's fill, a GET+PTTL pipeline
+@pytest.mark.parametrize(("mode", "marker"), [("distributed", b"GET"), ("invalidated", b"PTTL")])
+def test_a_connection_torn_down_under_a_read_is_a_miss_not_an_error(proxied_app, holding_proxy, caplog, mode,
+                                                                    marker) -> None:
+    cache = open_cache(proxied_app, f"torn-{mode}", mode=mode)
+    assert cache.set("k", "v")
+    # When the read's connection is torn down by another thread while it waits for the reply
+    with caplog.at_level(logging.WARNING, "flask_immutant.caching"):
+        outcome = torn_down_under(cache, holding_proxy, marker, lambda: cache.get("k"))
+    # Then the read misses, as when the store is down, and the cause is logged once with its traceback
+    assert outcome is None
+    faults = [r for r in caplog.records if "the store client failed" in r.getMessage()]
+    assert len(faults) == 1 and faults[0].exc_info is not None
+    # And the next read is served from the store, with the breaker never opened
+    assert cache.get("k") == "v" and cache.set("k", "w") and cache.get("k") == "w"
+    assert cache.breaker.state == "closed"  # type: ignore[attr-defined]
+
+
+def test_a_connection_torn_down_under_an_atomic_call_says_nothing_was_coordinated(proxied_app,
+                                                                                 holding_proxy) -> None:
+    cache = open_cache(proxied_app, "torn-atomic", mode="distributed")
+    outcome = torn_down_under(cache, holding_proxy, b"EVALSHA", lambda: cache.put_if_absent("k", 1))
+    assert isinstance(outcome, StoreUnavailableError), outcome
+    assert "inside the store client" in str(outcome)
