@@ -12,18 +12,17 @@ import functools
 import inspect
 import json
 import os
-import threading
 import weakref
 from collections.abc import Callable, Mapping
-from functools import cached_property
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pluggy
 
 from . import plugins
 from .errors import ImmutantConfigError, NoAppError
 from .keys import Keys
+from .once import computed_once
 from .protocols import Slot
 from .settings import CORE_SETTINGS, Settings, import_paths, resolve, table
 
@@ -37,38 +36,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 EXTENSION_KEY = "immutant"
-
-
-class computed_once(Generic[T]):  # a decorator, lower case like cached_property
-    """``functools.cached_property`` whose value is computed once per instance even when threads
-    race for it (Python 3.12 dropped cached_property's lock). For the store client: a second
-    client made by a racing thread replaced the first, whose ``__del__`` closed its pool, tearing
-    down connections the first thread was reading on. Kept in the instance's ``__dict__`` like
-    cached_property, so setting ``__dict__[name]`` first still wins."""
-
-    def __init__(self, func: Callable[[Any], T]) -> None:
-        self.func = func
-        self.name = func.__name__
-        self.__doc__ = func.__doc__
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    @overload
-    def __get__(self, instance: None, owner: type | None = None) -> computed_once[T]: ...
-    @overload
-    def __get__(self, instance: object, owner: type | None = None) -> T: ...
-
-    def __get__(self, instance: object | None, owner: type | None = None) -> computed_once[T] | T:
-        if instance is None:
-            return self
-        cache = instance.__dict__
-        lock = cache.setdefault(f"_{self.name}_lock", threading.Lock())  # setdefault is atomic
-        with lock:  # one thread computes; the others wait for its value
-            if self.name in cache:
-                return cast("T", cache[self.name])
-            value = cache[self.name] = self.func(instance)
-            return value
 
 
 class ImmutantState:
@@ -119,7 +86,7 @@ class ImmutantState:
 
         return client_from_url(store_url(self.settings, start=True))
 
-    @cached_property
+    @computed_once
     def node_name(self) -> str:
         """This process's node name (set by the node for its app runtimes, else the default)."""
         from .cluster.identity import node_name
