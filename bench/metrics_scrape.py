@@ -5,7 +5,7 @@ A benchmark, not a test: it prints figures and asserts nothing. It starts one re
 whose app listens on 50 queues, publishes a few messages to each (so every per-destination
 series exists, and each queue has a depth to read), then GETs ``/-/immutant/metrics`` over one
 keep-alive connection as Prometheus does, ``--scrapes`` times ``--interval`` seconds apart (0.1 s:
-far more often than Prometheus's 15 s default), and reports p50/p99/max.
+far more often than Prometheus's 15 s default), and reports p50/p95/p99/max.
 
 The peer, measured in the same run on the same node and connection: a GET of a trivial route of
 the same app (the HTTP floor: waitress, Flask and the runtime's WSGI layers). The target is a
