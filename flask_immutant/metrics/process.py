@@ -20,6 +20,7 @@ is still the process that wrote the files is decided by the start time it record
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import threading
@@ -40,6 +41,7 @@ _PID_FILE = re.compile(r"^(counter|histogram|gauge_live\w*?)_(\d+)\.db$")
 #: What a process records about itself on :func:`enable`: its start time (:func:`started`).
 _STARTED = "started_{}"
 
+log = logging.getLogger("flask_immutant.metrics")
 _lock = threading.Lock()
 _render_lock = threading.Lock()
 #: The mode the definitions are bound in: None (off), "memory" or the multi-process folder.
@@ -116,20 +118,48 @@ def render(extra: Iterable[Any] = ()) -> tuple[bytes, str]:
 
     folder = os.environ.get(MULTIPROC_ENV)
     if folder:
-        from prometheus_client.multiprocess import MultiProcessCollector
-
         with _locked(Path(folder)):
             forget_dead_processes(Path(folder))
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=folder)
-            output = generate_latest(registry)
+            output = _render_folder(folder)
     else:
         output = generate_latest(_registry if _registry is not None else CollectorRegistry())
     for collector in extra:
+        cached = getattr(collector, "exposition", None)
+        if cached is not None:  # a collector that renders its own reading once (.cluster)
+            output += cached()
+            continue
         scraped = CollectorRegistry(auto_describe=False)
         scraped.register(collector)
         output += generate_latest(scraped)
     return output, CONTENT_TYPE_LATEST
+
+
+#: Per folder: its :class:`.folder.FolderRender`, kept across scrapes, or None once the folder
+#: held a file it does not handle (a summary, a ``mostrecent`` gauge an app recorded itself).
+_folder_renders: dict[str, Any] = {}
+
+
+def _render_folder(folder: str) -> bytes:
+    """The folder's text by :class:`.folder.FolderRender`, or by prometheus_client's collector
+    for a folder holding a file the former does not handle. Caller holds the folder lock."""
+    from .folder import FolderRender, Unsupported
+
+    if folder not in _folder_renders:
+        _folder_renders[folder] = FolderRender()
+    fast = _folder_renders[folder]
+    if fast is not None:
+        try:
+            return bytes(fast.render(folder))
+        except Unsupported as exc:
+            log.info("metrics: %s holds a file of a kind only prometheus_client renders (%s); it renders "
+                     "every scrape from now on", folder, exc)
+            _folder_renders[folder] = None
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=folder)
+    return generate_latest(registry)
 
 
 def forget_dead_processes(folder: Path) -> list[int]:
