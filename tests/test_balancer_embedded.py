@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,3 +171,113 @@ def test_the_console_is_mounted_when_it_exists(backends, publish, balancer):
         return
     assert backends["x"].hits == 1  # only the readiness request reached the backend
     assert response.status_code < 500
+
+
+class RawNode:
+    """A node written on raw sockets, to answer in ways http.server does not: chunked bodies,
+    bodies ended by closing, and kept-alive connections it closes when the next request comes.
+    It counts the connections it accepted and records every request head it read."""
+
+    def __init__(self, close_second: bool = False) -> None:
+        self.close_second = close_second
+        self.connections = 0
+        self.heads: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        buffered = b""
+        answered = 0
+        with connection:
+            while True:
+                while b"\r\n\r\n" not in buffered:
+                    data = connection.recv(65536)
+                    if not data:
+                        return
+                    buffered += data
+                head, _, buffered = buffered.partition(b"\r\n\r\n")
+                if self.close_second and answered:
+                    return  # a kept-alive connection closed just as a request came (an idle timeout's race)
+                self.heads.append(head)
+                target = head.split(b" ")[1]
+                if target == b"/chunked":
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Node: raw\r\n\r\n"
+                                       b"5;ext=1\r\nhello\r\n")
+                    connection.sendall(b"1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n")
+                elif target == b"/until-close":
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil ")
+                    connection.sendall(b"closed")
+                    return
+                else:
+                    body = b'{"node": "raw"}'
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                answered += 1
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def raw_node() -> Iterator[RawNode]:
+    node = RawNode()
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+def test_answers_are_relayed_whole_over_kept_alive_connections(raw_node, publish, balancer):
+    # Given a node that chunks one answer and ends another by closing the connection
+    publish("raw", raw_node.port)
+    wait_until(lambda: requests.get(f"{balancer}/", timeout=5).status_code == 200, timeout=5)
+    # When a client asks for the chunked one several times, one request after another
+    for _ in range(5):
+        response = requests.get(f"{balancer}/chunked", timeout=5)
+        # Then each arrives whole, de-chunked and chunked again, with the node's headers
+        assert response.status_code == 200 and response.content == b"hello world"
+        assert response.headers["X-Node"] == "raw"
+    # And the balancer sent them all on the connection it had kept alive from the first request
+    assert raw_node.connections == 1
+    # And an answer the node ends by closing arrives whole, and the next request opens a new connection
+    assert requests.get(f"{balancer}/until-close", timeout=5).content == b"until closed"
+    assert requests.get(f"{balancer}/", timeout=5).json() == {"node": "raw"}
+    assert raw_node.connections == 2
+    # And HEAD gets the head only
+    assert requests.head(f"{balancer}/", timeout=5).status_code == 200
+    # And the node saw the client's headers, less hop-by-hop ones, with the balancer's X-Forwarded-* last
+    response = requests.get(f"{balancer}/", headers={"X-Custom": "a", "Connection": "keep-alive, X-Custom",
+                                                     "X-Forwarded-For": "10.0.0.1"}, timeout=5)
+    assert response.status_code == 200
+    lines = raw_node.heads[-1].split(b"\r\n")
+    assert lines[0] == b"GET / HTTP/1.1"
+    names = [line.split(b":", 1)[0].lower() for line in lines[1:]]
+    assert b"connection" not in names and b"x-custom" in names
+    assert names[-3:] == [b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"]
+    assert b"X-Forwarded-For: 10.0.0.1, 127.0.0.1" in lines
+
+
+def test_a_kept_alive_connection_the_node_closed_is_retried_only_for_idempotent_requests(publish, balancer):
+    # Given a node that closes a kept-alive connection when the next request comes on it
+    node = RawNode(close_second=True)
+    try:
+        publish("raw", node.port)
+        wait_until(lambda: requests.get(f"{balancer}/", timeout=5).status_code == 200, timeout=5)
+        # When a GET comes on that connection: it is sent again, on a new one
+        for _ in range(3):
+            assert requests.get(f"{balancer}/", timeout=5).json() == {"node": "raw"}
+        # When a POST comes on it: the node may have started on it, so it is not sent again
+        response = requests.post(f"{balancer}/", data=b"once", timeout=5)
+        assert response.status_code == 502 and "closed the connection" in response.text
+    finally:
+        node.close()
