@@ -46,11 +46,6 @@ QUARANTINE = 1.0
 #: Where the console is mounted.
 CONSOLE_PREFIX = "/_immutant/"
 
-#: Headers of one connection, never forwarded (RFC 9110 7.6.1), plus Expect (answered here).
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                        "trailer", "trailers", "transfer-encoding", "upgrade", "expect", "proxy-connection"})
-
-
 class _Body:
     """A request body streamed to a backend, remembering whether any of it was read: a body
     partly sent cannot be sent again to another backend. It must arrive by ``deadline``
@@ -132,7 +127,9 @@ class EmbeddedBalancer:
     # --- the aiohttp application -------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application(handler_args={"max_field_size": 65536}, middlewares=[_paths_only])
+        # The path-only rule is checked first thing in each handler here, and by a middleware in
+        # the console's sub-application: a middleware on every forwarded request costs two calls.
+        app = web.Application(handler_args={"max_field_size": 65536})
         if self.console:
             self._mount_console(app)
         app.router.add_route("*", METRICS_PATH, self.metrics)  # never forwarded: a node would trust our address
@@ -146,7 +143,9 @@ class EmbeddedBalancer:
         except ImportError as exc:
             log.debug("no console to mount at %s (%s)", CONSOLE_PREFIX, exc)
             return
-        app.add_subapp(CONSOLE_PREFIX, make_console_app(self.state))
+        console = make_console_app(self.state)
+        console.middlewares.insert(0, _paths_only)
+        app.add_subapp(CONSOLE_PREFIX, console)
 
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         # Reuse a pooled connection only well within the nodes' idle timeout, so they never close it first.
@@ -166,6 +165,8 @@ class EmbeddedBalancer:
         pool = self._pool
         assert pool is not None
         raw_path = request.raw_path
+        if not raw_path.startswith("/"):
+            return _not_a_path()
         if reserved(raw_path):  # however spelt: a node would take our address for the client's
             return _error(404, "flask-immutant's own paths (/-/immutant/) are not forwarded")
         cookie = request.headers.get("Cookie")
@@ -246,6 +247,8 @@ class EmbeddedBalancer:
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         """This balancer's own metrics (``IMMUTANT_METRICS``), for loopback and ``IMMUTANT_METRICS_ALLOW``."""
+        if not request.raw_path.startswith("/"):
+            return _not_a_path()
         if not self.state.settings["IMMUTANT_METRICS"]:
             return _error(404, "metrics are off on this balancer (IMMUTANT_METRICS)")
         if any(forwarding(name) for name in request.headers):  # a proxy in front: its address is not the client's
@@ -257,6 +260,8 @@ class EmbeddedBalancer:
 
     def _decide(self, path: str, route: str | None, tried: set[str]) -> routing.Decision:
         table = self.table
+        if not self._refused:
+            return routing.decide(table, path, route, tried)
         now = time.monotonic()
         refused = {address for address, until in self._refused.items() if until > now}
         if not refused:
@@ -276,8 +281,7 @@ class EmbeddedBalancer:
         length = connection.content_length
         small = (length is not None and length <= CHUNK and request.method != "HEAD"
                  and connection.status not in (204, 304))
-        headers = [(name, value) for name, value in connection.headers
-                   if name.lower() not in HOP_BY_HOP and not (small and name.lower() == "content-length")]
+        headers = connection.headers  # less hop-by-hop ones; a small body's length is the one read
         if decision.set_route:
             headers.append(("Set-Cookie", _route_cookie(decision.set_route)))
         if small:
@@ -363,8 +367,12 @@ async def _paths_only(request: web.Request,
     """Refuse a request target that is not a path (absolute-form ``http://host/...``): this is a
     reverse proxy, never a forward one, and the target would otherwise be spliced into a URL."""
     if not request.raw_path.startswith("/"):
-        return _error(400, "the request target must be a path, such as /index.html")
+        return _not_a_path()
     return await handler(request)
+
+
+def _not_a_path() -> web.Response:
+    return _error(400, "the request target must be a path, such as /index.html")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -31,6 +31,10 @@ HIGH_WATER = 256 * 1024
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
                         b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"expect", b"proxy-connection"})
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"})
+#: Response headers never relayed to the client (the same names, as the response head is read).
+RESPONSE_HOP_BY_HOP = frozenset(name.decode() for name in HOP_BY_HOP)
+#: Response headers that say how the body is framed or whether the connection stays open.
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 
 
 class UpstreamError(Exception):
@@ -101,6 +105,7 @@ class Connection(asyncio.Protocol):
         # The response in progress.
         self.status = 0
         self.reason = ""
+        #: The response's headers, less hop-by-hop ones.
         self.headers: list[tuple[str, str]] = []
         self.content_length: int | None = None
         self._head = bytearray()
@@ -190,44 +195,50 @@ class Connection(asyncio.Protocol):
     # --- the response -------------------------------------------------------------------------
 
     def _parse_head(self, head: bytes) -> bool:
-        lines = head.split(b"\r\n")
-        version, _, rest = lines[0].partition(b" ")
-        code, _, reason = rest.partition(b" ")
-        if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
+        """Read a response head into :attr:`status`, :attr:`reason` and :attr:`headers` (less
+        hop-by-hop ones) and choose how its body is framed; True for a 1xx to skip. Decoded once,
+        as UTF-8 with surrogate escapes (what aiohttp's own parser does, so nothing changes)."""
+        lines = head.decode("utf-8", "surrogateescape").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        code, _, reason = rest.partition(" ")
+        if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
             raise ValueError(repr(lines[0][:100]))
         status = int(code)
         if 100 <= status < 200 and status != 101:
             return True
         headers: list[tuple[str, str]] = []
-        lengths: set[bytes] = set()
+        lengths: set[str] = set()
         chunked = False
         coded = False
-        keep_alive = version == b"HTTP/1.1"
+        keep_alive = version == "HTTP/1.1"
         for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name[-1:] in b" \t" or name[:1] in b" \t":
+            name, colon, value = line.partition(":")
+            if not colon or not name or name[-1] in " \t" or name[0] in " \t":
                 raise ValueError(f"header line {line[:100]!r}")
-            value = value.strip(b" \t")
+            value = value.strip(" \t")
             lowered = name.lower()
-            if lowered == b"content-length":
-                lengths.add(value)
-            elif lowered == b"transfer-encoding":
-                coded = True
-                chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
-            elif lowered == b"connection":
-                tokens = {token.strip() for token in value.lower().split(b",")}
-                keep_alive = b"keep-alive" in tokens if version == b"HTTP/1.0" else b"close" not in tokens
-            headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+            if lowered in _FRAMING:
+                if lowered == "content-length":
+                    lengths.add(value)
+                elif lowered == "transfer-encoding":
+                    coded = True
+                    chunked = value.lower().rsplit(",", 1)[-1].strip() == "chunked"
+                else:  # connection
+                    tokens = {token.strip() for token in value.lower().split(",")}
+                    keep_alive = "keep-alive" in tokens if version == "HTTP/1.0" else "close" not in tokens
+            if lowered not in RESPONSE_HOP_BY_HOP:
+                headers.append((name, value))
         self.status = status
-        self.reason = reason.decode("latin-1")
+        self.reason = reason
         self.headers = headers
         self._keep_alive = keep_alive
         if not self._expect_body or status in (204, 304) or status == 101:
             self._framing = "none"
         elif coded:
             self._framing = "chunked" if chunked else "close"
+            self.headers = [(n, v) for n, v in headers if n.lower() != "content-length"]
         elif lengths:
-            if len(lengths) > 1 or not all(length.isdigit() for length in lengths):
+            if len(lengths) > 1 or not all(length.isdigit() and length.isascii() for length in lengths):
                 raise ValueError(f"Content-Length {sorted(lengths)!r}")
             self.content_length = self._remaining = int(lengths.pop())
             self._framing = "length"
@@ -235,8 +246,6 @@ class Connection(asyncio.Protocol):
                 self._finish()
         else:
             self._framing = "close"
-        if coded:
-            self.headers = [(n, v) for n, v in headers if n.lower() != "content-length"]
         return False
 
     def _body(self, data: bytes) -> None:
