@@ -427,6 +427,11 @@ class Connection(asyncio.Protocol):
         self._framing = ""
         self._chunk_state = "size"
         self._raw = bytearray()
+        self._chunks.clear()  # what a client that left did not read of the last answer
+        self._buffered = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
         self._done = False
         self._error = None
         self._sender = None
