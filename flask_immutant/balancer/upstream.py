@@ -395,17 +395,16 @@ class Connection(asyncio.Protocol):
         return b"".join(parts)
 
     async def read_chunk(self) -> bytes:
-        """The body bytes that arrived since the last call (waiting for some); b"" at its end."""
+        """The next piece of the body as it arrived (waiting for one); b"" at its end."""
         while not self._chunks:
             if self._done:
                 return b""
             if self._error is not None:
                 raise self._error
             await self._wait()
-        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
-        if self._paused and self.transport is not None:
+        data = self._chunks.popleft()  # as it was read (uvloop reads up to 256 KiB): no copy to join
+        self._buffered -= len(data)
+        if self._paused and self._buffered < HIGH_WATER // 2 and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
         return data
