@@ -4,8 +4,10 @@ A general HTTP client (aiohttp's ``ClientSession``) builds a URL, a header multi
 request object per request, then parses and decodes the response into more of them: that was
 about half of the balancer's CPU per request (bench/README.md, issue 14). A proxy needs much less.
 The request head is written as bytes built from the client's raw header lines (only hop-by-hop
-headers and ``X-Forwarded-*`` are touched), the response head is parsed once into (name, value)
-pairs, and the body is handed on as the bytes that arrived, de-chunked when the node chunked it.
+headers and ``X-Forwarded-*`` are touched). The response is read by ``httptools`` (llhttp, Node's
+parser, strict): how a body is framed is where a proxy gets desynchronised, so that is left to a
+maintained parser, and an answer it refuses is a :class:`BadResponse` on a connection then
+closed. Its head becomes (name, value) pairs, its body the pieces llhttp hands on, de-chunked.
 
 Each connection is an :class:`asyncio.Protocol`: no stream objects, no task per request, one
 timer per wait for the node. Idle connections are kept per node address, newest first, and
@@ -22,6 +24,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import cast
 
+import httptools
+
 #: Largest response head (status line and headers) accepted from a node.
 MAX_HEAD = 128 * 1024
 #: Response body bytes buffered from a node before it is asked to wait (the client reads slowly).
@@ -33,8 +37,9 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"p
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"})
 #: Response headers never relayed to the client (the same names, as the response head is read).
 RESPONSE_HOP_BY_HOP = frozenset(name.decode() for name in HOP_BY_HOP)
-#: Response headers that say how the body is framed or whether the connection stays open.
-_FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
+#: The status line's fixed part (``HTTP/1.1 200 ``, CRLF) and a header line's (``: ``, CRLF),
+#: counted towards :data:`MAX_HEAD` with what llhttp hands on.
+_STATUS_LINE, _HEADER_LINE = 15, 4
 
 
 class UpstreamError(Exception):
@@ -92,8 +97,14 @@ def request_head(method: str, raw_path: str, raw_headers: tuple[tuple[bytes, byt
     return b"".join(lines)
 
 
+class _Stop(Exception):
+    """Raised in a parser callback to stop llhttp: the state it leaves says why."""
+
+
 class Connection(asyncio.Protocol):
-    """One keep-alive connection to a node, carrying one request at a time."""
+    """One keep-alive connection to a node, carrying one request at a time. It is the protocol
+    of its own ``httptools.HttpResponseParser`` (the ``on_*`` methods), which lives as long as
+    the connection: llhttp reads one answer after another on it, 1xx ones included."""
 
     def __init__(self, pool: Pool, address: str) -> None:
         self.pool = pool
@@ -102,18 +113,19 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         self.reusable = False
+        self._parser = httptools.HttpResponseParser(self)
         # The response in progress.
         self.status = 0
         self.reason = ""
         #: The response's headers, less hop-by-hop ones.
         self.headers: list[tuple[str, str]] = []
         self.content_length: int | None = None
-        self._head = bytearray()
+        self._reason = b""
+        self._length: bytes | None = None  # the Content-Length header (llhttp allows one only)
+        self._chunked = False  # Transfer-Encoding ends with chunked
+        self._fed = 0  # bytes given to the parser before the final head was complete
+        self._head_size = 0  # the head's size as llhttp hands it on (status line and headers)
         self._head_done = False
-        self._framing = ""  # "none", "length", "chunked", "close"
-        self._remaining = 0  # length: bytes left; chunked: bytes left of this chunk
-        self._chunk_state = "size"  # chunked: "size", "data", "crlf", "trailers"
-        self._raw = bytearray()  # chunked: bytes not yet decoded
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._done = False
@@ -135,13 +147,15 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
         self.pool._forget(self)
-        if self._head_done and self._framing == "close" and not self._done:
-            self._done = True  # the body ends where the connection does
-        elif not self._done and self._error is None and not self._head_done:
-            self._error = (Disconnected if not self._head else BadResponse)(
-                f"the connection closed {'before an answer' if not self._head else 'in the response head'}"
+        if self._done or self._error is not None:
+            pass
+        elif self._head_done and self._length is None and not self._chunked:
+            self._done = True  # no length and not chunked: the body ends where the connection does
+        elif not self._head_done:
+            self._error = (Disconnected if not self._fed else BadResponse)(
+                f"the connection closed {'before an answer' if not self._fed else 'in the response head'}"
                 + (f": {exc}" if exc else ""))
-        elif not self._done and self._error is None and self._head_done:
+        else:
             self._error = BadResponse("the connection closed in the response body" + (f": {exc}" if exc else ""))
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(Disconnected("the connection closed while the request was sent"))
@@ -160,166 +174,108 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._done or self._error is not None:
-            self.reusable = False  # bytes nobody asked for: never reuse this connection
-            self._keep_alive = False
-            if self.transport is not None:
-                self.transport.close()
+            self._drop()  # bytes nobody asked for: never reuse this connection
             return
         if not self._head_done:
-            self._head += data
-            end = self._head.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._head) > MAX_HEAD:
-                    self._fail(BadResponse(f"the response head is larger than {MAX_HEAD} bytes"))
+            self._fed += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._drop()  # a 101 (nothing asks for one): its answer is complete, what follows is not HTTP
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, _Stop):  # a bug in a callback: not the node's fault
+                self._fail(BadResponse(f"reading the response failed: {exc.__context__!r}"))
                 return
-            head, rest = bytes(self._head[:end]), bytes(self._head[end + 4:])
-            try:
-                interim = self._parse_head(head)
-            except ValueError as exc:
-                self._fail(BadResponse(f"malformed response head: {exc}"))
+            if self._error is not None:
+                self._fail(self._error)
                 return
-            if interim:  # 1xx before the answer: drop it, keep reading
-                self._head = bytearray()
-                if rest:
-                    self.data_received(rest)
-                return
-            self._head_done = True
-            if self._framing == "none":
-                self._finish()
-            if rest:
-                self._body(rest)
-            self._wake()
+            self._drop()  # the answer is complete (HEAD, or bytes after it): the rest is not read
+        except httptools.HttpParserError as exc:
+            self._fail(BadResponse(f"malformed response: {exc}"))
             return
-        self._body(data)
-
-    # --- the response -------------------------------------------------------------------------
-
-    def _parse_head(self, head: bytes) -> bool:
-        """Read a response head into :attr:`status`, :attr:`reason` and :attr:`headers` (less
-        hop-by-hop ones) and choose how its body is framed; True for a 1xx to skip. Decoded once,
-        as UTF-8 with surrogate escapes (what aiohttp's own parser does, so nothing changes)."""
-        lines = head.decode("utf-8", "surrogateescape").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        code, _, reason = rest.partition(" ")
-        if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
-            raise ValueError(repr(lines[0][:100]))
-        status = int(code)
-        if 100 <= status < 200 and status != 101:
-            return True
-        headers: list[tuple[str, str]] = []
-        lengths: set[str] = set()
-        chunked = False
-        coded = False
-        keep_alive = version == "HTTP/1.1"
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if not colon or not name or name[-1] in " \t" or name[0] in " \t":
-                raise ValueError(f"header line {line[:100]!r}")
-            value = value.strip(" \t")
-            lowered = name.lower()
-            if lowered in _FRAMING:
-                if lowered == "content-length":
-                    lengths.add(value)
-                elif lowered == "transfer-encoding":
-                    coded = True
-                    chunked = value.lower().rsplit(",", 1)[-1].strip() == "chunked"
-                else:  # connection
-                    tokens = {token.strip() for token in value.lower().split(",")}
-                    keep_alive = "keep-alive" in tokens if version == "HTTP/1.0" else "close" not in tokens
-            if lowered not in RESPONSE_HOP_BY_HOP:
-                headers.append((name, value))
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self._keep_alive = keep_alive
-        if not self._expect_body or status in (204, 304) or status == 101:
-            self._framing = "none"
-        elif coded:
-            self._framing = "chunked" if chunked else "close"
-            self.headers = [(n, v) for n, v in headers if n.lower() != "content-length"]
-        elif lengths:
-            if len(lengths) > 1 or not all(length.isdigit() and length.isascii() for length in lengths):
-                raise ValueError(f"Content-Length {sorted(lengths)!r}")
-            self.content_length = self._remaining = int(lengths.pop())
-            self._framing = "length"
-            if self._remaining == 0:
-                self._finish()
-        else:
-            self._framing = "close"
-        return False
-
-    def _body(self, data: bytes) -> None:
-        framing = self._framing
-        if framing == "length":
-            if len(data) > self._remaining:
-                self.reusable = self._keep_alive = False  # more than the length said: drop the excess
-                data = data[:self._remaining]
-            self._remaining -= len(data)
-            self._push(data)
-            if self._remaining == 0:
-                self._finish()
-        elif framing == "chunked":
-            self._raw += data
-            try:
-                self._dechunk()
-            except ValueError as exc:
-                self._fail(BadResponse(f"malformed chunked body: {exc}"))
-                return
-        elif framing == "close":
-            self._push(data)
-        else:
-            self.reusable = self._keep_alive = False
+        if not self._head_done:
+            if self._fed > MAX_HEAD:
+                self._fail(BadResponse(f"the response head is larger than {MAX_HEAD} bytes"))
+            return  # no wake: a node dribbling its head must not restart the read timeout
         if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
         self._wake()
 
-    def _dechunk(self) -> None:
-        raw = self._raw
-        position = 0
-        while not self._done:
-            state = self._chunk_state
-            if state == "data":
-                take = min(self._remaining, len(raw) - position)
-                if take:
-                    self._push(bytes(raw[position:position + take]))
-                    position += take
-                    self._remaining -= take
-                if self._remaining:
-                    break
-                self._chunk_state = "crlf"
-                continue
-            end = raw.find(b"\r\n", position)
-            if end < 0:
-                if len(raw) - position > 8192:
-                    raise ValueError("a chunk size or trailer line longer than 8192 bytes")
-                break
-            line = bytes(raw[position:end])
-            position = end + 2
-            if state == "crlf":
-                if line:
-                    raise ValueError("no CRLF after a chunk")
-                self._chunk_state = "size"
-            elif state == "size":
-                size = line.split(b";", 1)[0].strip()
-                if not size or any(c not in b"0123456789abcdefABCDEF" for c in size):
-                    raise ValueError(f"chunk size {line[:40]!r}")
-                self._remaining = int(size, 16)
-                self._chunk_state = "data" if self._remaining else "trailers"
-            elif not line:  # "trailers": the empty line ends the body (trailers are dropped)
-                self._finish()
-        del raw[:position]
-        if self._done and raw:
-            self.reusable = self._keep_alive = False
+    # --- httptools.HttpResponseParser's callbacks ----------------------------------------------
 
-    def _push(self, data: bytes) -> None:
-        if data:
-            self._chunks.append(data)
-            self._buffered += len(data)
+    def on_message_begin(self) -> None:
+        if self._done:  # a second answer, or garbage, after the one asked for
+            raise _Stop
+        self.headers = []
+        self._reason = b""
+        self._length = None
+        self._chunked = False
+        self._head_size = _STATUS_LINE
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+        self._head_size += len(reason)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:
+            return  # a trailer (after a chunked body): dropped
+        self._head_size += len(name) + len(value) + _HEADER_LINE
+        value = value.rstrip(b" \t")  # llhttp drops the leading whitespace only
+        lowered = name.lower()
+        if lowered == b"content-length":
+            self._length = value
+        elif lowered == b"transfer-encoding":
+            self._chunked = value.lower().rsplit(b",", 1)[-1].strip(b" \t") == b"chunked"
+        if lowered not in HOP_BY_HOP:
+            self.headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if self._head_size > MAX_HEAD:
+            self._error = BadResponse(f"the response head is larger than {MAX_HEAD} bytes")
+            raise _Stop
+        if 100 <= status < 200 and status != 101:
+            return  # an interim answer: llhttp reads the real one next
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._error = BadResponse(f"malformed response: HTTP version {version!r}")
+            raise _Stop
+        self.status = status
+        self.reason = self._reason.decode("utf-8", "surrogateescape")
+        self._keep_alive = parser.should_keep_alive()
+        self._head_done = True
+        if not self._expect_body:
+            # HEAD: llhttp cannot know there is no body, so it is not asked to read one and the
+            # connection is not reused (its bytes after the head would be in an unknown state).
+            self._length = None
+            self._chunked = False
+            self._done = True
+            raise _Stop
+        if self._length is not None and status != 204 and status != 304:
+            self.content_length = int(self._length)  # digits only: llhttp checked it
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+
+    def on_message_complete(self) -> None:
+        if self._head_done:  # else an interim answer ended: the real one follows
+            self._finish()
+
+    # --- the response -------------------------------------------------------------------------
 
     def _finish(self) -> None:
         self._done = True
         self.reusable = self._keep_alive and (self._sender is None or self._sender.done())
+
+    def _drop(self) -> None:
+        """Close the connection, never to be reused; what was read of the answer stays readable."""
+        self.reusable = False
+        self._keep_alive = False
+        if self.transport is not None:
+            self.transport.close()
 
     def _fail(self, error: UpstreamError) -> None:
         if self._error is None:
@@ -345,7 +301,6 @@ class Connection(asyncio.Protocol):
         finally:
             self._timer.cancel()
             self._waiter = None
-
     # --- used by the balancer ------------------------------------------------------------------
 
     async def send(self, head: bytes, body: AsyncIterator[bytes] | None, *, chunked: bool,
@@ -421,11 +376,10 @@ class Connection(asyncio.Protocol):
         self.reason = ""
         self.headers = []
         self.content_length = None
-        self._head = bytearray()
+        self._length = None
+        self._chunked = False
+        self._fed = 0
         self._head_done = False
-        self._framing = ""
-        self._chunk_state = "size"
-        self._raw = bytearray()
         self._chunks.clear()  # what a client that left did not read of the last answer
         self._buffered = 0
         if self._paused and self.transport is not None:
