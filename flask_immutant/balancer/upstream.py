@@ -320,6 +320,8 @@ class Connection(asyncio.Protocol):
             if self._error is not None:
                 raise self._error
             await self._wait()
+        if self._error is not None:
+            raise self._error  # the head came with a body llhttp refused: nothing is relayed yet, so a 502
 
     async def _send_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
         transport = self.transport
