@@ -1,8 +1,9 @@
 """The embedded balancer: ``flask immutant balancer`` on a developer's box.
 
-An aiohttp server in front of an aiohttp client with a connection pool. Request and response
-bodies are streamed chunk by chunk with back-pressure both ways, so a large upload or a slow
-client holds a few buffers, never a whole body. Which backend serves a request is decided by
+An aiohttp server in front of a pool of keep-alive connections to the nodes (:mod:`.upstream`,
+which writes the client's header lines through as bytes). Request and response bodies are
+streamed chunk by chunk with back-pressure both ways, so a large upload or a slow client holds a
+few buffers, never a whole body. Which backend serves a request is decided by
 :mod:`.routing` (the same rules HAProxy is configured for); the table comes from a
 :class:`.watch.TableWatcher`. The management console is mounted at ``/_immutant/`` when
 :mod:`.console` is available.
@@ -11,6 +12,7 @@ client holds a few buffers, never a whole body. Which backend serves a request i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -19,13 +21,11 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
 
 from ..metrics import definitions as metrics
 from ..metrics.http import METRICS_PATH, allowed, forwarding, refusal, reserved
 from ..metrics.process import enable, render
-from . import routing
+from . import routing, upstream
 from .watch import Table, TableWatcher
 
 if TYPE_CHECKING:
@@ -45,15 +45,6 @@ READ_TIMEOUT = 300.0
 QUARANTINE = 1.0
 #: Where the console is mounted.
 CONSOLE_PREFIX = "/_immutant/"
-
-#: Nothing reached the backend: it is down or unreachable (aiohttp 3.10+ tells a connect timeout apart).
-_CONNECT_ERRORS: tuple[type[Exception], ...] = (
-    aiohttp.ClientConnectorError, getattr(aiohttp, "ConnectionTimeoutError", aiohttp.ClientConnectorError))
-
-#: Headers of one connection, never forwarded (RFC 9110 7.6.1), plus Expect (answered here).
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                        "trailer", "trailers", "transfer-encoding", "upgrade", "expect", "proxy-connection"})
-
 
 class _Body:
     """A request body streamed to a backend, remembering whether any of it was read: a body
@@ -114,7 +105,7 @@ class EmbeddedBalancer:
         self.console = console
         self.table: Table = {}
         self._refused: dict[str, float] = {}  # backend address -> monotonic time it may be tried again
-        self._client: aiohttp.ClientSession | None = None
+        self._pool: upstream.Pool | None = None
         self.watcher = TableWatcher(self.store, state.keys, self._on_tick)
         if settings["IMMUTANT_METRICS"]:
             enable()
@@ -136,7 +127,9 @@ class EmbeddedBalancer:
     # --- the aiohttp application -------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application(handler_args={"max_field_size": 65536}, middlewares=[_paths_only])
+        # The path-only rule is checked first thing in each handler here, and by a middleware in
+        # the console's sub-application: a middleware on every forwarded request costs two calls.
+        app = web.Application(handler_args={"max_field_size": 65536})
         if self.console:
             self._mount_console(app)
         app.router.add_route("*", METRICS_PATH, self.metrics)  # never forwarded: a node would trust our address
@@ -150,66 +143,77 @@ class EmbeddedBalancer:
         except ImportError as exc:
             log.debug("no console to mount at %s (%s)", CONSOLE_PREFIX, exc)
             return
-        app.add_subapp(CONSOLE_PREFIX, make_console_app(self.state))
+        console = make_console_app(self.state)
+        console.middlewares.insert(0, _paths_only)
+        app.add_subapp(CONSOLE_PREFIX, console)
 
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         # Reuse a pooled connection only well within the nodes' idle timeout, so they never close it first.
-        connector = aiohttp.TCPConnector(limit=self.pool_size, limit_per_host=0,
-                                         keepalive_timeout=min(15.0, self.client_idle / 2),
-                                         enable_cleanup_closed=False)
-        self._client = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-        )
+        self._pool = upstream.Pool(limit=self.pool_size, keepalive=min(15.0, self.client_idle / 2),
+                                   connect_timeout=self.connect_timeout, read_timeout=self.read_timeout)
         await asyncio.to_thread(self.watcher.refresh)
         self.watcher.start()
         try:
             yield
         finally:
             await asyncio.to_thread(self.watcher.stop)
-            await self._client.close()
+            self._pool.close()
 
     # --- one request -------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        assert self._client is not None
-        if reserved(request.raw_path):  # however spelt: a node would take our address for the client's
+        pool = self._pool
+        assert pool is not None
+        raw_path = request.raw_path
+        if not raw_path.startswith("/"):
+            return _not_a_path()
+        if reserved(raw_path):  # however spelt: a node would take our address for the client's
             return _error(404, "flask-immutant's own paths (/-/immutant/) are not forwarded")
-        route = request.cookies.get(routing.ROUTE_COOKIE)
-        retriable = request.method in routing.IDEMPOTENT_METHODS
+        cookie = request.headers.get("Cookie")
+        route = request.cookies.get(routing.ROUTE_COOKIE) if cookie and routing.ROUTE_COOKIE in cookie else None
+        method = request.method
+        retriable = method in routing.IDEMPOTENT_METHODS
         if request.content_length is not None and request.content_length > self.max_body:
             return _error(413, f"the request body is larger than {self.max_body} bytes")
         body = _Body(request.content, deadline=time.monotonic() + self.client_read_timeout, idle=self.client_idle,
                      limit=self.max_body) if request.body_exists else None
+        chunked = body is not None and request.content_length is None
+        path = request.path
         tried: set[str] = set()
         disconnects: dict[str, int] = {}
         failures: list[str] = []
         started = time.monotonic()
+        heads: dict[str, bytes] = {}
         while True:
-            decision = self._decide(request.path, route, tried)
+            decision = self._decide(path, route, tried)
             backend = decision.backend
             if backend is None:
                 if failures:
                     return _error(502, f"{'; '.join(failures)}; {decision.reason}")
                 return _error(503, decision.reason)
+            head = heads.get(backend.address)
+            if head is None:  # the same bytes for every backend but for a missing Host
+                head = heads[backend.address] = upstream.request_head(
+                    method, raw_path, request.raw_headers, host=request.host, remote=request.remote or "",
+                    scheme=request.scheme, chunked=chunked, default_host=backend.address)
+            connection: upstream.Connection | None = None
             try:
-                upstream = await self._client.request(
-                    request.method, URL(f"http://{backend.address}{request.raw_path}", encoded=True),
-                    headers=_forward_headers(request), data=body.chunks() if body is not None else None,
-                    allow_redirects=False,
-                )
-            except _CONNECT_ERRORS as exc:
+                connection, _reused = await pool.acquire(backend.address)
+                await connection.send(head, body.chunks() if body is not None else None, chunked=chunked,
+                                      expect_body=method != "HEAD")
+            except upstream.ConnectFailed as exc:
                 # Nothing reached the backend: it is down or unreachable.
                 self._refused[backend.address] = time.monotonic() + self.quarantine
                 tried.add(backend.node)
                 failures.append(f"node {backend.node} ({backend.address}) refused the connection: {_reason(exc)}")
-                log.info("%s %s: %s", request.method, request.path_qs, failures[-1])
+                log.info("%s %s: %s", method, request.path_qs, failures[-1])
                 if not (body and body.consumed):  # nothing was sent: safe for any method, as HAProxy does
                     metrics.BALANCER_RETRIES.inc(backend.node, decision.context_path or "")
                     continue
                 return _error(502, failures[-1])
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            except upstream.Disconnected as exc:
+                assert connection is not None
+                connection.release()
                 if body is not None and body.refusal is not None:
                     return body.refusal
                 # A pooled connection died under the request (the backend closed it, or died).
@@ -221,19 +225,30 @@ class EmbeddedBalancer:
                     metrics.BALANCER_RETRIES.inc(backend.node, decision.context_path or "")
                     continue
                 return _error(502, failures[-1])
-            except aiohttp.ServerTimeoutError:
+            except upstream.UpstreamTimeout:
+                assert connection is not None
+                connection.release()
                 return _error(504, f"node {backend.node} ({backend.address}) did not answer within "
                                    f"{self.read_timeout:g}s")
-            except aiohttp.ClientConnectionError as exc:
+            except BaseException as exc:
+                if connection is not None:
+                    connection.release()
+                if not isinstance(exc, upstream.UpstreamError):
+                    raise
                 if body is not None and body.refusal is not None:
-                    return body.refusal  # the client's body broke a limit; aiohttp wraps _Refused
+                    return body.refusal  # the client's body broke a limit
                 return _error(502, f"node {backend.node} ({backend.address}): {_reason(exc)}")
             metrics.BALANCER_SECONDS.observe(time.monotonic() - started, backend.node, decision.context_path or "")
-            metrics.BALANCER_REQUESTS.inc(backend.node, decision.context_path or "", f"{upstream.status // 100}xx")
-            return await self._relay(request, upstream, decision)
+            metrics.BALANCER_REQUESTS.inc(backend.node, decision.context_path or "", f"{connection.status // 100}xx")
+            try:
+                return await self._relay(request, connection, decision, body)
+            finally:
+                connection.release()
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         """This balancer's own metrics (``IMMUTANT_METRICS``), for loopback and ``IMMUTANT_METRICS_ALLOW``."""
+        if not request.raw_path.startswith("/"):
+            return _not_a_path()
         if not self.state.settings["IMMUTANT_METRICS"]:
             return _error(404, "metrics are off on this balancer (IMMUTANT_METRICS)")
         if any(forwarding(name) for name in request.headers):  # a proxy in front: its address is not the client's
@@ -245,6 +260,8 @@ class EmbeddedBalancer:
 
     def _decide(self, path: str, route: str | None, tried: set[str]) -> routing.Decision:
         table = self.table
+        if not self._refused:
+            return routing.decide(table, path, route, tried)
         now = time.monotonic()
         refused = {address for address, until in self._refused.items() if until > now}
         if not refused:
@@ -257,52 +274,44 @@ class EmbeddedBalancer:
             decision = routing.decide(table, path, route, tried)  # refused lately, but nothing else is left
         return decision
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                     decision: routing.Decision) -> web.StreamResponse:
-        async with upstream:
-            if _small(request, upstream):
-                return await self._relay_small(request, upstream, decision)
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for name, value in upstream.headers.items():
-                if name.lower() not in HOP_BY_HOP:
-                    response.headers.add(name, value)
-            if decision.set_route:
-                response.set_cookie(routing.ROUTE_COOKIE, decision.set_route, path="/", httponly=True, samesite="Lax")
-            try:
-                await response.prepare(request)
-                if request.method != "HEAD":
-                    async for chunk in upstream.content.iter_chunked(CHUNK):
-                        await response.write(chunk)
-                await response.write_eof()
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                # The backend failed mid-response: the status line is gone, so cut the connection.
-                assert decision.backend is not None
-                log.warning("%s %s: node %s failed while answering: %s", request.method, request.path_qs,
-                            decision.backend.node, _reason(exc))
-                if request.transport is not None:
-                    request.transport.close()
-            except ConnectionResetError:
-                pass  # the client left
-        return response
-
-    async def _relay_small(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                           decision: routing.Decision) -> web.StreamResponse:
-        """A response whose whole body fits one chunk: read it, then answer in one write (status
-        line, headers and body together) instead of streaming it in three."""
-        try:
-            body = await upstream.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            assert decision.backend is not None
-            return _error(502, f"node {decision.backend.node} ({decision.backend.address}) failed while "
-                               f"answering: {_reason(exc)}")
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in upstream.headers.items():
-            lowered = name.lower()
-            if lowered not in HOP_BY_HOP and lowered != "content-length":  # set from the body read
-                headers.add(name, value)
-        response = web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+    async def _relay(self, request: web.Request, connection: upstream.Connection, decision: routing.Decision,
+                     body: _Body | None) -> web.StreamResponse:
+        backend = decision.backend
+        assert backend is not None
+        length = connection.content_length
+        small = (length is not None and length <= CHUNK and request.method != "HEAD"
+                 and connection.status not in (204, 304))
+        headers = connection.headers  # less hop-by-hop ones; a small body's length is the one read
         if decision.set_route:
-            response.set_cookie(routing.ROUTE_COOKIE, decision.set_route, path="/", httponly=True, samesite="Lax")
+            headers.append(("Set-Cookie", _route_cookie(decision.set_route)))
+        if small:
+            # The whole body fits one chunk: read it, then answer in one write (status line,
+            # headers and body together) instead of streaming it in three.
+            try:
+                data = await connection.read()
+            except upstream.UpstreamError as exc:
+                if body is not None and body.refusal is not None:
+                    return body.refusal  # the client's body broke a limit while the node answered
+                return _error(502, f"node {backend.node} ({backend.address}) failed while answering: "
+                                   f"{_reason(exc)}")
+            if body is not None and body.refusal is not None:
+                return body.refusal
+            return web.Response(status=connection.status, reason=connection.reason, body=data, headers=headers)
+        response = web.StreamResponse(status=connection.status, reason=connection.reason, headers=headers)
+        try:
+            await response.prepare(request)
+            if request.method != "HEAD":
+                while chunk := await connection.read_chunk():
+                    await response.write(chunk)
+            await response.write_eof()
+        except upstream.UpstreamError as exc:
+            # The backend failed mid-response: the status line is gone, so cut the connection.
+            log.warning("%s %s: node %s failed while answering: %s", request.method, request.path_qs,
+                        backend.node, _reason(exc))
+            if request.transport is not None:
+                request.transport.close()
+        except ConnectionResetError:
+            pass  # the client left
         return response
 
     # --- running it --------------------------------------------------------------------------
@@ -352,37 +361,27 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def _small(request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
-    """Whether the response has a body of a known length of at most one chunk (not HEAD's, 1xx,
-    204 or 304, whose length describes a body that is not sent)."""
-    length = upstream.content_length
-    return (length is not None and length <= CHUNK and request.method != "HEAD"
-            and upstream.status >= 200 and upstream.status not in (204, 304))
-
-
 @web.middleware
 async def _paths_only(request: web.Request,
                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Refuse a request target that is not a path (absolute-form ``http://host/...``): this is a
     reverse proxy, never a forward one, and the target would otherwise be spliced into a URL."""
     if not request.raw_path.startswith("/"):
-        return _error(400, "the request target must be a path, such as /index.html")
+        return _not_a_path()
     return await handler(request)
 
 
-def _forward_headers(request: web.Request) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in request.headers.items():
-        if name.lower() not in HOP_BY_HOP:
-            headers.add(name, value)
-    # The node believes the last value of each, the one added here, and only from a proxy in
-    # IMMUTANT_TRUSTED_PROXIES (docs/security.md). The scheme has one value (waitress refuses a
-    # list): this balancer is the edge, so its own.
-    for name, value in (("X-Forwarded-For", request.remote or ""), ("X-Forwarded-Host", request.host)):
-        prior = ", ".join(headers.popall(name, ()))
-        headers[name] = f"{prior}, {value}" if prior else value
-    headers["X-Forwarded-Proto"] = request.scheme
-    return headers
+def _not_a_path() -> web.Response:
+    return _error(400, "the request target must be a path, such as /index.html")
+
+
+@functools.lru_cache(maxsize=4096)
+def _route_cookie(node: str) -> str:
+    """The Set-Cookie value binding a session to ``node``, as aiohttp's ``set_cookie`` writes it
+    (made once per node, not per response)."""
+    response = web.StreamResponse()
+    response.set_cookie(routing.ROUTE_COOKIE, node, path="/", httponly=True, samesite="Lax")
+    return response.cookies[routing.ROUTE_COOKIE].output(header="")[1:]
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -44,6 +44,8 @@ def reserved(raw_path: str) -> bool:
     """Whether a request target (raw, as the client sent it) falls under :data:`RESERVED_PREFIX`
     by :data:`RESERVED_PATTERN`: what the embedded balancer refuses to forward."""
     path = raw_path.split("?", 1)[0].split("#", 1)[0]
+    if "%" not in path and "immutant" not in path.lower():
+        return False  # nothing to decode, and the pattern needs the word: the balancer's usual case
     decoded = urllib.parse.unquote(urllib.parse.unquote(path, errors="replace"), errors="replace")
     return re.search(RESERVED_PATTERN, decoded.lower()) is not None
 
