@@ -116,12 +116,10 @@ def render(extra: Iterable[Any] = ()) -> tuple[bytes, str]:
 
     folder = os.environ.get(MULTIPROC_ENV)
     if folder:
-        from prometheus_client.multiprocess import MultiProcessCollector
-
         with _locked(Path(folder)):
             forget_dead_processes(Path(folder))
             registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=folder)
+            registry.register(WrittenFiles(Path(folder)))
             output = generate_latest(registry)
     else:
         output = generate_latest(_registry if _registry is not None else CollectorRegistry())
@@ -130,6 +128,33 @@ def render(extra: Iterable[Any] = ()) -> tuple[bytes, str]:
         scraped.register(collector)
         output += generate_latest(scraped)
     return output, CONTENT_TYPE_LATEST
+
+
+class WrittenFiles:
+    """prometheus_client's multi-process collector, over the files a process has finished creating.
+
+    A process creates its file of a kind on its first value of that kind (``open``, then
+    ``truncate`` to size): in between the file is empty, and prometheus_client's reader fails the
+    whole scrape on it (``unpack_from requires a buffer of at least 4 bytes``). A runtime's first
+    request, message or gauge reading creates one while other threads and processes scrape, so an
+    empty file is skipped: it holds no value yet. A file never shrinks back to empty."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def collect(self) -> Any:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        return MultiProcessCollector.merge([str(path) for path in self.folder.glob("*.db") if written(path)],
+                                           accumulate=True)
+
+
+def written(path: Path) -> bool:
+    """Whether the metrics file ``path`` is past its creation (not empty; a vanished one is not)."""
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 def forget_dead_processes(folder: Path) -> list[int]:
