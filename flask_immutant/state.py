@@ -14,7 +14,6 @@ import json
 import os
 import weakref
 from collections.abc import Callable, Mapping
-from functools import cached_property
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -23,6 +22,7 @@ import pluggy
 from . import plugins
 from .errors import ImmutantConfigError, NoAppError
 from .keys import Keys
+from .once import computed_once
 from .protocols import Slot
 from .settings import CORE_SETTINGS, Settings, import_paths, resolve, table
 
@@ -79,14 +79,14 @@ class ImmutantState:
         state.given_config = {k: v for k, v in (config or {}).items() if k.startswith("IMMUTANT_")}
         return state
 
-    @cached_property
+    @computed_once
     def store(self) -> redis.Redis:
         """The cluster store client; starts the embedded store if this machine has none yet."""
         from .store import client_from_url, store_url
 
         return client_from_url(store_url(self.settings, start=True))
 
-    @cached_property
+    @computed_once
     def node_name(self) -> str:
         """This process's node name (set by the node for its app runtimes, else the default)."""
         from .cluster.identity import node_name

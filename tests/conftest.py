@@ -21,7 +21,7 @@ import redis
 from flask_immutant.portable import PORTABLE_ENV
 from flask_immutant.store import EmbeddedStore
 
-from support import TRACKED_APPS, NodeProcess, free_port_base, stop_embedded_store
+from support import TRACKED_APPS, HoldingProxy, NodeProcess, free_port_base, stop_embedded_store
 
 PLUGINS_DIR = Path(__file__).parent / "plugins"
 
@@ -129,13 +129,14 @@ class PrivateRedis:
     """A redis-server of one test on a private unix socket, which the test may stop and restart
     (for outage tests; the shared embedded store must stay up for everyone else)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, tcp: bool = False) -> None:
         from flask_immutant.store.embedded import redis_server_binary
 
         self.binary = redis_server_binary()
         self.folder = folder
         self.socket = folder / "redis.sock"
-        self.url = f"unix://{self.socket}"
+        self.port = free_port_base(1) if tcp else 0
+        self.url = f"redis://127.0.0.1:{self.port}/0" if tcp else f"unix://{self.socket}"
         self.proc: Any = None
 
     def start(self) -> None:
@@ -144,11 +145,11 @@ class PrivateRedis:
         from support import wait_until
 
         self.proc = subprocess.Popen(
-            [self.binary, "--port", "0", "--unixsocket", str(self.socket), "--save", "", "--appendonly", "no",
-             "--dir", str(self.folder)],
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--unixsocket", str(self.socket),
+             "--save", "", "--appendonly", "no", "--dir", str(self.folder)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(unix_socket_path=str(self.socket))
+        client = redis.Redis.from_url(self.url)
         try:
             wait_until(lambda: _pings(client), timeout=10, message=f"redis-server on {self.socket}")
         finally:
@@ -173,14 +174,47 @@ def _pings(client: redis.Redis) -> bool:
 @pytest.fixture
 def private_redis() -> Iterator[PrivateRedis]:
     """A running :class:`PrivateRedis`, killed in ``finally``."""
+    yield from _private_redis(tcp=False)
+
+
+@pytest.fixture
+def tcp_redis() -> Iterator[PrivateRedis]:
+    """A running :class:`PrivateRedis` reached over TCP on 127.0.0.1, as stores on other hosts are
+    (redis-py configures TCP and unix-socket connections differently)."""
+    yield from _private_redis(tcp=True)
+
+
+def _private_redis(tcp: bool) -> Iterator[PrivateRedis]:
     folder = Path(tempfile.mkdtemp(prefix="imr-"))
-    server = PrivateRedis(folder)
+    server = PrivateRedis(folder, tcp=tcp)
     server.start()
     try:
         yield server
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _holding_proxy(target: str | Path) -> Iterator[HoldingProxy]:
+    folder = Path(tempfile.mkdtemp(prefix="imp-"))
+    proxy = HoldingProxy(target, folder)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def holding_proxy(embedded_store: EmbeddedStore) -> Iterator[HoldingProxy]:
+    """A :class:`~support.HoldingProxy` in front of the shared embedded store."""
+    yield from _holding_proxy(embedded_store.socket)
+
+
+@pytest.fixture
+def private_proxy(private_redis: PrivateRedis) -> Iterator[HoldingProxy]:
+    """A :class:`~support.HoldingProxy` in front of this test's :class:`PrivateRedis`."""
+    yield from _holding_proxy(private_redis.socket)
 
 
 # --- tiers: markers from one rule, and services that skip locally but fail in CI ----------------

@@ -280,3 +280,89 @@ def _replies_busy(client: redis.Redis) -> bool:
     except redis.ResponseError as exc:
         return str(exc).startswith("BUSY")
     return False
+
+
+class HoldingProxy:
+    """A unix-socket proxy in front of a real store that can hold back one reply.
+
+    :meth:`hold` arms it: the next request whose bytes contain ``marker`` is forwarded, and its
+    reply is kept until :meth:`release`; the returned event is set once the reply is held. So a
+    test knows that the client has sent its request and is waiting for the answer, and can tear
+    the client's connection down under the reader at that moment (what another thread closing the
+    pool does), with the store itself untouched."""
+
+    def __init__(self, target: str | Path, folder: str | Path) -> None:
+        self.target = str(target)
+        self.path = str(Path(folder) / "proxy.sock")
+        self.url = f"unix://{self.path}"
+        self._marker: bytes | None = None
+        self._held = threading.Event()
+        self._release = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.path)
+        self._listener.listen(16)
+        threading.Thread(target=self._accept, daemon=True, name="holding-proxy").start()
+
+    def hold(self, marker: bytes) -> threading.Event:
+        with self._lock:
+            self._marker = marker
+            self._held.clear()
+            self._release.clear()
+        return self._held
+
+    def release(self) -> None:
+        self._release.set()
+
+    def close(self) -> None:
+        self._release.set()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in [self._listener, *sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                server.connect(self.target)
+            except OSError:  # the store is down: so is the client's connection
+                server.close()
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, server]
+            holding = threading.Event()  # this connection's next reply is to be held
+            threading.Thread(target=self._requests, args=(client, server, holding), daemon=True).start()
+            threading.Thread(target=self._replies, args=(server, client, holding), daemon=True).start()
+
+    def _requests(self, client: socket.socket, server: socket.socket, holding: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                with self._lock:
+                    if self._marker is not None and self._marker in data:
+                        self._marker = None
+                        holding.set()
+                server.sendall(data)
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
+
+    def _replies(self, server: socket.socket, client: socket.socket, holding: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                if holding.is_set():
+                    holding.clear()
+                    self._held.set()
+                    self._release.wait(30)
+                client.sendall(data)
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_RDWR)

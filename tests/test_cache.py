@@ -7,7 +7,7 @@ import logging
 import pickle
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from flask_immutant import ImmutantConfigError, ImmutantExtension, StoreUnavaila
 from flask_immutant.caching import ClusterCache
 from flask_immutant.caching.caches import registry_for
 
-from support import REFUSALS, store_refusing, track, wait_until
+from support import REFUSALS, HoldingProxy, store_refusing, track, wait_until
 
 MODES = ["distributed", "replicated", "invalidated", "local"]
 SHARED = ["distributed", "invalidated"]
@@ -466,6 +466,50 @@ def test_a_dead_store_fails_open_behind_a_breaker_and_recovers(outage_app, priva
     assert breaker.state == "closed"
 
 
+def test_an_invalidated_cache_on_a_tcp_store_keeps_near_copies(clean_env, immutant_home, cluster_name,
+                                                                tcp_redis) -> None:
+    # Given a store reached over TCP, as a store on another host is: redis-py 8 gives a TCP pool
+    # RESP3 maintenance-notification settings that the RESP2 tracking connection must not copy
+    app = make_app(immutant_home, cluster_name, IMMUTANT_REDIS_URL=tcp_redis.url)
+    try:
+        # When an invalidated cache starts tracking and an entry is read twice
+        cache = open_cache(app, "tcp", mode="invalidated")
+        cache.set("k", {"v": 1})
+        # Then it is served from the near copy, and a write elsewhere is seen once its invalidation
+        # is delivered (a cache's coherence bound: docs/guarantees.md, "Near copies")
+        wait_until(lambda: cache.get("k") == {"v": 1} and cache.describe()["near_hits"] >= 1, timeout=10,
+                   message="a near hit on the TCP store")
+        other = make_app(immutant_home, cluster_name, IMMUTANT_REDIS_URL=tcp_redis.url)
+        try:
+            caching.cache("tcp", mode="invalidated", app=other).set("k", {"v": 2})
+        finally:
+            registry_for(other).close()
+        wait_until(lambda: cache.get("k") == {"v": 2}, timeout=10, message="the write seen after its invalidation")
+    finally:
+        registry_for(app).close()
+
+
+def test_the_tracking_connection_leaves_out_only_what_redis_py_adds_for_resp3(tcp_redis) -> None:
+    """Contract with redis-py: the settings a TCP pool passes its connections are accepted by a
+    RESP2 connection once the RESP3-only ones are left out, and nothing else is left out."""
+    from flask_immutant.caching.near import RESP3_ONLY_SETTINGS, tracking_connection
+    from flask_immutant.store import client_from_url
+
+    client = client_from_url(tcp_redis.url)
+    try:
+        connection = tracking_connection(client)
+        try:
+            connection.connect()
+            connection.send_command("PING")
+            assert connection.read_response() in (b"PONG", "PONG")
+            assert connection.protocol == 2
+        finally:
+            connection.disconnect()
+        assert set(client.connection_pool.connection_kwargs) - RESP3_ONLY_SETTINGS >= {"host", "port"}
+    finally:
+        client.close()
+
+
 # --- the plain GET/SET path (store/direct.py) ----------------------------------------------------
 
 
@@ -517,3 +561,66 @@ def test_a_killed_pooled_connection_costs_a_retry_not_a_miss(app: Flask, embedde
     cache.set("b", 2)
     assert cache.get("b") == 2
     assert cache.breaker.state == "closed"  # type: ignore[attr-defined]
+
+
+# --- the store client fails on its side --------------------------------------------------------
+
+
+def torn_down_under(cache: ClusterCache, proxy: HoldingProxy, marker: bytes, call: Callable[[], Any]) -> Any:
+    """``call()`` on a thread of its own; while it waits for the reply to its command containing
+    ``marker``, another thread disconnects every connection of the cache's client (the pinned one
+    of the plain GET/SET path included), so redis-py's parser fails with no redis error."""
+    held = proxy.hold(marker)
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:  # the bug: the caller got an exception instead of a miss
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert held.wait(10), f"no request with {marker!r} reached the store"
+        cache.client.connection_pool.disconnect()  # type: ignore[attr-defined]
+    finally:
+        proxy.release()
+        thread.join(30)
+    assert outcome, "the call did not finish"
+    return outcome[0]
+
+
+@pytest.fixture
+def proxied_app(clean_env, immutant_home, embedded_store, cluster_name, holding_proxy) -> Iterator[Flask]:
+    app = make_app(immutant_home, cluster_name, IMMUTANT_REDIS_URL=holding_proxy.url)
+    try:
+        yield app
+    finally:
+        registry_for(app).close()
+
+
+# the plain GET on the pinned connection; the near cache's fill, a GET+PTTL pipeline
+@pytest.mark.parametrize(("mode", "marker"), [("distributed", b"GET"), ("invalidated", b"PTTL")])
+def test_a_connection_torn_down_under_a_read_is_a_miss_not_an_error(proxied_app, holding_proxy, caplog, mode,
+                                                                    marker) -> None:
+    cache = open_cache(proxied_app, f"torn-{mode}", mode=mode)
+    assert cache.set("k", "v")
+    # When the read's connection is torn down by another thread while it waits for the reply
+    with caplog.at_level(logging.WARNING, "flask_immutant.caching"):
+        outcome = torn_down_under(cache, holding_proxy, marker, lambda: cache.get("k"))
+    # Then the read misses, as when the store is down, and the cause is logged once with its traceback
+    assert outcome is None
+    faults = [r for r in caplog.records if "the store client failed" in r.getMessage()]
+    assert len(faults) == 1 and faults[0].exc_info is not None
+    # And the next read is served from the store, with the breaker never opened
+    assert cache.get("k") == "v" and cache.set("k", "w") and cache.get("k") == "w"
+    assert cache.breaker.state == "closed"  # type: ignore[attr-defined]
+
+
+def test_a_connection_torn_down_under_an_atomic_call_says_nothing_was_coordinated(proxied_app,
+                                                                                 holding_proxy) -> None:
+    cache = open_cache(proxied_app, "torn-atomic", mode="distributed")
+    outcome = torn_down_under(cache, holding_proxy, b"EVALSHA", lambda: cache.put_if_absent("k", 1))
+    assert isinstance(outcome, StoreUnavailableError), outcome
+    assert "inside the store client" in str(outcome)

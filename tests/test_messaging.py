@@ -76,6 +76,8 @@ if os.environ.get("TEST_TOPICS"):
     messaging.listen("/topic/news", lambda b: say(f"news {b} on {NODE}"), app=app)
     messaging.listen("/topic/news", lambda b: say(f"eu-news {b} on {NODE}"), app=app,
                      selector="region == 'eu'")
+for i in range(int(os.environ.get("TEST_MANY_QUEUES", "0"))):
+    messaging.listen(f"/queue/many-{i}", lambda b, i=i: say(f"many {i} got {b} on {NODE}"), app=app)
 if os.environ.get("TEST_DURABLE"):
     messaging.listen("/topic/news", lambda b: say(f"audit {b} on {NODE}"), app=app,
                      durable_name="audit")
@@ -189,6 +191,25 @@ def test_each_message_is_handled_once_and_the_work_spreads_over_the_nodes(node, 
     both = handled(a) + handled(b)
     assert sorted(both) == list(range(200)), Counter(both).most_common(3)
     assert min(len(handled(a)), len(handled(b))) >= 40, (len(handled(a)), len(handled(b)))
+
+
+#: Destinations of the many-queues test: past redis-py 8's default pool cap of 100 connections,
+#: which a Redis-broker runtime reached at about 40 destinations (a consumer's connection each,
+#: besides the workers' and the loops').
+MANY_QUEUES = 120
+
+
+def test_a_runtime_listening_on_many_destinations_consumes_from_each(node, publisher):
+    # Given a node whose app listens on more destinations than a default redis-py pool has connections
+    busy = node("busy", TEST_MANY_QUEUES=str(MANY_QUEUES))
+    ready(busy, f"/queue/many-{MANY_QUEUES - 1}")
+    # When a message goes to every one of them
+    for i in range(MANY_QUEUES):
+        publisher.publish(f"/queue/many-{i}", i)
+    # Then each is handled, and the node never ran out of store connections
+    wait_until(lambda: len(_lines(busy, "many ")) >= MANY_QUEUES, timeout=60,
+               message=f"a message handled on each of {MANY_QUEUES} destinations:\n{busy.output[-3000:]}")
+    assert "MaxConnectionsError" not in busy.output and "Too many connections" not in busy.output
 
 
 # --- failover ----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ multi-process folder across real processes, and ``flask immutant metrics`` again
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import shutil
@@ -309,6 +310,177 @@ def test_folding_dead_processes_keeps_every_value_contract(
         assert sorted(f.name for f in folder.glob("*.db")) == ["counter_archive.db", "histogram_archive.db"]
     assert 'immutant_messages_delivered_total{destination="/queue/mp"} 15.0' in text
     assert 'immutant_message_handler_seconds_count{destination="/queue/mp"} 5.0' in text
+
+
+EVERY_KIND = textwrap.dedent("""
+    import sys
+    import prometheus_client as prom
+    ODD = 'quote " backslash \\\\ newline \\n unicode \u00e9'
+    GAUGES = ("livesum", "livemax", "livemin", "liveall", "sum", "max", "min", "all")
+    events = prom.Counter("contract_events", "Events; help with a \\\\ and a \\n newline.", ["name"])
+    bare = prom.Counter("contract_bare", "No labels.")
+    seconds = prom.Histogram("contract_seconds", "Durations.", ["name", "kind"], buckets=(0.001, 0.1, 1.5, 1e7))
+    gauges = {mode: prom.Gauge(f"contract_{mode}", f"A {mode} gauge.", ["name"], multiprocess_mode=mode)
+              for mode in GAUGES}
+
+    def record(n):
+        events.labels("plain").inc(n)
+        events.labels(ODD).inc(0.25 * n)
+        bare.inc(n)
+        for value in (0.0005, 0.05, 1.0, 3.0, 1e8)[:n]:
+            seconds.labels("plain", "a").observe(value)
+        seconds.labels(ODD, "b").observe(0.1 * n)
+        for mode, gauge in gauges.items():
+            gauge.labels("plain").set(n)
+            gauge.labels(ODD).set(-n)
+        gauges["livesum"].labels(f"only-{n}").set(n)  # a series only this process has
+
+    n = int(sys.argv[1])
+    record(n)
+    print("recorded", flush=True)
+    while sys.argv[2] == "stay" and sys.stdin.readline():  # each line: record again
+        record(n)
+        print("recorded", flush=True)
+""")
+
+
+def _families(text: str) -> dict[str, tuple[str, str, list[tuple[str, tuple[tuple[str, str], ...], float]]]]:
+    """A scrape's families as prometheus_client's parser reads them: type, help, sorted samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {family.name: (family.type, family.documentation,
+                          sorted((s.name, tuple(sorted(s.labels.items())), s.value) for s in family.samples))
+            for family in text_string_to_metric_families(text)}
+
+
+def _same_text(ours: str, theirs: str) -> None:
+    """Same families, samples and line texts up to the value (escaping, label order, ``le``); the
+    values equal up to float rounding (sums of the same values, maybe in another order)."""
+    assert sorted(line.rsplit(" ", 1)[0] for line in ours.splitlines()) == \
+        sorted(line.rsplit(" ", 1)[0] for line in theirs.splitlines())
+    mine, reference = _families(ours), _families(theirs)
+    assert mine.keys() == reference.keys()
+    for name, (kind, help_text, samples) in reference.items():
+        assert mine[name][:2] == (kind, help_text)
+        assert [sample[:2] for sample in mine[name][2]] == [sample[:2] for sample in samples]
+        assert [sample[2] for sample in mine[name][2]] == pytest.approx([sample[2] for sample in samples], rel=1e-12)
+
+
+def _prometheus_client_text(folder: Path) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(folder))
+    return generate_latest(registry).decode()
+
+
+def test_the_folder_render_matches_prometheus_client_contract(
+        metrics_off: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Pins prometheus_client's file reader and merge (counters, histograms, every gauge mode but
+    mostrecent) that folder.py reproduces: a scrape shows what MultiProcessCollector shows."""
+    from flask_immutant.metrics.folder import FolderRender
+
+    caplog.set_level(logging.DEBUG, logger="flask_immutant.metrics")
+    folder = node_folder(tmp_path, monkeypatch)
+    # Given processes that recorded every kind and gauge mode, odd label values and help text
+    # included: two that exited (folded at the next scrape), two that still run
+    for n in (3, 4):
+        subprocess.run([sys.executable, "-c", EVERY_KIND, str(n), "exit"], env={**os.environ}, check=True)
+    living = [subprocess.Popen([sys.executable, "-c", EVERY_KIND, str(n), "stay"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, env={**os.environ}) for n in (1, 2)]
+    try:
+        for child in living:
+            assert child.stdout is not None and child.stdout.readline().strip() == "recorded"
+        # When a scrape renders (folding the dead), Then it is prometheus_client's text of the folder
+        ours = process.render()[0].decode()
+        assert not [r for r in caplog.records if "only prometheus_client renders" in r.getMessage()]
+        _same_text(ours, _prometheus_client_text(folder))
+        assert 'contract_events_total{name="quote \\" backslash \\\\ newline \\n unicode \u00e9"} 2.5' in ours
+        assert 'contract_seconds_bucket{kind="a",le="1e+07",name="plain"} 10.0' in ours
+        # When a living process records again, Then the next scrape shows its current values
+        assert living[1].stdin is not None and living[1].stdout is not None
+        living[1].stdin.write("more\n")
+        living[1].stdin.flush()
+        assert living[1].stdout.readline().strip() == "recorded"
+        ours = process.render()[0].decode()
+        _same_text(ours, _prometheus_client_text(folder))
+        assert 'contract_events_total{name="plain"} 12.0' in ours
+        # When one is SIGKILLed, Then its live gauges go, its counters stay, as prometheus_client has it
+        living[0].kill()
+        living[0].wait()
+        ours = process.render()[0].decode()
+        _same_text(ours, _prometheus_client_text(folder))
+        assert 'contract_livesum{name="only-1"}' not in ours and 'contract_livesum{name="only-2"} 2.0' in ours
+        # And a fresh render of the same folder (nothing kept from earlier scrapes) says the same
+        _same_text(FolderRender().render(str(folder)).decode(), ours)
+    finally:
+        for child in living:
+            child.kill()
+            child.communicate()
+
+
+UNSUPPORTED = textwrap.dedent("""
+    import prometheus_client as prom
+    prom.Counter("contract_plain", "Counted.").inc(2)
+    prom.Summary("contract_summary", "A summary.").observe(0.5)
+    prom.Gauge("contract_recent", "Most recent.", multiprocess_mode="mostrecent").set(7)
+""")
+
+
+def test_a_folder_with_kinds_the_fast_render_does_not_know_is_rendered_by_prometheus_client(
+        metrics_off: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flask_immutant.metrics.folder import FolderRender, Unsupported
+
+    folder = node_folder(tmp_path, monkeypatch)
+    subprocess.run([sys.executable, "-c", UNSUPPORTED], env={**os.environ}, check=True)
+    with pytest.raises(Unsupported):
+        FolderRender().render(str(folder))
+    for _ in range(2):  # the first scrape tries the fast render, later ones go straight to prometheus_client
+        text = process.render()[0].decode()
+        assert text == _prometheus_client_text(folder)
+        assert "contract_summary_count 1.0" in text and "contract_recent 7.0" in text
+
+
+FIFTY = textwrap.dedent("""
+    from flask_immutant.metrics import definitions as m, process
+    process.enable()
+    for i in range(50):
+        destination = f"/queue/bench-{i:02d}"
+        for metric in (m.PUBLISHED, m.DELIVERED, m.FAILED, m.RETRIED, m.DEAD_LETTERED, m.REDELIVERED):
+            metric.inc(destination)
+        m.HANDLER_SECONDS.observe(0.01, destination)
+        m.IN_FLIGHT.inc(destination)
+""")
+
+
+def test_a_warm_scrape_of_fifty_destinations_starts_no_garbage_collection(
+        metrics_off: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scrape that keeps thousands of objects alive at once starts young collections, and every
+    few scrapes a full one of the whole runtime: that was a scrape's p99 (bench/metrics_scrape.py)."""
+    import gc
+
+    # Given a node's folder with what a runtime listening on 50 destinations records
+    node_folder(tmp_path, monkeypatch)
+    subprocess.run([sys.executable, "-c", FIFTY], env={**os.environ}, check=True)
+    # When this process has rendered it once (the first scrape builds what later ones keep)
+    assert process.render()[0].count(b"\n") > 800
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.collect()
+    gc.callbacks.append(count)
+    try:
+        # And renders it 20 times more
+        for _ in range(20):
+            process.render()
+    finally:
+        gc.callbacks.remove(count)
+    # Then no collection started: a scrape holds few objects at a time
+    assert collections == []
 
 
 HOLDER = textwrap.dedent("""

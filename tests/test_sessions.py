@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import pickle
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,13 @@ import pytest
 import redis
 from flask import Flask, session
 from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
 
 from flask_immutant import ImmutantConfigError, ImmutantExtension, get_state
 from flask_immutant.web import regenerate
 from flask_immutant.web.sessions import SLIDE_GRANULARITY_CAP_MS
 
-from support import REFUSALS, store_refusing, track, wait_until
+from support import REFUSALS, HoldingProxy, store_refusing, track, wait_until
 
 
 def make_app(home: Path, cluster: str, **config: Any) -> Flask:
@@ -145,6 +146,29 @@ def test_an_unknown_session_id_is_never_adopted(app) -> None:
     client.set_cookie("session", "attacker-chosen-id-0123456789")
     client.post("/cart/x")
     assert sid_of(client) != "attacker-chosen-id-0123456789"
+
+
+def test_threads_racing_for_the_first_store_client_share_one(app) -> None:
+    """The first request with a session cookie starts the near cache's tracking thread, and both
+    threads ask for the store client at once. On Python 3.12+ (cached_property lost its lock) each
+    made one; the loser's ``__del__`` closed its pool under the request reading on it, which
+    answered 500 (``'NoneType' object has no attribute 'readline'``)."""
+    state = get_state(app)
+    assert "store" not in vars(state)
+    barrier = threading.Barrier(8)
+    seen: list[redis.Redis] = []
+
+    def first_use() -> None:
+        barrier.wait(10)
+        seen.append(state.store)
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(seen) == 8 and all(client is seen[0] for client in seen)
+    assert seen[0].ping()
 
 
 # --- writes -----------------------------------------------------------------------------------
@@ -302,6 +326,97 @@ def test_a_store_refusing_to_serve_is_an_outage_not_a_bug(outage_app, private_re
     wait_until(lambda: fresh.post("/login/carol").status_code == 200, timeout=10, message="sessions to recover")
 
 
+# --- the store client fails on its side --------------------------------------------------------
+
+
+def torn_down_under(app: Flask, proxy: HoldingProxy, marker: bytes,
+                    request: Callable[[], TestResponse]) -> TestResponse:
+    """Run ``request`` on a thread of its own and, while it waits for the reply to its command
+    containing ``marker``, disconnect every connection of the app's store client, as a discarded
+    client's ``close()`` did in CI: redis-py's parser then fails on the closed buffer (a
+    ValueError or an AttributeError, no redis error)."""
+    held = proxy.hold(marker)
+    answer: list[TestResponse] = []
+    thread = threading.Thread(target=lambda: answer.append(request()))
+    thread.start()
+    try:
+        assert held.wait(10), f"no request with {marker!r} reached the store"
+        get_state(app).store.connection_pool.disconnect()
+    finally:
+        proxy.release()
+        thread.join(30)
+    assert answer, "the request did not finish"
+    return answer[0]
+
+
+@pytest.fixture
+def proxied_app(clean_env, immutant_home, embedded_store, cluster_name, holding_proxy) -> Flask:
+    return make_app(immutant_home, cluster_name, IMMUTANT_REDIS_URL=holding_proxy.url)
+
+
+def client_fault_logged(caplog: pytest.LogCaptureFixture) -> bool:
+    faults = [r for r in caplog.records if "failed in the client" in r.getMessage()]
+    return len(faults) == 1 and faults[0].exc_info is not None and faults[0].levelno == logging.ERROR
+
+
+def test_a_connection_torn_down_under_a_session_read_is_a_503(proxied_app, holding_proxy, caplog) -> None:
+    app = proxied_app
+    client = app.test_client()
+    client.post("/login/alice")
+    # When the connection of a session read is torn down by another thread while it waits
+    with caplog.at_level(logging.INFO, "flask_immutant.sessions"):
+        response = torn_down_under(app, holding_proxy, b"HGETALL", lambda: client.get("/whoami"))
+    # Then the request gets the 503 of an unavailable store, not a 500, and the cause is logged once
+    assert app_response(response) == 503 and response.headers["Retry-After"] == "1"
+    assert client_fault_logged(caplog)
+    assert "Exception on /whoami" not in caplog.text and "Request finalizing failed" not in caplog.text
+    # And the session is intact, the next request is served, and the breaker never opened
+    assert client.get("/whoami").text == "alice"
+    assert app.session_interface.breaker.state == "closed"  # type: ignore[attr-defined]
+
+
+def test_a_connection_torn_down_under_a_session_write_is_a_503(proxied_app, holding_proxy, caplog) -> None:
+    app = proxied_app
+    client = app.test_client()
+    client.post("/login/alice")
+    # When the connection of a session write (the replacing MULTI ... EXEC) is torn down under it
+    with caplog.at_level(logging.INFO, "flask_immutant.sessions"):
+        response = torn_down_under(app, holding_proxy, b"HSET", lambda: client.post("/set/color/red"))
+    # Then the view's answer becomes a 503 with no cookie (its change was not saved), logged once
+    assert app_response(response) == 503 and "Set-Cookie" not in response.headers
+    assert client_fault_logged(caplog)
+    # And the session works on
+    assert client.post("/set/color/blue").status_code == 200 and client.get("/whoami").text == "alice"
+
+
+def test_save_session_ignores_a_session_that_was_never_opened(app) -> None:
+    """Flask hands ``save_session`` None when ``open_session`` raised; the error is Flask's to
+    answer, and saving must not add a crash of its own ("Request finalizing failed")."""
+    response = app.response_class("kept")
+    with app.test_request_context("/"):
+        app.session_interface.save_session(app, None, response)
+    assert response.status_code == 200 and response.get_data() == b"kept" and "Set-Cookie" not in response.headers
+
+
+def test_a_client_fault_in_the_breaker_s_trial_does_not_keep_it_open(
+        clean_env, immutant_home, cluster_name, private_redis, private_proxy) -> None:
+    app = make_app(immutant_home, cluster_name, IMMUTANT_REDIS_URL=private_proxy.url)
+    breaker = app.session_interface.breaker  # type: ignore[attr-defined]
+    client = app.test_client()
+    client.post("/login/alice")
+    # Given a breaker opened by an outage, and the store back
+    private_redis.stop()
+    assert client.get("/whoami").status_code == 503 and breaker.state != "closed"
+    private_redis.start()
+    wait_until(lambda: breaker.state == "half-open", timeout=10, message="the breaker to let a trial through")
+    # When the trial call fails inside the store client
+    assert torn_down_under(app, private_proxy, b"HGETALL", lambda: client.get("/whoami")).status_code == 503
+    # Then a later call is the trial instead (sessions recover), rather than the breaker staying open
+    # (the restarted store kept no data: the session is gone, the request is served)
+    wait_until(lambda: client.get("/whoami").status_code == 200, timeout=10, message="sessions to recover")
+    assert breaker.state == "closed"
+
+
 # --- the near cache ---------------------------------------------------------------------------
 
 
@@ -326,6 +441,23 @@ def test_a_hot_unchanged_session_is_read_with_no_store_round_trip(app, store_cli
     for _ in range(10):
         assert client.get("/whoami").text == "alice"
     assert session_reads(store_client) == before
+
+
+def test_a_session_on_a_tcp_store_is_read_near_too(clean_env, immutant_home, cluster_name, tcp_redis) -> None:
+    # Given a store reached over TCP, as a store on another host is (redis-py 8 configures TCP
+    # pools with settings the session tracker's RESP2 connection must not copy)
+    app = make_app(immutant_home, cluster_name, IMMUTANT_REDIS_URL=tcp_redis.url)
+    client = app.test_client()
+    client.post("/login/alice")
+    # Then a hot session is read from the near cache
+    read_near(app, client, "alice")
+    # And a change by another client of the store is seen by the very next read
+    outside = redis.Redis.from_url(tcp_redis.url)
+    try:
+        outside.hset(session_key(app, client), "user", msgpack.packb("bob"))
+    finally:
+        outside.close()
+    assert client.get("/whoami").text == "bob"
 
 
 def test_a_change_by_anyone_else_is_never_read_stale_from_the_near_cache(app, store_client) -> None:

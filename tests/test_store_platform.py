@@ -213,6 +213,11 @@ def _pings(client: redis.Redis) -> bool:
 # --- private data is private (issue 10 point 13) ------------------------------------------------
 
 
+def rewriting(client: redis.Redis) -> bool:
+    info = client.info("persistence")
+    return bool(info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"])
+
+
 def test_a_home_the_package_creates_is_owner_only(tmp_path):
     # Given a home that does not exist yet, two levels down (the package creates both)
     home = tmp_path / "new" / "home"
@@ -223,6 +228,8 @@ def test_a_home_the_package_creates_is_owner_only(tmp_path):
         with contextlib.closing(store.client()) as client:
             client.set("k", "v")
             client.bgrewriteaof()
+            # (the rewrite's temporary files come and go meanwhile: look once it is done)
+            wait_until(lambda: not rewriting(client), timeout=20, message="the AOF rewrite to finish")
         cluster_secret({"IMMUTANT_HOME": str(home), "IMMUTANT_SECRET": None})
         # Then every folder is 0700 and every file 0600: no other local user reads sessions or the secret
         for folder in (tmp_path / "new", home, store.dir):

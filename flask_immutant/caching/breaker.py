@@ -63,6 +63,14 @@ class CircuitBreaker:
                 metrics.BREAKER_OPEN.set(0, self.what)
                 self.log.warning("%s: cluster store reachable again; circuit closed", self.what)
 
+    def abandoned(self) -> None:
+        """A call ended saying nothing about the store (a client-side fault, an error reply that
+        is no outage): if it was the trial, let the next caller try, rather than stay open for good."""
+        if not self._open:
+            return
+        with self._lock:
+            self._trial = False
+
     def failure(self, exc: BaseException) -> None:
         with self._lock:
             first = not self._open

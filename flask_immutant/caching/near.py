@@ -45,6 +45,13 @@ NEAR_MAX_ENTRIES = 10_000
 #: Longest pause between two reconnection attempts of the tracking connection.
 RECONNECT_MAX = 2.0
 INVALIDATE_CHANNEL = b"__redis__:invalidate"
+#: What redis-py (8.x) adds to a TCP pool's connection settings for RESP3 maintenance
+#: notifications; a RESP2 connection refuses them ("only supported with hiredis and RESP3
+#: parsers") and tracking has no use for them.
+RESP3_ONLY_SETTINGS = frozenset({
+    "maint_notifications_config", "maint_notifications_pool_handler", "oss_cluster_maint_notifications_handler",
+    "orig_host_address", "orig_socket_timeout", "orig_socket_connect_timeout",
+})
 INF = float("inf")
 
 
@@ -188,11 +195,7 @@ class Tracker:
             self._conn = None
 
     def _track(self) -> None:
-        pool: Any = self.client().connection_pool
-        # RESP2 on purpose: invalidations arrive as ordinary pub/sub messages of the redirect
-        # target; our own PINGs replace the health check, which subscribed mode does not answer.
-        conn: Any = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2, "health_check_interval": 0})
-        self._conn = conn
+        conn = self._conn = tracking_connection(self.client())
         self._reading = True
         conn.connect()
         conn.send_command("CLIENT", "ID")
@@ -245,6 +248,15 @@ class Tracker:
                 self.near.invalidate([key.decode() for key in keys])
         elif kind == b"pong":
             self._pong = True
+
+
+def tracking_connection(client: redis.Redis) -> Any:
+    """A new connection like those of ``client``'s pool, outside the pool, speaking RESP2:
+    invalidations then arrive as ordinary pub/sub messages of the redirect target, and our own
+    PINGs replace the health check, which subscribed mode does not answer."""
+    pool: Any = client.connection_pool
+    settings = {k: v for k, v in pool.connection_kwargs.items() if k not in RESP3_ONLY_SETTINGS}
+    return pool.connection_class(**{**settings, "protocol": 2, "health_check_interval": 0})
 
 
 class InvalidatedCache(SharedCache):

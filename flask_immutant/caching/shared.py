@@ -27,7 +27,7 @@ from .. import lua
 from ..errors import StoreUnavailableError
 from ..keys import Keys
 from ..store import direct
-from ..store.outage import STORE_ERRORS, is_outage
+from ..store.outage import STORE_ERRORS, is_client_fault, is_outage
 from .base import MISSING, SWAP_RETRIES, CacheContentionError, ClusterCache, log
 from .breaker import CircuitBreaker
 from .serialization import Serializer
@@ -107,9 +107,19 @@ class SharedCache(ClusterCache):
             result = op()
         except STORE_ERRORS as exc:
             if not is_outage(exc):
+                self.breaker.abandoned()
                 raise
             self.breaker.failure(exc)
             raise _Down(str(exc)) from exc
+        except BaseException as exc:
+            self.breaker.abandoned()
+            if not is_client_fault(exc):
+                raise
+            # A failure inside redis-py (a connection torn down under this read): fail open as for
+            # an outage, but say so with the traceback, and leave the breaker closed.
+            log.error("cache %s: the store client failed (%s: %s); failing open", self.name,
+                      type(exc).__name__, exc, exc_info=exc)
+            raise _Down(f"{type(exc).__name__} inside the store client: {exc}") from exc
         self.breaker.success()
         return result
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
-from functools import cache, cached_property
+from functools import cache
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
 from .. import lua
 from ..keys import Keys
+from ..once import computed_once
 from ..records import decoded, from_json, hash_of, read_records
 from .spec import JobSpec
 
@@ -57,7 +58,7 @@ class JobStore:
         self.job_class = _job_class(keys.rq_job_prefix)
         self._claim = lua.script(store, "jobs/store_claim")
 
-    @cached_property
+    @computed_once
     def scheduler(self) -> Scheduler:
         from rq_scheduler import Scheduler
 

@@ -16,13 +16,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from functools import cached_property
 from typing import TYPE_CHECKING, Any, cast, overload
 
 from dramatiq import Message as DramatiqMessage
 from dramatiq.broker import Broker
 
 from ..metrics import definitions as metrics
+from ..once import computed_once
 from ..protocols import Slot
 from ..records import from_json, hash_of, json_object, read_records
 from ..tracing import NO_SPAN, Sent, tracing_of
@@ -171,15 +171,15 @@ class Messaging:
 
     # --- backend and publishing broker ---
 
-    @cached_property
+    @computed_once
     def backend(self) -> Backend:
         return make_backend(self.state.store, self.state.keys, self.state.settings["IMMUTANT_BROKER_URL"])
 
-    @cached_property
+    @computed_once
     def tracing(self) -> Tracing | None:
         return tracing_of(self.state)
 
-    @cached_property
+    @computed_once
     def publisher(self) -> Broker:
         """A broker for publishing only: no worker is attached, so it never consumes."""
         return self.backend.make_broker([])

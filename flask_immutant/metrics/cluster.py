@@ -38,33 +38,48 @@ class ClusterCollector:
         self.state = state
         self.fresh_for = fresh_for
         self._lock = threading.Lock()
-        self._families: list[Any] | None = None
+        self._reading_done: tuple[list[Any], bytes] | None = None
         self._read_at = 0.0
         self._reading = False
 
     def collect(self) -> Iterator[Any]:
         """The last reading; a stale one is replaced in the background for the next scrape."""
+        return iter(self._last()[0])
+
+    def exposition(self) -> bytes:
+        """The last reading as exposition text, rendered once per reading (by the thread that
+        read it, so a scrape served from it only joins bytes); refreshed as :meth:`collect` is."""
+        return self._last()[1]
+
+    def _last(self) -> tuple[list[Any], bytes]:
         with self._lock:
-            families = self._families
-            start = families is not None and not self._reading and time.monotonic() - self._read_at >= self.fresh_for
+            last = self._reading_done
+            start = last is not None and not self._reading and time.monotonic() - self._read_at >= self.fresh_for
             self._reading = self._reading or start
-        if families is None:
-            families = self.read()
-        elif start:
+        if last is None:
+            return self.read_and_render()
+        if start:
             threading.Thread(target=self._read_in_background, name="immutant-metrics-read", daemon=True).start()
-        return iter(families)
+        return last
 
     def read(self) -> list[Any]:
         """Read everything now and keep it as the last reading."""
+        return self.read_and_render()[0]
+
+    def read_and_render(self) -> tuple[list[Any], bytes]:
+        """Read everything now, render it, and keep both as the last reading."""
+        from prometheus_client import generate_latest
+
         families: list[Any] = []
         for read in (self._members, self._deployments, self._load_factors, self._queues):
             try:
                 families += read()
             except STORE_ERRORS as exc:
                 log.debug("metrics: %s left out of this reading: %s", read.__name__.lstrip("_"), exc)
+        done = (families, generate_latest(_Families(families)))
         with self._lock:
-            self._families, self._read_at, self._reading = families, time.monotonic(), False
-        return families
+            self._reading_done, self._read_at, self._reading = done, time.monotonic(), False
+        return done
 
     def _read_in_background(self) -> None:
         try:
@@ -130,6 +145,16 @@ class ClusterCollector:
                 buried.append(((name,), float(sum(dead[q] for q in queues) + sum(rejected for _, rejected in known))))
         up = float(all(counts.get(q) is not None for q in every))
         return [family(m.QUEUE_DEPTH, depths), family(m.QUEUE_DEAD, buried), family(m.BROKER_UP, [((), up)])]
+
+
+class _Families:
+    """A reading's families as a prometheus_client collector (to render them)."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Any]:
+        return self.families
 
 
 def _state(name: str, raw: Any) -> str:

@@ -20,6 +20,7 @@ is still the process that wrote the files is decided by the start time it record
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import threading
@@ -40,6 +41,7 @@ _PID_FILE = re.compile(r"^(counter|histogram|gauge_live\w*?)_(\d+)\.db$")
 #: What a process records about itself on :func:`enable`: its start time (:func:`started`).
 _STARTED = "started_{}"
 
+log = logging.getLogger("flask_immutant.metrics")
 _lock = threading.Lock()
 _render_lock = threading.Lock()
 #: The mode the definitions are bound in: None (off), "memory" or the multi-process folder.
@@ -118,26 +120,50 @@ def render(extra: Iterable[Any] = ()) -> tuple[bytes, str]:
     if folder:
         with _locked(Path(folder)):
             forget_dead_processes(Path(folder))
-            registry = CollectorRegistry()
-            registry.register(WrittenFiles(Path(folder)))
-            output = generate_latest(registry)
+            output = _render_folder(folder)
     else:
         output = generate_latest(_registry if _registry is not None else CollectorRegistry())
     for collector in extra:
+        cached = getattr(collector, "exposition", None)
+        if cached is not None:  # a collector that renders its own reading once (.cluster)
+            output += cached()
+            continue
         scraped = CollectorRegistry(auto_describe=False)
         scraped.register(collector)
         output += generate_latest(scraped)
     return output, CONTENT_TYPE_LATEST
 
 
-class WrittenFiles:
-    """prometheus_client's multi-process collector, over the files a process has finished creating.
+#: Per folder: its :class:`.folder.FolderRender`, kept across scrapes, or None once the folder
+#: held a file it does not handle (a summary, a ``mostrecent`` gauge an app recorded itself).
+_folder_renders: dict[str, Any] = {}
 
-    A process creates its file of a kind on its first value of that kind (``open``, then
-    ``truncate`` to size): in between the file is empty, and prometheus_client's reader fails the
-    whole scrape on it (``unpack_from requires a buffer of at least 4 bytes``). A runtime's first
-    request, message or gauge reading creates one while other threads and processes scrape, so an
-    empty file is skipped: it holds no value yet. A file never shrinks back to empty."""
+
+def _render_folder(folder: str) -> bytes:
+    """The folder's text by :class:`.folder.FolderRender`, or by prometheus_client's collector
+    for a folder holding a file the former does not handle. Caller holds the folder lock."""
+    from .folder import FolderRender, Unsupported
+
+    if folder not in _folder_renders:
+        _folder_renders[folder] = FolderRender()
+    fast = _folder_renders[folder]
+    if fast is not None:
+        try:
+            return bytes(fast.render(folder))
+        except Unsupported as exc:
+            log.info("metrics: %s holds a file of a kind only prometheus_client renders (%s); it renders "
+                     "every scrape from now on", folder, exc)
+            _folder_renders[folder] = None
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(WrittenFiles(Path(folder)))
+    return generate_latest(registry)
+
+
+class WrittenFiles:
+    """prometheus_client's multi-process collector (the fallback of :func:`_render_folder`), over
+    the files a process has finished creating (:func:`.folder.written`)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -145,16 +171,10 @@ class WrittenFiles:
     def collect(self) -> Any:
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        return MultiProcessCollector.merge([str(path) for path in self.folder.glob("*.db") if written(path)],
+        from .folder import written
+
+        return MultiProcessCollector.merge([str(path) for path in self.folder.glob("*.db") if written(str(path))],
                                            accumulate=True)
-
-
-def written(path: Path) -> bool:
-    """Whether the metrics file ``path`` is past its creation (not empty; a vanished one is not)."""
-    try:
-        return path.stat().st_size > 0
-    except FileNotFoundError:
-        return False
 
 
 def forget_dead_processes(folder: Path) -> list[int]:

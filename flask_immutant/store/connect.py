@@ -31,6 +31,12 @@ SOCKET_CONNECT_TIMEOUT = 1.0
 #: heartbeat interval; callers here retry on their own schedule, so retry briefly.
 RETRIES = 2
 RETRY_BACKOFF = (0.05, 0.25)  # base and cap, seconds
+#: Connections one client's pool may open. A runtime holds one per blocking consumer (two per
+#: destination on the Redis broker), per worker thread and per background loop, so the need grows
+#: with the app; redis-py 8 caps a pool at 100 and then raises ``MaxConnectionsError``, which
+#: stopped a runtime listening on about 40 destinations. As redis-py before 8: the store's
+#: ``maxclients`` (10,000 by default) is the limit that matters.
+MAX_CONNECTIONS = 2**31 - 1
 
 
 def client_from_url(url: str, **options: Any) -> redis.Redis:
@@ -38,6 +44,7 @@ def client_from_url(url: str, **options: Any) -> redis.Redis:
     options.setdefault("socket_timeout", SOCKET_TIMEOUT)
     options.setdefault("socket_connect_timeout", SOCKET_CONNECT_TIMEOUT)
     options.setdefault("health_check_interval", 10)
+    options.setdefault("max_connections", MAX_CONNECTIONS)
     options.setdefault("retry", Retry(EqualJitterBackoff(cap=RETRY_BACKOFF[1], base=RETRY_BACKOFF[0]), RETRIES))
     scheme = urlsplit(url).scheme
     if scheme.endswith("+sentinel"):

@@ -4,6 +4,8 @@ A store that is failing over, loading its data, busy with a slow script, lacking
 ``min-replicas-to-write`` asks for, or demoted to a replica answers with an error reply instead
 of dropping the connection. Sessions (503), caches (fail open), leases (stop work), messaging and
 membership (retry) treat those replies exactly like a refused connection; anything else is a bug.
+A non-redis exception raised inside redis-py (:func:`is_client_fault`) is neither: sessions and
+caches answer it as they answer an outage, without opening their circuit breaker.
 """
 
 from __future__ import annotations
@@ -32,6 +34,20 @@ OUTAGE_CLASSES: tuple[type[BaseException], ...] = (
 
 #: What a store call can raise: catch these, then ask :func:`is_outage`.
 STORE_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, StoreUnavailableError)
+
+
+def is_client_fault(exc: BaseException) -> bool:
+    """True if ``exc`` is no redis-py error yet was raised inside redis-py: the client failed on
+    its side (seen: a connection torn down by another thread under the one reading on it, whose
+    parser then reads from a closed or missing buffer). The store may be fine and the call's
+    outcome is unknown: not an outage, and not a bug of the caller either."""
+    if not isinstance(exc, Exception) or isinstance(exc, STORE_ERRORS):
+        return False
+    tb, innermost = exc.__traceback__, None
+    while tb is not None:
+        innermost, tb = tb, tb.tb_next
+    module = "" if innermost is None else str(innermost.tb_frame.f_globals.get("__name__", ""))
+    return module == "redis" or module.startswith("redis.")
 
 
 def is_outage(exc: BaseException) -> bool:

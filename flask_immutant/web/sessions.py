@@ -38,7 +38,7 @@ from ..caching.serialization import Serializer
 from ..errors import ImmutantError
 from ..metrics import definitions as metrics
 from ..protocols import Slot
-from ..store.outage import STORE_ERRORS, is_outage
+from ..store.outage import STORE_ERRORS, is_client_fault, is_outage
 from .near import SessionNearCache
 
 if TYPE_CHECKING:
@@ -135,15 +135,25 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
         return self.state.keys.session(self.app_name, sid)
 
     def _call(self, op: Callable[[], T]) -> T:
+        """``op()`` on the store; :class:`SessionUnavailable` for an outage (which opens the
+        breaker) and for a failure inside the store client (logged here with its traceback)."""
         if not self.breaker.allow():
             raise SessionUnavailable(self.breaker.reason)
         try:
             result = op()
         except STORE_ERRORS as exc:
             if not is_outage(exc):
+                self.breaker.abandoned()
                 raise
             self.breaker.failure(exc)
             raise SessionUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except BaseException as exc:
+            self.breaker.abandoned()
+            if not is_client_fault(exc):
+                raise
+            reason = f"{type(exc).__name__} inside the store client: {exc}"
+            log.error("session store call failed in the client (%s): answering 503", reason, exc_info=exc)
+            raise SessionUnavailable(reason) from exc
         self.breaker.success()
         return result
 
@@ -221,9 +231,9 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
 
     # --- saving ---------------------------------------------------------------------------
 
-    def save_session(self, app: Flask, session: ImmutantSession, response: Response) -> None:
-        if isinstance(session, UnavailableSession):
-            return
+    def save_session(self, app: Flask, session: ImmutantSession | None, response: Response) -> None:
+        if not isinstance(session, ImmutantSession) or isinstance(session, UnavailableSession):
+            return  # unread: nothing to save (None: open_session raised, and Flask answers that error)
         name, domain, path = self.get_cookie_name(app), self.get_cookie_domain(app), self.get_cookie_path(app)
         if session.accessed:
             response.vary.add("Cookie")
@@ -284,13 +294,17 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
     def _store(self, store_id: str, session: ImmutantSession, encoded: dict[str, bytes], changed: dict[str, bytes],
                removed: list[str], lifetime_ms: int) -> bool:
         if self.merge:
-            if self._merge_script is None:
-                self._merge_script = lua.script(self.client, "web/sessions_merge")
             args: list[Any] = [lifetime_ms, "1" if session.loaded else "0", len(changed)]
             for key, raw in changed.items():
                 args += [key, raw]
             args += removed
-            stored = self._call(lambda: self._merge_script(keys=[store_id], args=args))
+
+            def merge() -> Any:
+                if self._merge_script is None:  # in the guard: the first use makes the store client
+                    self._merge_script = lua.script(self.client, "web/sessions_merge")
+                return self._merge_script(keys=[store_id], args=args)
+
+            stored = self._call(merge)
             if not stored:
                 log.info("session %s… ended while a request changed it (logout or expiry): change dropped",
                          session.sid[:6])
