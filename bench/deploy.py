@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -39,9 +40,28 @@ def index():
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A port that is free, and free 100 above too (the second node's offset): on a shared machine
+    a port taken there left the second node unable to bind, and the bench waiting for ever."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port + 100 < 65536:
+            with socket.socket() as other:
+                try:
+                    other.bind(("127.0.0.1", port + 100))
+                except OSError:
+                    continue
+            return port
+
+
+def wait_for(ready: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll ``ready`` until it holds; a bench that cannot measure says so rather than hanging."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench/deploy.py: {what} did not happen within {timeout:.0f}s")
+        time.sleep(0.01)
 
 
 def flask(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -82,8 +102,7 @@ def main() -> None:
             result = flask(["immutant", "deploy", "--wait", "0"], env, app_dir)
             # --wait 0 returns at once and exits non-zero ("no answer within 0s"): the nodes' HTTP is the answer
             assert "registered" in result.stdout, result.stdout + result.stderr
-            while not all(serving(port, version) for port in ports):
-                time.sleep(0.01)
+            wait_for(lambda v=version: all(serving(port, v) for port in ports), f"both nodes serving version {version}")
             times.append(time.monotonic() - started)
             flask(["immutant", "undeploy", "benchapp"], env, app_dir)
         version += 1
@@ -114,9 +133,9 @@ def main() -> None:
         for _ in range(args.redeploys):
             version += 1
             (app_dir / "app.py").write_text(APP.format(version=version))
-            flask(["immutant", "deploy"], env, app_dir)
-            while not serving(base, version):
-                time.sleep(0.01)
+            result = flask(["immutant", "deploy"], env, app_dir)
+            wait_for(lambda v=version: serving(base, v), f"the first node serving version {version} (deploy said: "
+                     f"{(result.stdout + result.stderr).strip()[-400:]})")
         stop.set()
         for thread in threads:
             thread.join()

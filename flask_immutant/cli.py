@@ -12,11 +12,11 @@ import contextlib
 import functools
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import redis
 from flask import Flask
 from flask.cli import AppGroup, NoAppException, ScriptInfo
 
@@ -26,6 +26,9 @@ from .logs import setup_logging as setup_logging  # where the commands that star
 from .plugins import make_plugin_manager
 from .settings import float_range, import_paths
 from .state import EXTENSION_KEY, ImmutantState
+
+if TYPE_CHECKING:
+    import redis
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -87,10 +90,19 @@ def one_line_errors(func: F) -> F:
             raise click.ClickException(printable(str(exc))) from None
         except NoAppException as exc:
             raise click.ClickException(printable(str(exc).splitlines()[0])) from None
-        except redis.RedisError as exc:
+        except Exception as exc:
+            if not _is_store_error(exc):
+                raise
             raise click.ClickException(printable(f"the cluster store did not answer: {exc}")) from None
 
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps func's signature; mypy cannot see it
+
+
+def _is_store_error(exc: BaseException) -> bool:
+    """A redis-py error, without importing redis: a command that never loaded it cannot raise one
+    (so ``flask --help`` and other apps' commands do not pay for importing it)."""
+    loaded = sys.modules.get("redis")
+    return loaded is not None and isinstance(exc, loaded.RedisError)
 
 
 def checked_option(kind: Callable[[Any], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:

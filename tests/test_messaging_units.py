@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import pytest
 from flask import Flask
 
-from flask_immutant import ImmutantConfigError, ImmutantExtension, ImmutantState
+from flask_immutant import ImmutantConfigError, ImmutantExtension, ImmutantState, get_state
 from flask_immutant.messaging import EncodeError, MessagingError, listen, messaging_for, publish
 from flask_immutant.messaging.codec import decode, envelope
 from flask_immutant.messaging.destination import Destination
@@ -131,6 +134,32 @@ def test_listening_at_import_time_only_registers(store_client) -> None:
     assert listener("x") is None
     listener.stop()
     assert messaging.listeners == []
+
+
+def test_the_consumer_is_named_for_the_node_the_settings_name(embedded_store, immutant_home, cluster_name,
+                                                             monkeypatch) -> None:
+    # Given a node name that only the app's settings give (no IMMUTANT_NODE_NAME in the environment)
+    monkeypatch.delenv("IMMUTANT_NODE_NAME", raising=False)
+    app = Flask("named")
+    app.config.update(IMMUTANT_HOME=str(immutant_home), IMMUTANT_CLUSTER=cluster_name,
+                      IMMUTANT_NODE_NAME="settings-node")
+    ImmutantExtension(app)
+    state = get_state(app)
+    messaging = messaging_for(app)
+    # When the messaging engine starts in this process, as in an app runtime, and beats once
+    runtime = SimpleNamespace(app=app, settings=state.settings)  # what runtime_started/stopping read
+    messaging.runtime_started(runtime)  # type: ignore[arg-type]
+    try:
+        engine = messaging.engine
+        assert engine is not None
+        engine.beat()
+        record = json.loads(state.store.get(state.keys.messaging_consumer(engine.consumer_id)))
+    finally:
+        messaging.runtime_stopping(runtime)  # type: ignore[arg-type]
+        state.store.close()
+    # Then the consumer and its heartbeat carry the node's one name (state.node_name), not "local"
+    assert engine.consumer_id.startswith("settings-node.")
+    assert record["node"] == "settings-node" == state.node_name
 
 
 def test_a_message_that_cannot_be_encoded_fails_at_publish(embedded_store, immutant_home, cluster_name) -> None:

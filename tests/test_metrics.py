@@ -213,6 +213,32 @@ def test_values_of_several_processes_add_up_and_a_dead_ones_live_gauges_go(
             child.communicate()
 
 
+def test_a_scrape_skips_a_file_a_process_is_still_creating_and_drops_a_dead_ones_empty_file(
+        metrics_off: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a node's folder and a real process recording into it
+    folder = node_folder(tmp_path, monkeypatch)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, env={**os.environ})
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "recorded"
+        # And the file of a kind it is creating right now (prometheus_client opens it, then sizes it)
+        (folder / f"histogram_{child.pid}.db").touch()
+        # When this process renders, Then the scrape answers with every value written (it failed: 500)
+        text = process.render()[0].decode()
+        assert 'immutant_messages_delivered_total{destination="/queue/mp"} 2.0' in text
+        # When a process was killed between creating and sizing its counter file
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        (folder / f"counter_{dead.pid}.db").touch()
+        # Then a scrape still answers, and that empty file is gone rather than folded
+        text = process.render()[0].decode()
+        assert 'immutant_messages_delivered_total{destination="/queue/mp"} 2.0' in text
+        assert not [path.name for path in folder.iterdir() if str(dead.pid) in path.name]
+    finally:
+        child.kill()
+        child.communicate()
+
+
 NO_FOLDER = textwrap.dedent("""
     import logging, os, shutil
     from flask_immutant.metrics import definitions, process

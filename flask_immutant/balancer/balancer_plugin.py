@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import click
 
 from ..cli import LISTEN_PORT, load_state, one_line_errors, setup_logging
-from ..contexts import registry
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
 from ..loops import report_health, stop_reporting
@@ -64,6 +63,7 @@ def balancer(ctx: click.Context, host: str, port: int, haproxy_socket: str | Non
         refuse_remote_console(host, allow_remote, otherwise=", or --no-console to balance without it")
     state, _app, _path = load_state(ctx)
     if print_config:
+        from ..contexts import registry
         from .haproxy import render_config
 
         store = client_from_url(store_url(state.settings, start=False))

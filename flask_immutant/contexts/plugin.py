@@ -8,20 +8,18 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import click
-import redis
 
 from ..cli import echoed_as_json_or_empty, one_line_errors, state_and_store
 from ..cli_table import echo_table, printable
-from ..cluster.identity import NodeIdentity
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
 from ..loops import Loop
 from ..protocols import Slot
-from ..server.environ import DeploymentEnviron
 from ..settings import Setting, to_bool
-from . import registry
 
 if TYPE_CHECKING:
+    import redis
+
     from ..protocols import RuntimeView
     from ..state import ImmutantState
 
@@ -40,6 +38,10 @@ class ContextPublisher:
     """Keeps one runtime's context in the store while it runs."""
 
     def __init__(self, runtime: RuntimeView) -> None:
+        from ..cluster.identity import NodeIdentity
+        from ..server.environ import DeploymentEnviron
+        from . import registry  # here: loading the plugin (every command does) stays light
+
         self.runtime = runtime
         state = runtime.state
         self.keys = state.keys
@@ -56,11 +58,17 @@ class ContextPublisher:
         self._loop = Loop("context", self._publish, self.ttl / 4, wait_first=True, backoff_cap=self.ttl / 4)
 
     def start(self) -> None:
+        from . import registry
+
         self._publish()
         registry.announce(self.store, self.keys, self.base.key)
         self._loop.start()
 
     def stop(self) -> None:
+        import redis
+
+        from . import registry
+
         self._loop.stop()
         try:
             registry.withdraw(self.store, self.keys, self.base.node, self.base.context_path, self.base.pid)
@@ -68,6 +76,8 @@ class ContextPublisher:
             log.warning("could not withdraw context %s (%s); it expires in %.1fs", self.base.key, exc, self.ttl)
 
     def _publish(self) -> None:
+        from . import registry
+
         load = registry.load_factor(self.runtime.active_requests, self.runtime.settings["IMMUTANT_THREADS"],
                                     self._cpu_share(), 1)
         registry.publish(self.store, self.keys, registry.Context(**{**self.base.status(), "load": load}), self.ttl)
@@ -104,6 +114,8 @@ def immutant_runtime_stopping(runtime: RuntimeView) -> None:
 
 @hookimpl(trylast=True)
 def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any]:
+    from . import registry
+
     return {"contexts": [context.status() for context in registry.contexts(store, state.keys)]}
 
 
@@ -130,6 +142,7 @@ def _check_scope(state: ImmutantState, store: redis.Redis, node: str | None, con
     from ..cluster.membership import live_members
     from ..deploy.plugin import deployment_store
     from ..deploy.records import Deployment
+    from . import registry
 
     live = registry.contexts(store, state.keys)
     nodes = {m.name for m in live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])}
@@ -162,6 +175,8 @@ def _state_command(name: str, state_name: str, help_text: str) -> click.Command:
     @click.pass_context
     @one_line_errors
     def command(ctx: click.Context, node: str | None, context_path: str | None, future: bool) -> None:
+        from . import registry
+
         with state_and_store(ctx) as (state, store):
             _check_scope(state, store, node, context_path, future)
             registry.set_control(store, state.keys, state_name, node, context_path)
@@ -183,6 +198,8 @@ stop = _state_command("stop", "STOPPED", "Send no requests to the context(s).")
 def weight(ctx: click.Context, weight: str, node: str | None, context_path: str | None, future: bool) -> None:
     if weight != "auto" and not weight.isdigit():
         raise ImmutantError(f"weight {weight!r}: expected 0-100 or 'auto'")
+    from . import registry
+
     with state_and_store(ctx) as (state, store):
         _check_scope(state, store, node, context_path, future)
         registry.set_weight(store, state.keys, None if weight == "auto" else int(weight), node, context_path)
@@ -194,6 +211,8 @@ def weight(ctx: click.Context, weight: str, node: str | None, context_path: str 
 @click.pass_context
 @one_line_errors
 def show(ctx: click.Context, as_json: bool) -> None:
+    from . import registry
+
     with state_and_store(ctx) as (state, store):
         found = registry.contexts(store, state.keys)
     if echoed_as_json_or_empty([c.status() for c in found], as_json, "no contexts"):

@@ -13,14 +13,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..moved import lazy_or_moved
 from ..state import declare as _declare
 from ..state import get_state, require_feature, with_context
-from .registry import registry
-from .runner import DaemonContext, DaemonSpec
-from .runner import current as _current
 
 if TYPE_CHECKING:
     from flask import Flask
+
+    from .runner import DaemonContext
+
+#: Imported on first use, so that loading the plugin (every CLI command does) stays light.
+_LAZY = {"DaemonContext": ".runner"}
+
+
+def __getattr__(name: str) -> Any:
+    return lazy_or_moved(__name__, globals(), name, _LAZY, {})
+
 
 __all__ = ["DaemonContext", "current", "declare", "fencing_token", "start", "stop"]
 
@@ -43,6 +51,10 @@ def declare(
         raise ValueError(f"a daemon needs a name, got {name!r}")
     if not callable(start_fn) or (stop_fn is not None and not callable(stop_fn)):
         raise TypeError("start_fn and stop_fn must be callables")
+    from .registry import registry
+    from .runner import DaemonSpec
+    from .runner import current as _current
+
     spec = DaemonSpec(name, with_context(start_fn, _current), stop_fn, singleton)
 
     def apply(target: Flask) -> None:
@@ -58,15 +70,21 @@ start = declare
 def stop(name: str, *, app: Flask | None = None) -> bool:
     """Stop daemon ``name`` here and forget it; a singleton is released (another node may take it
     if it still declares it). Returns False if no such daemon was declared."""
+    from .registry import registry
+
     return registry(app).remove(name)
 
 
 def current() -> DaemonContext | None:
     """The context of the daemon running on this thread (fencing token, ``valid()``, ``wait()``)."""
+    from .runner import current as _current
+
     return _current()
 
 
 def fencing_token() -> int | None:
     """The fencing token of the singleton daemon running on this thread."""
+    from .runner import current as _current
+
     context = _current()
     return context.fence if context else None

@@ -6,18 +6,16 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import click
-import redis
 
 from ..cli import echoed_as_json_or_empty, one_line_errors, state_and_store
 from ..cli_table import echo_table
-from ..cluster.lease import read_holder
-from ..cluster.membership import live_members
 from ..hookspecs import hookimpl
 from ..records import decoded, hash_of, json_object, read_records, required
 from ..settings import Setting, to_bool
-from .registry import registry
 
 if TYPE_CHECKING:
+    import redis
+
     from ..protocols import RuntimeView
     from ..state import ImmutantState
 
@@ -31,11 +29,15 @@ def immutant_settings() -> list[Setting]:
 
 @hookimpl(trylast=True)
 def immutant_runtime_started(runtime: RuntimeView) -> None:
+    from .registry import registry  # here: loading the plugin (every command does) stays light
+
     registry(runtime.app).activate_all()
 
 
 @hookimpl(trylast=True)
 def immutant_runtime_stopping(runtime: RuntimeView) -> None:
+    from .registry import registry
+
     registry(runtime.app).shutdown()
 
 
@@ -51,6 +53,8 @@ def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any]:
 
 def daemon_status(state: ImmutantState, store: redis.Redis) -> list[dict[str, Any]]:
     """One entry per daemon (per node for non-singletons); holders come from the leases."""
+    from ..cluster.membership import live_members
+
     live = {m.name for m in live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])}
     records = read_records(hash_of(store, state.keys.daemons, "daemon"), "daemon", _daemon_record).values()
     result = []
@@ -87,6 +91,8 @@ def _daemon_record(_name: str, raw: Any) -> dict[str, Any]:
 
 
 def _singleton_holder(store: Any, state: ImmutantState, name: str) -> Any:
+    from ..cluster.lease import read_holder
+
     holder = read_holder(store, state.keys, f"daemon:{name}")
     if holder is None:  # standalone nodes hold per-node leases; show any
         for key in store.scan_iter(match=state.keys.lease(f"daemon:{name}@*"), count=100):

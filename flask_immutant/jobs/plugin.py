@@ -6,17 +6,16 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import click
-import redis
 
 from ..cli import echoed_as_json_or_empty, one_line_errors, state_and_store
 from ..cli_table import echo_table
-from ..cluster.lease import read_holder
 from ..hookspecs import hookimpl
 from ..records import decoded, read_records
 from ..settings import Setting, to_bool
-from .store import JobStore
 
 if TYPE_CHECKING:
+    import redis
+
     from ..protocols import RuntimeView
     from ..state import ImmutantState
 
@@ -54,6 +53,9 @@ def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any]:
 
 def job_status(state: ImmutantState, store: redis.Redis) -> list[dict[str, Any]]:
     """Every stored singleton job of every app in the cluster, with its scheduler's holder."""
+    from ..cluster.lease import read_holder
+    from .store import JobStore  # here: loading the plugin (every command does) stays light
+
     apps = sorted({key.split(":")[-2] for key in map(decoded, store.scan_iter(match=state.keys.jobs_schedule("*"),
                                                                               count=200)) if key is not None})
 

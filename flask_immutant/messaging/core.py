@@ -12,7 +12,6 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -460,8 +459,7 @@ class Messaging:
     # --- runtime ---
 
     def runtime_started(self, runtime: RuntimeView) -> None:
-        node = os.environ.get("IMMUTANT_NODE_NAME") or "local"
-        engine = Engine(self, runtime.app, node)
+        engine = Engine(self, runtime.app, self.state.node_name)
         for destination in list(self.destinations.values()):
             self._register(destination)
         engine.start()

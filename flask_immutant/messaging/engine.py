@@ -178,6 +178,7 @@ class Engine:
         self.settings = messaging.state.settings
         self.keys = messaging.state.keys
         self.backend: Backend = messaging.backend
+        self.node_name = node_name
         self.consumer_id = f"{node_name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         self.failure_timeout: float = self.settings["IMMUTANT_FAILURE_TIMEOUT"]
         self.interval = self.failure_timeout / BEATS_PER_TIMEOUT
@@ -410,7 +411,7 @@ class Engine:
 
     def beat(self) -> None:
         record = heartbeat_record(
-            node=os.environ.get("IMMUTANT_NODE_NAME"), pid=os.getpid(), broker=self.backend.kind,
+            node=self.node_name, pid=os.getpid(), broker=self.backend.kind,
             queues=sorted(self.bindings), in_flight={q: n for q, n in self.in_flight.items() if n},
             prefetched=self._prefetched(),
         )

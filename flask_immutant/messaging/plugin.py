@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import click
-import redis
 
 from ..hookspecs import hookimpl
 from ..settings import Setting
@@ -13,7 +12,7 @@ from ..state import get_state
 from .config import FLAG, SETTINGS
 
 if TYPE_CHECKING:
-    from flask import Flask
+    import redis
 
     from ..protocols import RuntimeView
     from ..state import ImmutantState
@@ -37,11 +36,6 @@ def immutant_settings() -> list[Setting]:
 
 
 @hookimpl(trylast=True)
-def immutant_init_app(app: Flask, state: ImmutantState) -> None:
-    messaging_of(state)  # registration only: nothing connects until the runtime starts
-
-
-@hookimpl(trylast=True)
 def immutant_runtime_started(runtime: RuntimeView) -> None:
     messaging_of(get_state(runtime.app)).runtime_started(runtime)
 
@@ -60,6 +54,8 @@ def immutant_register_commands(cli: click.Group) -> None:
 
 @hookimpl(trylast=True)
 def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any]:
+    import redis
+
     from .backends import make_backend
     from .status import queue_entries
 

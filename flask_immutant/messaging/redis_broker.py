@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from ..loops import Backoff
+
 if TYPE_CHECKING:
     from dramatiq import Message
 
@@ -61,10 +63,13 @@ def wait_for_wake_token(client: redis.Redis, wake: str, timeout: float) -> None:
         client.delete(wake)
 #: Seconds between PINGs of a consumer waiting for the store to come back.
 RESUME_POLL = 0.05
-#: Pause before a consumer that failed again soon after resuming resumes again: first, cap (s).
-#: The cap bounds how late consumers come back after a promoted primary refused writes for a while
-#: (``min-replicas-to-write`` until the other replica re-attached): 1 s made it 1 s.
+#: Pause before a consumer that failed again soon after resuming resumes again (the one
+#: :class:`~flask_immutant.loops.Backoff` policy): first, cap (s); a resume that held for
+#: ``RESUME_QUICK`` s or more starts over with no pause. The cap bounds how late consumers come
+#: back after a promoted primary refused writes for a while (``min-replicas-to-write`` until the
+#: other replica re-attached): 1 s made it 1 s.
 RESUME_BACKOFF = (0.05, 0.25)
+RESUME_QUICK = RESUME_BACKOFF[1] * 2
 
 
 @functools.cache
@@ -81,7 +86,7 @@ def resuming_redis_broker() -> type[RedisBroker]:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # Dramatiq's is unannotated
-            self._resumes: dict[int, tuple[float, int]] = {}
+            self._resumes: dict[int, tuple[float, Backoff]] = {}
             #: queue -> fetched messages a closed consumer could not put back (the store was away)
             self._stranded: dict[str, list[bytes]] = {}
             #: Set when the worker is stopping: idle consumers poll instead of waiting for a token.
@@ -110,10 +115,13 @@ def resuming_redis_broker() -> type[RedisBroker]:
 
         def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
             thread = threading.current_thread()
-            last, quick_failures = self._resumes.get(thread.ident or 0, (0.0, 0))
-            quick_failures = quick_failures + 1 if time.monotonic() - last < RESUME_BACKOFF[1] * 2 else 0
-            if quick_failures:
-                time.sleep(min(RESUME_BACKOFF[1], RESUME_BACKOFF[0] * 2 ** quick_failures))
+            last, backoff = self._resumes.get(thread.ident or 0, (0.0, None))
+            if backoff is None:
+                backoff = Backoff(*RESUME_BACKOFF, reset_after=RESUME_QUICK)
+            held = time.monotonic() - last
+            delay = backoff.next_delay(held)  # the first failure after a resume that held: no pause
+            if held < RESUME_QUICK:
+                time.sleep(delay)
             waited = False
             while getattr(thread, "running", True):  # a Dramatiq ConsumerThread being stopped
                 try:
@@ -126,7 +134,7 @@ def resuming_redis_broker() -> type[RedisBroker]:
                     time.sleep(RESUME_POLL)
             if waited:
                 log.info("messaging: consumer of %s resumes", queue_name)
-            self._resumes[thread.ident or 0] = (time.monotonic(), quick_failures)
+            self._resumes[thread.ident or 0] = (time.monotonic(), backoff)
             self.put_back(queue_name, self._stranded.pop(queue_name, []))
             if queue_name.endswith(".DQ"):  # polled: it must also look at due times regularly
                 return super().consume(queue_name, prefetch, timeout)

@@ -35,6 +35,9 @@ def fold(dead: Path, into: Path) -> None:
         os.replace(dead, folding)
     except FileNotFoundError:
         return
+    if folding.stat().st_size == 0:  # killed while creating it (before sizing it): no value to keep
+        folding.unlink()
+        return
     values = MmapedDict.read_all_values_from_file(str(folding))
     target = MmapedDict(str(into))
     try:

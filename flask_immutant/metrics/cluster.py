@@ -114,12 +114,15 @@ class ClusterCollector:
         to the broker (pipelined on Redis), however many destinations there are. A destination
         whose queues the broker did not count is left out (unknown is not 0), and
         ``immutant_broker_up`` says so."""
-        from ..messaging.core import MESSAGING
+        from ..messaging.core import messaging_of
         from ..messaging.status import destination_queues
+        from ..state import FEATURE_FLAGS
 
-        messaging = self.state.get(MESSAGING)
-        if messaging is None:
-            return []
+        if not self.state.pm.has_plugin(FEATURE_FLAGS["messaging"][0]):
+            return []  # messaging is off for this app: it has no queues to count
+        # Made on first use, not when the app is initialised (docs/design.md, lazy imports): an
+        # app that has not published yet, or a runtime still starting, may have none so far.
+        messaging = messaging_of(self.state)
         store, keys = self.state.store, self.state.keys
         queues_of = destination_queues(store, keys)
         every = [queue for queues in queues_of.values() for queue in queues]

@@ -100,6 +100,8 @@ class FolderRender:
         for filename in os.listdir(folder):
             if not filename.endswith(".db"):
                 continue
+            if not written(os.path.join(folder, filename)):
+                continue
             kind, mode, pid = self._file_kind(filename)
             file_kind = f"{kind}_{mode}_{pid}" if mode in _ALL_MODES else f"{kind}_{mode}"
             try:
@@ -213,6 +215,18 @@ class FolderRender:
             family.groups = {labels: group for labels, group in family.groups.items()
                              if group.series or group.buckets}
         self._families = {name: family for name, family in self._families.items() if family.groups}
+
+def written(path: str) -> bool:
+    """Whether the metrics file at ``path`` is past its creation. A process creates its file of a
+    kind on its first value of that kind (``open``, then ``truncate`` to size): in between it is
+    empty, and prometheus_client's reader fails on it (``unpack_from requires a buffer of at least
+    4 bytes``), which failed the whole scrape. A runtime's first request or message creates one
+    while other threads and processes scrape; it holds no value yet, and never shrinks back."""
+    try:
+        return os.stat(path).st_size > 0
+    except FileNotFoundError:
+        return False
+
 
 def _sum(total: float, value: float) -> float:
     return total + value

@@ -155,11 +155,26 @@ def _render_folder(folder: str) -> bytes:
                      "every scrape from now on", folder, exc)
             _folder_renders[folder] = None
     from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=folder)
+    registry.register(WrittenFiles(Path(folder)))
     return generate_latest(registry)
+
+
+class WrittenFiles:
+    """prometheus_client's multi-process collector (the fallback of :func:`_render_folder`), over
+    the files a process has finished creating (:func:`.folder.written`)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def collect(self) -> Any:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        from .folder import written
+
+        return MultiProcessCollector.merge([str(path) for path in self.folder.glob("*.db") if written(str(path))],
+                                           accumulate=True)
 
 
 def forget_dead_processes(folder: Path) -> list[int]:

@@ -51,7 +51,8 @@ PRELOAD = (
 #: import once a runtime serves (a fork asked for meanwhile waits for one module at most).
 PRELOAD_LATER = (
     "flask_immutant.cluster.lease", "flask_immutant.cluster.membership", "flask_immutant.daemons.runner",
-    "flask_immutant.jobs.driver", "flask_immutant.messaging.engine", "flask_immutant.messaging.redis_broker",
+    "flask_immutant.jobs.driver", "flask_immutant.messaging.core", "flask_immutant.messaging.engine",
+    "flask_immutant.messaging.redis_broker", "flask_immutant.contexts.registry", "flask_immutant.daemons.registry",
     "flask_immutant.caching", "dramatiq", "cachelib", "croniter", "msgpack",
 )
 #: The process name (``comm``) of the template, so ``ps`` and tests tell it from its runtimes.
