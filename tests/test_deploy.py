@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import py_compile
 import signal
 import tarfile
 import threading
@@ -100,6 +102,28 @@ def test_deploy_from_the_app_folder_reaches_every_node(two_nodes, node_env, tmp_
     c = start_node("--clustered", "--node-name", "c", "--port-offset", "200")
     c.wait_for("deployed shop v1", timeout=15)
     assert get(int(node_env["IMMUTANT_HTTP_PORT"]) + 200)["version"] == "1"  # type: ignore[index]
+
+
+def test_a_redeploy_never_runs_the_bytecode_of_the_version_before(two_nodes, node_env, tmp_path):
+    # Given version 1 deployed from a folder, with its bytecode written in second S of the clock
+    folder = write_app(tmp_path / "shop", "1")
+    second = int(time.time()) - 10
+    os.utime(folder / "app.py", ns=(second * 10**9, second * 10**9))
+    pyc = Path(py_compile.compile(str(folder / "app.py"), doraise=True))
+    os.utime(pyc, ns=((second * 10**9) + 10**8, (second * 10**9) + 10**8))  # written at S + 0.1 s
+    assert deploy(node_env, folder).returncode == 0
+    port = two_nodes["ports"]["a"]
+    wait_until(lambda: (get(port) or {}).get("version") == "1", timeout=30)
+    # When version 2, the same size, is saved later in that second (so the .pyc's header, which
+    # holds the source's whole seconds and size, still matches it) and deployed
+    write_app(folder, "2")
+    os.utime(folder / "app.py", ns=((second * 10**9) + 5 * 10**8, (second * 10**9) + 5 * 10**8))
+    result = deploy(node_env, folder)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Then every node serves version 2, not the bytecode of version 1
+    for node_port in two_nodes["ports"].values():
+        wait_until(lambda p=node_port: (get(p) or {}).get("version") == "2", timeout=30,
+                   message=f"version 2 served on port {node_port}, not version 1's bytecode")
 
 
 def test_redeploy_under_load_fails_no_request(two_nodes, node_env, tmp_path):

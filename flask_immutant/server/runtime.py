@@ -27,6 +27,7 @@ from flask import Flask
 
 from ..extension import EXTENSION_KEY, ImmutantExtension, ImmutantState
 from ..logs import say, setup_logging
+from .bytecode import drop_stale_bytecode
 from .environ import DeploymentEnviron
 
 log = logging.getLogger("flask_immutant.runtime")
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(runtime=True, deployment=deployment_name)
     try:
         deployment = DeploymentEnviron.current()
+        drop_stale_bytecode(os.getcwd())  # the app's folder: never run an older version's bytecode
         app = load_app(args.app)
         app.config.update(deployment.config)
         sock = socket.socket(fileno=args.listen_fd)
