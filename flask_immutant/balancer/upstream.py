@@ -26,6 +26,8 @@ from typing import cast
 
 import httptools
 
+from ..errors import ImmutantError
+
 #: Largest response head (status line and headers) accepted from a node.
 MAX_HEAD = 128 * 1024
 #: Response body bytes buffered from a node before it is asked to wait (the client reads slowly).
@@ -42,8 +44,8 @@ RESPONSE_HOP_BY_HOP = frozenset(name.decode() for name in HOP_BY_HOP)
 _STATUS_LINE, _HEADER_LINE = 15, 4
 
 
-class UpstreamError(Exception):
-    """A request to a node failed."""
+class UpstreamError(ImmutantError):
+    """A request to a node failed (internal: the balancer answers 502 or 504 for it)."""
 
 
 class ConnectFailed(UpstreamError):

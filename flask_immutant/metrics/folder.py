@@ -26,6 +26,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import ImmutantError
+
 #: Gauge modes merged here, and how (prometheus_client's ``multiprocess_mode`` values).
 _SUM_MODES = frozenset({"sum", "livesum"})
 _MAX_MODES = frozenset({"max", "livemax"})
@@ -37,7 +39,7 @@ _GAUGE_MODES = _SUM_MODES | _MAX_MODES | _MIN_MODES | _ALL_MODES
 _SPARE = 512
 
 
-class Unsupported(Exception):
+class Unsupported(ImmutantError):
     """A file or key the fast render does not handle; render the scrape with prometheus_client."""
 
 
