@@ -94,7 +94,10 @@ def measure(publish: Callable[[dict[str, Any]], Any], sink_box: list[Sink], mess
 def run_immutant(home: Path, threads: int, messages: int, paced: int, broker_url: str | None) -> dict[str, float]:
     app = Flask("bench")
     app.config.update(IMMUTANT_HOME=str(home), IMMUTANT_CLUSTER=f"bench{uuid.uuid4().hex[:6]}",
-                      IMMUTANT_WORKER_THREADS=threads, IMMUTANT_BROKER_URL=broker_url)
+                      IMMUTANT_WORKER_THREADS=threads, IMMUTANT_BROKER_URL=broker_url,
+                      # Like for like: raw Dramatiq makes no spans. With the test extra installed,
+                      # tracing's default ("auto") would be on; observability.py measures its cost.
+                      IMMUTANT_TRACING="off")
     ImmutantExtension(app)
     messaging = messaging_for(app)
     box: list[Sink] = [Sink(0)]
