@@ -315,6 +315,31 @@ class HoldingProxy:
     def release(self) -> None:
         self._release.set()
 
+    def torn_down_under(self, client: redis.Redis, marker: bytes, call: Callable[[], T]) -> T | Exception:
+        """``call()`` on a thread of its own; while it waits for the reply to its command containing
+        ``marker``, another thread disconnects every connection of ``client``'s pool (as a discarded
+        client's ``close()`` did in CI), so redis-py's parser fails on the closed buffer with no
+        redis error. Returns what ``call`` returned, or the exception it raised."""
+        held = self.hold(marker)
+        outcome: list[T | Exception] = []
+
+        def run() -> None:
+            try:
+                outcome.append(call())
+            except Exception as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            assert held.wait(10), f"no request with {marker!r} reached the store"
+            client.connection_pool.disconnect()
+        finally:
+            self.release()
+            thread.join(30)
+        assert outcome, "the call did not finish"
+        return outcome[0]
+
     def close(self) -> None:
         self._release.set()
         with self._lock:

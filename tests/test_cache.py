@@ -567,28 +567,9 @@ def test_a_killed_pooled_connection_costs_a_retry_not_a_miss(app: Flask, embedde
 
 
 def torn_down_under(cache: ClusterCache, proxy: HoldingProxy, marker: bytes, call: Callable[[], Any]) -> Any:
-    """``call()`` on a thread of its own; while it waits for the reply to its command containing
-    ``marker``, another thread disconnects every connection of the cache's client (the pinned one
-    of the plain GET/SET path included), so redis-py's parser fails with no redis error."""
-    held = proxy.hold(marker)
-    outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append(call())
-        except Exception as exc:  # the bug: the caller got an exception instead of a miss
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        assert held.wait(10), f"no request with {marker!r} reached the store"
-        cache.client.connection_pool.disconnect()  # type: ignore[attr-defined]
-    finally:
-        proxy.release()
-        thread.join(30)
-    assert outcome, "the call did not finish"
-    return outcome[0]
+    """``call()`` with every connection of the cache's client (the pinned one of the plain GET/SET
+    path included) torn down under it (:meth:`HoldingProxy.torn_down_under`)."""
+    return proxy.torn_down_under(cache.client, marker, call)  # type: ignore[attr-defined]
 
 
 @pytest.fixture

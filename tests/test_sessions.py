@@ -331,22 +331,10 @@ def test_a_store_refusing_to_serve_is_an_outage_not_a_bug(outage_app, private_re
 
 def torn_down_under(app: Flask, proxy: HoldingProxy, marker: bytes,
                     request: Callable[[], TestResponse]) -> TestResponse:
-    """Run ``request`` on a thread of its own and, while it waits for the reply to its command
-    containing ``marker``, disconnect every connection of the app's store client, as a discarded
-    client's ``close()`` did in CI: redis-py's parser then fails on the closed buffer (a
-    ValueError or an AttributeError, no redis error)."""
-    held = proxy.hold(marker)
-    answer: list[TestResponse] = []
-    thread = threading.Thread(target=lambda: answer.append(request()))
-    thread.start()
-    try:
-        assert held.wait(10), f"no request with {marker!r} reached the store"
-        get_state(app).store.connection_pool.disconnect()
-    finally:
-        proxy.release()
-        thread.join(30)
-    assert answer, "the request did not finish"
-    return answer[0]
+    """``request`` with the app's store connections torn down under it (:meth:`HoldingProxy.torn_down_under`)."""
+    response = proxy.torn_down_under(get_state(app).store, marker, request)
+    assert not isinstance(response, Exception), response
+    return response
 
 
 @pytest.fixture
