@@ -10,11 +10,30 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
+from ..errors import ImmutantError
 from ..metrics import definitions as metrics
+from ..store.outage import STORE_ERRORS, is_client_fault, is_outage
+
+T = TypeVar("T")
 
 #: Seconds the breaker stays open before one trial call is let through.
 RESET_AFTER = 1.0
+
+
+class StoreDown(ImmutantError):
+    """What :meth:`CircuitBreaker.call` raises instead of calling, or instead of an outage's error:
+    the caller answers as for an unavailable store (a cache misses, a session answers 503).
+    ``cause``: the exception of the call (None when the open breaker refused it); ``client_fault``:
+    it was raised inside redis-py, not by the store (see ``store.outage.is_client_fault``)."""
+
+    def __init__(self, reason: str, cause: BaseException | None = None, client_fault: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.cause = cause
+        self.client_fault = client_fault
 
 
 class CircuitBreaker:
@@ -62,6 +81,29 @@ class CircuitBreaker:
                 self._open = self._trial = False
                 metrics.BREAKER_OPEN.set(0, self.what)
                 self.log.warning("%s: cluster store reachable again; circuit closed", self.what)
+
+    def call(self, op: Callable[[], T]) -> T:
+        """``op()`` unless the breaker is open. An outage opens it and a failure inside the store
+        client leaves it closed, both raised as :class:`StoreDown`; any other error (an error reply
+        that is no outage, a bug) is raised as it is. Neither of those says anything about the store,
+        so a trial call ending in one lets the next caller try."""
+        if not self.allow():
+            raise StoreDown(self.reason)
+        try:
+            result = op()
+        except STORE_ERRORS as exc:
+            if not is_outage(exc):
+                self.abandoned()
+                raise
+            self.failure(exc)
+            raise StoreDown(f"{type(exc).__name__}: {exc}", exc) from exc
+        except BaseException as exc:
+            self.abandoned()
+            if not is_client_fault(exc):
+                raise
+            raise StoreDown(f"{type(exc).__name__} inside the store client: {exc}", exc, client_fault=True) from exc
+        self.success()
+        return result
 
     def abandoned(self) -> None:
         """A call ended saying nothing about the store (a client-side fault, an error reply that

@@ -27,9 +27,8 @@ from .. import lua
 from ..errors import StoreUnavailableError
 from ..keys import Keys
 from ..store import direct
-from ..store.outage import STORE_ERRORS, is_client_fault, is_outage
 from .base import MISSING, SWAP_RETRIES, CacheContentionError, ClusterCache, log
-from .breaker import CircuitBreaker
+from .breaker import CircuitBreaker, StoreDown
 from .serialization import Serializer
 from .typed import TypedMsgpackSerializer
 
@@ -99,29 +98,20 @@ class SharedCache(ClusterCache):
 
     def _call(self, op: Callable[[], T]) -> T:
         """Run ``op`` against the store unless the breaker is open; raise _Down if it cannot."""
-        if not self.breaker.allow():
-            raise _Down(self.breaker.reason)
-        try:
+
+        def connected() -> T:
             if self._client is None:
                 self.client  # noqa: B018 - connect (and start the embedded store) inside the guard
-            result = op()
-        except STORE_ERRORS as exc:
-            if not is_outage(exc):
-                self.breaker.abandoned()
-                raise
-            self.breaker.failure(exc)
-            raise _Down(str(exc)) from exc
-        except BaseException as exc:
-            self.breaker.abandoned()
-            if not is_client_fault(exc):
-                raise
-            # A failure inside redis-py (a connection torn down under this read): fail open as for
-            # an outage, but say so with the traceback, and leave the breaker closed.
-            log.error("cache %s: the store client failed (%s: %s); failing open", self.name,
-                      type(exc).__name__, exc, exc_info=exc)
-            raise _Down(f"{type(exc).__name__} inside the store client: {exc}") from exc
-        self.breaker.success()
-        return result
+            return op()
+
+        try:
+            return self.breaker.call(connected)
+        except StoreDown as down:
+            if down.client_fault:  # a connection torn down under this read: fail open, say so
+                log.error("cache %s: the store client failed (%s); failing open", self.name, down.reason,
+                          exc_info=down.cause)
+            outage = down.cause is not None and not down.client_fault
+            raise _Down(str(down.cause) if outage else down.reason) from down.cause  # an outage: its own words
 
     def _strict(self, op: Callable[[], T]) -> T:
         """``_call`` for the atomic extras: an unreachable store is an error, not a miss."""

@@ -33,12 +33,11 @@ from flask_session.redis import RedisSessionInterface
 from werkzeug.exceptions import ServiceUnavailable
 
 from .. import lua
-from ..caching.breaker import CircuitBreaker
+from ..caching.breaker import CircuitBreaker, StoreDown
 from ..caching.serialization import Serializer
 from ..errors import ImmutantError
 from ..metrics import definitions as metrics
 from ..protocols import Slot
-from ..store.outage import STORE_ERRORS, is_client_fault, is_outage
 from .near import SessionNearCache
 
 if TYPE_CHECKING:
@@ -137,25 +136,13 @@ class ImmutantSessionInterface(RedisSessionInterface):  # type: ignore[misc]  # 
     def _call(self, op: Callable[[], T]) -> T:
         """``op()`` on the store; :class:`SessionUnavailable` for an outage (which opens the
         breaker) and for a failure inside the store client (logged here with its traceback)."""
-        if not self.breaker.allow():
-            raise SessionUnavailable(self.breaker.reason)
         try:
-            result = op()
-        except STORE_ERRORS as exc:
-            if not is_outage(exc):
-                self.breaker.abandoned()
-                raise
-            self.breaker.failure(exc)
-            raise SessionUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        except BaseException as exc:
-            self.breaker.abandoned()
-            if not is_client_fault(exc):
-                raise
-            reason = f"{type(exc).__name__} inside the store client: {exc}"
-            log.error("session store call failed in the client (%s): answering 503", reason, exc_info=exc)
-            raise SessionUnavailable(reason) from exc
-        self.breaker.success()
-        return result
+            return self.breaker.call(op)
+        except StoreDown as down:
+            if down.client_fault:
+                log.error("session store call failed in the client (%s): answering 503", down.reason,
+                          exc_info=down.cause)
+            raise SessionUnavailable(down.reason) from down.cause
 
     # --- reading --------------------------------------------------------------------------
 
