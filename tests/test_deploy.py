@@ -3,6 +3,7 @@ undeploy, archives, signatures and the deployments folder — on real nodes."""
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -163,6 +164,50 @@ def test_redeploy_under_load_fails_no_request(two_nodes, node_env, tmp_path):
     failures = [r for r in results if r not in ("1", "2", "3")]
     assert not failures, failures[:5]
     assert len(results) > 50 and results[-1] == "3"
+
+
+def test_a_keep_alive_connection_idle_when_a_redeploy_begins_is_answered_not_dropped(two_nodes, node_env,
+                                                                                     tmp_path):
+    """A client between two requests on a kept-alive connection is the common case, not a corner
+    one: the draining runtime must answer its next request (saying ``Connection: close``), not
+    close the connection under it (the client's request then dies with it)."""
+    folder = write_app(tmp_path / "shop", "1")
+    assert deploy(node_env, folder).returncode == 0
+    port = two_nodes["ports"]["a"]
+    wait_until(lambda: get(port), timeout=within(10))
+    # Given clients that keep their connection open and pause 20 ms between requests
+    answers: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        while not stop.is_set():
+            try:
+                connection.request("GET", "/")
+                response = connection.getresponse()
+                answers.append(json.loads(response.read())["version"])
+            except (OSError, http.client.HTTPException) as exc:  # the connection was dropped under us
+                answers.append(f"error {exc!r}")
+                connection.close()
+            time.sleep(0.4)
+        connection.close()
+
+    clients = [threading.Thread(target=client) for _ in range(8)]
+    for thread in clients:
+        thread.start()
+    try:
+        wait_until(lambda: len(answers) > 20, timeout=within(10))
+        # When the app is redeployed twice
+        for version in ("2", "3"):
+            write_app(folder, version)
+            assert deploy(node_env, folder).returncode == 0
+            wait_until(lambda version=version: answers.count(version) > 3, timeout=within(10))
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+    # Then no request of theirs failed
+    assert [answer for answer in answers if answer not in ("1", "2", "3")] == []
 
 
 def test_a_failing_deployment_is_reported_and_a_fixed_one_recovers(two_nodes, node_env, tmp_path, store_client,

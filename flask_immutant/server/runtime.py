@@ -36,6 +36,9 @@ log = logging.getLogger("flask_immutant.runtime")
 EXIT_ORPHANED = 70
 #: Exit status when the app could not be imported or started (the supervisor reports it).
 EXIT_APP_FAILED = 3
+#: Seconds a draining runtime keeps a kept-alive connection open for its client's next request,
+#: counted from the connection's last activity (see ``_close_idle_channels``).
+IDLE_GRACE = 1.0
 
 
 def load_app(app_import_path: str | None) -> Flask:
@@ -131,11 +134,13 @@ class AppRuntime:
             return
         while time.monotonic() < deadline:
             closed = threading.Event()
-            server.trigger.pull_trigger(functools.partial(_close_idle_channels, server, closed))
+            # Near the deadline every idle connection goes, however recently it was used.
+            grace = min(IDLE_GRACE, max(0.0, deadline - time.monotonic() - 0.1))
+            server.trigger.pull_trigger(functools.partial(_close_idle_channels, server, grace, closed))
             closed.wait(max(0.0, min(0.05, deadline - time.monotonic())))  # the loop thread closed them
             if not _channels(server):
                 break
-            time.sleep(0.01)  # requests in progress: look again soon
+            time.sleep(0.01)  # requests in progress, or clients that may still send: look again soon
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=max(0.0, deadline - time.monotonic()))
 
 
@@ -210,13 +215,19 @@ def _channels(server: Any) -> list[Any]:
     return [channel for channel in list(server._map.values()) if isinstance(channel, HTTPChannel)]
 
 
-def _close_idle_channels(server: Any, done: threading.Event) -> None:
-    """Close keep-alive connections with no request in progress (runs in the loop thread)."""
+def _close_idle_channels(server: Any, grace: float, done: threading.Event) -> None:
+    """Close kept-alive connections with no request in progress and no activity for ``grace``
+    seconds (runs in the loop thread). A client between two requests sends its next one on the
+    connection it holds; closed under it, that request fails (RemoteDisconnected), so a recently
+    used connection is kept a moment to be answered with ``Connection: close`` instead. Closing an
+    idle connection always races a client that sends just then: the grace makes that a client
+    idle for ``grace`` seconds, not one that paused between two requests."""
     try:
+        now = time.time()  # waitress stamps last_activity with time.time()
         for channel in _channels(server):
             with channel.requests_lock:
                 idle = not channel.requests and channel.request is None and not channel.total_outbufs_len
-            if idle:
+            if idle and now - channel.last_activity >= grace:
                 channel.handle_close()
     finally:
         done.set()

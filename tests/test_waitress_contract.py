@@ -1,0 +1,65 @@
+"""What a draining runtime reads of waitress's channels (``server/runtime.py``), pinned on a real
+waitress server: these are not waitress's documented API, so an upgrade that moves them must fail
+here rather than leave a redeploy closing connections under clients, or never closing them."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from waitress.server import create_server
+
+from flask_immutant.server.runtime import _channels, _close_idle_channels
+
+from support import wait_until
+
+
+def hello(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
+
+
+@pytest.fixture
+def server() -> Iterator[Any]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    server = create_server(hello, sockets=[listener], threads=1)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.close()
+        thread.join(5)
+
+
+def close_idle(server: Any, grace: float) -> None:
+    done = threading.Event()
+    server.trigger.pull_trigger(lambda: _close_idle_channels(server, grace, done))
+    assert done.wait(5)
+
+
+def test_contract_a_kept_alive_channel_is_found_idle_and_stamped_by_the_wall_clock(server: Any) -> None:
+    # Given a client that made one request and keeps its connection
+    client = http.client.HTTPConnection("127.0.0.1", server.socket.getsockname()[1], timeout=5)
+    client.request("GET", "/")
+    assert client.getresponse().read() == b"ok"
+    (channel,) = wait_until(lambda: _channels(server), timeout=5)
+    # Then the channel says it is idle, with the fields the drain reads
+    with channel.requests_lock:
+        assert not channel.requests and channel.request is None and not channel.total_outbufs_len
+    # And its last activity is stamped with time.time(), which the grace is measured against
+    assert abs(time.time() - channel.last_activity) < 5
+    # When the drain closes idle channels with a grace longer than the pause, it keeps this one
+    close_idle(server, grace=60)
+    assert _channels(server) == [channel]
+    # And with no grace left, it closes it
+    close_idle(server, grace=0)
+    wait_until(lambda: not _channels(server), timeout=5)
+    client.close()
