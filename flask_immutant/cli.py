@@ -67,6 +67,17 @@ class ImmutantGroup(AppGroup):
         self._register()
         return super().get_command(ctx, cmd_name)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        """Our commands start without full collections, and their process exits without scanning
+        its heap (``startup.py``); the ones that keep running say when they have started."""
+        from . import startup
+
+        startup.starting()
+        try:
+            return super().invoke(ctx)
+        finally:
+            startup.finished()
+
 
 cli = ImmutantGroup("immutant", help="Run and inspect flask-immutant cluster nodes.")
 

@@ -28,6 +28,11 @@ ImmutantExtension(app)
 def index():
     print("handled a request", flush=True)
     return "hello"
+
+@app.get("/gc")
+def collector():
+    import gc
+    return {"threshold": list(gc.get_threshold()), "frozen": gc.get_freeze_count()}
 '''
 
 
@@ -109,6 +114,20 @@ def test_a_node_serves_its_app_and_the_app_output_appears_in_the_node_output(sta
     response = wait_until(lambda: http_get(port), timeout=10)
     assert response.text == "hello"
     node.wait_for("handled a request", timeout=5)
+
+
+def test_a_serving_runtime_collects_garbage_as_usual_with_its_start_up_frozen(start_node, app_file, node_env):
+    """Start-up raises the collector's threshold (``startup.py``); a runtime left with it would
+    keep far more garbage than Python's usual, for as long as it serves."""
+    import gc
+
+    node = start_node("--clustered", app=str(app_file))
+    node.wait_for("joined cluster")
+    port = int(node_env["IMMUTANT_HTTP_PORT"])
+    wait_until(lambda: http_get(port), timeout=10)
+    answer = requests.get(f"http://127.0.0.1:{port}/gc", timeout=5).json()
+    assert answer["threshold"] == list(gc.get_threshold())  # this test process has CPython's defaults
+    assert answer["frozen"] > 10_000  # Flask, the package and the app: no collection scans them again
 
 
 def test_sigkill_of_the_supervisor_takes_its_app_runtime_along(start_node, app_file, node_env):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from .. import startup
 from ..cli import LISTEN_PORT, load_state, one_line_errors, setup_logging
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
@@ -95,6 +96,7 @@ def balancer(ctx: click.Context, host: str, port: int, haproxy_socket: str | Non
             return
         from .embedded import EmbeddedBalancer
 
+        startup.started()
         EmbeddedBalancer(state, store=store, console=not no_console).run(host, port)
     finally:
         stop_reporting()

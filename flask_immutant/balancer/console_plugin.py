@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from .. import startup
 from ..cli import LISTEN_PORT, load_state, one_line_errors, setup_logging
 from ..errors import ImmutantError
 from ..hookspecs import hookimpl
@@ -94,5 +95,6 @@ def console(ctx: click.Context, port: int, host: str, allow_remote: bool, verbos
         say(f"console for cluster {state.settings['IMMUTANT_CLUSTER']} on http://{shown}:{port}/ "
             f"(log in with the cluster secret: {where})", "flask_immutant.console")
 
+    startup.started()
     web.run_app(app, host=host, port=port, print=started, access_log=None if not verbose else access_logger,
                 handle_signals=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from .. import startup
 from ..cli import load_state, one_line_errors, setup_logging
 from ..hookspecs import hookimpl
 from ..logs import say
@@ -63,6 +64,7 @@ def run(ctx: click.Context, /, verbose: bool, **options: Any) -> None:
         node.start()
         assert node.membership is not None
         say(f"node {node.identity.name} joined cluster {state.keys.cluster}")
+        startup.started()
         node.run()
     finally:
         node.stop()

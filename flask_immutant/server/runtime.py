@@ -25,6 +25,7 @@ from typing import Any, NoReturn, cast
 
 from flask import Flask
 
+from .. import startup
 from ..extension import EXTENSION_KEY, ImmutantExtension, ImmutantState
 from ..logs import say, setup_logging
 from .bytecode import drop_stale_bytecode
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lifeline-fd", type=int, required=True)
     parser.add_argument("--ready-fd", type=int, required=True)
     args = parser.parse_args(argv)
+    startup.starting()
 
     threading.Thread(target=_watch_lifeline, args=(args.lifeline_fd,), name="immutant-lifeline", daemon=True).start()
     stop = threading.Event()
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_APP_FAILED
     os.write(args.ready_fd, b"ready\n")
     os.close(args.ready_fd)
+    startup.started()
     stop.wait()
     runtime.stop(runtime.settings["IMMUTANT_SHUTDOWN_TIMEOUT"])
     return 0
