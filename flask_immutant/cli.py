@@ -73,6 +73,7 @@ class ImmutantGroup(AppGroup):
         from . import startup
 
         startup.starting()
+        startup.freeze_at_exit()
         try:
             return super().invoke(ctx)
         finally:

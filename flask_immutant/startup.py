@@ -7,32 +7,31 @@ interpreter exits; in ``flask immutant status`` that was about 90 ms of 330 (ben
 while one of our processes starts, the young generation's threshold is raised (collections stay
 possible, only rarer); once it has started, what start-up made is frozen (moved to the permanent
 generation: no later collection scans it, and a fork shares those pages) and the usual thresholds
-come back; and as the interpreter exits, the heap is frozen before its teardown collections.
+come back; and a ``flask immutant`` process freezes its heap as it exits, before the teardown's
+collections. A command that keeps running calls :func:`started` once it serves.
 """
 
 from __future__ import annotations
 
 import atexit
 import gc
+import os
+import sys
 
 #: The young generation's threshold while a process starts (CPython's default is 700 or 2,000).
 START_UP_THRESHOLD = 200_000
 
 _usual: tuple[int, int, int] | None = None
-_exit_registered = False
+_freezes_at_exit = False
 
 
 def starting() -> None:
     """Collect rarely until :func:`started` or :func:`finished` (idempotent; a forked child
     inherits it)."""
-    global _usual, _exit_registered
+    global _usual
     if _usual is None:
         _usual = gc.get_threshold()
         gc.set_threshold(max(START_UP_THRESHOLD, _usual[0]), _usual[1], _usual[2])
-    if not _exit_registered:
-        # atexit runs before the teardown's collections: with the heap frozen they scan nothing.
-        atexit.register(gc.freeze)
-        _exit_registered = True
 
 
 def started() -> None:
@@ -43,9 +42,27 @@ def started() -> None:
 
 
 def finished() -> None:
-    """A command has returned: the usual thresholds again (a process that invoked it in-process,
-    a test say, goes on collecting as before; its heap is not frozen)."""
+    """Start-up is over: the usual thresholds again, unless the app set its own meanwhile."""
     global _usual
     if _usual is not None:
-        gc.set_threshold(*_usual)
+        if gc.get_threshold()[0] == max(START_UP_THRESHOLD, _usual[0]):
+            gc.set_threshold(*_usual)
         _usual = None
+
+
+def freeze_at_exit() -> None:
+    """In a process that is a ``flask`` command itself (not a test or script that runs one in
+    process, whose heap and exit are its own): freeze the heap before the interpreter's teardown
+    collections (atexit runs first), which would otherwise scan all of it again."""
+    global _freezes_at_exit
+    if not _freezes_at_exit and _is_flask_program():
+        atexit.register(gc.freeze)
+        _freezes_at_exit = True
+
+
+def _is_flask_program() -> bool:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None:
+        return spec.name in ("flask", "flask.__main__")  # python -m flask
+    return os.path.splitext(os.path.basename(sys.argv[0]))[0] == "flask"  # the console script

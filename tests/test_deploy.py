@@ -3,12 +3,14 @@ undeploy, archives, signatures and the deployments folder — on real nodes."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
 import os
 import py_compile
 import signal
+import socket
 import tarfile
 import threading
 import time
@@ -208,6 +210,42 @@ def test_a_keep_alive_connection_idle_when_a_redeploy_begins_is_answered_not_dro
             thread.join()
     # Then no request of theirs failed
     assert [answer for answer in answers if answer not in ("1", "2", "3")] == []
+
+
+def test_empty_requests_cannot_keep_a_draining_runtime_past_its_grace(start_node, node_env, tmp_path):
+    """The grace above counts from the connection's last activity; a client sending bare CRLFs
+    (which waitress reads as empty requests) stays "active" for ever, and would hold the old
+    runtime until the shutdown timeout (here 60 s) on every redeploy."""
+    node = start_node("--clustered", "--node-name", "a", env={"IMMUTANT_SHUTDOWN_TIMEOUT": "60"})
+    node.wait_for("joined cluster")
+    folder = write_app(tmp_path / "shop", "1")
+    assert deploy(node_env, folder).returncode == 0
+    port = int(node_env["IMMUTANT_HTTP_PORT"])
+    wait_until(lambda: get(port), timeout=within(10))
+    (old,) = runtimes_of(node.pid)
+    # Given a kept-alive connection to it that sends an empty request (CRLF CRLF) every 0.2 s
+    trickle = socket.create_connection(("127.0.0.1", port), timeout=5)
+    trickle.sendall(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n")
+    assert trickle.recv(65536).startswith(b"HTTP/1.1 200")
+    stop = threading.Event()
+
+    def keep_sending() -> None:
+        with contextlib.suppress(OSError):
+            while not stop.wait(0.2):
+                trickle.sendall(b"\r\n\r\n")
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    try:
+        # When the app is redeployed
+        write_app(folder, "2")
+        assert deploy(node_env, folder).returncode == 0
+        # Then the old runtime is gone well before its shutdown timeout
+        wait_until(lambda: not pid_alive(old), timeout=within(10), message="the old runtime exited")
+    finally:
+        stop.set()
+        sender.join()
+        trickle.close()
 
 
 def test_a_failing_deployment_is_reported_and_a_fixed_one_recovers(two_nodes, node_env, tmp_path, store_client,

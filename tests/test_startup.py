@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -33,17 +34,25 @@ def test_start_up_collects_rarely_then_as_usual_with_what_it_made_frozen(usual) 
     assert gc.get_freeze_count() > 0
 
 
-def test_a_command_run_in_process_leaves_the_collector_as_it_found_it(usual) -> None:
+def test_a_command_run_in_process_leaves_the_collector_as_it_found_it(usual, tmp_path, monkeypatch) -> None:
     from click.testing import CliRunner
 
     from flask_immutant.cli import cli
 
     # When one of our commands runs inside a longer-lived process (a test, a script)
+    monkeypatch.setenv("IMMUTANT_HOME", str(tmp_path))
     frozen = gc.get_freeze_count()
-    result = CliRunner().invoke(cli, ["--help"])
+    result = CliRunner().invoke(cli, ["config"])
     assert result.exit_code == 0, result.output
     # Then that process collects as before, with nothing of its heap frozen
     assert gc.get_threshold() == usual and gc.get_freeze_count() == frozen
+
+
+def test_an_app_s_own_thresholds_survive_start_up(usual) -> None:
+    startup.starting()
+    gc.set_threshold(50_000, 20, 20)  # what an app may do at import
+    startup.started()
+    assert gc.get_threshold() == (50_000, 20, 20)
 
 
 def test_a_process_that_never_says_it_started_still_collects(usual) -> None:
@@ -55,9 +64,18 @@ def test_a_process_that_never_says_it_started_still_collects(usual) -> None:
     assert gc.collect() >= 10
 
 
-def test_the_heap_is_frozen_before_the_interpreter_tears_it_down() -> None:
-    # (atexit calls the last registered first: this check runs after startup's freeze)
-    code = ("import atexit, gc; atexit.register(lambda: print(gc.get_freeze_count() > 0)); "
-            "from flask_immutant import startup; startup.starting()")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "True"
+#: A process that prints, as it exits, whether its heap was frozen by then (atexit calls the last
+#: registered first: this check runs after anything the command registered).
+AT_EXIT = "import atexit, gc, sys; atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0)); "
+
+
+@pytest.mark.parametrize(("program", "frozen"), [
+    ("sys.argv = ['flask', 'immutant', 'config']; from flask.cli import main; main()", True),
+    ("from click.testing import CliRunner; from flask_immutant.cli import cli; CliRunner().invoke(cli, ['config'])",
+     False),
+], ids=["the flask command", "a script running it in process"])
+def test_only_a_flask_command_s_own_process_freezes_its_heap_at_exit(program: str, frozen: bool, tmp_path) -> None:
+    env = {**os.environ, "IMMUTANT_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", AT_EXIT + program], capture_output=True, text=True, env=env,
+                            check=False)
+    assert result.stdout.strip().splitlines()[-1] == f"frozen {frozen}", result.stdout + result.stderr

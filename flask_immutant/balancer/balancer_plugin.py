@@ -115,6 +115,7 @@ def _reconcile(store: redis.Redis, state: ImmutantState, socket_path: str) -> No
     loop.start()
     log.info("reconciling HAProxy at %s with the contexts of cluster %s", socket_path,
              state.settings["IMMUTANT_CLUSTER"])
+    startup.started()
     try:
         stop.wait()
     finally:

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from .. import startup
 from ..cli import checked_option, echoed_as_json_or_empty, one_line_errors, state_and_store
 from ..cli_table import cell, echo_table, printable
 from ..hookspecs import hookimpl
@@ -133,6 +134,7 @@ def events(ctx: click.Context, since: tuple[str, float] | None, follow: bool, as
                    if (start is not None or count) and after != "0-0" else [])
         if not as_json:
             click.echo(_line(HEADER))
+        startup.started()
         with collecting() as warnings:
             try:
                 while True:

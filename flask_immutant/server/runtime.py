@@ -122,6 +122,9 @@ class AppRuntime:
         """Stop accepting (the listening socket stays open in the supervisor and any newer
         runtime), stop background work, let in-flight requests finish, close idle connections."""
         deadline = time.monotonic() + timeout
+        # Idle connections get IDLE_GRACE from the drain's start, once: a client that keeps its
+        # connection "active" with empty requests (CRLFs) cannot stretch the drain past it.
+        grace_ends = min(time.monotonic() + IDLE_GRACE, deadline - 0.1)
         self.stopping.set()
         server = self._server
         if server is not None:
@@ -135,8 +138,7 @@ class AppRuntime:
             return
         while time.monotonic() < deadline:
             closed = threading.Event()
-            # Near the deadline every idle connection goes, however recently it was used.
-            grace = min(IDLE_GRACE, max(0.0, deadline - time.monotonic() - 0.1))
+            grace = IDLE_GRACE if time.monotonic() < grace_ends else 0.0
             server.trigger.pull_trigger(functools.partial(_close_idle_channels, server, grace, closed))
             closed.wait(max(0.0, min(0.05, deadline - time.monotonic())))  # the loop thread closed them
             if not _channels(server):

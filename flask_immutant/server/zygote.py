@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import importlib
 import json
 import logging
@@ -291,6 +292,7 @@ def _serve(control: socket.socket, later: list[str]) -> tuple[dict[str, Any], li
                 os.close(fd)
             control.send(json.dumps({"error": "the template has threads; not forking"}).encode())
             continue
+        gc.freeze()  # the child shares the template's pages; none of its collections scans them
         pid = os.fork()
         if pid == 0:
             signal.set_wakeup_fd(-1)
