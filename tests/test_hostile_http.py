@@ -372,6 +372,28 @@ def test_a_node_closes_a_request_that_does_not_arrive_by_the_deadline(start_node
     assert json_of(get_from("127.0.0.1", port))["remote"] == "127.0.0.1"
 
 
+def test_blank_lines_do_not_keep_an_idle_connection_open(start_node, who_app):
+    """HTTP lets a client send empty lines before a request (RFC 9112 2.2); waitress counted
+    them as activity, so 4 bytes every few seconds held a connection, and a slot of
+    IMMUTANT_HTTP_CONNECTION_LIMIT, for ever past the idle timeout."""
+    port = serving_node(start_node, who_app, IMMUTANT_HTTP_IDLE_TIMEOUT="2")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        closed = False
+        for _ in range(20):  # CRLF CRLF every 0.5 s, up to 10 s: the node must hang up long before
+            try:
+                sock.sendall(b"\r\n\r\n")
+                sock.settimeout(0.5)
+                closed = sock.recv(100) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+            if closed:
+                break
+        assert closed, "the node kept a connection that sent only blank lines past its idle timeout"
+    assert json_of(get_from("127.0.0.1", port))["remote"] == "127.0.0.1"
+
+
 def test_the_balancer_refuses_a_body_over_the_limit_with_413(backend, node_env, tmp_path):
     process, url = start_embedded({**node_env, "IMMUTANT_HTTP_MAX_BODY": "2048"}, tmp_path)
     try:

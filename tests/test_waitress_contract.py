@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from waitress.server import create_server
 
+from flask_immutant.server.http import with_read_deadline
 from flask_immutant.server.runtime import _channels, _close_idle_channels
 
 from support import wait_until
@@ -26,17 +27,30 @@ def hello(environ: dict[str, Any], start_response: Any) -> list[bytes]:
 
 @pytest.fixture
 def server() -> Iterator[Any]:
+    from waitress.channel import HTTPChannel
+
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     server = create_server(hello, sockets=[listener], threads=1)
+    server.channel_class = with_read_deadline(HTTPChannel, 30)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         yield server
     finally:
-        server.close()
+        server.trigger.pull_trigger(server.close)  # from the loop thread, whose map then empties
         thread.join(5)
+
+
+def answer(sock: socket.socket) -> bytes:
+    """One whole answer of ``hello`` (its head and body may come in separate reads)."""
+    data = b""
+    while not data.endswith(b"\r\n\r\nok"):
+        chunk = sock.recv(1000)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data
 
 
 def close_idle(server: Any, grace: float) -> None:
@@ -63,3 +77,28 @@ def test_contract_a_kept_alive_channel_is_found_idle_and_stamped_by_the_wall_clo
     close_idle(server, grace=0)
     wait_until(lambda: not _channels(server), timeout=5)
     client.close()
+
+
+def test_contract_blank_lines_between_requests_leave_a_channel_idle(server: Any) -> None:
+    """waitress stamps ``last_activity`` in ``handle_read`` before ``received`` sees the bytes;
+    ``with_read_deadline`` puts the stamp back when they were only blank lines."""
+    sock = socket.create_connection(("127.0.0.1", server.socket.getsockname()[1]), timeout=5)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer(sock).startswith(b"HTTP/1.1 200")
+    (channel,) = wait_until(lambda: _channels(server), timeout=5)
+
+    def settled() -> float | None:  # the answer is sent and stamped (the loop thread stamps last)
+        before = channel.last_activity
+        time.sleep(0.1)
+        return before if not channel.requests and channel.last_activity == before else None
+
+    stamped = wait_until(settled, timeout=5)
+    # When the client sends only blank lines, its channel keeps its earlier stamp
+    sock.sendall(b"\r\n\r\n")
+    time.sleep(0.2)
+    assert channel.last_activity == stamped and channel.request is None
+    # And a real request is activity again, and is answered
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer(sock).startswith(b"HTTP/1.1 200")
+    assert channel.last_activity > stamped
+    sock.close()

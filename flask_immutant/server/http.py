@@ -65,14 +65,29 @@ def raise_descriptor_limit(connections: int) -> None:
 def with_read_deadline(channel_class: type, read_timeout: float) -> type:
     """A waitress channel that closes a connection whose request is still arriving
     ``read_timeout`` seconds after its first byte (a drip-fed head or body; a silent one is
-    closed by the idle timeout)."""
+    closed by the idle timeout). Blank lines outside a request (which HTTP lets a client send
+    before one) are not activity: waitress counted them, so a client sending a few every while
+    held its connection past the idle timeout (and a draining runtime's grace) for ever."""
 
     class ReadDeadlineChannel(channel_class):  # type: ignore[misc]  # a base chosen at run time is Any to mypy
         reading_since = 0.0
+        blank_only = False  # what the last read brought was blank lines, and no request began
+        last_activity: float  # waitress's: the wall-clock time of the last bytes read or sent
+
+        def handle_read(self) -> None:
+            idle_since = self.last_activity  # waitress stamps any bytes read as activity
+            super().handle_read()
+            if self.blank_only:
+                self.last_activity = idle_since
+                self.blank_only = False
 
         def received(self, data: bytes) -> bool:
             now = time.monotonic()
             if data and self.request is None:
+                if not data.strip(b"\r\n"):
+                    handled = bool(super().received(data))
+                    self.blank_only = self.request is None and not self.requests
+                    return handled
                 self.reading_since = now  # the first byte of a request
             elif data and now - self.reading_since > read_timeout:
                 log.info("closing a connection from %s: its request took over %gs to arrive",
