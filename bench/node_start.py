@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import platform
+import select
 import shutil
 import signal
 import socket
@@ -92,7 +93,7 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> float | None:
         started = time.perf_counter()
         proc.terminate()
         try:
-            proc.wait(timeout)
+            wait_exit(proc, timeout)
             took = time.perf_counter() - started
         except subprocess.TimeoutExpired:
             pass
@@ -101,6 +102,20 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> float | None:
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(5)
     return took
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """``proc.wait(timeout)``, woken by the exit itself where Linux offers a pidfd: with a timeout,
+    ``Popen.wait`` polls with sleeps that double up to 50 ms, which rounded every stop time up to
+    the next step of 0.5, 1.5, 3.5 ... 63.5, 113.5, 163.5 ms."""
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(AttributeError, OSError):  # no pidfd here: Popen.wait polls
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            select.select([pidfd], [], [], timeout)
+        finally:
+            os.close(pidfd)
+    return proc.wait(max(0.0, deadline - time.monotonic()))
 
 
 def http_ok(port: int) -> bool:

@@ -106,12 +106,17 @@ class Loop:
     ``stop_event``: an event the owner sets to stop the loop, shared with other work.
     ``backoff_cap``: the longest wait after failures, for loops whose cadence is a promise
     (heartbeats, lease renewals: ``interval`` keeps them on time).
+    ``interrupt()``: called by :meth:`stop` once the stop is asked, to end a wait the step may be
+    blocked in (a pub/sub read: :meth:`~flask_immutant.store.connect.Subscription.interrupt`), so
+    a stop never waits out a step's timeout.
     """
 
     def __init__(self, name: str, step: Step, interval: float, *, wait_first: bool = False,
                  on_error: Callable[[BaseException], None] | None = None,
-                 stop_event: threading.Event | None = None, backoff_cap: float | None = None) -> None:
+                 stop_event: threading.Event | None = None, backoff_cap: float | None = None,
+                 interrupt: Callable[[], None] | None = None) -> None:
         self.name = name
+        self.interrupt = interrupt
         self.backoff_cap = backoff_cap
         self.step = step
         self.interval = interval
@@ -132,6 +137,11 @@ class Loop:
         """Ask the loop to stop and wait (bounded) for its current step to end."""
         self.stopping.set()
         self._wake.set()
+        if self.interrupt is not None:
+            try:
+                self.interrupt()
+            except Exception:
+                log.exception("%s: interrupting the step failed; waiting for it", self.name)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         _unregister(self)

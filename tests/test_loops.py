@@ -21,6 +21,7 @@ from balancer_support import start_embedded
 
 from flask_immutant.keys import Keys
 from flask_immutant.loops import UNHEALTHY_AFTER, Loop, backoff_delay, read_health
+from flask_immutant.store.connect import Subscription
 
 from support import run_flask, wait_until
 
@@ -78,6 +79,41 @@ def test_a_loop_failing_in_a_row_is_unhealthy_and_backs_off() -> None:
     # One backoff policy: doubling from the interval, capped (and a loop's own cap for cadences)
     assert [backoff_delay(n, 0.5) for n in (1, 2, 3, 5, 50)] == [0.5, 1.0, 2.0, 5.0, 5.0]
     assert backoff_delay(10, 0.75, cap=0.75) == 0.75
+
+
+def test_stop_interrupts_a_step_waiting_on_its_subscription(store_client, cluster_name) -> None:
+    """Regression: a loop waiting for a pub/sub message (membership's watcher, the lease listener,
+    the deployer) was stopped only once its read timed out: up to 0.25 s per loop on a node's stop
+    path, every time. The wait here is an hour; pytest-timeout fails a stop that waits it out."""
+    # Given a loop whose step waits an hour for a message that never comes
+    subscription = Subscription(store_client, f"{cluster_name}.quiet")
+    answers: list[object] = []
+
+    def step() -> float:
+        answers.append(subscription.get_message(timeout=3600))
+        return 0.0
+
+    loop = Loop("quiet-listener", step, 0.0, on_error=subscription.drop, interrupt=subscription.interrupt).start()
+    waiting = wait_until(lambda: _blocked_in(f"immutant-{loop.name}", "_wait_readable"), timeout=10)
+    # When it is stopped, with no bound on the wait for its step
+    loop.stop(timeout=None)
+    subscription.drop()
+    # Then the step's wait ended without a message, and the loop ended cleanly
+    assert waiting and answers == [None]
+    assert not loop.alive and loop.current_health().state == "stopped"
+
+
+def _blocked_in(thread_name: str, function: str) -> bool:
+    """Whether the thread named ``thread_name`` is inside ``function`` now."""
+    import sys
+
+    for thread in threading.enumerate():
+        frame = sys._current_frames().get(thread.ident or 0) if thread.name == thread_name else None
+        while frame is not None:
+            if frame.f_code.co_name == function:
+                return True
+            frame = frame.f_back
+    return False
 
 
 # --- every loop of real processes ------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -212,6 +213,42 @@ def test_contract_dramatiq_redis_consumer_hooks() -> None:
                  "compute_backoff(self.misses, max_backoff=self.timeout)", "def requeue"):
         assert name in consumer_source, name
     assert all(compute_backoff(misses, max_backoff=0)[1] == 0 for misses in range(40))
+
+
+def test_contract_dramatiq_worker_threads_for_the_engine_stop() -> None:
+    """The engine stops Dramatiq's worker threads, then its consumer threads, itself before
+    ``Worker.stop`` (engine.Engine._release_worker): that relies on the worker keeping both lists
+    and on each thread's ``stop`` only asking it to stop."""
+    import inspect
+
+    import dramatiq.worker
+
+    init = inspect.getsource(dramatiq.worker.Worker.__init__)
+    assert "self.workers" in init and "self.consumers" in init
+    for thread in (dramatiq.worker.WorkerThread, dramatiq.worker.ConsumerThread):
+        assert "self.running = False" in inspect.getsource(thread.stop)
+
+
+def test_a_delay_queue_consumer_stops_waiting_between_polls_once_released(store_client, cluster_name) -> None:
+    """Regression: a delay queue's consumer slept Dramatiq's backoff between two polls (up to the
+    worker timeout, 0.5 s at the default failure timeout) and Dramatiq stops a consumer thread only
+    between polls, so most of a runtime's stop was that sleep. Forty idle polls back off to most of
+    an hour each here; pytest-timeout fails a consumer that sleeps them out."""
+    from flask_immutant.keys import Keys
+    from flask_immutant.messaging.backends import RedisBackend
+
+    # Given an idle delay queue's consumer polling with up to an hour between two polls
+    backend = RedisBackend(store_client, Keys(cluster_name))
+    broker = backend.make_broker([], consumer_id=f"{cluster_name}.consumer")
+    consumer = broker.consume(f"{cluster_name}.q.idle.DQ", prefetch=1, timeout=3_600_000)
+    polls: list[object] = []
+    poller = threading.Thread(target=lambda: polls.extend(next(consumer) for _ in range(40)), daemon=True)
+    poller.start()
+    # When the engine stopping it releases the broker's consumers
+    broker.released.set()
+    # Then every poll left comes at once, each finding nothing
+    poller.join()
+    assert polls == [None] * 40
 
 
 def test_the_guard_acks_undecodable_messages_on_the_broker_the_redis_backend_makes(store_client, cluster_name) -> None:

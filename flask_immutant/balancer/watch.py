@@ -41,7 +41,8 @@ class TableWatcher:
         self.table: Table = {}
         self._subscription = Subscription(self.store, self.keys.contexts_changed)
         self._table_loop = Loop("balancer-table", self._tick, poll, wait_first=True)
-        self._events = Loop("balancer-events", self._listen, 0.0, on_error=self._subscription.drop)
+        self._events = Loop("balancer-events", self._listen, 0.0, on_error=self._subscription.drop,
+                            interrupt=self._subscription.interrupt)
 
     def start(self) -> None:
         self._table_loop.start()

@@ -253,7 +253,8 @@ class LeaseManager:
                         for name in ("acquire", "renew", "release")}
         self._keepers: list[LeaseKeeper] = []
         self._subscription = Subscription(self.store, self.keys.lease_released)
-        self._listener = Loop("lease-wakeup", self._listen, 0.0, on_error=self._subscription.drop).start()
+        self._listener = Loop("lease-wakeup", self._listen, 0.0, on_error=self._subscription.drop,
+                              interrupt=self._subscription.interrupt).start()
 
     def keeper(self, name: str, on_acquired: Callable[[int], None], on_lost: Callable[[], None]) -> LeaseKeeper:
         keeper = LeaseKeeper(self, name, on_acquired, on_lost)

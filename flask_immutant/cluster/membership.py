@@ -228,7 +228,8 @@ class Membership:
         self._loops = [
             Loop("heartbeat", self._heartbeat, self.interval, wait_first=True, stop_event=self._stop,
                  backoff_cap=self.interval).start(),
-            Loop("membership", self._watch, 0.0, on_error=self._subscription.drop, stop_event=self._stop).start(),
+            Loop("membership", self._watch, 0.0, on_error=self._subscription.drop, stop_event=self._stop,
+                 interrupt=self._subscription.interrupt).start(),
         ]
 
     def leave(self) -> None:
@@ -280,14 +281,14 @@ class Membership:
 
     def _watch(self) -> float:
         """Poll the members, then wait for an event, a wake or the heartbeat interval."""
-        pubsub = self._subscription.open()
-        self._poll(pubsub)
+        self._subscription.open()  # subscribed before the read, so no event is missed
+        self._poll()
         deadline = time.monotonic() + self.interval
         while not self._stop.is_set() and not self._wake.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            message = pubsub.get_message(timeout=min(remaining, 0.25))
+            message = self._subscription.get_message(timeout=min(remaining, 0.25))
             if message and message.get("type") == "message":
                 self._note_event(message["data"])
                 break
@@ -302,13 +303,13 @@ class Membership:
         if isinstance(event, dict) and event.get("event") == "left" and isinstance(event.get("name"), str):
             self._reasons[event["name"]] = str(event.get("reason", "left"))
 
-    def _drain(self, pubsub: Any, wait: float = 0.0) -> None:
+    def _drain(self, wait: float = 0.0) -> None:
         """Read the events already sent to us, so a graceful leave is never taken for a timeout."""
-        while (message := pubsub.get_message(timeout=wait)) is not None:
+        while (message := self._subscription.get_message(timeout=wait)) is not None:
             if message.get("type") == "message":
                 self._note_event(message["data"])
 
-    def _poll(self, pubsub: Any) -> None:
+    def _poll(self) -> None:
         members, expired = _read_members(self.store, self.keys, self.failure_timeout)
         self._recovery.answered()
         current = {m.name: m for m in members}
@@ -329,7 +330,7 @@ class Membership:
         gone = [n for n in self._known if n not in current]
         if any(name not in self._reasons for name in gone):
             # A leave is published before our read saw the member gone: it is on its way to us.
-            self._drain(pubsub, wait=0.05)
+            self._drain(wait=0.05)
         for name in gone:
             member = self._known.pop(name)
             self._call(self._on_left, member, self._reasons.pop(name, "timeout"))

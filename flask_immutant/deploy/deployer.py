@@ -71,7 +71,8 @@ class Deployer:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._subscription = Subscription(store.store, store.keys.deployments_changed)
-        self._loop = Loop("deployer", self._step, 0.0, on_error=self._subscription.drop)
+        self._loop = Loop("deployer", self._step, 0.0, on_error=self._subscription.drop,
+                          interrupt=self._subscription.interrupt)
         self._stop = self._loop.stopping
 
     @property

@@ -229,8 +229,9 @@ class Engine:
             self.backend.wake(list(self.bindings))  # our idle consumers stop now, not after their wait
         except redis.RedisError as exc:
             log.debug("could not wake idle consumers: %s", exc)
-        self._work_queue.close()  # idle worker threads see the stop now, not after their poll
-        self.worker.stop(timeout=int(timeout * 1000))
+        deadline = time.monotonic() + timeout
+        self._release_worker(deadline)
+        self.worker.stop(timeout=int(max(0.0, deadline - time.monotonic()) * 1000))
         for loop in self._loops:
             loop.stop(timeout=1.0)
         try:
@@ -243,6 +244,23 @@ class Engine:
         except redis.RedisError as exc:
             log.warning("messaging could not leave cleanly (%s); the reaper of another node will", exc)
         self.broker.close()
+
+    def _release_worker(self, deadline: float) -> None:
+        """The first half of Dramatiq's ``Worker.stop``, in its order but without its sleeps: the
+        worker threads are told to stop and woken (handlers in progress finish, until ``deadline``,
+        while the consumers keep polling, as Dramatiq has it), then the consumer threads, woken from
+        their wait between two polls. ``Worker.stop`` then finds every thread ending."""
+        workers = list(self.worker.workers)
+        for thread in workers:
+            thread.stop()
+        self._work_queue.close()  # idle worker threads see the stop now, not after their poll
+        for thread in workers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for consumer in list(self.worker.consumers.values()):
+            consumer.stop()
+        released = getattr(self.broker, "released", None)
+        if released is not None:
+            released.set()
 
     # --- bindings ---
 

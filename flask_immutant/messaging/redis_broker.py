@@ -91,6 +91,9 @@ def resuming_redis_broker() -> type[RedisBroker]:
             self._stranded: dict[str, list[bytes]] = {}
             #: Set when the worker is stopping: idle consumers poll instead of waiting for a token.
             self.stopping = threading.Event()
+            #: Set once the consumer threads are told to stop: a consumer waiting between two polls
+            #: ends its wait at once (the engine's stop; Dramatiq's consumers would sleep it out).
+            self.released = threading.Event()
 
         @property
         def consumer_class(self) -> type:
@@ -136,10 +139,11 @@ def resuming_redis_broker() -> type[RedisBroker]:
                 log.info("messaging: consumer of %s resumes", queue_name)
             self._resumes[thread.ident or 0] = (time.monotonic(), backoff)
             self.put_back(queue_name, self._stranded.pop(queue_name, []))
+            consumer: Any = super().consume(queue_name, prefetch, 0)  # no sleep in Dramatiq's consumer
             if queue_name.endswith(".DQ"):  # polled: it must also look at due times regularly
-                return super().consume(queue_name, prefetch, timeout)
-            consumer: Any = super().consume(queue_name, prefetch, 0)  # no backoff sleep: waits for a token
-            consumer.idle_wait = IDLE_WAIT
+                consumer.poll_ms = timeout
+            else:  # waits for a token
+                consumer.idle_wait = IDLE_WAIT
             return consumer
 
     return ResumingRedisBroker
@@ -155,10 +159,16 @@ def waking_consumer(base: type) -> type:
         just got one polls densely for a while, so a steady trickle clusters on a few nodes. Redis
         gives each token to the consumer that has blocked longest, so a trickle goes round the
         consumers in turn, as RabbitMQ does. ``idle_wait`` (seconds) bounds a wait, so messages
-        that came without a token (the reaper's requeues) are still fetched."""
+        that came without a token (the reaper's requeues) are still fetched.
+
+        A delay queue's consumer (``poll_ms``) polls with Dramatiq's backoff instead, and every
+        wait between polls ends once the broker is ``released`` (the engine stops), so a stop
+        never sleeps out a poll interval."""
 
         idle_wait: float | None = None
+        poll_ms: int | None = None
         _idle = False
+        _misses = 0
 
         def __next__(self) -> Any:
             if self.idle_wait is not None and self._idle and not self.message_cache:
@@ -166,7 +176,7 @@ def waking_consumer(base: type) -> type:
                     # busy: leave the tokens to consumers that can fetch; stopping: Dramatiq tells
                     # consumers to stop only once its workers are done, and a consumer waiting
                     # for a token would hold the stop up by up to ``idle_wait``
-                    time.sleep(SATURATED_POLL)
+                    self.broker.released.wait(SATURATED_POLL)
                 else:
                     try:
                         wait_for_wake_token(self.broker.client, f"{self.broker.namespace}:{self.queue_name}.wake",
@@ -177,6 +187,13 @@ def waking_consumer(base: type) -> type:
                         raise ConnectionClosed(exc) from None
             message = super().__next__()
             self._idle = message is None
+            if message is not None:
+                self._misses = 0
+            elif self.poll_ms is not None:
+                from dramatiq.common import compute_backoff
+
+                self._misses, backoff_ms = compute_backoff(self._misses, max_backoff=self.poll_ms)
+                self.broker.released.wait(backoff_ms / 1000)
             return message
 
         def close(self) -> None:

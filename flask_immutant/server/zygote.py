@@ -55,6 +55,9 @@ PRELOAD_LATER = (
     "flask_immutant.jobs.driver", "flask_immutant.messaging.core", "flask_immutant.messaging.engine",
     "flask_immutant.messaging.redis_broker", "flask_immutant.contexts.registry", "flask_immutant.daemons.registry",
     "flask_immutant.caching", "dramatiq", "cachelib", "croniter", "msgpack",
+    # what an app with sessions, the cache and jobs imports as it loads and serves its first request
+    "flask_immutant.web.sessions", "flask_immutant.web.near", "flask_immutant.caching.caches",
+    "flask_immutant.jobs.registry", "importlib.readers", "encodings.idna",
 )
 #: The process name (``comm``) of the template, so ``ps`` and tests tell it from its runtimes.
 TEMPLATE_NAME = b"immutant-tmpl"

@@ -8,6 +8,10 @@ is parsed here and handed to :class:`redis.sentinel.Sentinel`.
 from __future__ import annotations
 
 import contextlib
+import select
+import socket
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -115,12 +119,16 @@ def close_quietly(connection: Any) -> None:
 
 class Subscription:
     """The pub/sub subscription of a background loop: opened on first use, dropped after an error
-    (pass :meth:`drop` as the ``Loop``'s ``on_error``) and opened again by the next step."""
+    (pass :meth:`drop` as the ``Loop``'s ``on_error``) and opened again by the next step.
+
+    A wait for a message ends as soon as :meth:`interrupt` is called (the owner is stopping), not
+    when its timeout runs out: stopping a node must not wait out the listening loops' timeouts."""
 
     def __init__(self, store: redis.Redis, *channels: str) -> None:
         self.store = store
         self.channels = channels
         self._pubsub: Any = None
+        self._interrupted = threading.Event()
 
     def open(self) -> Any:
         """The pub/sub connection, subscribing first if there is none."""
@@ -135,12 +143,54 @@ class Subscription:
         return self._pubsub
 
     def get_message(self, timeout: float) -> Any:
-        return self.open().get_message(timeout=timeout)
+        """The next message, or None after ``timeout`` seconds or once :meth:`interrupt` was called."""
+        pubsub = self.open()
+        deadline = time.monotonic() + timeout
+        while not self._interrupted.is_set():
+            message = pubsub.get_message(timeout=0)  # one already read, or readable now
+            if message is not None:
+                return message
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._interrupted.is_set():
+                return None
+            if not self._wait_readable(pubsub, remaining):
+                return None
+        return None
+
+    def interrupt(self) -> None:
+        """End the wait of :meth:`get_message` now, and every later one at once: the owner stops.
+        The socket is shut down, not closed (closing a connection another thread reads breaks
+        redis-py's parser; failover.py does the same); :meth:`drop` closes it afterwards."""
+        self._interrupted.set()
+        pubsub = self._pubsub
+        sock = getattr(getattr(pubsub, "connection", None), "_sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def drop(self, _exc: BaseException | None = None) -> None:
         if self._pubsub is not None:
             close_quietly(self._pubsub)
         self._pubsub = None
+
+    @staticmethod
+    def _wait_readable(pubsub: Any, timeout: float) -> bool:
+        """Wait until the subscription's socket is readable (True) or ``timeout`` passes (False).
+        Reads redis-py's ``_sock`` (as failover.py does); where there is none, redis-py waits."""
+        connection = pubsub.connection
+        try:
+            if connection.can_read(timeout=0):  # buffered by redis-py's parser: never wait for the socket
+                return True
+        except (redis.RedisError, OSError):
+            return True  # broken: the next get_message reconnects or raises, as redis-py does
+        sock = getattr(connection, "_sock", None)
+        if sock is None:
+            return bool(connection.can_read(timeout=timeout))
+        try:
+            readable, _, _ = select.select([sock], [], [], timeout)
+        except (OSError, ValueError):
+            return True  # closed meanwhile: let get_message find out
+        return bool(readable)
 
 
 def describe_url(url: str) -> str:
