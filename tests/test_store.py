@@ -328,3 +328,27 @@ def test_one_rule_says_which_store_errors_are_outages() -> None:
     assert is_outage(redis.ResponseError("Command # 1 (DEL k) of pipeline caused error: BUSY Redis is busy"))
     assert not is_outage(redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"))
     assert not is_outage(redis.ResponseError("ERR unknown command 'BUSYX'"))
+
+
+def test_contract_redis_py_connections_expose_the_socket_they_read(store_client, tcp_redis) -> None:
+    """``Subscription`` (store/connect.py) waits on, and shuts down, the socket of its pub/sub
+    connection, and the near cache's tracker (caching/near.py) polls its connection's: both read
+    redis-py's ``Connection._sock``, which is not its API. Pinned here on both transports."""
+    import select
+    import socket
+
+    for client in (store_client, redis.Redis.from_url(tcp_redis.url)):
+        pubsub = client.pubsub()
+        try:
+            pubsub.subscribe("contract")
+            sock = pubsub.connection._sock
+            assert isinstance(sock, socket.socket)
+            assert pubsub.get_message(timeout=1)["type"] == "subscribe"
+            client.publish("contract", "hello")
+            readable, _, _ = select.select([sock], [], [], 5)
+            assert readable and pubsub.get_message(timeout=1)["data"] == b"hello"
+            assert pubsub.connection.can_read(timeout=0) is False
+        finally:
+            pubsub.close()
+            if client is not store_client:
+                client.close()
