@@ -79,8 +79,9 @@ def test_the_tolerant_encoder_keeps_the_wire_format() -> None:
 
     from flask_immutant.messaging.undecodable import TolerantEncoder
 
-    message: Message[object] = Message(queue_name="q", actor_name="a", args=(1,), kwargs={}, options={"x": 1})
-    plain, tolerant = JSONEncoder(), TolerantEncoder(JSONEncoder())
+    message: Message[object] = Message(queue_name="q", actor_name="a", args=(1, {"é": [0.1, None, "€\n"]}),
+                                       kwargs={}, options={"x": 1, "nan": float("nan")})
+    plain, tolerant = JSONEncoder(), TolerantEncoder(JSONEncoder())  # the tolerant one encodes by itself
     encoded = plain.encode(message.asdict())
     assert tolerant.encode(message.asdict()) == encoded
     assert tolerant.decode(encoded) == plain.decode(encoded)

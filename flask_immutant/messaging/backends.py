@@ -248,10 +248,9 @@ class RabbitmqBackend(Backend):
         """One message: Dramatiq's enqueue, confirmed. A batch: the idempotency keys marked in one
         round trip, then the messages in one transaction on a channel of their own (publisher
         confirms wait per message in pika's blocking client; a commit waits once for all)."""
-        from dramatiq.common import current_millis, dq_name
-
         if len(batch) == 1:
             return [self._publish_one(broker, *batch[0])]
+        current_millis, dq_name, _get_encoder = _dramatiq_helpers()
         marked = self.dedupe_marked_many([dedupe for _targets, dedupe in batch])
         keys = [dedupe[0] for (_targets, dedupe), fresh in zip(batch, marked, strict=True)
                 if dedupe is not None and fresh]
@@ -287,7 +286,7 @@ class RabbitmqBackend(Backend):
         return channel
 
     def _publish_one(self, broker: Broker, targets: Sequence[Target], dedupe: tuple[str, int] | None) -> bool:
-        if not self.dedupe_marked(dedupe):
+        if dedupe is not None and not self.dedupe_marked(dedupe):
             return False
         try:
             for target in targets:
