@@ -236,13 +236,13 @@ class RabbitmqBackend(Backend):
         self._batch = threading.local()
 
     def make_broker(self, middleware: Sequence[Middleware], consumer_id: str | None = None) -> Broker:
-        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+        from .rabbitmq_broker import batching_rabbitmq_broker
 
         pika_log = logging.getLogger("pika")
         if pika_log.level == logging.NOTSET:
             pika_log.setLevel(logging.WARNING)  # pika says INFO for every connection and channel
-        return RabbitmqBroker(url=self.url, middleware=list(middleware), confirm_delivery=True,
-                              max_priority=MAX_PRIORITY)
+        return batching_rabbitmq_broker()(url=self.url, middleware=list(middleware), confirm_delivery=True,
+                                          max_priority=MAX_PRIORITY)
 
     def publish_many(self, broker: Broker, batch: Sequence[Outgoing]) -> list[bool]:
         """One message: Dramatiq's enqueue, confirmed. A batch: the idempotency keys marked in one
