@@ -8,7 +8,9 @@
    same comparison runs on RabbitMQ too.
 2. ``publish_many`` of ``--batch`` messages (100) against as many single publishes, publishing
    only, interleaved rounds; prints the ratio (target >= 5x). ``--only-batch`` runs just this.
-3. Redelivery after SIGKILL of a consumer node holding messages, with no other traffic: time from
+3. A backlog of ``--backlog`` messages (5000) queued first, then drained by one runtime, against
+   raw Dramatiq the same way: messages per second and CPU per message (0 skips it).
+4. Redelivery after SIGKILL of a consumer node holding messages, with no other traffic: time from
    the kill until a surviving node has handled every one (target <= failure timeout + 1 s, 0 lost).
 """
 
@@ -170,6 +172,79 @@ def compare(home: Path, url: str, args: argparse.Namespace, broker_url: str | No
     print(f"    per-round ratios: {', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}")
 
 
+def drain_backlog(home: Path, url: str, args: argparse.Namespace, broker_url: str | None) -> None:
+    """A backlog of ``--backlog`` messages, queued before any consumer starts, drained by one
+    runtime (8 threads): flask-immutant vs raw Dramatiq, alternating. Here the worker threads
+    finish messages faster than one at a time, so per-message costs of the consumer show (on
+    RabbitMQ, acks handed to the consumer connection in batches)."""
+    label = "RabbitMQ" if broker_url else "Redis"
+    n = args.backlog
+    results: dict[str, list[tuple[float, float]]] = {"immutant": [], "raw": []}
+    for _round in range(args.rounds):
+        results["raw"].append(_drain_raw(url, args.threads, n, broker_url))
+        results["immutant"].append(_drain_immutant(home, args.threads, n, broker_url))
+    print(f"\n== {label}: drain a backlog of {n} messages, {args.threads} worker threads, {args.rounds} rounds ==")
+    for name, runs in results.items():
+        print(f"{name:>9}: " + ", ".join(f"{rate:6.0f}/s {cpu:4.0f} us" for rate, cpu in runs)
+              + "  (messages per second, CPU per message)")
+    paired = [ours[0] / raw[0] for ours, raw in zip(results["immutant"], results["raw"], strict=True)]
+    print(f"    per-round ratios: {', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}")
+
+
+def _drained(sink: Sink, started: float, cpu_started: float, n: int) -> tuple[float, float]:
+    if not sink.done.wait(300):
+        raise SystemExit(f"only {len(sink.latencies)} of {n} backlog messages arrived")
+    return n / (sink.last - started), (time.process_time() - cpu_started) / n * 1e6
+
+
+def _drain_immutant(home: Path, threads: int, n: int, broker_url: str | None) -> tuple[float, float]:
+    app = Flask("bench-backlog")
+    app.config.update(IMMUTANT_HOME=str(home), IMMUTANT_CLUSTER=f"benchd{uuid.uuid4().hex[:6]}",
+                      IMMUTANT_WORKER_THREADS=threads, IMMUTANT_BROKER_URL=broker_url, IMMUTANT_TRACING="off")
+    ImmutantExtension(app)
+    messaging = messaging_for(app)
+    sink = Sink(n)
+    messaging.listen("/queue/backlog", sink)
+    for start in range(0, n, 500):
+        messaging.publish_many("/queue/backlog", [{"t": 0.0}] * min(500, n - start))
+    state = messaging.state
+    runtime = SimpleNamespace(app=app, state=state, settings=state.settings)
+    state.runtime = runtime  # type: ignore[assignment]
+    cpu_started, started = time.process_time(), time.perf_counter()
+    messaging.runtime_started(runtime)  # type: ignore[arg-type]
+    try:
+        return _drained(sink, started, cpu_started, n)
+    finally:
+        messaging.runtime_stopping(runtime)  # type: ignore[arg-type]
+        messaging.backend.delete_queue(messaging.publisher, messaging.destinations["/queue/backlog"].queue_name)
+
+
+def _drain_raw(url: str, threads: int, n: int, broker_url: str | None) -> tuple[float, float]:
+    queue = f"rawd{uuid.uuid4().hex[:6]}"
+    if broker_url:
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        broker: Any = RabbitmqBroker(url=broker_url, middleware=[Retries()], confirm_delivery=True, max_priority=9)
+    else:
+        from dramatiq.brokers.redis import RedisBroker
+
+        broker = RedisBroker(client=client_from_url(url), namespace=f"bench-{queue}", middleware=[Retries()])
+    sink = Sink(n)
+    actor: Any = dramatiq.Actor(sink, broker=broker, actor_name="handle", queue_name=queue, priority=0, options={})
+    for _ in range(n):
+        broker.enqueue(actor.message({"t": 0.0}))
+    worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=500)
+    cpu_started, started = time.process_time(), time.perf_counter()
+    worker.start()
+    try:
+        return _drained(sink, started, cpu_started, n)
+    finally:
+        worker.stop()
+        if broker_url:
+            broker.channel.queue_delete(queue=queue)
+        broker.close()
+
+
 def batch_vs_single(home: Path, args: argparse.Namespace, broker_url: str | None) -> None:
     """``publish_many`` of N messages vs N ``publish`` calls, publishing only (nobody consumes)."""
     label = "RabbitMQ" if broker_url else "Redis"
@@ -319,6 +394,7 @@ def main() -> None:
     parser.add_argument("--batch-rounds", type=int, default=20)
     parser.add_argument("--only-batch", action="store_true", help="only publish_many vs single publishes")
     parser.add_argument("--rabbitmq", default=None, help="also compare on this RabbitMQ (amqp:// URL)")
+    parser.add_argument("--backlog", type=int, default=5000, help="messages of the backlog drain (0: skip)")
     args = parser.parse_args()
 
     import logging
@@ -337,6 +413,10 @@ def main() -> None:
         compare(home, url, args, None)
         if args.rabbitmq:
             compare(home, url, args, args.rabbitmq)
+        if args.backlog:
+            drain_backlog(home, url, args, None)
+            if args.rabbitmq:
+                drain_backlog(home, url, args, args.rabbitmq)
         if args.kills:
             redelivery(home, args, None)
         if args.rabbitmq and args.kills:

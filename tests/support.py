@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import redis
 
 T = TypeVar("T")
@@ -22,6 +23,17 @@ T = TypeVar("T")
 #: Wall-clock upper bounds in tests are multiplied by this (a shared or slow machine, parallel
 #: workers); bounds that tell one mechanism from another (a release from a TTL expiry) are not.
 TIME_SLACK = float(os.environ.get("TEST_TIME_SLACK", "2"))
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> None:
+    """Skip locally with the reason; fail in CI (CI=true), where everything a test needs must be there."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: a missing service is a failure)", pytrace=False)
+    pytest.skip(reason)
 
 
 def within(seconds: float) -> float:

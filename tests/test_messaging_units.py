@@ -80,8 +80,9 @@ def test_the_tolerant_encoder_keeps_the_wire_format() -> None:
 
     from flask_immutant.messaging.undecodable import TolerantEncoder
 
-    message: Message[object] = Message(queue_name="q", actor_name="a", args=(1,), kwargs={}, options={"x": 1})
-    plain, tolerant = JSONEncoder(), TolerantEncoder(JSONEncoder())
+    message: Message[object] = Message(queue_name="q", actor_name="a", args=(1, {"é": [0.1, None, "€\n"]}),
+                                       kwargs={}, options={"x": 1, "nan": float("nan")})
+    plain, tolerant = JSONEncoder(), TolerantEncoder(JSONEncoder())  # the tolerant one encodes by itself
     encoded = plain.encode(message.asdict())
     assert tolerant.encode(message.asdict()) == encoded
     assert tolerant.decode(encoded) == plain.decode(encoded)
@@ -317,3 +318,37 @@ def test_a_closed_redis_consumer_puts_back_what_it_fetched_and_never_handed_out(
     fresh = broker.consume(queue, prefetch=3, timeout=100)
     rest = [wait_until(lambda: next(fresh), timeout=10) for _ in range(2)]
     assert sorted(m.args[0] for m in [first, *rest]) == [0, 1, 2]
+
+
+def test_a_saturated_redis_consumer_fetches_again_as_soon_as_it_has_room(store_client, cluster_name) -> None:
+    """Regression: a consumer whose prefetch was full took the empty fetch for an empty queue, and once
+    acks made room it waited for a wake token; with the backlog's tokens used up (the list holds 64)
+    it fetched one batch per idle wait (3 s), so the end of a backlog of 5000 drained at 5 a second."""
+    import dramatiq
+
+    from flask_immutant.keys import Keys
+    from flask_immutant.messaging.backends import RedisBackend, Target
+
+    from support import wait_until
+
+    # Given a backlog with no wake token left, and a consumer holding as many messages as its prefetch
+    backend = RedisBackend(store_client, Keys(cluster_name))
+    broker = backend.make_broker([], consumer_id=f"{cluster_name}.consumer")
+    queue = f"{cluster_name}.q.backlog"
+    actor = dramatiq.actor(lambda n: None, broker=broker, queue_name=queue, actor_name=f"{cluster_name}_n")
+    backend.publish(broker, [Target(actor.message(n)) for n in range(5)], None)
+    store_client.delete(backend.keys.messaging_wake(queue))
+    consumer = broker.consume(queue, prefetch=2, timeout=100)
+    consumer.idle_wait = 60.0  # a wait for a token would outlast the deadline below
+    held = [wait_until(lambda: next(consumer), timeout=10) for _ in range(2)]
+    assert next(consumer) is None  # full: nothing fetched
+    # When it acknowledges what it holds
+    for message in held:
+        consumer.ack(message)
+    # Then its next call fetches from the backlog at once, without a token
+    fetched: list[object] = []
+    caller = threading.Thread(target=lambda: fetched.append(next(consumer)), daemon=True)
+    caller.start()
+    caller.join(timeout=15)
+    assert not caller.is_alive(), "the consumer waited for a wake token with messages in its queue"
+    assert fetched and fetched[0] is not None

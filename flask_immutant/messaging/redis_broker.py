@@ -167,17 +167,20 @@ def waking_consumer(base: type) -> type:
 
         idle_wait: float | None = None
         poll_ms: int | None = None
+        #: The last fetch found the queue empty: wait for a token before the next.
         _idle = False
+        #: The last call fetched nothing because the prefetch was full (the queue may hold more).
+        _saturated = False
         _misses = 0
 
         def __next__(self) -> Any:
-            if self.idle_wait is not None and self._idle and not self.message_cache:
+            if self.idle_wait is not None and (self._idle or self._saturated) and not self.message_cache:
                 if self.outstanding_message_count >= self.prefetch or self.broker.stopping.is_set():
                     # busy: leave the tokens to consumers that can fetch; stopping: Dramatiq tells
                     # consumers to stop only once its workers are done, and a consumer waiting
                     # for a token would hold the stop up by up to ``idle_wait``
                     self.broker.released.wait(SATURATED_POLL)
-                else:
+                elif self._idle:
                     try:
                         wait_for_wake_token(self.broker.client, f"{self.broker.namespace}:{self.queue_name}.wake",
                                             self.idle_wait)
@@ -185,8 +188,11 @@ def waking_consumer(base: type) -> type:
                         from dramatiq.errors import ConnectionClosed
 
                         raise ConnectionClosed(exc) from None
+                # else: full before and room now: fetch at once, as the backlog's tokens may be gone
+            saturated = not self.message_cache and self.outstanding_message_count >= self.prefetch
             message = super().__next__()
-            self._idle = message is None
+            self._idle = message is None and not saturated
+            self._saturated = message is None and saturated
             if message is not None:
                 self._misses = 0
             elif self.poll_ms is not None:

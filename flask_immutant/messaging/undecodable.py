@@ -38,6 +38,9 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "message_id": str, "message_timestamp": (int, float),
 }
 
+#: Dramatiq's JSONEncoder's ``json.dumps(data, separators=(",", ":"))``, made once.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
 #: Called with (queue, message id, reason, raw bytes or None, the Dramatiq message or None).
 DeadLetter = Callable[[str, str, str, Any, Any], None]
 
@@ -54,8 +57,13 @@ class TolerantEncoder(Encoder):
 
     def __init__(self, inner: Encoder) -> None:
         self.inner = inner
+        # Dramatiq's JSONEncoder calls json.dumps with separators, which builds a new encoder for
+        # every message; the same encoder made once gives the same bytes.
+        self._dumps = _COMPACT.encode if type(inner) is JSONEncoder else None
 
     def encode(self, data: Any) -> bytes:
+        if self._dumps is not None:
+            return self._dumps(data).encode("utf-8")
         return self.inner.encode(data)
 
     def decode(self, data: bytes) -> Any:
@@ -153,10 +161,11 @@ class GuardedConsumer(Consumer):
 
     def refusal(self, message: Any) -> str | None:
         """Why this process cannot deliver ``message``, or None."""
-        problem = message.options.get(UNDECODABLE)
+        options = message.options  # one look-up through Dramatiq's message proxy, not two
+        problem = options.get(UNDECODABLE)
         if problem is not None:
             return str(problem)
-        if self.on_redis and not isinstance(message.options.get("redis_message_id"), str):
+        if self.on_redis and not isinstance(options.get("redis_message_id"), str):
             return "not a Dramatiq message: options.redis_message_id is missing"
         if message.actor_name not in self.broker.actors:
             return f"unknown actor {message.actor_name!r} on queue {self.queue_name!r}"
