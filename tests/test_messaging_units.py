@@ -352,3 +352,23 @@ def test_a_saturated_redis_consumer_fetches_again_as_soon_as_it_has_room(store_c
     caller.join(timeout=15)
     assert not caller.is_alive(), "the consumer waited for a wake token with messages in its queue"
     assert fetched and fetched[0] is not None
+
+
+def test_contract_dramatiq_rabbitmq_consumer_ack() -> None:
+    """rabbitmq_broker.batching_consumer replaces the ack of whatever ``RabbitmqBroker.consumer_class``
+    gives: it relies on Dramatiq making consumers through that property, on an ack being "forget the
+    tag in ``known_tags``, then ``basic_ack`` it on ``channel`` from the consumer thread through
+    ``connection.add_callback_threadsafe``", and on pika's errors meaning a lost connection."""
+    import inspect
+
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    assert "self.consumer_class(" in inspect.getsource(RabbitmqBroker.consume)
+    consumer = RabbitmqBroker.consumer_class.fget(None)  # type: ignore[union-attr]
+    ack = inspect.getsource(consumer.ack)
+    for part in ("self.known_tags.remove(message._tag)", "self.connection.add_callback_threadsafe(",
+                 "self.channel.basic_ack", "pika.exceptions.AMQPConnectionError",
+                 "pika.exceptions.AMQPChannelError", "ConnectionClosed"):
+        assert part in ack, part
+    init = inspect.getsource(consumer.__init__)
+    assert all(name in init for name in ("self.known_tags", "self.connection", "self.channel"))
