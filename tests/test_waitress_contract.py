@@ -65,9 +65,13 @@ def test_contract_a_kept_alive_channel_is_found_idle_and_stamped_by_the_wall_clo
     client.request("GET", "/")
     assert client.getresponse().read() == b"ok"
     (channel,) = wait_until(lambda: _channels(server), timeout=5)
+
+    def idle() -> bool:  # the service thread ends the request just after the answer is sent
+        with channel.requests_lock:
+            return not channel.requests and channel.request is None and not channel.total_outbufs_len
+
     # Then the channel says it is idle, with the fields the drain reads
-    with channel.requests_lock:
-        assert not channel.requests and channel.request is None and not channel.total_outbufs_len
+    wait_until(idle, timeout=5)
     # And its last activity is stamped with time.time(), which the grace is measured against
     assert abs(time.time() - channel.last_activity) < 5
     # When the drain closes idle channels with a grace longer than the pause, it keeps this one
