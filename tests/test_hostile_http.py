@@ -352,23 +352,27 @@ def test_slow_uploads_through_the_balancer_do_not_starve_real_requests(start_nod
         process.cleanup()
 
 
+def hung_up_on(sock: socket.socket, drip: bytes, every: float, times: int) -> bool:
+    """Send ``drip`` every ``every`` seconds, up to ``times`` times: True once the peer hangs up."""
+    for _ in range(times):
+        try:
+            sock.sendall(drip)
+            sock.settimeout(every)
+            if sock.recv(100) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
 def test_a_node_closes_a_request_that_does_not_arrive_by_the_deadline(start_node, who_app):
     port = serving_node(start_node, who_app, IMMUTANT_HTTP_READ_TIMEOUT="3")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"POST /who HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
-        closed = False
-        for _ in range(30):  # one byte a second, up to 30 s: the node must hang up long before
-            try:
-                sock.sendall(b"x")
-                sock.settimeout(1)
-                closed = sock.recv(100) == b""
-            except TimeoutError:
-                continue
-            except OSError:
-                closed = True
-            if closed:
-                break
-        assert closed, "the node kept reading a request past its deadline"
+        # one byte a second, up to 30 s: the node must hang up long before
+        assert hung_up_on(sock, b"x", every=1, times=30), "the node kept reading a request past its deadline"
     assert json_of(get_from("127.0.0.1", port))["remote"] == "127.0.0.1"
 
 
@@ -378,19 +382,9 @@ def test_blank_lines_do_not_keep_an_idle_connection_open(start_node, who_app):
     IMMUTANT_HTTP_CONNECTION_LIMIT, for ever past the idle timeout."""
     port = serving_node(start_node, who_app, IMMUTANT_HTTP_IDLE_TIMEOUT="2")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        closed = False
-        for _ in range(20):  # CRLF CRLF every 0.5 s, up to 10 s: the node must hang up long before
-            try:
-                sock.sendall(b"\r\n\r\n")
-                sock.settimeout(0.5)
-                closed = sock.recv(100) == b""
-            except TimeoutError:
-                continue
-            except OSError:
-                closed = True
-            if closed:
-                break
-        assert closed, "the node kept a connection that sent only blank lines past its idle timeout"
+        # CRLF CRLF every 0.5 s, up to 10 s: the node must hang up long before
+        assert hung_up_on(sock, b"\r\n\r\n", every=0.5, times=20), \
+            "the node kept a connection that sent only blank lines past its idle timeout"
     assert json_of(get_from("127.0.0.1", port))["remote"] == "127.0.0.1"
 
 
