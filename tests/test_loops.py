@@ -103,6 +103,33 @@ def test_stop_interrupts_a_step_waiting_on_its_subscription(store_client, cluste
     assert not loop.alive and loop.current_health().state == "stopped"
 
 
+def test_a_subscription_on_a_descriptor_above_1023_waits_rather_than_spins(store_client, cluster_name) -> None:
+    """Regression: the wait used select(), which refuses descriptors above 1023; the error read as
+    "readable", so a loop in a process holding many connections (a balancer) spun a CPU for the
+    whole wait. The wait must say "nothing to read" when nothing came."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard descriptor limit ({hard}) is below 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(max(0, 1100 - len(os.listdir("/proc/self/fd"))))]
+    subscription = Subscription(store_client, f"{cluster_name}.quiet")
+    try:
+        pubsub = subscription.open()
+        assert pubsub.connection._sock.fileno() > 1023
+        assert subscription.get_message(timeout=0.5) is None  # reads the (ignored) subscribe confirmation
+        # When nothing is published, a wait ends with nothing, not at once with "readable"
+        assert Subscription._wait_readable(pubsub, 0.2) is False
+        store_client.publish(f"{cluster_name}.quiet", "hello")
+        assert subscription.get_message(timeout=5)["data"] == b"hello"
+    finally:
+        subscription.drop()
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def _blocked_in(thread_name: str, function: str) -> bool:
     """Whether the thread named ``thread_name`` is inside ``function`` now."""
     import sys

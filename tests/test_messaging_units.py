@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -372,3 +373,95 @@ def test_contract_dramatiq_rabbitmq_consumer_ack() -> None:
         assert part in ack, part
     init = inspect.getsource(consumer.__init__)
     assert all(name in init for name in ("self.known_tags", "self.connection", "self.channel"))
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"])
+def test_a_stop_past_its_deadline_still_lets_each_consumer_end_its_poll(broker, monkeypatch) -> None:
+    """Regression (review of the stop without sleeps): when a handler outlived the stop's deadline,
+    ``Worker.stop`` got no time left and closed each consumer while its thread was still in its
+    poll, two threads on one pika connection (which is not thread-safe)."""
+    import types
+    import uuid
+
+    import dramatiq
+    from dramatiq.worker import _ConsumerThread
+
+    from flask_immutant.messaging.engine import Engine
+    from flask_immutant.messaging.rabbitmq_broker import batching_rabbitmq_broker
+    from flask_immutant.messaging.workqueue import ClosableWorkQueue
+
+    rabbit = batching_rabbitmq_broker()(url="amqp://guest:guest@127.0.0.1:5672/%2F")
+    queue = f"immutant-test-overrun-{uuid.uuid4().hex[:8]}"
+    handling = threading.Event()
+
+    @dramatiq.actor(queue_name=queue, broker=rabbit)
+    def slow() -> None:
+        handling.set()
+        time.sleep(1.5)
+
+    worker = dramatiq.Worker(rabbit, worker_threads=1, worker_timeout=1000)
+    worker.work_queue = work = ClosableWorkQueue()
+    worker.start()
+    alive_at_close: list[list[str]] = []
+    close = _ConsumerThread.close
+
+    def watched_close(thread: _ConsumerThread) -> None:
+        alive_at_close.append([t.name for t in worker.consumers.values() if t.is_alive()])
+        close(thread)
+
+    try:
+        # Given a handler still running when the stop's deadline is 0.2 s away
+        slow.send()
+        assert handling.wait(10)
+        deadline = time.monotonic() + 0.2
+        # When the engine stops the worker
+        Engine._release_worker(types.SimpleNamespace(worker=worker, _work_queue=work, broker=rabbit), deadline)
+        monkeypatch.setattr(_ConsumerThread, "close", watched_close)
+        worker.stop(timeout=int(max(0.0, deadline - time.monotonic()) * 1000))
+        # Then no consumer was closed while its thread still polled
+        assert alive_at_close and all(alive == [] for alive in alive_at_close), alive_at_close
+    finally:
+        rabbit.channel.queue_delete(queue)
+        for suffix in (".DQ", ".XQ"):
+            rabbit.channel.queue_delete(queue + suffix)
+        rabbit.close()
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"])
+def test_a_message_of_a_closed_channel_is_never_acked_on_the_next_one(broker) -> None:
+    """Regression (review of the ack batching; Dramatiq's own consumer does it too): after a
+    consumer restart, Dramatiq acks a message of the old channel through the new consumer, whose
+    delivery tags start at 1 again: the tag could name another, unhandled message there."""
+    import uuid
+
+    import dramatiq
+
+    from flask_immutant.messaging.rabbitmq_broker import batching_rabbitmq_broker
+
+    rabbit = batching_rabbitmq_broker()(url="amqp://guest:guest@127.0.0.1:5672/%2F")
+    queue = f"immutant-test-tags-{uuid.uuid4().hex[:8]}"
+
+    @dramatiq.actor(queue_name=queue, broker=rabbit)
+    def job(n: int) -> None:
+        pass
+
+    old, new = rabbit.consume(queue, prefetch=1, timeout=1000), rabbit.consume(queue, prefetch=1, timeout=1000)
+    try:
+        job.send(1)
+        job.send(2)
+        first = next(m for m in iter(lambda: next(old), object()) if m is not None)
+        second = next(m for m in iter(lambda: next(new), object()) if m is not None)
+        assert first._tag == second._tag == 1  # each channel numbers its deliveries from 1
+        # When the new consumer is asked to ack the old channel's message
+        new.ack(first)
+        # Then it acks nothing: its own delivery 1 is still waiting for its handler
+        assert new.known_tags == {1}
+        new.ack(second)
+        assert new.known_tags == set()
+    finally:
+        old.close()
+        new.close()
+        rabbit.channel.queue_delete(queue)
+        for suffix in (".DQ", ".XQ"):
+            rabbit.channel.queue_delete(queue + suffix)
+        rabbit.close()

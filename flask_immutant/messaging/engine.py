@@ -255,11 +255,19 @@ class Engine:
         self._work_queue.close()  # idle worker threads see the stop now, not after their poll
         for thread in workers:
             thread.join(max(0.0, deadline - time.monotonic()))
-        for consumer in list(self.worker.consumers.values()):
+        consumers = list(self.worker.consumers.values())
+        for consumer in consumers:
             consumer.stop()
         released = getattr(self.broker, "released", None)
         if released is not None:
             released.set()
+        # Worker.stop closes each consumer once joined, or at once when no time is left; a consumer
+        # thread still in its poll (up to worker_timeout: pika's wait is not released) would then
+        # share its connection with the closing thread. So each gets its poll's length, whatever
+        # handlers that overran the deadline have left.
+        ends = max(deadline, time.monotonic() + self.worker.worker_timeout / 1000 + 0.5)
+        for consumer in consumers:
+            consumer.join(max(0.0, ends - time.monotonic()))
 
     # --- bindings ---
 

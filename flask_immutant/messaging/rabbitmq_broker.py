@@ -50,8 +50,31 @@ def batching_consumer(base: type) -> type:
             #: Delivery tags handled and not yet acknowledged; a callback is queued while not empty.
             self._acks: list[int] = []
 
+        def __next__(self) -> Any:
+            message = super().__next__()
+            if message is not None:
+                message._delivered_by = self
+            return message
+
+        def _ours(self, message: Any, what: str) -> bool:
+            """Whether this consumer delivered ``message``. Dramatiq acks through whichever consumer
+            its thread holds now: after a restart, a message of the closed channel reaches the new
+            one, whose delivery tags start at 1 again, and its tag could name another message there
+            (acked unhandled: lost). RabbitMQ has already requeued it with its channel."""
+            if getattr(message, "_delivered_by", self) is self:
+                return True
+            log.warning("not %sing message %s: its channel has closed since (RabbitMQ requeued it)",
+                        what, message.message_id)
+            return False
+
+        def nack(self, message: Any) -> None:
+            if self._ours(message, "nack"):
+                super().nack(message)
+
         def ack(self, message: Any) -> None:
             """Dramatiq's ``ack`` (same bookkeeping of known tags, same errors), batched."""
+            if not self._ours(message, "ack"):
+                return
             try:
                 self.known_tags.remove(message._tag)
             except KeyError:

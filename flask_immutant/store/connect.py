@@ -8,7 +8,7 @@ is parsed here and handed to :class:`redis.sentinel.Sentinel`.
 from __future__ import annotations
 
 import contextlib
-import select
+import selectors
 import socket
 import threading
 import time
@@ -186,11 +186,14 @@ class Subscription:
         sock = getattr(connection, "_sock", None)
         if sock is None:
             return bool(connection.can_read(timeout=timeout))
+        # A selector (epoll, kqueue), not select(): select refuses a descriptor above 1023, which a
+        # busy balancer or runtime reaches.
         try:
-            readable, _, _ = select.select([sock], [], [], timeout)
+            with selectors.DefaultSelector() as selector:
+                selector.register(sock, selectors.EVENT_READ)
+                return bool(selector.select(timeout))
         except (OSError, ValueError):
             return True  # closed meanwhile: let get_message find out
-        return bool(readable)
 
 
 def describe_url(url: str) -> str:

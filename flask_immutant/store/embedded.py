@@ -35,9 +35,12 @@ from ..private import check_own_socket, check_private_dir, make_private_dir, tig
 
 #: Seconds to wait for a freshly started server to answer PING.
 START_TIMEOUT = 15.0
-#: Seconds between two looks for a freshly started server: for its socket file (a stat), then
-#: for its answer to PING. The server itself takes about 35 ms to listen (Valkey 9.1).
+#: Seconds between two looks for a freshly started server's socket file (a stat): the server
+#: itself takes about 35 ms to listen (Valkey 9.1).
 READY_POLL = 0.001
+#: Longest wait between two PINGs once the socket is there (a server loading its AOF, one that
+#: bound and failed): each is a connection, so they back off from READY_POLL to this.
+READY_PING_MAX = 0.05
 #: Longest unix socket path the kernel accepts, less a margin (sun_path is 108 bytes on Linux).
 MAX_SOCKET_PATH = 100
 
@@ -185,12 +188,15 @@ class EmbeddedStore:
             detail = (result.stderr or result.stdout).strip()
             raise StoreUnavailableError(f"embedded store server did not start: {detail}")
         deadline = time.monotonic() + START_TIMEOUT
+        wait = READY_POLL
         while time.monotonic() < deadline:
             # A look for the socket file costs a stat: done often, it notices the server the
             # moment it listens; the PING itself waits for the server's first answer.
-            if self.socket.exists() and self.is_running():
-                return
-            time.sleep(READY_POLL)
+            if self.socket.exists():
+                if self.is_running():
+                    return
+                wait = min(wait * 2, READY_PING_MAX)
+            time.sleep(wait)
         raise StoreUnavailableError(
             f"embedded store server did not answer within {START_TIMEOUT:g}s; see {self.logfile}"
         )
