@@ -199,6 +199,10 @@ def test_a_killed_node_restarted_at_once_rejoins_under_its_name(start_node, node
     again = start_node("--clustered", "--node-name", "phoenix", env={"IMMUTANT_FAILURE_TIMEOUT": "30"})
     again.wait_for("joined cluster", timeout=10)
     assert names({**node_env, "IMMUTANT_FAILURE_TIMEOUT": "30"}) == {"phoenix"}
+    # And the cluster's event log has the crash, before the join (nobody else could reap it)
+    events = json.loads(run_flask(["immutant", "events", "--json"], node_env).stdout)
+    assert [(e["kind"], e["fields"].get("reason")) for e in events if e["fields"].get("member") == "phoenix"] == [
+        ("member.joined", None), ("member.left", "timeout"), ("member.joined", None)]
 
 
 def test_an_app_that_cannot_be_found_is_one_line_error(start_node):

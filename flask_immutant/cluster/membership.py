@@ -213,7 +213,9 @@ class Membership:
         keys = self._member_keys()
         ttl = self._ttl_ms()
         holder = self._scripts["claim"](keys=keys, args=[self.token, ttl, self.me.name, self.me.to_json(), ""])
-        if holder is not None:
+        if isinstance(holder, list):  # joined over a predecessor that never left
+            self._predecessor_left()
+        elif holder is not None:
             holder = holder.decode() if isinstance(holder, bytes) else holder
             if not _holder_is_dead_here(holder):
                 host = holder.partition("|")[0]
@@ -223,6 +225,7 @@ class Membership:
                 )
             # Our predecessor under this name was killed on this host: take the name over now.
             self._scripts["claim"](keys=keys, args=[self.token, ttl, self.me.name, self.me.to_json(), holder])
+            self._predecessor_left()
         events.emit("member.joined", member=self.me.name, address=self.me.address,
                     http_port=self.me.ports.get("http"), pid=self.me.pid)
         self._loops = [
@@ -231,6 +234,11 @@ class Membership:
             Loop("membership", self._watch, 0.0, on_error=self._subscription.drop, stop_event=self._stop,
                  interrupt=self._subscription.interrupt).start(),
         ]
+
+    def _predecessor_left(self) -> None:
+        """Our name's previous holder died without leaving, and nobody had reaped it yet: record its
+        departure, as a reap would have (restarted within the failure timeout, it would not be)."""
+        events.emit("member.left", member=self.me.name, reason="timeout")
 
     def leave(self) -> None:
         """Leave at once: other nodes see it through the events channel, not after a timeout."""

@@ -31,7 +31,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("member.joined", "a node joined the cluster", "the node that joined, once its name claim succeeded",
          ("member", "address", "http_port", "pid")),
     Kind("member.left", "a node left: `reason` is `left` (it stopped) or `timeout` (its heartbeat expired)",
-         "`left`: the node leaving; `timeout`: the one node whose reap removed it", ("member", "reason")),
+         "`left`: the node leaving; `timeout`: the one node whose reap removed it, or the node that took its "
+         "name over before any reap", ("member", "reason")),
     Kind("lease.acquired", "a singleton lease (daemon or scheduler) has a new holder; `failover` is true when the "
          "previous holder never released it (it crashed, stalled or lost the store)",
          "the new holder", ("lease", "fence", "failover", "previous_node")),
