@@ -38,7 +38,8 @@ EXIT_ORPHANED = 70
 #: Exit status when the app could not be imported or started (the supervisor reports it).
 EXIT_APP_FAILED = 3
 #: Seconds a draining runtime keeps a kept-alive connection open for its client's next request,
-#: counted from the connection's last activity (see ``_close_idle_channels``).
+#: counted from the connection's last activity, and only within this long of the drain's start
+#: (``AppRuntime.stop``, ``_close_idle_channels``).
 IDLE_GRACE = 1.0
 
 
