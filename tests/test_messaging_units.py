@@ -355,6 +355,129 @@ def test_a_saturated_redis_consumer_fetches_again_as_soon_as_it_has_room(store_c
     assert fetched and fetched[0] is not None
 
 
+def _redis_consumer_of(store_client, cluster_name: str, name: str, messages: int, prefetch: int):
+    """A consumer (as the engine makes them) of a new queue holding ``messages`` published ones."""
+    import dramatiq
+
+    from flask_immutant.keys import Keys
+    from flask_immutant.messaging.backends import RedisBackend, Target
+
+    backend = RedisBackend(store_client, Keys(cluster_name))
+    broker = backend.make_broker([], consumer_id=f"{cluster_name}.consumer")
+    queue = f"{cluster_name}.q.{name}"
+    actor = dramatiq.actor(lambda n: None, broker=broker, queue_name=queue, actor_name=f"{cluster_name}_{name}")
+    if messages:
+        backend.publish_many(broker, [([Target(actor.message(n))], None) for n in range(messages)])
+    consumer = broker.consume(queue, prefetch=prefetch, timeout=100)
+    return backend, broker, queue, actor, consumer
+
+
+def test_a_redis_consumer_that_emptied_its_queue_waits_for_the_next_publish_not_for_stale_tokens(
+        store_client, cluster_name) -> None:
+    """Regression: every publish leaves a wake token, and one fetch took several messages; the consumer
+    then woke once for each token left, and each time fetched nothing (a round trip each, taken
+    from the CPU the publishers and handlers share: issue 14)."""
+    from flask_immutant.messaging.backends import Target
+
+    from support import wait_until
+
+    # Given a consumer that took, in one fetch, all five messages of its queue (five tokens left)
+    backend, broker, queue, actor, consumer = _redis_consumer_of(store_client, cluster_name, "stale", 5, 8)
+    fetches = []
+    fetch = broker.do_fetch
+    broker.do_fetch = lambda *args: fetches.append(args) or fetch(*args)
+    consumer.idle_wait = 60.0
+    taken = [next(consumer) for _ in range(5)]
+    assert all(m is not None for m in taken) and len(fetches) == 1
+    # When its consumer thread asks it for more (as Dramatiq's loop does, again and again)
+    got: list[object] = []
+    stop = threading.Event()
+
+    def consume() -> None:
+        while not stop.is_set():
+            message = next(consumer)
+            if message is not None:
+                got.append(message)
+                return
+
+    caller = threading.Thread(target=consume, daemon=True)
+    caller.start()
+    try:
+        # Then it waits on the wake list, the tokens of the messages it took gone, without fetching
+        wait_until(lambda: store_client.llen(backend.keys.messaging_wake(queue)) == 0, timeout=10)
+        time.sleep(0.3)
+        assert len(fetches) == 1, f"{len(fetches) - 1} fetch(es) for stale tokens"
+        # And the next publish wakes it, for one fetch
+        backend.publish(broker, [Target(actor.message(5))], None)
+        caller.join(timeout=15)
+        assert not caller.is_alive(), "the consumer did not wake for the new message"
+        assert len(fetches) == 2 and got[0].args == (5,)  # type: ignore[attr-defined]
+    finally:
+        stop.set()
+        broker.released.set()
+        backend.wake([queue])
+
+
+def test_a_redis_consumer_holding_its_whole_prefetch_fetches_again_at_the_next_ack(
+        store_client, cluster_name, monkeypatch) -> None:
+    """Regression: a consumer whose prefetch was full looked again only every 50 ms, so once one
+    fetch took a whole batch, a stream drained at a prefetch per 50 ms (320 a second)."""
+    import flask_immutant.messaging.redis_broker as redis_broker
+
+    monkeypatch.setattr(redis_broker, "SATURATED_POLL", 60.0)  # a poll would outlast the join below
+    # Given a consumer holding as many messages as its prefetch, with one more waiting
+    _, broker, _, _, consumer = _redis_consumer_of(store_client, cluster_name, "room", 3, 2)
+    held = [next(consumer) for _ in range(2)]
+    fetched: list[object] = []
+    caller = threading.Thread(target=lambda: fetched.append(next(consumer)), daemon=True)
+    caller.start()
+    try:
+        time.sleep(0.2)
+        assert caller.is_alive()  # full: waiting for room
+        # When a worker acknowledges one of them
+        consumer.ack(held[0])
+        # Then the consumer fetches the third at once
+        caller.join(timeout=15)
+        assert not caller.is_alive(), "the consumer did not fetch again at the ack"
+        assert fetched[0].args == (2,)  # type: ignore[attr-defined]
+    finally:
+        broker.released.set()  # the engine's stop ends every such wait too
+
+
+def test_a_consumer_pauses_between_fetches_only_while_messages_stream_in() -> None:
+    from flask_immutant.messaging.redis_broker import LINGER_BATCH, LINGER_MAX, LINGER_RATE, ArrivalRate
+
+    now = [100.0]
+    rate = ArrivalRate(clock=lambda: now[0])
+    # A trickle: no pause, a message is fetched as its token comes
+    now[0] += 1.0
+    rate.observe(1)
+    assert rate.linger() == 0.0
+    # A stream of 4,000 a second: a pause that gathers about LINGER_BATCH messages
+    now[0] += 0.125
+    rate.observe(500)
+    assert rate.linger() == pytest.approx(LINGER_BATCH / 4000)
+    # A slower stream gathers fewer in the longest pause, and below LINGER_RATE no pause is made
+    now[0] += 0.125
+    rate.observe(100)
+    assert rate.linger() == LINGER_MAX
+    now[0] += 0.125
+    rate.observe(int(LINGER_RATE * 0.125) - 1)
+    assert rate.linger() == 0.0
+
+
+def test_contract_dramatiq_redis_fetch_stops_at_an_empty_queue() -> None:
+    """The consumer takes a fetch that returned fewer messages than it asked for as "the queue is empty
+    now" (redis_broker.waking_consumer): Dramatiq's fetch pops until the list is empty, from the list
+    named ``<namespace>:<queue>``, which the consumer's token-clearing script reads."""
+    from importlib import resources
+
+    dispatch = resources.files("dramatiq.brokers").joinpath("redis", "dispatch.lua").read_text()
+    fetch = dispatch[dispatch.index('command == "fetch"'):]
+    assert 'redis.call("lpop", queue_full_name)' in fetch and "if not message_id then\n            break" in fetch
+    assert 'local queue_full_name = namespace .. ":" .. queue_name' in dispatch
+
+
 def test_contract_dramatiq_rabbitmq_consumer_ack() -> None:
     """rabbitmq_broker.batching_consumer replaces the ack of whatever ``RabbitmqBroker.consumer_class``
     gives: it relies on Dramatiq making consumers through that property, on an ack being "forget the
