@@ -113,6 +113,8 @@ def run_immutant(home: Path, threads: int, messages: int, paced: int, broker_url
         return measure(lambda body: messaging.publish("/queue/bench", body), box, messages, paced)
     finally:
         messaging.runtime_stopping(runtime)  # type: ignore[arg-type]
+        # each run's cluster name is new: its queues would stay on a shared RabbitMQ for good
+        messaging.backend.delete_queue(messaging.publisher, messaging.destinations["/queue/bench"].queue_name)
 
 
 def run_raw(url: str, threads: int, poll_ms: int, messages: int, paced: int,
@@ -350,6 +352,7 @@ def redelivery(home: Path, args: argparse.Namespace, broker_url: str | None) -> 
         app.config.update({k: v for k, v in env.items() if k.startswith("IMMUTANT_") and k != "IMMUTANT_HTTP_PORT"})
         ImmutantExtension(app)
         messaging = messaging_for(app)
+        held = messaging.start("/queue/held")
         victim = Node("victim", 0, env, folder)
         survivor = None
         try:
@@ -375,6 +378,7 @@ def redelivery(home: Path, args: argparse.Namespace, broker_url: str | None) -> 
             victim.stop()
             if survivor is not None:
                 survivor.stop()
+            messaging.backend.delete_queue(messaging.publisher, held.queue_name)
     print(f"\n== {label}: redelivery after SIGKILL of a node holding {args.held} unacked messages, "
           f"no other traffic, failure timeout {args.failure_timeout:g} s, {args.kills} runs ==")
     print(f"    all redelivered after: median {statistics.median(times):.2f} s, max {max(times):.2f} s; "
