@@ -588,3 +588,49 @@ def test_a_message_of_a_closed_channel_is_never_acked_on_the_next_one(broker) ->
         for suffix in (".DQ", ".XQ"):
             rabbit.channel.queue_delete(queue + suffix)
         rabbit.close()
+
+
+def test_handler_counts_lose_nothing_and_never_break_a_reader_while_workers_update_them() -> None:
+    """Regression: worker threads updated the engine's per-queue dicts unlocked while the heartbeat
+    listed them; a listing while a worker added a queue raised ``dictionary changed size``."""
+    import sys
+
+    from flask_immutant.messaging.engine import HandlerCounts
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    counts, errors, reported = HandlerCounts(), [], []
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.is_set():
+            try:
+                counts.running()
+                handled = counts.handled()
+                reported.append(sum(handled.values()))
+                counts.counted(handled)
+            except RuntimeError as exc:
+                errors.append(exc)
+                return
+
+    def worker(k: int) -> None:
+        for i in range(3000):
+            queue = f"q{k}-{i % 500}"  # new queues keep appearing while the heartbeat lists them
+            counts.started(queue)
+            counts.finished(queue)
+
+    try:
+        beat = threading.Thread(target=heartbeat)
+        beat.start()
+        workers = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+        done.set()
+        beat.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors
+    assert counts.running() == {}
+    assert sum(reported) + sum(counts.handled().values()) == 4 * 3000

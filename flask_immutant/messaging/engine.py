@@ -168,6 +168,42 @@ class Binding:
         return None
 
 
+class HandlerCounts:
+    """Per queue, the handlers running now and the messages handled since the last beat (for the
+    heartbeat record and the console's history). Worker threads update them and the heartbeat
+    reads them: one lock, as ``+=`` on a dict item is not atomic across threads (counts were
+    lost, and a heartbeat listing the dict while a worker added a queue raised)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: defaultdict[str, int] = defaultdict(int)
+        self._handled: defaultdict[str, int] = defaultdict(int)
+
+    def started(self, queue: str) -> None:
+        with self._lock:
+            self._running[queue] += 1
+
+    def finished(self, queue: str) -> None:
+        with self._lock:
+            self._running[queue] -= 1
+            self._handled[queue] += 1
+
+    def running(self) -> dict[str, int]:
+        with self._lock:
+            return {queue: n for queue, n in self._running.items() if n}
+
+    def handled(self) -> dict[str, int]:
+        """Handled since the last :meth:`counted`."""
+        with self._lock:
+            return {queue: n for queue, n in self._handled.items() if n}
+
+    def counted(self, counts: dict[str, int]) -> None:
+        """``counts`` (from :meth:`handled`) reached the cluster's counters."""
+        with self._lock:
+            for queue, n in counts.items():
+                self._handled[queue] -= n
+
+
 class Engine:
     """The runtime's consumer: worker, heartbeat and reaper threads, and the local bindings."""
 
@@ -183,8 +219,7 @@ class Engine:
         self._dedupe_window_ms = int(self.settings["IMMUTANT_MESSAGING_DEDUPE_WINDOW"] * 1000)
         self.interval = self.failure_timeout / BEATS_PER_TIMEOUT
         self.bindings: dict[str, Binding] = {}
-        self.in_flight: defaultdict[str, int] = defaultdict(int)
-        self.handled: defaultdict[str, int] = defaultdict(int)  # since the last beat, for the console's history
+        self.counts = HandlerCounts()
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._loops: list[Loop] = []
@@ -368,7 +403,7 @@ class Engine:
         destination = message.destination
         tracing = self.messaging.tracing
         _local.current = message
-        self.in_flight[queue] += 1
+        self.counts.started(queue)
         started = time.perf_counter()
         try:
             metrics.IN_FLIGHT.inc(destination)
@@ -384,8 +419,7 @@ class Engine:
         else:
             metrics.DELIVERED.inc(destination)
         finally:
-            self.in_flight[queue] -= 1  # our own bookkeeping first: it never waits on a metric
-            self.handled[queue] += 1
+            self.counts.finished(queue)  # our own bookkeeping first: it never waits on a metric
             _local.current = None
             metrics.HANDLER_SECONDS.observe(time.perf_counter() - started, destination)
             metrics.IN_FLIGHT.dec(destination)
@@ -442,7 +476,7 @@ class Engine:
     def beat(self) -> None:
         record = heartbeat_record(
             node=self.node_name, pid=os.getpid(), broker=self.backend.kind,
-            queues=sorted(self.bindings), in_flight={q: n for q, n in self.in_flight.items() if n},
+            queues=sorted(self.bindings), in_flight=self.counts.running(),
             prefetched=self._prefetched(),
         )
         self._heartbeat(
@@ -454,15 +488,14 @@ class Engine:
 
     def _count_handled(self) -> None:
         """Add what was handled since the last beat to the cluster's per-queue counters."""
-        counts = {q: n for q, n in list(self.handled.items()) if n}
+        counts = self.counts.handled()
         if not counts:
             return
         pipe = self.messaging.state.store.pipeline(transaction=False)
         for queue, n in counts.items():
             pipe.hincrby(self.keys.messaging_handled, queue, n)
         pipe.execute()
-        for queue, n in counts.items():
-            self.handled[queue] -= n
+        self.counts.counted(counts)
 
     def _prefetched(self) -> dict[str, int]:
         """RabbitMQ: messages delivered to this process and not yet acknowledged, per queue."""
