@@ -98,6 +98,11 @@ class Keys:
         """LIST of tokens, one per published message, that idle consumers of ``queue`` BLPOP."""
         return f"{self.messaging_namespace}:{queue}.wake"
 
+    def messaging_release(self, consumer_id: str) -> str:
+        """LIST a stopping runtime pushes to, to end its own idle consumers' waits: they BLPOP it
+        beside their queue's wake list, whose tokens any consumer may take or clear."""
+        return f"{self.messaging_namespace}:__release__.{consumer_id}"
+
     @property
     def messaging_beats(self) -> str:
         """HASH ``last``/``since``: when (store time, ms) a consumer last beat, and since when beats

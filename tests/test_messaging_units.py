@@ -414,8 +414,9 @@ def test_a_redis_consumer_that_emptied_its_queue_waits_for_the_next_publish_not_
         assert len(fetches) == 2 and got[0].args == (5,)  # type: ignore[attr-defined]
     finally:
         stop.set()
-        broker.released.set()
-        backend.wake([queue])
+        broker.stopping.set()
+        backend.wake(broker, [queue])
+        caller.join(timeout=15)
 
 
 def test_a_redis_consumer_holding_its_whole_prefetch_fetches_again_at_the_next_ack(
@@ -440,8 +441,38 @@ def test_a_redis_consumer_holding_its_whole_prefetch_fetches_again_at_the_next_a
         caller.join(timeout=15)
         assert not caller.is_alive(), "the consumer did not fetch again at the ack"
         assert fetched[0].args == (2,)  # type: ignore[attr-defined]
+        # And once the engine releases its consumers, a full one waits no more, however often asked
+        broker.released.set()
+        for _ in range(3):
+            caller = threading.Thread(target=lambda: next(consumer), daemon=True)
+            caller.start()
+            caller.join(timeout=15)
+            assert not caller.is_alive(), "a full consumer waited for room after the release"
     finally:
-        broker.released.set()  # the engine's stop ends every such wait too
+        broker.released.set()
+
+
+def test_a_stopping_runtime_ends_its_own_consumers_waits_without_tokens_others_could_take(
+        store_client, cluster_name) -> None:
+    """Regression: the stop left its wake-ups on the queue's shared wake list, where a consumer of
+    another node could take them, or clear them as stale, first; the stopping consumer then sat
+    out its whole idle wait (3 s), and other nodes' consumers woke for nothing."""
+    # Given an idle consumer waiting for a wake token
+    backend, broker, queue, _, consumer = _redis_consumer_of(store_client, cluster_name, "release", 0, 8)
+    consumer.idle_wait = 60.0
+    assert next(consumer) is None  # the queue is empty
+    caller = threading.Thread(target=lambda: next(consumer), daemon=True)
+    caller.start()
+    time.sleep(0.3)
+    assert caller.is_alive()
+    # When its runtime stops (the engine sets ``stopping``, then wakes its consumers)
+    broker.stopping.set()
+    backend.wake(broker, [queue])
+    # Then its wait ends, through a list of its own: the queue's wake list is left alone
+    caller.join(timeout=15)
+    assert not caller.is_alive(), "the stopping consumer still waits"
+    assert store_client.llen(backend.keys.messaging_wake(queue)) == 0
+    assert 0 < store_client.pttl(backend.keys.messaging_release(broker.broker_id)) <= 60_000
 
 
 def test_a_consumer_pauses_between_fetches_only_while_messages_stream_in() -> None:

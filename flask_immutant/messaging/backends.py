@@ -21,7 +21,7 @@ import redis
 
 from .. import lua
 from ..keys import Keys
-from .redis_broker import push_wake_tokens, resuming_redis_broker
+from .redis_broker import RELEASE_TTL_MS, resuming_redis_broker
 
 if TYPE_CHECKING:
     from dramatiq import Message
@@ -113,8 +113,8 @@ class Backend:
             found.append((name, int(flat[index + 1]), queues))
         return found
 
-    def wake(self, queues: Sequence[str]) -> None:
-        """Wake every consumer waiting on ``queues`` (this process's, which are stopping, too)."""
+    def wake(self, broker: Broker, queues: Sequence[str]) -> None:
+        """End the waits of ``broker``'s idle consumers of ``queues`` (it is stopping)."""
 
     def dedupe_marked(self, dedupe: tuple[str, int] | None) -> bool:
         """Mark an idempotency key in the store; False if it was already marked."""
@@ -153,6 +153,7 @@ class RedisBackend(Backend):
         broker = resuming_redis_broker()(
             client=self.client, namespace=self.namespace, middleware=list(middleware),
             heartbeat_timeout=DRAMATIQ_HEARTBEAT_TIMEOUT,
+            release_key=self.keys.messaging_release(consumer_id) if consumer_id else None,
         )
         if consumer_id:
             broker.broker_id = consumer_id  # its ack sets are named after it; the reaper finds them
@@ -186,9 +187,13 @@ class RedisBackend(Backend):
             return []
         return [int(written) >= 0 for written in self._publish(keys=keys, args=args)]
 
-    def wake(self, queues: Sequence[str]) -> None:
-        waiting = int(self.store.scard(self.keys.messaging_consumers)) + 1
-        push_wake_tokens(self.client, {self.keys.messaging_wake(queue): waiting for queue in queues})
+    def wake(self, broker: Broker, queues: Sequence[str]) -> None:
+        release = getattr(broker, "release_key", None)
+        if release is not None:  # one token for each consumer thread, which then sees the stop
+            pipe = self.client.pipeline(transaction=False)
+            pipe.rpush(release, *["1"] * (len(queues) + 1))
+            pipe.pexpire(release, RELEASE_TTL_MS)
+            pipe.execute()
 
     def queue_stats(self, broker: Broker | None, queue: str) -> dict[str, int | None]:
         base = f"{self.namespace}:{queue}"

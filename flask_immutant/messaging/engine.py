@@ -260,7 +260,7 @@ class Engine:
         if stopping is not None:
             stopping.set()  # idle consumers poll from now on, until Dramatiq stops them
         try:
-            self.backend.wake(list(self.bindings))  # our idle consumers stop now, not after their wait
+            self.backend.wake(self.broker, list(self.bindings))  # our idle consumers stop now, not after their wait
         except redis.RedisError as exc:
             log.debug("could not wake idle consumers: %s", exc)
         deadline = time.monotonic() + timeout

@@ -54,23 +54,28 @@ def push_wake_tokens(client: redis.Redis, tokens: dict[str, int]) -> None:
     pipe.execute(raise_on_error=False)
 
 
-def wait_for_wake_token(client: redis.Redis, wake: str, timeout: float) -> None:
-    """BLPOP one token of ``wake``; a key of another type (garbage a store writer put there) is
-    deleted, with a warning, so that tokens can be left again."""
+def wait_for_wake_token(client: redis.Redis, wake: str, timeout: float, release: str | None = None) -> None:
+    """BLPOP one token of ``wake`` (or of ``release``: the consumer's runtime is stopping); a key of
+    another type (garbage a store writer put there) is deleted, with a warning, so that tokens can
+    be left again."""
+    keys = [wake] if release is None else [wake, release]
     try:
-        client.blpop([wake], timeout=timeout)
+        client.blpop(keys, timeout=timeout)
     except redis.ResponseError as exc:
         if "WRONGTYPE" not in str(exc):
             raise
-        log.warning("wake list %s held another type of value (%s); replaced", wake, client.type(wake))
-        client.delete(wake)
+        for key in keys:
+            kind = client.type(key)
+            if kind not in (b"list", b"none", "list", "none"):
+                log.warning("wake list %s held another type of value (%s); replaced", key, kind)
+                client.delete(key)
 
 
 #: Longest pause of a consumer before it fetches again while messages stream in, seconds: a
 #: pause lets a batch gather, so one fetch serves several messages (Dramatiq's own consumers
-#: sleep 2 to 5 ms after a fetch that found nothing). Paused only at ``LINGER_RATE`` messages a
-#: second or more, where the pause gathers two or more; below, a consumer fetches as soon as a
-#: wake token comes, so a trickle has no added latency.
+#: sleep 5 to 10 ms after a fetch that found nothing, then twice as long each time). Paused
+#: only at ``LINGER_RATE`` messages a second or more, where the pause gathers two or more;
+#: below, a consumer fetches as soon as a wake token comes, so a trickle has no added latency.
 LINGER_MAX = 0.004
 #: The batch a pause aims at: at high rates the pause shortens to gather about this many.
 LINGER_BATCH = 8
@@ -86,15 +91,20 @@ class Release(threading.Event):
     def __init__(self) -> None:
         super().__init__()
         self._also: weakref.WeakSet[threading.Event] = weakref.WeakSet()
+        #: Consumers are made on their own threads while the engine's stop may be setting this.
+        self._also_lock = threading.Lock()
 
     def also_set(self, event: threading.Event) -> None:
-        self._also.add(event)
+        with self._also_lock:
+            self._also.add(event)
         if self.is_set():
             event.set()
 
     def set(self) -> None:
         super().set()
-        for event in list(self._also):
+        with self._also_lock:
+            events = list(self._also)
+        for event in events:
             event.set()
 
 
@@ -121,6 +131,8 @@ class ArrivalRate:
         return min(LINGER_MAX, LINGER_BATCH / self.per_second)
 
 
+#: Milliseconds the release list of a stopping runtime lives (its consumers take their tokens at once).
+RELEASE_TTL_MS = 60_000
 #: Seconds between PINGs of a consumer waiting for the store to come back.
 RESUME_POLL = 0.05
 #: Pause before a consumer that failed again soon after resuming resumes again (the one
@@ -144,7 +156,7 @@ def resuming_redis_broker() -> type[RedisBroker]:
         answers a PING (checked every :data:`RESUME_POLL`), and with a growing pause when it keeps
         failing soon after resuming (a store that answers PING but refuses writes)."""
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, release_key: str | None = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # Dramatiq's is unannotated
             self._resumes: dict[int, tuple[float, Backoff]] = {}
             #: queue -> fetched messages a closed consumer could not put back (the store was away)
@@ -154,6 +166,8 @@ def resuming_redis_broker() -> type[RedisBroker]:
             #: Set once the consumer threads are told to stop: a consumer waiting between two polls
             #: ends its wait at once (the engine's stop; Dramatiq's consumers would sleep it out).
             self.released = Release()
+            #: The list this runtime's stop pushes to (keys.messaging_release), named by the backend.
+            self.release_key = release_key
 
         @property
         def consumer_class(self) -> type:
@@ -258,8 +272,8 @@ def waking_consumer(base: type) -> type:
                 if self.outstanding_message_count >= self.prefetch:
                     # busy: leave the tokens to consumers that can fetch, until an ack makes room
                     self._room.clear()
-                    if self.outstanding_message_count >= self.prefetch:  # no ack since: wait for one
-                        self._room.wait(SATURATED_POLL)
+                    if self.outstanding_message_count >= self.prefetch and not self.broker.released.is_set():
+                        self._room.wait(SATURATED_POLL)  # no ack since the look above: wait for one
                 elif self.broker.stopping.is_set():
                     # Dramatiq tells consumers to stop only once its workers are done, and a
                     # consumer waiting for a token would hold the stop up by up to ``idle_wait``
@@ -288,12 +302,16 @@ def waking_consumer(base: type) -> type:
             return message
 
         def ack(self, message: Any) -> None:
-            super().ack(message)
-            self._room.set()
+            try:
+                super().ack(message)
+            finally:  # Dramatiq forgets the message even when the ack failed: room all the same
+                self._room.set()
 
         def nack(self, message: Any) -> None:
-            super().nack(message)
-            self._room.set()
+            try:
+                super().nack(message)
+            finally:
+                self._room.set()
 
         def _wait_for_work(self) -> None:
             """Clear the stale tokens of an empty queue, then wait for the next publish's token."""
@@ -301,10 +319,10 @@ def waking_consumer(base: type) -> type:
             try:
                 if self._clear_stale_tokens(keys=[f"{self.broker.namespace}:{self.queue_name}", wake]):
                     return  # messages came since the fetch: fetch them
-                # Checked after the tokens went: the engine's stop sets ``stopping`` before it
-                # leaves the tokens that wake idle consumers, so either this sees it or they stay.
                 if not self.broker.stopping.is_set():
-                    wait_for_wake_token(self.broker.client, wake, self.idle_wait or 0)
+                    # The stop sets ``stopping``, then pushes to the release list, which only this
+                    # runtime's consumers read: a stop after the look above still ends this wait.
+                    wait_for_wake_token(self.broker.client, wake, self.idle_wait or 0, self.broker.release_key)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 from dramatiq.errors import ConnectionClosed
 
