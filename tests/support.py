@@ -203,6 +203,16 @@ class NodeProcess:
             self.proc.stdout.close()
 
 
+#: An example app's listener line. A runtime's threads print to one pipe, and ``print`` writes a
+#: line and its newline apart, so another thread's line can land between them: match, not split.
+RECEIVED = re.compile(r"received: (\d+)")
+
+
+def received(node: Any) -> list[int]:
+    """The counts an example app's listener printed on ``node``, in order."""
+    return [int(match.group(1)) for line in list(node.lines) for match in RECEIVED.finditer(line)]
+
+
 def run_flask(args: Sequence[str], env: dict[str, str], cwd: str | Path | None = None,
               timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run ``python -m flask ARGS`` to completion."""

@@ -33,7 +33,7 @@ from flask_immutant import state as state_module
 from flask_immutant.keys import Keys
 from flask_immutant.messaging import MessagingError
 
-from support import run_flask, wait_until
+from support import received, run_flask, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_FACTORY = ROOT / "example_factory"
@@ -314,9 +314,6 @@ def test_scheduling_is_an_old_name_of_jobs_that_still_imports() -> None:
 
 # --- the new shape and the old one, on real nodes -------------------------------------------
 
-
-def received(node: Any) -> list[int]:
-    return [int(line.split("received:")[1]) for line in list(node.lines) if "received:" in line]
 
 
 def test_the_factory_example_in_a_two_node_cluster(start_node, node_env, store_client, cluster_name):

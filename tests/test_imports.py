@@ -131,7 +131,7 @@ def test_type_only_and_function_level_imports_count(tmp_path: Path) -> None:
 
 
 #: A script path as the loader is given it: "folder/module_action", the action maybe an f-string field.
-SCRIPT_PATH = re.compile(r'lua\.script\([^)]*?"([a-z]+)/([a-z]+)_([a-z_]+|\{[a-z]+\})"')
+SCRIPT_PATH = re.compile(r'lua\.script\([^)]*?"([a-z]+)/([a-z_]+)_([a-z]+|\{[a-z]+\})"')
 
 
 def test_each_lua_script_sits_beside_the_one_module_that_runs_it() -> None:
@@ -145,7 +145,7 @@ def test_each_lua_script_sits_beside_the_one_module_that_runs_it() -> None:
     scripts = sorted(PACKAGE.rglob("*.lua"))
     assert scripts and loaded
     for script in scripts:
-        module, _, action = script.stem.partition("_")
+        module, _, action = script.stem.rpartition("_")  # a module's name may hold "_", an action's not
         actions = loaded.get(script.parent / f"{module}.py", set())
         assert action in actions or any(a.startswith("{") for a in actions), \
             f"{script.relative_to(PACKAGE)}: no {module}.py beside it runs it"

@@ -15,13 +15,10 @@ import requests
 
 from flask_immutant.keys import Keys
 
-from support import run_flask, wait_until, within
+from support import received, run_flask, wait_until, within
 
 EXAMPLE_APP = Path(__file__).resolve().parent.parent / "example_app"
 
-
-def received(node) -> list[int]:  # type: ignore[no-untyped-def]
-    return [int(line.split("received:")[1]) for line in list(node.lines) if "received:" in line]
 
 
 def test_the_walkthrough(start_node, node_env, tmp_path, store_client, cluster_name):

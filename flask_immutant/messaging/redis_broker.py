@@ -252,7 +252,7 @@ def waking_consumer(base: type) -> type:
         poll_ms: int | None = None
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            from ..lua import script
+            from .. import lua
 
             super().__init__(*args, **kwargs)
             #: The last fetch left the queue empty (it returned less than it asked for).
@@ -265,7 +265,7 @@ def waking_consumer(base: type) -> type:
             #: holding its whole prefetch fetches again as soon as there is room.
             self._room = threading.Event()
             self.broker.released.also_set(self._room)
-            self._clear_stale_tokens = script(self.broker.client, "messaging/redis_broker_idle")
+            self._clear_stale_tokens = lua.script(self.broker.client, "messaging/redis_broker_idle")
 
         def __next__(self) -> Any:
             if self.idle_wait is not None and not self.message_cache:
