@@ -58,7 +58,7 @@ def job_status(state: ImmutantState, store: redis.Redis) -> list[dict[str, Any]]
 
     def rows_of(app: str, _: Any) -> list[dict[str, Any]]:
         from ..cluster.lease import read_holder
-        from .store import JobStore  # here: loading the plugin (every command does) stays light
+        from .store import JobStore  # here: only when some app has jobs (status reads none otherwise)
 
         holder = read_holder(store, state.keys, f"scheduler:{app}")
         rows = JobStore(store, state.keys, app).listing()
