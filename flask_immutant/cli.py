@@ -14,9 +14,10 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
+import pluggy
 from flask import Flask
 from flask.cli import AppGroup, NoAppException, ScriptInfo
 
@@ -33,20 +34,29 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: Where the group leaves the plugin manager it registered the commands with, for the command's
+#: state (:func:`load_state`): one manager per invocation, not one more for the state.
+COMMANDS_MANAGER = "flask_immutant.commands_manager"
+
+
 class ImmutantGroup(AppGroup):
     """An ``AppGroup`` whose subcommands come from plugins, registered on first use."""
 
     _registered = False
 
-    def _register(self) -> None:
+    def _register(self, ctx: click.Context | None = None) -> None:
         if self._registered:
             return
         self._registered = True
         try:
-            pm = make_plugin_manager(import_paths(os.environ.get("IMMUTANT_PLUGINS", "")))
+            extra = import_paths(os.environ.get("IMMUTANT_PLUGINS", ""))
+            pm = make_plugin_manager(extra)
         except (ImmutantConfigError, ValueError) as exc:
             click.echo(f"Warning: only built-in commands are available: {exc}", err=True)
             pm = make_plugin_manager(entry_points=False)
+        else:
+            if ctx is not None:
+                ctx.meta[COMMANDS_MANAGER] = (extra, pm)
         pm.hook.immutant_register_commands(cli=self)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -60,11 +70,11 @@ class ImmutantGroup(AppGroup):
         return super().parse_args(ctx, args)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        self._register()
+        self._register(ctx)
         return super().list_commands(ctx)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        self._register()
+        self._register(ctx)
         return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -168,7 +178,17 @@ def load_state(
         config = {k: v for k, v in app.config.items() if k.startswith("IMMUTANT_")}
         if EXTENSION_KEY in app.extensions and not any(v is not None for v in (overrides or {}).values()):
             return app.extensions[EXTENSION_KEY], app, import_path
-    return ImmutantState.build(config, overrides=overrides), app, import_path
+    state = ImmutantState.build(config, overrides=overrides, make_pm=functools.partial(_plugin_manager, ctx))
+    return state, app, import_path
+
+
+def _plugin_manager(ctx: click.Context, extra: tuple[str, ...]) -> pluggy.PluginManager:
+    """The manager the group registered the commands with when it loaded the same plugins (taken
+    once: the state unregisters the plugins whose flag is off), else a new one."""
+    registered = ctx.meta.pop(COMMANDS_MANAGER, None)
+    if registered is not None and registered[0] == extra:
+        return cast("pluggy.PluginManager", registered[1])
+    return make_plugin_manager(extra)
 
 
 @contextlib.contextmanager

@@ -64,10 +64,13 @@ class ImmutantState:
         config: Mapping[str, Any] | None = None,
         environ: Mapping[str, str] | None = None,
         overrides: Mapping[str, Any] | None = None,
+        make_pm: Callable[[tuple[str, ...]], pluggy.PluginManager] = plugins.make_plugin_manager,
     ) -> ImmutantState:
-        """Load plugins, collect their settings rows, resolve and validate every value once."""
+        """Load plugins, collect their settings rows, resolve and validate every value once.
+        ``make_pm`` makes the plugin manager from the extra plugins' import paths (the CLI passes
+        the one it registered its commands with)."""
         environ = os.environ if environ is None else environ
-        pm = plugins.make_plugin_manager(_extra_plugins(config or {}, environ, overrides or {}))
+        pm = make_pm(_extra_plugins(config or {}, environ, overrides or {}))
         rows = list(CORE_SETTINGS)
         for contributed in pm.hook.immutant_settings():
             rows.extend(contributed or ())

@@ -28,10 +28,18 @@ FEATURE_MODULES = ("flask_immutant.contexts.registry", "flask_immutant.daemons.r
                    "flask_immutant.metrics.process", "flask_immutant.metrics.cluster", "flask_immutant.tracing.spans")
 
 
-def modules_after(code: str, cwd: Path | None = None) -> set[str]:
+#: What ``flask immutant status`` reads the cluster without: the writers of events, a node's
+#: identity, the features' runtime parts, and the job store while no app has jobs.
+NOT_FOR_STATUS = ("flask_immutant.events.log", "flask_immutant.events.kinds", "flask_immutant.cluster.identity",
+                  "flask_immutant.cluster.lease", "flask_immutant.jobs.store", "flask_immutant.caching.breaker",
+                  "flask_immutant.metrics.definitions", "urllib.request")
+
+
+def modules_after(code: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> set[str]:
     """Names of the modules a fresh interpreter has loaded after running ``code``."""
     probe = code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=cwd)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=cwd,
+                            env=env)
     return set(json.loads(result.stdout.splitlines()[-1]))
 
 
@@ -71,3 +79,16 @@ def test_importing_an_app_loads_no_feature_library(tmp_path: Path) -> None:
     loaded = added_to_redis(loaded_after("import lazyapp", cwd=tmp_path))
     assert "flask_immutant" in loaded
     assert loaded.isdisjoint(FEATURE_LIBRARIES), loaded & set(FEATURE_LIBRARIES)
+
+
+def test_status_loads_only_what_it_shows(node_env: dict[str, str], tmp_path: Path) -> None:
+    # A real `flask immutant status` against the session's store, its modules listed as it exits
+    modules = modules_after("import atexit, json, sys\n"
+                            "atexit.register(lambda: print(json.dumps(sorted(sys.modules))))\n"
+                            "sys.argv = ['flask', 'immutant', 'status']\n"
+                            "from flask.cli import main\n"
+                            "main()", cwd=tmp_path, env=node_env)
+    assert {"flask_immutant.cluster.membership", "flask_immutant.contexts.registry"} <= modules  # it did read
+    loaded = added_to_redis({name.split(".")[0] for name in modules})
+    assert loaded.isdisjoint(FEATURE_LIBRARIES), loaded & set(FEATURE_LIBRARIES)
+    assert modules.isdisjoint(NOT_FOR_STATUS), modules & set(NOT_FOR_STATUS)

@@ -11,15 +11,25 @@ import importlib
 import json
 import os
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pluggy
 import pytest
-from flask import Flask
+from flask import Flask, current_app
 
-from flask_immutant import ImmutantConfigError, ImmutantState
+from flask_immutant import ImmutantConfigError, ImmutantState, hookimpl, hookspecs
 from flask_immutant.cli import cli
-from flask_immutant.plugins import DEFAULT_PLUGINS, ENTRY_POINT_GROUP, load, make_plugin_manager, plugin_names
+from flask_immutant.plugins import (
+    DEFAULT_PLUGINS,
+    ENTRY_POINT_GROUP,
+    PluginManager,
+    load,
+    make_plugin_manager,
+    plugin_names,
+)
 
 from support import run_flask
 
@@ -56,6 +66,36 @@ def test_built_in_hook_implementations_are_trylast_so_users_can_run_first() -> N
                     assert impl.trylast, f"{name}.{caller.name} should be @hookimpl(trylast=True)"
                     checked += 1
     assert checked
+
+
+def test_our_manager_finds_the_hooks_pluggy_finds() -> None:
+    # It skips pluggy's slow attribute lookup for a plugin module's names that cannot be hooks
+    # (imports, constants, unmarked functions): never one pluggy would have taken
+    class Hooks:  # a plugin object, not a module: pluggy's own lookup
+        @hookimpl
+        def immutant_settings(self) -> list[Any]:
+            return []
+
+    module = types.ModuleType("odd_plugin")
+    module.immutant_settings = staticmethod(hookimpl(lambda: []))  # a wrapper pluggy takes hooks from
+    module.immutant_status = hookimpl(lambda state, store: None)
+    module.unmarked = lambda: None
+    module.proxy = current_app  # reading it outside an app would raise
+    plugins = [(importlib.import_module(name), name) for name in DEFAULT_PLUGINS]
+    plugins += [(Hooks(), "hooks-object"), (module, "odd-module")]
+
+    def found(pm: pluggy.PluginManager) -> set[tuple[str, str, object, bool]]:
+        pm.add_hookspecs(hookspecs)
+        for plugin, name in plugins:
+            pm.register(plugin, name=name)
+        return {(caller.name, impl.plugin_name, getattr(impl.function, "__func__", impl.function), impl.trylast)
+                for caller in pm.hook.__dict__.values() if isinstance(caller, pluggy.HookCaller)
+                for impl in caller.get_hookimpls()}
+
+    ours = found(PluginManager(hookspecs.PROJECT))
+    assert ours == found(pluggy.PluginManager(hookspecs.PROJECT))
+    assert {("immutant_status", "odd-module"), ("immutant_settings", "odd-module"),
+            ("immutant_settings", "hooks-object")} <= {(hook, plugin) for hook, plugin, *_ in ours}
 
 
 def test_plugin_by_module_path_from_app_config(test_plugins: Path) -> None:

@@ -166,6 +166,14 @@ def test_unix_url_connects(embedded_store):
     client.close()
 
 
+def test_our_clients_name_redis_py_and_its_version_to_the_server(embedded_store):
+    # As redis-py's default, which reads the version from the installed distributions per connection
+    for client in (client_from_url(embedded_store.url), embedded_store.client()):
+        with contextlib.closing(client):
+            info = client.client_info()
+        assert (info["lib-name"], info["lib-ver"]) == ("redis-py", redis.__version__)
+
+
 def test_rediss_url_uses_tls():
     client = client_from_url("rediss://127.0.0.1:6390/0?ssl_cert_reqs=none")
     assert client.connection_pool.connection_class is redis.SSLConnection

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -29,7 +29,9 @@ from ..loops import Loop
 from ..records import check_types, from_json, hash_of, read_records, warn
 from ..store.connect import Subscription
 from ..store.outage import Recovery
-from .identity import NodeIdentity
+
+if TYPE_CHECKING:
+    from .identity import NodeIdentity
 
 log = logging.getLogger(__name__)
 

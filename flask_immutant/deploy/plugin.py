@@ -105,11 +105,14 @@ def deployment_listing(state: ImmutantState, store: redis.Redis) -> list[dict[st
     """Each deployment with its state on each live node."""
     from ..contexts.registry import contexts
 
+    deployments = deployment_store(state, store)
+    stored = deployments.all()
+    if not stored:
+        return []  # then no node's state or balancer to read
     live = {m.name for m in live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])}
     balancing = {(c.node, c.context_path): c for c in contexts(store, state.keys)}
-    deployments = deployment_store(state, store)
     rows: list[dict[str, Any]] = []
-    for name, item in sorted(deployments.all().items()):
+    for name, item in sorted(stored.items()):
         nodes = {node: info for node, info in deployments.node_states(name).items() if node in live}
         for node, info in nodes.items():
             context = balancing.get((node, info.get("context_path", "/")))

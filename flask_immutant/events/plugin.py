@@ -6,7 +6,7 @@ import datetime
 import json
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,7 +16,9 @@ from ..cli_table import cell, echo_table, printable
 from ..hookspecs import hookimpl
 from ..records import collecting
 from ..settings import Setting, int_range
-from . import log as event_log
+
+if TYPE_CHECKING:
+    from .log import Event
 
 MAXLEN = "IMMUTANT_EVENTS_MAXLEN"
 
@@ -29,11 +31,15 @@ def immutant_settings() -> list[Setting]:
 
 @hookimpl(trylast=True)
 def immutant_node_starting(node: Any) -> None:
+    from . import log as event_log
+
     event_log.start(node.store, node.state.keys, node.identity.name, node.settings[MAXLEN])
 
 
 @hookimpl(trylast=True)
 def immutant_runtime_started(runtime: Any) -> None:
+    from . import log as event_log
+
     state = runtime.state
     event_log.start(state.store, state.keys, state.node_name, state.settings[MAXLEN])
 
@@ -94,7 +100,7 @@ HEADER = ("TIME (store, UTC)", "KIND", "NODE", "DETAILS")
 FOLLOW_WIDTHS = (24, 18, 16)
 
 
-def _row(event: event_log.Event) -> tuple[str, str, str, str]:
+def _row(event: Event) -> tuple[str, str, str, str]:
     return _iso(event.time), event.kind, event.node, _details(event.fields)
 
 
@@ -115,6 +121,8 @@ def _line(cells: tuple[str, ...]) -> str:
 @one_line_errors
 def events(ctx: click.Context, since: tuple[str, float] | None, follow: bool, as_json: bool,
            count: int | None) -> None:
+    from . import log as event_log
+
     with state_and_store(ctx) as (state, store):
         start = None
         if since is not None:

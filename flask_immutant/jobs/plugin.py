@@ -53,13 +53,13 @@ def immutant_status(state: ImmutantState, store: redis.Redis) -> dict[str, Any]:
 
 def job_status(state: ImmutantState, store: redis.Redis) -> list[dict[str, Any]]:
     """Every stored singleton job of every app in the cluster, with its scheduler's holder."""
-    from ..cluster.lease import read_holder
-    from .store import JobStore  # here: loading the plugin (every command does) stays light
-
     apps = sorted({key.split(":")[-2] for key in map(decoded, store.scan_iter(match=state.keys.jobs_schedule("*"),
                                                                               count=200)) if key is not None})
 
     def rows_of(app: str, _: Any) -> list[dict[str, Any]]:
+        from ..cluster.lease import read_holder
+        from .store import JobStore  # here: only when some app has jobs (status reads none otherwise)
+
         holder = read_holder(store, state.keys, f"scheduler:{app}")
         rows = JobStore(store, state.keys, app).listing()
         return [{**row, "holder": holder.node if holder else None} for row in rows]

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from typing import TYPE_CHECKING
 
 import click
@@ -81,6 +79,9 @@ def metrics(ctx: click.Context, /, url: str | None, port_offset: int | None, tim
 
 def fetch(url: str, timeout: float) -> str:
     """The metrics text at ``url``, or an :class:`ImmutantError` saying in one line why not."""
+    import urllib.error
+    import urllib.request
+
     if not url.startswith(("http://", "https://")):
         raise ImmutantError(f"--url {url!r} is not allowed: expected http://host:port or https://host:port")
     try:

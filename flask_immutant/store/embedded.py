@@ -32,6 +32,7 @@ from redis.retry import Retry
 from ..errors import StoreUnavailableError
 from ..portable import process_cmdline, process_state
 from ..private import check_own_socket, check_private_dir, make_private_dir, tighten_files
+from .driver import driver_options
 
 #: Seconds to wait for a freshly started server to answer PING.
 START_TIMEOUT = 15.0
@@ -139,7 +140,7 @@ class EmbeddedStore:
     def client(self, **options: Any) -> redis.Redis:
         options.setdefault("socket_timeout", 5.0)
         options.setdefault("socket_connect_timeout", 2.0)
-        return redis.Redis(unix_socket_path=str(self.socket), **options)
+        return redis.Redis(unix_socket_path=str(self.socket), **{**driver_options(), **options})
 
     def is_running(self) -> bool:
         if not self.dir.exists() or not self.check_ownership():

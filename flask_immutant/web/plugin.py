@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..caching.breaker import CircuitBreaker
 from ..caching.serialization import SAFE_SERIALIZERS
 from ..hookspecs import hookimpl
 from ..settings import Setting, int_range, to_bool
@@ -44,6 +43,7 @@ def immutant_settings() -> list[Setting]:
 
 @hookimpl(trylast=True)
 def immutant_init_app(app: Flask, state: ImmutantState) -> None:
+    from ..caching.breaker import CircuitBreaker
     from .sessions import SESSIONS, ImmutantSessionInterface, log  # here: CLI commands never import Flask-Session
 
     settings = state.settings
