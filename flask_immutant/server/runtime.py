@@ -159,8 +159,8 @@ class AppRuntime:
             time.sleep(0.01)  # requests in progress, or clients that may still send: look again soon
         busy = _channels(server)
         if busy:
-            log.warning("the drain ran out of time with %d connection(s) still open (a request in progress "
-                        "or a client not reading); exiting, which closes them", len(busy))
+            log.warning("the drain ran out of time with %d connection(s) still open (a request arriving or "
+                        "in progress, or a client not reading); exiting, which closes them", len(busy))
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=max(0.0, deadline - time.monotonic()))
 
 
