@@ -14,6 +14,7 @@ import socket
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -533,3 +534,79 @@ def test_sigkill_of_a_node_takes_its_deployed_runtimes_along(two_nodes, node_env
     # When the node is SIGKILLed, then its runtimes die with it
     two_nodes["a"].signal(signal.SIGKILL)
     wait_until(lambda: not any(pid_alive(pid) for pid in runtimes), timeout=3)
+
+
+def held_drain(start_node: Callable[..., Any], node_env: dict[str, str],
+               tmp_path: Path) -> tuple[Any, int, socket.socket]:
+    """A node whose shop v1 was replaced by v2 and still drains, held by a client that sent half
+    a request head (for as long as it stays connected: the shutdown and idle timeouts are 600 s).
+    Returns the node, the old runtime's pid and the client's socket."""
+    node = start_node("--clustered", "--node-name", "a",
+                      env={"IMMUTANT_SHUTDOWN_TIMEOUT": "600", "IMMUTANT_HTTP_IDLE_TIMEOUT": "600"})
+    node.wait_for("joined cluster")
+    folder = write_app(tmp_path / "shop", "1")
+    assert deploy(node_env, folder).returncode == 0
+    port = int(node_env["IMMUTANT_HTTP_PORT"])
+    wait_until(lambda: get(port), timeout=within(10))
+    (old,) = runtimes_of(node.pid)
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    client.sendall(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n")
+    assert client.recv(65536).startswith(b"HTTP/1.1 200")  # the old runtime holds this connection
+    client.sendall(b"GET / HTTP/1.1\r\nHost: sh")
+    write_app(folder, "2")
+    deploy(node_env, folder)
+    wait_until(lambda: (get(port) or {}).get("version") == "2", timeout=within(10))
+    assert pid_alive(old), "the old runtime drains while the client holds its connection"
+    return node, old, client
+
+
+def test_a_draining_runtime_holds_up_no_other_deployment_nor_restart(start_node, node_env, tmp_path):
+    """The drain of a replaced runtime ran in the deployer's loop: while a slow client held it
+    (up to the shutdown timeout), the node deployed nothing else, restarted no crashed runtime,
+    and did not even report the new version it served."""
+    # Given shop v1 draining on node a, held by a slow client, and v2 serving
+    node, old, client = held_drain(start_node, node_env, tmp_path)
+    try:
+        (shop,) = [pid for pid in runtimes_of(node.pid) if pid != old]
+        # When another app is deployed
+        other = write_app(tmp_path / "other", "b1")
+        result = deploy(node_env, other, "--context-path", "/other")
+        assert result.returncode == 0, result.stdout + result.stderr
+        # Then it serves while shop v1 still drains
+        rows = {row["name"]: row for row in json.loads(run_flask(["immutant", "list", "--json"], node_env).stdout)}
+        other_port = rows["other"]["nodes"]["a"]["port"]
+        assert wait_until(lambda: get(other_port, "/other/"), timeout=within(10))["version"] == "b1"
+        assert pid_alive(old)
+        # And shop v2 is reported deployed
+        assert rows["shop"]["nodes"]["a"]["state"] == "deployed" and rows["shop"]["nodes"]["a"]["pid"] == shop
+        # And when its runtime crashes, it is restarted and serves again while shop v1 still drains
+        (crashed,) = [pid for pid in runtimes_of(node.pid) if pid not in (old, shop)]
+        os.kill(crashed, signal.SIGKILL)
+        node.wait_for("app runtime other v1 exited with status", timeout=within(10))
+        wait_until(lambda: [pid for pid in runtimes_of(node.pid) if pid not in (old, shop, crashed)],
+                   timeout=within(10), message="a new runtime of other")
+        assert wait_until(lambda: get(other_port, "/other/"), timeout=within(10))["version"] == "b1"
+        assert pid_alive(old)
+        # And when the node gets SIGTERM, it stops the serving runtimes and waits for the draining one
+        serving = [pid for pid in runtimes_of(node.pid) if pid != old]
+        node.signal(signal.SIGTERM)
+        wait_until(lambda: not any(pid_alive(pid) for pid in serving), timeout=within(10))
+        assert pid_alive(old) and node.proc.poll() is None
+    finally:
+        client.close()  # the slow client hangs up: the drain ends
+    # Then the old runtime exits by itself, and the node after it
+    assert node.wait(timeout=within(15)) == 0
+    assert not pid_alive(old)
+    assert "did not stop in time; killing it" not in node.output
+
+
+def test_sigkill_of_a_node_takes_its_draining_runtime_along(start_node, node_env, tmp_path):
+    # Given shop v1 draining on node a, held by a slow client
+    node, old, client = held_drain(start_node, node_env, tmp_path)
+    try:
+        new = [pid for pid in runtimes_of(node.pid) if pid != old]
+        # When the node is SIGKILLed, then the draining runtime dies with it, as the serving one does
+        node.signal(signal.SIGKILL)
+        wait_until(lambda: not any(pid_alive(pid) for pid in [old, *new]), timeout=within(5))
+    finally:
+        client.close()

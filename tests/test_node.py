@@ -172,6 +172,44 @@ def test_graceful_stop_is_bounded_and_seen_at_once_by_the_other_node(start_node,
     assert names(node_env) == {"stays"}
 
 
+HANGING_APP = '''
+import threading
+from flask import Flask
+from flask_immutant import ImmutantExtension
+
+app = Flask(__name__)
+ImmutantExtension(app)
+
+@app.get("/hang")
+def hang():
+    print("a request that never ends began", flush=True)
+    threading.Event().wait()
+'''
+
+
+def test_a_drain_that_runs_out_of_time_still_ends_in_the_runtimes_own_exit(start_node, node_env, tmp_path):
+    """The supervisor kills a runtime at the shutdown timeout counted from its SIGTERM; the
+    runtime's drain, counted from when it handled that SIGTERM, was as long: a drain held to its
+    deadline was SIGKILLed before it could close its leases, log and exit."""
+    app = tmp_path / "hanging_app.py"
+    app.write_text(HANGING_APP)
+    node = start_node("--clustered", app=str(app), env={"IMMUTANT_SHUTDOWN_TIMEOUT": "2"})
+    node.wait_for("serves on http")
+    # Given a request in progress that never ends
+    client = socket.create_connection(("127.0.0.1", int(node_env["IMMUTANT_HTTP_PORT"])), timeout=30)
+    try:
+        client.sendall(b"GET /hang HTTP/1.1\r\nHost: node\r\n\r\n")
+        node.wait_for("a request that never ends began")
+        # When the node gets SIGTERM
+        node.signal(signal.SIGTERM)
+        # Then the runtime gives up its drain, says so and exits by itself: it is not killed
+        assert node.wait(timeout=within(15)) == 0
+    finally:
+        client.close()
+    assert "did not stop in time; killing it" not in node.output
+    assert "the drain ran out of time with 1 connection(s) still open" in node.output
+
+
 def test_sigint_stops_a_node_too(start_node):
     node = start_node("--clustered")
     node.wait_for("joined cluster")

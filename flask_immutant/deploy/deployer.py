@@ -2,17 +2,21 @@
 
 One thread per node reconciles on every change notice (pub/sub) and at least every
 :data:`POLL_INTERVAL`: a new record starts a runtime, a new version of a record starts the new
-runtime, waits until it is ready, then drains and stops the old one (on the root context both
-share the node's listening socket, so no request is refused), a removed record stops its runtime.
+runtime, waits until it is ready, then has the old one drain and stop in the background
+(:mod:`..server.draining`; on the root context both share the node's listening socket, so no
+request is refused), a removed record stops its runtime the same way. A drain never holds up
+the next deployment or a restart.
 A runtime that fails to import or start is reported with its error and left alone until the
 next version; one that crashes later is restarted with backoff.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,8 +25,9 @@ import redis
 
 from .. import names
 from ..loops import Loop
+from ..server.draining import DrainingRuntimes
 from ..server.environ import DeploymentEnviron
-from ..server.supervisor import READY_TIMEOUT, AppTarget, RuntimeProcess, Unit, stop_all
+from ..server.supervisor import READY_TIMEOUT, AppTarget, RuntimeProcess, Unit
 from ..store.connect import Subscription
 from . import archive
 from .marks import HighWaterMarks
@@ -40,6 +45,8 @@ log = logging.getLogger("flask_immutant.deploy")
 POLL_INTERVAL = 1.0
 #: Longest wait for a change notice before a wake or stop is noticed (a notice ends it at once).
 WAKE_SLICE = 0.05
+#: Seconds a runtime that did not become ready gets to exit before it is killed.
+FAILED_START_STOP = 5.0
 
 
 @dataclass
@@ -70,6 +77,10 @@ class Deployer:
             node.identity.data_dir / f"deployment-marks.{node.settings['IMMUTANT_CLUSTER']}.json")
         self._wake = threading.Event()
         self._lock = threading.Lock()
+        #: Displaced, undeployed and failed runtimes, stopping off this deployer's loop.
+        self._draining = DrainingRuntimes()
+        #: Undeployed names whose runtime is gone: their node state is cleared on the next step.
+        self._undeployed: set[str] = set()
         self._subscription = Subscription(store.store, store.keys.deployments_changed)
         self._loop = Loop("deployer", self._step, 0.0, on_error=self._subscription.drop,
                           interrupt=self._subscription.interrupt)
@@ -80,19 +91,21 @@ class Deployer:
         return self.node.identity.name
 
     def start(self) -> None:
+        self._draining.start()
         self._loop.start()
 
     def stop(self) -> None:
-        """Node shutdown: stop every deployment's runtime, in parallel, within the shutdown timeout."""
+        """Node shutdown: stop every deployment's runtime, in parallel, within the shutdown
+        timeout, and wait for those still draining from before (each until its own deadline)."""
         self._wake.set()
         self._loop.stop(timeout=READY_TIMEOUT)
         self._subscription.drop()
-        timeout = self.node.settings["IMMUTANT_SHUTDOWN_TIMEOUT"]
         with self._lock:
             running, self.running = list(self.running.values()), {}
-        stop_all([r.runtime for r in running if r.runtime is not None], timeout)
         for item in running:
-            self._retire(item, timeout, True)  # already stopped: closes the listeners
+            self._retire(item, close_listener=True)
+        self._draining.stop()
+        self._clear_undeployed()  # those undeployed just before the stop
 
     def wake(self) -> None:
         self._wake.set()
@@ -111,6 +124,7 @@ class Deployer:
         return 0.0
 
     def reconcile(self) -> None:
+        self._clear_undeployed()
         wanted = self.store.all()
         for name, item in wanted.items():
             if self._stop.is_set():
@@ -152,9 +166,25 @@ class Deployer:
                 gone = self.running.pop(name)
             log.info("undeploying %s", gone.deployment.label)
             self.marks.mark_undeployed(name)
-            self._retire(gone, self.node.settings["IMMUTANT_SHUTDOWN_TIMEOUT"], True)
+            self._retire(gone, close_listener=True, then=functools.partial(self._stopped_undeployed, name))
             self._root_served()
-            self.store.clear_node_state(name, self.name)
+
+    def _stopped_undeployed(self, name: str) -> None:
+        """An undeployed runtime is gone (in the drains' thread): have the next step say so."""
+        with self._lock:
+            self._undeployed.add(name)
+        self.wake()
+
+    def _clear_undeployed(self) -> None:
+        """Clear the node state of undeployed names whose runtime is gone (``undeploy`` waits for
+        that), unless the name was deployed again since."""
+        with self._lock:
+            gone = list(self._undeployed)
+        for name in gone:
+            if name not in self.running:
+                self.store.clear_node_state(name, self.name)
+            with self._lock:
+                self._undeployed.discard(name)
 
     def _not_older(self, deployment: Deployment, current: Running | None) -> Deployment | DeploymentError:
         """The record, if it is not older than what this node has seen of its name (and raise the
@@ -182,8 +212,7 @@ class Deployer:
             self.running[fresh.deployment.name] = fresh
         if displaced is not None and displaced is not draining and displaced is not fresh:
             log.warning("stopping an untracked runtime of %s", displaced.deployment.label)
-            self._retire(displaced, self.node.settings["IMMUTANT_SHUTDOWN_TIMEOUT"],
-                         close_listener=displaced.listener is not fresh.listener)
+            self._retire(displaced, close_listener=displaced.listener is not fresh.listener)
 
     # --- one deployment ---
 
@@ -199,7 +228,7 @@ class Deployer:
         unit = self.node.supervisor.start(deployment.label, target, listener, self._environ(deployment))
         if not unit.runtime.ready:
             reason = unit.runtime.failure or "the app runtime did not become ready"
-            unit.runtime.stop(5.0)
+            self._draining.begin(unit.runtime, FAILED_START_STOP)
             if own and (current is None or listener is not current.listener):
                 listener.close()
             self._failed(deployment, current, reason)
@@ -207,9 +236,8 @@ class Deployer:
         fresh = Running(deployment, unit, listener, "deployed", own_listener=own)
         self._track(fresh, current)
         self._root_served()
-        if current is not None:  # the new one serves: drain the old one
-            self._retire(current, self.node.settings["IMMUTANT_SHUTDOWN_TIMEOUT"],
-                         close_listener=current.own_listener and current.listener is not listener)
+        if current is not None:  # the new one serves: the old one drains, off this loop
+            self._retire(current, close_listener=current.own_listener and current.listener is not listener)
         port = listener.getsockname()[1]
         log.info("deployed %s on http://%s:%d%s", deployment.label, self.node.identity.address, port,
                  deployment.context_path)
@@ -248,11 +276,21 @@ class Deployer:
         elif happened == "restarted":
             self._report(running)
 
-    def _retire(self, running: Running, timeout: float, close_listener: bool) -> None:
-        if running.runtime is not None:
-            running.runtime.stop(timeout)
-        if close_listener and running.own_listener and running.listener is not None:
-            running.listener.close()
+    def _retire(self, running: Running, close_listener: bool, then: Callable[[], None] | None = None) -> None:
+        """Have ``running``'s runtime drain and stop within the shutdown timeout, in the
+        background; once it is gone, close its listener (if asked and its own) and run ``then``."""
+        listener = running.listener if close_listener and running.own_listener else None
+
+        def gone() -> None:
+            if listener is not None:
+                listener.close()
+            if then is not None:
+                then()
+
+        if running.runtime is None:
+            gone()
+        else:
+            self._draining.begin(running.runtime, self.node.settings["IMMUTANT_SHUTDOWN_TIMEOUT"], then=gone)
 
     def _report(self, running: Running) -> None:
         assert running.runtime is not None and running.listener is not None

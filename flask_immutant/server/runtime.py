@@ -41,6 +41,18 @@ EXIT_APP_FAILED = 3
 #: counted from the connection's last activity, and only within this long of the drain's start
 #: (``AppRuntime.stop``, ``_close_idle_channels``).
 IDLE_GRACE = 1.0
+#: Seconds of ``IMMUTANT_SHUTDOWN_TIMEOUT`` a stopping runtime keeps for what follows its drain
+#: (leases closed, health withdrawn, logs flushed, exit) and for the SIGTERM's way to it; a
+#: fifth of the timeout when that is less (:func:`drain_timeout`).
+EXIT_MARGIN = 1.0
+
+
+def drain_timeout(shutdown_timeout: float) -> float:
+    """How long a stopping runtime drains (requests, background work): its supervisor's
+    ``shutdown_timeout`` less :data:`EXIT_MARGIN`. The supervisor kills a runtime only at the
+    full timeout, counted from its SIGTERM (``supervisor.RuntimeProcess.finish_stop``), so a drain
+    that runs to its deadline still ends in the runtime's own clean exit, not in a SIGKILL."""
+    return shutdown_timeout - min(EXIT_MARGIN, shutdown_timeout / 5)
 
 
 def load_app(app_import_path: str | None) -> Flask:
@@ -145,6 +157,10 @@ class AppRuntime:
             if not _channels(server):
                 break
             time.sleep(0.01)  # requests in progress, or clients that may still send: look again soon
+        busy = _channels(server)
+        if busy:
+            log.warning("the drain ran out of time with %d connection(s) still open (a request arriving or "
+                        "in progress, or a client not reading); exiting, which closes them", len(busy))
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=max(0.0, deadline - time.monotonic()))
 
 
@@ -285,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     os.close(args.ready_fd)
     startup.started()
     stop.wait()
-    runtime.stop(runtime.settings["IMMUTANT_SHUTDOWN_TIMEOUT"])
+    runtime.stop(drain_timeout(runtime.settings["IMMUTANT_SHUTDOWN_TIMEOUT"]))
     return 0
 
 

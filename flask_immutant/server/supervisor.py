@@ -124,7 +124,8 @@ class RuntimeProcess:
                 self.process.send_signal(signal.SIGTERM)
 
     def finish_stop(self, deadline: float) -> None:
-        """Wait for a terminated runtime until ``deadline`` (monotonic), then kill it."""
+        """Wait for a terminated runtime until ``deadline`` (monotonic), then kill it. The runtime
+        gives up its drain a margin before (:func:`.runtime.drain_timeout`), so only a stuck one is killed."""
         if self.process is not None:
             try:
                 self.process.wait(max(0.0, deadline - time.monotonic()))
