@@ -56,7 +56,7 @@ class ImmutantGroup(AppGroup):
             pm = make_plugin_manager(entry_points=False)
         else:
             if ctx is not None:
-                ctx.meta[COMMANDS_MANAGER] = (extra, pm)
+                ctx.meta[COMMANDS_MANAGER] = (extra, tuple(sys.path), pm)
         pm.hook.immutant_register_commands(cli=self)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -183,11 +183,12 @@ def load_state(
 
 
 def _plugin_manager(ctx: click.Context, extra: tuple[str, ...]) -> pluggy.PluginManager:
-    """The manager the group registered the commands with when it loaded the same plugins (taken
-    once: the state unregisters the plugins whose flag is off), else a new one."""
+    """The manager the group registered the commands with when it loaded the same plugins from the
+    same ``sys.path`` (taken once: the state unregisters the plugins whose flag is off), else a
+    new one. Loading the app may put its folder on the path, with entry-point plugins beside it."""
     registered = ctx.meta.pop(COMMANDS_MANAGER, None)
-    if registered is not None and registered[0] == extra:
-        return cast("pluggy.PluginManager", registered[1])
+    if registered is not None and registered[:2] == (extra, tuple(sys.path)):
+        return cast("pluggy.PluginManager", registered[2])
     return make_plugin_manager(extra)
 
 

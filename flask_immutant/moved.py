@@ -8,6 +8,7 @@ keeps working; a ``DeprecationWarning`` names the private home.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import warnings
 from typing import Any
 
@@ -27,9 +28,17 @@ def lazy_or_moved(package: str, namespace: dict[str, Any], name: str, lazy: dict
                   moved: dict[str, str]) -> Any:
     """A package's ``__getattr__`` (PEP 562): a public name of ``lazy`` (name -> relative module) is
     imported on first use and kept in ``namespace``, so a CLI command never loads the feature's
-    libraries it does not run; any other name is looked up in ``moved``."""
+    libraries it does not run; a submodule not imported yet (``events.log``) is imported, as it
+    would have been by an eager ``__init__``; any other name is looked up in ``moved``."""
     if name in lazy:
         value = getattr(importlib.import_module(lazy[name], package), name)
         namespace[name] = value
         return value
+    if name not in moved and not name.startswith("_") and importlib.util.find_spec(f"{package}.{name}"):
+        return importlib.import_module(f"{package}.{name}")
     return moved_attribute(package, name, moved, stacklevel=4)
+
+
+def lazy_dir(namespace: dict[str, Any], lazy: dict[str, str]) -> list[str]:
+    """A lazy package's ``__dir__``: its names, imported yet or not."""
+    return sorted({*namespace, *lazy})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable
-from types import FunctionType, MethodType, ModuleType
+from types import FunctionType, ModuleType
 from typing import Any
 
 import pluggy
@@ -57,24 +57,23 @@ def load(path: str) -> Any:
         raise ImmutantConfigError(f"IMMUTANT_PLUGINS: {module_name!r} has no attribute {attribute!r}") from None
 
 
-#: What pluggy can take a hook implementation from (functions, bound methods, the two wrappers).
-_HOOKABLE = (FunctionType, MethodType, staticmethod, classmethod)
-
-
 class PluginManager(pluggy.PluginManager):
     """pluggy's manager, registering a module faster: a plugin module's names are mostly what it
     imported (modules, classes, constants), and pluggy looks at each with ``inspect.getattr_static``
     (about 4 ms for the built-ins, paid by every command). A module's own dictionary tells the same
-    without that: a name that holds nothing pluggy could call, or a plain function without our
-    marker, is no hook. Everything else (other plugin objects, the candidates) goes to pluggy."""
+    without that for what can never be a hook: a module, a class, a value that cannot be called,
+    or a plain function without our marker. Anything else (other plugin objects, decorated or
+    wrapped functions, names a module's ``__getattr__`` serves) goes to pluggy, whichever version."""
 
     def parse_hookimpl_opts(self, plugin: Any, name: str) -> pluggy.HookimplOpts | None:
         if type(plugin) is ModuleType:
-            value = vars(plugin).get(name)
-            if not isinstance(value, _HOOKABLE):
-                return None
-            if isinstance(value, FunctionType) and not hasattr(value, f"{self.project_name}_impl"):
-                return None
+            namespace = vars(plugin)
+            if name in namespace:
+                value = namespace[name]
+                if issubclass(type(value), (ModuleType, type)) or not callable(value):  # type(): a proxy's own
+                    return None
+                if type(value) is FunctionType and not hasattr(value, f"{self.project_name}_impl"):
+                    return None
         return super().parse_hookimpl_opts(plugin, name)
 
 

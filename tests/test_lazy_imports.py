@@ -92,3 +92,22 @@ def test_status_loads_only_what_it_shows(node_env: dict[str, str], tmp_path: Pat
     loaded = added_to_redis({name.split(".")[0] for name in modules})
     assert loaded.isdisjoint(FEATURE_LIBRARIES), loaded & set(FEATURE_LIBRARIES)
     assert modules.isdisjoint(NOT_FOR_STATUS), modules & set(NOT_FOR_STATUS)
+
+
+def test_lazy_packages_list_and_serve_every_public_name_and_submodule() -> None:
+    # In a fresh interpreter: dir() lists what is not imported yet, and a submodule (events.log)
+    # is an attribute as it was when the package's __init__ imported it
+    code = """
+import flask_immutant.cluster as cluster, flask_immutant.events as events, flask_immutant.web as web
+assert {"emit", "KINDS"} <= set(dir(events)) and "NodeIdentity" in dir(cluster), dir(events)
+assert "ImmutantSessionInterface" in dir(web)
+assert events.log.emit is events.emit and cluster.identity.NodeIdentity is cluster.NodeIdentity
+try:
+    events.nosuch
+except AttributeError:
+    pass
+else:
+    raise SystemExit("events.nosuch did not raise")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr

@@ -7,6 +7,7 @@ an ``entry_points.txt``) and shows that, with nothing else changed, it adds a se
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -81,8 +82,14 @@ def test_our_manager_finds_the_hooks_pluggy_finds() -> None:
     module.immutant_status = hookimpl(lambda state, store: None)
     module.unmarked = lambda: None
     module.proxy = current_app  # reading it outside an app would raise
+    module.immutant_node_started = functools.cache(hookimpl(lambda node: None))  # callable, not a function
+    module.Imported, module.sys, module.LIMIT = Hooks, sys, 3  # a class, a module, a constant
+    served = types.ModuleType("served_plugin")  # a hook a module's __getattr__ serves (PEP 562)
+    served.__getattr__ = lambda name: hookimpl(lambda state: None) if name == "immutant_runtime_started" \
+        else (_ for _ in ()).throw(AttributeError(name))
+    served.__dir__ = lambda: ["immutant_runtime_started"]
     plugins = [(importlib.import_module(name), name) for name in DEFAULT_PLUGINS]
-    plugins += [(Hooks(), "hooks-object"), (module, "odd-module")]
+    plugins += [(Hooks(), "hooks-object"), (module, "odd-module"), (served, "served-module")]
 
     def found(pm: pluggy.PluginManager) -> set[tuple[str, str, object, bool]]:
         pm.add_hookspecs(hookspecs)
@@ -390,3 +397,28 @@ def test_status_json_without_the_plugin_has_no_hello_section(node_env: dict[str,
     assert result.returncode == 0, result.stdout + result.stderr
     assert "hello" not in json.loads(result.stdout)
 
+
+
+def test_a_command_reuses_the_groups_plugin_manager_only_for_the_same_plugins_and_path(tmp_path, monkeypatch) -> None:
+    """Regression: loading the app may put its folder on ``sys.path``, with entry-point plugins
+    beside it that the group's manager, made before, never saw; reused, a node refused the
+    plugin's setting (``IMMUTANT_HELLO_GREETING is not a flask-immutant setting``)."""
+    import click
+
+    from flask_immutant.cli import COMMANDS_MANAGER, _plugin_manager
+
+    registered = make_plugin_manager(entry_points=False)
+
+    def offered(extra: tuple[str, ...] = ()) -> pluggy.PluginManager:
+        ctx = click.Context(cli)
+        ctx.meta[COMMANDS_MANAGER] = ((), tuple(sys.path), registered)
+        return _plugin_manager(ctx, extra)
+
+    # The same plugins from the same path: the group's manager, once
+    assert offered() is registered
+    # Other plugins, or a path the app's loading changed: a new manager, which looks again
+    assert offered(("sample_plugin",)) is not registered
+    ctx = click.Context(cli)
+    ctx.meta[COMMANDS_MANAGER] = ((), tuple(sys.path), registered)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _plugin_manager(ctx, ()) is not registered

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,6 +173,14 @@ def test_our_clients_name_redis_py_and_its_version_to_the_server(embedded_store)
         with contextlib.closing(client):
             info = client.client_info()
         assert (info["lib-name"], info["lib-ver"]) == ("redis-py", redis.__version__)
+    # And a name the caller gives, in the URL or as an option, is the one the server sees
+    from redis.driver_info import DriverInfo
+
+    for client in (client_from_url(f"{embedded_store.url}?lib_name=shop"),
+                   client_from_url(embedded_store.url, driver_info=DriverInfo(name="shop"))):
+        with contextlib.closing(client), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # redis-py 8 deprecates lib_name, still honours it
+            assert client.client_info()["lib-name"] == "shop"
 
 
 def test_rediss_url_uses_tls():

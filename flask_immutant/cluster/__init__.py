@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..moved import lazy_or_moved
+from ..moved import lazy_dir, lazy_or_moved
 
 if TYPE_CHECKING:
     from .identity import NodeIdentity
@@ -16,6 +16,10 @@ _LAZY = {"NodeIdentity": ".identity", **dict.fromkeys(("Member", "Membership", "
 
 def __getattr__(name: str) -> Any:
     return lazy_or_moved(__name__, globals(), name, _LAZY, {})
+
+
+def __dir__() -> list[str]:
+    return lazy_dir(globals(), _LAZY)
 
 
 __all__ = ["Member", "Membership", "NodeIdentity", "live_members"]

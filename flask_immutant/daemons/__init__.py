@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..moved import lazy_or_moved
+from ..moved import lazy_dir, lazy_or_moved
 from ..state import declare as _declare
 from ..state import get_state, require_feature, with_context
 
@@ -28,6 +28,10 @@ _LAZY = {"DaemonContext": ".runner"}
 
 def __getattr__(name: str) -> Any:
     return lazy_or_moved(__name__, globals(), name, _LAZY, {})
+
+
+def __dir__() -> list[str]:
+    return lazy_dir(globals(), _LAZY)
 
 
 __all__ = ["DaemonContext", "current", "declare", "fencing_token", "start", "stop"]

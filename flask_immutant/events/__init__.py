@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..moved import lazy_or_moved
+from ..moved import lazy_dir, lazy_or_moved
 
 if TYPE_CHECKING:
     from .kinds import KINDS, Kind, Name
@@ -24,6 +24,10 @@ _LAZY = {**dict.fromkeys(("KINDS", "Kind", "Name"), ".kinds"),
 
 def __getattr__(name: str) -> Any:
     return lazy_or_moved(__name__, globals(), name, _LAZY, {})
+
+
+def __dir__() -> list[str]:
+    return lazy_dir(globals(), _LAZY)
 
 
 __all__ = ["KINDS", "Event", "Kind", "Name", "emit", "flush", "follow", "last_id", "read", "record", "store_answered",

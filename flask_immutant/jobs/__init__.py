@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..moved import lazy_or_moved
+from ..moved import lazy_dir, lazy_or_moved
 from ..state import declare as _declare
 from ..state import get_state, require_feature, with_context
 
@@ -29,6 +29,10 @@ MOVED = {"JobSpec": "flask_immutant.jobs.spec.JobSpec"}
 
 def __getattr__(name: str) -> Any:
     return lazy_or_moved(__name__, globals(), name, _LAZY, MOVED)
+
+
+def __dir__() -> list[str]:
+    return lazy_dir(globals(), _LAZY)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -58,6 +58,8 @@ PRELOAD_LATER = (
     # what an app with sessions, the cache and jobs imports as it loads and serves its first request
     "flask_immutant.web.sessions", "flask_immutant.web.near", "flask_immutant.caching.caches",
     "flask_immutant.jobs.registry", "importlib.readers", "encodings.idna",
+    # loaded on first use since the CLI's status stopped importing them, and by every runtime
+    "flask_immutant.events.log", "flask_immutant.events.kinds", "flask_immutant.cluster.identity",
 )
 #: The process name (``comm``) of the template, so ``ps`` and tests tell it from its runtimes.
 TEMPLATE_NAME = b"immutant-tmpl"

@@ -51,7 +51,7 @@ def client_from_url(url: str, **options: Any) -> redis.Redis:
     options.setdefault("health_check_interval", 10)
     options.setdefault("max_connections", MAX_CONNECTIONS)
     options.setdefault("retry", Retry(EqualJitterBackoff(cap=RETRY_BACKOFF[1], base=RETRY_BACKOFF[0]), RETRIES))
-    options = {**driver_options(), **options}
+    options = {**driver_options(url, options), **options}
     scheme = urlsplit(url).scheme
     if scheme.endswith("+sentinel"):
         return _sentinel_client(url, **options)
@@ -73,7 +73,7 @@ def _sentinel_client(url: str, **options: Any) -> redis.Redis:
     auth = {"username": unquote(username) or None, "password": unquote(password) or None}
     if parts.scheme.startswith("rediss"):
         options["ssl"] = True
-    sentinel_kwargs = {**auth, **_timeouts(options), **driver_options()}
+    sentinel_kwargs = {**auth, **_timeouts(options), **driver_options(url, options)}
     options["connection_class"] = failover.InterruptibleSSLConnection if options.get("ssl") else \
         failover.InterruptibleConnection
     sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **auth, **options)

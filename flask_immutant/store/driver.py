@@ -9,14 +9,22 @@ version redis-py carries (``redis.__version__``) is the same one: passed as the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 
+#: Options by which a caller names the client itself; then redis-py's own defaults stay.
+NAMING = ("driver_info", "lib_name", "lib_version")
 
-def driver_options() -> dict[str, Any]:
-    """Client options naming redis-py and its version (``{}`` for a redis-py without
-    ``driver_info``, which keeps its own defaults)."""
+
+def driver_options(url: str = "", options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Client options naming redis-py and its version: ``{}`` when the caller's ``options`` or the
+    ``url``'s query name the client themselves (redis-py would ignore them beside ``driver_info``),
+    or for a redis-py without ``driver_info``."""
+    if any(key in (options or {}) for key in NAMING) or any(key in parse_qs(urlsplit(url).query) for key in NAMING):
+        return {}
     try:
         from redis.driver_info import DriverInfo
     except ImportError:

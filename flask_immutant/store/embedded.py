@@ -140,7 +140,7 @@ class EmbeddedStore:
     def client(self, **options: Any) -> redis.Redis:
         options.setdefault("socket_timeout", 5.0)
         options.setdefault("socket_connect_timeout", 2.0)
-        return redis.Redis(unix_socket_path=str(self.socket), **{**driver_options(), **options})
+        return redis.Redis(unix_socket_path=str(self.socket), **{**driver_options(options=options), **options})
 
     def is_running(self) -> bool:
         if not self.dir.exists() or not self.check_ownership():

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from ..moved import lazy_dir, lazy_or_moved
 
 if TYPE_CHECKING:
     from .sessions import ImmutantSession, ImmutantSessionInterface, SessionUnavailable
@@ -13,12 +14,11 @@ _LAZY = {"ImmutantSession": ".sessions", "ImmutantSessionInterface": ".sessions"
 
 
 def __getattr__(name: str) -> Any:
-    """Import a name of ``_LAZY`` on first use (PEP 562) and keep it."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
+    return lazy_or_moved(__name__, globals(), name, _LAZY, {})
+
+
+def __dir__() -> list[str]:
+    return lazy_dir(globals(), _LAZY)
 
 
 def regenerate() -> None:
