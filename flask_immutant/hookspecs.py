@@ -66,9 +66,9 @@ def immutant_runtime_started(runtime: RuntimeView) -> None:
 
 @hookspec
 def immutant_runtime_stopping(runtime: RuntimeView) -> None:
-    """The app runtime is shutting down; stop background work and release leases. Bounded by
-    ``IMMUTANT_SHUTDOWN_TIMEOUT`` for the whole runtime. The implementations run at the same
-    time, each in its own thread."""
+    """The app runtime is shutting down; stop background work and release leases, by
+    ``runtime.stop_deadline`` (its drain's end: ``IMMUTANT_SHUTDOWN_TIMEOUT`` less the margin the
+    runtime keeps to exit). The implementations run at the same time, each in its own thread."""
 
 
 # --- Node (the supervisor process of ``flask immutant run``) --------------------------------

@@ -94,6 +94,11 @@ class RuntimeView(Protocol):
     def stopping(self) -> threading.Event:
         """Set once the runtime starts shutting down."""
 
+    @property
+    def stop_deadline(self) -> float | None:
+        """``time.monotonic()`` by which its ``immutant_runtime_stopping`` hooks must be done (the
+        runtime's drain ends then, and it exits); ``None`` until it stops."""
+
     def spawn(self, name: str, target: Callable[[], Any]) -> threading.Thread:
         """Run ``target`` in a daemon thread inside the app context."""
 

@@ -610,3 +610,47 @@ def test_sigkill_of_a_node_takes_its_draining_runtime_along(start_node, node_env
         wait_until(lambda: not any(pid_alive(pid) for pid in [old, *new]), timeout=within(5))
     finally:
         client.close()
+
+
+def _held(port: int) -> socket.socket:
+    """A client of the runtime serving ``port`` that keeps it draining: one request answered,
+    then half a request head (the shutdown and idle timeouts of these tests are 600 s)."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    client.sendall(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n")
+    assert client.recv(65536).startswith(b"HTTP/1.1 200")
+    client.sendall(b"GET / HTTP/1.1\r\nHost: sh")
+    return client
+
+
+def test_undeploy_waits_for_every_undeployed_runtime_of_its_name(start_node, node_env, tmp_path):
+    """Regression: shop v1 undeployed and draining, v2 deployed and undeployed too: v1's drain
+    ending cleared the name's node state, and the second undeploy said done while v2 drained."""
+    node = start_node("--clustered", "--node-name", "a",
+                      env={"IMMUTANT_SHUTDOWN_TIMEOUT": "600", "IMMUTANT_HTTP_IDLE_TIMEOUT": "600"})
+    node.wait_for("joined cluster")
+    port = int(node_env["IMMUTANT_HTTP_PORT"])
+    folder = write_app(tmp_path / "shop", "1")
+    assert deploy(node_env, folder).returncode == 0
+    wait_until(lambda: get(port), timeout=within(10))
+    first = _held(port)
+    (v1,) = runtimes_of(node.pid)
+    run_flask(["immutant", "undeploy", "shop", "--wait", "1"], node_env)
+    write_app(folder, "2")
+    assert deploy(node_env, folder).returncode == 0
+    wait_until(lambda: (get(port) or {}).get("version") == "2", timeout=within(10))
+    second = _held(port)
+    (v2,) = [pid for pid in runtimes_of(node.pid) if pid != v1]
+    # When v2 is undeployed too, and v1's drain ends while the undeploy waits for v2's
+    results: list[Any] = []
+    undeploy = threading.Thread(target=lambda: results.append(
+        run_flask(["immutant", "undeploy", "shop", "--wait", "6"], node_env)))
+    undeploy.start()
+    node.wait_for("undeploying shop v2")
+    first.close()
+    wait_until(lambda: not pid_alive(v1), timeout=within(10))
+    undeploy.join(timeout=30)
+    # Then the undeploy says v2 is still stopping (it is), not that shop is undeployed
+    assert pid_alive(v2)
+    assert "still stopping" in results[0].stdout, results[0].stdout + results[0].stderr
+    second.close()
+    wait_until(lambda: not pid_alive(v2), timeout=within(10))

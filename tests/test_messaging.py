@@ -574,6 +574,30 @@ def test_publish_many_reaches_every_topic_subscription(node, publisher):
     assert sorted(_lines(a, "news ")) == sorted(f"news {n} on alpha" for n in range(30))
 
 
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_a_stop_that_runs_out_its_drain_still_puts_held_messages_back_at_once(node, publisher):
+    """Regression: with the runtime's drain shortened to exit before its supervisor's kill, the
+    engine's budget (the shutdown timeout less 1 s) outlasted the drain at 5 s and more: the
+    runtime exited before the engine's leave, and held messages waited for another node's reaper
+    (a failure timeout) instead of going back at the stop."""
+    # Given a node holding messages in handlers that outlast its shutdown timeout
+    victim = node("victim", IMMUTANT_SHUTDOWN_TIMEOUT="5", IMMUTANT_FAILURE_TIMEOUT="10")
+    ready(victim)
+    for n in range(1, 3):
+        publisher.publish("/queue/work", {"n": n, "kind": "hold"})
+    victim.wait_for("holding 2", timeout=20)
+    store, keys = publisher.state.store, publisher.state.keys
+    assert any(member.startswith(b"victim.") for member in store.smembers(keys.messaging_consumers))
+    # When it is stopped
+    victim.signal(signal.SIGTERM)
+    assert victim.wait(timeout=30) == 0
+    # Then its consumer left cleanly on its way out (no reaper ran: the failure timeout is 10 s),
+    # with its held messages back in the queue
+    assert not any(member.startswith(b"victim.") for member in store.smembers(keys.messaging_consumers))
+    depth = publisher.backend.queue_stats(None, publisher.destinations["/queue/work"].queue_name)["depth"]
+    assert depth == 2
+
+
 # --- store outage (Redis broker on the embedded store) -----------------------------------------
 
 

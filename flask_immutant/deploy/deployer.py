@@ -16,6 +16,7 @@ import functools
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,10 @@ class Deployer:
         self._lock = threading.Lock()
         #: Displaced, undeployed and failed runtimes, stopping off this deployer's loop.
         self._draining = DrainingRuntimes()
-        #: Undeployed names whose runtime is gone: their node state is cleared on the next step.
+        #: Undeploys whose runtime still drains, per name (a name may be deployed and undeployed
+        #: again meanwhile), and names whose last such runtime is gone: their node state is
+        #: cleared on the next step.
+        self._undeploying: Counter[str] = Counter()
         self._undeployed: set[str] = set()
         self._subscription = Subscription(store.store, store.keys.deployments_changed)
         self._loop = Loop("deployer", self._step, 0.0, on_error=self._subscription.drop,
@@ -166,22 +170,28 @@ class Deployer:
                 gone = self.running.pop(name)
             log.info("undeploying %s", gone.deployment.label)
             self.marks.mark_undeployed(name)
+            with self._lock:
+                self._undeploying[name] += 1
             self._retire(gone, close_listener=True, then=functools.partial(self._stopped_undeployed, name))
             self._root_served()
 
     def _stopped_undeployed(self, name: str) -> None:
         """An undeployed runtime is gone (in the drains' thread): have the next step say so."""
         with self._lock:
-            self._undeployed.add(name)
+            self._undeploying[name] -= 1
+            if self._undeploying[name] <= 0:
+                del self._undeploying[name]
+                self._undeployed.add(name)
         self.wake()
 
     def _clear_undeployed(self) -> None:
-        """Clear the node state of undeployed names whose runtime is gone (``undeploy`` waits for
-        that), unless the name was deployed again since."""
+        """Clear the node state of undeployed names whose runtimes are all gone (``undeploy``
+        waits for that), unless the name was deployed again since, or a record written back
+        since was refused (that refusal is the state to show)."""
         with self._lock:
             gone = list(self._undeployed)
         for name in gone:
-            if name not in self.running:
+            if name not in self.running and name not in self.refused:
                 self.store.clear_node_state(name, self.name)
             with self._lock:
                 self._undeployed.discard(name)

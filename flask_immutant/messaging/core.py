@@ -39,6 +39,20 @@ if TYPE_CHECKING:
     from ..tracing.spans import Tracing
 
 log = logging.getLogger("flask_immutant.messaging")
+
+
+#: Seconds of the runtime's stop the engine leaves for what follows its handlers (the consumers'
+#: last poll, the leave that puts unacked messages back), at most half of what is left.
+ENGINE_EXIT_MARGIN = 1.0
+
+
+def stop_budget(runtime: RuntimeView) -> float:
+    """How long the engine may let handlers finish: until the runtime's stop deadline less
+    :data:`ENGINE_EXIT_MARGIN`, so its leave happens before the runtime exits (cut, the held
+    messages would wait for another node's reaper, a failure timeout)."""
+    deadline = getattr(runtime, "stop_deadline", None)
+    left = float(runtime.settings["IMMUTANT_SHUTDOWN_TIMEOUT"] if deadline is None else deadline - time.monotonic())
+    return max(0.0, left - min(ENGINE_EXIT_MARGIN, left / 2))
 #: Where an app's :class:`Messaging` is kept in its state.
 MESSAGING: Slot[Messaging] = Slot("messaging")
 
@@ -482,4 +496,4 @@ class Messaging:
         with self._lock:
             engine, self.engine = self.engine, None
         if engine is not None:
-            engine.stop(timeout=max(0.5, runtime.settings["IMMUTANT_SHUTDOWN_TIMEOUT"] - 1.0))
+            engine.stop(timeout=stop_budget(runtime))

@@ -44,7 +44,9 @@ class DrainingRuntimes:
     def __init__(self) -> None:
         self._drains: list[Drain] = []
         self._lock = threading.Lock()
-        self._loop = Loop("runtime-drains", self._step, IDLE_SLEEP)
+        # The interval bounds the retry after an unexpected error (the step itself sleeps longer
+        # while nothing drains, and a new drain wakes it).
+        self._loop = Loop("runtime-drains", self._step, DRAIN_POLL)
 
     def start(self) -> None:
         self._loop.start()
@@ -73,15 +75,17 @@ class DrainingRuntimes:
 
     def _step(self) -> float:
         """Finish the drains whose runtime exited or whose deadline passed; sleep until the next
-        look. A drain whose finish fails stays, and is tried again after the loop's backoff
-        (its ``then`` is not: it ran, or failed, once)."""
+        look. A drain whose finish fails is logged and dropped, so it never holds up the others."""
         now = time.monotonic()
         with self._lock:
             due = [d for d in self._drains if d.deadline <= now or d.runtime.poll() is not None]
         for drain in due:
-            _finish(drain)
             with self._lock:
                 self._drains.remove(drain)
+            try:
+                _finish(drain)
+            except Exception:  # dropped, not retried: its runtime was killed, or its pipes closed
+                log.exception("finishing the stop of app runtime %s failed", drain.runtime.target.label)
         with self._lock:
             deadlines = [drain.deadline for drain in self._drains]
         if not deadlines:

@@ -74,6 +74,7 @@ class AppRuntime:
         self.state: ImmutantState = app.extensions[EXTENSION_KEY]
         self.settings = self.state.settings
         self.stopping = threading.Event()
+        self.stop_deadline: float | None = None
         self._sock = sock
         self._threads: list[threading.Thread] = []
         self._server: Any = None
@@ -134,7 +135,7 @@ class AppRuntime:
     def stop(self, timeout: float) -> None:
         """Stop accepting (the listening socket stays open in the supervisor and any newer
         runtime), stop background work, let in-flight requests finish, close idle connections."""
-        deadline = time.monotonic() + timeout
+        deadline = self.stop_deadline = time.monotonic() + timeout
         # Idle connections get IDLE_GRACE from the drain's start, once: a client that keeps its
         # connection "active" with empty requests (CRLFs) cannot stretch the drain past it.
         grace_ends = min(time.monotonic() + IDLE_GRACE, deadline - 0.1)
