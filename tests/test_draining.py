@@ -15,8 +15,9 @@ from support import wait_until, within
 STUCK = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(300)"
 
 
-def stuck_runtime(label: str) -> RuntimeProcess:
-    runtime = RuntimeProcess(AppTarget(label, "/tmp"), socket.socket(), {})
+def stuck_runtime(label: str, listeners: list[socket.socket]) -> RuntimeProcess:
+    listeners.append(socket.socket())
+    runtime = RuntimeProcess(AppTarget(label, "/tmp"), listeners[-1], {})
     runtime.process = subprocess.Popen([sys.executable, "-c", STUCK], stdout=subprocess.PIPE)
     assert runtime.process.stdout is not None
     runtime.process.stdout.readline()
@@ -29,7 +30,8 @@ def test_a_failing_callback_holds_up_no_other_drain() -> None:
     drains = DrainingRuntimes()
     drains.start()
     ran: list[str] = []
-    first, second = stuck_runtime("first"), stuck_runtime("second")
+    listeners: list[socket.socket] = []
+    first, second = stuck_runtime("first", listeners), stuck_runtime("second", listeners)
     try:
 
         def fail() -> None:
@@ -47,3 +49,7 @@ def test_a_failing_callback_holds_up_no_other_drain() -> None:
         for runtime in (first, second):
             if runtime.process is not None and runtime.process.poll() is None:
                 runtime.process.kill()
+            if runtime.process is not None and runtime.process.stdout is not None:
+                runtime.process.stdout.close()
+        for listener in listeners:
+            listener.close()
