@@ -217,13 +217,7 @@ def test_empty_requests_cannot_keep_a_draining_runtime_past_its_grace(start_node
     """The grace above counts from the connection's last activity; a client sending bare CRLFs
     (which waitress reads as empty requests) stays "active" for ever, and would hold the old
     runtime until the shutdown timeout (here 60 s) on every redeploy."""
-    node = start_node("--clustered", "--node-name", "a", env={"IMMUTANT_SHUTDOWN_TIMEOUT": "60"})
-    node.wait_for("joined cluster")
-    folder = write_app(tmp_path / "shop", "1")
-    assert deploy(node_env, folder).returncode == 0
-    port = int(node_env["IMMUTANT_HTTP_PORT"])
-    wait_until(lambda: get(port), timeout=within(10))
-    (old,) = runtimes_of(node.pid)
+    _, folder, port, old = shop_node(start_node, node_env, tmp_path, IMMUTANT_SHUTDOWN_TIMEOUT="60")
     # Given a kept-alive connection to it that sends an empty request (CRLF CRLF) every 0.2 s
     trickle = socket.create_connection(("127.0.0.1", port), timeout=5)
     trickle.sendall(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n")
@@ -536,23 +530,40 @@ def test_sigkill_of_a_node_takes_its_deployed_runtimes_along(two_nodes, node_env
     wait_until(lambda: not any(pid_alive(pid) for pid in runtimes), timeout=3)
 
 
-def held_drain(start_node: Callable[..., Any], node_env: dict[str, str],
-               tmp_path: Path) -> tuple[Any, int, socket.socket]:
-    """A node whose shop v1 was replaced by v2 and still drains, held by a client that sent half
-    a request head (for as long as it stays connected: the shutdown and idle timeouts are 600 s).
-    Returns the node, the old runtime's pid and the client's socket."""
-    node = start_node("--clustered", "--node-name", "a",
-                      env={"IMMUTANT_SHUTDOWN_TIMEOUT": "600", "IMMUTANT_HTTP_IDLE_TIMEOUT": "600"})
+#: Shutdown and idle timeouts long enough that only the test's client ends a drain.
+HELD = {"IMMUTANT_SHUTDOWN_TIMEOUT": "600", "IMMUTANT_HTTP_IDLE_TIMEOUT": "600"}
+
+
+def shop_node(start_node: Callable[..., Any], node_env: dict[str, str], tmp_path: Path,
+              **env: str) -> tuple[Any, Path, int, int]:
+    """A node "a" serving shop v1, deployed: the node, the app's folder, its port, its runtime's pid."""
+    node = start_node("--clustered", "--node-name", "a", env=env)
     node.wait_for("joined cluster")
     folder = write_app(tmp_path / "shop", "1")
     assert deploy(node_env, folder).returncode == 0
     port = int(node_env["IMMUTANT_HTTP_PORT"])
     wait_until(lambda: get(port), timeout=within(10))
-    (old,) = runtimes_of(node.pid)
+    (runtime,) = runtimes_of(node.pid)
+    return node, folder, port, runtime
+
+
+def held_connection(port: int) -> socket.socket:
+    """A client that keeps the runtime serving ``port`` draining while it stays connected: one
+    request answered, then half a request head."""
     client = socket.create_connection(("127.0.0.1", port), timeout=10)
     client.sendall(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n")
-    assert client.recv(65536).startswith(b"HTTP/1.1 200")  # the old runtime holds this connection
+    assert client.recv(65536).startswith(b"HTTP/1.1 200")
     client.sendall(b"GET / HTTP/1.1\r\nHost: sh")
+    return client
+
+
+def held_drain(start_node: Callable[..., Any], node_env: dict[str, str],
+               tmp_path: Path) -> tuple[Any, int, socket.socket]:
+    """A node whose shop v1 was replaced by v2 and still drains, held by a client that sent half
+    a request head (for as long as it stays connected: the shutdown and idle timeouts are 600 s).
+    Returns the node, the old runtime's pid and the client's socket."""
+    node, folder, port, old = shop_node(start_node, node_env, tmp_path, **HELD)
+    client = held_connection(port)  # the old runtime holds this connection
     write_app(folder, "2")
     deploy(node_env, folder)
     wait_until(lambda: (get(port) or {}).get("version") == "2", timeout=within(10))
@@ -612,33 +623,16 @@ def test_sigkill_of_a_node_takes_its_draining_runtime_along(start_node, node_env
         client.close()
 
 
-def _held(port: int) -> socket.socket:
-    """A client of the runtime serving ``port`` that keeps it draining: one request answered,
-    then half a request head (the shutdown and idle timeouts of these tests are 600 s)."""
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    client.sendall(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n")
-    assert client.recv(65536).startswith(b"HTTP/1.1 200")
-    client.sendall(b"GET / HTTP/1.1\r\nHost: sh")
-    return client
-
-
 def test_undeploy_waits_for_every_undeployed_runtime_of_its_name(start_node, node_env, tmp_path):
     """Regression: shop v1 undeployed and draining, v2 deployed and undeployed too: v1's drain
     ending cleared the name's node state, and the second undeploy said done while v2 drained."""
-    node = start_node("--clustered", "--node-name", "a",
-                      env={"IMMUTANT_SHUTDOWN_TIMEOUT": "600", "IMMUTANT_HTTP_IDLE_TIMEOUT": "600"})
-    node.wait_for("joined cluster")
-    port = int(node_env["IMMUTANT_HTTP_PORT"])
-    folder = write_app(tmp_path / "shop", "1")
-    assert deploy(node_env, folder).returncode == 0
-    wait_until(lambda: get(port), timeout=within(10))
-    first = _held(port)
-    (v1,) = runtimes_of(node.pid)
+    node, folder, port, v1 = shop_node(start_node, node_env, tmp_path, **HELD)
+    first = held_connection(port)
     run_flask(["immutant", "undeploy", "shop", "--wait", "1"], node_env)
     write_app(folder, "2")
     assert deploy(node_env, folder).returncode == 0
     wait_until(lambda: (get(port) or {}).get("version") == "2", timeout=within(10))
-    second = _held(port)
+    second = held_connection(port)
     (v2,) = [pid for pid in runtimes_of(node.pid) if pid != v1]
     # When v2 is undeployed too, and v1's drain ends while the undeploy waits for v2's
     results: list[Any] = []
