@@ -9,6 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def wake_list(messaging_namespace: str, queue: str) -> str:
+    """The wake list of ``queue`` (``Keys.messaging_wake``), for the broker's consumers, which know
+    only the broker's namespace."""
+    return f"{messaging_namespace}:{queue}.wake"
+
+
 @dataclass(frozen=True)
 class Keys:
     """Key names of one cluster."""
@@ -96,7 +102,7 @@ class Keys:
 
     def messaging_wake(self, queue: str) -> str:
         """LIST of tokens, one per published message, that idle consumers of ``queue`` BLPOP."""
-        return f"{self.messaging_namespace}:{queue}.wake"
+        return wake_list(self.messaging_namespace, queue)
 
     def messaging_release(self, consumer_id: str) -> str:
         """LIST a stopping runtime pushes to, to end its own idle consumers' waits: they BLPOP it

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from ..keys import wake_list
 from ..loops import Backoff
 
 if TYPE_CHECKING:
@@ -187,7 +188,7 @@ def resuming_redis_broker() -> type[RedisBroker]:
             """Dramatiq's own enqueues (a retry, a delayed message coming due) wake a consumer too."""
             enqueued = super().enqueue(message, delay=delay)
             if delay is None:
-                push_wake_tokens(self.client, {f"{self.namespace}:{enqueued.queue_name}.wake": 1})
+                push_wake_tokens(self.client, {wake_list(self.namespace, enqueued.queue_name): 1})
             return enqueued
 
         def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
@@ -315,7 +316,7 @@ def waking_consumer(base: type) -> type:
 
         def _wait_for_work(self) -> None:
             """Clear the stale tokens of an empty queue, then wait for the next publish's token."""
-            wake = f"{self.broker.namespace}:{self.queue_name}.wake"
+            wake = wake_list(self.broker.namespace, self.queue_name)
             try:
                 if self._clear_stale_tokens(keys=[f"{self.broker.namespace}:{self.queue_name}", wake]):
                     return  # messages came since the fetch: fetch them
@@ -341,7 +342,7 @@ def waking_consumer(base: type) -> type:
             messages = list(messages)
             super().requeue(messages)
             if messages:
-                push_wake_tokens(self.broker.client, {f"{self.broker.namespace}:{self.queue_name}.wake": len(messages)})
+                push_wake_tokens(self.broker.client, {wake_list(self.broker.namespace, self.queue_name): len(messages)})
 
     return WakingConsumer
 
@@ -370,6 +371,4 @@ def give_back(broker: Any, queue_name: str, fetched: list[bytes]) -> None:
     if ids:
         broker.do_requeue(queue_name, *ids)
     if ids and not queue_name.endswith(".DQ"):  # delay queues are polled, not woken
-        wake = f"{broker.namespace}:{queue_name}.wake"
-        pipe = broker.client.pipeline(transaction=False)
-        pipe.rpush(wake, *["1"] * len(ids)).ltrim(wake, -WAKE_TOKENS, -1).execute()
+        push_wake_tokens(broker.client, {wake_list(broker.namespace, queue_name): len(ids)})
