@@ -60,7 +60,12 @@ class Backend:
     def __init__(self, store: redis.Redis, keys: Keys) -> None:
         self.store = store
         self.keys = keys
-        self._reap = lua.script(store, "messaging/backends_reap")
+
+    @functools.cached_property
+    def _reap(self) -> Any:
+        """The reaper's script, read on first use: a backend made to read queue stats (``status``,
+        ``queues``) runs none."""
+        return lua.script(self.store, "messaging/backends_reap")
 
     def make_broker(self, middleware: Sequence[Middleware], consumer_id: str | None = None) -> Broker:
         raise NotImplementedError
@@ -143,7 +148,10 @@ class RedisBackend(Backend):
         self.client = client or store
         self.url = url
         self.namespace = keys.messaging_namespace
-        self._publish = lua.script(self.client, "messaging/backends_publish")
+
+    @functools.cached_property
+    def _publish(self) -> Any:
+        return lua.script(self.client, "messaging/backends_publish")
 
     def make_broker(self, middleware: Sequence[Middleware], consumer_id: str | None = None) -> Broker:
         import dramatiq.worker
