@@ -14,8 +14,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import redis
 
@@ -39,9 +38,9 @@ MAX_PRIORITY = 9
 NORMAL_PRIORITY = 4
 
 
-@dataclass
-class Target:
-    """One Dramatiq message bound for one queue (``delay`` in ms, or None)."""
+class Target(NamedTuple):
+    """One Dramatiq message bound for one queue (``delay`` in ms, or None). A named tuple: never
+    changed, and a dataclass's creation costs every command that imports this about 0.4 ms."""
 
     message: Message[Any]
     delay: int | None = None
