@@ -12,7 +12,7 @@ from pathlib import Path
 
 #: Libraries a feature needs only when it runs (a runtime, a node, or its own command).
 FEATURE_LIBRARIES = ("dramatiq", "croniter", "rq_scheduler", "rq", "cachelib", "waitress", "aiohttp",
-                     "prometheus_client", "opentelemetry", "tarfile")
+                     "prometheus_client", "opentelemetry", "tarfile", "msgpack")
 
 APP = """
 from flask import Flask
