@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -37,13 +38,17 @@ from pathlib import Path
 FLOOR = "import flask.cli, redis"
 
 
-def timed(command: list[str], env: dict[str, str], cwd: Path) -> float:
+def timed(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
+    """Seconds from spawn to exit, and the CPU seconds (user + system) the command used: on a
+    shared machine the second moves less with the others' load."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -77,20 +82,28 @@ def main() -> None:
             commands["status, --before"] = [str(Path(args.before).with_name("flask")), "immutant", "status"]
         for command in commands.values():
             timed(command, env, home)  # warm the file cache, write the bytecode
-        times: dict[str, list[float]] = {name: [] for name in commands}
+        wall: dict[str, list[float]] = {name: [] for name in commands}
+        cpu: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(args.runs):
             for name, command in commands.items():
-                times[name].append(timed(command, env, home))
-        medians = {name: statistics.median(values) for name, values in times.items()}
-        for name, values in times.items():
-            print(f"{name:<24} median {medians[name] * 1000:6.0f} ms   min {min(values) * 1000:6.0f} ms   "
-                  f"max {max(values) * 1000:6.0f} ms   (n={len(values)})")
-        version = medians["flask --version"]
-        print(f"status / --version, medians: {medians['flask immutant status'] / version:.2f}x  (target <= 1.3x)")
+                seconds, used = timed(command, env, home)
+                wall[name].append(seconds)
+                cpu[name].append(used)
+        print(f"{'':<24} {'wall median':>11} {'min':>6} {'max':>6} {'CPU median':>11}   (n={args.runs})")
+        for name in commands:
+            print(f"{name:<24} {statistics.median(wall[name]) * 1000:8.0f} ms {min(wall[name]) * 1000:6.0f} "
+                  f"{max(wall[name]) * 1000:6.0f} {statistics.median(cpu[name]) * 1000:8.0f} ms")
+
+        def ratio(a: str, b: str) -> str:
+            return (f"{statistics.median(wall[a]) / statistics.median(wall[b]):5.2f}x "
+                    f"{statistics.median(cpu[a]) / statistics.median(cpu[b]):6.2f}x")
+
+        print(f"{'ratios of the medians':<28} {'wall':>5} {'CPU':>7}")
+        print(f"{'status / --version':<28} {ratio('flask immutant status', 'flask --version')}   (target <= 1.3x)")
         if args.before:
-            print(f"status --before / --version: {medians['status, --before'] / version:.2f}x")
-        print(f"floor / --version:           {medians['floor'] / version:.2f}x  ({FLOOR})")
-        print(f"status / floor:              {medians['flask immutant status'] / medians['floor']:.2f}x")
+            print(f"{'status --before / --version':<28} {ratio('status, --before', 'flask --version')}")
+        print(f"{'floor / --version':<28} {ratio('floor', 'flask --version')}   (floor: {FLOOR})")
+        print(f"{'status / floor':<28} {ratio('flask immutant status', 'floor')}")
         if args.importtime:
             result = subprocess.run([sys.executable, "-X", "importtime", "-m", "flask", "immutant", "status"],
                                     env=env, cwd=home, capture_output=True, text=True, check=False)
