@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from flask import Flask
 
     from .server.environ import DEPLOYMENT_ENV
+    from .server.environ import DeploymentEnviron as DeploymentEnviron  # re-exported
 
 __all__ = ["DEPLOYMENT_ENV", "EXTENSION_KEY", "FEATURE_FLAGS", "ImmutantExtension", "ImmutantState", "app_for",
            "declare", "get_state", "require_feature", "switched_off", "with_context"]
@@ -42,6 +43,9 @@ def __getattr__(name: str) -> Any:
         return getattr(environ, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
+def __dir__() -> list[str]:
+    return [*globals(), "DEPLOYMENT_ENV", "DeploymentEnviron"]
 
 
 class ImmutantExtension:

@@ -17,7 +17,7 @@ def wake_list(messaging_namespace: str, queue: str) -> str:
 
 class Keys(NamedTuple):
     """Key names of one cluster. A named tuple, as immutable as a frozen dataclass, whose creation
-    costs every command half a millisecond less."""
+    costs every command 0.4 ms less."""
 
     cluster: str
 

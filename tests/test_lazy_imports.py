@@ -94,7 +94,8 @@ def test_status_loads_only_what_it_shows(node_env: dict[str, str], tmp_path: Pat
     assert {"flask_immutant.cluster.membership", "flask_immutant.contexts.registry"} <= modules  # it did read
     loaded = added_to_redis({name.split(".")[0] for name in modules})
     assert loaded.isdisjoint(FEATURE_LIBRARIES), loaded & set(FEATURE_LIBRARIES)
-    ours = modules - modules_after("import redis")  # with OpenTelemetry's SDK, redis-py loads ctypes itself
+    ours = modules - modules_after("import redis")  # with OpenTelemetry's SDK, redis-py loads ctypes itself (then
+    # only flask_immutant.portable guards ours)
     assert ours.isdisjoint(NOT_FOR_STATUS), ours & set(NOT_FOR_STATUS)
 
 

@@ -92,7 +92,7 @@ def test_a_flask_command_ends_without_a_young_collection_of_all_it_made(tmp_path
                "(gc.get_threshold()[0], gc.get_count()[0]))); "
                "sys.argv = ['flask', 'immutant', 'config']; from flask.cli import main\n"
                "try:\n    main()\n"
-               "finally:\n    print('backlog', max(count - threshold for threshold, count in starts))")
+               "finally:\n    print('backlog', max((count - threshold for threshold, count in starts), default=0))")
     env = {**os.environ, "IMMUTANT_HOME": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, check=False)
     # Then no collection started far past its threshold: the usual thresholds came back only

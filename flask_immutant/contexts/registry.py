@@ -66,7 +66,7 @@ class Context:
 class Server(NamedTuple):
     """One server of a context path, as a balancer sees it (HAProxy's word: a backend holds servers).
     A named tuple: only balancers make them, and a frozen dataclass's creation costs every command
-    that reads contexts (``status``) half a millisecond."""
+    that reads contexts (``status``) 0.4 ms."""
 
     node: str
     host: str
