@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from importlib import metadata
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
@@ -24,7 +25,7 @@ from flask.cli import AppGroup, NoAppException, ScriptInfo
 from .cli_table import printable
 from .errors import ImmutantConfigError, ImmutantError
 from .logs import setup_logging as setup_logging  # where the commands that start processes find it
-from .plugins import make_plugin_manager
+from .plugins import ENTRY_POINT_GROUP, make_plugin_manager
 from .settings import float_range, import_paths
 from .state import EXTENSION_KEY, ImmutantState
 
@@ -187,9 +188,21 @@ def _plugin_manager(ctx: click.Context, extra: tuple[str, ...]) -> pluggy.Plugin
     same ``sys.path`` (taken once: the state unregisters the plugins whose flag is off), else a
     new one. Loading the app may put its folder on the path, with entry-point plugins beside it."""
     registered = ctx.meta.pop(COMMANDS_MANAGER, None)
-    if registered is not None and registered[:2] == (extra, tuple(sys.path)):
+    if registered is not None and registered[0] == extra and not _path_added_plugins(registered[1]):
         return cast("pluggy.PluginManager", registered[2])
     return make_plugin_manager(extra)
+
+
+def _path_added_plugins(before: tuple[str, ...]) -> bool:
+    """Whether ``sys.path`` differs from ``before`` by more than folders put in front of it holding
+    no installed plugin. Flask puts the app's folder there (``flask`` the script does whenever an
+    app is looked for: its ``sys.path`` starts with the script's folder, not the current one), and
+    that folder seldom holds a distribution with entry points in our group."""
+    added = len(sys.path) - len(before)
+    if added < 0 or tuple(sys.path[added:]) != before:
+        return True
+    return added > 0 and any(entry.group == ENTRY_POINT_GROUP for dist in metadata.distributions(path=sys.path[:added])
+                             for entry in dist.entry_points)
 
 
 @contextlib.contextmanager

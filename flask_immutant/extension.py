@@ -8,7 +8,6 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .server.environ import DEPLOYMENT_ENV, DeploymentEnviron
 from .state import (
     EXTENSION_KEY,
     FEATURE_FLAGS,
@@ -26,11 +25,27 @@ from .state import (
 if TYPE_CHECKING:
     from flask import Flask
 
+    from .server.environ import DEPLOYMENT_ENV
+    from .server.environ import DeploymentEnviron as DeploymentEnviron  # re-exported
+
 __all__ = ["DEPLOYMENT_ENV", "EXTENSION_KEY", "FEATURE_FLAGS", "ImmutantExtension", "ImmutantState", "app_for",
            "declare", "get_state", "require_feature", "switched_off", "with_context"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+def __getattr__(name: str) -> Any:
+    """``DEPLOYMENT_ENV`` and ``DeploymentEnviron`` (re-exported) are imported on first use: the
+    CLI group imports this module for every command, and only ``init_app`` reads the deployment."""
+    if name in ("DEPLOYMENT_ENV", "DeploymentEnviron"):
+        from .server import environ
+
+        return getattr(environ, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return [*globals(), "DEPLOYMENT_ENV", "DeploymentEnviron"]
 
 
 class ImmutantExtension:
@@ -53,6 +68,8 @@ class ImmutantExtension:
     def init_app(self, app: Flask) -> None:
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("ImmutantExtension is already initialised on this app")
+        from .server.environ import DeploymentEnviron
+
         deployment = DeploymentEnviron.current()
         state = ImmutantState.build(app.config, overrides=deployment.settings)
         app.config.update(state.settings)

@@ -42,9 +42,13 @@ def started() -> None:
 
 
 def finished() -> None:
-    """Start-up is over: the usual thresholds again, unless the app set its own meanwhile."""
+    """Start-up is over: the usual thresholds again, unless the app set its own meanwhile. A
+    process that freezes its heap at exit freezes it now: with the usual threshold back, its next
+    allocation would start a young collection of all the command made (9 ms after ``status``)."""
     global _usual
     if _usual is not None:
+        if _freezes_at_exit:
+            gc.freeze()
         if gc.get_threshold()[0] == max(START_UP_THRESHOLD, _usual[0]):
             gc.set_threshold(*_usual)
         _usual = None

@@ -373,6 +373,14 @@ def test_memoize_serves_the_stale_value_while_one_caller_recomputes(app: Flask, 
 
 # --- serialization ---------------------------------------------------------------------------
 
+
+def test_the_settings_rows_know_every_serializer_by_name() -> None:
+    # The rows check names without loading the serializers (formats.py): the two lists agree
+    from flask_immutant.caching import formats, serialization
+
+    assert tuple(serialization.SAFE_SERIALIZERS) == formats.SAFE_NAMES
+    assert tuple(serialization.CACHE_SERIALIZERS) == formats.CACHE_NAMES
+
 EXPLOITED: list[str] = []
 
 

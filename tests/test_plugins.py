@@ -399,26 +399,43 @@ def test_status_json_without_the_plugin_has_no_hello_section(node_env: dict[str,
 
 
 
-def test_a_command_reuses_the_groups_plugin_manager_only_for_the_same_plugins_and_path(tmp_path, monkeypatch) -> None:
+def test_a_command_reuses_the_groups_plugin_manager_only_for_the_same_plugins_and_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, test_plugins: Path) -> None:
     """Regression: loading the app may put its folder on ``sys.path``, with entry-point plugins
     beside it that the group's manager, made before, never saw; reused, a node refused the
-    plugin's setting (``IMMUTANT_HELLO_GREETING is not a flask-immutant setting``)."""
+    plugin's setting (``IMMUTANT_HELLO_GREETING is not a flask-immutant setting``). A folder put
+    there without a plugin (what ``flask``, the script, does for every command) keeps the manager."""
     import click
 
     from flask_immutant.cli import COMMANDS_MANAGER, _plugin_manager
 
     registered = make_plugin_manager(entry_points=False)
 
-    def offered(extra: tuple[str, ...] = ()) -> pluggy.PluginManager:
+    def offered(extra: tuple[str, ...] = (), path: tuple[str, ...] = tuple(sys.path)) -> pluggy.PluginManager:
         ctx = click.Context(cli)
-        ctx.meta[COMMANDS_MANAGER] = ((), tuple(sys.path), registered)
+        ctx.meta[COMMANDS_MANAGER] = ((), path, registered)
         return _plugin_manager(ctx, extra)
 
     # The same plugins from the same path: the group's manager, once
     assert offered() is registered
-    # Other plugins, or a path the app's loading changed: a new manager, which looks again
+    # Other plugins: a new manager, which looks again
     assert offered(("sample_plugin",)) is not registered
-    ctx = click.Context(cli)
-    ctx.meta[COMMANDS_MANAGER] = ((), tuple(sys.path), registered)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert _plugin_manager(ctx, ()) is not registered
+    # The app's folder put in front, with no plugin in it: still the group's manager
+    before = tuple(sys.path)
+    app_folder = tmp_path / "app"
+    app_folder.mkdir()
+    monkeypatch.syspath_prepend(str(app_folder))
+    assert offered(path=before) is registered
+    # A folder holding an installed plugin put in front: a new manager, which finds it
+    dist_info = tmp_path / "site" / "immutant_hello-1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: immutant-hello\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nhello = immutant_hello\n")
+    (dist_info.parent / "immutant_hello.py").write_text(HELLO_MODULE)
+    monkeypatch.syspath_prepend(str(dist_info.parent))
+    try:
+        assert offered(path=before).has_plugin("hello")
+    finally:
+        sys.modules.pop("immutant_hello", None)
+    # A path changed otherwise (an entry gone): a new manager
+    assert offered(path=(*before, "/elsewhere")) is not registered

@@ -83,3 +83,19 @@ def test_only_a_flask_command_s_own_process_freezes_its_heap_at_exit(program: st
     result = subprocess.run([sys.executable, "-c", AT_EXIT + program], capture_output=True, text=True, env=env,
                             check=False)
     assert result.stdout.strip().splitlines()[-1] == f"frozen {frozen}", result.stdout + result.stderr
+
+
+def test_a_flask_command_ends_without_a_young_collection_of_all_it_made(tmp_path) -> None:
+    # Given a flask command's own process, whose young collections are logged as they start
+    program = ("import gc, sys; starts = []; "
+               "gc.callbacks.append(lambda phase, info: phase == 'start' and starts.append("
+               "(gc.get_threshold()[0], gc.get_count()[0]))); "
+               "sys.argv = ['flask', 'immutant', 'config']; from flask.cli import main\n"
+               "try:\n    main()\n"
+               "finally:\n    print('backlog', max((count - threshold for threshold, count in starts), default=0))")
+    env = {**os.environ, "IMMUTANT_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, check=False)
+    # Then no collection started far past its threshold: the usual thresholds came back only
+    # after what the command made was frozen, not with it all waiting in the young generation
+    backlog = int(result.stdout.strip().splitlines()[-1].split()[-1])
+    assert backlog < 1_000, result.stdout + result.stderr

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..hookspecs import hookimpl
 from ..settings import Setting, float_range, to_bool
-from .serialization import CACHE_SERIALIZERS
+from .formats import CACHE_NAMES
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -21,8 +21,8 @@ FEATURE = "caching"
 
 
 def _serializer(value: Any) -> str:
-    if value not in CACHE_SERIALIZERS:
-        raise ValueError(" or ".join(repr(name) for name in CACHE_SERIALIZERS) + " (pickle runs code from the store: "
+    if value not in CACHE_NAMES:
+        raise ValueError(" or ".join(repr(name) for name in CACHE_NAMES) + " (pickle runs code from the store: "
                          "only with a store nobody else can write)")
     return str(value)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import redis
 
@@ -63,9 +63,10 @@ class Context:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class Server:
-    """One server of a context path, as a balancer sees it (HAProxy's word: a backend holds servers)."""
+class Server(NamedTuple):
+    """One server of a context path, as a balancer sees it (HAProxy's word: a backend holds servers).
+    A named tuple: only balancers make them, and a frozen dataclass's creation costs every command
+    that reads contexts (``status``) 0.4 ms."""
 
     node: str
     host: str

@@ -55,8 +55,10 @@ def daemon_status(state: ImmutantState, store: redis.Redis) -> list[dict[str, An
     """One entry per daemon (per node for non-singletons); holders come from the leases."""
     from ..cluster.membership import live_members
 
-    live = {m.name for m in live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])}
     records = read_records(hash_of(store, state.keys.daemons, "daemon"), "daemon", _daemon_record).values()
+    live: set[str] = set()  # which nodes run: asked only for per-node daemons (a singleton's holder is its lease's)
+    if any(not record["singleton"] for record in records):
+        live = {m.name for m in live_members(store, state.keys, state.settings["IMMUTANT_FAILURE_TIMEOUT"])}
     result = []
     for record in sorted(records, key=lambda r: (r["name"], r["node"] or "")):
         entry = {

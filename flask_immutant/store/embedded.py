@@ -30,7 +30,6 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import StoreUnavailableError
-from ..portable import process_cmdline, process_state
 from ..private import check_own_socket, check_private_dir, make_private_dir, tighten_files
 from .driver import driver_options
 
@@ -262,11 +261,15 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    from ..portable import process_state  # here: a command's running check never looks at a pid (nor loads ctypes)
+
     return process_state(pid) != "Z"
 
 
 def _is_store_server(pid: int) -> bool:
     """Whether ``pid`` is a valkey/redis server (a stale pidfile may name a reused pid); without
     /proc, assume it is, and refuse to start a second server."""
+    from ..portable import process_cmdline
+
     cmdline = process_cmdline(pid)
     return cmdline is None or b"redis-server" in cmdline or b"valkey-server" in cmdline

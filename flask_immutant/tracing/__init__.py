@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..protocols import Slot
 from .base import NO_SPAN, Sent
@@ -32,9 +31,9 @@ __all__ = ["NO_SPAN", "SETTING", "Sent", "daemon_span", "job_span", "tracing_of"
 log = logging.getLogger("flask_immutant.tracing")
 
 
-@dataclass(frozen=True)
-class _Decided:
-    """Whether this app traces, decided once: ``tracing`` is ``None`` when it does not."""
+class _Decided(NamedTuple):
+    """Whether this app traces, decided once: ``tracing`` is ``None`` when it does not. A named
+    tuple: a frozen dataclass's creation costs every command (which loads the plugin) 0.4 ms."""
 
     tracing: Tracing | None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..caching.serialization import SAFE_SERIALIZERS
+from ..caching.formats import SAFE_NAMES
 from ..hookspecs import hookimpl
 from ..settings import Setting, int_range, to_bool
 
@@ -21,8 +21,8 @@ FEATURE = "sessions"
 
 
 def _serializer(value: Any) -> str:
-    if value not in SAFE_SERIALIZERS:
-        raise ValueError(" or ".join(repr(name) for name in SAFE_SERIALIZERS) + " (never pickle for sessions)")
+    if value not in SAFE_NAMES:
+        raise ValueError(" or ".join(repr(name) for name in SAFE_NAMES) + " (never pickle for sessions)")
     return str(value)
 
 
@@ -44,6 +44,7 @@ def immutant_settings() -> list[Setting]:
 @hookimpl(trylast=True)
 def immutant_init_app(app: Flask, state: ImmutantState) -> None:
     from ..caching.breaker import CircuitBreaker
+    from ..caching.serialization import SAFE_SERIALIZERS
     from .sessions import SESSIONS, ImmutantSessionInterface, log  # here: CLI commands never import Flask-Session
 
     settings = state.settings
