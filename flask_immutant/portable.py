@@ -52,3 +52,82 @@ def process_cmdline(pid: int) -> bytes | None:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return None
+
+
+def process_host() -> str | None:
+    """Linux: who can judge this process's pids: ``boot_id/pid-namespace/time-namespace``, the
+    same string exactly for processes that share one kernel boot, one pid namespace (so a pid names
+    the same process for both) and one time namespace (so both read the same start times). None
+    elsewhere, when anything is unreadable, or when ``/proc`` is another pid namespace's.
+
+    A host name is not enough: containers with host networking share it, not their pids."""
+    if not linux_extras():
+        return None
+    try:
+        if int(Path("/proc/self/stat").read_text().split(None, 1)[0]) != os.getpid():
+            return None  # a /proc mounted from another pid namespace
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pid_ns = os.stat("/proc/self/ns/pid")
+        try:
+            time_ns = os.stat("/proc/self/ns/time")
+            timens = f"{time_ns.st_dev}:{time_ns.st_ino}"
+        except FileNotFoundError:  # a kernel before 5.6 has no time namespaces
+            timens = "-"
+    except (OSError, ValueError, IndexError):
+        return None
+    if not boot:
+        return None
+    return f"{boot}/{pid_ns.st_dev}:{pid_ns.st_ino}/{timens}"
+
+
+def process_start(pid: int) -> int | None:
+    """Linux: when ``pid`` started, in clock ticks since boot (field 22 of ``/proc/PID/stat``):
+    with the pid, it names one process for the whole boot, even once the pid is reused."""
+    if not linux_extras():
+        return None
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_dead(host: object, pid: object, start: object) -> bool:
+    """True only if the process ``pid`` that started at ``start`` on ``host`` (:func:`process_host`,
+    :func:`process_start`, as it recorded them) is provably gone: this process shares its kernel,
+    pid and time namespaces, and the pid is free, names a zombie, or names a later process.
+
+    False means "not proven", never "alive": elsewhere, in portable mode, across hosts or
+    namespaces, on a record without them, or when ``/proc`` cannot be read."""
+    if not (isinstance(host, str) and isinstance(pid, int) and isinstance(start, int)) or pid <= 0:
+        return False
+    if host != process_host():
+        return False
+    try:
+        os.kill(pid, 0)  # in our own pid namespace (process_host checked it): no such pid is proof
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass  # it exists (EPERM: another user's)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        threads = [entry.name for entry in Path(f"/proc/{pid}/task").iterdir()]
+        fields = stat.rsplit(")", 1)[-1].split()
+        if int(fields[19]) != start:
+            return True  # the pid was freed and reused: the recorded process was reaped
+        # A zombie leader may still have live threads: every thread must be dead.
+        states = [Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[-1].split()[0] for tid in threads]
+    except FileNotFoundError:
+        return _no_such_process(pid)  # it went while we read
+    except (OSError, ValueError, IndexError):
+        return False
+    return bool(states) and all(state in ("Z", "X") for state in states)
+
+
+def _no_such_process(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from flask_immutant.cluster.lease import SAFETY_MARGIN, LeaseManager, read_holder
+from flask_immutant import portable
+from flask_immutant.cluster.lease import SAFETY_MARGIN, LeaseManager, read_holder, release_dead_holders
 from flask_immutant.keys import Keys
 from flask_immutant.store.embedded import redis_server_binary
 
@@ -241,3 +245,96 @@ def test_a_holder_whose_renewals_no_replica_confirms_stops_before_its_lease_can_
     finally:
         os.kill(replica.pid, signal.SIGCONT)
         manager.close()
+
+
+linux_only = pytest.mark.skipif(not portable.linux_extras(), reason="the proof of death reads Linux's /proc")
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+
+def plant_holder(store, keys: Keys, name: str, pid: int, ttl: float, **fields: object) -> dict[str, object]:
+    """Write the lease record (and last-holder record) a holder with ``pid`` on this host would have
+    written, with ``ttl``, as if it held ``name`` and had not released it."""
+    record: dict[str, object] = {"owner": f"planted|{pid}|{uuid.uuid4().hex}", "fence": 1, "node": "planted",
+                                 "pid": pid, "since": time.time(), "host": portable.process_host(),
+                                 "start": portable.process_start(pid), **fields}
+    store.set(keys.lease(name), json.dumps(record), px=int(ttl * 1000))
+    store.set(keys.lease_last(name), json.dumps(record))
+    store.set(keys.lease_fence(name), "1")
+    return record
+
+
+@linux_only
+def test_a_holder_proven_dead_on_this_host_is_replaced_before_its_key_expires(managers, store_client, cluster_name,
+                                                                               sleeper):
+    # Given a lease held, with a long TTL, by a process of this host that was then SIGKILLed
+    keys = Keys(cluster_name)
+    plant_holder(store_client, keys, "crashed", sleeper.pid, ttl=60)
+    sleeper.kill()
+    sleeper.wait()
+    # When a contender of this host polls it
+    a = Recorder()
+    keeper = managers[0].keeper("crashed", a.on_acquired, a.on_lost)
+    wait_until(lambda: keeper.held, timeout=10)
+    # Then it took the lease over while the dead holder's key still had most of its minute
+    holder = read_holder(store_client, keys, "crashed")
+    assert holder is not None and holder.node == "node0" and holder.fence > 1
+    assert json.loads(store_client.get(keys.lease_last("crashed")))["node"] == "node0"
+
+
+@linux_only
+def test_a_stopped_or_old_style_holder_is_left_to_its_ttl(managers, store_client, cluster_name, sleeper):
+    # Given leases held by a process that is stopped (alive: it will run its stop rule when it
+    # resumes), and by a dead process whose record does not say where it ran
+    keys = Keys(cluster_name)
+    stopped = plant_holder(store_client, keys, "stopped", sleeper.pid, ttl=60)
+    os.kill(sleeper.pid, signal.SIGSTOP)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = plant_holder(store_client, keys, "old", dead.pid, ttl=60, host=None, start=None)
+    # When contenders poll them many times
+    a, b = Recorder(), Recorder()
+    keepers = [managers[0].keeper("stopped", a.on_acquired, a.on_lost),
+               managers[1].keeper("old", b.on_acquired, b.on_lost)]
+    time.sleep(TTL * 2)  # 16 polls each
+    # Then neither holder is displaced
+    assert not any(k.held for k in keepers) and not a.acquired and not b.acquired
+    assert json.loads(store_client.get(keys.lease("stopped")))["owner"] == stopped["owner"]
+    assert json.loads(store_client.get(keys.lease("old")))["owner"] == old["owner"]
+
+
+@linux_only
+def test_a_supervisor_releases_the_leases_of_dead_holders_only(store_client, cluster_name, sleeper):
+    # Given leases held by a dead process of this host, a live one, and one of another host
+    keys = Keys(cluster_name)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    plant_holder(store_client, keys, "daemon:gone", dead.pid, ttl=60, start=1)  # its pid is free now
+    plant_holder(store_client, keys, "daemon:live", sleeper.pid, ttl=60)
+    plant_holder(store_client, keys, "daemon:far", dead.pid, ttl=60, start=1, host="another-boot/1:2/3:4")
+    wakeups = store_client.pubsub()
+    wakeups.subscribe(keys.lease_released)
+    try:
+        wait_until(lambda: wakeups.get_message(timeout=0.1), timeout=5)  # the subscription is live
+        # When the sweep runs
+        released = release_dead_holders(store_client, keys)
+        # Then only the dead holder's lease is gone, its contenders are woken, and the next
+        # acquisition will be reported as a failover (its last-holder record stays)
+        assert released == ["daemon:gone"]
+        assert store_client.get(keys.lease("daemon:gone")) is None
+        assert store_client.get(keys.lease_last("daemon:gone")) is not None
+        assert store_client.get(keys.lease("daemon:live")) and store_client.get(keys.lease("daemon:far"))
+        message = wait_until(lambda: wakeups.get_message(timeout=0.1), timeout=5)
+        assert message["data"] == b"daemon:gone"
+    finally:
+        wakeups.close()

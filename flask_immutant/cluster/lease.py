@@ -1,14 +1,20 @@
 """Leases with fencing tokens: what singleton daemons and the job scheduler hold.
 
-A lease is a key holding ``{owner, fence, node, pid, since}`` with a TTL of the failure timeout,
-renewed every quarter of it and released by compare-and-delete (Lua in ``lease_*.lua`` beside it).
-Each acquisition returns a strictly increasing fencing token.
+A lease is a key holding ``{owner, fence, node, pid, since, host, start}`` with a TTL of the
+failure timeout, renewed every quarter of it and released by compare-and-delete (Lua in
+``lease_*.lua`` beside it). Each acquisition returns a strictly increasing fencing token.
 
 The holder's rule: its lease is *valid* only until ``sent + ttl - margin``, where ``sent`` is
 when the last successful renewal was sent (the key's expiry is at least ``sent + ttl``). When a
 renewal fails or the process stalls past that deadline, the holder gives the lease up and stops
 its work before the key can expire, so two holders never act at once. Contenders poll every
 eighth of the TTL and are woken at once by a release.
+
+A holder that crashed is replaced before its key expires only when its death is *proven*: the
+contender (or a node supervisor that reaped a runtime: :func:`release_dead_holders`) shares its
+kernel boot and pid namespace (``host``) and finds its pid free, a zombie, or a later process
+(``start``): :func:`holder_is_dead`, ``portable.process_dead``. A holder that is alive but stalled or
+cut off is never displaced: its own stop rule above still runs first. See docs/guarantees.md.
 
 With ``IMMUTANT_LEASE_REPLICAS`` = N > 0 (a replicated store, see docs/guarantees.md) every
 acquisition and renewal is followed by ``WAIT N`` on the same connection, and counts only when N
@@ -31,7 +37,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .. import events, lua
+from .. import events, lua, portable
 from ..keys import Keys
 from ..loops import Loop
 from ..metrics import definitions as metrics
@@ -52,6 +58,10 @@ POLLS_PER_TTL = 8
 SAFETY_MARGIN = 0.25
 #: Fraction of the TTL a write waits for replicas to confirm it (``WAIT``), when they must.
 CONFIRM_WAIT = 0.125
+#: Fraction of the TTL between proving a holder dead and releasing its lease: what it sent just
+#: before it died may still be on its way to the store, and a live holder's last write gets as
+#: long (the margin) before its key can expire.
+DEAD_HOLDER_GRACE = SAFETY_MARGIN
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,22 @@ class Holder:
 
     def status(self) -> dict[str, Any]:
         return {"node": self.node, "pid": self.pid, "fencing_token": self.fence, "since": self.since}
+
+
+def holder_info(node: str) -> str:
+    """The holder record this process writes into a lease it acquires (the script adds owner and
+    fence): ``host`` and ``start`` let a process on the same kernel prove it dead later."""
+    pid = os.getpid()
+    return json.dumps({"node": node, "pid": pid, "since": time.time(), "host": portable.process_host(),
+                       "start": portable.process_start(pid)})
+
+
+def holder_is_dead(record: Any) -> bool:
+    """Whether the holder named by a lease record read from the store is provably dead, seen from
+    this process (``portable.process_dead``); False for anything else, malformed records and old
+    records without ``host`` and ``start`` included. The one rule for contenders and supervisors."""
+    return isinstance(record, dict) and portable.process_dead(record.get("host"), record.get("pid"),
+                                                              record.get("start"))
 
 
 def read_holder(store: redis.Redis, keys: Keys, name: str) -> Holder | None:
@@ -108,6 +134,7 @@ class LeaseKeeper:
         poll = manager.ttl / POLLS_PER_TTL
         self._loop = Loop(f"lease-{name}", self._step, poll, backoff_cap=manager.ttl / RENEWALS_PER_TTL)
         self._unconfirmed_owner = ""  # owner token of an acquisition no replica confirmed yet
+        self._dead: tuple[str, float] | None = None  # a dead holder's owner token, when its grace ends
         metrics.LEASE_HOLDER.set(0, name)
 
     @property
@@ -146,6 +173,8 @@ class LeaseKeeper:
         if self.fence is None:
             if time.monotonic() >= self._pause_until:
                 self._try_acquire()
+            if self.fence is None and self._dead is not None:  # come back when its grace ends
+                return min(m.ttl / POLLS_PER_TTL, max(0.0, self._dead[1] - time.monotonic()))
             return m.ttl / (POLLS_PER_TTL if self.fence is None else RENEWALS_PER_TTL)
         if time.monotonic() < self._pause_until:
             log.info("lease %s: stepping aside so another node can try", self.name)
@@ -154,19 +183,22 @@ class LeaseKeeper:
         self._renew()
         return m.ttl / (POLLS_PER_TTL if self.fence is None else RENEWALS_PER_TTL)
 
-    def _try_acquire(self) -> None:
+    def _try_acquire(self, retry: bool = True) -> None:
         m = self.manager
         # An unconfirmed acquisition keeps its owner token: the next try renews that key (the
         # script returns the same fence) instead of waiting for it to expire.
         owner = self._unconfirmed_owner or f"{m.node}|{os.getpid()}|{uuid.uuid4().hex}"
-        info = json.dumps({"node": m.node, "pid": os.getpid(), "since": time.time()})
         sent = time.monotonic()
         reply, confirmed = m.confirmed("acquire", [m.keys.lease(self.name), m.keys.lease_fence(self.name),
-                                                   m.keys.lease_last(self.name)], [owner, m.ttl_ms, info])
+                                                   m.keys.lease_last(self.name)], [owner, m.ttl_ms,
+                                                                                   holder_info(m.node)])
         fence, previous = reply if reply else (None, None)
-        if fence is None:
+        if fence is None:  # held by another: ``previous`` is its record
             self._unconfirmed_owner = ""
+            if self._dead_holder_released(previous) and retry:
+                self._try_acquire(retry=False)
             return
+        self._dead = None
         if not confirmed:
             # Not released: a release wakes every contender, and none could be confirmed either.
             (log.debug if self._unconfirmed_owner else log.warning)(
@@ -186,6 +218,31 @@ class LeaseKeeper:
             self.on_acquired(self.fence)
         except Exception:
             log.exception("lease %s: on_acquired failed", self.name)
+
+    def _dead_holder_released(self, current: Any) -> bool:
+        """Release the lease on behalf of ``current`` (the holder record the acquisition found) if
+        that holder is provably dead and was already so :data:`DEAD_HOLDER_GRACE` ago; remembers
+        when it was first proven dead, so the keeper comes back then. Any doubt: False."""
+        try:
+            record = from_json(current) if current is not None else None
+        except ValueError:
+            record = None
+        owner = record.get("owner") if isinstance(record, dict) else None
+        if not isinstance(owner, str) or not holder_is_dead(record):
+            self._dead = None
+            return False
+        assert isinstance(record, dict)
+        now = time.monotonic()
+        if self._dead is None or self._dead[0] != owner:
+            grace = self.manager.ttl * DEAD_HOLDER_GRACE
+            self._dead = (owner, now + grace)
+            log.info("lease %s: its holder (node %s, pid %s) is dead on this host; taking over in %.2fs",
+                     self.name, record.get("node"), record.get("pid"), grace)
+            return False
+        if now < self._dead[1]:
+            return False
+        self._dead = None
+        return self.manager.release(self.name, owner, dead=True)
 
     def _renew(self) -> None:
         m = self.manager
@@ -274,14 +331,10 @@ class LeaseManager:
         reply, acknowledged = pipe.execute()
         return reply, int(acknowledged) >= self.replicas
 
-    def release(self, name: str, owner: str) -> None:
-        """Compare-and-delete ``name`` if ``owner`` holds it, and wake contenders."""
-        try:
-            self.scripts["release"](keys=[self.keys.lease(name), self.keys.lease_released, self.keys.lease_last(name)],
-                                    args=[owner, name],
-                                    client=self.store)
-        except redis.RedisError as exc:
-            log.warning("lease %s: release failed (%s); it will expire", name, exc)
+    def release(self, name: str, owner: str, dead: bool = False) -> bool:
+        """Compare-and-delete ``name`` if ``owner`` holds it, and wake contenders; ``dead``: on
+        behalf of a holder proven dead (:func:`release_dead_holders`). Whether it was released."""
+        return release_lease(self.store, self.keys, name, owner, dead, self.scripts["release"])
 
     def close(self) -> None:
         for keeper in list(self._keepers):
@@ -299,6 +352,54 @@ class LeaseManager:
                 if keeper.name == name and not keeper.held:
                     keeper.wake()
         return 0.0
+
+
+def release_lease(store: redis.Redis, keys: Keys, name: str, owner: str, dead: bool = False,
+                  script: Any = None) -> bool:
+    """Compare-and-delete lease ``name`` if ``owner`` holds it and wake its contenders. ``dead``:
+    released on behalf of a holder proven dead, so its last-holder key stays and the next
+    acquisition is reported as a failover. Whether it was released (False on a store error)."""
+    script = script or lua.script(store, "cluster/lease_release")
+    try:
+        released = script(keys=[keys.lease(name), keys.lease_released, keys.lease_last(name)],
+                          args=[owner, name, "dead" if dead else ""], client=store)
+    except redis.RedisError as exc:
+        log.warning("lease %s: release failed (%s); it will expire", name, exc)
+        return False
+    if released and dead:
+        log.warning("lease %s: released on behalf of its holder, proven dead on this host", name)
+    return bool(released)
+
+
+def release_dead_holders(store: redis.Redis, keys: Keys) -> list[str]:
+    """Release every lease of the cluster whose holder is provably dead (:func:`holder_is_dead`),
+    so contenders anywhere, other hosts included, take over at once; the names released. Run by
+    a node supervisor once :data:`DEAD_HOLDER_GRACE` has passed after it reaped a runtime."""
+    if portable.process_host() is None:
+        return []  # nothing can be proven from here
+    prefix = keys.lease("")
+    names = [key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+             for key in store.scan_iter(match=keys.lease("*"), count=200)]
+    if not names:
+        return []
+    pipe = store.pipeline(transaction=False)
+    for key in names:
+        pipe.get(key)
+        pipe.pttl(key)
+    replies = pipe.execute(raise_on_error=False)
+    released: list[str] = []
+    for key, raw, pttl in zip(names, replies[::2], replies[1::2], strict=True):
+        if not isinstance(raw, (bytes, str)) or not isinstance(pttl, int) or pttl <= 0:
+            continue  # gone, another type, or no TTL (a fencing counter, a last-holder record)
+        try:
+            record = from_json(raw)
+        except ValueError:
+            continue
+        owner = record.get("owner") if isinstance(record, dict) else None
+        name = key[len(prefix):]
+        if isinstance(owner, str) and holder_is_dead(record) and release_lease(store, keys, name, owner, dead=True):
+            released.append(name)
+    return released
 
 
 def _holder_node(raw: Any) -> str | None:
