@@ -312,3 +312,24 @@ def test_a_stopped_holder_is_not_displaced_while_its_lease_lives(start_node, app
         assert second.since > expires - 0.1  # 0.1 s: the expiry was read a round trip late
     finally:
         os.kill(first.pid, signal.SIGCONT)
+
+
+@pytest.mark.skipif(not portable.linux_extras(), reason="a death is proven from Linux's /proc only")
+def test_a_node_releases_the_leases_of_its_crashed_runtime_for_other_hosts(start_node, app_file, store_client,
+                                                                            keys):
+    # Given the holder on node "a", and a contender on node "b" that can prove nothing about "a"'s
+    # processes (portable mode: as if on another host)
+    env = {"IMMUTANT_FAILURE_TIMEOUT": "20"}
+    a = start_node("--clustered", "--node-name", "a", app=str(app_file), env=env)
+    first = wait_until(lambda: (h := holder(store_client, keys)) and h.node == "a" and h, timeout=15)
+    b = start_node("--clustered", "--node-name", "b", "--port-offset", "100", app=str(app_file),
+                   env={**env, portable.PORTABLE_ENV: "1"})
+    b.wait_for("serves on", timeout=30)  # its runtime is up: its daemon contends
+    expires = lease_expiry(store_client, keys)
+    # When "a"'s runtime alone is SIGKILLed (its node lives, and restarts it after a backoff)
+    os.kill(first.pid, signal.SIGKILL)
+    # Then "a" releases the dead runtime's lease and "b" takes over before the key could expire,
+    # ahead of "a"'s restarted runtime
+    second = wait_until(lambda: (h := holder(store_client, keys)) and h.pid != first.pid and h, timeout=30)
+    assert second.node == "b" and second.since < expires
+    a.wait_for("released the leases of a crashed runtime: .*daemon:worker")

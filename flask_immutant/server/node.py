@@ -144,7 +144,7 @@ class Node:
         self.membership: Membership | None = None
         self.stop_requested = threading.Event()
         #: Starts, restarts and stops every runtime of this node, the deployer's too.
-        self.supervisor = Supervisor(self.stop_requested)
+        self.supervisor = Supervisor(self.stop_requested, on_crash=self._runtime_crashed)
         #: The runtime of the app the node was started with (``--app``), once started.
         self.local: Unit | None = None
         self.stopped = threading.Event()
@@ -252,6 +252,30 @@ class Node:
             self.membership.leave()
         if self._listener is not None:
             self._listener.close()
+
+    def _runtime_crashed(self) -> None:
+        """A runtime died without releasing its leases. Once the grace after a proven death has
+        passed, release every lease whose holder is provably dead (``release_dead_holders``): its
+        contenders on other hosts, which cannot prove it, then take over at once, not at the TTL."""
+        from ..cluster.lease import DEAD_HOLDER_GRACE, release_dead_holders
+
+        store, keys = self.store, self.state.keys
+        if store is None:
+            return
+
+        def sweep() -> None:
+            try:
+                released = release_dead_holders(store, keys)
+            except redis.RedisError as exc:
+                log.warning("could not release the leases of a crashed runtime (%s); they will expire", exc)
+                return
+            if released:
+                log.info("released the leases of a crashed runtime: %s", ", ".join(sorted(released)))
+
+        timer = threading.Timer(self.settings["IMMUTANT_FAILURE_TIMEOUT"] * DEAD_HOLDER_GRACE, sweep)
+        timer.daemon = True
+        timer.name = "dead-holder-sweep"
+        timer.start()
 
     # --- membership callbacks ---
 
