@@ -56,7 +56,8 @@ class Keys:
         return f"{self.prefix}history-slot:{slot}"
 
     def lease(self, name: str) -> str:
-        """STRING JSON ``{owner, fence, node, pid, since}`` with a TTL: who holds lease ``name``."""
+        """STRING JSON ``{owner, fence, node, pid, since, host, start}`` with a TTL: who holds lease
+        ``name`` (``host`` and ``start``: where and which process, to prove it dead)."""
         return f"{self.prefix}lease:{name}"
 
     def lease_fence(self, name: str) -> str:
