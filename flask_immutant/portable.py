@@ -2,15 +2,26 @@
 
 On Linux the kernel can SIGKILL a child when its parent dies (``PR_SET_PDEATHSIG``) and ``/proc``
 tells a zombie from a live process; elsewhere the lifeline pipe and ``kill(pid, 0)`` do the job.
+On Linux a lease holder also holds an ``flock`` on its own file in ``/dev/shm`` for its life: a
+process of the same machine that can take that lock has the kernel's proof that the holder and
+every child it forked are gone (:func:`lock_abandoned`). A pid is no such proof: machines restored
+from one memory snapshot share boot ids and pid namespace inodes, and a forked child can outlive
+its parent. Elsewhere nothing is proven, and leases wait for their TTL.
 ``IMMUTANT_PORTABLE=1`` turns the Linux extras off so the portable path can be tested on Linux.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import os
+import re
 import signal
+import stat
 import sys
+import threading
+import uuid
 from pathlib import Path
 
 #: Environment variable that forces the portable code path (read here and nowhere else).
@@ -54,80 +65,128 @@ def process_cmdline(pid: int) -> bytes | None:
         return None
 
 
-def process_host() -> str | None:
-    """Linux: who can judge this process's pids: ``boot_id/pid-namespace/time-namespace``, the
-    same string exactly for processes that share one kernel boot, one pid namespace (so a pid names
-    the same process for both) and one time namespace (so both read the same start times). None
-    elsewhere, when anything is unreadable, or when ``/proc`` is another pid namespace's.
 
-    A host name is not enough: containers with host networking share it, not their pids."""
+#: Where a lease-holding process keeps its lock file: memory-backed, one per kernel (and per mount
+#: namespace), so every process of the host that could contend for its leases sees it.
+LOCK_DIR = Path("/dev/shm")
+#: The only names a lock file can have: store data names one, so nothing else is ever opened.
+LOCK_NAME = re.compile(r"flask-immutant-[0-9a-f]{32}\.lock")
+_own_lock: tuple[int, int, str] | None = None  # (pid, fd, name) of this process's lock file
+_own_lock_users: set[int] = set()  # ids of the objects whose records name it (lease managers, membership)
+_own_lock_guard = threading.Lock()
+
+
+def own_lock(user: object) -> str | None:
+    """Linux: the name of this process's lock file in :data:`LOCK_DIR`, created on the first call
+    and held (``flock`` exclusive) until the process and every child it forked are gone, which the
+    kernel then proves to any process that can take the lock (:func:`lock_abandoned`); ``user``
+    (whose records name it) keeps it until :func:`drop_own_lock`. None elsewhere, in portable
+    mode, or when it cannot be created: then nothing is proven."""
+    global _own_lock
     if not linux_extras():
         return None
+    with _own_lock_guard:
+        if _own_lock is not None and _own_lock[0] != os.getpid():
+            _own_lock = None  # a forked child's own leases: the parent's lock stays open here, held
+            _own_lock_users.clear()
+        _own_lock_users.add(id(user))
+        if _own_lock is not None:
+            return _own_lock[2]
+        for _ in range(3):  # another name when a sweep took a new file before its flock
+            name = f"flask-immutant-{uuid.uuid4().hex}.lock"
+            try:
+                fd = os.open(LOCK_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
+                             0o600)
+            except FileExistsError:
+                continue
+            except OSError:
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not os.path.samestat(os.stat(LOCK_DIR / name, follow_symlinks=False), os.fstat(fd)):
+                    raise FileNotFoundError(name)
+            except OSError:
+                os.close(fd)
+                continue
+            _own_lock = (os.getpid(), fd, name)
+            return name
+    return None
+
+
+def drop_own_lock(user: object) -> None:
+    """``user`` stopped gracefully (released what it held): once no user is left, unlink and
+    close this process's lock file, so it proves nothing more."""
+    global _own_lock
+    with _own_lock_guard:
+        _own_lock_users.discard(id(user))
+        if _own_lock is None or _own_lock[0] != os.getpid() or _own_lock_users:
+            return
+        _, fd, name = _own_lock
+        _own_lock = None
+        with contextlib.suppress(OSError):
+            os.unlink(LOCK_DIR / name)
+        os.close(fd)
+
+
+def _take_lock(name: object, operation: int) -> int | None:
+    """A descriptor of lock file ``name`` locked with ``operation``, or None: a malformed name, no
+    such file, not a regular file owned by this user and private to it, or locked by another."""
+    if not linux_extras() or not isinstance(name, str) or not LOCK_NAME.fullmatch(name):
+        return None
     try:
-        if int(Path("/proc/self/stat").read_text().split(None, 1)[0]) != os.getpid():
-            return None  # a /proc mounted from another pid namespace
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        pid_ns = os.stat("/proc/self/ns/pid")
-        try:
-            time_ns = os.stat("/proc/self/ns/time")
-            timens = f"{time_ns.st_dev}:{time_ns.st_ino}"
-        except FileNotFoundError:  # a kernel before 5.6 has no time namespaces
-            timens = "-"
-    except (OSError, ValueError, IndexError):
+        fd = os.open(LOCK_DIR / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
         return None
-    if not boot:
-        return None
-    return f"{boot}/{pid_ns.st_dev}:{pid_ns.st_ino}/{timens}"
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o077:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
-def process_start(pid: int) -> int | None:
-    """Linux: when ``pid`` started, in clock ticks since boot (field 22 of ``/proc/PID/stat``):
-    with the pid, it names one process for the whole boot, even once the pid is reused."""
+def lock_abandoned(name: object) -> bool:
+    """True only if the lock file ``name`` (read from the store: any value) exists and nobody holds
+    it: every descriptor of its creator's open file is closed, so the creator and every child that
+    inherited it are gone (a zombie has closed its files; a stopped or cut-off process has not).
+
+    False means "not proven", never "alive": a malformed name, no such file (another host, a clone
+    of this machine, portable mode), another user's, or held (a shared lock, so provers never
+    make each other's proof fail)."""
+    fd = _take_lock(name, fcntl.LOCK_SH)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def remove_abandoned_lock(name: object) -> bool:
+    """Unlink lock file ``name`` while holding it exclusively, if nobody else holds it (its
+    creator is gone); whether it was removed."""
+    fd = _take_lock(name, fcntl.LOCK_EX)
+    if fd is None:
+        return False
+    try:
+        assert isinstance(name, str)
+        if os.path.samestat(os.stat(LOCK_DIR / name, follow_symlinks=False), os.fstat(fd)):
+            os.unlink(LOCK_DIR / name)
+            return True
+        return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def abandoned_locks() -> list[str]:
+    """The lock files of :data:`LOCK_DIR` whose creators are gone (:func:`lock_abandoned`)."""
     if not linux_extras():
-        return None
+        return []
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def process_dead(host: object, pid: object, start: object) -> bool:
-    """True only if the process ``pid`` that started at ``start`` on ``host`` (:func:`process_host`,
-    :func:`process_start`, as it recorded them) is provably gone: this process shares its kernel,
-    pid and time namespaces, and the pid is free, names a zombie, or names a later process.
-
-    False means "not proven", never "alive": elsewhere, in portable mode, across hosts or
-    namespaces, on a record without them, or when ``/proc`` cannot be read."""
-    if not (isinstance(host, str) and isinstance(pid, int) and isinstance(start, int)) or pid <= 0:
-        return False
-    if host != process_host():
-        return False
-    try:
-        os.kill(pid, 0)  # in our own pid namespace (process_host checked it): no such pid is proof
-    except ProcessLookupError:
-        return True
+        names = os.listdir(LOCK_DIR)
     except OSError:
-        pass  # it exists (EPERM: another user's)
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        threads = [entry.name for entry in Path(f"/proc/{pid}/task").iterdir()]
-        fields = stat.rsplit(")", 1)[-1].split()
-        if int(fields[19]) != start:
-            return True  # the pid was freed and reused: the recorded process was reaped
-        # A zombie leader may still have live threads: every thread must be dead.
-        states = [Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[-1].split()[0] for tid in threads]
-    except FileNotFoundError:
-        return _no_such_process(pid)  # it went while we read
-    except (OSError, ValueError, IndexError):
-        return False
-    return bool(states) and all(state in ("Z", "X") for state in states)
-
-
-def _no_such_process(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
+        return []
+    return [name for name in names if LOCK_NAME.fullmatch(name) and lock_abandoned(name)]

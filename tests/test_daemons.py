@@ -277,7 +277,7 @@ def lease_expiry(store: redis.Redis, keys: Keys) -> float:
     return time.time() + store.pttl(keys.lease("daemon:worker")) / 1000
 
 
-@pytest.mark.skipif(not portable.linux_extras(), reason="a death is proven from Linux's /proc only")
+@pytest.mark.skipif(not portable.linux_extras(), reason="a death is proven by a lock file in Linux's /dev/shm only")
 def test_a_sigkilled_holder_is_replaced_from_its_host_before_its_lease_expires(start_node, app_file, store_client,
                                                                                 keys):
     # Given two nodes of one machine and a failure timeout far longer than such a failover takes
@@ -314,7 +314,7 @@ def test_a_stopped_holder_is_not_displaced_while_its_lease_lives(start_node, app
         os.kill(first.pid, signal.SIGCONT)
 
 
-@pytest.mark.skipif(not portable.linux_extras(), reason="a death is proven from Linux's /proc only")
+@pytest.mark.skipif(not portable.linux_extras(), reason="a death is proven by a lock file in Linux's /dev/shm only")
 def test_a_node_releases_the_leases_of_its_crashed_runtime_for_other_hosts(start_node, app_file, store_client,
                                                                             keys):
     # Given the holder on node "a", and a contender on node "b" that can prove nothing about "a"'s

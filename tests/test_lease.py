@@ -247,12 +247,22 @@ def test_a_holder_whose_renewals_no_replica_confirms_stops_before_its_lease_can_
         manager.close()
 
 
-linux_only = pytest.mark.skipif(not portable.linux_extras(), reason="the proof of death reads Linux's /proc")
+linux_only = pytest.mark.skipif(not portable.linux_extras(), reason="the lock files live in Linux's /dev/shm")
+
+
+def lock_holder() -> tuple[subprocess.Popen[bytes], str]:
+    """A process of this machine holding its lock file, as a lease holder does; and the file's name."""
+    code = ("from flask_immutant import portable; import time\n"
+            "print(portable.own_lock('holder'), flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().decode().strip()
 
 
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.DEVNULL)
+    proc, lock = lock_holder()
+    proc.lock = lock  # type: ignore[attr-defined]
     try:
         yield proc
     finally:
@@ -260,14 +270,19 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
             os.kill(proc.pid, signal.SIGCONT)
         proc.kill()
         proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        portable.remove_abandoned_lock(lock)
 
 
-def plant_holder(store, keys: Keys, name: str, pid: int, ttl: float, **fields: object) -> dict[str, object]:
-    """Write the lease record (and last-holder record) a holder with ``pid`` on this host would have
-    written, with ``ttl``, as if it held ``name`` and had not released it."""
+def plant_holder(store, keys: Keys, name: str, holder: subprocess.Popen[bytes], ttl: float,
+                 **fields: object) -> dict[str, object]:
+    """Write the lease record (and last-holder record) ``holder`` would have written, with ``ttl``,
+    as if it held ``name`` and had not released it."""
+    pid = holder.pid
     record: dict[str, object] = {"owner": f"planted|{pid}|{uuid.uuid4().hex}", "fence": 1, "node": "planted",
-                                 "pid": pid, "since": time.time(), "host": portable.process_host(),
-                                 "start": portable.process_start(pid), **fields}
+                                 "pid": pid, "since": time.time(), "lock": getattr(holder, "lock", None),
+                                 **fields}
     store.set(keys.lease(name), json.dumps(record), px=int(ttl * 1000))
     store.set(keys.lease_last(name), json.dumps(record))
     store.set(keys.lease_fence(name), "1")
@@ -277,64 +292,127 @@ def plant_holder(store, keys: Keys, name: str, pid: int, ttl: float, **fields: o
 @linux_only
 def test_a_holder_proven_dead_on_this_host_is_replaced_before_its_key_expires(managers, store_client, cluster_name,
                                                                                sleeper):
-    # Given a lease held, with a long TTL, by a process of this host that was then SIGKILLed
+    # Given two leases held, with a long TTL, by a process of this host that was then SIGKILLed
     keys = Keys(cluster_name)
-    plant_holder(store_client, keys, "crashed", sleeper.pid, ttl=60)
+    for name in ("crashed", "crashed-too"):
+        plant_holder(store_client, keys, name, sleeper, ttl=60)
     sleeper.kill()
     sleeper.wait()
-    # When a contender of this host polls it
+    # When a contender of this host polls them
     a = Recorder()
-    keeper = managers[0].keeper("crashed", a.on_acquired, a.on_lost)
-    wait_until(lambda: keeper.held, timeout=10)
-    # Then it took the lease over while the dead holder's key still had most of its minute
-    holder = read_holder(store_client, keys, "crashed")
-    assert holder is not None and holder.node == "node0" and holder.fence > 1
-    assert json.loads(store_client.get(keys.lease_last("crashed")))["node"] == "node0"
+    keepers = [managers[0].keeper(name, a.on_acquired, a.on_lost) for name in ("crashed", "crashed-too")]
+    wait_until(lambda: all(k.held for k in keepers), timeout=10)
+    # Then it took both over while the dead holder's keys still had most of their minute (the
+    # first takeover left the lock file for the second proof)
+    for name in ("crashed", "crashed-too"):
+        holder = read_holder(store_client, keys, name)
+        assert holder is not None and holder.node == "node0" and holder.fence > 1
+        assert json.loads(store_client.get(keys.lease_last(name)))["node"] == "node0"
+    # And the dead holder's lock file is removed once its leases could all have expired
+    wait_until(lambda: not (portable.LOCK_DIR / sleeper.lock).exists(), timeout=TTL * 3)
 
 
 @linux_only
-def test_a_stopped_or_old_style_holder_is_left_to_its_ttl(managers, store_client, cluster_name, sleeper):
+def test_a_holder_not_proven_dead_is_left_to_its_ttl(managers, store_client, cluster_name, sleeper):
     # Given leases held by a process that is stopped (alive: it will run its stop rule when it
-    # resumes), and by a dead process whose record does not say where it ran
+    # resumes), by a dead process whose record names no lock file, and by one whose lock file is
+    # not on this machine (another host, or a clone of this one restored from a memory snapshot)
     keys = Keys(cluster_name)
-    stopped = plant_holder(store_client, keys, "stopped", sleeper.pid, ttl=60)
+    stopped = plant_holder(store_client, keys, "stopped", sleeper, ttl=60)
     os.kill(sleeper.pid, signal.SIGSTOP)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    old = plant_holder(store_client, keys, "old", dead.pid, ttl=60, host=None, start=None)
+    old = plant_holder(store_client, keys, "old", dead, ttl=60)
+    far = plant_holder(store_client, keys, "far", dead, ttl=60, lock=f"flask-immutant-{uuid.uuid4().hex}.lock")
     # When contenders poll them many times
-    a, b = Recorder(), Recorder()
+    a, b, c = Recorder(), Recorder(), Recorder()
     keepers = [managers[0].keeper("stopped", a.on_acquired, a.on_lost),
-               managers[1].keeper("old", b.on_acquired, b.on_lost)]
+               managers[1].keeper("old", b.on_acquired, b.on_lost),
+               managers[0].keeper("far", c.on_acquired, c.on_lost)]
     time.sleep(TTL * 2)  # 16 polls each
-    # Then neither holder is displaced
-    assert not any(k.held for k in keepers) and not a.acquired and not b.acquired
-    assert json.loads(store_client.get(keys.lease("stopped")))["owner"] == stopped["owner"]
-    assert json.loads(store_client.get(keys.lease("old")))["owner"] == old["owner"]
+    # Then no holder is displaced
+    assert not any(k.held for k in keepers) and not a.acquired and not b.acquired and not c.acquired
+    for name, record in (("stopped", stopped), ("old", old), ("far", far)):
+        assert json.loads(store_client.get(keys.lease(name)))["owner"] == record["owner"]
+    assert (portable.LOCK_DIR / sleeper.lock).exists()
 
 
 @linux_only
 def test_a_supervisor_releases_the_leases_of_dead_holders_only(store_client, cluster_name, sleeper):
-    # Given leases held by a dead process of this host, a live one, and one of another host
+    # Given two leases held by a dead process of this host, one by a live one, and one whose lock
+    # file is not on this machine
     keys = Keys(cluster_name)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead, lock = lock_holder()
+    dead.kill()
     dead.wait()
-    plant_holder(store_client, keys, "daemon:gone", dead.pid, ttl=60, start=1)  # its pid is free now
-    plant_holder(store_client, keys, "daemon:live", sleeper.pid, ttl=60)
-    plant_holder(store_client, keys, "daemon:far", dead.pid, ttl=60, start=1, host="another-boot/1:2/3:4")
+    assert dead.stdout is not None
+    dead.stdout.close()
+    dead.lock = lock  # type: ignore[attr-defined]
+    plant_holder(store_client, keys, "daemon:gone", dead, ttl=60)
+    plant_holder(store_client, keys, "job:gone", dead, ttl=60)
+    plant_holder(store_client, keys, "daemon:live", sleeper, ttl=60)
+    plant_holder(store_client, keys, "daemon:far", dead, ttl=60, lock=f"flask-immutant-{uuid.uuid4().hex}.lock")
     wakeups = store_client.pubsub()
     wakeups.subscribe(keys.lease_released)
     try:
         wait_until(lambda: wakeups.get_message(timeout=0.1), timeout=5)  # the subscription is live
         # When the sweep runs
         released = release_dead_holders(store_client, keys)
-        # Then only the dead holder's lease is gone, its contenders are woken, and the next
+        # Then only the dead holder's leases are gone, its contenders are woken, and the next
         # acquisition will be reported as a failover (its last-holder record stays)
-        assert released == ["daemon:gone"]
+        assert sorted(released) == ["daemon:gone", "job:gone"]
         assert store_client.get(keys.lease("daemon:gone")) is None
         assert store_client.get(keys.lease_last("daemon:gone")) is not None
         assert store_client.get(keys.lease("daemon:live")) and store_client.get(keys.lease("daemon:far"))
-        message = wait_until(lambda: wakeups.get_message(timeout=0.1), timeout=5)
-        assert message["data"] == b"daemon:gone"
+        messages = [wait_until(lambda: wakeups.get_message(timeout=0.1), timeout=5) for _ in range(2)]
+        assert sorted(m["data"] for m in messages) == [b"daemon:gone", b"job:gone"]
+        # And its lock file, which has proven all it can, is gone; the live holder's stays
+        assert not (portable.LOCK_DIR / lock).exists() and (portable.LOCK_DIR / sleeper.lock).exists()
     finally:
         wakeups.close()
+        portable.remove_abandoned_lock(lock)
+
+
+FORKING_HOLDER = """
+import os, sys, time
+from flask_immutant.cluster.lease import LeaseManager
+from flask_immutant.keys import Keys
+manager = LeaseManager(sys.argv[1], Keys(sys.argv[2]), "forker", 60.0)
+keeper = manager.keeper("forked", lambda fence: None, lambda: None)
+while not keeper.held:
+    time.sleep(0.01)
+child = os.fork()  # as multiprocessing's fork does: the child may go on with the singleton's work
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""
+
+
+@linux_only
+def test_a_holder_whose_forked_child_lives_on_is_not_proven_dead(managers, embedded_store, store_client,
+                                                                 cluster_name):
+    # Given a lease held by a process that forked a child, and that process SIGKILLed
+    proc = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, embedded_store.url, cluster_name],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    lock = json.loads(store_client.get(Keys(cluster_name).lease("forked")))["lock"]
+    try:
+        proc.kill()
+        proc.wait()
+        # When a contender of this host polls it while the child lives
+        a = Recorder()
+        keeper = managers[0].keeper("forked", a.on_acquired, a.on_lost)
+        time.sleep(TTL * 2)  # 16 polls, 8 times the grace after a proof
+        # Then the holder is not displaced: its child may still be doing its work
+        assert not keeper.held and not a.acquired
+        # And once the child is gone too, the contender takes over long before the key expires
+        os.kill(child, signal.SIGKILL)
+        wait_until(lambda: keeper.held, timeout=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        proc.stdout.close()
+        portable.remove_abandoned_lock(lock)

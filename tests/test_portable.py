@@ -36,7 +36,7 @@ def test_portable_mode_turns_every_linux_only_call_off(monkeypatch: pytest.Monke
     assert not portable.linux_extras()
     assert portable.process_state(os.getpid()) is None
     assert portable.process_cmdline(os.getpid()) is None
-    assert portable.process_host() is None and portable.process_start(os.getpid()) is None
+    assert portable.own_lock(object()) is None and portable.abandoned_locks() == []
     portable.set_parent_death_signal()  # a no-op, not an error
     monkeypatch.delenv(portable.PORTABLE_ENV)
     assert portable.linux_extras() == sys.platform.startswith("linux")
@@ -74,115 +74,170 @@ def test_a_runtime_dies_with_its_supervisor_through_the_lifeline_alone(
             supervisor.stdout.close()
 
 
-linux_only = pytest.mark.skipif(not portable.linux_extras(), reason="the proof of death reads Linux's /proc")
+
+linux_only = pytest.mark.skipif(not portable.linux_extras(), reason="the lock files live in Linux's /dev/shm")
+
+HOLDER = textwrap.dedent("""
+    import os, sys, time
+    from flask_immutant import portable
+    name = portable.own_lock("holder")
+    child = os.fork() if sys.argv[1] == "fork" else 0  # multiprocessing's fork: the child inherits it
+    if child == 0 and sys.argv[1] == "fork":
+        time.sleep(60)
+        os._exit(0)
+    print(name, child, flush=True)
+    time.sleep(60)
+""")
 
 
-def recorded(pid: int) -> tuple[str | None, int, int | None]:
-    """What a lease holder with ``pid`` records about itself: host, pid, start."""
-    return portable.process_host(), pid, portable.process_start(pid)
+class Holder:
+    """A process holding its lock file, as a lease holder does (and, with ``fork``, a forked child)."""
+
+    def __init__(self, mode: str = "plain") -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, mode], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        name, child = self.proc.stdout.readline().decode().split()
+        self.lock, self.child = name, int(child)
+
+    def close(self) -> None:
+        for pid in (self.proc.pid, self.child):
+            with contextlib.suppress(ProcessLookupError):
+                if pid:
+                    os.kill(pid, signal.SIGCONT)
+                    os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        portable.remove_abandoned_lock(self.lock)
 
 
 @pytest.fixture
-def child() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.DEVNULL)
+def holder() -> Iterator[Holder]:
+    made = Holder()
     try:
-        yield proc
+        yield made
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGCONT)
-        proc.kill()
-        proc.wait()
+        made.close()
 
 
 @linux_only
-def test_a_live_process_is_not_proven_dead(child):
-    host, pid, start = recorded(child.pid)
-    assert host and start is not None
-    assert not portable.process_dead(host, pid, start)
-    assert not portable.process_dead(*recorded(os.getpid()))
+def test_a_live_holder_is_not_proven_dead(holder):
+    assert portable.LOCK_NAME.fullmatch(holder.lock)
+    info = (portable.LOCK_DIR / holder.lock).stat()
+    assert info.st_mode & 0o777 == 0o600 and info.st_uid == os.geteuid()
+    assert not portable.lock_abandoned(holder.lock)
+    assert not portable.remove_abandoned_lock(holder.lock)
+    assert holder.lock not in portable.abandoned_locks()
 
 
 @linux_only
-def test_a_stopped_process_is_alive(child):
-    record = recorded(child.pid)
-    os.kill(child.pid, signal.SIGSTOP)
-    wait_until(lambda: portable.process_state(child.pid) == "T", timeout=5)
-    assert not portable.process_dead(*record)
+def test_a_sigkilled_holder_is_proven_dead_and_its_file_removed(holder):
+    holder.proc.kill()
+    holder.proc.wait()
+    assert portable.lock_abandoned(holder.lock)
+    assert portable.lock_abandoned(holder.lock)  # a proof leaves the file for the next prover
+    assert holder.lock in portable.abandoned_locks()
+    assert portable.remove_abandoned_lock(holder.lock)
+    assert not (portable.LOCK_DIR / holder.lock).exists()
+    assert not portable.lock_abandoned(holder.lock)  # gone: nothing is proven any more
 
 
 @linux_only
-def test_a_reaped_process_is_proven_dead(child):
-    record = recorded(child.pid)
-    child.kill()
-    child.wait()
-    assert portable.process_dead(*record)
+def test_a_stopped_holder_is_not_proven_dead(holder):
+    os.kill(holder.proc.pid, signal.SIGSTOP)
+    wait_until(lambda: portable.process_state(holder.proc.pid) == "T", timeout=5)
+    assert not portable.lock_abandoned(holder.lock)
 
 
 @linux_only
-def test_a_zombie_is_proven_dead(child):
-    record = recorded(child.pid)
-    child.kill()  # not waited for: a zombie until the fixture reaps it
-    wait_until(lambda: portable.process_state(child.pid) == "Z", timeout=5)
-    assert portable.process_dead(*record)
+def test_a_zombie_holder_is_proven_dead(holder):
+    holder.proc.kill()  # not waited for: a zombie until the fixture reaps it
+    wait_until(lambda: portable.process_state(holder.proc.pid) == "Z", timeout=5)
+    assert portable.lock_abandoned(holder.lock)
 
 
 @linux_only
-def test_a_reused_pid_is_told_by_its_start_time(child):
-    # Given a record of an earlier process with this pid (another start time)
-    host, pid, start = recorded(child.pid)
-    assert start is not None
-    # Then the process it names is gone, whatever now has the pid
-    assert portable.process_dead(host, pid, start - 1)
-
-
-@linux_only
-def test_a_zombie_leader_with_a_live_thread_is_alive():
-    # Given a process whose main thread exited while another thread still runs (the leader shows Z)
-    code = ("import ctypes, threading, time\n"
-            "threading.Thread(target=time.sleep, args=(60,)).start()\n"
-            "ctypes.CDLL(None).pthread_exit(None)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
+def test_a_holder_is_not_proven_dead_while_a_child_it_forked_lives():
+    # Given a holder that forked a child (it inherited the lock), and the holder SIGKILLed
+    made = Holder("fork")
     try:
-        record = recorded(proc.pid)
-        wait_until(lambda: portable.process_state(proc.pid) == "Z", timeout=10)
-        # Then it is not taken for dead
-        assert len(list(Path(f"/proc/{proc.pid}/task").iterdir())) == 2
-        assert not portable.process_dead(*record)
+        made.proc.kill()
+        made.proc.wait()
+        # Then the holder is not proven dead while the child lives
+        assert pid_alive(made.child)
+        assert not portable.lock_abandoned(made.lock)
+        # And it is once the child is gone too
+        os.kill(made.child, signal.SIGKILL)
+        wait_until(lambda: portable.lock_abandoned(made.lock), timeout=10)
     finally:
-        proc.kill()
-        proc.wait()
+        made.close()
 
 
 @linux_only
-def test_nothing_is_proven_across_hosts_or_without_a_record(child):
-    host, pid, start = recorded(child.pid)
-    child.kill()
-    child.wait()
-    assert portable.process_dead(host, pid, start)
-    # Another kernel boot or pid namespace, or a record written before hosts were recorded
-    assert not portable.process_dead("another-boot/1:2/3:4", pid, start)
-    assert not portable.process_dead(None, pid, start)
-    assert not portable.process_dead(host, pid, None)
-    assert not portable.process_dead(host, str(pid), start)
+def test_nothing_but_a_private_regular_lock_file_is_opened_or_proven(tmp_path):
+    # A malformed or hostile name from the store is never opened
+    for name in ("../etc/passwd", "flask-immutant-../../etc/passwd.lock", "/etc/passwd", None, 7,
+                 "flask-immutant-" + "A" * 32 + ".lock", "flask-immutant-" + "0" * 31 + ".lock",
+                 "flask-immutant-" + "0" * 32 + ".lock\n", ["flask-immutant-" + "0" * 32 + ".lock"]):
+        assert not portable.lock_abandoned(name) and not portable.remove_abandoned_lock(name)
+    unused = [f"flask-immutant-{os.urandom(16).hex()}.lock" for _ in range(4)]
+    paths = [portable.LOCK_DIR / name for name in unused]
+    try:
+        # A missing file (another host, a clone of this machine)
+        assert not portable.lock_abandoned(unused[0])
+        # A FIFO at a valid name: not opened for long (it would block a reader), not a proof
+        os.mkfifo(paths[0], 0o600)
+        assert not portable.lock_abandoned(unused[0]) and not portable.remove_abandoned_lock(unused[0])
+        # A symlink to a file nobody holds
+        target = tmp_path / "target.lock"
+        target.write_bytes(b"")
+        target.chmod(0o600)
+        paths[1].symlink_to(target)
+        assert not portable.lock_abandoned(unused[1])
+        # A file others may read, nobody holding it
+        paths[2].write_bytes(b"")
+        paths[2].chmod(0o644)
+        assert not portable.lock_abandoned(unused[2])
+        paths[2].chmod(0o600)
+        assert portable.lock_abandoned(unused[2])  # the same file, private: nobody holds it
+        # Another user's private file, nobody holding it
+        if os.geteuid() == 0:
+            paths[3].write_bytes(b"")
+            paths[3].chmod(0o600)
+            os.chown(paths[3], 65534, 65534)
+            assert not portable.lock_abandoned(unused[3]) and not portable.remove_abandoned_lock(unused[3])
+        assert set(portable.abandoned_locks()) & set(unused) == {unused[2]}
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
 
 
 @linux_only
-def test_nothing_is_proven_in_portable_mode_or_from_another_namespaces_proc(child, monkeypatch):
-    record = recorded(child.pid)
-    child.kill()
-    child.wait()
+def test_nothing_is_proven_in_portable_mode(holder, monkeypatch):
+    holder.proc.kill()
+    holder.proc.wait()
     monkeypatch.setenv(portable.PORTABLE_ENV, "1")
-    assert not portable.process_dead(*record)
+    assert not portable.lock_abandoned(holder.lock) and not portable.remove_abandoned_lock(holder.lock)
+    assert portable.abandoned_locks() == []
     monkeypatch.delenv(portable.PORTABLE_ENV)
-    # A /proc whose "self" is not this process (mounted from another pid namespace)
-    monkeypatch.setattr(os, "getpid", lambda: 1)
-    assert portable.process_host() is None
-    assert not portable.process_dead(*record)
+    assert portable.lock_abandoned(holder.lock)
 
 
 @linux_only
-def test_the_host_names_the_kernel_boot_and_the_pid_and_time_namespaces():
-    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    namespace = os.stat("/proc/self/ns/pid")
-    assert portable.process_host() == portable.process_host()
-    assert portable.process_host().startswith(f"{boot}/{namespace.st_dev}:{namespace.st_ino}/")
+def test_a_process_has_one_lock_file_until_it_drops_it():
+    # Given two users of this process's lock file (two lease managers, or one and the membership)
+    first, second = object(), object()
+    name = portable.own_lock(first)
+    try:
+        assert name is not None and portable.own_lock(second) == name
+        assert not portable.lock_abandoned(name)
+        # When one stops, the file stays for the other; when both have, it is gone
+        portable.drop_own_lock(first)
+        assert (portable.LOCK_DIR / name).exists()
+        portable.drop_own_lock(second)
+        assert not (portable.LOCK_DIR / name).exists()
+        assert portable.own_lock(first) not in (None, name)  # a later lease gets a new one
+    finally:
+        portable.drop_own_lock(first)
+        portable.drop_own_lock(second)

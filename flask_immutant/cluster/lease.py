@@ -1,8 +1,8 @@
 """Leases with fencing tokens: what singleton daemons and the job scheduler hold.
 
-A lease is a key holding ``{owner, fence, node, pid, since, host, start}`` with a TTL of the
-failure timeout, renewed every quarter of it and released by compare-and-delete (Lua in
-``lease_*.lua`` beside it). Each acquisition returns a strictly increasing fencing token.
+A lease is a key holding ``{owner, fence, node, pid, since, lock}`` with a TTL of the failure
+timeout, renewed every quarter of it and released by compare-and-delete (Lua in ``lease_*.lua``
+beside it). Each acquisition returns a strictly increasing fencing token.
 
 The holder's rule: its lease is *valid* only until ``sent + ttl - margin``, where ``sent`` is
 when the last successful renewal was sent (the key's expiry is at least ``sent + ttl``). When a
@@ -11,10 +11,11 @@ its work before the key can expire, so two holders never act at once. Contenders
 eighth of the TTL and are woken at once by a release.
 
 A holder that crashed is replaced before its key expires only when its death is *proven*: the
-contender (or a node supervisor that reaped a runtime: :func:`release_dead_holders`) shares its
-kernel boot and pid namespace (``host``) and finds its pid free, a zombie, or a later process
-(``start``): :func:`holder_is_dead`, ``portable.process_dead``. A holder that is alive but stalled or
-cut off is never displaced: its own stop rule above still runs first. See docs/guarantees.md.
+contender (or a node supervisor that reaped a runtime: :func:`release_dead_holders`) can take the
+lock file the holder's process holds for its life (``lock``), which the kernel allows only once
+that process and every child it forked are gone: :func:`holder_is_dead`,
+``portable.lock_abandoned``. A holder that is alive but stalled or cut off is never displaced: its
+own stop rule above still runs first. See docs/guarantees.md.
 
 With ``IMMUTANT_LEASE_REPLICAS`` = N > 0 (a replicated store, see docs/guarantees.md) every
 acquisition and renewal is followed by ``WAIT N`` on the same connection, and counts only when N
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -78,20 +80,17 @@ class Holder:
         return {"node": self.node, "pid": self.pid, "fencing_token": self.fence, "since": self.since}
 
 
-def holder_info(node: str) -> str:
+def holder_info(node: str, lock: str | None) -> str:
     """The holder record this process writes into a lease it acquires (the script adds owner and
-    fence): ``host`` and ``start`` let a process on the same kernel prove it dead later."""
-    pid = os.getpid()
-    return json.dumps({"node": node, "pid": pid, "since": time.time(), "host": portable.process_host(),
-                       "start": portable.process_start(pid)})
+    fence): ``lock`` (``portable.own_lock``) lets a process of the same machine prove it dead later."""
+    return json.dumps({"node": node, "pid": os.getpid(), "since": time.time(), "lock": lock})
 
 
 def holder_is_dead(record: Any) -> bool:
     """Whether the holder named by a lease record read from the store is provably dead, seen from
-    this process (``portable.process_dead``); False for anything else, malformed records and old
-    records without ``host`` and ``start`` included. The one rule for contenders and supervisors."""
-    return isinstance(record, dict) and portable.process_dead(record.get("host"), record.get("pid"),
-                                                              record.get("start"))
+    this process (``portable.lock_abandoned``); False for anything else, malformed records and old
+    records without ``lock`` included. The one rule for contenders and supervisors."""
+    return isinstance(record, dict) and portable.lock_abandoned(record.get("lock"))
 
 
 def read_holder(store: redis.Redis, keys: Keys, name: str) -> Holder | None:
@@ -189,9 +188,9 @@ class LeaseKeeper:
         # script returns the same fence) instead of waiting for it to expire.
         owner = self._unconfirmed_owner or f"{m.node}|{os.getpid()}|{uuid.uuid4().hex}"
         sent = time.monotonic()
+        info = holder_info(m.node, portable.own_lock(m))
         reply, confirmed = m.confirmed("acquire", [m.keys.lease(self.name), m.keys.lease_fence(self.name),
-                                                   m.keys.lease_last(self.name)], [owner, m.ttl_ms,
-                                                                                   holder_info(m.node)])
+                                                   m.keys.lease_last(self.name)], [owner, m.ttl_ms, info])
         fence, previous = reply if reply else (None, None)
         if fence is None:  # held by another: ``previous`` is its record
             self._unconfirmed_owner = ""
@@ -242,7 +241,14 @@ class LeaseKeeper:
         if now < self._dead[1]:
             return False
         self._dead = None
-        return self.manager.release(self.name, owner, dead=True)
+        if not self.manager.release(self.name, owner, dead=True):
+            return False
+        # Its lock file goes once the dead holder's other leases have expired too: until then it
+        # proves the death to their contenders.
+        timer = threading.Timer(self.manager.ttl, portable.remove_abandoned_lock, [record.get("lock")])
+        timer.daemon = True
+        timer.start()
+        return True
 
     def _renew(self) -> None:
         m = self.manager
@@ -342,6 +348,7 @@ class LeaseManager:
         self._listener.stop(timeout=2)
         self._subscription.drop()
         self.store.close()
+        portable.drop_own_lock(self)  # its leases are released: nothing is left to prove
 
     def _listen(self) -> float:
         """Wake the keepers of a lease just released (they poll anyway)."""
@@ -375,7 +382,7 @@ def release_dead_holders(store: redis.Redis, keys: Keys) -> list[str]:
     """Release every lease of the cluster whose holder is provably dead (:func:`holder_is_dead`),
     so contenders anywhere, other hosts included, take over at once; the names released. Run by
     a node supervisor once :data:`DEAD_HOLDER_GRACE` has passed after it reaped a runtime."""
-    if portable.process_host() is None:
+    if not portable.linux_extras():
         return []  # nothing can be proven from here
     prefix = keys.lease("")
     names = [key.decode(errors="replace") if isinstance(key, bytes) else str(key)
@@ -388,6 +395,7 @@ def release_dead_holders(store: redis.Redis, keys: Keys) -> list[str]:
         pipe.pttl(key)
     replies = pipe.execute(raise_on_error=False)
     released: list[str] = []
+    proofs: dict[str, bool] = {}  # lock -> abandoned, once per sweep: a holder has several leases
     for key, raw, pttl in zip(names, replies[::2], replies[1::2], strict=True):
         if not isinstance(raw, (bytes, str)) or not isinstance(pttl, int) or pttl <= 0:
             continue  # gone, another type, or no TTL (a fencing counter, a last-holder record)
@@ -395,10 +403,16 @@ def release_dead_holders(store: redis.Redis, keys: Keys) -> list[str]:
             record = from_json(raw)
         except ValueError:
             continue
-        owner = record.get("owner") if isinstance(record, dict) else None
-        name = key[len(prefix):]
-        if isinstance(owner, str) and holder_is_dead(record) and release_lease(store, keys, name, owner, dead=True):
-            released.append(name)
+        if not isinstance(record, dict) or not isinstance(owner := record.get("owner"), str):
+            continue
+        lock = str(record.get("lock"))
+        if lock not in proofs:
+            proofs[lock] = holder_is_dead(record)
+        if proofs[lock] and release_lease(store, keys, key[len(prefix):], owner, dead=True):
+            released.append(key[len(prefix):])
+    for lock, dead in proofs.items():
+        if dead:  # every lease it held is released: its lock file has proven all it can
+            portable.remove_abandoned_lock(lock)
     return released
 
 

@@ -19,6 +19,7 @@ from typing import IO
 
 import redis
 
+from .. import portable
 from ..cluster import Member, Membership, NodeIdentity
 from ..cluster.identity import WILDCARD_HOSTS
 from ..errors import NodeStartError
@@ -197,6 +198,7 @@ class Node:
             self.idle_responder = IdleResponder(self.listener, self.identity.name, self.stopped)
             self.idle_responder.start()
         self.state.pm.hook.immutant_node_started(node=self)
+        self._sweep_abandoned_locks()
 
     @property
     def listener(self) -> socket.socket:
@@ -252,6 +254,19 @@ class Node:
             self.membership.leave()
         if self._listener is not None:
             self._listener.close()
+
+    def _sweep_abandoned_locks(self) -> None:
+        """Unlink the lock files of lease holders that died before this node started, one failure
+        timeout from now: every lease they held has expired by then, so they prove nothing more
+        (a holder that dies later keeps its file: it may still prove that death)."""
+        stale = portable.abandoned_locks()
+        if not stale:
+            return
+        timer = threading.Timer(self.settings["IMMUTANT_FAILURE_TIMEOUT"],
+                                lambda: [portable.remove_abandoned_lock(name) for name in stale])
+        timer.daemon = True
+        timer.name = "lock-file-sweep"
+        timer.start()
 
     def _runtime_crashed(self) -> None:
         """A runtime died without releasing its leases. Once the grace after a proven death has
