@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +244,24 @@ def test_a_killed_node_restarted_at_once_rejoins_under_its_name(start_node, node
     events = json.loads(run_flask(["immutant", "events", "--json"], node_env).stdout)
     assert [(e["kind"], e["fields"].get("reason")) for e in events if e["fields"].get("member") == "phoenix"] == [
         ("member.joined", None), ("member.left", "timeout"), ("member.joined", None)]
+
+
+def test_a_name_claimed_from_a_container_with_our_host_name_is_not_taken_over(start_node, node_env, store_client,
+                                                                               cluster_name):
+    # Given the name "twin" claimed by a live node of another container on this machine: the same
+    # host name, a pid of its own pid namespace (none here), and its lock file in its own /dev/shm
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    claim = Keys(cluster_name).member_claim("twin")
+    for token in (f"{socket.gethostname()}|{gone.pid}|{uuid.uuid4().hex}",
+                  f"{socket.gethostname()}|{gone.pid}|{uuid.uuid4().hex}|flask-immutant-{uuid.uuid4().hex}.lock"):
+        store_client.set(claim, token, px=60_000)
+        # When a node starts under that name here
+        node = start_node("--clustered", "--node-name", "twin")
+        # Then it refuses: nothing proves the other node dead
+        assert node.wait() == 1
+        assert "node name 'twin' is already used by a running node" in node.output
+        assert store_client.get(claim) == token.encode()
 
 
 def test_an_app_that_cannot_be_found_is_one_line_error(start_node):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from .. import events, lua
+from .. import events, lua, portable
 from ..errors import NodeStartError
 from ..keys import Keys
 from ..loops import Loop
@@ -100,23 +100,18 @@ def _iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
 
 
-def _claim_token() -> str:
-    """Owner token: host and pid first, so a restarted node can tell its dead predecessor."""
-    return f"{socket.gethostname()}|{os.getpid()}|{uuid.uuid4().hex}"
+def _claim_token(lock: str | None) -> str:
+    """Owner token: host and pid (for messages), then the node process's lock file, so a restarted
+    node can prove its predecessor dead (``portable.own_lock``)."""
+    return f"{socket.gethostname()}|{os.getpid()}|{uuid.uuid4().hex}|{lock or '-'}"
 
 
 def _holder_is_dead_here(token: str) -> bool:
-    hostname, _, rest = token.partition("|")
-    pid_text = rest.partition("|")[0]
-    if hostname != socket.gethostname() or not pid_text.isdigit():
-        return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    """Whether the node that claimed a name with ``token`` is provably gone, by the same proof as
+    a lease holder's (``portable.lock_abandoned``). A host name and a pid prove nothing: containers
+    share host names, and a pid missing from our pid namespace may live in another."""
+    fields = token.split("|")
+    return len(fields) == 4 and portable.lock_abandoned(fields[3])
 
 
 def live_members(store: redis.Redis, keys: Keys, failure_timeout: float) -> list[Member]:
@@ -175,7 +170,7 @@ class Membership:
         self.identity = identity
         self.failure_timeout = failure_timeout
         self.interval = failure_timeout / HEARTBEATS_PER_TIMEOUT
-        self.token = _claim_token()
+        self.token = _claim_token(portable.own_lock(self))
         self.me = Member(
             name=identity.name,
             address=identity.address,
@@ -220,6 +215,7 @@ class Membership:
         elif holder is not None:
             holder = holder.decode() if isinstance(holder, bytes) else holder
             if not _holder_is_dead_here(holder):
+                portable.drop_own_lock(self)
                 host = holder.partition("|")[0]
                 raise NodeStartError(
                     f"node name {self.me.name!r} is already used by a running node on {host} in "
@@ -253,6 +249,7 @@ class Membership:
         except redis.RedisError as exc:
             log.warning("could not leave the cluster cleanly (%s); others will see a timeout", exc)
         else:
+            portable.drop_own_lock(self)
             if left == 1:
                 events.emit("member.left", member=self.me.name, reason="left")
                 events.flush(1.0)
