@@ -56,8 +56,8 @@ class Keys:
         return f"{self.prefix}history-slot:{slot}"
 
     def lease(self, name: str) -> str:
-        """STRING JSON ``{owner, fence, node, pid, since, host, start}`` with a TTL: who holds lease
-        ``name`` (``host`` and ``start``: where and which process, to prove it dead)."""
+        """STRING JSON ``{owner, fence, node, pid, since, lock}`` with a TTL: who holds lease ``name``
+        (``lock``: the holder's lock file, to prove it dead; ``portable.own_lock``)."""
         return f"{self.prefix}lease:{name}"
 
     def lease_fence(self, name: str) -> str:
