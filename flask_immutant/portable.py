@@ -106,6 +106,8 @@ def own_lock(user: object) -> str | None:
                 if not os.path.samestat(os.stat(LOCK_DIR / name, follow_symlinks=False), os.fstat(fd)):
                     raise FileNotFoundError(name)
             except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(LOCK_DIR / name)  # ours, never named anywhere: no use to anyone
                 os.close(fd)
                 continue
             _own_lock = (os.getpid(), fd, name)
