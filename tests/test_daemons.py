@@ -328,8 +328,9 @@ def test_a_node_releases_the_leases_of_its_crashed_runtime_for_other_hosts(start
     expires = lease_expiry(store_client, keys)
     # When "a"'s runtime alone is SIGKILLed (its node lives, and restarts it after a backoff)
     os.kill(first.pid, signal.SIGKILL)
-    # Then "a" releases the dead runtime's lease and "b" takes over before the key could expire,
-    # ahead of "a"'s restarted runtime
+    # Then "a" releases the dead runtime's lease (its sweep, not its restarted runtime: that one
+    # proves the death later) and a contender takes over before the key could expire: "b" as a
+    # rule, "a"'s restarted runtime when it wins the race for the released lease (1 run in 8)
     second = wait_until(lambda: (h := holder(store_client, keys)) and h.pid != first.pid and h, timeout=30)
-    assert second.node == "b" and second.since < expires
+    assert second.node in ("a", "b") and second.since < expires
     a.wait_for("released the leases of a crashed runtime: .*daemon:worker")
