@@ -235,7 +235,7 @@ class LeaseKeeper:
         if self._dead is None or self._dead[0] != owner:
             grace = self.manager.ttl * DEAD_HOLDER_GRACE
             self._dead = (owner, now + grace)
-            log.info("lease %s: its holder (node %s, pid %s) is dead on this host; taking over in %.2fs",
+            log.info("lease %s: its holder (node %s, pid %s) is dead (its lock file is free); taking over in %.2fs",
                      self.name, record.get("node"), record.get("pid"), grace)
             return False
         if now < self._dead[1]:
@@ -374,7 +374,7 @@ def release_lease(store: redis.Redis, keys: Keys, name: str, owner: str, dead: b
         log.warning("lease %s: release failed (%s); it will expire", name, exc)
         return False
     if released and dead:
-        log.warning("lease %s: released on behalf of its holder, proven dead on this host", name)
+        log.warning("lease %s: released on behalf of its holder, proven dead by its lock file", name)
     return bool(released)
 
 
