@@ -65,7 +65,6 @@ def process_cmdline(pid: int) -> bytes | None:
         return None
 
 
-
 #: Where a lease-holding process keeps its lock file: memory-backed, one per kernel (and per mount
 #: namespace), so every process of the host that could contend for its leases sees it.
 LOCK_DIR = Path("/dev/shm")
