@@ -191,3 +191,17 @@ def abandoned_locks() -> list[str]:
     except OSError:
         return []
     return [name for name in names if LOCK_NAME.fullmatch(name) and lock_abandoned(name)]
+
+
+def sweep_abandoned_locks(delay: float) -> threading.Timer | None:
+    """Unlink, ``delay`` seconds from now, the lock files whose creators are gone already (a node's
+    start: holders that crashed with nobody left to prove it). A holder that dies later keeps its
+    file: it may still have to prove that death. The timer, or None when there is nothing to do."""
+    stale = abandoned_locks()
+    if not stale:
+        return None
+    timer = threading.Timer(delay, lambda: [remove_abandoned_lock(name) for name in stale])
+    timer.daemon = True
+    timer.name = "lock-file-sweep"
+    timer.start()
+    return timer

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import requests
 
-from flask_immutant import portable
 from flask_immutant.contexts import registry
 from flask_immutant.keys import Keys
 
@@ -263,35 +262,6 @@ def test_a_name_claimed_from_a_container_with_our_host_name_is_not_taken_over(st
         assert node.wait() == 1
         assert "node name 'twin' is already used by a running node" in node.output
         assert store_client.get(claim) == token.encode()
-
-
-LOCK_HOLDER = ("from flask_immutant import portable; import time\n"
-               "print(portable.own_lock('holder'), flush=True); time.sleep(60)")
-
-
-@pytest.mark.skipif(not portable.linux_extras(), reason="lock files live in Linux's /dev/shm")
-def test_a_node_unlinks_the_lock_files_of_holders_dead_before_it_started(start_node):
-    # Given the lock files of a crashed lease holder and of a live one
-    holders = [subprocess.Popen([sys.executable, "-c", LOCK_HOLDER], stdout=subprocess.PIPE) for _ in range(2)]
-    dead, live = [(proc, proc.stdout.readline().decode().strip()) for proc in holders if proc.stdout]
-    dead[0].kill()
-    dead[0].wait()
-    assert portable.lock_abandoned(dead[1]) and not portable.lock_abandoned(live[1])
-    try:
-        # When a node starts
-        node = start_node("--clustered", env={"IMMUTANT_FAILURE_TIMEOUT": "1"})
-        node.wait_for("joined cluster")
-        # Then the dead holder's file is gone a failure timeout later, and the live one's stays
-        wait_until(lambda: not (portable.LOCK_DIR / dead[1]).exists(), timeout=10)
-        assert (portable.LOCK_DIR / live[1]).exists()
-    finally:
-        for proc in holders:
-            proc.kill()
-            proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
-        portable.remove_abandoned_lock(dead[1])
-        portable.remove_abandoned_lock(live[1])
 
 
 def test_an_app_that_cannot_be_found_is_one_line_error(start_node):

@@ -241,3 +241,24 @@ def test_a_process_has_one_lock_file_until_it_drops_it():
     finally:
         portable.drop_own_lock(first)
         portable.drop_own_lock(second)
+
+
+@linux_only
+def test_a_sweep_unlinks_later_the_lock_files_of_holders_already_dead():
+    # Given the lock files of a crashed holder and of a live one
+    dead, live = Holder(), Holder()
+    try:
+        dead.proc.kill()
+        dead.proc.wait()
+        # When a node starts (it sweeps), and a holder dies after that
+        timer = portable.sweep_abandoned_locks(0.5)
+        assert timer is not None
+        live.proc.kill()
+        live.proc.wait()
+        timer.join(10)
+        # Then only the file of the holder dead at the start is gone: the other may still prove a death
+        assert not (portable.LOCK_DIR / dead.lock).exists()
+        assert (portable.LOCK_DIR / live.lock).exists()
+    finally:
+        dead.close()
+        live.close()

@@ -40,6 +40,11 @@ IDLE_LINGER = 2.0
 IDLE_MAX_LINGERING = 512
 
 
+#: Seconds (at least the failure timeout) after a node starts before it unlinks the lock files of
+#: holders already dead then: their leases have expired or been taken over by then, those of other
+#: clusters of this machine with a failure timeout up to 2.5 min included (a proof's poll and grace).
+LOCK_SWEEP_DELAY = 60.0
+
 class IdleResponder:
     """Answers 503 on the node's HTTP socket while no app runtime serves it (a node waiting for
     deployments, or between an undeploy and the next deploy), so clients fail fast instead of
@@ -198,7 +203,7 @@ class Node:
             self.idle_responder = IdleResponder(self.listener, self.identity.name, self.stopped)
             self.idle_responder.start()
         self.state.pm.hook.immutant_node_started(node=self)
-        self._sweep_abandoned_locks()
+        portable.sweep_abandoned_locks(max(self.settings["IMMUTANT_FAILURE_TIMEOUT"], LOCK_SWEEP_DELAY))
 
     @property
     def listener(self) -> socket.socket:
@@ -254,19 +259,6 @@ class Node:
             self.membership.leave()
         if self._listener is not None:
             self._listener.close()
-
-    def _sweep_abandoned_locks(self) -> None:
-        """Unlink the lock files of lease holders that died before this node started, one failure
-        timeout from now: every lease they held has expired by then, so they prove nothing more
-        (a holder that dies later keeps its file: it may still prove that death)."""
-        stale = portable.abandoned_locks()
-        if not stale:
-            return
-        timer = threading.Timer(self.settings["IMMUTANT_FAILURE_TIMEOUT"],
-                                lambda: [portable.remove_abandoned_lock(name) for name in stale])
-        timer.daemon = True
-        timer.name = "lock-file-sweep"
-        timer.start()
 
     def _runtime_crashed(self) -> None:
         """A runtime died without releasing its leases. Once the grace after a proven death has
