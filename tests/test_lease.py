@@ -276,13 +276,13 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
 
 
 def plant_holder(store, keys: Keys, name: str, holder: subprocess.Popen[bytes], ttl: float,
-                 **fields: object) -> dict[str, object]:
-    """Write the lease record (and last-holder record) ``holder`` would have written, with ``ttl``,
-    as if it held ``name`` and had not released it."""
+                 record_ttl: float = TTL, **fields: object) -> dict[str, object]:
+    """Write the lease record (and last-holder record) ``holder`` would have written, with ``ttl``
+    left on its key, as if it held ``name`` (with its own TTL ``record_ttl``) and had not released it."""
     pid = holder.pid
     record: dict[str, object] = {"owner": f"planted|{pid}|{uuid.uuid4().hex}", "fence": 1, "node": "planted",
                                  "pid": pid, "since": time.time(), "lock": getattr(holder, "lock", None),
-                                 **fields}
+                                 "ttl": int(record_ttl * 1000), **fields}
     store.set(keys.lease(name), json.dumps(record), px=int(ttl * 1000))
     store.set(keys.lease_last(name), json.dumps(record))
     store.set(keys.lease_fence(name), "1")
@@ -373,11 +373,57 @@ def test_a_supervisor_releases_the_leases_of_dead_holders_only(store_client, clu
         portable.remove_abandoned_lock(lock)
 
 
+def dead_lock_holder() -> subprocess.Popen[bytes]:
+    """A process of this machine that held its lock file and was SIGKILLed (``.lock``: the file)."""
+    dead, lock = lock_holder()
+    dead.kill()
+    dead.wait()
+    assert dead.stdout is not None
+    dead.stdout.close()
+    dead.lock = lock  # type: ignore[attr-defined]
+    return dead
+
+
+@linux_only
+def test_the_supervisor_sweep_waits_the_grace_of_the_holders_own_ttl(store_client, cluster_name):
+    # Given a lease held, with a TTL of its own of 20 s (a grace of 5 s), by a process just SIGKILLed
+    keys = Keys(cluster_name)
+    dead = dead_lock_holder()
+    record = plant_holder(store_client, keys, "daemon:slow", dead, ttl=60, record_ttl=20)
+    released: list[str] = []
+    try:
+        # When a node's sweep starts (a supervisor with a short failure timeout of its own)
+        sweep = threading.Thread(target=lambda: released.extend(release_dead_holders(store_client, keys)))
+        sweep.start()
+        time.sleep(1.0)
+        # Then the dead holder still holds it a second later: the proof is not the release
+        assert json.loads(store_client.get(keys.lease("daemon:slow")))["owner"] == record["owner"]
+        assert not released
+        # And it is released once the holder's own grace has passed
+        sweep.join(timeout=60)
+        assert released == ["daemon:slow"] and store_client.get(keys.lease("daemon:slow")) is None
+    finally:
+        portable.remove_abandoned_lock(dead.lock)  # type: ignore[attr-defined]
+
+
+@linux_only
+def test_a_record_without_a_valid_ttl_is_never_proven(store_client, cluster_name):
+    keys = Keys(cluster_name)
+    dead = dead_lock_holder()
+    try:
+        for name, ttl in (("none", None), ("text", "1000"), ("zero", 0), ("true", True)):
+            record = plant_holder(store_client, keys, f"daemon:{name}", dead, ttl=60)
+            store_client.set(keys.lease(f"daemon:{name}"), json.dumps({**record, "ttl": ttl}), px=60000)
+        assert release_dead_holders(store_client, keys) == []
+    finally:
+        portable.remove_abandoned_lock(dead.lock)  # type: ignore[attr-defined]
+
+
 FORKING_HOLDER = """
 import os, sys, time
 from flask_immutant.cluster.lease import LeaseManager
 from flask_immutant.keys import Keys
-manager = LeaseManager(sys.argv[1], Keys(sys.argv[2]), "forker", 60.0)
+manager = LeaseManager(sys.argv[1], Keys(sys.argv[2]), "forker", 20.0)  # a grace of 5 s
 keeper = manager.keeper("forked", lambda fence: None, lambda: None)
 while not keeper.held:
     time.sleep(0.01)
@@ -410,7 +456,7 @@ def test_a_holder_whose_forked_child_lives_on_is_not_proven_dead(managers, embed
         assert not keeper.held and not a.acquired
         # And once the child is gone too, the contender takes over long before the key expires
         os.kill(child, signal.SIGKILL)
-        wait_until(lambda: keeper.held, timeout=10)
+        wait_until(lambda: keeper.held, timeout=30)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)

@@ -1,6 +1,6 @@
 """Leases with fencing tokens: what singleton daemons and the job scheduler hold.
 
-A lease is a key holding ``{owner, fence, node, pid, since, lock}`` with a TTL of the failure
+A lease is a key holding ``{owner, fence, node, pid, since, lock, ttl}`` with a TTL of the failure
 timeout, renewed every quarter of it and released by compare-and-delete (Lua in ``lease_*.lua``
 beside it). Each acquisition returns a strictly increasing fencing token.
 
@@ -25,6 +25,7 @@ does not know about, so the holder runs out of its deadline before the replica's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -80,17 +81,27 @@ class Holder:
         return {"node": self.node, "pid": self.pid, "fencing_token": self.fence, "since": self.since}
 
 
-def holder_info(node: str, lock: str | None) -> str:
+def holder_info(node: str, lock: str | None, ttl_ms: int) -> str:
     """The holder record this process writes into a lease it acquires (the script adds owner and
-    fence): ``lock`` (``portable.own_lock``) lets a process of the same machine prove it dead later."""
-    return json.dumps({"node": node, "pid": os.getpid(), "since": time.time(), "lock": lock})
+    fence): ``lock`` (``portable.own_lock``) lets a process of the same machine prove it dead later;
+    ``ttl`` (ms, the holder's own) sets how long a prover waits after the proof (:func:`dead_holder_grace`)."""
+    return json.dumps({"node": node, "pid": os.getpid(), "since": time.time(), "lock": lock, "ttl": ttl_ms})
+
+
+def dead_holder_grace(record: Any) -> float | None:
+    """Seconds between proving the holder of ``record`` dead and releasing its lease: a quarter of
+    the holder's own TTL (a deployment may set its own failure timeout), or None without a valid one."""
+    ttl = record.get("ttl") if isinstance(record, dict) else None
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
+        return None
+    return ttl / 1000 * DEAD_HOLDER_GRACE
 
 
 def holder_is_dead(record: Any) -> bool:
     """Whether the holder named by a lease record read from the store is provably dead, seen from
     this process (``portable.lock_abandoned``); False for anything else, malformed records and old
-    records without ``lock`` included. The one rule for contenders and supervisors."""
-    return isinstance(record, dict) and portable.lock_abandoned(record.get("lock"))
+    records without ``lock`` or ``ttl`` included. The one rule for contenders and supervisors."""
+    return dead_holder_grace(record) is not None and portable.lock_abandoned(record.get("lock"))
 
 
 def read_holder(store: redis.Redis, keys: Keys, name: str) -> Holder | None:
@@ -188,7 +199,7 @@ class LeaseKeeper:
         # script returns the same fence) instead of waiting for it to expire.
         owner = self._unconfirmed_owner or f"{m.node}|{os.getpid()}|{uuid.uuid4().hex}"
         sent = time.monotonic()
-        info = holder_info(m.node, portable.own_lock(m))
+        info = holder_info(m.node, portable.own_lock(m), m.ttl_ms)
         reply, confirmed = m.confirmed("acquire", [m.keys.lease(self.name), m.keys.lease_fence(self.name),
                                                    m.keys.lease_last(self.name)], [owner, m.ttl_ms, info])
         fence, previous = reply if reply else (None, None)
@@ -231,9 +242,10 @@ class LeaseKeeper:
             self._dead = None
             return False
         assert isinstance(record, dict)
+        grace = dead_holder_grace(record)
+        assert grace is not None  # holder_is_dead checked it
         now = time.monotonic()
         if self._dead is None or self._dead[0] != owner:
-            grace = self.manager.ttl * DEAD_HOLDER_GRACE
             self._dead = (owner, now + grace)
             log.info("lease %s: its holder (node %s, pid %s) is dead (its lock file is free); taking over in %.2fs",
                      self.name, record.get("node"), record.get("pid"), grace)
@@ -245,7 +257,7 @@ class LeaseKeeper:
             return False
         # Its lock file goes once the dead holder's other leases have expired too: until then it
         # proves the death to their contenders.
-        timer = threading.Timer(self.manager.ttl, portable.remove_abandoned_lock, [record.get("lock")])
+        timer = threading.Timer(grace / DEAD_HOLDER_GRACE, portable.remove_abandoned_lock, [record.get("lock")])
         timer.daemon = True
         timer.start()
         return True
@@ -381,7 +393,10 @@ def release_lease(store: redis.Redis, keys: Keys, name: str, owner: str, dead: b
 def release_dead_holders(store: redis.Redis, keys: Keys) -> list[str]:
     """Release every lease of the cluster whose holder is provably dead (:func:`holder_is_dead`),
     so contenders anywhere, other hosts included, take over at once; the names released. Run by
-    a node supervisor once :data:`DEAD_HOLDER_GRACE` has passed after it reaped a runtime."""
+    a node supervisor (on a thread of its own: it blocks) when it reaped a runtime.
+
+    Two passes, as a contender's: the leases proven dead now, then, each after its own holder's
+    grace (:func:`dead_holder_grace`), those still held by the same owner and proven dead again."""
     if not portable.linux_extras():
         return []  # nothing can be proven from here
     prefix = keys.lease("")
@@ -389,22 +404,26 @@ def release_dead_holders(store: redis.Redis, keys: Keys) -> list[str]:
              for key in store.scan_iter(match=keys.lease("*"), count=200)]
     if not names:
         return []
-    pipe = store.pipeline(transaction=False)
-    for key in names:
-        pipe.get(key)
-        pipe.pttl(key)
-    replies = pipe.execute(raise_on_error=False)
+    start = time.monotonic()
+    candidates: list[tuple[float, str, str]] = []  # (when its grace ends, key, owner)
+    proofs: dict[str, bool] = {}  # lock -> abandoned, once per pass: a holder has several leases
+    for key, record in zip(names, _lease_records(store, names), strict=True):
+        owner = record.get("owner") if record is not None else None
+        if record is None or not isinstance(owner, str):
+            continue
+        lock = str(record.get("lock"))
+        if lock not in proofs:
+            proofs[lock] = holder_is_dead(record)
+        grace = dead_holder_grace(record)
+        if proofs[lock] and grace is not None:
+            candidates.append((start + grace, key, owner))
     released: list[str] = []
-    proofs: dict[str, bool] = {}  # lock -> abandoned, once per sweep: a holder has several leases
-    for key, raw, pttl in zip(names, replies[::2], replies[1::2], strict=True):
-        if not isinstance(raw, (bytes, str)) or not isinstance(pttl, int) or pttl <= 0:
-            continue  # gone, another type, or no TTL (a fencing counter, a last-holder record)
-        try:
-            record = from_json(raw)
-        except ValueError:
-            continue
-        if not isinstance(record, dict) or not isinstance(owner := record.get("owner"), str):
-            continue
+    proofs = {}
+    for ends, key, owner in sorted(candidates):
+        time.sleep(max(0.0, ends - time.monotonic()))
+        record = _lease_records(store, [key])[0]
+        if record is None or record.get("owner") != owner:
+            continue  # released, expired or taken meanwhile
         lock = str(record.get("lock"))
         if lock not in proofs:
             proofs[lock] = holder_is_dead(record)
@@ -414,6 +433,24 @@ def release_dead_holders(store: redis.Redis, keys: Keys) -> list[str]:
         if dead:  # every lease it held is released: its lock file has proven all it can
             portable.remove_abandoned_lock(lock)
     return released
+
+
+def _lease_records(store: redis.Redis, keys: list[str]) -> list[dict[str, Any] | None]:
+    """The holder records of lease keys ``keys`` (one read), None for any that is gone, not a
+    string, without a TTL (a fencing counter, a last-holder record) or not a record."""
+    pipe = store.pipeline(transaction=False)
+    for key in keys:
+        pipe.get(key)
+        pipe.pttl(key)
+    replies = pipe.execute(raise_on_error=False)
+    records: list[dict[str, Any] | None] = []
+    for raw, pttl in zip(replies[::2], replies[1::2], strict=True):
+        record = None
+        if isinstance(raw, (bytes, str)) and isinstance(pttl, int) and pttl > 0:
+            with contextlib.suppress(ValueError):
+                record = from_json(raw)
+        records.append(record if isinstance(record, dict) else None)
+    return records
 
 
 def _holder_node(raw: Any) -> str | None:

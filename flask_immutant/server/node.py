@@ -261,10 +261,10 @@ class Node:
             self._listener.close()
 
     def _runtime_crashed(self) -> None:
-        """A runtime died without releasing its leases. Once the grace after a proven death has
-        passed, release every lease whose holder is provably dead (``release_dead_holders``): its
+        """A runtime died without releasing its leases: release every lease whose holder is provably
+        dead (``release_dead_holders``, which waits each holder's grace on this thread): its
         contenders on other hosts, which cannot prove it, then take over at once, not at the TTL."""
-        from ..cluster.lease import DEAD_HOLDER_GRACE, release_dead_holders
+        from ..cluster.lease import release_dead_holders
 
         store, keys = self.store, self.state.keys
         if store is None:
@@ -279,10 +279,7 @@ class Node:
             if released:
                 log.info("released the leases of a crashed runtime: %s", ", ".join(sorted(released)))
 
-        timer = threading.Timer(self.settings["IMMUTANT_FAILURE_TIMEOUT"] * DEAD_HOLDER_GRACE, sweep)
-        timer.daemon = True
-        timer.name = "dead-holder-sweep"
-        timer.start()
+        threading.Thread(target=sweep, name="dead-holder-sweep", daemon=True).start()
 
     # --- membership callbacks ---
 
