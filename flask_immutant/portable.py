@@ -75,6 +75,7 @@ _own_lock_users: set[int] = set()  # ids of the objects whose records name it (l
 _own_lock_guard = threading.Lock()
 
 
+
 def own_lock(user: object) -> str | None:
     """Linux: the name of this process's lock file in :data:`LOCK_DIR`, created on the first call
     and held (``flock`` exclusive) until the process and every child it forked are gone, which the
@@ -142,11 +143,43 @@ def _take_lock(name: object, operation: int) -> int | None:
         info = os.fstat(fd)
         if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o077:
             fcntl.flock(fd, operation | fcntl.LOCK_NB)
-            return fd
+            # Still the file the name gives: not one unlinked (and perhaps replaced) after we opened it.
+            if os.path.samestat(os.stat(LOCK_DIR / name, follow_symlinks=False), os.fstat(fd)):
+                return fd
     except OSError:
         pass
     os.close(fd)
     return None
+
+
+def pid_namespace() -> str | None:
+    """This process's pid namespace (``st_dev:st_ino`` of ``/proc/self/ns/pid``), or None where it
+    cannot be read: a pid proves something only to a process of the same namespace."""
+    if not linux_extras():
+        return None
+    try:
+        info = os.stat("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{info.st_dev}:{info.st_ino}"
+
+
+def pid_gone(pid: object, pidns: object) -> bool:
+    """True only if ``pid`` of pid namespace ``pidns`` (both read from the store: any value) names
+    no live process here: the namespace is ours and the pid is free or a zombie. False means "not
+    proven": another or an unknown namespace, no permission, or a live process (a reused pid too)."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
+    here = pid_namespace()
+    if here is None or pidns != here:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return process_state(pid) == "Z"
 
 
 def lock_abandoned(name: object) -> bool:
@@ -162,6 +195,15 @@ def lock_abandoned(name: object) -> bool:
         return False
     os.close(fd)
     return True
+
+
+def holder_gone(lock: object, pid: object, pidns: object) -> bool:
+    """The proof that a holder (of a lease, or of a node name) is dead, from what its record says
+    (any values): its lock file is abandoned AND its pid names no live process of our pid namespace.
+    Either alone is not enough: the holder's own code may close descriptors it did not open (the
+    lock goes while it lives), and a pid proves nothing to another namespace or a memory-snapshot
+    clone. A reused pid makes the proof fail: the TTL then applies, the safe side."""
+    return pid_gone(pid, pidns) and lock_abandoned(lock)
 
 
 def remove_abandoned_lock(name: object) -> bool:

@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from flask_immutant import portable
-from flask_immutant.cluster.lease import SAFETY_MARGIN, LeaseManager, read_holder, release_dead_holders
+from flask_immutant.cluster.lease import (
+    SAFETY_MARGIN,
+    LeaseManager,
+    holder_is_dead,
+    read_holder,
+    release_dead_holders,
+)
 from flask_immutant.keys import Keys
 from flask_immutant.store.embedded import redis_server_binary
 
@@ -281,7 +287,8 @@ def plant_holder(store, keys: Keys, name: str, holder: subprocess.Popen[bytes], 
     left on its key, as if it held ``name`` (with its own TTL ``record_ttl``) and had not released it."""
     pid = holder.pid
     record: dict[str, object] = {"owner": f"planted|{pid}|{uuid.uuid4().hex}", "fence": 1, "node": "planted",
-                                 "pid": pid, "since": time.time(), "lock": getattr(holder, "lock", None),
+                                 "pid": pid, "pidns": portable.pid_namespace(), "since": time.time(),
+                                 "lock": getattr(holder, "lock", None),
                                  "ttl": int(record_ttl * 1000), **fields}
     store.set(keys.lease(name), json.dumps(record), px=int(ttl * 1000))
     store.set(keys.lease_last(name), json.dumps(record))
@@ -417,6 +424,53 @@ def test_a_record_without_a_valid_ttl_is_never_proven(store_client, cluster_name
         assert release_dead_holders(store_client, keys) == []
     finally:
         portable.remove_abandoned_lock(dead.lock)  # type: ignore[attr-defined]
+
+
+CLOSING_HOLDER = """
+import os, sys, time
+from flask_immutant import portable
+from flask_immutant.cluster.lease import LeaseManager
+from flask_immutant.keys import Keys
+manager = LeaseManager(sys.argv[1], Keys(sys.argv[2]), "closer", 2.0)
+keeper = manager.keeper("closed", lambda fence: None, lambda: None)
+while not keeper.held:
+    time.sleep(0.01)
+os.close(portable._own_lock[1])  # as os.closerange or a daemonizing library would: the flock goes
+print("closed", flush=True)
+time.sleep(60)
+"""
+
+
+@linux_only
+def test_a_live_holder_whose_lock_descriptor_was_closed_is_not_proven_dead(embedded_store, store_client,
+                                                                           cluster_name):
+    # Given a process holding a lease that closed its lock file's descriptor (the flock is gone)
+    keys = Keys(cluster_name)
+    proc = subprocess.Popen([sys.executable, "-c", CLOSING_HOLDER, embedded_store.url, cluster_name],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    lock = ""
+    try:
+        assert proc.stdout.readline().strip() == b"closed"
+        record = json.loads(store_client.get(keys.lease("closed")))
+        lock = record["lock"]
+        assert portable.lock_abandoned(lock)  # the lock alone would "prove" it dead
+        # Then, alive, it is not proven dead, by a contender's rule or a node's sweep
+        assert not holder_is_dead(record)
+        assert release_dead_holders(store_client, keys) == []
+        assert json.loads(store_client.get(keys.lease("closed")))["owner"] == record["owner"]
+        # And once SIGKILLed, it is
+        proc.kill()
+        proc.wait()
+        assert holder_is_dead(json.loads(store_client.get(keys.lease("closed"))))
+        # Unless its record names another pid namespace (a container's own)
+        assert not holder_is_dead({**record, "pidns": "1:4026531836" if record["pidns"] != "1:4026531836" else "1:1"})
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        if lock:
+            portable.remove_abandoned_lock(lock)
 
 
 FORKING_HOLDER = """

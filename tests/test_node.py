@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import requests
 
+from flask_immutant import portable
 from flask_immutant.contexts import registry
 from flask_immutant.keys import Keys
 
@@ -250,18 +251,29 @@ def test_a_name_claimed_from_a_container_with_our_host_name_is_not_taken_over(st
                                                                                cluster_name):
     # Given the name "twin" claimed by a live node of another container on this machine: the same
     # host name, a pid of its own pid namespace (none here), and its lock file in its own /dev/shm
+    # (or, sharing our /dev/shm, a lock file nobody holds: its own code may have closed it)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     claim = Keys(cluster_name).member_claim("twin")
-    for token in (f"{socket.gethostname()}|{gone.pid}|{uuid.uuid4().hex}",
-                  f"{socket.gethostname()}|{gone.pid}|{uuid.uuid4().hex}|flask-immutant-{uuid.uuid4().hex}.lock"):
-        store_client.set(claim, token, px=60_000)
-        # When a node starts under that name here
-        node = start_node("--clustered", "--node-name", "twin")
-        # Then it refuses: nothing proves the other node dead
-        assert node.wait() == 1
-        assert "node name 'twin' is already used by a running node" in node.output
-        assert store_client.get(claim) == token.encode()
+    free = portable.LOCK_DIR / f"flask-immutant-{uuid.uuid4().hex}.lock"
+    free.write_bytes(b"")
+    free.chmod(0o600)
+    try:
+        for token in (f"{socket.gethostname()}|{gone.pid}|{uuid.uuid4().hex}",
+                      f"{socket.gethostname()}|{gone.pid}|{uuid.uuid4().hex}|flask-immutant-{uuid.uuid4().hex}.lock",
+                      f"{socket.gethostname()}|{gone.pid}|{uuid.uuid4().hex}|flask-immutant-{uuid.uuid4().hex}.lock|"
+                      f"{portable.pid_namespace()}",
+                      f"{socket.gethostname()}|{gone.pid}|{uuid.uuid4().hex}|{free.name}",
+                      f"{socket.gethostname()}|{gone.pid}|{uuid.uuid4().hex}|{free.name}|0:1"):
+            store_client.set(claim, token, px=60_000)
+            # When a node starts under that name here
+            node = start_node("--clustered", "--node-name", "twin")
+            # Then it refuses: nothing proves the other node dead
+            assert node.wait() == 1
+            assert "node name 'twin' is already used by a running node" in node.output
+            assert store_client.get(claim) == token.encode()
+    finally:
+        free.unlink(missing_ok=True)
 
 
 def test_an_app_that_cannot_be_found_is_one_line_error(start_node):

@@ -81,6 +81,8 @@ HOLDER = textwrap.dedent("""
     import os, sys, time
     from flask_immutant import portable
     name = portable.own_lock("holder")
+    if sys.argv[1] == "close":  # as os.closerange or a daemonizing library would: the flock goes
+        os.close(portable._own_lock[1])
     child = os.fork() if sys.argv[1] == "fork" else 0  # multiprocessing's fork: the child inherits it
     if child == 0 and sys.argv[1] == "fork":
         time.sleep(60)
@@ -262,3 +264,51 @@ def test_a_sweep_unlinks_later_the_lock_files_of_holders_already_dead():
     finally:
         dead.close()
         live.close()
+
+
+@linux_only
+def test_a_holder_is_gone_only_if_its_lock_is_abandoned_and_its_pid_free_here():
+    # Given a live holder whose own code closed its lock file's descriptor
+    made = Holder("close")
+    here = portable.pid_namespace()
+    try:
+        assert here is not None and portable.lock_abandoned(made.lock)
+        # Then it is not proven gone: its pid lives
+        assert not portable.holder_gone(made.lock, made.proc.pid, here)
+        # When it is SIGKILLed: a zombie, then reaped
+        made.proc.kill()
+        wait_until(lambda: portable.process_state(made.proc.pid) == "Z", timeout=5)
+        assert portable.holder_gone(made.lock, made.proc.pid, here)
+        made.proc.wait()
+        assert portable.holder_gone(made.lock, made.proc.pid, here)
+        # But never from a record of another (or an unknown) pid namespace, or with no valid pid
+        for pidns in ("0:1", None, "", 7):
+            assert not portable.holder_gone(made.lock, made.proc.pid, pidns)
+        for pid in (None, "123", 0, -1, True):
+            assert not portable.holder_gone(made.lock, pid, here)
+    finally:
+        made.close()
+
+
+@linux_only
+def test_a_lock_file_unlinked_while_being_taken_proves_nothing(monkeypatch):
+    # Given a lock file nobody holds, unlinked and replaced between a prover's open and its flock
+    name = f"flask-immutant-{os.urandom(16).hex()}.lock"
+    path = portable.LOCK_DIR / name
+    path.write_bytes(b"")
+    path.chmod(0o600)
+    real_flock = portable.fcntl.flock
+
+    def flock_after_a_replacement(fd: int, operation: int) -> None:
+        path.unlink()
+        path.write_bytes(b"")
+        path.chmod(0o600)
+        real_flock(fd, operation)
+
+    try:
+        monkeypatch.setattr(portable.fcntl, "flock", flock_after_a_replacement)
+        # Then the lock taken (on the unlinked file) proves nothing about the name
+        assert not portable.lock_abandoned(name)
+    finally:
+        monkeypatch.undo()
+        path.unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """Leases with fencing tokens: what singleton daemons and the job scheduler hold.
 
-A lease is a key holding ``{owner, fence, node, pid, since, lock, ttl}`` with a TTL of the failure
+A lease is a key holding ``{owner, fence, node, pid, pidns, since, lock, ttl}`` with a TTL of the failure
 timeout, renewed every quarter of it and released by compare-and-delete (Lua in ``lease_*.lua``
 beside it). Each acquisition returns a strictly increasing fencing token.
 
@@ -13,9 +13,9 @@ eighth of the TTL and are woken at once by a release.
 A holder that crashed is replaced before its key expires only when its death is *proven*: the
 contender (or a node supervisor that reaped a runtime: :func:`release_dead_holders`) can take the
 lock file the holder's process holds for its life (``lock``), which the kernel allows only once
-that process and every child it forked are gone: :func:`holder_is_dead`,
-``portable.lock_abandoned``. A holder that is alive but stalled or cut off is never displaced: its
-own stop rule above still runs first. See docs/guarantees.md.
+that process and every child it forked are gone, and the holder's pid is free in the prover's own
+pid namespace (``pidns``): :func:`holder_is_dead`, ``portable.holder_gone``. A holder that is
+alive but stalled or cut off is never displaced: its own stop rule above still runs first. See docs/guarantees.md.
 
 With ``IMMUTANT_LEASE_REPLICAS`` = N > 0 (a replicated store, see docs/guarantees.md) every
 acquisition and renewal is followed by ``WAIT N`` on the same connection, and counts only when N
@@ -83,9 +83,11 @@ class Holder:
 
 def holder_info(node: str, lock: str | None, ttl_ms: int) -> str:
     """The holder record this process writes into a lease it acquires (the script adds owner and
-    fence): ``lock`` (``portable.own_lock``) lets a process of the same machine prove it dead later;
+    fence): ``lock`` (``portable.own_lock``), ``pid`` and ``pidns`` let a process of the same machine
+    prove it dead later (``portable.holder_gone``);
     ``ttl`` (ms, the holder's own) sets how long a prover waits after the proof (:func:`dead_holder_grace`)."""
-    return json.dumps({"node": node, "pid": os.getpid(), "since": time.time(), "lock": lock, "ttl": ttl_ms})
+    return json.dumps({"node": node, "pid": os.getpid(), "pidns": portable.pid_namespace(), "since": time.time(),
+                       "lock": lock, "ttl": ttl_ms})
 
 
 def dead_holder_grace(record: Any) -> float | None:
@@ -99,9 +101,11 @@ def dead_holder_grace(record: Any) -> float | None:
 
 def holder_is_dead(record: Any) -> bool:
     """Whether the holder named by a lease record read from the store is provably dead, seen from
-    this process (``portable.lock_abandoned``); False for anything else, malformed records and old
-    records without ``lock`` or ``ttl`` included. The one rule for contenders and supervisors."""
-    return dead_holder_grace(record) is not None and portable.lock_abandoned(record.get("lock"))
+    this process (``portable.holder_gone``: its lock file abandoned and its pid free here); False
+    for anything else, malformed records and old records without ``lock``, ``pidns`` or ``ttl``
+    included. The one rule for contenders and supervisors (membership uses ``holder_gone`` too)."""
+    return (dead_holder_grace(record) is not None
+            and portable.holder_gone(record.get("lock"), record.get("pid"), record.get("pidns")))
 
 
 def read_holder(store: redis.Redis, keys: Keys, name: str) -> Holder | None:

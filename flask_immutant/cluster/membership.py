@@ -101,17 +101,18 @@ def _iso(epoch: float) -> str:
 
 
 def _claim_token(lock: str | None) -> str:
-    """Owner token: host and pid (for messages), then the node process's lock file, so a restarted
-    node can prove its predecessor dead (``portable.own_lock``)."""
-    return f"{socket.gethostname()}|{os.getpid()}|{uuid.uuid4().hex}|{lock or '-'}"
+    """Owner token: host, pid, a nonce, the node process's lock file and its pid namespace, so a
+    restarted node can prove its predecessor dead (``portable.holder_gone``)."""
+    return f"{socket.gethostname()}|{os.getpid()}|{uuid.uuid4().hex}|{lock or '-'}|{portable.pid_namespace() or '-'}"
 
 
 def _holder_is_dead_here(token: str) -> bool:
     """Whether the node that claimed a name with ``token`` is provably gone, by the same proof as
-    a lease holder's (``portable.lock_abandoned``). A host name and a pid prove nothing: containers
-    share host names, and a pid missing from our pid namespace may live in another."""
+    a lease holder's (``portable.holder_gone``: its lock file abandoned and its pid free in our pid
+    namespace). A host name proves nothing (containers share host names); an older node's token
+    (three fields) proves nothing either: its name is taken over at its claim's TTL."""
     fields = token.split("|")
-    return len(fields) == 4 and portable.lock_abandoned(fields[3])
+    return len(fields) == 5 and fields[1].isdigit() and portable.holder_gone(fields[3], int(fields[1]), fields[4])
 
 
 def live_members(store: redis.Redis, keys: Keys, failure_timeout: float) -> list[Member]:
