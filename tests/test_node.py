@@ -15,7 +15,9 @@ import pytest
 import requests
 
 from flask_immutant import portable
+from flask_immutant.cluster import Membership, NodeIdentity, membership
 from flask_immutant.contexts import registry
+from flask_immutant.errors import NodeStartError
 from flask_immutant.keys import Keys
 
 from support import pid_alive, run_flask, runtimes_of, wait_until, within
@@ -317,3 +319,33 @@ def test_a_node_advertises_the_address_it_is_told_to(start_node, app_file, node_
     # And the node answers there
     port = int(node_env["IMMUTANT_HTTP_PORT"])
     assert wait_until(lambda: http_get(port, host="127.0.0.2"), timeout=10).text == "hello"
+
+
+def test_two_nodes_taking_over_one_dead_name_at_once_cannot_both_join(store_client, cluster_name, tmp_path,
+                                                                      monkeypatch):
+    # Given the name "phoenix" claimed by a node proven dead, and two nodes starting under it
+    keys = Keys(cluster_name)
+    dead = f"{socket.gethostname()}|1|{uuid.uuid4().hex}|-|-"
+    store_client.set(keys.member_claim("phoenix"), dead, px=60_000)
+    monkeypatch.setattr(membership, "_holder_is_dead_here", lambda token: token == dead)
+    identity = NodeIdentity(name="phoenix", host="127.0.0.1", port_offset=0, ports={"http": 1},
+                            data_dir=tmp_path, clustered=True, address="127.0.0.1")
+    first, second = (Membership(store_client, keys, identity, 30.0) for _ in range(2))
+    claim = second._scripts["claim"]
+
+    def first_claims_between(**kwargs: object) -> object:  # the second's proof and its takeover
+        reply = claim(**kwargs)
+        if kwargs["args"][4] == "":  # type: ignore[index]
+            first.join()
+        return reply
+
+    second._scripts["claim"] = first_claims_between
+    try:
+        # When both prove the predecessor dead and take the name over, the first one first
+        # Then only the first joins: the second is refused
+        with pytest.raises(NodeStartError, match="already used by a running node"):
+            second.join()
+        assert store_client.get(keys.member_claim("phoenix")) == first.token.encode()
+    finally:
+        for node in (first, second):
+            node.leave()

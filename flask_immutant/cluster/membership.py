@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 
@@ -216,14 +216,12 @@ class Membership:
         elif holder is not None:
             holder = holder.decode() if isinstance(holder, bytes) else holder
             if not _holder_is_dead_here(holder):
-                portable.drop_own_lock(self)
-                host = holder.partition("|")[0]
-                raise NodeStartError(
-                    f"node name {self.me.name!r} is already used by a running node on {host} in "
-                    f"cluster {self.keys.cluster!r}; choose another with --node-name or --port-offset"
-                )
-            # Our predecessor under this name was killed on this host: take the name over now.
-            self._scripts["claim"](keys=keys, args=[self.token, ttl, self.me.name, self.me.to_json(), holder])
+                self._name_taken(holder)
+            # Our predecessor under this name was killed on this host: take the name over now,
+            # unless another node starting under it took it first (the script returns its token).
+            again = self._scripts["claim"](keys=keys, args=[self.token, ttl, self.me.name, self.me.to_json(), holder])
+            if again is not None and not isinstance(again, list):
+                self._name_taken(again.decode() if isinstance(again, bytes) else str(again))
             self._predecessor_left()
         events.emit("member.joined", member=self.me.name, address=self.me.address,
                     http_port=self.me.ports.get("http"), pid=self.me.pid)
@@ -233,6 +231,15 @@ class Membership:
             Loop("membership", self._watch, 0.0, on_error=self._subscription.drop, stop_event=self._stop,
                  interrupt=self._subscription.interrupt).start(),
         ]
+
+    def _name_taken(self, holder: str) -> NoReturn:
+        """Refuse to start: a node that is not provably dead holds our name (claim token ``holder``)."""
+        portable.drop_own_lock(self)
+        host = holder.partition("|")[0]
+        raise NodeStartError(
+            f"node name {self.me.name!r} is already used by a running node on {host} in "
+            f"cluster {self.keys.cluster!r}; choose another with --node-name or --port-offset"
+        )
 
     def _predecessor_left(self) -> None:
         """Our name's previous holder died without leaving, and nobody had reaped it yet: record its
