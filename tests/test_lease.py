@@ -18,7 +18,9 @@ import pytest
 
 from flask_immutant import portable
 from flask_immutant.cluster.lease import (
+    POLLS_PER_TTL,
     SAFETY_MARGIN,
+    LeaseKeeper,
     LeaseManager,
     holder_is_dead,
     read_holder,
@@ -516,3 +518,12 @@ def test_a_holder_whose_forked_child_lives_on_is_not_proven_dead(managers, embed
             os.kill(child, signal.SIGKILL)
         proc.stdout.close()
         portable.remove_abandoned_lock(lock)
+
+
+def test_a_keeper_stepping_aside_does_not_spin_on_a_dead_holders_grace(managers):
+    # Given a keeper that proved a holder dead (its grace over) and was then told to step aside
+    keeper = LeaseKeeper(managers[0], "aside", lambda fence: None, lambda: None)  # not started: stepped here
+    keeper._dead = ("planted|1|x", time.monotonic() - 1)
+    keeper._pause_until = time.monotonic() + 60
+    # Then it waits a poll between steps while paused, not no time at all
+    assert keeper._step() == TTL / POLLS_PER_TTL

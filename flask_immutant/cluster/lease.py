@@ -185,8 +185,9 @@ class LeaseKeeper:
         """Contend (every poll) or renew (every renewal interval); returns the wait until the next step."""
         m = self.manager
         if self.fence is None:
-            if time.monotonic() >= self._pause_until:
-                self._try_acquire()
+            if time.monotonic() < self._pause_until:  # stepping aside: no proof's grace to come back for
+                return m.ttl / POLLS_PER_TTL
+            self._try_acquire()
             if self.fence is None and self._dead is not None:  # come back when its grace ends
                 return min(m.ttl / POLLS_PER_TTL, max(0.0, self._dead[1] - time.monotonic()))
             return m.ttl / (POLLS_PER_TTL if self.fence is None else RENEWALS_PER_TTL)
