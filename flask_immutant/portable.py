@@ -75,6 +75,17 @@ _own_lock_users: set[int] = set()  # ids of the objects whose records name it (l
 _own_lock_guard = threading.Lock()
 
 
+def _forget_own_lock_in_child() -> None:
+    """A forked child gets a new guard (another thread may have held the parent's at the fork) and
+    none of the parent's users: its own leases need its own lock file."""
+    global _own_lock_guard, _own_lock
+    _own_lock_guard = threading.Lock()
+    _own_lock = None
+    _own_lock_users.clear()
+
+
+os.register_at_fork(after_in_child=_forget_own_lock_in_child)
+
 
 def own_lock(user: object) -> str | None:
     """Linux: the name of this process's lock file in :data:`LOCK_DIR`, created on the first call
@@ -87,7 +98,7 @@ def own_lock(user: object) -> str | None:
         return None
     with _own_lock_guard:
         if _own_lock is not None and _own_lock[0] != os.getpid():
-            _own_lock = None  # a forked child's own leases: the parent's lock stays open here, held
+            _own_lock = None  # a child os.fork did not tell (a raw fork): the parent's stays open, held
             _own_lock_users.clear()
         _own_lock_users.add(id(user))
         if _own_lock is not None:

@@ -312,3 +312,34 @@ def test_a_lock_file_unlinked_while_being_taken_proves_nothing(monkeypatch):
     finally:
         monkeypatch.undo()
         path.unlink(missing_ok=True)
+
+
+FORK_WHILE_GUARDED = textwrap.dedent("""
+    import os, signal, threading, time
+    from flask_immutant import portable
+    parent = portable.own_lock("parent")
+    held = threading.Event()
+    def hold():
+        with portable._own_lock_guard:
+            held.set()
+            time.sleep(60)
+    threading.Thread(target=hold, daemon=True).start()
+    held.wait()
+    child = os.fork()  # while another thread holds the guard
+    if child == 0:
+        signal.alarm(20)  # a deadlock ends here (SIGALRM), not in a hung test
+        name = portable.own_lock("child")
+        portable.drop_own_lock("child")
+        gone = name is not None and not os.path.exists(portable.LOCK_DIR / name)
+        os._exit(0 if gone and name != parent and os.path.exists(portable.LOCK_DIR / parent) else 1)
+    print(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), flush=True)
+    os.unlink(portable.LOCK_DIR / parent)
+""")
+
+
+@linux_only
+def test_a_child_forked_while_a_thread_held_the_lock_guard_gets_its_own_lock_file():
+    # Given a process forked while one of its threads held the guard of its lock file
+    run = subprocess.run([sys.executable, "-c", FORK_WHILE_GUARDED], capture_output=True, timeout=120)
+    # Then the child takes (and drops) a lock file of its own, leaving its parent's alone
+    assert run.stdout.strip() == b"0", run.stderr
