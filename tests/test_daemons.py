@@ -300,18 +300,26 @@ def test_a_sigkilled_holder_is_replaced_from_its_host_before_its_lease_expires(s
 def test_a_stopped_holder_is_not_displaced_while_its_lease_lives(start_node, app_file, store_client, keys):
     # Given two nodes of one machine, the holder's runtime frozen (SIGSTOP: alive, and it runs its
     # stop rule when it resumes)
-    start_two(start_node, app_file)
+    nodes = start_two(start_node, app_file)
     first = wait_until(lambda: holder(store_client, keys), timeout=10)
     survivor = "b" if first.node == "a" else "a"
-    os.kill(first.pid, signal.SIGSTOP)
+    releases = store_client.pubsub()  # a release (the holder's, or on its behalf) is published; an expiry is not
+    releases.subscribe(keys.lease_released)
     try:
+        wait_until(lambda: releases.get_message(timeout=0.1), timeout=5)  # the subscription is live
+        os.kill(first.pid, signal.SIGSTOP)
         wait_until(lambda: portable.process_state(first.pid) in ("T", None), timeout=5)
-        expires = lease_expiry(store_client, keys)
-        # Then the other node takes over only once the frozen holder's key expired
+        # Then the other node takes over only once the frozen holder's key expired: nobody released it
         second = wait_until(lambda: (h := holder(store_client, keys)) and h.node == survivor and h, timeout=10)
-        assert second.since > expires - 0.1  # 0.1 s: the expiry was read a round trip late
+        assert second.fence > first.fence
+        published = []
+        while (message := releases.get_message(timeout=0.1)) is not None:
+            published.append(message["data"])
+        assert b"daemon:worker" not in published
+        assert not any("released on behalf" in node.output for node in nodes.values())
     finally:
         os.kill(first.pid, signal.SIGCONT)
+        releases.close()
 
 
 @pytest.mark.skipif(not portable.linux_extras(), reason="a death is proven by a lock file in Linux's /dev/shm only")
