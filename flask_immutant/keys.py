@@ -56,8 +56,8 @@ class Keys:
         return f"{self.prefix}history-slot:{slot}"
 
     def lease(self, name: str) -> str:
-        """STRING JSON ``{owner, fence, node, pid, since, lock}`` with a TTL: who holds lease ``name``
-        (``lock``: the holder's lock file, to prove it dead; ``portable.own_lock``)."""
+        """STRING JSON ``{owner, fence, node, pid, pidns, since, lock, ttl}`` with a TTL: who holds lease
+        ``name`` (``lock``, ``pid``, ``pidns``: to prove it dead, ``portable.holder_gone``; ``ttl``: its own, ms)."""
         return f"{self.prefix}lease:{name}"
 
     def lease_fence(self, name: str) -> str:
