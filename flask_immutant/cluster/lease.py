@@ -1,8 +1,8 @@
 """Leases with fencing tokens: what singleton daemons and the job scheduler hold.
 
-A lease is a key holding ``{owner, fence, node, pid, pidns, since, lock, ttl}`` with a TTL of the failure
-timeout, renewed every quarter of it and released by compare-and-delete (Lua in ``lease_*.lua``
-beside it). Each acquisition returns a strictly increasing fencing token.
+A lease is a key holding ``{owner, fence, node, pid, pidns, since, lock, ttl}`` with a TTL of the
+failure timeout, renewed every quarter of it and released by compare-and-delete (Lua in
+``lease_*.lua`` beside it). Each acquisition returns a strictly increasing fencing token.
 
 The holder's rule: its lease is *valid* only until ``sent + ttl - margin``, where ``sent`` is
 when the last successful renewal was sent (the key's expiry is at least ``sent + ttl``). When a
@@ -15,7 +15,8 @@ contender (or a node supervisor that reaped a runtime: :func:`release_dead_holde
 lock file the holder's process holds for its life (``lock``), which the kernel allows only once
 that process and every child it forked are gone, and the holder's pid is free in the prover's own
 pid namespace (``pidns``): :func:`holder_is_dead`, ``portable.holder_gone``. A holder that is
-alive but stalled or cut off is never displaced: its own stop rule above still runs first. See docs/guarantees.md.
+alive but stalled or cut off is never displaced: its own stop rule above still runs first. See
+docs/guarantees.md.
 
 With ``IMMUTANT_LEASE_REPLICAS`` = N > 0 (a replicated store, see docs/guarantees.md) every
 acquisition and renewal is followed by ``WAIT N`` on the same connection, and counts only when N
@@ -84,8 +85,8 @@ class Holder:
 def holder_info(node: str, lock: str | None, ttl_ms: int) -> str:
     """The holder record this process writes into a lease it acquires (the script adds owner and
     fence): ``lock`` (``portable.own_lock``), ``pid`` and ``pidns`` let a process of the same machine
-    prove it dead later (``portable.holder_gone``);
-    ``ttl`` (ms, the holder's own) sets how long a prover waits after the proof (:func:`dead_holder_grace`)."""
+    prove it dead later (``portable.holder_gone``); ``ttl`` (ms, the holder's own) sets how long a
+    prover waits after the proof (:func:`dead_holder_grace`)."""
     return json.dumps({"node": node, "pid": os.getpid(), "pidns": portable.pid_namespace(), "since": time.time(),
                        "lock": lock, "ttl": ttl_ms})
 
@@ -411,33 +412,36 @@ def release_dead_holders(store: redis.Redis, keys: Keys) -> list[str]:
         return []
     start = time.monotonic()
     candidates: list[tuple[float, str, str]] = []  # (when its grace ends, key, owner)
-    proofs: dict[str, bool] = {}  # lock -> abandoned, once per pass: a holder has several leases
+    proofs: dict[tuple[str, ...], bool] = {}  # once per pass and holder: it has several leases
     for key, record in zip(names, _lease_records(store, names), strict=True):
         owner = record.get("owner") if record is not None else None
         if record is None or not isinstance(owner, str):
             continue
-        lock = str(record.get("lock"))
-        if lock not in proofs:
-            proofs[lock] = holder_is_dead(record)
-        grace = dead_holder_grace(record)
-        if proofs[lock] and grace is not None:
+        if (grace := dead_holder_grace(record)) is not None and _proven(record, proofs):
             candidates.append((start + grace, key, owner))
     released: list[str] = []
     proofs = {}
+    dead_locks: set[object] = set()
     for ends, key, owner in sorted(candidates):
         time.sleep(max(0.0, ends - time.monotonic()))
         record = _lease_records(store, [key])[0]
-        if record is None or record.get("owner") != owner:
-            continue  # released, expired or taken meanwhile
-        lock = str(record.get("lock"))
-        if lock not in proofs:
-            proofs[lock] = holder_is_dead(record)
-        if proofs[lock] and release_lease(store, keys, key[len(prefix):], owner, dead=True):
+        if record is None or record.get("owner") != owner or not _proven(record, proofs):
+            continue  # released, expired or taken meanwhile, or no longer proven
+        dead_locks.add(record.get("lock"))
+        if release_lease(store, keys, key[len(prefix):], owner, dead=True):
             released.append(key[len(prefix):])
-    for lock, dead in proofs.items():
-        if dead:  # every lease it held is released: its lock file has proven all it can
-            portable.remove_abandoned_lock(lock)
+    for lock in dead_locks:  # every lease its holder held is released: it has proven all it can
+        portable.remove_abandoned_lock(lock)
     return released
+
+
+def _proven(record: dict[str, Any], proofs: dict[tuple[str, ...], bool]) -> bool:
+    """:func:`holder_is_dead`, made once per sweep pass for all the leases one holder held (what
+    the proof reads of their records is alike)."""
+    proof = tuple(repr(record.get(field)) for field in ("lock", "pid", "pidns", "ttl"))
+    if proof not in proofs:
+        proofs[proof] = holder_is_dead(record)
+    return proofs[proof]
 
 
 def _lease_records(store: redis.Redis, keys: list[str]) -> list[dict[str, Any] | None]:

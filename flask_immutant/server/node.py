@@ -262,7 +262,7 @@ class Node:
 
     def _runtime_crashed(self) -> None:
         """A runtime died without releasing its leases: release every lease whose holder is provably
-        dead (``release_dead_holders``, which waits each holder's grace on this thread): its
+        dead (``release_dead_holders``, on a thread of its own: it waits each holder's grace): its
         contenders on other hosts, which cannot prove it, then take over at once, not at the TTL."""
         from ..cluster.lease import release_dead_holders
 
