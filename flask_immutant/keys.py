@@ -56,7 +56,8 @@ class Keys(NamedTuple):
         return f"{self.prefix}history-slot:{slot}"
 
     def lease(self, name: str) -> str:
-        """STRING JSON ``{owner, fence, node, pid, since}`` with a TTL: who holds lease ``name``."""
+        """STRING JSON ``{owner, fence, node, pid, pidns, since, lock, ttl}`` with a TTL: who holds lease
+        ``name`` (``lock``, ``pid``, ``pidns``: to prove it dead, ``portable.holder_gone``; ``ttl``: its own, ms)."""
         return f"{self.prefix}lease:{name}"
 
     def lease_fence(self, name: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis
 
+from flask_immutant import events, portable
 from flask_immutant.cluster.lease import read_holder
 from flask_immutant.keys import Keys
 
@@ -269,3 +270,75 @@ def _pings(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.RedisError:
         return False
+
+
+def lease_expiry(store: redis.Redis, keys: Keys) -> float:
+    """When the daemon's lease key expires if nobody renews it (wall clock, this machine)."""
+    return time.time() + store.pttl(keys.lease("daemon:worker")) / 1000
+
+
+@pytest.mark.skipif(not portable.linux_extras(), reason="a death is proven by a lock file in Linux's /dev/shm only")
+def test_a_sigkilled_holder_is_replaced_from_its_host_before_its_lease_expires(start_node, app_file, store_client,
+                                                                                keys):
+    # Given two nodes of one machine and a failure timeout far longer than such a failover takes
+    nodes = start_two(start_node, app_file, env={"IMMUTANT_FAILURE_TIMEOUT": "20"})
+    first = wait_until(lambda: holder(store_client, keys), timeout=10)
+    survivor = "b" if first.node == "a" else "a"
+    expires = lease_expiry(store_client, keys)  # at least this late: renewals only push it back
+    # When the holder's node is SIGKILLed (its runtime dies with it)
+    nodes[first.node].signal(signal.SIGKILL)
+    # Then the other node, which can prove the holder dead, holds the lease before its key could expire
+    second = wait_until(lambda: (h := holder(store_client, keys)) and h.node == survivor and h, timeout=30)
+    assert second.since < expires and second.fence > first.fence
+    # And the takeover is reported as a failover from the dead node
+    acquired = wait_until(lambda: [e for e in events.read(store_client, keys) if e.kind == "lease.acquired"
+                                   and e.fields["lease"] == "daemon:worker" and e.node == survivor], timeout=5)
+    assert acquired[-1].fields["failover"] is True and acquired[-1].fields["previous_node"] == first.node
+    wait_until(lambda: log_entries(store_client, keys)[-1][0] == survivor, timeout=5)
+
+
+def test_a_stopped_holder_is_not_displaced_while_its_lease_lives(start_node, app_file, store_client, keys):
+    # Given two nodes of one machine, the holder's runtime frozen (SIGSTOP: alive, and it runs its
+    # stop rule when it resumes)
+    nodes = start_two(start_node, app_file)
+    first = wait_until(lambda: holder(store_client, keys), timeout=10)
+    survivor = "b" if first.node == "a" else "a"
+    releases = store_client.pubsub()  # a release (the holder's, or on its behalf) is published; an expiry is not
+    releases.subscribe(keys.lease_released)
+    try:
+        wait_until(lambda: releases.get_message(timeout=0.1), timeout=5)  # the subscription is live
+        os.kill(first.pid, signal.SIGSTOP)
+        wait_until(lambda: portable.process_state(first.pid) in ("T", None), timeout=5)
+        # Then the other node takes over only once the frozen holder's key expired: nobody released it
+        second = wait_until(lambda: (h := holder(store_client, keys)) and h.node == survivor and h, timeout=10)
+        assert second.fence > first.fence
+        published = []
+        while (message := releases.get_message(timeout=0.1)) is not None:
+            published.append(message["data"])
+        assert b"daemon:worker" not in published
+        assert not any("released on behalf" in node.output for node in nodes.values())
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+        releases.close()
+
+
+@pytest.mark.skipif(not portable.linux_extras(), reason="a death is proven by a lock file in Linux's /dev/shm only")
+def test_a_node_releases_the_leases_of_its_crashed_runtime_for_other_hosts(start_node, app_file, store_client,
+                                                                            keys):
+    # Given the holder on node "a", and a contender on node "b" that can prove nothing about "a"'s
+    # processes (portable mode: as if on another host)
+    env = {"IMMUTANT_FAILURE_TIMEOUT": "20"}
+    a = start_node("--clustered", "--node-name", "a", app=str(app_file), env=env)
+    first = wait_until(lambda: (h := holder(store_client, keys)) and h.node == "a" and h, timeout=15)
+    b = start_node("--clustered", "--node-name", "b", "--port-offset", "100", app=str(app_file),
+                   env={**env, portable.PORTABLE_ENV: "1"})
+    b.wait_for("serves on", timeout=30)  # its runtime is up: its daemon contends
+    expires = lease_expiry(store_client, keys)
+    # When "a"'s runtime alone is SIGKILLed (its node lives, and restarts it after a backoff)
+    os.kill(first.pid, signal.SIGKILL)
+    # Then "a" releases the dead runtime's lease (its sweep, not its restarted runtime: that one
+    # proves the death later) and a contender takes over before the key could expire: "b" as a
+    # rule, "a"'s restarted runtime when it wins the race for the released lease (1 run in 8)
+    second = wait_until(lambda: (h := holder(store_client, keys)) and h.pid != first.pid and h, timeout=30)
+    assert second.node in ("a", "b") and second.since < expires
+    a.wait_for("released the leases of a crashed runtime: .*daemon:worker")

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from flask_immutant.cluster.lease import SAFETY_MARGIN, LeaseManager, read_holder
+from flask_immutant import portable
+from flask_immutant.cluster.lease import (
+    POLLS_PER_TTL,
+    SAFETY_MARGIN,
+    LeaseKeeper,
+    LeaseManager,
+    holder_is_dead,
+    read_holder,
+    release_dead_holders,
+)
 from flask_immutant.keys import Keys
 from flask_immutant.store.embedded import redis_server_binary
 
@@ -241,3 +253,277 @@ def test_a_holder_whose_renewals_no_replica_confirms_stops_before_its_lease_can_
     finally:
         os.kill(replica.pid, signal.SIGCONT)
         manager.close()
+
+
+linux_only = pytest.mark.skipif(not portable.linux_extras(), reason="the lock files live in Linux's /dev/shm")
+
+
+def lock_holder() -> tuple[subprocess.Popen[bytes], str]:
+    """A process of this machine holding its lock file, as a lease holder does; and the file's name."""
+    code = ("from flask_immutant import portable; import time\n"
+            "print(portable.own_lock('holder'), flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().decode().strip()
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    proc, lock = lock_holder()
+    proc.lock = lock  # type: ignore[attr-defined]
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        portable.remove_abandoned_lock(lock)
+
+
+def plant_holder(store, keys: Keys, name: str, holder: subprocess.Popen[bytes], ttl: float,
+                 record_ttl: float = TTL, **fields: object) -> dict[str, object]:
+    """Write the lease record (and last-holder record) ``holder`` would have written, with ``ttl``
+    left on its key, as if it held ``name`` (with its own TTL ``record_ttl``) and had not released it."""
+    pid = holder.pid
+    record: dict[str, object] = {"owner": f"planted|{pid}|{uuid.uuid4().hex}", "fence": 1, "node": "planted",
+                                 "pid": pid, "pidns": portable.pid_namespace(), "since": time.time(),
+                                 "lock": getattr(holder, "lock", None),
+                                 "ttl": int(record_ttl * 1000), **fields}
+    store.set(keys.lease(name), json.dumps(record), px=int(ttl * 1000))
+    store.set(keys.lease_last(name), json.dumps(record))
+    store.set(keys.lease_fence(name), "1")
+    return record
+
+
+@linux_only
+def test_a_holder_proven_dead_on_this_host_is_replaced_before_its_key_expires(managers, store_client, cluster_name,
+                                                                               sleeper):
+    # Given two leases held, with a long TTL, by a process of this host that was then SIGKILLed
+    keys = Keys(cluster_name)
+    for name in ("crashed", "crashed-too"):
+        plant_holder(store_client, keys, name, sleeper, ttl=60)
+    sleeper.kill()
+    sleeper.wait()
+    # When a contender of this host polls them
+    a = Recorder()
+    keepers = [managers[0].keeper(name, a.on_acquired, a.on_lost) for name in ("crashed", "crashed-too")]
+    wait_until(lambda: all(k.held for k in keepers), timeout=10)
+    # Then it took both over while the dead holder's keys still had most of their minute (the
+    # first takeover left the lock file for the second proof)
+    for name in ("crashed", "crashed-too"):
+        holder = read_holder(store_client, keys, name)
+        assert holder is not None and holder.node == "node0" and holder.fence > 1
+        assert json.loads(store_client.get(keys.lease_last(name)))["node"] == "node0"
+    # And the dead holder's lock file is removed once its leases could all have expired
+    wait_until(lambda: not (portable.LOCK_DIR / sleeper.lock).exists(), timeout=TTL * 3)
+
+
+@linux_only
+def test_a_holder_not_proven_dead_is_left_to_its_ttl(managers, store_client, cluster_name, sleeper):
+    # Given leases held by a process that is stopped (alive: it will run its stop rule when it
+    # resumes), by a dead process whose record names no lock file, and by one whose lock file is
+    # not on this machine (another host, or a clone of this one restored from a memory snapshot)
+    keys = Keys(cluster_name)
+    stopped = plant_holder(store_client, keys, "stopped", sleeper, ttl=60)
+    os.kill(sleeper.pid, signal.SIGSTOP)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = plant_holder(store_client, keys, "old", dead, ttl=60)
+    far = plant_holder(store_client, keys, "far", dead, ttl=60, lock=f"flask-immutant-{uuid.uuid4().hex}.lock")
+    # When contenders poll them many times
+    a, b, c = Recorder(), Recorder(), Recorder()
+    keepers = [managers[0].keeper("stopped", a.on_acquired, a.on_lost),
+               managers[1].keeper("old", b.on_acquired, b.on_lost),
+               managers[0].keeper("far", c.on_acquired, c.on_lost)]
+    time.sleep(TTL * 2)  # 16 polls each
+    # Then no holder is displaced
+    assert not any(k.held for k in keepers) and not a.acquired and not b.acquired and not c.acquired
+    for name, record in (("stopped", stopped), ("old", old), ("far", far)):
+        assert json.loads(store_client.get(keys.lease(name)))["owner"] == record["owner"]
+    assert (portable.LOCK_DIR / sleeper.lock).exists()
+
+
+@linux_only
+def test_a_supervisor_releases_the_leases_of_dead_holders_only(store_client, cluster_name, sleeper):
+    # Given two leases held by a dead process of this host, one by a live one, and one whose lock
+    # file is not on this machine
+    keys = Keys(cluster_name)
+    dead, lock = lock_holder()
+    dead.kill()
+    dead.wait()
+    assert dead.stdout is not None
+    dead.stdout.close()
+    dead.lock = lock  # type: ignore[attr-defined]
+    plant_holder(store_client, keys, "daemon:gone", dead, ttl=60)
+    plant_holder(store_client, keys, "job:gone", dead, ttl=60)
+    plant_holder(store_client, keys, "daemon:live", sleeper, ttl=60)
+    plant_holder(store_client, keys, "daemon:far", dead, ttl=60, lock=f"flask-immutant-{uuid.uuid4().hex}.lock")
+    wakeups = store_client.pubsub()
+    wakeups.subscribe(keys.lease_released)
+    try:
+        wait_until(lambda: wakeups.get_message(timeout=0.1), timeout=5)  # the subscription is live
+        # When the sweep runs
+        released = release_dead_holders(store_client, keys)
+        # Then only the dead holder's leases are gone, its contenders are woken, and the next
+        # acquisition will be reported as a failover (its last-holder record stays)
+        assert sorted(released) == ["daemon:gone", "job:gone"]
+        assert store_client.get(keys.lease("daemon:gone")) is None
+        assert store_client.get(keys.lease_last("daemon:gone")) is not None
+        assert store_client.get(keys.lease("daemon:live")) and store_client.get(keys.lease("daemon:far"))
+        messages = [wait_until(lambda: wakeups.get_message(timeout=0.1), timeout=5) for _ in range(2)]
+        assert sorted(m["data"] for m in messages) == [b"daemon:gone", b"job:gone"]
+        # And its lock file, which has proven all it can, is gone; the live holder's stays
+        assert not (portable.LOCK_DIR / lock).exists() and (portable.LOCK_DIR / sleeper.lock).exists()
+    finally:
+        wakeups.close()
+        portable.remove_abandoned_lock(lock)
+
+
+def dead_lock_holder() -> subprocess.Popen[bytes]:
+    """A process of this machine that held its lock file and was SIGKILLed (``.lock``: the file)."""
+    dead, lock = lock_holder()
+    dead.kill()
+    dead.wait()
+    assert dead.stdout is not None
+    dead.stdout.close()
+    dead.lock = lock  # type: ignore[attr-defined]
+    return dead
+
+
+@linux_only
+def test_the_supervisor_sweep_waits_the_grace_of_the_holders_own_ttl(store_client, cluster_name):
+    # Given a lease held, with a TTL of its own of 20 s (a grace of 5 s), by a process just SIGKILLed
+    keys = Keys(cluster_name)
+    dead = dead_lock_holder()
+    record = plant_holder(store_client, keys, "daemon:slow", dead, ttl=60, record_ttl=20)
+    released: list[str] = []
+    try:
+        # When a node's sweep starts (a supervisor with a short failure timeout of its own)
+        sweep = threading.Thread(target=lambda: released.extend(release_dead_holders(store_client, keys)))
+        sweep.start()
+        time.sleep(1.0)
+        # Then the dead holder still holds it a second later: the proof is not the release
+        assert json.loads(store_client.get(keys.lease("daemon:slow")))["owner"] == record["owner"]
+        assert not released
+        # And it is released once the holder's own grace has passed
+        sweep.join(timeout=60)
+        assert released == ["daemon:slow"] and store_client.get(keys.lease("daemon:slow")) is None
+    finally:
+        portable.remove_abandoned_lock(dead.lock)  # type: ignore[attr-defined]
+
+
+@linux_only
+def test_a_record_without_a_valid_ttl_is_never_proven(store_client, cluster_name):
+    keys = Keys(cluster_name)
+    dead = dead_lock_holder()
+    try:
+        for name, ttl in (("none", None), ("text", "1000"), ("zero", 0), ("true", True)):
+            record = plant_holder(store_client, keys, f"daemon:{name}", dead, ttl=60)
+            store_client.set(keys.lease(f"daemon:{name}"), json.dumps({**record, "ttl": ttl}), px=60000)
+        assert release_dead_holders(store_client, keys) == []
+    finally:
+        portable.remove_abandoned_lock(dead.lock)  # type: ignore[attr-defined]
+
+
+CLOSING_HOLDER = """
+import os, sys, time
+from flask_immutant import portable
+from flask_immutant.cluster.lease import LeaseManager
+from flask_immutant.keys import Keys
+manager = LeaseManager(sys.argv[1], Keys(sys.argv[2]), "closer", 2.0)
+keeper = manager.keeper("closed", lambda fence: None, lambda: None)
+while not keeper.held:
+    time.sleep(0.01)
+os.close(portable._own_lock[1])  # as os.closerange or a daemonizing library would: the flock goes
+print("closed", flush=True)
+time.sleep(60)
+"""
+
+
+@linux_only
+def test_a_live_holder_whose_lock_descriptor_was_closed_is_not_proven_dead(embedded_store, store_client,
+                                                                           cluster_name):
+    # Given a process holding a lease that closed its lock file's descriptor (the flock is gone)
+    keys = Keys(cluster_name)
+    proc = subprocess.Popen([sys.executable, "-c", CLOSING_HOLDER, embedded_store.url, cluster_name],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    lock = ""
+    try:
+        assert proc.stdout.readline().strip() == b"closed"
+        record = json.loads(store_client.get(keys.lease("closed")))
+        lock = record["lock"]
+        assert portable.lock_abandoned(lock)  # the lock alone would "prove" it dead
+        # Then, alive, it is not proven dead, by a contender's rule or a node's sweep
+        assert not holder_is_dead(record)
+        assert release_dead_holders(store_client, keys) == []
+        assert json.loads(store_client.get(keys.lease("closed")))["owner"] == record["owner"]
+        # And once SIGKILLed, it is
+        proc.kill()
+        proc.wait()
+        assert holder_is_dead(json.loads(store_client.get(keys.lease("closed"))))
+        # Unless its record names another pid namespace (a container's own)
+        assert not holder_is_dead({**record, "pidns": "1:4026531836" if record["pidns"] != "1:4026531836" else "1:1"})
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        if lock:
+            portable.remove_abandoned_lock(lock)
+
+
+FORKING_HOLDER = """
+import os, sys, time
+from flask_immutant.cluster.lease import LeaseManager
+from flask_immutant.keys import Keys
+manager = LeaseManager(sys.argv[1], Keys(sys.argv[2]), "forker", 20.0)  # a grace of 5 s
+keeper = manager.keeper("forked", lambda fence: None, lambda: None)
+while not keeper.held:
+    time.sleep(0.01)
+child = os.fork()  # as multiprocessing's fork does: the child may go on with the singleton's work
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""
+
+
+@linux_only
+def test_a_holder_whose_forked_child_lives_on_is_not_proven_dead(managers, embedded_store, store_client,
+                                                                 cluster_name):
+    # Given a lease held by a process that forked a child, and that process SIGKILLed
+    proc = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, embedded_store.url, cluster_name],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    lock = json.loads(store_client.get(Keys(cluster_name).lease("forked")))["lock"]
+    try:
+        proc.kill()
+        proc.wait()
+        # When a contender of this host polls it while the child lives
+        a = Recorder()
+        keeper = managers[0].keeper("forked", a.on_acquired, a.on_lost)
+        time.sleep(TTL * 2)  # 16 polls, 8 times the grace after a proof
+        # Then the holder is not displaced: its child may still be doing its work
+        assert not keeper.held and not a.acquired
+        # And once the child is gone too, the contender takes over long before the key expires
+        os.kill(child, signal.SIGKILL)
+        wait_until(lambda: keeper.held, timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        proc.stdout.close()
+        portable.remove_abandoned_lock(lock)
+
+
+def test_a_keeper_stepping_aside_does_not_spin_on_a_dead_holders_grace(managers):
+    # Given a keeper that proved a holder dead (its grace over) and was then told to step aside
+    keeper = LeaseKeeper(managers[0], "aside", lambda fence: None, lambda: None)  # not started: stepped here
+    keeper._dead = ("planted|1|x", time.monotonic() - 1)
+    keeper._pause_until = time.monotonic() + 60
+    # Then it waits a poll between steps while paused, not no time at all
+    assert keeper._step() == TTL / POLLS_PER_TTL

@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
+from flask_immutant import portable
+from flask_immutant.cluster import Membership, NodeIdentity, membership
 from flask_immutant.contexts import registry
+from flask_immutant.errors import NodeStartError
 from flask_immutant.keys import Keys
 
 from support import pid_alive, run_flask, runtimes_of, wait_until, within
@@ -243,6 +249,35 @@ def test_a_killed_node_restarted_at_once_rejoins_under_its_name(start_node, node
         ("member.joined", None), ("member.left", "timeout"), ("member.joined", None)]
 
 
+def test_a_name_claimed_from_a_container_with_our_host_name_is_not_taken_over(start_node, node_env, store_client,
+                                                                               cluster_name):
+    # Given the name "twin" claimed by a live node of another container on this machine: the same
+    # host name, a pid of its own pid namespace (none here), and its lock file in its own /dev/shm
+    # (or, sharing our /dev/shm, a lock file nobody holds: its own code may have closed it)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    claim = Keys(cluster_name).member_claim("twin")
+    free = portable.LOCK_DIR / f"flask-immutant-{uuid.uuid4().hex}.lock"
+    free.write_bytes(b"")
+    free.chmod(0o600)
+    try:
+        for token in (f"{socket.gethostname()}|{gone.pid}|{uuid.uuid4().hex}",
+                      f"{socket.gethostname()}|{gone.pid}|{uuid.uuid4().hex}|flask-immutant-{uuid.uuid4().hex}.lock",
+                      f"{socket.gethostname()}|{gone.pid}|{uuid.uuid4().hex}|flask-immutant-{uuid.uuid4().hex}.lock|"
+                      f"{portable.pid_namespace()}",
+                      f"{socket.gethostname()}|{gone.pid}|{uuid.uuid4().hex}|{free.name}",
+                      f"{socket.gethostname()}|{gone.pid}|{uuid.uuid4().hex}|{free.name}|0:1"):
+            store_client.set(claim, token, px=60_000)
+            # When a node starts under that name here
+            node = start_node("--clustered", "--node-name", "twin")
+            # Then it refuses: nothing proves the other node dead
+            assert node.wait() == 1
+            assert "node name 'twin' is already used by a running node" in node.output
+            assert store_client.get(claim) == token.encode()
+    finally:
+        free.unlink(missing_ok=True)
+
+
 def test_an_app_that_cannot_be_found_is_one_line_error(start_node):
     node = start_node("--clustered", app="no_such_module_here")
     assert node.wait() != 0
@@ -284,3 +319,33 @@ def test_a_node_advertises_the_address_it_is_told_to(start_node, app_file, node_
     # And the node answers there
     port = int(node_env["IMMUTANT_HTTP_PORT"])
     assert wait_until(lambda: http_get(port, host="127.0.0.2"), timeout=10).text == "hello"
+
+
+def test_two_nodes_taking_over_one_dead_name_at_once_cannot_both_join(store_client, cluster_name, tmp_path,
+                                                                      monkeypatch):
+    # Given the name "phoenix" claimed by a node proven dead, and two nodes starting under it
+    keys = Keys(cluster_name)
+    dead = f"{socket.gethostname()}|1|{uuid.uuid4().hex}|-|-"
+    store_client.set(keys.member_claim("phoenix"), dead, px=60_000)
+    monkeypatch.setattr(membership, "_holder_is_dead_here", lambda token: token == dead)
+    identity = NodeIdentity(name="phoenix", host="127.0.0.1", port_offset=0, ports={"http": 1},
+                            data_dir=tmp_path, clustered=True, address="127.0.0.1")
+    first, second = (Membership(store_client, keys, identity, 30.0) for _ in range(2))
+    claim = second._scripts["claim"]
+
+    def first_claims_between(**kwargs: object) -> object:  # the second's proof and its takeover
+        reply = claim(**kwargs)
+        if kwargs["args"][4] == "":  # type: ignore[index]
+            first.join()
+        return reply
+
+    second._scripts["claim"] = first_claims_between
+    try:
+        # When both prove the predecessor dead and take the name over, the first one first
+        # Then only the first joins: the second is refused
+        with pytest.raises(NodeStartError, match="already used by a running node"):
+            second.join()
+        assert store_client.get(keys.member_claim("phoenix")) == first.token.encode()
+    finally:
+        for node in (first, second):
+            node.leave()

@@ -1,14 +1,22 @@
 """Leases with fencing tokens: what singleton daemons and the job scheduler hold.
 
-A lease is a key holding ``{owner, fence, node, pid, since}`` with a TTL of the failure timeout,
-renewed every quarter of it and released by compare-and-delete (Lua in ``lease_*.lua`` beside it).
-Each acquisition returns a strictly increasing fencing token.
+A lease is a key holding ``{owner, fence, node, pid, pidns, since, lock, ttl}`` with a TTL of the
+failure timeout, renewed every quarter of it and released by compare-and-delete (Lua in
+``lease_*.lua`` beside it). Each acquisition returns a strictly increasing fencing token.
 
 The holder's rule: its lease is *valid* only until ``sent + ttl - margin``, where ``sent`` is
 when the last successful renewal was sent (the key's expiry is at least ``sent + ttl``). When a
 renewal fails or the process stalls past that deadline, the holder gives the lease up and stops
 its work before the key can expire, so two holders never act at once. Contenders poll every
 eighth of the TTL and are woken at once by a release.
+
+A holder that crashed is replaced before its key expires only when its death is *proven*: the
+contender (or a node supervisor that reaped a runtime: :func:`release_dead_holders`) can take the
+lock file the holder's process holds for its life (``lock``), which the kernel allows only once
+that process and every child it forked are gone, and the holder's pid is free in the prover's own
+pid namespace (``pidns``): :func:`holder_is_dead`, ``portable.holder_gone``. A holder that is
+alive but stalled or cut off is never displaced: its own stop rule above still runs first. See
+docs/guarantees.md.
 
 With ``IMMUTANT_LEASE_REPLICAS`` = N > 0 (a replicated store, see docs/guarantees.md) every
 acquisition and renewal is followed by ``WAIT N`` on the same connection, and counts only when N
@@ -18,9 +26,11 @@ does not know about, so the holder runs out of its deadline before the replica's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -31,7 +41,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .. import events, lua
+from .. import events, lua, portable
 from ..keys import Keys
 from ..loops import Loop
 from ..metrics import definitions as metrics
@@ -52,6 +62,10 @@ POLLS_PER_TTL = 8
 SAFETY_MARGIN = 0.25
 #: Fraction of the TTL a write waits for replicas to confirm it (``WAIT``), when they must.
 CONFIRM_WAIT = 0.125
+#: Fraction of the TTL between proving a holder dead and releasing its lease: what it sent just
+#: before it died may still be on its way to the store, and a live holder's last write gets as
+#: long (the margin) before its key can expire.
+DEAD_HOLDER_GRACE = SAFETY_MARGIN
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,33 @@ class Holder:
 
     def status(self) -> dict[str, Any]:
         return {"node": self.node, "pid": self.pid, "fencing_token": self.fence, "since": self.since}
+
+
+def holder_info(node: str, lock: str | None, ttl_ms: int) -> str:
+    """The holder record this process writes into a lease it acquires (the script adds owner and
+    fence): ``lock`` (``portable.own_lock``), ``pid`` and ``pidns`` let a process of the same machine
+    prove it dead later (``portable.holder_gone``); ``ttl`` (ms, the holder's own) sets how long a
+    prover waits after the proof (:func:`dead_holder_grace`)."""
+    return json.dumps({"node": node, "pid": os.getpid(), "pidns": portable.pid_namespace(), "since": time.time(),
+                       "lock": lock, "ttl": ttl_ms})
+
+
+def dead_holder_grace(record: Any) -> float | None:
+    """Seconds between proving the holder of ``record`` dead and releasing its lease: a quarter of
+    the holder's own TTL (a deployment may set its own failure timeout), or None without a valid one."""
+    ttl = record.get("ttl") if isinstance(record, dict) else None
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
+        return None
+    return ttl / 1000 * DEAD_HOLDER_GRACE
+
+
+def holder_is_dead(record: Any) -> bool:
+    """Whether the holder named by a lease record read from the store is provably dead, seen from
+    this process (``portable.holder_gone``: its lock file abandoned and its pid free here); False
+    for anything else, malformed records and old records without ``lock``, ``pidns`` or ``ttl``
+    included. The one rule for contenders and supervisors (membership uses ``holder_gone`` too)."""
+    return (dead_holder_grace(record) is not None
+            and portable.holder_gone(record.get("lock"), record.get("pid"), record.get("pidns")))
 
 
 def read_holder(store: redis.Redis, keys: Keys, name: str) -> Holder | None:
@@ -108,6 +149,7 @@ class LeaseKeeper:
         poll = manager.ttl / POLLS_PER_TTL
         self._loop = Loop(f"lease-{name}", self._step, poll, backoff_cap=manager.ttl / RENEWALS_PER_TTL)
         self._unconfirmed_owner = ""  # owner token of an acquisition no replica confirmed yet
+        self._dead: tuple[str, float] | None = None  # a dead holder's owner token, when its grace ends
         metrics.LEASE_HOLDER.set(0, name)
 
     @property
@@ -144,8 +186,11 @@ class LeaseKeeper:
         """Contend (every poll) or renew (every renewal interval); returns the wait until the next step."""
         m = self.manager
         if self.fence is None:
-            if time.monotonic() >= self._pause_until:
-                self._try_acquire()
+            if time.monotonic() < self._pause_until:  # stepping aside: no proof's grace to come back for
+                return m.ttl / POLLS_PER_TTL
+            self._try_acquire()
+            if self.fence is None and self._dead is not None:  # come back when its grace ends
+                return min(m.ttl / POLLS_PER_TTL, max(0.0, self._dead[1] - time.monotonic()))
             return m.ttl / (POLLS_PER_TTL if self.fence is None else RENEWALS_PER_TTL)
         if time.monotonic() < self._pause_until:
             log.info("lease %s: stepping aside so another node can try", self.name)
@@ -154,19 +199,22 @@ class LeaseKeeper:
         self._renew()
         return m.ttl / (POLLS_PER_TTL if self.fence is None else RENEWALS_PER_TTL)
 
-    def _try_acquire(self) -> None:
+    def _try_acquire(self, retry: bool = True) -> None:
         m = self.manager
         # An unconfirmed acquisition keeps its owner token: the next try renews that key (the
         # script returns the same fence) instead of waiting for it to expire.
         owner = self._unconfirmed_owner or f"{m.node}|{os.getpid()}|{uuid.uuid4().hex}"
-        info = json.dumps({"node": m.node, "pid": os.getpid(), "since": time.time()})
         sent = time.monotonic()
+        info = holder_info(m.node, portable.own_lock(m), m.ttl_ms)
         reply, confirmed = m.confirmed("acquire", [m.keys.lease(self.name), m.keys.lease_fence(self.name),
                                                    m.keys.lease_last(self.name)], [owner, m.ttl_ms, info])
         fence, previous = reply if reply else (None, None)
-        if fence is None:
+        if fence is None:  # held by another: ``previous`` is its record
             self._unconfirmed_owner = ""
+            if self._dead_holder_released(previous) and retry:
+                self._try_acquire(retry=False)
             return
+        self._dead = None
         if not confirmed:
             # Not released: a release wakes every contender, and none could be confirmed either.
             (log.debug if self._unconfirmed_owner else log.warning)(
@@ -186,6 +234,39 @@ class LeaseKeeper:
             self.on_acquired(self.fence)
         except Exception:
             log.exception("lease %s: on_acquired failed", self.name)
+
+    def _dead_holder_released(self, current: Any) -> bool:
+        """Release the lease on behalf of ``current`` (the holder record the acquisition found) if
+        that holder is provably dead and was already so :data:`DEAD_HOLDER_GRACE` ago; remembers
+        when it was first proven dead, so the keeper comes back then. Any doubt: False."""
+        try:
+            record = from_json(current) if current is not None else None
+        except ValueError:
+            record = None
+        owner = record.get("owner") if isinstance(record, dict) else None
+        if not isinstance(owner, str) or not holder_is_dead(record):
+            self._dead = None
+            return False
+        assert isinstance(record, dict)
+        grace = dead_holder_grace(record)
+        assert grace is not None  # holder_is_dead checked it
+        now = time.monotonic()
+        if self._dead is None or self._dead[0] != owner:
+            self._dead = (owner, now + grace)
+            log.info("lease %s: its holder (node %s, pid %s) is dead (its lock file is free); taking over in %.2fs",
+                     self.name, record.get("node"), record.get("pid"), grace)
+            return False
+        if now < self._dead[1]:
+            return False
+        self._dead = None
+        if not self.manager.release(self.name, owner, dead=True):
+            return False
+        # Its lock file goes once the dead holder's other leases have expired too: until then it
+        # proves the death to their contenders.
+        timer = threading.Timer(grace / DEAD_HOLDER_GRACE, portable.remove_abandoned_lock, [record.get("lock")])
+        timer.daemon = True
+        timer.start()
+        return True
 
     def _renew(self) -> None:
         m = self.manager
@@ -274,14 +355,10 @@ class LeaseManager:
         reply, acknowledged = pipe.execute()
         return reply, int(acknowledged) >= self.replicas
 
-    def release(self, name: str, owner: str) -> None:
-        """Compare-and-delete ``name`` if ``owner`` holds it, and wake contenders."""
-        try:
-            self.scripts["release"](keys=[self.keys.lease(name), self.keys.lease_released, self.keys.lease_last(name)],
-                                    args=[owner, name],
-                                    client=self.store)
-        except redis.RedisError as exc:
-            log.warning("lease %s: release failed (%s); it will expire", name, exc)
+    def release(self, name: str, owner: str, dead: bool = False) -> bool:
+        """Compare-and-delete ``name`` if ``owner`` holds it, and wake contenders; ``dead``: on
+        behalf of a holder proven dead (:func:`release_dead_holders`). Whether it was released."""
+        return release_lease(self.store, self.keys, name, owner, dead, self.scripts["release"])
 
     def close(self) -> None:
         for keeper in list(self._keepers):
@@ -289,6 +366,7 @@ class LeaseManager:
         self._listener.stop(timeout=2)
         self._subscription.drop()
         self.store.close()
+        portable.drop_own_lock(self)  # its leases are released: nothing is left to prove
 
     def _listen(self) -> float:
         """Wake the keepers of a lease just released (they poll anyway)."""
@@ -299,6 +377,89 @@ class LeaseManager:
                 if keeper.name == name and not keeper.held:
                     keeper.wake()
         return 0.0
+
+
+def release_lease(store: redis.Redis, keys: Keys, name: str, owner: str, dead: bool = False,
+                  script: Any = None) -> bool:
+    """Compare-and-delete lease ``name`` if ``owner`` holds it and wake its contenders. ``dead``:
+    released on behalf of a holder proven dead, so its last-holder key stays and the next
+    acquisition is reported as a failover. Whether it was released (False on a store error)."""
+    script = script or lua.script(store, "cluster/lease_release")
+    try:
+        released = script(keys=[keys.lease(name), keys.lease_released, keys.lease_last(name)],
+                          args=[owner, name, "dead" if dead else ""], client=store)
+    except redis.RedisError as exc:
+        log.warning("lease %s: release failed (%s); it will expire", name, exc)
+        return False
+    if released and dead:
+        log.warning("lease %s: released on behalf of its holder, proven dead by its lock file", name)
+    return bool(released)
+
+
+def release_dead_holders(store: redis.Redis, keys: Keys) -> list[str]:
+    """Release every lease of the cluster whose holder is provably dead (:func:`holder_is_dead`),
+    so contenders anywhere, other hosts included, take over at once; the names released. Run by
+    a node supervisor (on a thread of its own: it blocks) when it reaped a runtime.
+
+    Two passes, as a contender's: the leases proven dead now, then, each after its own holder's
+    grace (:func:`dead_holder_grace`), those still held by the same owner and proven dead again."""
+    if not portable.linux_extras():
+        return []  # nothing can be proven from here
+    prefix = keys.lease("")
+    names = [key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+             for key in store.scan_iter(match=keys.lease("*"), count=200)]
+    if not names:
+        return []
+    start = time.monotonic()
+    candidates: list[tuple[float, str, str]] = []  # (when its grace ends, key, owner)
+    proofs: dict[tuple[str, ...], bool] = {}  # once per pass and holder: it has several leases
+    for key, record in zip(names, _lease_records(store, names), strict=True):
+        owner = record.get("owner") if record is not None else None
+        if record is None or not isinstance(owner, str):
+            continue
+        if (grace := dead_holder_grace(record)) is not None and _proven(record, proofs):
+            candidates.append((start + grace, key, owner))
+    released: list[str] = []
+    proofs = {}
+    dead_locks: set[object] = set()
+    for ends, key, owner in sorted(candidates):
+        time.sleep(max(0.0, ends - time.monotonic()))
+        record = _lease_records(store, [key])[0]
+        if record is None or record.get("owner") != owner or not _proven(record, proofs):
+            continue  # released, expired or taken meanwhile, or no longer proven
+        dead_locks.add(record.get("lock"))
+        if release_lease(store, keys, key[len(prefix):], owner, dead=True):
+            released.append(key[len(prefix):])
+    for lock in dead_locks:  # every lease its holder held is released: it has proven all it can
+        portable.remove_abandoned_lock(lock)
+    return released
+
+
+def _proven(record: dict[str, Any], proofs: dict[tuple[str, ...], bool]) -> bool:
+    """:func:`holder_is_dead`, made once per sweep pass for all the leases one holder held (what
+    the proof reads of their records is alike)."""
+    proof = tuple(repr(record.get(field)) for field in ("lock", "pid", "pidns", "ttl"))
+    if proof not in proofs:
+        proofs[proof] = holder_is_dead(record)
+    return proofs[proof]
+
+
+def _lease_records(store: redis.Redis, keys: list[str]) -> list[dict[str, Any] | None]:
+    """The holder records of lease keys ``keys`` (one read), None for any that is gone, not a
+    string, without a TTL (a fencing counter, a last-holder record) or not a record."""
+    pipe = store.pipeline(transaction=False)
+    for key in keys:
+        pipe.get(key)
+        pipe.pttl(key)
+    replies = pipe.execute(raise_on_error=False)
+    records: list[dict[str, Any] | None] = []
+    for raw, pttl in zip(replies[::2], replies[1::2], strict=True):
+        record = None
+        if isinstance(raw, (bytes, str)) and isinstance(pttl, int) and pttl > 0:
+            with contextlib.suppress(ValueError):
+                record = from_json(raw)
+        records.append(record if isinstance(record, dict) else None)
+    return records
 
 
 def _holder_node(raw: Any) -> str | None:

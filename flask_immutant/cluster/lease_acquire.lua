@@ -1,6 +1,7 @@
 -- Acquire a lease if it is free (or already ours). KEYS: lease, fence counter, last holder.
 -- ARGV: owner token, ttl_ms, holder info (JSON object without owner/fence).
--- Returns {fencing token, previous holder's JSON or false}, or nil if another owner holds it.
+-- Returns {fencing token, previous holder's JSON or false}, or {false, current holder's JSON} if
+-- another owner holds it (so a contender can judge that holder without another round trip).
 -- The last-holder key is deleted by a release: still there means the previous holder never
 -- released (it crashed or lost the store), which the caller reports as a failover.
 -- The token is max(last + 1, server time in ms): strictly increasing even if the store lost its
@@ -12,7 +13,7 @@ if current then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return {held.fence, false}
   end
-  return false
+  return {false, current}
 end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)

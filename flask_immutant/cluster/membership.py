@@ -18,11 +18,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 
-from .. import events, lua
+from .. import events, lua, portable
 from ..errors import NodeStartError
 from ..keys import Keys
 from ..loops import Loop
@@ -100,23 +100,19 @@ def _iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
 
 
-def _claim_token() -> str:
-    """Owner token: host and pid first, so a restarted node can tell its dead predecessor."""
-    return f"{socket.gethostname()}|{os.getpid()}|{uuid.uuid4().hex}"
+def _claim_token(lock: str | None) -> str:
+    """Owner token: host, pid, a nonce, the node process's lock file and its pid namespace, so a
+    restarted node can prove its predecessor dead (``portable.holder_gone``)."""
+    return f"{socket.gethostname()}|{os.getpid()}|{uuid.uuid4().hex}|{lock or '-'}|{portable.pid_namespace() or '-'}"
 
 
 def _holder_is_dead_here(token: str) -> bool:
-    hostname, _, rest = token.partition("|")
-    pid_text = rest.partition("|")[0]
-    if hostname != socket.gethostname() or not pid_text.isdigit():
-        return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    """Whether the node that claimed a name with ``token`` is provably gone, by the same proof as
+    a lease holder's (``portable.holder_gone``: its lock file abandoned and its pid free in our pid
+    namespace). A host name proves nothing (containers share host names); an older node's token
+    (three fields) proves nothing either: its name is taken over at its claim's TTL."""
+    fields = token.split("|")
+    return len(fields) == 5 and fields[1].isdigit() and portable.holder_gone(fields[3], int(fields[1]), fields[4])
 
 
 def live_members(store: redis.Redis, keys: Keys, failure_timeout: float) -> list[Member]:
@@ -175,7 +171,7 @@ class Membership:
         self.identity = identity
         self.failure_timeout = failure_timeout
         self.interval = failure_timeout / HEARTBEATS_PER_TIMEOUT
-        self.token = _claim_token()
+        self.token = _claim_token(portable.own_lock(self))
         self.me = Member(
             name=identity.name,
             address=identity.address,
@@ -220,13 +216,12 @@ class Membership:
         elif holder is not None:
             holder = holder.decode() if isinstance(holder, bytes) else holder
             if not _holder_is_dead_here(holder):
-                host = holder.partition("|")[0]
-                raise NodeStartError(
-                    f"node name {self.me.name!r} is already used by a running node on {host} in "
-                    f"cluster {self.keys.cluster!r}; choose another with --node-name or --port-offset"
-                )
-            # Our predecessor under this name was killed on this host: take the name over now.
-            self._scripts["claim"](keys=keys, args=[self.token, ttl, self.me.name, self.me.to_json(), holder])
+                self._name_taken(holder)
+            # Our predecessor under this name was killed on this host: take the name over now,
+            # unless another node starting under it took it first (the script returns its token).
+            again = self._scripts["claim"](keys=keys, args=[self.token, ttl, self.me.name, self.me.to_json(), holder])
+            if again is not None and not isinstance(again, list):
+                self._name_taken(again.decode() if isinstance(again, bytes) else str(again))
             self._predecessor_left()
         events.emit("member.joined", member=self.me.name, address=self.me.address,
                     http_port=self.me.ports.get("http"), pid=self.me.pid)
@@ -236,6 +231,15 @@ class Membership:
             Loop("membership", self._watch, 0.0, on_error=self._subscription.drop, stop_event=self._stop,
                  interrupt=self._subscription.interrupt).start(),
         ]
+
+    def _name_taken(self, holder: str) -> NoReturn:
+        """Refuse to start: a node that is not provably dead holds our name (claim token ``holder``)."""
+        portable.drop_own_lock(self)
+        host = holder.partition("|")[0]
+        raise NodeStartError(
+            f"node name {self.me.name!r} is already used by a running node on {host} in "
+            f"cluster {self.keys.cluster!r}; choose another with --node-name or --port-offset"
+        )
 
     def _predecessor_left(self) -> None:
         """Our name's previous holder died without leaving, and nobody had reaped it yet: record its
@@ -253,6 +257,7 @@ class Membership:
         except redis.RedisError as exc:
             log.warning("could not leave the cluster cleanly (%s); others will see a timeout", exc)
         else:
+            portable.drop_own_lock(self)
             if left == 1:
                 events.emit("member.left", member=self.me.name, reason="left")
                 events.flush(1.0)

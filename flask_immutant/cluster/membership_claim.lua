@@ -1,6 +1,6 @@
 -- Claim a node name and join: the claim key holds the owner token with a TTL of the failure
 -- timeout. KEYS: claim, members hash, events channel. ARGV: token, ttl_ms, name, record, replace.
--- ARGV[5] is a token the caller proved dead (same host, pid gone); it may be replaced at once.
+-- ARGV[5] is a token the caller proved dead (its lock file abandoned); it may be replaced at once.
 -- Returns nil on success, the token of the live holder if the name is taken, or {1} on success
 -- over a predecessor that never left (killed: its claim expired unreaped, or proven dead), whose
 -- departure is then announced here: a node restarted quickly would otherwise hide the crash.

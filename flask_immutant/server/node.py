@@ -19,6 +19,7 @@ from typing import IO
 
 import redis
 
+from .. import portable
 from ..cluster import Member, Membership, NodeIdentity
 from ..cluster.identity import WILDCARD_HOSTS
 from ..errors import NodeStartError
@@ -38,6 +39,11 @@ IDLE_LINGER = 2.0
 #: Connections the idle responder keeps draining at once (select() stops at descriptor 1024).
 IDLE_MAX_LINGERING = 512
 
+
+#: Seconds (at least the failure timeout) after a node starts before it unlinks the lock files of
+#: holders already dead then: their leases have expired or been taken over by then, those of other
+#: clusters of this machine with a failure timeout up to 2.5 min included (a proof's poll and grace).
+LOCK_SWEEP_DELAY = 60.0
 
 class IdleResponder:
     """Answers 503 on the node's HTTP socket while no app runtime serves it (a node waiting for
@@ -144,7 +150,7 @@ class Node:
         self.membership: Membership | None = None
         self.stop_requested = threading.Event()
         #: Starts, restarts and stops every runtime of this node, the deployer's too.
-        self.supervisor = Supervisor(self.stop_requested)
+        self.supervisor = Supervisor(self.stop_requested, on_crash=self._runtime_crashed)
         #: The runtime of the app the node was started with (``--app``), once started.
         self.local: Unit | None = None
         self.stopped = threading.Event()
@@ -197,6 +203,7 @@ class Node:
             self.idle_responder = IdleResponder(self.listener, self.identity.name, self.stopped)
             self.idle_responder.start()
         self.state.pm.hook.immutant_node_started(node=self)
+        portable.sweep_abandoned_locks(max(self.settings["IMMUTANT_FAILURE_TIMEOUT"], LOCK_SWEEP_DELAY))
 
     @property
     def listener(self) -> socket.socket:
@@ -252,6 +259,27 @@ class Node:
             self.membership.leave()
         if self._listener is not None:
             self._listener.close()
+
+    def _runtime_crashed(self) -> None:
+        """A runtime died without releasing its leases: release every lease whose holder is provably
+        dead (``release_dead_holders``, on a thread of its own: it waits each holder's grace): its
+        contenders on other hosts, which cannot prove it, then take over at once, not at the TTL."""
+        from ..cluster.lease import release_dead_holders
+
+        store, keys = self.store, self.state.keys
+        if store is None:
+            return
+
+        def sweep() -> None:
+            try:
+                released = release_dead_holders(store, keys)
+            except redis.RedisError as exc:
+                log.warning("could not release the leases of a crashed runtime (%s); they will expire", exc)
+                return
+            if released:
+                log.info("released the leases of a crashed runtime: %s", ", ".join(sorted(released)))
+
+        threading.Thread(target=sweep, name="dead-holder-sweep", daemon=True).start()
 
     # --- membership callbacks ---
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
@@ -179,8 +179,10 @@ class Supervisor:
     """Starts, restarts and stops units. ``cancel`` (the node's stop request) cuts a wait for a
     runtime to become ready short."""
 
-    def __init__(self, cancel: threading.Event) -> None:
+    def __init__(self, cancel: threading.Event, on_crash: Callable[[], None] | None = None) -> None:
         self.cancel = cancel
+        #: Called (on the checking thread; it must not block) when a runtime is found exited.
+        self.on_crash = on_crash or (lambda: None)
 
     def start(self, label: str, target: AppTarget, listener: socket.socket, environ: dict[str, str]) -> Unit:
         """Spawn a runtime and wait until it serves; ``unit.runtime.ready`` says whether it does
@@ -204,6 +206,10 @@ class Supervisor:
             unit.crash = "failed to start" if code == EXIT_APP_FAILED else f"exited with status {code}"
             unit.restart_at = time.monotonic() + delay
             log.warning("app runtime %s %s; restarting in %.1fs", unit.label, unit.crash, delay)
+            try:
+                self.on_crash()
+            except Exception:
+                log.exception("app runtime %s: the crash handler failed", unit.label)
             return "crashed"
         if time.monotonic() < unit.restart_at or self.cancel.is_set():
             return None
