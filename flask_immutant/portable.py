@@ -137,8 +137,10 @@ def drop_own_lock(user: object) -> None:
         _, fd, name = _own_lock
         _own_lock = None
         with contextlib.suppress(OSError):
-            os.unlink(LOCK_DIR / name)
-        os.close(fd)
+            path_info = os.stat(LOCK_DIR / name, follow_symlinks=False)
+            if os.path.samestat(path_info, os.fstat(fd)):  # not a descriptor reused after a closerange
+                os.unlink(LOCK_DIR / name)
+                os.close(fd)
 
 
 def _take_lock(name: object, operation: int) -> int | None:
@@ -169,17 +171,24 @@ def pid_namespace() -> str | None:
     if not linux_extras():
         return None
     try:
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return None  # a /proc of another pid namespace: its states are not of our pids
         info = os.stat("/proc/self/ns/pid")
     except OSError:
         return None
     return f"{info.st_dev}:{info.st_ino}"
 
 
+#: The largest pid Linux hands out (``pid_max`` can be at most 2**22); a larger one in a record
+#: proves nothing (and would overflow ``kill``).
+PID_MAX = 2**22
+
+
 def pid_gone(pid: object, pidns: object) -> bool:
     """True only if ``pid`` of pid namespace ``pidns`` (both read from the store: any value) names
     no live process here: the namespace is ours and the pid is free or a zombie. False means "not
     proven": another or an unknown namespace, no permission, or a live process (a reused pid too)."""
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid <= PID_MAX:
         return False
     here = pid_namespace()
     if here is None or pidns != here:

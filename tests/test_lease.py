@@ -428,6 +428,44 @@ def test_a_record_without_a_valid_ttl_is_never_proven(store_client, cluster_name
         portable.remove_abandoned_lock(dead.lock)  # type: ignore[attr-defined]
 
 
+
+@linux_only
+def test_hostile_holder_fields_prove_nothing_and_never_raise(store_client, cluster_name):
+    # Given a dead holder's real, abandoned lock file, and records naming it with values a store
+    # writer could put there: pids past pid_max (kill would overflow), TTLs of centuries or past
+    # floats, nested values
+    keys = Keys(cluster_name)
+    dead = dead_lock_holder()
+    try:
+        record = plant_holder(store_client, keys, "daemon:base", dead, ttl=60)
+        hostile = {"pid_2_31": {"pid": 2**31}, "pid_huge": {"pid": 10**30}, "ttl_huge": {"ttl": 10**400},
+                   "ttl_sleep": {"ttl": 4 * 10**13}, "ttl_float": {"ttl": 1000.5}, "ttl_negative": {"ttl": -5},
+                   "deep": {"lock": [[[[[]]]]] * 3}, "pidns_list": {"pidns": ["x"]}}
+        for name, fields in hostile.items():
+            store_client.set(keys.lease(f"daemon:{name}"), json.dumps({**record, **fields}, default=str), px=60000)
+        store_client.delete(keys.lease("daemon:base"))
+        # When the node's sweep looks at them: then it returns, releasing none of them
+        assert release_dead_holders(store_client, keys) == []
+        assert all(store_client.exists(keys.lease(f"daemon:{name}")) for name in hostile)
+    finally:
+        portable.remove_abandoned_lock(dead.lock)  # type: ignore[attr-defined]
+
+
+@linux_only
+def test_a_stopping_node_releases_nothing_more(store_client, cluster_name):
+    # Given a dead holder whose grace (a quarter of its 20 s TTL) has not passed
+    keys = Keys(cluster_name)
+    dead = dead_lock_holder()
+    try:
+        plant_holder(store_client, keys, "daemon:late", dead, ttl=20)
+        stop = threading.Event()
+        stop.set()
+        # When the sweep runs for a node that is stopping: then it returns at once, releasing nothing
+        assert release_dead_holders(store_client, keys, stop) == []
+        assert store_client.exists(keys.lease("daemon:late"))
+    finally:
+        portable.remove_abandoned_lock(dead.lock)  # type: ignore[attr-defined]
+
 CLOSING_HOLDER = """
 import os, sys, time
 from flask_immutant import portable

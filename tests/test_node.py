@@ -349,3 +349,13 @@ def test_two_nodes_taking_over_one_dead_name_at_once_cannot_both_join(store_clie
     finally:
         for node in (first, second):
             node.leave()
+
+
+def test_a_hostile_claim_token_proves_nothing_and_never_raises() -> None:
+    # Given claim tokens a store writer could leave: a pid in another digit script, one past any
+    # int a kill takes, a host name holding "|", too few fields
+    ns = portable.pid_namespace() or "-"
+    lock = f"flask-immutant-{uuid.uuid4().hex}.lock"
+    tokens = [f"h|\u00b2|n|{lock}|{ns}", f"h|{'9' * 30}|n|{lock}|{ns}", f"a|b|1|n|{lock}|{ns}", "h|1|n", "", "|||||"]
+    # Then none of them proves a predecessor dead (no file, no such pid), and none raises
+    assert [membership._holder_is_dead_here(token) for token in tokens] == [False] * len(tokens)

@@ -91,11 +91,16 @@ def holder_info(node: str, lock: str | None, ttl_ms: int) -> str:
                        "lock": lock, "ttl": ttl_ms})
 
 
+#: The longest TTL a holder record may give, ms: the longest failure timeout a setting allows
+#: (300 s), with room; a larger value (store data) proves nothing rather than a sleep of centuries.
+MAX_TTL_MS = 3_600_000
+
+
 def dead_holder_grace(record: Any) -> float | None:
     """Seconds between proving the holder of ``record`` dead and releasing its lease: a quarter of
     the holder's own TTL (a deployment may set its own failure timeout), or None without a valid one."""
     ttl = record.get("ttl") if isinstance(record, dict) else None
-    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl <= MAX_TTL_MS:
         return None
     return ttl / 1000 * DEAD_HOLDER_GRACE
 
@@ -396,13 +401,14 @@ def release_lease(store: redis.Redis, keys: Keys, name: str, owner: str, dead: b
     return bool(released)
 
 
-def release_dead_holders(store: redis.Redis, keys: Keys) -> list[str]:
+def release_dead_holders(store: redis.Redis, keys: Keys, stop: threading.Event | None = None) -> list[str]:
     """Release every lease of the cluster whose holder is provably dead (:func:`holder_is_dead`),
     so contenders anywhere, other hosts included, take over at once; the names released. Run by
     a node supervisor (on a thread of its own: it blocks) when it reaped a runtime.
 
     Two passes, as a contender's: the leases proven dead now, then, each after its own holder's
-    grace (:func:`dead_holder_grace`), those still held by the same owner and proven dead again."""
+    grace (:func:`dead_holder_grace`), those still held by the same owner and proven dead again.
+    Once ``stop`` is set (the node stops), it releases nothing more."""
     if not portable.linux_extras():
         return []  # nothing can be proven from here
     prefix = keys.lease("")
@@ -423,7 +429,8 @@ def release_dead_holders(store: redis.Redis, keys: Keys) -> list[str]:
     proofs = {}
     dead_locks: set[object] = set()
     for ends, key, owner in sorted(candidates):
-        time.sleep(max(0.0, ends - time.monotonic()))
+        if (stop or threading.Event()).wait(max(0.0, ends - time.monotonic())):
+            break
         record = _lease_records(store, [key])[0]
         if record is None or record.get("owner") != owner or not _proven(record, proofs):
             continue  # released, expired or taken meanwhile, or no longer proven
@@ -438,7 +445,10 @@ def release_dead_holders(store: redis.Redis, keys: Keys) -> list[str]:
 def _proven(record: dict[str, Any], proofs: dict[tuple[str, ...], bool]) -> bool:
     """:func:`holder_is_dead`, made once per sweep pass for all the leases one holder held (what
     the proof reads of their records is alike)."""
-    proof = tuple(repr(record.get(field)) for field in ("lock", "pid", "pidns", "ttl"))
+    values = [record.get(field) for field in ("lock", "pid", "pidns", "ttl")]
+    if not all(value is None or isinstance(value, (str, int)) for value in values):
+        return False  # store data of another shape: nothing is proven, and nothing deep is read
+    proof = tuple(repr(value) for value in values)
     if proof not in proofs:
         proofs[proof] = holder_is_dead(record)
     return proofs[proof]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 
-from .. import events, lua, portable
+from .. import events, lua
 from ..errors import NodeStartError
 from ..keys import Keys
 from ..loops import Loop
@@ -103,6 +104,8 @@ def _iso(epoch: float) -> str:
 def _claim_token(lock: str | None) -> str:
     """Owner token: host, pid, a nonce, the node process's lock file and its pid namespace, so a
     restarted node can prove its predecessor dead (``portable.holder_gone``)."""
+    from .. import portable  # here: status reads members and never loads the Linux-only calls
+
     return f"{socket.gethostname()}|{os.getpid()}|{uuid.uuid4().hex}|{lock or '-'}|{portable.pid_namespace() or '-'}"
 
 
@@ -111,8 +114,11 @@ def _holder_is_dead_here(token: str) -> bool:
     a lease holder's (``portable.holder_gone``: its lock file abandoned and its pid free in our pid
     namespace). A host name proves nothing (containers share host names); an older node's token
     (three fields) proves nothing either: its name is taken over at its claim's TTL."""
-    fields = token.split("|")
-    return len(fields) == 5 and fields[1].isdigit() and portable.holder_gone(fields[3], int(fields[1]), fields[4])
+    from .. import portable
+
+    fields = token.rsplit("|", 4)  # a host name may hold "|"
+    return (len(fields) == 5 and re.fullmatch(r"[0-9]{1,10}", fields[1]) is not None
+            and portable.holder_gone(fields[3], int(fields[1]), fields[4]))
 
 
 def live_members(store: redis.Redis, keys: Keys, failure_timeout: float) -> list[Member]:
@@ -171,6 +177,8 @@ class Membership:
         self.identity = identity
         self.failure_timeout = failure_timeout
         self.interval = failure_timeout / HEARTBEATS_PER_TIMEOUT
+        from .. import portable
+
         self.token = _claim_token(portable.own_lock(self))
         self.me = Member(
             name=identity.name,
@@ -234,6 +242,8 @@ class Membership:
 
     def _name_taken(self, holder: str) -> NoReturn:
         """Refuse to start: a node that is not provably dead holds our name (claim token ``holder``)."""
+        from .. import portable
+
         portable.drop_own_lock(self)
         host = holder.partition("|")[0]
         raise NodeStartError(
@@ -257,6 +267,8 @@ class Membership:
         except redis.RedisError as exc:
             log.warning("could not leave the cluster cleanly (%s); others will see a timeout", exc)
         else:
+            from .. import portable
+
             portable.drop_own_lock(self)
             if left == 1:
                 events.emit("member.left", member=self.me.name, reason="left")

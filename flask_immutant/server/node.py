@@ -154,6 +154,9 @@ class Node:
         #: The runtime of the app the node was started with (``--app``), once started.
         self.local: Unit | None = None
         self.stopped = threading.Event()
+        self._sweep_lock = threading.Lock()
+        self._sweeping = False  # a dead-holder sweep runs (_runtime_crashed)
+        self._sweep_again = False  # a runtime died while it ran: it sweeps once more
         self._listener: socket.socket | None = None
         self._dir_lock: IO[str] | None = None
         self.idle_responder: IdleResponder | None = None
@@ -272,13 +275,28 @@ class Node:
 
         def sweep() -> None:
             try:
-                released = release_dead_holders(store, keys)
-            except redis.RedisError as exc:
-                log.warning("could not release the leases of a crashed runtime (%s); they will expire", exc)
-                return
-            if released:
-                log.info("released the leases of a crashed runtime: %s", ", ".join(sorted(released)))
+                while True:
+                    try:
+                        released = release_dead_holders(store, keys, self.stop_requested)
+                    except Exception as exc:  # store data or errors: the leases expire, the node goes on
+                        log.warning("could not release the leases of a crashed runtime (%s); they will expire", exc)
+                        released = []
+                    if released:
+                        log.info("released the leases of a crashed runtime: %s", ", ".join(sorted(released)))
+                    with self._sweep_lock:
+                        if not self._sweep_again or self.stop_requested.is_set():
+                            self._sweeping = False
+                            return
+                        self._sweep_again = False  # another runtime died meanwhile: one more pass
+            finally:
+                with self._sweep_lock:
+                    self._sweeping = False
 
+        with self._sweep_lock:  # one sweep at a time: a runtime crash-looping does not stack them up
+            if self._sweeping:
+                self._sweep_again = True
+                return
+            self._sweeping = True
         threading.Thread(target=sweep, name="dead-holder-sweep", daemon=True).start()
 
     # --- membership callbacks ---
