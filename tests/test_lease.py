@@ -347,16 +347,11 @@ def test_a_holder_not_proven_dead_is_left_to_its_ttl(managers, store_client, clu
 
 
 @linux_only
-def test_a_supervisor_releases_the_leases_of_dead_holders_only(store_client, cluster_name, sleeper):
+def test_a_supervisor_releases_the_leases_of_dead_holders_only(store_client, cluster_name, sleeper, dead):
     # Given two leases held by a dead process of this host, one by a live one, and one whose lock
     # file is not on this machine
     keys = Keys(cluster_name)
-    dead, lock = lock_holder()
-    dead.kill()
-    dead.wait()
-    assert dead.stdout is not None
-    dead.stdout.close()
-    dead.lock = lock  # type: ignore[attr-defined]
+    lock = dead.lock
     plant_holder(store_client, keys, "daemon:gone", dead, ttl=60)
     plant_holder(store_client, keys, "job:gone", dead, ttl=60)
     plant_holder(store_client, keys, "daemon:live", sleeper, ttl=60)
@@ -379,7 +374,6 @@ def test_a_supervisor_releases_the_leases_of_dead_holders_only(store_client, clu
         assert not (portable.LOCK_DIR / lock).exists() and (portable.LOCK_DIR / sleeper.lock).exists()
     finally:
         wakeups.close()
-        portable.remove_abandoned_lock(lock)
 
 
 def dead_lock_holder() -> subprocess.Popen[bytes]:
@@ -393,78 +387,63 @@ def dead_lock_holder() -> subprocess.Popen[bytes]:
     return dead
 
 
+@pytest.fixture
+def dead() -> Iterator[subprocess.Popen[bytes]]:
+    """A :func:`dead_lock_holder`, whose lock file is removed afterwards."""
+    holder = dead_lock_holder()
+    yield holder
+    portable.remove_abandoned_lock(holder.lock)  # type: ignore[attr-defined]
+
+
 @linux_only
-def test_the_supervisor_sweep_waits_the_grace_of_the_holders_own_ttl(store_client, cluster_name):
+def test_the_supervisor_sweep_waits_the_grace_of_the_holders_own_ttl(store_client, cluster_name, dead):
     # Given a lease held, with a TTL of its own of 20 s (a grace of 5 s), by a process just SIGKILLed
     keys = Keys(cluster_name)
-    dead = dead_lock_holder()
     record = plant_holder(store_client, keys, "daemon:slow", dead, ttl=60, record_ttl=20)
     released: list[str] = []
-    try:
-        # When a node's sweep starts (a supervisor with a short failure timeout of its own)
-        sweep = threading.Thread(target=lambda: released.extend(release_dead_holders(store_client, keys)))
-        sweep.start()
-        time.sleep(1.0)
-        # Then the dead holder still holds it a second later: the proof is not the release
-        assert json.loads(store_client.get(keys.lease("daemon:slow")))["owner"] == record["owner"]
-        assert not released
-        # And it is released once the holder's own grace has passed
-        sweep.join(timeout=60)
-        assert released == ["daemon:slow"] and store_client.get(keys.lease("daemon:slow")) is None
-    finally:
-        portable.remove_abandoned_lock(dead.lock)  # type: ignore[attr-defined]
+    # When a node's sweep starts (a supervisor with a short failure timeout of its own)
+    sweep = threading.Thread(target=lambda: released.extend(release_dead_holders(store_client, keys)))
+    sweep.start()
+    time.sleep(1.0)
+    # Then the dead holder still holds it a second later: the proof is not the release
+    assert json.loads(store_client.get(keys.lease("daemon:slow")))["owner"] == record["owner"]
+    assert not released
+    # And it is released once the holder's own grace has passed
+    sweep.join(timeout=60)
+    assert released == ["daemon:slow"] and store_client.get(keys.lease("daemon:slow")) is None
 
 
 @linux_only
-def test_a_record_without_a_valid_ttl_is_never_proven(store_client, cluster_name):
-    keys = Keys(cluster_name)
-    dead = dead_lock_holder()
-    try:
-        for name, ttl in (("none", None), ("text", "1000"), ("zero", 0), ("true", True)):
-            record = plant_holder(store_client, keys, f"daemon:{name}", dead, ttl=60)
-            store_client.set(keys.lease(f"daemon:{name}"), json.dumps({**record, "ttl": ttl}), px=60000)
-        assert release_dead_holders(store_client, keys) == []
-    finally:
-        portable.remove_abandoned_lock(dead.lock)  # type: ignore[attr-defined]
-
-
-
-@linux_only
-def test_hostile_holder_fields_prove_nothing_and_never_raise(store_client, cluster_name):
+def test_a_record_without_valid_holder_fields_is_never_proven_and_never_raises(store_client, cluster_name, dead):
     # Given a dead holder's real, abandoned lock file, and records naming it with values a store
-    # writer could put there: pids past pid_max (kill would overflow), TTLs of centuries or past
-    # floats, nested values
+    # writer could put there: no TTL or one of another type, pids past pid_max (kill would
+    # overflow), TTLs of centuries (the grace would overflow or sleep), nested values
     keys = Keys(cluster_name)
-    dead = dead_lock_holder()
-    try:
-        record = plant_holder(store_client, keys, "daemon:base", dead, ttl=60)
-        hostile = {"pid_2_31": {"pid": 2**31}, "pid_huge": {"pid": 10**30}, "ttl_huge": {"ttl": 10**400},
-                   "ttl_sleep": {"ttl": 4 * 10**13}, "ttl_float": {"ttl": 1000.5}, "ttl_negative": {"ttl": -5},
-                   "deep": {"lock": [[[[[]]]]] * 3}, "pidns_list": {"pidns": ["x"]}}
-        for name, fields in hostile.items():
-            store_client.set(keys.lease(f"daemon:{name}"), json.dumps({**record, **fields}, default=str), px=60000)
-        store_client.delete(keys.lease("daemon:base"))
-        # When the node's sweep looks at them: then it returns, releasing none of them
-        assert release_dead_holders(store_client, keys) == []
-        assert all(store_client.exists(keys.lease(f"daemon:{name}")) for name in hostile)
-    finally:
-        portable.remove_abandoned_lock(dead.lock)  # type: ignore[attr-defined]
+    record = plant_holder(store_client, keys, "daemon:base", dead, ttl=60)
+    hostile = {"ttl_none": {"ttl": None}, "ttl_text": {"ttl": "1000"}, "ttl_zero": {"ttl": 0},
+               "ttl_true": {"ttl": True}, "ttl_float": {"ttl": 1000.5}, "ttl_negative": {"ttl": -5},
+               "ttl_huge": {"ttl": 10**400}, "ttl_sleep": {"ttl": 4 * 10**13},
+               "pid_2_31": {"pid": 2**31}, "pid_huge": {"pid": 10**30},
+               "deep": {"lock": [[[[[]]]]] * 3}, "pidns_list": {"pidns": ["x"]}}
+    for name, fields in hostile.items():
+        store_client.set(keys.lease(f"daemon:{name}"), json.dumps({**record, **fields}), px=60000)
+    store_client.delete(keys.lease("daemon:base"))
+    # When the node's sweep looks at them: then it returns, releasing none of them
+    assert release_dead_holders(store_client, keys) == []
+    assert all(store_client.exists(keys.lease(f"daemon:{name}")) for name in hostile)
 
 
 @linux_only
-def test_a_stopping_node_releases_nothing_more(store_client, cluster_name):
+def test_a_stopping_node_releases_nothing_more(store_client, cluster_name, dead):
     # Given a dead holder whose grace (a quarter of its 20 s TTL) has not passed
     keys = Keys(cluster_name)
-    dead = dead_lock_holder()
-    try:
-        plant_holder(store_client, keys, "daemon:late", dead, ttl=20)
-        stop = threading.Event()
-        stop.set()
-        # When the sweep runs for a node that is stopping: then it returns at once, releasing nothing
-        assert release_dead_holders(store_client, keys, stop) == []
-        assert store_client.exists(keys.lease("daemon:late"))
-    finally:
-        portable.remove_abandoned_lock(dead.lock)  # type: ignore[attr-defined]
+    plant_holder(store_client, keys, "daemon:late", dead, ttl=20)
+    stop = threading.Event()
+    stop.set()
+    # When the sweep runs for a node that is stopping: then it returns at once, releasing nothing
+    assert release_dead_holders(store_client, keys, stop) == []
+    assert store_client.exists(keys.lease("daemon:late"))
+
 
 CLOSING_HOLDER = """
 import os, sys, time
