@@ -105,7 +105,8 @@ def main() -> None:
         print(f"{'floor / --version':<28} {ratio('floor', 'flask --version')}   (floor: {FLOOR})")
         print(f"{'status / floor':<28} {ratio('flask immutant status', 'floor')}")
         if args.importtime:
-            result = subprocess.run([sys.executable, "-X", "importtime", "-m", "flask", "immutant", "status"],
+            # the flask script itself (not ``-m flask``, whose sys.path starts with the current folder)
+            result = subprocess.run([sys.executable, "-X", "importtime", flask, "immutant", "status"],
                                     env=env, cwd=home, capture_output=True, text=True, check=False)
             rows = [line.split("|") for line in result.stderr.splitlines() if line.startswith("import time:")][1:]
             slowest = sorted(rows, key=lambda row: -int(row[1]))[:10]
