@@ -97,5 +97,7 @@ def test_a_flask_command_ends_without_a_young_collection_of_all_it_made(tmp_path
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, check=False)
     # Then no collection started far past its threshold: the usual thresholds came back only
     # after what the command made was frozen, not with it all waiting in the young generation
+    # (before: 29,000 to 40,000 objects; now about 3 on Python 3.11 and 1,700 on 3.12 and 3.13,
+    # whose collectors count allocations differently)
     backlog = int(result.stdout.strip().splitlines()[-1].split()[-1])
-    assert backlog < 1_000, result.stdout + result.stderr
+    assert backlog < 10_000, result.stdout + result.stderr
