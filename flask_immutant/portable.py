@@ -70,7 +70,8 @@ def process_cmdline(pid: int) -> bytes | None:
 LOCK_DIR = Path("/dev/shm")
 #: The only names a lock file can have: store data names one, so nothing else is ever opened.
 LOCK_NAME = re.compile(r"flask-immutant-[0-9a-f]{32}\.lock")
-_own_lock: tuple[int, int, str] | None = None  # (pid, fd, name) of this process's lock file
+#: (pid, fd, name, (st_dev, st_ino)) of this process's lock file
+_own_lock: tuple[int, int, str, tuple[int, int]] | None = None
 _own_lock_users: set[int] = set()  # ids of the objects whose records name it (lease managers, membership)
 _own_lock_guard = threading.Lock()
 
@@ -121,7 +122,8 @@ def own_lock(user: object) -> str | None:
                     os.unlink(LOCK_DIR / name)  # ours, never named anywhere: no use to anyone
                 os.close(fd)
                 continue
-            _own_lock = (os.getpid(), fd, name)
+            info = os.fstat(fd)
+            _own_lock = (os.getpid(), fd, name, (info.st_dev, info.st_ino))
             return name
     return None
 
@@ -134,12 +136,15 @@ def drop_own_lock(user: object) -> None:
         _own_lock_users.discard(id(user))
         if _own_lock is None or _own_lock[0] != os.getpid() or _own_lock_users:
             return
-        _, fd, name = _own_lock
+        _, fd, name, identity = _own_lock
         _own_lock = None
         with contextlib.suppress(OSError):
             path_info = os.stat(LOCK_DIR / name, follow_symlinks=False)
-            if os.path.samestat(path_info, os.fstat(fd)):  # not a descriptor reused after a closerange
+            if (path_info.st_dev, path_info.st_ino) == identity:  # ours, not a file made at its name since
                 os.unlink(LOCK_DIR / name)
+        with contextlib.suppress(OSError):
+            fd_info = os.fstat(fd)
+            if (fd_info.st_dev, fd_info.st_ino) == identity:  # not a number reused after a closerange
                 os.close(fd)
 
 

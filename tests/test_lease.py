@@ -437,10 +437,11 @@ def test_a_record_without_valid_holder_fields_is_never_proven_and_never_raises(s
 def test_a_stopping_node_releases_nothing_more(store_client, cluster_name, dead):
     # Given a dead holder whose grace (a quarter of its 20 s TTL) has not passed
     keys = Keys(cluster_name)
-    plant_holder(store_client, keys, "daemon:late", dead, ttl=20)
+    plant_holder(store_client, keys, "daemon:late", dead, ttl=60, record_ttl=20)
     stop = threading.Event()
     stop.set()
-    # When the sweep runs for a node that is stopping: then it returns at once, releasing nothing
+    # When the sweep runs for a node that is stopping: then it returns, releasing nothing (without
+    # the stop it would wait out the 5 s grace and release the lease: the key's own TTL is 60 s)
     assert release_dead_holders(store_client, keys, stop) == []
     assert store_client.exists(keys.lease("daemon:late"))
 

@@ -242,7 +242,16 @@ ONE_LOCK_FILE = textwrap.dedent("""
     assert later not in (None, name)  # a later lease gets a new one
     portable.drop_own_lock(first)
     assert not (portable.LOCK_DIR / later).exists()
-    print("ok", flush=True)
+    # And a lock file someone removed (a /dev/shm cleaner) still has its descriptor closed
+    import os
+    gone = portable.own_lock(first)
+    fd = portable._own_lock[1]
+    os.unlink(portable.LOCK_DIR / gone)
+    portable.drop_own_lock(first)
+    try:
+        os.fstat(fd)
+    except OSError:
+        print("ok", flush=True)
 """)
 
 

@@ -245,7 +245,7 @@ class Membership:
         from .. import portable
 
         portable.drop_own_lock(self)
-        host = holder.partition("|")[0]
+        host = holder.rsplit("|", 4)[0]
         raise NodeStartError(
             f"node name {self.me.name!r} is already used by a running node on {host} in "
             f"cluster {self.keys.cluster!r}; choose another with --node-name or --port-offset"

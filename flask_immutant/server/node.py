@@ -297,7 +297,12 @@ class Node:
                 self._sweep_again = True
                 return
             self._sweeping = True
-        threading.Thread(target=sweep, name="dead-holder-sweep", daemon=True).start()
+        try:
+            threading.Thread(target=sweep, name="dead-holder-sweep", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had: the leases expire; the next crash tries again
+            log.warning("could not start the dead-holder sweep (%s); the leases will expire", exc)
+            with self._sweep_lock:
+                self._sweeping = False
 
     # --- membership callbacks ---
 
