@@ -418,21 +418,19 @@ def release_dead_holders(store: redis.Redis, keys: Keys, stop: threading.Event |
         return []
     start = time.monotonic()
     candidates: list[tuple[float, str, str]] = []  # (when its grace ends, key, owner)
-    proofs: dict[tuple[str, ...], bool] = {}  # once per pass and holder: it has several leases
     for key, record in zip(names, _lease_records(store, names), strict=True):
         owner = record.get("owner") if record is not None else None
         if record is None or not isinstance(owner, str):
             continue
-        if (grace := dead_holder_grace(record)) is not None and _proven(record, proofs):
+        if (grace := dead_holder_grace(record)) is not None and holder_is_dead(record):
             candidates.append((start + grace, key, owner))
     released: list[str] = []
-    proofs = {}
     dead_locks: set[object] = set()
     for ends, key, owner in sorted(candidates):
         if (stop or threading.Event()).wait(max(0.0, ends - time.monotonic())):
             break
         record = _lease_records(store, [key])[0]
-        if record is None or record.get("owner") != owner or not _proven(record, proofs):
+        if record is None or record.get("owner") != owner or not holder_is_dead(record):
             continue  # released, expired or taken meanwhile, or no longer proven
         dead_locks.add(record.get("lock"))
         if release_lease(store, keys, key[len(prefix):], owner, dead=True):
@@ -440,18 +438,6 @@ def release_dead_holders(store: redis.Redis, keys: Keys, stop: threading.Event |
     for lock in dead_locks:  # every lease its holder held is released: it has proven all it can
         portable.remove_abandoned_lock(lock)
     return released
-
-
-def _proven(record: dict[str, Any], proofs: dict[tuple[str, ...], bool]) -> bool:
-    """:func:`holder_is_dead`, made once per sweep pass for all the leases one holder held (what
-    the proof reads of their records is alike)."""
-    values = [record.get(field) for field in ("lock", "pid", "pidns", "ttl")]
-    if not all(value is None or isinstance(value, (str, int)) for value in values):
-        return False  # store data of another shape: nothing is proven, and nothing deep is read
-    proof = tuple(repr(value) for value in values)
-    if proof not in proofs:
-        proofs[proof] = holder_is_dead(record)
-    return proofs[proof]
 
 
 def _lease_records(store: redis.Redis, keys: list[str]) -> list[dict[str, Any] | None]:

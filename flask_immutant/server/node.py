@@ -44,6 +44,9 @@ IDLE_MAX_LINGERING = 512
 #: holders already dead then: their leases have expired or been taken over by then, those of other
 #: clusters of this machine with a failure timeout up to 2.5 min included (a proof's poll and grace).
 LOCK_SWEEP_DELAY = 60.0
+#: Seconds the dead-holder sweeper waits between steps when nothing wakes it (a crash does).
+SWEEPER_IDLE = 3600.0
+
 
 class IdleResponder:
     """Answers 503 on the node's HTTP socket while no app runtime serves it (a node waiting for
@@ -154,9 +157,10 @@ class Node:
         #: The runtime of the app the node was started with (``--app``), once started.
         self.local: Unit | None = None
         self.stopped = threading.Event()
-        self._sweep_lock = threading.Lock()
-        self._sweeping = False  # a dead-holder sweep runs (_runtime_crashed)
-        self._sweep_again = False  # a runtime died while it ran: it sweeps once more
+        #: Set when a runtime crashed, cleared when the sweeper starts a sweep for it.
+        self._crashed = threading.Event()
+        self._sweeper = Loop("dead-holder-sweep", self._sweep_dead_holders, SWEEPER_IDLE, wait_first=True,
+                             stop_event=self.stop_requested)
         self._listener: socket.socket | None = None
         self._dir_lock: IO[str] | None = None
         self.idle_responder: IdleResponder | None = None
@@ -200,6 +204,7 @@ class Node:
             self.membership.leave()
             self.membership = None
             raise
+        self._sweeper.start()  # before any runtime: idle until one crashes
         if self.target is not None:
             self.local = self.start_local(self.target)
         else:
@@ -258,51 +263,30 @@ class Node:
         if self.local is not None:
             stop_all([self.local.runtime], timeout)
         stop_template()  # after the runtimes: they die with it
+        self._sweeper.stop(timeout=1.0)  # its wait for a grace ends with the stop request
         if self.membership is not None:
             self.membership.leave()
         if self._listener is not None:
             self._listener.close()
 
     def _runtime_crashed(self) -> None:
-        """A runtime died without releasing its leases: release every lease whose holder is provably
-        dead (``release_dead_holders``, on a thread of its own: it waits each holder's grace): its
-        contenders on other hosts, which cannot prove it, then take over at once, not at the TTL."""
+        """A runtime died without releasing its leases: have the sweeper release every lease whose
+        holder is provably dead, so contenders on other hosts, which cannot prove it, take over at
+        once, not at the TTL. Crashes during a sweep make one more."""
+        self._crashed.set()
+        self._sweeper.wake()
+
+    def _sweep_dead_holders(self) -> None:
+        """The sweeper's step (a :class:`Loop`: one sweep at a time, errors logged, stops with the
+        node): ``release_dead_holders``, which waits each holder's grace, after a crash only."""
+        if not self._crashed.is_set() or self.store is None:
+            return
+        self._crashed.clear()
         from ..cluster.lease import release_dead_holders
 
-        store, keys = self.store, self.state.keys
-        if store is None:
-            return
-
-        def sweep() -> None:
-            try:
-                while True:
-                    try:
-                        released = release_dead_holders(store, keys, self.stop_requested)
-                    except Exception as exc:  # store data or errors: the leases expire, the node goes on
-                        log.warning("could not release the leases of a crashed runtime (%s); they will expire", exc)
-                        released = []
-                    if released:
-                        log.info("released the leases of a crashed runtime: %s", ", ".join(sorted(released)))
-                    with self._sweep_lock:
-                        if not self._sweep_again or self.stop_requested.is_set():
-                            self._sweeping = False
-                            return
-                        self._sweep_again = False  # another runtime died meanwhile: one more pass
-            finally:
-                with self._sweep_lock:
-                    self._sweeping = False
-
-        with self._sweep_lock:  # one sweep at a time: a runtime crash-looping does not stack them up
-            if self._sweeping:
-                self._sweep_again = True
-                return
-            self._sweeping = True
-        try:
-            threading.Thread(target=sweep, name="dead-holder-sweep", daemon=True).start()
-        except RuntimeError as exc:  # no thread to be had: the leases expire; the next crash tries again
-            log.warning("could not start the dead-holder sweep (%s); the leases will expire", exc)
-            with self._sweep_lock:
-                self._sweeping = False
+        released = release_dead_holders(self.store, self.state.keys, self.stop_requested)
+        if released:
+            log.info("released the leases of a crashed runtime: %s", ", ".join(sorted(released)))
 
     # --- membership callbacks ---
 
