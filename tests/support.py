@@ -413,3 +413,19 @@ class HoldingProxy:
                 client.sendall(data)
         with contextlib.suppress(OSError):
             client.shutdown(socket.SHUT_RDWR)
+
+
+def rabbitmq_queue_counts(queue: str) -> tuple[int, int, int]:
+    """(ready, unacknowledged, consumers) of a RabbitMQ queue, as the server counts them."""
+    import shutil
+
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        unavailable("rabbitmqctl is not installed: the server's unacknowledged count cannot be read")
+    out = subprocess.run([str(ctl), "-q", "list_queues", "name", "messages_ready", "messages_unacknowledged",
+                          "consumers"], capture_output=True, text=True, timeout=60, check=True).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if fields and fields[0] == queue:
+            return int(fields[1]), int(fields[2]), int(fields[3])
+    raise AssertionError(f"queue {queue} not found:\n{out}")

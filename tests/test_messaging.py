@@ -23,7 +23,7 @@ from flask_immutant.messaging import RemoteError
 from flask_immutant.messaging.core import Messaging
 from flask_immutant.messaging.plugin import messaging_of
 
-from support import NodeProcess, run_flask, unavailable, wait_until
+from support import NodeProcess, rabbitmq_queue_counts, run_flask, wait_until
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 #: Failure timeout of the nodes in these tests (seconds).
@@ -248,23 +248,6 @@ def test_a_busy_consumer_keeps_its_message(node, publisher):
     assert handled(busy) == [7]
 
 
-def _rabbitmq_queue_counts(queue: str) -> tuple[int, int, int]:
-    """(ready, unacknowledged, consumers) of a RabbitMQ queue, as the server counts them."""
-    import shutil
-    import subprocess
-
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        unavailable("rabbitmqctl is not installed: the server's unacknowledged count cannot be read")
-    out = subprocess.run([ctl, "-q", "list_queues", "name", "messages_ready", "messages_unacknowledged",
-                          "consumers"], capture_output=True, text=True, timeout=60, check=True).stdout
-    for line in out.splitlines():
-        fields = line.split()
-        if fields and fields[0] == queue:
-            return int(fields[1]), int(fields[2]), int(fields[3])
-    raise AssertionError(f"queue {queue} not found:\n{out}")
-
-
 @pytest.mark.parametrize("broker", ["rabbitmq"])
 def test_rabbitmq_gets_an_ack_for_every_message_the_worker_threads_handled(node, publisher):
     # Given a node whose eight worker threads hand their acks to one consumer connection (batched)
@@ -277,10 +260,10 @@ def test_rabbitmq_gets_an_ack_for_every_message_the_worker_threads_handled(node,
     assert sorted(handled(worker)) == list(range(300))
     # Then the server sees every one acknowledged, and a SIGKILL of the node gives none back
     queue = publisher.destinations["/queue/work"].queue_name
-    wait_until(lambda: _rabbitmq_queue_counts(queue)[:2] == (0, 0), timeout=30)
+    wait_until(lambda: rabbitmq_queue_counts(queue)[:2] == (0, 0), timeout=30)
     worker.signal(signal.SIGKILL)
-    wait_until(lambda: _rabbitmq_queue_counts(queue)[2] == 0, timeout=30)
-    assert _rabbitmq_queue_counts(queue)[:2] == (0, 0)
+    wait_until(lambda: rabbitmq_queue_counts(queue)[2] == 0, timeout=30)
+    assert rabbitmq_queue_counts(queue)[:2] == (0, 0)
 
 
 # --- failures and the dead-letter queue --------------------------------------------------------

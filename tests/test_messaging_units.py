@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -527,6 +528,14 @@ def test_contract_dramatiq_rabbitmq_consumer_ack() -> None:
         assert part in ack, part
     init = inspect.getsource(consumer.__init__)
     assert all(name in init for name in ("self.known_tags", "self.connection", "self.channel"))
+    # The acks still listed at a stop go out in a callback queued before Dramatiq's close, which
+    # runs every queued callback before it closes the channel; the broker makes a consumer with
+    # its prefetch (half of it wakes the consumer); the ack timer is pika's public call_later.
+    assert "self.connection.add_callback_threadsafe(all_callbacks_handled.set)" in inspect.getsource(consumer.close)
+    assert "self.consumer_class(self, queue_name, prefetch, timeout)" in inspect.getsource(RabbitmqBroker.consume)
+    import pika
+
+    assert callable(pika.BlockingConnection.call_later)
 
 
 @pytest.mark.parametrize("broker", ["rabbitmq"])
@@ -579,6 +588,129 @@ def test_a_stop_past_its_deadline_still_lets_each_consumer_end_its_poll(broker, 
         for suffix in (".DQ", ".XQ"):
             rabbit.channel.queue_delete(queue + suffix)
         rabbit.close()
+
+
+class _RabbitQueue:
+    """A RabbitMQ queue with one actor on flask-immutant's broker, deleted afterwards."""
+
+    def __init__(self, name: str) -> None:
+        import uuid
+
+        import dramatiq
+
+        from flask_immutant.messaging.rabbitmq_broker import batching_rabbitmq_broker
+
+        self.broker = batching_rabbitmq_broker()(url="amqp://guest:guest@127.0.0.1:5672/%2F")
+        self.name = f"immutant-test-{name}-{uuid.uuid4().hex[:8]}"
+        self.actor = dramatiq.actor(lambda n: None, actor_name="job", queue_name=self.name, broker=self.broker)
+
+    def ready(self) -> int:
+        """Messages waiting in the queue (a requeued one is counted here again)."""
+        return int(self.broker.channel.queue_declare(self.name, passive=True).method.message_count)
+
+    def delete(self) -> None:
+        for suffix in ("", ".DQ", ".XQ"):
+            self.broker.channel.queue_delete(self.name + suffix)
+        self.broker.close()
+
+
+def _consume_in_thread(consumer, seconds: float):  # type: ignore[no-untyped-def]
+    """Run ``consumer`` on a thread of its own, as Dramatiq's consumer thread does, for about
+    ``seconds``; its messages arrive on the returned queue. The thread ends at its first poll
+    after that, or when the consumer fails (its queue deleted)."""
+    import queue as queues
+
+    delivered: queues.Queue = queues.Queue()
+
+    def run() -> None:
+        deadline = time.monotonic() + seconds
+        with contextlib.suppress(Exception):
+            while time.monotonic() < deadline:
+                message = next(consumer)
+                if message is not None:
+                    delivered.put(message)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return delivered, thread
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"])
+def test_an_ack_with_no_delivery_after_it_is_sent_within_the_ack_delay(broker) -> None:
+    """A listed ack waits for the consumer thread to run anyway; with no delivery to come, the
+    timer the delivery armed sends it, long before the consumer's own poll would end."""
+    from support import rabbitmq_queue_counts, wait_until
+
+    rabbit = _RabbitQueue("ack-timer")
+    consumer = rabbit.broker.consume(rabbit.name, prefetch=16, timeout=60_000)
+    thread = None
+    try:
+        rabbit.actor.send(1)
+        delivered, thread = _consume_in_thread(consumer, seconds=1)
+        message = delivered.get(timeout=10)
+        # When a worker acks it while the consumer thread waits in a 60 s poll
+        consumer.ack(message)
+        assert not consumer._waking  # the timer is armed: no wake-up was queued for this ack
+        # Then the server has the ack within seconds (not the poll's 60): the timer sent it
+        wait_until(lambda: rabbitmq_queue_counts(rabbit.name)[:2] == (0, 0), timeout=20)
+        assert thread.is_alive()  # still in that poll
+    finally:
+        rabbit.delete()  # cancels the consumer: its thread ends
+        if thread is not None:
+            thread.join(10)
+        with contextlib.suppress(Exception):
+            consumer.connection.close()
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"])
+def test_acks_still_listed_at_a_stop_are_sent_before_the_channel_closes(broker, monkeypatch) -> None:
+    """The consumer's close sends what is listed first: a message handled just before a stop is
+    not given back to the queue (and handled again elsewhere)."""
+    from flask_immutant.messaging import rabbitmq_broker
+
+    from support import wait_until
+
+    monkeypatch.setattr(rabbitmq_broker, "ACK_DELAY", 3600.0)  # only the close can send it
+    rabbit = _RabbitQueue("ack-close")
+    consumer = rabbit.broker.consume(rabbit.name, prefetch=16, timeout=1000)
+    try:
+        rabbit.actor.send(1)
+        message = wait_until(lambda: next(consumer), timeout=10)
+        consumer.ack(message)
+        assert consumer._acks == [message._tag]  # listed, not sent
+        consumer.close()
+        assert rabbit.ready() == 0  # acknowledged, not requeued by the close
+    finally:
+        rabbit.delete()
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"])
+def test_a_consumer_whose_prefetch_is_held_by_listed_acks_is_woken_to_send_them(broker, monkeypatch) -> None:
+    """RabbitMQ delivers nothing past the prefetch: acks listed to ride along with the next
+    delivery would wait for one that cannot come. Half the prefetch listed wakes the consumer."""
+    from flask_immutant.messaging import rabbitmq_broker
+
+    from support import within
+
+    monkeypatch.setattr(rabbitmq_broker, "ACK_DELAY", 3600.0)  # the timer never sends them here
+    rabbit = _RabbitQueue("ack-prefetch")
+    consumer = rabbit.broker.consume(rabbit.name, prefetch=4, timeout=60_000)  # its poll sends nothing
+    thread = None
+    try:
+        for n in range(12):
+            rabbit.actor.send(n)
+        delivered, thread = _consume_in_thread(consumer, seconds=1)
+        # When each delivered message is handled and acked (four at most delivered at a time)
+        for _n in range(12):
+            consumer.ack(delivered.get(timeout=within(10)))
+        # Then every one was delivered: the acks that filled half the prefetch went out at once
+        assert rabbit.ready() == 0
+    finally:
+        rabbit.delete()
+        if thread is not None:
+            thread.join(10)
+        with contextlib.suppress(Exception):
+            consumer.connection.close()
 
 
 @pytest.mark.parametrize("broker", ["rabbitmq"])

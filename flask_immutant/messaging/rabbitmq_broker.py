@@ -1,13 +1,19 @@
-"""Dramatiq's RabbitMQ broker, whose consumers hand their acknowledgements over in batches.
+"""Dramatiq's RabbitMQ broker, whose consumers send their acknowledgements in batches.
 
 A worker thread that has handled a message acknowledges it on the consumer's connection, which
 only the consumer thread may use: Dramatiq's consumer queues one callback per message there
 (``add_callback_threadsafe``), and each one writes to the connection's wake-up socket and wakes
-the consumer thread from its poll. Here a worker thread adds the delivery tag to a list and queues
-a callback only when the list was empty; that callback acknowledges every tag listed by the time
-it runs, one ``basic_ack`` per message as before. Each message is still acknowledged after its
-handler returned, and only then; what is saved is a wake-up (a system call and a pass of pika's
-I/O loop) for every acknowledgement that finds one already on its way.
+the consumer thread from its poll, a pass of pika's I/O loop per message.
+
+Here a worker thread lists the delivery tag, and the consumer thread sends the list when it runs
+anyway: before it waits for the next delivery, and from a timer it arms while messages it
+delivered are being handled, so no tag waits longer than :data:`ACK_DELAY`. A worker wakes the
+consumer only when no timer is armed, or when half the prefetch is waiting (RabbitMQ sends no more
+deliveries past the prefetch, so waiting for one could stall the queue). Each message is still
+acknowledged after its handler returned, and only then; at a steady rate the acknowledgement rides
+along with the next delivery's wake-up instead of costing one of its own. The price: a crash in
+the :data:`ACK_DELAY` after a handler returned gives that message back (delivery is at least once
+either way), as JMS's lazy ``DUPS_OK_ACKNOWLEDGE`` mode does.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ if TYPE_CHECKING:
     from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 log = logging.getLogger("flask_immutant.messaging")
+
+#: Seconds a handled message's acknowledgement may wait for the consumer thread to run anyway.
+ACK_DELAY = 0.01
 
 
 @functools.cache
@@ -44,16 +53,26 @@ def batching_consumer(base: type) -> type:
     class BatchingConsumer(base):  # type: ignore[misc]  # a base chosen at run time is Any to mypy
         """Dramatiq's RabbitMQ consumer, with acknowledgements handed over in batches."""
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
+        def __init__(self, broker: Any, queue_name: str, prefetch: int, timeout: int) -> None:
+            super().__init__(broker, queue_name, prefetch, timeout)
             self._acks_lock = threading.Lock()
-            #: Delivery tags handled and not yet acknowledged; a callback is queued while not empty.
+            #: Delivery tags handled and not yet acknowledged.
             self._acks: list[int] = []
+            #: A callback is queued that sends ``_acks``: a worker needs to queue no other.
+            self._waking = False
+            #: A timer is armed that sends ``_acks`` within ACK_DELAY: a worker need not wake.
+            self._timer_armed = False
+            #: Waiting acks that wake the consumer at once: RabbitMQ delivers nothing past the
+            #: prefetch, so acks held for a delivery that cannot come would stall the queue.
+            self._wake_at = max(1, prefetch // 2)
 
         def __next__(self) -> Any:
+            if self._acks:  # on the consumer thread, about to wait: send what is listed
+                self._send_acks()
             message = super().__next__()
             if message is not None:
                 message._delivered_by = self
+                self._arm_timer()
             return message
 
         def _ours(self, message: Any, what: str) -> bool:
@@ -82,8 +101,9 @@ def batching_consumer(base: type) -> type:
                 return
             with self._acks_lock:
                 self._acks.append(message._tag)
-                if len(self._acks) > 1:
-                    return  # the callback queued for the first one acknowledges this one too
+                if self._waking or (self._timer_armed and len(self._acks) < self._wake_at):
+                    return  # sent by the queued callback, or by the consumer within ACK_DELAY
+                self._waking = True
             try:
                 self.connection.add_callback_threadsafe(self._send_acks)
             except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
@@ -93,17 +113,47 @@ def batching_consumer(base: type) -> type:
                 self._drop_acks()
                 log.warning("Failed to ack message %s.", message.message_id, exc_info=True)
 
+        def close(self) -> None:
+            """Send the acks still listed, then Dramatiq's close (which runs every queued callback
+            first): a message handled just before a stop is not given back to the queue."""
+            with self._acks_lock:
+                self._waking = True
+            try:
+                self.connection.add_callback_threadsafe(self._send_acks)
+            except Exception:  # closed already: RabbitMQ has requeued what was not acknowledged
+                self._drop_acks()
+            super().close()
+
         def _drop_acks(self) -> None:
             """The connection is gone: its unacknowledged messages go back to the queue (RabbitMQ
             requeues them), so nothing is left to send; the next ack starts a batch again."""
             with self._acks_lock:
                 self._acks = []
+                self._waking = False
 
-        def _send_acks(self) -> None:
-            """On the consumer thread: acknowledge every tag listed so far."""
+        def _arm_timer(self) -> None:
+            """On the consumer thread, after a delivery: make sure its ack waits at most ACK_DELAY."""
+            with self._acks_lock:
+                if self._timer_armed:
+                    return
+                self._timer_armed = True
+            self.connection.call_later(ACK_DELAY, self._on_timer)
+
+        def _on_timer(self) -> None:
+            """On the consumer thread: send the acks listed; stay armed while acks keep coming."""
+            sent = self._send_acks(disarm=True)
+            if sent:
+                self._arm_timer()
+
+        def _send_acks(self, disarm: bool = False) -> int:
+            """On the consumer thread: acknowledge every tag listed so far; how many."""
             with self._acks_lock:
                 tags, self._acks = self._acks, []
+                self._waking = False
+                if disarm:
+                    self._timer_armed = False
             for tag in tags:
                 self.channel.basic_ack(tag)
+            return len(tags)
 
     return BatchingConsumer
