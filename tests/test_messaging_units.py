@@ -636,11 +636,15 @@ def _consume_in_thread(consumer, seconds: float):  # type: ignore[no-untyped-def
 
 
 @pytest.mark.parametrize("broker", ["rabbitmq"])
-def test_an_ack_with_no_delivery_after_it_is_sent_within_the_ack_delay(broker) -> None:
+def test_an_ack_with_no_delivery_after_it_is_sent_within_the_ack_delay(broker, monkeypatch) -> None:
     """A listed ack waits for the consumer thread to run anyway; with no delivery to come, the
     timer the delivery armed sends it, long before the consumer's own poll would end."""
+    from flask_immutant.messaging import rabbitmq_broker
+
     from support import rabbitmq_queue_counts, wait_until
 
+    # long enough that the ack below surely finds the timer still armed, on a busy machine too
+    monkeypatch.setattr(rabbitmq_broker, "ACK_DELAY", 2.0)
     rabbit = _RabbitQueue("ack-timer")
     consumer = rabbit.broker.consume(rabbit.name, prefetch=16, timeout=60_000)
     thread = None
@@ -681,6 +685,60 @@ def test_acks_still_listed_at_a_stop_are_sent_before_the_channel_closes(broker, 
         consumer.close()
         assert rabbit.ready() == 0  # acknowledged, not requeued by the close
     finally:
+        rabbit.delete()
+
+
+def _rabbitmq_sockets() -> set[int]:
+    """This process's open descriptors of TCP connections to RabbitMQ's port."""
+    import os
+    import socket
+
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                with socket.socket(fileno=os.dup(int(name))) as sock:
+                    if sock.family == socket.AF_INET and sock.getpeername()[1] == 5672:
+                        found.add(int(name))
+    return found
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"])
+def test_a_connection_lost_while_acks_are_listed_is_the_connection_error_dramatiq_restarts_on(
+        broker, monkeypatch) -> None:
+    """Regression (review of the listed acks): the acks sent before the consumer waits are its
+    first I/O after the network dropped, and pika's own error escaped there; Dramatiq's consumer
+    thread took it for an unexpected error (CRITICAL, with a traceback) instead of ConnectionClosed."""
+    import os
+    import socket
+
+    from dramatiq.errors import ConnectionClosed
+
+    from flask_immutant.messaging import rabbitmq_broker
+
+    from support import wait_until
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("finds the consumer's socket in /proc")
+    monkeypatch.setattr(rabbitmq_broker, "ACK_DELAY", 3600.0)
+    rabbit = _RabbitQueue("ack-lost")
+    rabbit.broker.declare_queue(rabbit.name, ensure=True)  # the broker's own connection, opened first
+    before = _rabbitmq_sockets()
+    consumer = rabbit.broker.consume(rabbit.name, prefetch=16, timeout=1000)
+    (descriptor,) = _rabbitmq_sockets() - before  # the consumer's connection
+    try:
+        rabbit.actor.send(1)
+        message = wait_until(lambda: next(consumer), timeout=10)
+        consumer.ack(message)  # listed
+        # When the network drops before the consumer thread runs again
+        with socket.socket(fileno=os.dup(descriptor)) as dropped:
+            dropped.shutdown(socket.SHUT_RDWR)
+        # Then it fails as a lost connection, which Dramatiq's consumer thread restarts quietly
+        with pytest.raises(ConnectionClosed):
+            next(consumer)
+    finally:
+        with contextlib.suppress(Exception):
+            consumer.connection.close()
         rabbit.delete()
 
 

@@ -67,12 +67,17 @@ def batching_consumer(base: type) -> type:
             self._wake_at = max(1, prefetch // 2)
 
         def __next__(self) -> Any:
-            if self._acks:  # on the consumer thread, about to wait: send what is listed
-                self._send_acks()
-            message = super().__next__()
-            if message is not None:
-                message._delivered_by = self
-                self._arm_timer()
+            try:
+                if self._acks:  # on the consumer thread, about to wait: send what is listed
+                    self._send_acks()
+                message = super().__next__()
+                if message is not None:
+                    message._delivered_by = self
+                    self._arm_timer()
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
+                # as Dramatiq's own __next__ does: its consumer thread restarts the consumer on
+                # ConnectionClosed, and logs anything else as an unexpected error
+                raise ConnectionClosed(exc) from None
             return message
 
         def _ours(self, message: Any, what: str) -> bool:
