@@ -43,6 +43,66 @@ def test_envelope_round_trip(encoding: str) -> None:
     assert not message.expired
 
 
+@pytest.mark.parametrize("data", [
+    envelope("/queue/x", {"a": 1}),
+    envelope("/topic/y", [1, "b"], encoding="msgpack", properties={"p": 1}, correlation_id="c", reply_to="r",
+             key="k", ttl=5, trace={"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}),
+    {"destination": "/queue/x", "body": None, "published_at": 7, "expires_at": 9, "trace": {"baggage": 1}},
+    {"destination": "/queue/x", "body": 1},
+])
+def test_decode_gives_the_message_its_constructor_would(data: dict[str, object]) -> None:
+    """decode fills a Message without its __init__ (for speed): every field set, the same values, and
+    still frozen."""
+    import dataclasses
+
+    from flask_immutant.messaging.codec import Message
+
+    message = decode(data, retries=2, message_id="m")
+    assert list(vars(message)) == [f.name for f in dataclasses.fields(Message)]
+    assert message == Message(**vars(message)) and repr(message) == repr(Message(**vars(message)))
+    assert message.retries == 2 and message.id == "m" and message.destination == data["destination"]
+    assert isinstance(message.published_at, float) or "published_at" not in data
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        message.body = "changed"  # type: ignore[misc]  # what the test checks
+    assert dataclasses.replace(message, retries=3).retries == 3
+
+
+@pytest.mark.parametrize("field", ["published_at", "expires_at"])
+def test_an_envelope_with_a_time_that_is_not_a_number_is_malformed(field: str) -> None:
+    with pytest.raises(MalformedMessage, match="expected a number"):
+        decode({"destination": "/queue/x", "body": 1, field: "soon"})
+    with pytest.raises(MalformedMessage, match="expected a number"):
+        decode({"destination": "/queue/x", "body": 1, field: True})
+
+
+def test_message_ids_are_uuid4_strings() -> None:
+    import uuid
+
+    from flask_immutant.messaging.codec import new_id
+
+    ids = [new_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    # the variant's two free bits come from the random bytes: all four characters occur
+    assert {text[19] for text in ids} == set("89ab")
+
+
+def test_contract_dramatiq_message_proxy_keeps_its_message() -> None:
+    """The engine and the consumer guard read a message's fields from the Dramatiq ``Message`` a
+    ``MessageProxy`` wraps (undecodable.fields_of), not through its slow ``__getattr__``."""
+    from dramatiq import Message
+    from dramatiq.broker import MessageProxy
+
+    from flask_immutant.messaging.undecodable import fields_of
+
+    message: Message[object] = Message(queue_name="q", actor_name="a", args=(), kwargs={}, options={"retries": 1})
+    assert fields_of(MessageProxy(message)) is message
+    assert fields_of(message) is message
+    assert fields_of(SimpleNamespace(options={}, message_id="i")).message_id == "i"
+
+
 def test_a_msgpack_body_that_cannot_be_encoded_fails_at_once() -> None:
     with pytest.raises(EncodeError, match="msgpack"):
         envelope("/queue/x", object(), encoding="msgpack")

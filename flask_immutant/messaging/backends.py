@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 import threading
-import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -20,6 +19,7 @@ import redis
 
 from .. import lua
 from ..keys import Keys
+from .codec import new_id
 from .redis_broker import RELEASE_TTL_MS, resuming_redis_broker
 
 if TYPE_CHECKING:
@@ -172,14 +172,13 @@ class RedisBackend(Backend):
         args: list[Any] = [self.namespace]
         current_millis, dq_name, get_encoder = _dramatiq_helpers()
         encode = get_encoder().encode
-        uuid4 = uuid.uuid4
         for targets, dedupe in batch:
             if dedupe:
                 keys.append(dedupe[0])
             args.append(f"{dedupe[1] if dedupe else 0} {len(targets)}")
             for target in targets:
                 message = target.message
-                redis_id = str(uuid4())
+                redis_id = new_id()
                 options = {**message.options, "redis_message_id": redis_id}
                 queue = message.queue_name
                 if target.delay is not None:

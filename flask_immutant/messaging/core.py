@@ -27,7 +27,7 @@ from ..protocols import Slot
 from ..records import from_json, hash_of, json_object, read_records
 from ..tracing import NO_SPAN, Sent, tracing_of
 from .backends import Backend, Target, make_backend
-from .codec import Message, envelope
+from .codec import Message, envelope, new_id
 from .destination import Destination, actor_name
 from .engine import Engine, current_message
 from .errors import EncodeError, MessagingError, RemoteError, RequestTimeout
@@ -335,17 +335,17 @@ class Messaging:
         if delay is not None and delay < 0:
             raise MessagingError(f"delay={delay!r} is not allowed: expected seconds >= 0")
         if destination.kind == "queue":
-            queues = [destination.queue_name]
+            actors = destination.queue_actors
         else:
-            queues = [q.decode() if isinstance(q, bytes) else q
-                      for q in self.state.store.hkeys(self.state.keys.messaging_subscriptions(destination.name))]
+            subscriptions = self.state.store.hkeys(self.state.keys.messaging_subscriptions(destination.name))
+            queues = [q.decode() if isinstance(q, bytes) else q for q in subscriptions]
+            actors = tuple((queue, actor_name(queue)) for queue in queues)
         delay_ms = None if delay is None else int(delay * 1000)
-        actors = [(queue, actor_name(queue)) for queue in queues]
         outgoing = []
         for message, key in messages:
             data = envelope(destination.name, message, encoding=encoding, properties=properties,
                             correlation_id=correlation_id, reply_to=reply_to, key=key, ttl=ttl, trace=trace)
-            message_id = str(uuid.uuid4())
+            message_id = new_id()
             targets = [
                 Target(DramatiqMessage(queue_name=queue, actor_name=actor, args=(data,), kwargs={},
                                        options={}, message_id=message_id), delay_ms, priority)
@@ -364,7 +364,7 @@ class Messaging:
               outgoing: list[tuple[str, str | None, list[Target], tuple[str, int] | None]]) -> list[str | None]:
         """Hand the messages to the broker in one batch; their ids, ``None`` for duplicates."""
         if not outgoing or not outgoing[0][2]:
-            return [message_id for message_id, *_rest in outgoing]  # a topic nobody subscribes to
+            return [item[0] for item in outgoing]  # a topic nobody subscribes to
         try:
             published = self.backend.publish_many(self._publishing_broker(),
                                                    [(targets, dedupe) for _id, _key, targets, dedupe in outgoing])
@@ -373,7 +373,7 @@ class Messaging:
         fresh_count = published.count(True)
         metrics.PUBLISHED.inc(destination.name, amount=fresh_count)
         if fresh_count == len(outgoing):  # no duplicates: the usual case
-            return [message_id for message_id, *_rest in outgoing]
+            return [item[0] for item in outgoing]
         ids: list[str | None] = []
         for (message_id, key, _targets, _dedupe), fresh in zip(outgoing, published, strict=True):
             if not fresh:

@@ -67,6 +67,11 @@ class Destination:
         computed once (every publish asks)."""
         return f"{self.cluster}.q.{_slug(self.short)}"
 
+    @functools.cached_property
+    def queue_actors(self) -> tuple[tuple[str, str], ...]:
+        """``(Dramatiq queue, its actor)`` of a queue destination, computed once (every publish asks)."""
+        return ((self.queue_name, actor_name(self.queue_name)),)
+
     def subscription_queue(self, subscriber: str) -> str:
         """The Dramatiq queue of one subscription to a topic (``subscriber``: durable name or a
         per-listener id)."""

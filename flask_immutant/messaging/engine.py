@@ -38,7 +38,7 @@ from .codec import Message, decode
 from .destination import Destination, actor_name
 from .errors import MalformedMessage
 from .status import destination_queues
-from .undecodable import dead_letter_record, encoded, guard_consumers
+from .undecodable import dead_letter_record, encoded, fields_of, guard_consumers
 from .workqueue import ClosableWorkQueue
 
 if TYPE_CHECKING:
@@ -151,11 +151,13 @@ class Binding:
         self.queue = queue
         #: True for a non-durable topic subscription: the queue dies with its listener.
         self.owned = owned
-        self.listeners: list[Listener] = []
+        #: Replaced whole, never changed in place (under the engine's lock): a worker thread
+        #: reads it without a lock or a copy.
+        self.listeners: tuple[Listener, ...] = ()
         self._turn = itertools.count()
 
     def choose(self, properties: Any) -> Listener | None:
-        listeners = list(self.listeners)
+        listeners = self.listeners
         if len(listeners) == 1:  # the usual case: no turn to take
             return listeners[0] if listeners[0].accepts(properties) else None
         if not listeners:
@@ -325,10 +327,10 @@ class Engine:
                 if destination.kind == "topic":
                     record = {"owner": self.consumer_id if owned else None, "durable": listener.durable_name}
                     store.hset(self.keys.messaging_subscriptions(destination.name), queue, heartbeat_record(**record))
-                binding.listeners.append(listener)
+                binding.listeners += (listener,)
                 self._consume(queue)
             else:
-                binding.listeners.append(listener)
+                binding.listeners += (listener,)
         log.info("messaging: consuming %s%s (queue %s)", destination.name,
                  f" as {listener.durable_name!r}" if listener.durable_name else "", queue)
 
@@ -337,7 +339,7 @@ class Engine:
             binding = self.bindings.get(listener.queue or "")
             if binding is None or listener not in binding.listeners:
                 return
-            binding.listeners.remove(listener)
+            binding.listeners = tuple(other for other in binding.listeners if other is not listener)
             if binding.listeners:
                 return
             del self.bindings[binding.queue]
@@ -384,7 +386,8 @@ class Engine:
         if raw is None:
             message = decode(envelope)
         else:
-            message = decode(envelope, retries=raw.options.get("retries", 0), message_id=raw.message_id)
+            fields = fields_of(raw)
+            message = decode(envelope, retries=fields.options.get("retries", 0), message_id=fields.message_id)
         if message.expired:
             log.debug("dropping expired message %s on %s", message.id, message.destination)
             return

@@ -38,6 +38,9 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "message_id": str, "message_timestamp": (int, float),
 }
 
+#: The same, as pairs; a field of several types is never an exact match, so it takes the long test.
+_FIELD_TYPES = tuple(_FIELDS.items())
+
 #: Dramatiq's JSONEncoder's ``json.dumps(data, separators=(",", ":"))``, made once.
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 
@@ -87,11 +90,19 @@ def shape_problem(fields: Any) -> str | None:
     if fields.keys() != _FIELDS.keys():
         missing, extra = sorted(_FIELDS.keys() - fields.keys()), sorted(fields.keys() - _FIELDS.keys())
         return f"not a Dramatiq message: missing {missing}, unexpected {extra}"
-    for name, kind in _FIELDS.items():
+    for name, kind in _FIELD_TYPES:
         value = fields[name]
-        if type(value) is bool or not isinstance(value, kind):
+        # JSON decodes to exactly these types: one identity check each, the long test otherwise
+        if type(value) is not kind and (type(value) is bool or not isinstance(value, kind)):
             return f"not a Dramatiq message: {name} is a {type(value).__name__}"
     return None
+
+
+def fields_of(message: Any) -> Any:
+    """The Dramatiq ``Message`` a ``MessageProxy`` wraps (anything else as it is), whose fields
+    read directly: each read through the proxy's ``__getattr__``, which runs after a failed
+    look-up, costs 0.4 us. ``_message`` is pinned by a contract test; without it, the proxy."""
+    return vars(message).get("_message", message)
 
 
 def use_tolerant_encoder() -> None:
@@ -161,13 +172,14 @@ class GuardedConsumer(Consumer):
 
     def refusal(self, message: Any) -> str | None:
         """Why this process cannot deliver ``message``, or None."""
-        options = message.options  # one look-up through Dramatiq's message proxy, not two
+        fields = fields_of(message)
+        options = fields.options
         problem = options.get(UNDECODABLE)
         if problem is not None:
             return str(problem)
         if self.on_redis and not isinstance(options.get("redis_message_id"), str):
             return "not a Dramatiq message: options.redis_message_id is missing"
-        if message.actor_name not in self.broker.actors:
+        if fields.actor_name not in self.broker.actors:
             return f"unknown actor {message.actor_name!r} on queue {self.queue_name!r}"
         return None
 
