@@ -596,6 +596,11 @@ def test_contract_dramatiq_rabbitmq_consumer_ack() -> None:
     import pika
 
     assert callable(pika.BlockingConnection.call_later)
+    # One multiple ack covers the tags below the lowest in known_tags: Dramatiq adds a tag there
+    # when it hands the delivery out, and rejects one it cannot decode through _nack (listed too).
+    handout = inspect.getsource(consumer.__next__)
+    assert "self.known_tags.add(method.delivery_tag)" in handout and "self._nack(method.delivery_tag)" in handout
+    assert "multiple" in inspect.signature(pika.adapters.blocking_connection.BlockingChannel.basic_ack).parameters
 
 
 @pytest.mark.parametrize("broker", ["rabbitmq"])
@@ -745,6 +750,52 @@ def test_acks_still_listed_at_a_stop_are_sent_before_the_channel_closes(broker, 
         consumer.close()
         assert rabbit.ready() == 0  # acknowledged, not requeued by the close
     finally:
+        rabbit.delete()
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"])
+def test_one_multiple_ack_never_covers_a_delivery_still_being_handled_or_rejected(broker, monkeypatch) -> None:
+    """Listed acks below every delivery still being handled go out as one ``basic_ack`` with
+    ``multiple``; a rejection listed with them goes first, or the multiple ack would take its tag
+    (and the rejection of an unknown tag would close the channel)."""
+    from flask_immutant.messaging import rabbitmq_broker
+
+    from support import rabbitmq_queue_counts, wait_until
+
+    monkeypatch.setattr(rabbitmq_broker, "ACK_DELAY", 3600.0)  # sent only when this test says
+    rabbit = _RabbitQueue("ack-multiple")
+    consumer = rabbit.broker.consume(rabbit.name, prefetch=16, timeout=1000)
+    sent: list[tuple[str, int, bool]] = []
+    channel = consumer.channel
+    ack, nack = channel.basic_ack, channel.basic_nack
+    monkeypatch.setattr(channel, "basic_ack", lambda tag, multiple=False: (sent.append(("ack", tag, multiple)),
+                                                                           ack(tag, multiple=multiple)))
+    monkeypatch.setattr(channel, "basic_nack", lambda tag, requeue=True: (sent.append(("nack", tag, False)),
+                                                                          nack(tag, requeue=requeue)))
+    try:
+        for n in range(6):
+            rabbit.actor.send(n)
+        messages = [wait_until(lambda: next(consumer), timeout=10) for _ in range(6)]
+        assert [m._tag for m in messages] == [1, 2, 3, 4, 5, 6]
+        # Given 1, 3 and 6 handled, 2 failed, 4 and 5 still being handled
+        for n in (0, 2, 5):
+            consumer.ack(messages[n])
+        messages[1].failed = True
+        consumer.nack(messages[1])
+        consumer._send_acks()
+        # Then 2 is rejected first, 1 and 3 go in one ack, 6 alone (4 is still in a handler)
+        assert sent == [("nack", 2, False), ("ack", 3, True), ("ack", 6, False)]
+        assert consumer.channel.is_open
+        wait_until(lambda: rabbitmq_queue_counts(rabbit.name)[:2] == (0, 2), timeout=20)
+        # When 4 and 5 are handled too, one multiple ack settles them
+        consumer.ack(messages[4])
+        consumer.ack(messages[3])
+        consumer._send_acks()
+        assert sent[3:] == [("ack", 5, True)]
+        wait_until(lambda: rabbitmq_queue_counts(rabbit.name)[:2] == (0, 0), timeout=20)
+        assert rabbitmq_queue_counts(rabbit.name + ".XQ")[0] == 1  # the rejected one, dead-lettered
+    finally:
+        consumer.close()
         rabbit.delete()
 
 

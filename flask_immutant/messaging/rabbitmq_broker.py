@@ -2,18 +2,19 @@
 
 A worker thread that has handled a message acknowledges it on the consumer's connection, which
 only the consumer thread may use: Dramatiq's consumer queues one callback per message there
-(``add_callback_threadsafe``), and each one writes to the connection's wake-up socket and wakes
-the consumer thread from its poll, a pass of pika's I/O loop per message.
+(``add_callback_threadsafe``), and each one wakes the consumer thread from its poll (a write to
+the connection's wake-up socket and a pass of pika's I/O loop) to send one ``basic_ack``.
 
-Here a worker thread lists the delivery tag, and the consumer thread sends the list when it runs
-anyway: before it waits for the next delivery, and from a timer it arms while messages it
-delivered are being handled, so no tag waits longer than :data:`ACK_DELAY`. A worker wakes the
-consumer only when no timer is armed, or when half the prefetch is waiting (RabbitMQ sends no more
-deliveries past the prefetch, so waiting for one could stall the queue). Each message is still
-acknowledged after its handler returned, and only then; at a steady rate the acknowledgement rides
-along with the next delivery's wake-up instead of costing one of its own. The price: a crash in
-the :data:`ACK_DELAY` after a handler returned gives that message back (delivery is at least once
-either way), as JMS's lazy ``DUPS_OK_ACKNOWLEDGE`` mode does.
+Here a worker thread lists the delivery tag, and a timer that each delivery arms on the consumer
+thread sends the list within :data:`ACK_DELAY`: the tags below every delivery still being
+handled go in one ``basic_ack`` with ``multiple``, rejections first. A worker wakes the consumer
+only when no timer is armed, when it rejects a message, or when half the prefetch is listed
+(RabbitMQ sends nothing past the prefetch, so a full one must not wait for the timer); a closing
+consumer sends its lists before its channel closes. Each message is still acknowledged after its
+handler returned, and only then; at a steady rate one frame and one pass of the I/O loop serve
+every message handled in those 10 ms. The price: a crash in the :data:`ACK_DELAY` after a
+handler returned gives that message back (delivery is at least once either way), as JMS's lazy
+``DUPS_OK_ACKNOWLEDGE`` mode and HornetQ's batched acknowledgements do.
 """
 
 from __future__ import annotations
@@ -55,12 +56,14 @@ def batching_consumer(base: type) -> type:
 
         def __init__(self, broker: Any, queue_name: str, prefetch: int, timeout: int) -> None:
             super().__init__(broker, queue_name, prefetch, timeout)
+            #: Guards the lists below and the removal of a settled tag from ``known_tags``.
             self._acks_lock = threading.Lock()
-            #: Delivery tags handled and not yet acknowledged.
+            #: Delivery tags handled and not yet acknowledged, and failed ones not yet rejected.
             self._acks: list[int] = []
-            #: A callback is queued that sends ``_acks``: a worker needs to queue no other.
+            self._nacks: list[int] = []
+            #: A callback is queued that sends the lists: a worker needs to queue no other.
             self._waking = False
-            #: A timer is armed that sends ``_acks`` within ACK_DELAY: a worker need not wake.
+            #: A timer is armed that sends the lists within ACK_DELAY: a worker need not wake.
             self._timer_armed = False
             #: Waiting acks that wake the consumer at once: RabbitMQ delivers nothing past the
             #: prefetch, so acks held for a delivery that cannot come would stall the queue.
@@ -68,8 +71,6 @@ def batching_consumer(base: type) -> type:
 
         def __next__(self) -> Any:
             try:
-                if self._acks:  # on the consumer thread, about to wait: send what is listed
-                    self._send_acks()
                 message = super().__next__()
                 if message is not None:
                     message._delivered_by = self
@@ -91,23 +92,40 @@ def batching_consumer(base: type) -> type:
                         what, message.message_id)
             return False
 
-        def nack(self, message: Any) -> None:
-            if self._ours(message, "nack"):
-                super().nack(message)
-
         def ack(self, message: Any) -> None:
-            """Dramatiq's ``ack`` (same bookkeeping of known tags, same errors), batched."""
-            if not self._ours(message, "ack"):
-                return
-            try:
-                self.known_tags.remove(message._tag)
-            except KeyError:
-                log.warning("Failed to ack message %s: not in known tags.", message.message_id)
-                return
+            """Dramatiq's ``ack`` (same bookkeeping of known tags, same errors), listed."""
+            if self._ours(message, "ack"):
+                self._settle(message, self._acks)
+
+        def nack(self, message: Any) -> None:
+            """Dramatiq's ``nack``, listed too: a rejection must reach RabbitMQ before an ack
+            with ``multiple`` could cover its tag."""
+            if self._ours(message, "nack"):
+                self._settle(message, self._nacks)
+
+        def _nack(self, tag: int) -> None:
+            """Dramatiq rejects a delivery it cannot decode with this (on the consumer thread)."""
             with self._acks_lock:
-                self._acks.append(message._tag)
-                if self._waking or (self._timer_armed and len(self._acks) < self._wake_at):
+                self._nacks.append(tag)
+            self._wake(f"delivery {tag}")
+
+        def _settle(self, message: Any, listed: list[int]) -> None:
+            with self._acks_lock:
+                try:
+                    self.known_tags.remove(message._tag)
+                except KeyError:
+                    log.warning("Failed to settle message %s: not in known tags.", message.message_id)
+                    return
+                listed.append(message._tag)
+                if self._waking or (self._timer_armed and not self._nacks and len(self._acks) < self._wake_at):
                     return  # sent by the queued callback, or by the consumer within ACK_DELAY
+            self._wake(message.message_id)
+
+        def _wake(self, what: str) -> None:
+            """Queue a callback that sends the lists on the consumer thread (once at a time)."""
+            with self._acks_lock:
+                if self._waking:
+                    return
                 self._waking = True
             try:
                 self.connection.add_callback_threadsafe(self._send_acks)
@@ -116,11 +134,11 @@ def batching_consumer(base: type) -> type:
                 raise ConnectionClosed(exc) from None
             except Exception:
                 self._drop_acks()
-                log.warning("Failed to ack message %s.", message.message_id, exc_info=True)
+                log.warning("Failed to settle message %s.", what, exc_info=True)
 
         def close(self) -> None:
-            """Send the acks still listed, then Dramatiq's close (which runs every queued callback
-            first): a message handled just before a stop is not given back to the queue."""
+            """Send the lists, then Dramatiq's close (which runs every queued callback first): a
+            message handled just before a stop is not given back to the queue."""
             with self._acks_lock:
                 self._waking = True
             try:
@@ -133,11 +151,11 @@ def batching_consumer(base: type) -> type:
             """The connection is gone: its unacknowledged messages go back to the queue (RabbitMQ
             requeues them), so nothing is left to send; the next ack starts a batch again."""
             with self._acks_lock:
-                self._acks = []
+                self._acks, self._nacks = [], []
                 self._waking = False
 
         def _arm_timer(self) -> None:
-            """On the consumer thread, after a delivery: make sure its ack waits at most ACK_DELAY."""
+            """On the consumer thread, after a delivery: its ack waits at most ACK_DELAY."""
             with self._acks_lock:
                 if self._timer_armed:
                     return
@@ -145,20 +163,33 @@ def batching_consumer(base: type) -> type:
             self.connection.call_later(ACK_DELAY, self._on_timer)
 
         def _on_timer(self) -> None:
-            """On the consumer thread: send the acks listed; stay armed while acks keep coming."""
-            sent = self._send_acks(disarm=True)
-            if sent:
+            """On the consumer thread: send the lists; stay armed while acks keep coming."""
+            if self._send_acks(disarm=True):
                 self._arm_timer()
 
         def _send_acks(self, disarm: bool = False) -> int:
-            """On the consumer thread: acknowledge every tag listed so far; how many."""
+            """On the consumer thread: reject and acknowledge every tag listed so far; how many.
+
+            Tags below every delivery still being handled are acknowledged by one ``basic_ack``
+            with ``multiple``: each delivery below them is settled already or listed here (the
+            rejections go first), since settling removes a tag from ``known_tags`` and lists it
+            under one lock, and deliveries are numbered in the order the consumer hands them out.
+            """
             with self._acks_lock:
-                tags, self._acks = self._acks, []
+                acks, self._acks = self._acks, []
+                nacks, self._nacks = self._nacks, []
                 self._waking = False
                 if disarm:
                     self._timer_armed = False
-            for tag in tags:
-                self.channel.basic_ack(tag)
-            return len(tags)
+                floor = min(self.known_tags, default=None)
+            for tag in nacks:
+                self.channel.basic_nack(tag, requeue=False)
+            below = [tag for tag in acks if floor is None or tag < floor]
+            if below:
+                self.channel.basic_ack(max(below), multiple=True)
+            for tag in acks:
+                if floor is not None and tag > floor:
+                    self.channel.basic_ack(tag)
+            return len(acks) + len(nacks)
 
     return BatchingConsumer
