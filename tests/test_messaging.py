@@ -311,11 +311,11 @@ def test_failing_and_malformed_messages_go_to_the_dead_letter_queue_and_can_be_r
     assert re.search(r"/queue/work\s+0\s+0\s+0\s+1\s+1", human.stdout), human.stdout
 
 
-def _push_raw(publisher: Messaging, queue: str, data: bytes) -> None:
+def _push_raw(publisher: Messaging, queue: str, data: bytes, redis_id: str | None = None) -> None:
     """Put ``data`` on ``queue`` exactly as bytes, past every encoder (a store or broker writer)."""
     backend: Any = publisher.backend
     if backend.kind == "redis":
-        redis_id = str(uuid.uuid4())
+        redis_id = redis_id or str(uuid.uuid4())
         backend.client.hset(f"{backend.namespace}:{queue}.msgs", redis_id, data)
         backend.client.rpush(f"{backend.namespace}:{queue}", redis_id)
         return
@@ -332,6 +332,7 @@ def test_undecodable_messages_are_dead_lettered_and_never_hold_back_their_batch(
     from dramatiq import Message
 
     from flask_immutant.messaging.backends import Target
+    from flask_immutant.messaging.codec import envelope
     from flask_immutant.messaging.destination import actor_name
 
     # Given a queue whose head holds garbage of every kind, then 20 good messages
@@ -342,6 +343,14 @@ def test_undecodable_messages_are_dead_lettered_and_never_hold_back_their_batch(
         publisher.backend.publish(publisher.publisher, [Target(message)], None)  # declares the queue too
     for data in (b"\xff\xfe not json at all", b"[1, 2, 3]", json.dumps({"queue_name": queue}).encode()):
         _push_raw(publisher, queue, data)
+    # a well-formed message whose queue_name is not its queue: Dramatiq would settle it through a
+    # consumer of that name (none: a KeyError killed the worker thread; another: never acked)
+    for n, elsewhere in ((97, "elsewhere"), (98, f"{queue}.DQ")):
+        redis_id = str(uuid.uuid4())
+        options = {"redis_message_id": redis_id} if publisher.backend.kind == "redis" else {}
+        lying: Message[Any] = Message(queue_name=elsewhere, actor_name=actor_name(queue), kwargs={},
+                                      args=(envelope("/queue/work", {"n": n}),), options=options)
+        _push_raw(publisher, queue, lying.encode(), redis_id)
     for n in range(20):
         publisher.publish("/queue/work", {"n": n})
     # When a node starts consuming
@@ -351,7 +360,7 @@ def test_undecodable_messages_are_dead_lettered_and_never_hold_back_their_batch(
     wait_until(lambda: sorted(handled(worker)) == list(range(20)), timeout=30,
                message=f"handled {sorted(handled(worker))}\n{worker.output[-3000:]}")
     # And each bad one is dead with its reason, counted by `flask immutant queues`
-    wait_until(lambda: entry(mq_env, "/queue/work")["dead"] == 5, timeout=20,
+    wait_until(lambda: entry(mq_env, "/queue/work")["dead"] == 7, timeout=20,
                message=f"{queues_json(mq_env)}\n{worker.output[-3000:]}")
     dead = [json.loads(v) for v in publisher.state.store.hvals(publisher.state.keys.messaging_dead(queue))]
     reasons = sorted(d["reason"] for d in dead)
@@ -359,6 +368,8 @@ def test_undecodable_messages_are_dead_lettered_and_never_hold_back_their_batch(
     assert sum("not a Dramatiq message" in r for r in reasons) == 3, reasons
     assert sum("unknown actor 'nobody'" in r for r in reasons) == 1, reasons
     assert sum("not a flask-immutant message envelope" in r for r in reasons) == 1, reasons
+    assert sum("is not the queue it arrived on" in r for r in reasons) == 2, reasons
+    assert not any(n in handled(worker) for n in (97, 98))
     assert any(d.get("raw", "").startswith("[1, 2, 3]") for d in dead), dead
     # And nothing is left waiting or unacknowledged, and the consumer never crashed
     assert entry(mq_env, "/queue/work")["depth"] == 0

@@ -237,6 +237,18 @@ def test_a_message_that_cannot_be_encoded_fails_at_publish(embedded_store, immut
     app.extensions["immutant"].store.close()
 
 
+@pytest.mark.parametrize("field", ["published_at", "expires_at"])
+@pytest.mark.parametrize("value", [10**400, float("nan"), float("inf"), float("-inf"), True, "1"])
+def test_an_envelope_time_that_is_no_finite_number_is_malformed(field: str, value: object) -> None:
+    """Regression (review): JSON lets a 400-digit integer and NaN through; the integer raised
+    OverflowError, retried like a failing handler instead of dead-lettered at once, and a NaN
+    expiry never expired."""
+    data = envelope("/queue/x", {"a": 1})
+    data[field] = value
+    with pytest.raises(MalformedMessage, match="malformed envelope"):
+        decode(data)
+
+
 @pytest.mark.parametrize("raw", [b"\xff not json", b"[1]", b'{"ok": true}', b"null"])
 def test_a_malformed_reply_is_a_remote_error_not_a_crash(raw: bytes) -> None:
     from flask_immutant.messaging.core import _reply
@@ -796,6 +808,32 @@ def test_one_multiple_ack_never_covers_a_delivery_still_being_handled_or_rejecte
         assert rabbitmq_queue_counts(rabbit.name + ".XQ")[0] == 1  # the rejected one, dead-lettered
     finally:
         consumer.close()
+        rabbit.delete()
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"])
+def test_a_failed_wake_up_keeps_the_listed_acks(broker, monkeypatch) -> None:
+    """Regression (review of the multiple acks): a wake-up that failed for any reason but a lost
+    connection dropped every listed ack and rejection while the connection was up: messages left
+    unacknowledged, and a dropped rejection could later be covered by a multiple ack."""
+    from support import wait_until
+
+    rabbit = _RabbitQueue("ack-wake")
+    consumer = rabbit.broker.consume(rabbit.name, prefetch=2, timeout=1000)  # every ack wakes
+    try:
+        rabbit.actor.send(1)
+        message = wait_until(lambda: next(consumer), timeout=10)
+
+        def broken(callback):  # type: ignore[no-untyped-def]
+            raise OSError("the wake-up socket is full")
+
+        monkeypatch.setattr(consumer.connection, "add_callback_threadsafe", broken)
+        consumer.ack(message)
+        assert consumer._acks == [message._tag] and not consumer._waking
+        monkeypatch.undo()
+        consumer.close()  # sends the list
+        assert rabbit.ready() == 0
+    finally:
         rabbit.delete()
 
 

@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from math import inf, isfinite
 from typing import Any
 
 import msgpack
@@ -123,7 +124,7 @@ def decode(raw: Any, retries: int = 0, message_id: str = "") -> Message:
         raise MalformedMessage(f"properties must be an object, not {type(properties).__name__}")
     published_at, expires_at, trace = get("published_at"), get("expires_at"), get("trace")
     # The usual envelope: a float time, no expiry, no trace; anything else goes the long way.
-    published = published_at if type(published_at) is float else _number(published_at)
+    published = published_at if type(published_at) is float and isfinite(published_at) else _number(published_at)
     expires = None if expires_at is None else _number(expires_at)
     # A frozen dataclass's __init__ sets each field through object.__setattr__, 1.9 us a message;
     # filling the new instance's __dict__ (which the frozen guard, __setattr__, never sees) costs
@@ -169,8 +170,15 @@ def _trace(value: Any) -> dict[str, str]:
 
 
 def _number(value: Any) -> float | None:
+    """A time in an envelope: a finite number (JSON lets a 400-digit integer and NaN through)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise MalformedMessage(f"malformed envelope: expected a number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = inf
+    if not isfinite(number):
+        raise MalformedMessage(f"malformed envelope: expected a finite time, got {str(value)[:40]}")
+    return number

@@ -133,8 +133,12 @@ def batching_consumer(base: type) -> type:
                 self._drop_acks()
                 raise ConnectionClosed(exc) from None
             except Exception:
-                self._drop_acks()
-                log.warning("Failed to settle message %s.", what, exc_info=True)
+                # The connection may well be up (a failed write to its wake-up socket): the lists
+                # stay for the timer or the next wake-up; dropping them would leave messages
+                # unacknowledged, and a dropped rejection could be covered by a multiple ack.
+                with self._acks_lock:
+                    self._waking = False
+                log.warning("Failed to wake the consumer for message %s.", what, exc_info=True)
 
         def close(self) -> None:
             """Send the lists, then Dramatiq's close (which runs every queued callback first): a

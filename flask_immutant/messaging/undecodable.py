@@ -181,6 +181,10 @@ class GuardedConsumer(Consumer):
             return "not a Dramatiq message: options.redis_message_id is missing"
         if fields.actor_name not in self.broker.actors:
             return f"unknown actor {message.actor_name!r} on queue {self.queue_name!r}"
+        if fields.queue_name != self.queue_name:
+            # Dramatiq settles a message through the consumer its queue_name names: another one
+            # would refuse it (held unacknowledged) or none exists (a KeyError kills the worker)
+            return f"queue_name {fields.queue_name!r} is not the queue it arrived on ({self.queue_name!r})"
         return None
 
     def refuse(self, message: Any, reason: str, raw: Any) -> None:
