@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from math import inf, isfinite
 from typing import Any
 
-import msgpack
-
 from .errors import EncodeError, MalformedMessage, MessagingError
 
 ENCODINGS = ("json", "msgpack")
@@ -80,6 +78,8 @@ def envelope(
     if encoding == "json":
         data["body"] = body
     else:
+        import msgpack  # only for msgpack bodies: `status` imports this module for its ids
+
         try:
             packed = msgpack.packb(body, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -113,6 +113,8 @@ def decode(raw: Any, retries: int = 0, message_id: str = "") -> Message:
     encoding = get("encoding", "json")
     body = raw["body"]
     if encoding == "msgpack":
+        import msgpack
+
         try:
             body = msgpack.unpackb(base64.b64decode(body, validate=True), raw=False)
         except (TypeError, ValueError, binascii.Error, msgpack.UnpackException) as exc:
