@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import pickle
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -293,8 +294,15 @@ def test_a_memoize_hit_costs_one_round_trip_or_none(app, monkeypatch, mode, roun
         assert cache.tracking(10)  # type: ignore[attr-defined]
         assert lookup(1, b="y") == {"a": 1, "b": "y"}
     counter = CommandCounter(cache.client, monkeypatch)  # type: ignore[attr-defined]
-    assert lookup(1, b="y") == {"a": 1, "b": "y"}
-    # (the invalidated case once counted 1 on a loaded CI machine: the commands say what it was)
+    # The invalidation of the first fill's own SET can reach the tracking connection after the
+    # second lookup filled the near entry, and empty it once (a GET of the key, seen on loaded CI
+    # machines): the next read fills it again, and from then on a hit costs no round trip.
+    for _attempt in range(20 if mode == "invalidated" else 1):
+        counter.count, counter.sent = 0, []
+        assert lookup(1, b="y") == {"a": 1, "b": "y"}
+        if counter.count == round_trips:
+            break
+        time.sleep(0.05)
     assert counter.count == round_trips, counter.sent
     assert calls == [(1, "y")]
     assert lookup(2) == {"a": 2, "b": "x"} and len(calls) == 2
