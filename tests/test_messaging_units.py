@@ -925,23 +925,12 @@ def test_a_message_of_a_closed_channel_is_never_acked_on_the_next_one(broker) ->
     """Regression (review of the ack batching; Dramatiq's own consumer does it too): after a
     consumer restart, Dramatiq acks a message of the old channel through the new consumer, whose
     delivery tags start at 1 again: the tag could name another, unhandled message there."""
-    import uuid
-
-    import dramatiq
-
-    from flask_immutant.messaging.rabbitmq_broker import batching_rabbitmq_broker
-
-    rabbit = batching_rabbitmq_broker()(url="amqp://guest:guest@127.0.0.1:5672/%2F")
-    queue = f"immutant-test-tags-{uuid.uuid4().hex[:8]}"
-
-    @dramatiq.actor(queue_name=queue, broker=rabbit)
-    def job(n: int) -> None:
-        pass
-
-    old, new = rabbit.consume(queue, prefetch=1, timeout=1000), rabbit.consume(queue, prefetch=1, timeout=1000)
+    rabbit = _RabbitQueue("tags")
+    old = rabbit.broker.consume(rabbit.name, prefetch=1, timeout=1000)
+    new = rabbit.broker.consume(rabbit.name, prefetch=1, timeout=1000)
     try:
-        job.send(1)
-        job.send(2)
+        rabbit.actor.send(1)
+        rabbit.actor.send(2)
         first = next(m for m in iter(lambda: next(old), object()) if m is not None)
         second = next(m for m in iter(lambda: next(new), object()) if m is not None)
         assert first._tag == second._tag == 1  # each channel numbers its deliveries from 1
@@ -954,10 +943,7 @@ def test_a_message_of_a_closed_channel_is_never_acked_on_the_next_one(broker) ->
     finally:
         old.close()
         new.close()
-        rabbit.channel.queue_delete(queue)
-        for suffix in (".DQ", ".XQ"):
-            rabbit.channel.queue_delete(queue + suffix)
-        rabbit.close()
+        rabbit.delete()
 
 
 def test_handler_counts_lose_nothing_and_never_break_a_reader_while_workers_update_them() -> None:
