@@ -355,11 +355,11 @@ def test_the_guard_acks_undecodable_messages_on_the_broker_the_redis_backend_mak
     assert message.actor_name == good.actor_name
     assert [(q, raw) for q, _, _, raw, _ in dead] == [(queue, b"\xff garbage")], dead
     assert "not a Dramatiq message" in str(dead[0][2])
-    acks = f"{backend.namespace}:__acks__.{broker.broker_id}.{queue}"
-    assert store_client.smembers(acks) == {message.options["redis_message_id"].encode()}
-    assert not store_client.hexists(f"{backend.namespace}:{queue}.msgs", "garbage-id")
+    # (acknowledged in one call with the good one's: acks go out before a fetch or at the close)
     consumer.ack(message)
-    assert not store_client.exists(acks)
+    consumer.close()
+    assert not store_client.exists(f"{backend.namespace}:__acks__.{broker.broker_id}.{queue}")
+    assert not store_client.exists(f"{backend.namespace}:{queue}.msgs")
 
 
 def test_a_closed_redis_consumer_puts_back_what_it_fetched_and_never_handed_out(store_client, cluster_name) -> None:
@@ -580,6 +580,177 @@ def test_contract_dramatiq_redis_fetch_stops_at_an_empty_queue() -> None:
     fetch = dispatch[dispatch.index('command == "fetch"'):]
     assert 'redis.call("lpop", queue_full_name)' in fetch and "if not message_id then\n            break" in fetch
     assert 'local queue_full_name = namespace .. ":" .. queue_name' in dispatch
+
+
+def _script_calls(client) -> int:
+    """Script calls the store has run since its statistics were last reset."""
+    stats = client.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "eval"))
+
+
+def test_a_redis_consumer_acknowledges_what_its_workers_handled_in_one_call_before_it_fetches_again(
+        private_redis, cluster_name) -> None:
+    """Issue 14: each worker thread acknowledged its message with a script call of its own (one round
+    trip, about 85 us of the process's CPU, a message); the consumer thread now sends them all in one
+    call before its next fetch."""
+    import redis
+
+    client = redis.Redis.from_url(private_redis.url)
+    backend, broker, queue, _, consumer = _redis_consumer_of(client, cluster_name, "acks", 15, 5)
+    handled = [next(consumer) for _ in range(5)]
+    for message in handled:  # a first round, so every script is loaded
+        consumer.ack(message)
+    handled = [next(consumer) for _ in range(5)]
+    client.config_resetstat()
+    # When five worker threads acknowledge their messages
+    workers = [threading.Thread(target=consumer.ack, args=(message,)) for message in handled]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(10)
+    # Then the consumer's next call acknowledges all five in one script call, then fetches
+    following = next(consumer)
+    assert _script_calls(client) == 2, client.info("commandstats")
+    assert following.args == (10,)  # type: ignore[attr-defined]
+    acks = client.smembers(f"{backend.namespace}:__acks__.{broker.broker_id}.{queue}")
+    fetched = {message_id.decode() for message_id in acks}
+    assert len(fetched) == 5 and not fetched & {m.options["redis_message_id"] for m in handled}
+    assert sorted(client.hkeys(f"{backend.namespace}:{queue}.msgs")) == sorted(acks)
+    client.close()
+
+
+def test_an_ack_while_the_redis_consumer_waits_for_a_wake_token_reaches_the_store_at_once(
+        store_client, cluster_name) -> None:
+    """Listed acks wait for the consumer's next fetch, which an idle consumer makes only at a wake
+    token (up to ``idle_wait``): while it waits, a worker acknowledges on its own thread."""
+    from support import wait_until
+
+    # Given a consumer that handed out its only message and waits for a wake token
+    backend, broker, queue, _, consumer = _redis_consumer_of(store_client, cluster_name, "idle", 1, 8)
+    consumer.idle_wait = 60.0
+    message = next(consumer)
+    waiting = threading.Thread(target=lambda: next(consumer), daemon=True)
+    waiting.start()
+    acks = f"{backend.namespace}:__acks__.{broker.broker_id}.{queue}"
+    try:
+        wait_until(lambda: consumer._waiting, timeout=10, message="the consumer to wait for a token")
+        # When a worker acknowledges the message
+        consumer.ack(message)
+        # Then it is acknowledged in the store at once, while the consumer still waits
+        assert not store_client.exists(acks)
+        assert not store_client.exists(f"{backend.namespace}:{queue}.msgs")
+        assert waiting.is_alive()
+    finally:
+        broker.stopping.set()
+        backend.wake(broker, [queue])
+        waiting.join(15)
+
+
+def test_a_closing_redis_consumer_acknowledges_what_was_handled_or_leaves_it_to_the_next_consume(
+        private_redis, cluster_name) -> None:
+    """A consumer closed (a stop, or a restart after an error) with acks still listed sends them; if
+    the store refuses them, the next consume of the queue sends them once the store answers, so
+    the messages are not handled again."""
+    import redis
+
+    from support import store_refusing
+
+    client = redis.Redis.from_url(private_redis.url)
+    backend, broker, queue, _, consumer = _redis_consumer_of(client, cluster_name, "close", 3, 8)
+    handled = [next(consumer) for _ in range(3)]
+    acks = f"{backend.namespace}:__acks__.{broker.broker_id}.{queue}"
+    # Given two handled messages listed while the store refuses writes, and one still in a handler
+    with store_refusing(private_redis.socket, "NOREPLICAS"):
+        consumer.ack(handled[0])
+        consumer.ack(handled[1])
+        # When the consumer is closed
+        consumer.close()
+        # Then the refused acks are kept: the messages stay unacknowledged, not lost or acked twice
+        assert client.scard(acks) == 3
+    # And a worker finishing after the close acknowledges on its own thread
+    consumer.ack(handled[2])
+    assert client.smembers(acks) == {m.options["redis_message_id"].encode() for m in handled[:2]}
+    # And the next consume of the queue, with the store answering, sends the two kept ones
+    broker.consume(queue, prefetch=8, timeout=100)
+    assert not client.exists(acks)
+    assert not client.exists(f"{backend.namespace}:{queue}.msgs")
+    client.close()
+
+
+def test_a_queue_whose_last_listener_stopped_still_acknowledges_the_message_in_its_handler(
+        embedded_store, immutant_home, cluster_name) -> None:
+    """The engine stops a queue's consumer thread when its last listener stops, and Dramatiq never
+    closed that consumer: the ack of a message still in its handler would stay listed there, and
+    the message would run again once the node left. The consumer is closed when its thread ends."""
+    from support import wait_until
+
+    app = Flask("unbound")
+    app.config.update(IMMUTANT_HOME=str(immutant_home), IMMUTANT_CLUSTER=cluster_name, IMMUTANT_TRACING="off")
+    ImmutantExtension(app)
+    state = get_state(app)
+    messaging = messaging_for(app)
+    started, release = threading.Event(), threading.Event()
+    listener = messaging.listen("/queue/unbound", lambda body: (started.set(), release.wait(30)))
+    runtime = SimpleNamespace(app=app, settings=state.settings)
+    messaging.runtime_started(runtime)  # type: ignore[arg-type]
+    try:
+        engine = messaging.engine
+        assert engine is not None
+        acks = f"{state.keys.messaging_namespace}:__acks__.{engine.consumer_id}.{listener.queue}"
+        # Given a message in its handler
+        messaging.publish("/queue/unbound", "slow")
+        assert started.wait(15)
+        # When its listener stops (the queue's consumer thread with it), then the handler returns
+        listener.stop()
+        wait_until(lambda: not engine.worker.consumers[listener.queue].is_alive(), timeout=15)
+        release.set()
+        # Then the message is acknowledged in the store, with the node still running
+        wait_until(lambda: not state.store.exists(acks), timeout=10, message="the handled message's ack")
+    finally:
+        release.set()
+        messaging.runtime_stopping(runtime)  # type: ignore[arg-type]
+        state.store.close()
+
+
+def test_contract_dramatiq_redis_ack_layout() -> None:
+    """redis_broker_ack.lua acknowledges a batch as Dramatiq's ``ack`` command does one message: it
+    relies on the ack set ``<namespace>:__acks__.<broker id>.<queue>`` and the hash
+    ``<namespace>:<queue>.msgs`` (redis_broker.ack_set, messages_hash), and on an ack being "SREM
+    from the ack set; only if it was there, HDEL from the hash"."""
+    from importlib import resources
+
+    from flask_immutant.messaging.redis_broker import ack_set, messages_hash
+
+    dispatch = resources.files("dramatiq.brokers").joinpath("redis", "dispatch.lua").read_text()
+    ack = dispatch[dispatch.index('elseif command == "ack"'):dispatch.index('elseif command == "nack"')]
+    assert 'if redis.call("srem", queue_acks, message_id) > 0 then' in ack
+    assert 'redis.call("hdel", queue_messages, message_id)' in ack
+    for line in ('local acks = namespace .. ":__acks__." .. worker_id',
+                 'local queue_acks = acks .. "." .. queue_name',
+                 'local queue_full_name = namespace .. ":" .. queue_name',
+                 'local queue_messages = queue_full_name .. ".msgs"'):
+        assert line in dispatch, line
+    broker = SimpleNamespace(namespace="ns", broker_id="b1")
+    assert ack_set(broker, "q") == "ns:__acks__.b1.q" and messages_hash(broker, "q") == "ns:q.msgs"
+
+
+def test_a_batch_ack_leaves_the_store_as_dramatiq_acks_do(store_client, cluster_name) -> None:
+    """The same store state after our batch ack as after Dramatiq's own ack of each message."""
+    backend, broker, queue, _, consumer = _redis_consumer_of(store_client, cluster_name, "same", 4, 8)
+    messages = [next(consumer) for _ in range(4)]
+    ids = [m.options["redis_message_id"] for m in messages]
+    acks, hashed = f"{backend.namespace}:__acks__.{broker.broker_id}.{queue}", f"{backend.namespace}:{queue}.msgs"
+    broker.do_ack(queue, ids[0])
+    after_dramatiq = (store_client.smembers(acks), set(store_client.hkeys(hashed)))
+    broker.send_acks(queue, [ids[1], "never-fetched", ids[1]])  # unknown and repeated ids change nothing
+    assert (store_client.smembers(acks), set(store_client.hkeys(hashed))) == (
+        after_dramatiq[0] - {ids[1].encode()}, after_dramatiq[1] - {ids[1].encode()})
+    assert ids[0].encode() not in after_dramatiq[0] | after_dramatiq[1]
+    # A key of another type where the ack set should be (garbage) is skipped, not an error
+    store_client.delete(acks)
+    store_client.set(acks, "garbage")
+    broker.send_acks(queue, ids[2:])
+    assert store_client.get(acks) == b"garbage" and len(store_client.hkeys(hashed)) == 2
 
 
 def test_contract_dramatiq_rabbitmq_consumer_ack() -> None:

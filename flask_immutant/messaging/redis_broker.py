@@ -8,7 +8,9 @@ Three changes, all through Dramatiq's extension points (a broker subclass and it
 - an idle consumer waits on its queue's wake list (BLPOP) instead of polling with a backoff, and
   every publish, retry and requeue adds a token there, so Redis hands a trickle of messages to the
   consumer that has waited longest, round the nodes in turn; while messages stream in faster than
-  one per fetch, it pauses a few milliseconds between fetches so that each fetches a batch.
+  one per fetch, it pauses a few milliseconds between fetches so that each fetches a batch;
+- a worker thread that handled a message lists its id, and the consumer thread acknowledges the
+  list in one script call before its next fetch, instead of one call per message on the worker.
 """
 
 from __future__ import annotations
@@ -169,6 +171,10 @@ def resuming_redis_broker() -> type[RedisBroker]:
             self.released = Release()
             #: The list this runtime's stop pushes to (keys.messaging_release), named by the backend.
             self.release_key = release_key
+            #: queue -> ids of handled messages a closed consumer could not acknowledge (the store
+            #: was away): the next consume of the queue sends them
+            self._stranded_acks: dict[str, list[str]] = {}
+            self.add_middleware(closing_consumers()())
 
         @property
         def consumer_class(self) -> type:
@@ -183,6 +189,24 @@ def resuming_redis_broker() -> type[RedisBroker]:
                 log.warning("messaging: %d fetched message(s) of %s go back when the store answers (%s)",
                             len(fetched), queue_name, exc)
                 self._stranded.setdefault(queue_name, []).extend(fetched)
+
+        def send_acks(self, queue_name: str, ids: list[str]) -> None:
+            """Acknowledge ``ids`` of ``queue_name`` in one script call; raises the store's error."""
+            if ids:
+                self._ack_many(keys=[ack_set(self, queue_name), messages_hash(self, queue_name)], args=ids)
+
+        def strand_acks(self, queue_name: str, ids: list[str]) -> None:
+            """Keep ``ids`` for the next consume of ``queue_name`` (a closing consumer's, unsent)."""
+            if ids:
+                log.warning("messaging: %d handled message(s) of %s are acknowledged when the store "
+                            "answers", len(ids), queue_name)
+                self._stranded_acks.setdefault(queue_name, []).extend(ids)
+
+        @functools.cached_property
+        def _ack_many(self) -> Any:
+            from .. import lua
+
+            return lua.script(self.client, "messaging/redis_broker_ack")
 
         def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
             """Dramatiq's own enqueues (a retry, a delayed message coming due) wake a consumer too."""
@@ -214,14 +238,41 @@ def resuming_redis_broker() -> type[RedisBroker]:
                 log.info("messaging: consumer of %s resumes", queue_name)
             self._resumes[thread.ident or 0] = (time.monotonic(), backoff)
             self.put_back(queue_name, self._stranded.pop(queue_name, []))
+            stranded_acks = self._stranded_acks.pop(queue_name, [])
+            try:
+                self.send_acks(queue_name, stranded_acks)
+            except redis.RedisError:
+                self.strand_acks(queue_name, stranded_acks)
             consumer: Any = super().consume(queue_name, prefetch, 0)  # no sleep in Dramatiq's consumer
             if queue_name.endswith(".DQ"):  # polled: it must also look at due times regularly
                 consumer.poll_ms = timeout
+                consumer.direct_acks = True  # its waits between polls are long
             else:  # waits for a token
                 consumer.idle_wait = IDLE_WAIT
             return consumer
 
     return ResumingRedisBroker
+
+
+@functools.cache
+def closing_consumers() -> type:
+    """The middleware that closes a consumer when its consumer thread ends (made on first use, as
+    the broker class is)."""
+    from dramatiq import Middleware
+
+    class ClosingConsumers(Middleware):
+        """Close a consumer once its thread ends, as Dramatiq's worker does only at its own stop.
+
+        The engine stops a queue's consumer thread when its last listener goes (``Engine.unbind``);
+        its consumer would keep the acks its workers list afterwards, and its fetched, never handed
+        out batch, until the worker stopped (or for good, when the queue is bound again). Closing
+        it sends and puts those back, and workers still finishing acknowledge on their own thread.
+        A second close (the worker's stop) finds nothing left to do."""
+
+        def before_consumer_thread_shutdown(self, broker: Any, thread: Any) -> None:
+            thread.close()  # puts its delayed messages back, then closes the consumer
+
+    return ClosingConsumers
 
 
 @functools.cache
@@ -245,12 +296,23 @@ def waking_consumer(base: type) -> type:
         at 1,500 a second: bench/README.md, issue 14). A fetch that filled the prefetch is
         followed by the next as soon as an ack makes room.
 
+        A worker thread that handled a message lists its id, and the consumer thread acknowledges
+        the list in one script call before it fetches again (Dramatiq acknowledges each message
+        on its worker thread: one round trip each, about 85 us of the process's CPU). The
+        consumer's waits with a list pending are short (a linger, or a saturated consumer's wait
+        for room, which the ack itself ends); before a wait for a wake token, and once closed, it
+        sends the list and workers acknowledge on their own thread again. A closing consumer
+        sends its list; if the store is away the next consume of the queue does. As on RabbitMQ
+        (rabbitmq_broker.py), a crash after a handler returned and before the list went out
+        gives that message back: delivery is at least once either way.
+
         A delay queue's consumer (``poll_ms``) polls with Dramatiq's backoff instead, and every
         wait between polls ends once the broker is ``released`` (the engine stops), so a stop
-        never sleeps out a poll interval."""
+        never sleeps out a poll interval; its workers acknowledge directly (``direct_acks``)."""
 
         idle_wait: float | None = None
         poll_ms: int | None = None
+        direct_acks = False
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             from .. import lua
@@ -266,6 +328,14 @@ def waking_consumer(base: type) -> type:
             #: holding its whole prefetch fetches again as soon as there is room.
             self._room = threading.Event()
             self.broker.released.also_set(self._room)
+            #: Guards ``_acks`` and the flags below (worker threads list, the consumer thread sends).
+            self._acks_lock = threading.Lock()
+            #: Broker ids of messages handled since the last send, not yet acknowledged in the store.
+            self._acks: list[str] = []
+            #: The consumer thread waits for a wake token (listed acks would wait up to
+            #: ``idle_wait``), or the consumer is closed: a worker acknowledges on its own thread.
+            self._waiting = False
+            self._closed = False
             self._clear_stale_tokens = lua.script(self.broker.client, "messaging/redis_broker_idle")
 
         def __next__(self) -> Any:
@@ -287,6 +357,8 @@ def waking_consumer(base: type) -> type:
                         self._wait_for_work()
                 # else: the last fetch filled the prefetch: fetch again as soon as there is room,
                 # without a token, as a backlog holds more messages than tokens
+            if self._acks and not self.message_cache:
+                self._send_acks()
             room = 0 if self.message_cache else self.prefetch - self.outstanding_message_count
             message = super().__next__()
             if room > 0:  # this call fetched
@@ -303,10 +375,37 @@ def waking_consumer(base: type) -> type:
             return message
 
         def ack(self, message: Any) -> None:
+            """Dramatiq's ``ack`` (the same bookkeeping), listed for the consumer thread unless it
+            is waiting for a token or closed."""
+            with self._acks_lock:
+                listed = not (self._waiting or self._closed or self.direct_acks)
+                if listed:
+                    self._acks.append(message.options["redis_message_id"])
+                    self.queued_message_ids.discard(message.message_id)
+            if listed:
+                self._room.set()
+                return
             try:
                 super().ack(message)
             finally:  # Dramatiq forgets the message even when the ack failed: room all the same
                 self._room.set()
+
+        def _send_acks(self) -> None:
+            """On the consumer thread: acknowledge what is listed; kept for the next try on an error."""
+            with self._acks_lock:
+                ids, self._acks = self._acks, []
+            if not ids:
+                return
+            try:
+                self.broker.send_acks(self.queue_name, ids)
+            except redis.RedisError as exc:
+                with self._acks_lock:
+                    self._acks[:0] = ids
+                if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+                    from dramatiq.errors import ConnectionClosed
+
+                    raise ConnectionClosed(exc) from None
+                raise
 
         def nack(self, message: Any) -> None:
             try:
@@ -317,7 +416,10 @@ def waking_consumer(base: type) -> type:
         def _wait_for_work(self) -> None:
             """Clear the stale tokens of an empty queue, then wait for the next publish's token."""
             wake = wake_list(self.broker.namespace, self.queue_name)
+            with self._acks_lock:
+                self._waiting = True
             try:
+                self._send_acks()
                 if self._clear_stale_tokens(keys=[f"{self.broker.namespace}:{self.queue_name}", wake]):
                     return  # messages came since the fetch: fetch them
                 if not self.broker.stopping.is_set():
@@ -328,6 +430,9 @@ def waking_consumer(base: type) -> type:
                 from dramatiq.errors import ConnectionClosed
 
                 raise ConnectionClosed(exc) from None
+            finally:
+                with self._acks_lock:
+                    self._waiting = False
 
         def close(self) -> None:
             """Put back what was fetched and never handed out: after an error Dramatiq's consumer
@@ -336,6 +441,13 @@ def waking_consumer(base: type) -> type:
             cached: list[bytes] = [data for data in self.message_cache if data is not None]
             self.message_cache.clear()
             self.broker.put_back(self.queue_name, cached)
+            with self._acks_lock:
+                self._closed = True  # a worker still finishing acknowledges on its own thread
+                ids, self._acks = self._acks, []
+            try:
+                self.broker.send_acks(self.queue_name, ids)
+            except redis.RedisError:
+                self.broker.strand_acks(self.queue_name, ids)
             super().close()
 
         def requeue(self, messages: Any) -> None:
@@ -347,17 +459,28 @@ def waking_consumer(base: type) -> type:
     return WakingConsumer
 
 
+def ack_set(broker: Any, queue_name: str) -> str:
+    """Dramatiq's set of the ids this broker fetched from ``queue_name`` and has not acknowledged
+    (dispatch.lua's ``queue_acks``; backends_reap.lua reads it too)."""
+    return f"{broker.namespace}:__acks__.{broker.broker_id}.{queue_name}"
+
+
+def messages_hash(broker: Any, queue_name: str) -> str:
+    """Dramatiq's hash of ``queue_name``'s messages by id (dispatch.lua's ``queue_messages``)."""
+    return f"{broker.namespace}:{queue_name}.msgs"
+
+
 def fetched_ids(broker: Any, queue_name: str, fetched: list[bytes]) -> list[str]:
     """The broker's ids of messages this broker fetched from ``queue_name`` and holds unacknowledged,
     found by their bytes (an undecodable message cannot say its id)."""
     if not fetched:
         return []
-    ids = sorted(broker.client.smembers(f"{broker.namespace}:__acks__.{broker.broker_id}.{queue_name}"))
+    ids = sorted(broker.client.smembers(ack_set(broker, queue_name)))
     if not ids:
         return []
     wanted = Counter(fetched)
     found = []
-    for redis_id, data in zip(ids, broker.client.hmget(f"{broker.namespace}:{queue_name}.msgs", ids), strict=True):
+    for redis_id, data in zip(ids, broker.client.hmget(messages_hash(broker, queue_name), ids), strict=True):
         if wanted[data] > 0:
             wanted[data] -= 1
             found.append(redis_id.decode() if isinstance(redis_id, bytes) else str(redis_id))
