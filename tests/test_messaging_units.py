@@ -362,6 +362,61 @@ def test_the_guard_acks_undecodable_messages_on_the_broker_the_redis_backend_mak
     assert not store_client.exists(f"{backend.namespace}:{queue}.msgs")
 
 
+def test_two_garbage_messages_with_the_same_bytes_are_each_dead_lettered_once(store_client, cluster_name) -> None:
+    """Regression (review of the batched acks): an undecodable message is found by its bytes in the
+    ack set, where the first one's id stayed until its listed ack went out; the second was taken
+    for it, dead-lettered twice, and its own id never acknowledged (it ran again once the node left)."""
+    import dramatiq
+
+    from flask_immutant.keys import Keys
+    from flask_immutant.messaging.backends import RedisBackend, Target
+    from flask_immutant.messaging.undecodable import guard_consumers
+
+    from support import wait_until
+
+    backend = RedisBackend(store_client, Keys(cluster_name))
+    broker = backend.make_broker([], consumer_id=f"{cluster_name}.consumer")
+    dead: list[tuple[object, ...]] = []
+    guard_consumers(broker, lambda *record: dead.append(record))
+    queue = f"{cluster_name}.q.twins"
+    good = dramatiq.actor(lambda: None, broker=broker, queue_name=queue, actor_name=f"{cluster_name}_twin")
+    # Given two garbage entries with the same bytes ahead of a good message
+    for garbage_id in ("g1", "g2"):
+        store_client.hset(f"{backend.namespace}:{queue}.msgs", garbage_id, b"\xff the same garbage")
+        store_client.rpush(f"{backend.namespace}:{queue}", garbage_id)
+    backend.publish(broker, [Target(good.message())], None)
+    # When a consumer fetches all three, and the good one is handled
+    consumer = broker.consume(queue, prefetch=8, timeout=100)
+    message = wait_until(lambda: next(consumer), timeout=10)
+    consumer.ack(message)
+    consumer.close()
+    # Then each garbage entry was dead-lettered once, and nothing is left unacknowledged
+    assert [raw for _, _, _, raw, _ in dead] == [b"\xff the same garbage"] * 2
+    assert not store_client.exists(f"{backend.namespace}:__acks__.{broker.broker_id}.{queue}")
+    assert not store_client.exists(f"{backend.namespace}:{queue}.msgs")
+
+
+def test_a_closing_redis_consumer_acknowledges_before_it_puts_back(store_client, cluster_name) -> None:
+    """Regression (review of the batched acks): the close put back its fetched batch, found by
+    bytes in the ack set, before it sent its listed acks; with a copy of a handled message's bytes
+    in the batch (a store writer's), the handled one went back to the queue and ran again, and the
+    copy stayed unacknowledged."""
+    backend, broker, queue, _, consumer = _redis_consumer_of(store_client, cluster_name, "copy", 1, 8)
+    original = store_client.lindex(f"{backend.namespace}:{queue}", 0).decode()
+    data = store_client.hget(f"{backend.namespace}:{queue}.msgs", original)
+    store_client.hset(f"{backend.namespace}:{queue}.msgs", "zzzz-copy", data)
+    store_client.rpush(f"{backend.namespace}:{queue}", "zzzz-copy")
+    # Given the original handled, and its copy fetched but not handed out
+    message = next(consumer)
+    assert message.options["redis_message_id"] == original and len(consumer.message_cache) == 1
+    consumer.ack(message)
+    # When the consumer closes
+    consumer.close()
+    # Then the original is acknowledged and the copy is back in the queue
+    assert store_client.lrange(f"{backend.namespace}:{queue}", 0, -1) == [b"zzzz-copy"]
+    assert not store_client.exists(f"{backend.namespace}:__acks__.{broker.broker_id}.{queue}")
+
+
 def test_a_closed_redis_consumer_puts_back_what_it_fetched_and_never_handed_out(store_client, cluster_name) -> None:
     """Regression: after a consumer error Dramatiq's consumer thread closes the consumer and makes a
     new one; the old one's fetched batch stayed in its ack set (our heartbeat alive, so no reaper
@@ -646,35 +701,75 @@ def test_an_ack_while_the_redis_consumer_waits_for_a_wake_token_reaches_the_stor
         waiting.join(15)
 
 
-def test_a_closing_redis_consumer_acknowledges_what_was_handled_or_leaves_it_to_the_next_consume(
+def test_a_closing_redis_consumer_acknowledges_what_was_handled_and_keeps_what_the_store_refused(
         private_redis, cluster_name) -> None:
     """A consumer closed (a stop, or a restart after an error) with acks still listed sends them; if
-    the store refuses them, the next consume of the queue sends them once the store answers, so
-    the messages are not handled again."""
+    the store refuses them they stay listed, and a worker finishing after the close sends its own
+    ack on its thread, the kept ones with it."""
     import redis
 
     from support import store_refusing
 
     client = redis.Redis.from_url(private_redis.url)
-    backend, broker, queue, _, consumer = _redis_consumer_of(client, cluster_name, "close", 3, 8)
-    handled = [next(consumer) for _ in range(3)]
+    backend, broker, queue, _, consumer = _redis_consumer_of(client, cluster_name, "close", 4, 8)
+    handled = [next(consumer) for _ in range(4)]
     acks = f"{backend.namespace}:__acks__.{broker.broker_id}.{queue}"
+    consumer.ack(handled[0])
+    consumer.close()
+    assert client.scard(acks) == 3  # sent at the close
     # Given two handled messages listed while the store refuses writes, and one still in a handler
     with store_refusing(private_redis.socket, "NOREPLICAS"):
-        consumer.ack(handled[0])
-        consumer.ack(handled[1])
-        # When the consumer is closed
-        consumer.close()
-        # Then the refused acks are kept: the messages stay unacknowledged, not lost or acked twice
+        consumer.ack(handled[1])  # closed: sent at once, and refused
+        consumer.ack(handled[2])
+        # Then the refused acks are kept: the messages stay unacknowledged, neither lost nor acked twice
         assert client.scard(acks) == 3
-    # And a worker finishing after the close acknowledges on its own thread
-    consumer.ack(handled[2])
-    assert client.smembers(acks) == {m.options["redis_message_id"].encode() for m in handled[:2]}
-    # And the next consume of the queue, with the store answering, sends the two kept ones
-    broker.consume(queue, prefetch=8, timeout=100)
+        assert broker.pending_acks.unsent(queue) == {m.options["redis_message_id"] for m in handled[1:3]}
+    # And the worker finishing once the store answers again sends all three
+    consumer.ack(handled[3])
     assert not client.exists(acks)
     assert not client.exists(f"{backend.namespace}:{queue}.msgs")
     client.close()
+
+
+def test_acks_the_store_refused_after_the_last_listener_stopped_go_out_once_it_answers(
+        private_redis, immutant_home, cluster_name) -> None:
+    """Regression (review of the batched acks): a handler returning while the store refused writes
+    (READONLY, NOREPLICAS) had its ack dropped by Dramatiq (a "bug in Dramatiq" log), and with its
+    queue's consumer gone no fetch would send a kept one: the message stayed in the ack set until the
+    node left, and then ran again. The engine's reaper loop sends what is left."""
+    from support import store_refusing, wait_until
+
+    app = Flask("refused")
+    app.config.update(IMMUTANT_HOME=str(immutant_home), IMMUTANT_CLUSTER=cluster_name, IMMUTANT_TRACING="off",
+                      IMMUTANT_REDIS_URL=private_redis.url)
+    ImmutantExtension(app)
+    state = get_state(app)
+    messaging = messaging_for(app)
+    started, release = threading.Event(), threading.Event()
+    listener = messaging.listen("/queue/refused", lambda body: (started.set(), release.wait(30)))
+    runtime = SimpleNamespace(app=app, settings=state.settings)
+    messaging.runtime_started(runtime)  # type: ignore[arg-type]
+    try:
+        engine = messaging.engine
+        assert engine is not None
+        acks = f"{state.keys.messaging_namespace}:__acks__.{engine.consumer_id}.{listener.queue}"
+        # Given a message in its handler, and its queue's last listener stopped
+        messaging.publish("/queue/refused", "slow")
+        assert started.wait(15)
+        listener.stop()
+        wait_until(lambda: not engine.worker.consumers[listener.queue].is_alive(), timeout=15)
+        # When the handler returns while the store refuses writes
+        with store_refusing(private_redis.socket, "NOREPLICAS"):
+            release.set()
+            wait_until(lambda: engine.broker.pending_acks.unsent(listener.queue), timeout=10,
+                       message="the refused ack to be kept")
+            assert state.store.exists(acks)
+        # Then its ack reaches the store once the store answers, with the node still running
+        wait_until(lambda: not state.store.exists(acks), timeout=10, message="the kept ack")
+    finally:
+        release.set()
+        messaging.runtime_stopping(runtime)  # type: ignore[arg-type]
+        state.store.close()
 
 
 def test_a_queue_whose_last_listener_stopped_still_acknowledges_the_message_in_its_handler(
@@ -713,13 +808,13 @@ def test_a_queue_whose_last_listener_stopped_still_acknowledges_the_message_in_i
 
 
 def test_contract_dramatiq_redis_ack_layout() -> None:
-    """redis_broker_ack.lua acknowledges a batch as Dramatiq's ``ack`` command does one message: it
+    """redis_acks_send.lua acknowledges a batch as Dramatiq's ``ack`` command does one message: it
     relies on the ack set ``<namespace>:__acks__.<broker id>.<queue>`` and the hash
-    ``<namespace>:<queue>.msgs`` (redis_broker.ack_set, messages_hash), and on an ack being "SREM
+    ``<namespace>:<queue>.msgs`` (redis_acks.ack_set, messages_hash), and on an ack being "SREM
     from the ack set; only if it was there, HDEL from the hash"."""
     from importlib import resources
 
-    from flask_immutant.messaging.redis_broker import ack_set, messages_hash
+    from flask_immutant.messaging.redis_acks import ack_set, messages_hash
 
     dispatch = resources.files("dramatiq.brokers").joinpath("redis", "dispatch.lua").read_text()
     ack = dispatch[dispatch.index('elseif command == "ack"'):dispatch.index('elseif command == "nack"')]
@@ -734,6 +829,13 @@ def test_contract_dramatiq_redis_ack_layout() -> None:
     assert ack_set(broker, "q") == "ns:__acks__.b1.q" and messages_hash(broker, "q") == "ns:q.msgs"
 
 
+def _send(broker, queue: str, ids: list[str]) -> None:
+    with broker.pending_acks.lock:
+        for message_id in ids:
+            broker.pending_acks.add(queue, message_id)
+    broker.pending_acks.send(queue)
+
+
 def test_a_batch_ack_leaves_the_store_as_dramatiq_acks_do(store_client, cluster_name) -> None:
     """The same store state after our batch ack as after Dramatiq's own ack of each message."""
     backend, broker, queue, _, consumer = _redis_consumer_of(store_client, cluster_name, "same", 4, 8)
@@ -742,14 +844,14 @@ def test_a_batch_ack_leaves_the_store_as_dramatiq_acks_do(store_client, cluster_
     acks, hashed = f"{backend.namespace}:__acks__.{broker.broker_id}.{queue}", f"{backend.namespace}:{queue}.msgs"
     broker.do_ack(queue, ids[0])
     after_dramatiq = (store_client.smembers(acks), set(store_client.hkeys(hashed)))
-    broker.send_acks(queue, [ids[1], "never-fetched", ids[1]])  # unknown and repeated ids change nothing
+    _send(broker, queue, [ids[1], "never-fetched", ids[1]])  # unknown and repeated ids change nothing
     assert (store_client.smembers(acks), set(store_client.hkeys(hashed))) == (
         after_dramatiq[0] - {ids[1].encode()}, after_dramatiq[1] - {ids[1].encode()})
     assert ids[0].encode() not in after_dramatiq[0] | after_dramatiq[1]
     # A key of another type where the ack set should be (garbage) is skipped, not an error
     store_client.delete(acks)
     store_client.set(acks, "garbage")
-    broker.send_acks(queue, ids[2:])
+    _send(broker, queue, ids[2:])
     assert store_client.get(acks) == b"garbage" and len(store_client.hkeys(hashed)) == 2
 
 

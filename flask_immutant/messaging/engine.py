@@ -275,6 +275,7 @@ class Engine:
                 if binding.owned:
                     self._drop_subscription(binding)
             self.messaging.state.store.delete(self.keys.messaging_consumer(self.consumer_id))
+            self._send_pending_acks()  # handled messages must not go back with the rest
             # anything still unacked (a handler outlived the timeout) goes back now
             self.backend.reap(self.failure_timeout, leaving=self.consumer_id)
         except redis.RedisError as exc:
@@ -514,7 +515,15 @@ class Engine:
         return counts
 
     def _reap(self) -> None:
+        self._send_pending_acks()
         self.reap_once()
+
+    def _send_pending_acks(self) -> None:
+        """Redis: acknowledgements no consumer thread is left to send (its consumer closed while
+        the store refused them: redis_acks.py)."""
+        pending = getattr(self.broker, "pending_acks", None)
+        if pending is not None:
+            pending.send_all()
 
     def reap_once(self) -> list[tuple[str, int, dict[str, int]]]:
         """Give the unacknowledged messages of dead consumers back to their queues."""

@@ -15,6 +15,7 @@ Three changes, all through Dramatiq's extension points (a broker subclass and it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -28,6 +29,7 @@ import redis
 
 from ..keys import wake_list
 from ..loops import Backoff
+from .redis_acks import PendingAcks, ack_set, messages_hash
 
 if TYPE_CHECKING:
     from dramatiq import Message
@@ -171,9 +173,8 @@ def resuming_redis_broker() -> type[RedisBroker]:
             self.released = Release()
             #: The list this runtime's stop pushes to (keys.messaging_release), named by the backend.
             self.release_key = release_key
-            #: queue -> ids of handled messages a closed consumer could not acknowledge (the store
-            #: was away): the next consume of the queue sends them
-            self._stranded_acks: dict[str, list[str]] = {}
+            #: Handled messages not yet acknowledged in the store (redis_acks.py).
+            self.pending_acks = PendingAcks(self)
             self.add_middleware(closing_consumers()())
 
         @property
@@ -189,24 +190,6 @@ def resuming_redis_broker() -> type[RedisBroker]:
                 log.warning("messaging: %d fetched message(s) of %s go back when the store answers (%s)",
                             len(fetched), queue_name, exc)
                 self._stranded.setdefault(queue_name, []).extend(fetched)
-
-        def send_acks(self, queue_name: str, ids: list[str]) -> None:
-            """Acknowledge ``ids`` of ``queue_name`` in one script call; raises the store's error."""
-            if ids:
-                self._ack_many(keys=[ack_set(self, queue_name), messages_hash(self, queue_name)], args=ids)
-
-        def strand_acks(self, queue_name: str, ids: list[str]) -> None:
-            """Keep ``ids`` for the next consume of ``queue_name`` (a closing consumer's, unsent)."""
-            if ids:
-                log.warning("messaging: %d handled message(s) of %s are acknowledged when the store "
-                            "answers", len(ids), queue_name)
-                self._stranded_acks.setdefault(queue_name, []).extend(ids)
-
-        @functools.cached_property
-        def _ack_many(self) -> Any:
-            from .. import lua
-
-            return lua.script(self.client, "messaging/redis_broker_ack")
 
         def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
             """Dramatiq's own enqueues (a retry, a delayed message coming due) wake a consumer too."""
@@ -237,12 +220,9 @@ def resuming_redis_broker() -> type[RedisBroker]:
             if waited:
                 log.info("messaging: consumer of %s resumes", queue_name)
             self._resumes[thread.ident or 0] = (time.monotonic(), backoff)
+            with contextlib.suppress(redis.RedisError):  # else the reaper loop's send_all does it
+                self.pending_acks.send(queue_name)
             self.put_back(queue_name, self._stranded.pop(queue_name, []))
-            stranded_acks = self._stranded_acks.pop(queue_name, [])
-            try:
-                self.send_acks(queue_name, stranded_acks)
-            except redis.RedisError:
-                self.strand_acks(queue_name, stranded_acks)
             consumer: Any = super().consume(queue_name, prefetch, 0)  # no sleep in Dramatiq's consumer
             if queue_name.endswith(".DQ"):  # polled: it must also look at due times regularly
                 consumer.poll_ms = timeout
@@ -270,7 +250,11 @@ def closing_consumers() -> type:
         A second close (the worker's stop) finds nothing left to do."""
 
         def before_consumer_thread_shutdown(self, broker: Any, thread: Any) -> None:
-            thread.close()  # puts its delayed messages back, then closes the consumer
+            try:
+                thread.close()  # puts its delayed messages back, then closes the consumer
+            finally:  # a failed put-back (the store away) skipped the consumer's close
+                if thread.consumer is not None:
+                    thread.consumer.close()
 
     return ClosingConsumers
 
@@ -296,15 +280,14 @@ def waking_consumer(base: type) -> type:
         at 1,500 a second: bench/README.md, issue 14). A fetch that filled the prefetch is
         followed by the next as soon as an ack makes room.
 
-        A worker thread that handled a message lists its id, and the consumer thread acknowledges
-        the list in one script call before it fetches again (Dramatiq acknowledges each message
-        on its worker thread: one round trip each, about 85 us of the process's CPU). The
-        consumer's waits with a list pending are short (a linger, or a saturated consumer's wait
-        for room, which the ack itself ends); before a wait for a wake token, and once closed, it
-        sends the list and workers acknowledge on their own thread again. A closing consumer
-        sends its list; if the store is away the next consume of the queue does. As on RabbitMQ
-        (rabbitmq_broker.py), a crash after a handler returned and before the list went out
-        gives that message back: delivery is at least once either way.
+        A worker thread that handled a message lists its id (redis_acks.py), and the consumer
+        thread acknowledges the list in one script call before it fetches again. Its waits with a
+        list pending are short (a linger, or a saturated consumer's wait for room, which the ack
+        itself ends); before a wait for a wake token, and once closed, it sends the list, and
+        until then a worker sends it itself. A list the store refused stays for the next sender
+        (the broker's reaper loop sends leftovers). As on RabbitMQ (rabbitmq_broker.py), a crash
+        after a handler returned and before the list went out gives that message back: delivery
+        is at least once either way.
 
         A delay queue's consumer (``poll_ms``) polls with Dramatiq's backoff instead, and every
         wait between polls ends once the broker is ``released`` (the engine stops), so a stop
@@ -328,12 +311,11 @@ def waking_consumer(base: type) -> type:
             #: holding its whole prefetch fetches again as soon as there is room.
             self._room = threading.Event()
             self.broker.released.also_set(self._room)
-            #: Guards ``_acks`` and the flags below (worker threads list, the consumer thread sends).
-            self._acks_lock = threading.Lock()
-            #: Broker ids of messages handled since the last send, not yet acknowledged in the store.
-            self._acks: list[str] = []
+            self._acks: PendingAcks = self.broker.pending_acks
             #: The consumer thread waits for a wake token (listed acks would wait up to
-            #: ``idle_wait``), or the consumer is closed: a worker acknowledges on its own thread.
+            #: ``idle_wait``), or the consumer is closed: a worker sends the list itself. Both
+            #: change under ``self._acks.lock``, so that an ack is listed before the consumer's
+            #: last send or sent by its worker.
             self._waiting = False
             self._closed = False
             self._clear_stale_tokens = lua.script(self.broker.client, "messaging/redis_broker_idle")
@@ -357,7 +339,7 @@ def waking_consumer(base: type) -> type:
                         self._wait_for_work()
                 # else: the last fetch filled the prefetch: fetch again as soon as there is room,
                 # without a token, as a backlog holds more messages than tokens
-            if self._acks and not self.message_cache:
+            if not self.message_cache and self._acks.waiting(self.queue_name):
                 self._send_acks()
             room = 0 if self.message_cache else self.prefetch - self.outstanding_message_count
             message = super().__next__()
@@ -375,37 +357,30 @@ def waking_consumer(base: type) -> type:
             return message
 
         def ack(self, message: Any) -> None:
-            """Dramatiq's ``ack`` (the same bookkeeping), listed for the consumer thread unless it
-            is waiting for a token or closed."""
-            with self._acks_lock:
-                listed = not (self._waiting or self._closed or self.direct_acks)
-                if listed:
-                    self._acks.append(message.options["redis_message_id"])
-                    self.queued_message_ids.discard(message.message_id)
-            if listed:
-                self._room.set()
-                return
-            try:
-                super().ack(message)
-            finally:  # Dramatiq forgets the message even when the ack failed: room all the same
-                self._room.set()
+            """Dramatiq's ``ack`` (the same bookkeeping), listed: sent by the consumer thread, or
+            at once when it waits for a token or is closed. Never raises: an ack the store refused
+            stays listed (Dramatiq's worker thread would retry a connection error every few
+            seconds, and drop a refusal such as READONLY)."""
+            with self._acks.lock:
+                self._acks.add(self.queue_name, message.options.get("redis_message_id", ""))
+                self.queued_message_ids.discard(message.message_id)
+                direct = self._waiting or self._closed or self.direct_acks
+            self._room.set()
+            if direct:
+                try:
+                    self._acks.send(self.queue_name)
+                except redis.RedisError as exc:
+                    log.warning("messaging: the ack of message %s on %s waits for the store (%s)",
+                                message.message_id, self.queue_name, exc)
 
         def _send_acks(self) -> None:
-            """On the consumer thread: acknowledge what is listed; kept for the next try on an error."""
-            with self._acks_lock:
-                ids, self._acks = self._acks, []
-            if not ids:
-                return
+            """On the consumer thread: acknowledge what is listed (kept on an error)."""
             try:
-                self.broker.send_acks(self.queue_name, ids)
-            except redis.RedisError as exc:
-                with self._acks_lock:
-                    self._acks[:0] = ids
-                if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-                    from dramatiq.errors import ConnectionClosed
+                self._acks.send(self.queue_name)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                from dramatiq.errors import ConnectionClosed
 
-                    raise ConnectionClosed(exc) from None
-                raise
+                raise ConnectionClosed(exc) from None
 
         def nack(self, message: Any) -> None:
             try:
@@ -416,7 +391,7 @@ def waking_consumer(base: type) -> type:
         def _wait_for_work(self) -> None:
             """Clear the stale tokens of an empty queue, then wait for the next publish's token."""
             wake = wake_list(self.broker.namespace, self.queue_name)
-            with self._acks_lock:
+            with self._acks.lock:
                 self._waiting = True
             try:
                 self._send_acks()
@@ -431,51 +406,43 @@ def waking_consumer(base: type) -> type:
 
                 raise ConnectionClosed(exc) from None
             finally:
-                with self._acks_lock:
+                with self._acks.lock:
                     self._waiting = False
 
         def close(self) -> None:
             """Put back what was fetched and never handed out: after an error Dramatiq's consumer
             thread makes a new consumer, and this one's batch would wait in its ack set (our
             heartbeat alive, so no reaper takes it) until the node leaves."""
+            with self._acks.lock:
+                self._closed = True  # a worker still finishing sends its own ack
+            try:  # before the put-back, which finds messages by their bytes in the ack set
+                self._acks.send(self.queue_name)
+            except redis.RedisError as exc:
+                log.warning("messaging: handled messages of %s are acknowledged when the store answers (%s)",
+                            self.queue_name, exc)
             cached: list[bytes] = [data for data in self.message_cache if data is not None]
             self.message_cache.clear()
             self.broker.put_back(self.queue_name, cached)
-            with self._acks_lock:
-                self._closed = True  # a worker still finishing acknowledges on its own thread
-                ids, self._acks = self._acks, []
-            try:
-                self.broker.send_acks(self.queue_name, ids)
-            except redis.RedisError:
-                self.broker.strand_acks(self.queue_name, ids)
             super().close()
 
         def requeue(self, messages: Any) -> None:
             messages = list(messages)
             super().requeue(messages)
-            if messages:
+            if messages and not self.queue_name.endswith(".DQ"):  # delay queues are polled, not woken
                 push_wake_tokens(self.broker.client, {wake_list(self.broker.namespace, self.queue_name): len(messages)})
 
     return WakingConsumer
 
 
-def ack_set(broker: Any, queue_name: str) -> str:
-    """Dramatiq's set of the ids this broker fetched from ``queue_name`` and has not acknowledged
-    (dispatch.lua's ``queue_acks``; backends_reap.lua reads it too)."""
-    return f"{broker.namespace}:__acks__.{broker.broker_id}.{queue_name}"
-
-
-def messages_hash(broker: Any, queue_name: str) -> str:
-    """Dramatiq's hash of ``queue_name``'s messages by id (dispatch.lua's ``queue_messages``)."""
-    return f"{broker.namespace}:{queue_name}.msgs"
-
-
 def fetched_ids(broker: Any, queue_name: str, fetched: list[bytes]) -> list[str]:
     """The broker's ids of messages this broker fetched from ``queue_name`` and holds unacknowledged,
-    found by their bytes (an undecodable message cannot say its id)."""
+    found by their bytes (an undecodable message cannot say its id); handled ones whose ack is
+    still listed are not among them."""
     if not fetched:
         return []
-    ids = sorted(broker.client.smembers(ack_set(broker, queue_name)))
+    pending = getattr(broker, "pending_acks", None)
+    handled = {message_id.encode() for message_id in pending.unsent(queue_name)} if pending else set()
+    ids = sorted(set(broker.client.smembers(ack_set(broker, queue_name))) - handled)
     if not ids:
         return []
     wanted = Counter(fetched)
