@@ -830,10 +830,54 @@ def test_contract_dramatiq_redis_ack_layout() -> None:
 
 
 def _send(broker, queue: str, ids: list[str]) -> None:
-    with broker.pending_acks.lock:
-        for message_id in ids:
-            broker.pending_acks.add(queue, message_id)
+    for message_id in ids:
+        broker.pending_acks.add(queue, message_id)
     broker.pending_acks.send(queue)
+
+
+def test_acks_being_sent_still_count_as_unsent_until_the_store_answered(
+        holding_proxy, cluster_name) -> None:
+    """Regression (second review): a sender took the ids off the list before its call, and until the
+    store answered they were in neither place; a malformed message with the same bytes as one of
+    them, looked up by bytes in the ack set meanwhile (the reaper loop sending), was matched to it."""
+    import redis
+
+    client = redis.Redis.from_url(holding_proxy.url)
+    _, broker, queue, _, consumer = _redis_consumer_of(client, cluster_name, "flight", 2, 8)
+    message = next(consumer)
+    redis_id = message.options["redis_message_id"]
+    broker.pending_acks.add(queue, redis_id)
+    # Given a send whose call reached the store and waits for the answer
+    held = holding_proxy.hold(redis_id.encode())
+    sender = threading.Thread(target=broker.pending_acks.send, args=(queue,))
+    sender.start()
+    try:
+        assert held.wait(10)
+        # Then the id still counts as unsent (so a look-up by bytes skips it)
+        assert broker.pending_acks.unsent(queue) == {redis_id}
+    finally:
+        holding_proxy.release()
+        sender.join(10)
+    # And once the store answered, as sent
+    assert broker.pending_acks.unsent(queue) == set()
+    client.close()
+
+
+def test_the_reaper_loop_sends_only_lists_no_consumer_sent_for_a_while(store_client, cluster_name) -> None:
+    """The reaper loop sends what a closed consumer left (``send_all``), not a live consumer's fresh
+    list, which that consumer sends before its next fetch."""
+    from flask_immutant.messaging.redis_acks import PendingAcks
+
+    _, broker, queue, _, consumer = _redis_consumer_of(store_client, cluster_name, "aged", 1, 8)
+    message = next(consumer)
+    now = [100.0]
+    pending = PendingAcks(broker, clock=lambda: now[0])
+    pending.add(queue, message.options["redis_message_id"])
+    assert pending.send_all(older_than=0.25) == 1  # fresh: left to its consumer
+    assert store_client.exists(f"{broker.namespace}:__acks__.{broker.broker_id}.{queue}")
+    now[0] += 0.25
+    assert pending.send_all(older_than=0.25) == 0
+    assert not store_client.exists(f"{broker.namespace}:__acks__.{broker.broker_id}.{queue}")
 
 
 def test_a_batch_ack_leaves_the_store_as_dramatiq_acks_do(store_client, cluster_name) -> None:

@@ -271,11 +271,13 @@ class Engine:
         for loop in self._loops:
             loop.stop(timeout=1.0)
         try:
+            left = self._send_pending_acks()  # while our heartbeat still keeps other reapers off
+            if left:
+                log.warning("messaging: %d handled message(s) could not be acknowledged and will run again", left)
             for binding in list(self.bindings.values()):
                 if binding.owned:
                     self._drop_subscription(binding)
             self.messaging.state.store.delete(self.keys.messaging_consumer(self.consumer_id))
-            self._send_pending_acks()  # handled messages must not go back with the rest
             # anything still unacked (a handler outlived the timeout) goes back now
             self.backend.reap(self.failure_timeout, leaving=self.consumer_id)
         except redis.RedisError as exc:
@@ -515,15 +517,14 @@ class Engine:
         return counts
 
     def _reap(self) -> None:
-        self._send_pending_acks()
+        self._send_pending_acks(older_than=self.interval)
         self.reap_once()
 
-    def _send_pending_acks(self) -> None:
-        """Redis: acknowledgements no consumer thread is left to send (its consumer closed while
-        the store refused them: redis_acks.py)."""
+    def _send_pending_acks(self, older_than: float = 0.0) -> int:
+        """Redis: send acknowledgements listed for ``older_than`` seconds, which no consumer thread
+        sends (its consumer closed while the store refused them: redis_acks.py); how many are left."""
         pending = getattr(self.broker, "pending_acks", None)
-        if pending is not None:
-            pending.send_all()
+        return 0 if pending is None else int(pending.send_all(older_than))
 
     def reap_once(self) -> list[tuple[str, int, dict[str, int]]]:
         """Give the unacknowledged messages of dead consumers back to their queues."""

@@ -3,19 +3,22 @@
 Dramatiq's worker threads acknowledge each message with a script call of their own: one round
 trip, and a release and retake of the GIL that publishers and handlers share, per message. Here a
 worker lists the message's broker id and whoever sends next (the consumer thread before its next
-fetch, a worker whose consumer is idle or closed, the engine's reaper loop for lists nobody else
-sends, e.g. after the store refused a closing consumer's) sends the queue's whole list in one
-call of ``redis_acks_send.lua``, Dramatiq's own ``ack`` for each id.
+fetch, a worker whose consumer is idle or closed, the engine's reaper loop for lists that nobody
+sent for a whole interval) sends the queue's whole list in one call of ``redis_acks_send.lua``,
+Dramatiq's own ``ack`` for each id.
 
-A sender takes the list under the lock, so each id goes out once; when the store fails the call
-the ids go back to the list for the next sender. Sending an id twice is harmless anyway: the
-script acknowledges only ids still in the ack set, as Dramatiq's ``ack`` does.
+A sender takes the list under the lock, so each id goes out once; until the call returns the ids
+count as in flight, and when it fails they go back to the list for the next sender. Sending an id
+twice is harmless anyway: the script acknowledges only ids still in the ack set.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -39,49 +42,86 @@ def messages_hash(broker: Any, queue_name: str) -> str:
 class PendingAcks:
     """One broker's handled messages not yet acknowledged in the store, by queue."""
 
-    def __init__(self, broker: Any) -> None:
+    def __init__(self, broker: Any, clock: Callable[[], float] = time.monotonic) -> None:
         self._broker = broker
         self._script = lua.script(broker.client, "messaging/redis_acks_send")
-        #: Guards the lists, and the consumers' flags that decide who sends (redis_broker.py).
-        self.lock = threading.Lock()
-        self._ids: dict[str, list[str]] = {}
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._listed: dict[str, list[str]] = {}
+        #: queue -> when its list was last empty (the age send_all goes by)
+        self._since: dict[str, float] = {}
+        #: queue -> ids taken by a sender whose call has not returned
+        self._in_flight: dict[str, Counter[str]] = {}
+        #: queues whose last send failed (warned once, until one succeeds)
+        self._failing: set[str] = set()
 
     def add(self, queue_name: str, message_id: str) -> None:
-        """List ``message_id``; the caller holds :attr:`lock`."""
-        self._ids.setdefault(queue_name, []).append(message_id)
+        with self._lock:
+            listed = self._listed.setdefault(queue_name, [])
+            if not listed:
+                self._since[queue_name] = self._clock()
+            listed.append(message_id)
 
-    def waiting(self, queue_name: str) -> bool:
-        """Whether ids of ``queue_name`` are listed (a hint, read without the lock)."""
-        return bool(self._ids.get(queue_name))
+    def listed(self, queue_name: str) -> bool:
+        """Whether ids of ``queue_name`` wait to be sent (a hint, read without the lock)."""
+        return bool(self._listed.get(queue_name))
 
     def unsent(self, queue_name: str) -> set[str]:
-        """The listed ids of ``queue_name``: handled, though still in the store's ack set."""
-        with self.lock:
-            return set(self._ids.get(queue_name, ()))
+        """The ids of ``queue_name`` handled but maybe still in the store's ack set."""
+        with self._lock:
+            return set(self._listed.get(queue_name, ())) | set(self._in_flight.get(queue_name, ()))
 
     def send(self, queue_name: str) -> int:
         """Acknowledge the listed ids of ``queue_name`` in one call; how many were listed. On a
         store error they stay listed and the error is raised."""
-        with self.lock:
-            ids = self._ids.pop(queue_name, None)
-        if not ids:
-            return 0
+        with self._lock:
+            ids = self._listed.pop(queue_name, None)
+            if not ids:
+                return 0
+            in_flight = self._in_flight.setdefault(queue_name, Counter())
+            in_flight.update(ids)
         broker = self._broker
+        sent = False
         try:
             self._script(keys=[ack_set(broker, queue_name), messages_hash(broker, queue_name)], args=ids)
-        except redis.RedisError:
-            with self.lock:
-                self._ids.setdefault(queue_name, [])[:0] = ids
+            sent = True
+        except redis.RedisError as exc:
+            self._note_failure(queue_name, exc)
             raise
+        finally:
+            with self._lock:
+                for message_id in ids:
+                    in_flight[message_id] -= 1
+                    if in_flight[message_id] <= 0:
+                        del in_flight[message_id]
+                if not sent:  # any error, not only the store's: these messages are handled
+                    listed = self._listed.setdefault(queue_name, [])
+                    if not listed:
+                        self._since[queue_name] = self._clock()
+                    listed[:0] = ids
+        if queue_name in self._failing:
+            self._failing.discard(queue_name)
+            log.info("messaging: acknowledgements of %s reach the store again", queue_name)
         return len(ids)
 
-    def send_all(self) -> None:
-        """Send every queue's list, keeping what the store refuses (the reaper loop's call: lists
-        of a consumer closed while the store was away have no other sender)."""
-        with self.lock:
-            queues = [queue for queue, ids in self._ids.items() if ids]
+    def _note_failure(self, queue_name: str, exc: Exception) -> None:
+        if queue_name not in self._failing:
+            self._failing.add(queue_name)
+            log.warning("messaging: acknowledgements of handled messages of %s wait for the store (%s)",
+                        queue_name, exc)
+
+    def send_all(self, older_than: float = 0.0) -> int:
+        """Send each list that has waited ``older_than`` seconds or more; how many ids are left
+        unsent. The reaper loop's call, for lists nobody else sends (a consumer closed while the
+        store refused them): a live consumer sends its own within milliseconds."""
+        now = self._clock()
+        with self._lock:
+            queues = [queue for queue, ids in self._listed.items()
+                      if ids and now - self._since.get(queue, now) >= older_than]
         for queue in queues:
             try:
                 self.send(queue)
-            except redis.RedisError as exc:
-                log.debug("messaging: acknowledgements of %s wait for the store (%s)", queue, exc)
+            except redis.RedisError:
+                pass  # kept, and warned about once
+        with self._lock:
+            return sum(len(ids) for ids in self._listed.values())

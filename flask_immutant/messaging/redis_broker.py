@@ -1,10 +1,11 @@
 """Dramatiq's Redis broker, made to resume at once after an outage and to spread a trickle evenly.
 
-Three changes, all through Dramatiq's extension points (a broker subclass and its
+Four changes, all through Dramatiq's extension points (a broker subclass and its
 ``consumer_class``; tests/test_messaging_units.py holds the contract tests):
 
 - a consumer that lost the store waits for it itself instead of Dramatiq's fixed 3 s restart delay;
-- a consumer Dramatiq closes to restart it puts its fetched, never handed out batch back;
+- a consumer Dramatiq closes to restart it, or whose thread ends (a queue's last listener went),
+  puts its fetched, never handed out batch back;
 - an idle consumer waits on its queue's wake list (BLPOP) instead of polling with a backoff, and
   every publish, retry and requeue adds a token there, so Redis hands a trickle of messages to the
   consumer that has waited longest, round the nodes in turn; while messages stream in faster than
@@ -46,6 +47,11 @@ WAKE_TOKENS = 64
 IDLE_WAIT = 3.0
 #: Seconds a consumer holding as many messages as its prefetch waits before looking again.
 SATURATED_POLL = 0.05
+
+
+def is_delay_queue(queue_name: str) -> bool:
+    """Dramatiq's delay queue of a queue (``dramatiq.common.dq_name``): polled, never woken."""
+    return queue_name.endswith(".DQ")
 
 
 def push_wake_tokens(client: redis.Redis, tokens: dict[str, int]) -> None:
@@ -224,7 +230,7 @@ def resuming_redis_broker() -> type[RedisBroker]:
                 self.pending_acks.send(queue_name)
             self.put_back(queue_name, self._stranded.pop(queue_name, []))
             consumer: Any = super().consume(queue_name, prefetch, 0)  # no sleep in Dramatiq's consumer
-            if queue_name.endswith(".DQ"):  # polled: it must also look at due times regularly
+            if is_delay_queue(queue_name):  # polled: it must also look at due times regularly
                 consumer.poll_ms = timeout
                 consumer.direct_acks = True  # its waits between polls are long
             else:  # waits for a token
@@ -313,9 +319,9 @@ def waking_consumer(base: type) -> type:
             self.broker.released.also_set(self._room)
             self._acks: PendingAcks = self.broker.pending_acks
             #: The consumer thread waits for a wake token (listed acks would wait up to
-            #: ``idle_wait``), or the consumer is closed: a worker sends the list itself. Both
-            #: change under ``self._acks.lock``, so that an ack is listed before the consumer's
-            #: last send or sent by its worker.
+            #: ``idle_wait``), or the consumer is closed: a worker sends the list itself. Each is
+            #: set before the consumer's last send, and a worker reads it after listing its ack,
+            #: so every ack is in that send or sent by its worker.
             self._waiting = False
             self._closed = False
             self._clear_stale_tokens = lua.script(self.broker.client, "messaging/redis_broker_idle")
@@ -339,7 +345,7 @@ def waking_consumer(base: type) -> type:
                         self._wait_for_work()
                 # else: the last fetch filled the prefetch: fetch again as soon as there is room,
                 # without a token, as a backlog holds more messages than tokens
-            if not self.message_cache and self._acks.waiting(self.queue_name):
+            if not self.message_cache and self._acks.listed(self.queue_name):
                 self._send_acks()
             room = 0 if self.message_cache else self.prefetch - self.outstanding_message_count
             message = super().__next__()
@@ -361,26 +367,25 @@ def waking_consumer(base: type) -> type:
             at once when it waits for a token or is closed. Never raises: an ack the store refused
             stays listed (Dramatiq's worker thread would retry a connection error every few
             seconds, and drop a refusal such as READONLY)."""
-            with self._acks.lock:
-                self._acks.add(self.queue_name, message.options.get("redis_message_id", ""))
-                self.queued_message_ids.discard(message.message_id)
-                direct = self._waiting or self._closed or self.direct_acks
+            self._acks.add(self.queue_name, message.options.get("redis_message_id", ""))
+            self.queued_message_ids.discard(message.message_id)
             self._room.set()
-            if direct:
-                try:
+            if self._waiting or self._closed or self.direct_acks:
+                with contextlib.suppress(redis.RedisError):  # kept, and warned about once
                     self._acks.send(self.queue_name)
-                except redis.RedisError as exc:
-                    log.warning("messaging: the ack of message %s on %s waits for the store (%s)",
-                                message.message_id, self.queue_name, exc)
 
         def _send_acks(self) -> None:
-            """On the consumer thread: acknowledge what is listed (kept on an error)."""
+            """On the consumer thread: acknowledge what is listed (kept on an error). A lost store
+            restarts the consumer, as Dramatiq's fetch would; a refusal (READONLY) is left to the
+            fetch to report."""
             try:
                 self._acks.send(self.queue_name)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 from dramatiq.errors import ConnectionClosed
 
                 raise ConnectionClosed(exc) from None
+            except redis.RedisError:
+                pass  # kept, and warned about once
 
         def nack(self, message: Any) -> None:
             try:
@@ -391,8 +396,7 @@ def waking_consumer(base: type) -> type:
         def _wait_for_work(self) -> None:
             """Clear the stale tokens of an empty queue, then wait for the next publish's token."""
             wake = wake_list(self.broker.namespace, self.queue_name)
-            with self._acks.lock:
-                self._waiting = True
+            self._waiting = True
             try:
                 self._send_acks()
                 if self._clear_stale_tokens(keys=[f"{self.broker.namespace}:{self.queue_name}", wake]):
@@ -406,20 +410,15 @@ def waking_consumer(base: type) -> type:
 
                 raise ConnectionClosed(exc) from None
             finally:
-                with self._acks.lock:
-                    self._waiting = False
+                self._waiting = False
 
         def close(self) -> None:
-            """Put back what was fetched and never handed out: after an error Dramatiq's consumer
-            thread makes a new consumer, and this one's batch would wait in its ack set (our
-            heartbeat alive, so no reaper takes it) until the node leaves."""
-            with self._acks.lock:
-                self._closed = True  # a worker still finishing sends its own ack
-            try:  # before the put-back, which finds messages by their bytes in the ack set
-                self._acks.send(self.queue_name)
-            except redis.RedisError as exc:
-                log.warning("messaging: handled messages of %s are acknowledged when the store answers (%s)",
-                            self.queue_name, exc)
+            """Send the listed acks, then put back what was fetched and never handed out: after an
+            error Dramatiq's consumer thread makes a new consumer, and this one's batch would wait
+            in its ack set (our heartbeat alive, so no reaper takes it) until the node leaves."""
+            self._closed = True  # a worker still finishing sends its own ack
+            with contextlib.suppress(redis.RedisError):  # kept, and warned about once
+                self._acks.send(self.queue_name)  # before the put-back, which goes by the ack set
             cached: list[bytes] = [data for data in self.message_cache if data is not None]
             self.message_cache.clear()
             self.broker.put_back(self.queue_name, cached)
@@ -428,7 +427,7 @@ def waking_consumer(base: type) -> type:
         def requeue(self, messages: Any) -> None:
             messages = list(messages)
             super().requeue(messages)
-            if messages and not self.queue_name.endswith(".DQ"):  # delay queues are polled, not woken
+            if messages and not is_delay_queue(self.queue_name):  # polled, not woken
                 push_wake_tokens(self.broker.client, {wake_list(self.broker.namespace, self.queue_name): len(messages)})
 
     return WakingConsumer
@@ -460,5 +459,5 @@ def give_back(broker: Any, queue_name: str, fetched: list[bytes]) -> None:
     ids = fetched_ids(broker, queue_name, fetched)
     if ids:
         broker.do_requeue(queue_name, *ids)
-    if ids and not queue_name.endswith(".DQ"):  # delay queues are polled, not woken
+    if ids and not is_delay_queue(queue_name):  # polled, not woken
         push_wake_tokens(broker.client, {wake_list(broker.namespace, queue_name): len(ids)})
