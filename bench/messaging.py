@@ -41,6 +41,7 @@ from flask import Flask
 
 from flask_immutant import ImmutantExtension
 from flask_immutant.messaging import messaging_for
+from flask_immutant.messaging.redis_acks import messages_hash
 from flask_immutant.store import EmbeddedStore, client_from_url
 
 
@@ -63,11 +64,11 @@ class Sink:
                 self.done.set()
 
 
-def acknowledged(client: Any, messages_hash: str) -> Callable[[], bool]:
+def acknowledged(client: Any, hashed: str) -> Callable[[], bool]:
     """Redis: whether every message of a queue is acknowledged (Dramatiq deletes a message's data
     from the queue's hash at its ack). Ours sends acks in batches after the handlers return, so a
     run ends when the last ack reached the store, not at the last handler, for both sides."""
-    return lambda: client.hlen(messages_hash) == 0
+    return lambda: client.hlen(hashed) == 0
 
 
 def settle(sink: Sink, settled: Callable[[], bool] | None) -> float:
@@ -133,7 +134,7 @@ def run_immutant(home: Path, threads: int, messages: int, paced: int, broker_url
     try:
         time.sleep(0.5)
         queue = messaging.destinations["/queue/bench"].queue_name
-        settled = None if broker_url else acknowledged(state.store, f"{messaging.backend.namespace}:{queue}.msgs")
+        settled = None if broker_url else acknowledged(state.store, messages_hash(messaging.backend, queue))
         return measure(lambda body: messaging.publish("/queue/bench", body), box, messages, paced, settled)
     finally:
         messaging.runtime_stopping(runtime)  # type: ignore[arg-type]
@@ -164,7 +165,7 @@ def run_raw(url: str, threads: int, poll_ms: int, messages: int, paced: int,
     worker.start()
     try:
         time.sleep(0.5)
-        settled = None if broker_url else acknowledged(broker.client, f"{broker.namespace}:{queue}.msgs")
+        settled = None if broker_url else acknowledged(broker.client, messages_hash(broker, queue))
         return measure(lambda body: publisher.enqueue(actor.message(body)), box, messages, paced, settled)
     finally:
         worker.stop()
@@ -241,7 +242,7 @@ def _drain_immutant(home: Path, threads: int, n: int, broker_url: str | None) ->
     cpu_started, started = time.process_time(), time.perf_counter()
     messaging.runtime_started(runtime)  # type: ignore[arg-type]
     queue = messaging.destinations["/queue/backlog"].queue_name
-    settled = None if broker_url else acknowledged(state.store, f"{messaging.backend.namespace}:{queue}.msgs")
+    settled = None if broker_url else acknowledged(state.store, messages_hash(messaging.backend, queue))
     try:
         return _drained(sink, started, cpu_started, n, settled)
     finally:
@@ -266,7 +267,7 @@ def _drain_raw(url: str, threads: int, n: int, broker_url: str | None) -> tuple[
     worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=500)
     cpu_started, started = time.process_time(), time.perf_counter()
     worker.start()
-    settled = None if broker_url else acknowledged(broker.client, f"{broker.namespace}:{queue}.msgs")
+    settled = None if broker_url else acknowledged(broker.client, messages_hash(broker, queue))
     try:
         return _drained(sink, started, cpu_started, n, settled)
     finally:

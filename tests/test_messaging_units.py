@@ -691,8 +691,9 @@ def test_an_ack_while_the_redis_consumer_waits_for_a_wake_token_reaches_the_stor
         wait_until(lambda: consumer._waiting, timeout=10, message="the consumer to wait for a token")
         # When a worker acknowledges the message
         consumer.ack(message)
-        # Then it is acknowledged in the store at once, while the consumer still waits
-        assert not store_client.exists(acks)
+        # Then it is acknowledged in the store at once (by the worker, or by the consumer's own
+        # send if that took the list first), while the consumer still waits
+        wait_until(lambda: not store_client.exists(acks), timeout=2)
         assert not store_client.exists(f"{backend.namespace}:{queue}.msgs")
         assert waiting.is_alive()
     finally:
@@ -780,7 +781,10 @@ def test_a_queue_whose_last_listener_stopped_still_acknowledges_the_message_in_i
     from support import wait_until
 
     app = Flask("unbound")
-    app.config.update(IMMUTANT_HOME=str(immutant_home), IMMUTANT_CLUSTER=cluster_name, IMMUTANT_TRACING="off")
+    # a failure timeout whose reaper interval (37.5 s) outlasts the test: the reaper loop, which
+    # sends acks left for a whole interval, must not be what sends this one
+    app.config.update(IMMUTANT_HOME=str(immutant_home), IMMUTANT_CLUSTER=cluster_name, IMMUTANT_TRACING="off",
+                      IMMUTANT_FAILURE_TIMEOUT=300)
     ImmutantExtension(app)
     state = get_state(app)
     messaging = messaging_for(app)
@@ -807,6 +811,62 @@ def test_a_queue_whose_last_listener_stopped_still_acknowledges_the_message_in_i
         state.store.close()
 
 
+def test_the_stop_sends_acks_left_over_while_the_node_is_still_a_live_consumer(
+        private_redis, immutant_home, cluster_name, monkeypatch) -> None:
+    """An ack the store refused and nobody sent yet goes out at the stop, before the node's consumer
+    heartbeat is deleted (other nodes' reapers would then requeue the handled message) and before
+    the leaving reap requeues what is unacknowledged."""
+    from support import store_refusing, wait_until
+
+    app = Flask("leftover")
+    app.config.update(IMMUTANT_HOME=str(immutant_home), IMMUTANT_CLUSTER=cluster_name, IMMUTANT_TRACING="off",
+                      IMMUTANT_REDIS_URL=private_redis.url, IMMUTANT_FAILURE_TIMEOUT=300)  # no reaper pass
+    ImmutantExtension(app)
+    state = get_state(app)
+    messaging = messaging_for(app)
+    started, release = threading.Event(), threading.Event()
+    listener = messaging.listen("/queue/leftover", lambda body: (started.set(), release.wait(30)))
+    runtime = SimpleNamespace(app=app, settings=state.settings)
+    messaging.runtime_started(runtime)  # type: ignore[arg-type]
+    stopped = False
+    try:
+        engine = messaging.engine
+        assert engine is not None
+        queue = listener.queue
+        heartbeat = state.keys.messaging_consumer(engine.consumer_id)
+        # Given a handled message whose ack the store refused, with its queue's consumer gone
+        messaging.publish("/queue/leftover", "slow")
+        assert started.wait(15)
+        listener.stop()
+        wait_until(lambda: not engine.worker.consumers[queue].is_alive(), timeout=15)
+        with store_refusing(private_redis.socket, "NOREPLICAS"):
+            release.set()
+            wait_until(lambda: engine.broker.pending_acks.unsent(queue), timeout=10)
+        wait_until(lambda: state.store.exists(heartbeat), timeout=10, message="the consumer heartbeat")
+        heartbeat_at_send: list[bool] = []
+        send = engine._send_pending_acks
+
+        def watched(older_than: float = 0.0) -> int:
+            if older_than == 0.0:  # the stop's call, not a reaper pass
+                heartbeat_at_send.append(bool(state.store.exists(heartbeat)))
+            return send(older_than)
+
+        monkeypatch.setattr(engine, "_send_pending_acks", watched)
+        # When the node stops
+        messaging.runtime_stopping(runtime)  # type: ignore[arg-type]
+        stopped = True
+        # Then the ack went out while the heartbeat still stood, and the message was not requeued
+        assert heartbeat_at_send == [True]
+        namespace = state.keys.messaging_namespace
+        assert not state.store.exists(f"{namespace}:__acks__.{engine.consumer_id}.{queue}")
+        assert not state.store.exists(f"{namespace}:{queue}.msgs") and not state.store.llen(f"{namespace}:{queue}")
+    finally:
+        release.set()
+        if not stopped:
+            messaging.runtime_stopping(runtime)  # type: ignore[arg-type]
+        state.store.close()
+
+
 def test_contract_dramatiq_redis_ack_layout() -> None:
     """redis_acks_send.lua acknowledges a batch as Dramatiq's ``ack`` command does one message: it
     relies on the ack set ``<namespace>:__acks__.<broker id>.<queue>`` and the hash
@@ -819,6 +879,16 @@ def test_contract_dramatiq_redis_ack_layout() -> None:
     dispatch = resources.files("dramatiq.brokers").joinpath("redis", "dispatch.lua").read_text()
     ack = dispatch[dispatch.index('elseif command == "ack"'):dispatch.index('elseif command == "nack"')]
     assert 'if redis.call("srem", queue_acks, message_id) > 0 then' in ack
+    # WakingConsumer.ack replaces Dramatiq's consumer ack, which is this and its bookkeeping only
+    import inspect
+
+    from dramatiq.brokers.redis import RedisBroker
+
+    consumer_ack = inspect.getsource(RedisBroker.consumer_class.fget(None).ack)  # type: ignore[union-attr]
+    body = [line.strip() for line in consumer_ack.splitlines()[1:] if line.strip() and not line.strip().startswith("#")]
+    assert body == ["try:", 'self.broker.do_ack(self.queue_name, message.options["redis_message_id"])',
+                    "except redis.ConnectionError as e:", "raise ConnectionClosed(e) from None", "finally:",
+                    "self.queued_message_ids.discard(message.message_id)"], body
     assert 'redis.call("hdel", queue_messages, message_id)' in ack
     for line in ('local acks = namespace .. ":__acks__." .. worker_id',
                  'local queue_acks = acks .. "." .. queue_name',
@@ -860,6 +930,41 @@ def test_acks_being_sent_still_count_as_unsent_until_the_store_answered(
         sender.join(10)
     # And once the store answered, as sent
     assert broker.pending_acks.unsent(queue) == set()
+    client.close()
+
+
+def test_a_refused_send_keeps_its_ids_whatever_the_error_and_warns_once_per_queue(
+        private_redis, cluster_name, caplog) -> None:
+    """Handled messages must not lose their ack to an error: the store's (kept, warned about once
+    per queue until a send succeeds, not once a message) or any other (kept too)."""
+    import logging
+
+    import redis
+
+    from support import store_refusing
+
+    client = redis.Redis.from_url(private_redis.url)
+    _, broker, queue, _, consumer = _redis_consumer_of(client, cluster_name, "refused", 3, 8)
+    ids = [next(consumer).options["redis_message_id"] for _ in range(3)]
+    pending = broker.pending_acks
+    caplog.set_level(logging.INFO, logger="flask_immutant.messaging")
+    with store_refusing(private_redis.socket, "NOREPLICAS"):
+        for message_id in ids[:2]:
+            pending.add(queue, message_id)
+            with pytest.raises(redis.ResponseError):
+                pending.send(queue)
+    assert pending.unsent(queue) == set(ids[:2])
+    script, pending._script = pending._script, lambda **_: (_ for _ in ()).throw(RuntimeError("a bug"))
+    pending.add(queue, ids[2])
+    with pytest.raises(RuntimeError):
+        pending.send(queue)
+    assert pending.unsent(queue) == set(ids)
+    pending._script = script
+    assert pending.send(queue) == 3 and pending.unsent(queue) == set()
+    assert not client.exists(f"{broker.namespace}:__acks__.{broker.broker_id}.{queue}")
+    messages = [record.getMessage() for record in caplog.records if queue in record.getMessage()]
+    assert len(messages) == 2, messages
+    assert "wait for the store" in messages[0] and "reach the store again" in messages[1]
     client.close()
 
 

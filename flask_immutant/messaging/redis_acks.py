@@ -76,6 +76,7 @@ class PendingAcks:
         store error they stay listed and the error is raised."""
         with self._lock:
             ids = self._listed.pop(queue_name, None)
+            self._since.pop(queue_name, None)
             if not ids:
                 return 0
             in_flight = self._in_flight.setdefault(queue_name, Counter())
@@ -94,6 +95,8 @@ class PendingAcks:
                     in_flight[message_id] -= 1
                     if in_flight[message_id] <= 0:
                         del in_flight[message_id]
+                if not in_flight:
+                    self._in_flight.pop(queue_name, None)
                 if not sent:  # any error, not only the store's: these messages are handled
                     listed = self._listed.setdefault(queue_name, [])
                     if not listed:

@@ -290,10 +290,10 @@ def waking_consumer(base: type) -> type:
         thread acknowledges the list in one script call before it fetches again. Its waits with a
         list pending are short (a linger, or a saturated consumer's wait for room, which the ack
         itself ends); before a wait for a wake token, and once closed, it sends the list, and
-        until then a worker sends it itself. A list the store refused stays for the next sender
-        (the broker's reaper loop sends leftovers). As on RabbitMQ (rabbitmq_broker.py), a crash
-        after a handler returned and before the list went out gives that message back: delivery
-        is at least once either way.
+        during that wait, or after the close, a worker sends it itself. A list the store refused
+        stays for the next sender (the engine's reaper loop sends leftovers). As on RabbitMQ
+        (rabbitmq_broker.py), a crash after a handler returned and before the list went out gives
+        that message back: delivery is at least once either way.
 
         A delay queue's consumer (``poll_ms``) polls with Dramatiq's backoff instead, and every
         wait between polls ends once the broker is ``released`` (the engine stops), so a stop
@@ -320,8 +320,9 @@ def waking_consumer(base: type) -> type:
             self._acks: PendingAcks = self.broker.pending_acks
             #: The consumer thread waits for a wake token (listed acks would wait up to
             #: ``idle_wait``), or the consumer is closed: a worker sends the list itself. Each is
-            #: set before the consumer's last send, and a worker reads it after listing its ack,
-            #: so every ack is in that send or sent by its worker.
+            #: set before the consumer's last send takes the list, and a worker reads it after
+            #: listing its ack; both steps take the list's lock, which orders them, so every ack is
+            #: in that send or sent by its worker.
             self._waiting = False
             self._closed = False
             self._clear_stale_tokens = lua.script(self.broker.client, "messaging/redis_broker_idle")
@@ -439,9 +440,10 @@ def fetched_ids(broker: Any, queue_name: str, fetched: list[bytes]) -> list[str]
     still listed are not among them."""
     if not fetched:
         return []
-    pending = getattr(broker, "pending_acks", None)
+    unacknowledged = set(broker.client.smembers(ack_set(broker, queue_name)))
+    pending = getattr(broker, "pending_acks", None)  # read after: an id listed meanwhile is skipped
     handled = {message_id.encode() for message_id in pending.unsent(queue_name)} if pending else set()
-    ids = sorted(set(broker.client.smembers(ack_set(broker, queue_name))) - handled)
+    ids = sorted(unacknowledged - handled)
     if not ids:
         return []
     wanted = Counter(fetched)
