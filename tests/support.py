@@ -121,7 +121,7 @@ def process_name(pid: int) -> str | None:
 def runtimes_of(node_pid: int) -> list[int]:
     """A node's app runtimes: its descendants, without the runtime template they fork from
     (``server/zygote.py``); started as fresh interpreters they are its children."""
-    return [p for p in descendants_of(node_pid) if process_name(p) != "immutant-tmpl"]
+    return [p for p in descendants_of(node_pid) if process_name(p) not in ("immutant-tmpl", None)]  # None: gone
 
 
 def template_of(node_pid: int) -> list[int]:

@@ -308,7 +308,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def exit_now(code: int) -> NoReturn:
     """Leave without tearing the interpreter down: the stop hooks have run, every thread was given
-    its bounded stop, and unloading the libraries would only add to the node's stop time."""
+    its bounded stop, and unloading the libraries would only add to the node's stop time. The
+    events the stop emitted (a lease released) are written first: atexit's flush never runs here,
+    and the event log's own thread may not have got to them."""
+    event_log = sys.modules.get("flask_immutant.events.log")  # loaded if this process emits events
+    if event_log is not None:
+        event_log.flush(1.0)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
