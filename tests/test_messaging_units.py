@@ -326,30 +326,39 @@ def test_a_delay_queue_consumer_stops_waiting_between_polls_once_released(store_
     assert polls == [None] * 40
 
 
-def test_the_guard_acks_undecodable_messages_on_the_broker_the_redis_backend_makes(store_client, cluster_name) -> None:
-    """Regression: the guard knew Dramatiq's Redis broker by its module, so on our subclass (which
-    the Redis backend makes) an undecodable message got no broker id: acking it raised, and the
-    consumer thread restarted with the rest of its fetched batch stranded in its ack set."""
+def _guarded_consumer_of(store_client, cluster_name: str, name: str, garbage: dict[str, bytes]):
+    """A guarded consumer (as the engine makes them) of a new queue holding ``garbage`` entries
+    (id -> bytes) ahead of one good message; returns (backend, broker, queue, dead-letter records,
+    the good actor, the consumer)."""
     import dramatiq
 
     from flask_immutant.keys import Keys
     from flask_immutant.messaging.backends import RedisBackend, Target
     from flask_immutant.messaging.undecodable import guard_consumers
 
-    from support import wait_until
-
-    # Given the broker a node's engine consumes with, guarded, and garbage ahead of a good message
     backend = RedisBackend(store_client, Keys(cluster_name))
     broker = backend.make_broker([], consumer_id=f"{cluster_name}.consumer")
     dead: list[tuple[object, ...]] = []
     guard_consumers(broker, lambda *record: dead.append(record))
-    queue = f"{cluster_name}.q.guarded"
-    good = dramatiq.actor(lambda: None, broker=broker, queue_name=queue, actor_name=f"{cluster_name}_good")
-    store_client.hset(f"{backend.namespace}:{queue}.msgs", "garbage-id", b"\xff garbage")
-    store_client.rpush(f"{backend.namespace}:{queue}", "garbage-id")
+    queue = f"{cluster_name}.q.{name}"
+    good = dramatiq.actor(lambda: None, broker=broker, queue_name=queue, actor_name=f"{cluster_name}_{name}")
+    for garbage_id, data in garbage.items():
+        store_client.hset(f"{backend.namespace}:{queue}.msgs", garbage_id, data)
+        store_client.rpush(f"{backend.namespace}:{queue}", garbage_id)
     backend.publish(broker, [Target(good.message())], None)
+    return backend, broker, queue, dead, good, broker.consume(queue, prefetch=8, timeout=100)
+
+
+def test_the_guard_acks_undecodable_messages_on_the_broker_the_redis_backend_makes(store_client, cluster_name) -> None:
+    """Regression: the guard knew Dramatiq's Redis broker by its module, so on our subclass (which
+    the Redis backend makes) an undecodable message got no broker id: acking it raised, and the
+    consumer thread restarted with the rest of its fetched batch stranded in its ack set."""
+    from support import wait_until
+
+    # Given the broker a node's engine consumes with, guarded, and garbage ahead of a good message
+    backend, broker, queue, dead, good, consumer = _guarded_consumer_of(
+        store_client, cluster_name, "guarded", {"garbage-id": b"\xff garbage"})
     # When its consumer fetches both
-    consumer = broker.consume(queue, prefetch=4, timeout=100)
     message = wait_until(lambda: next(consumer), timeout=10)
     # Then the good message is delivered, the garbage is dead-lettered with its bytes and acknowledged
     assert message.actor_name == good.actor_name
@@ -366,27 +375,12 @@ def test_two_garbage_messages_with_the_same_bytes_are_each_dead_lettered_once(st
     """Regression (review of the batched acks): an undecodable message is found by its bytes in the
     ack set, where the first one's id stayed until its listed ack went out; the second was taken
     for it, dead-lettered twice, and its own id never acknowledged (it ran again once the node left)."""
-    import dramatiq
-
-    from flask_immutant.keys import Keys
-    from flask_immutant.messaging.backends import RedisBackend, Target
-    from flask_immutant.messaging.undecodable import guard_consumers
-
     from support import wait_until
 
-    backend = RedisBackend(store_client, Keys(cluster_name))
-    broker = backend.make_broker([], consumer_id=f"{cluster_name}.consumer")
-    dead: list[tuple[object, ...]] = []
-    guard_consumers(broker, lambda *record: dead.append(record))
-    queue = f"{cluster_name}.q.twins"
-    good = dramatiq.actor(lambda: None, broker=broker, queue_name=queue, actor_name=f"{cluster_name}_twin")
     # Given two garbage entries with the same bytes ahead of a good message
-    for garbage_id in ("g1", "g2"):
-        store_client.hset(f"{backend.namespace}:{queue}.msgs", garbage_id, b"\xff the same garbage")
-        store_client.rpush(f"{backend.namespace}:{queue}", garbage_id)
-    backend.publish(broker, [Target(good.message())], None)
+    backend, broker, queue, dead, _, consumer = _guarded_consumer_of(
+        store_client, cluster_name, "twins", {"g1": b"\xff the same garbage", "g2": b"\xff the same garbage"})
     # When a consumer fetches all three, and the good one is handled
-    consumer = broker.consume(queue, prefetch=8, timeout=100)
     message = wait_until(lambda: next(consumer), timeout=10)
     consumer.ack(message)
     consumer.close()
@@ -732,44 +726,38 @@ def test_a_closing_redis_consumer_acknowledges_what_was_handled_and_keeps_what_t
     client.close()
 
 
-def test_acks_the_store_refused_after_the_last_listener_stopped_go_out_once_it_answers(
-        private_redis, immutant_home, cluster_name) -> None:
-    """Regression (review of the batched acks): a handler returning while the store refused writes
-    (READONLY, NOREPLICAS) had its ack dropped by Dramatiq (a "bug in Dramatiq" log), and with its
-    queue's consumer gone no fetch would send a kept one: the message stayed in the ack set until the
-    node left, and then ran again. The engine's reaper loop sends what is left."""
-    from support import store_refusing, wait_until
+@contextlib.contextmanager
+def _unbound_with_a_message_in_its_handler(immutant_home, cluster_name: str, name: str, **config: object):
+    """An engine in this process whose queue ``name`` had a message in its handler when its only
+    listener stopped (the queue's consumer thread ended); yields the case: ``state``, ``engine``,
+    ``queue``, ``acks`` (the ack set's key), ``release`` (set: the handler returns) and ``stop()``
+    (the runtime's stop, made at the end unless the test did)."""
+    from support import wait_until
 
-    app = Flask("refused")
+    app = Flask(name)
     app.config.update(IMMUTANT_HOME=str(immutant_home), IMMUTANT_CLUSTER=cluster_name, IMMUTANT_TRACING="off",
-                      IMMUTANT_REDIS_URL=private_redis.url)
+                      **config)
     ImmutantExtension(app)
     state = get_state(app)
     messaging = messaging_for(app)
     started, release = threading.Event(), threading.Event()
-    listener = messaging.listen("/queue/refused", lambda body: (started.set(), release.wait(30)))
+    listener = messaging.listen(f"/queue/{name}", lambda body: (started.set(), release.wait(30)))
     runtime = SimpleNamespace(app=app, settings=state.settings)
     messaging.runtime_started(runtime)  # type: ignore[arg-type]
     try:
         engine = messaging.engine
         assert engine is not None
-        acks = f"{state.keys.messaging_namespace}:__acks__.{engine.consumer_id}.{listener.queue}"
-        # Given a message in its handler, and its queue's last listener stopped
-        messaging.publish("/queue/refused", "slow")
+        messaging.publish(f"/queue/{name}", "slow")
         assert started.wait(15)
         listener.stop()
         wait_until(lambda: not engine.worker.consumers[listener.queue].is_alive(), timeout=15)
-        # When the handler returns while the store refuses writes
-        with store_refusing(private_redis.socket, "NOREPLICAS"):
-            release.set()
-            wait_until(lambda: engine.broker.pending_acks.unsent(listener.queue), timeout=10,
-                       message="the refused ack to be kept")
-            assert state.store.exists(acks)
-        # Then its ack reaches the store once the store answers, with the node still running
-        wait_until(lambda: not state.store.exists(acks), timeout=10, message="the kept ack")
+        yield SimpleNamespace(state=state, engine=engine, queue=listener.queue, release=release,
+                              acks=f"{state.keys.messaging_namespace}:__acks__.{engine.consumer_id}.{listener.queue}",
+                              stop=lambda: messaging.runtime_stopping(runtime))  # type: ignore[arg-type]
     finally:
         release.set()
-        messaging.runtime_stopping(runtime)  # type: ignore[arg-type]
+        if messaging.engine is not None:
+            messaging.runtime_stopping(runtime)  # type: ignore[arg-type]
         state.store.close()
 
 
@@ -780,35 +768,35 @@ def test_a_queue_whose_last_listener_stopped_still_acknowledges_the_message_in_i
     the message would run again once the node left. The consumer is closed when its thread ends."""
     from support import wait_until
 
-    app = Flask("unbound")
-    # a failure timeout whose reaper interval (37.5 s) outlasts the test: the reaper loop, which
-    # sends acks left for a whole interval, must not be what sends this one
-    app.config.update(IMMUTANT_HOME=str(immutant_home), IMMUTANT_CLUSTER=cluster_name, IMMUTANT_TRACING="off",
-                      IMMUTANT_FAILURE_TIMEOUT=300)
-    ImmutantExtension(app)
-    state = get_state(app)
-    messaging = messaging_for(app)
-    started, release = threading.Event(), threading.Event()
-    listener = messaging.listen("/queue/unbound", lambda body: (started.set(), release.wait(30)))
-    runtime = SimpleNamespace(app=app, settings=state.settings)
-    messaging.runtime_started(runtime)  # type: ignore[arg-type]
-    try:
-        engine = messaging.engine
-        assert engine is not None
-        acks = f"{state.keys.messaging_namespace}:__acks__.{engine.consumer_id}.{listener.queue}"
-        # Given a message in its handler
-        messaging.publish("/queue/unbound", "slow")
-        assert started.wait(15)
-        # When its listener stops (the queue's consumer thread with it), then the handler returns
-        listener.stop()
-        wait_until(lambda: not engine.worker.consumers[listener.queue].is_alive(), timeout=15)
-        release.set()
+    # Given a message in its handler when its queue's listener stopped (with a failure timeout
+    # whose reaper interval, 37.5 s, outlasts the test: the reaper loop, which sends acks left for
+    # a whole interval, must not be what sends this one)
+    with _unbound_with_a_message_in_its_handler(immutant_home, cluster_name, "unbound",
+                                                IMMUTANT_FAILURE_TIMEOUT=300) as case:
+        # When the handler returns
+        case.release.set()
         # Then the message is acknowledged in the store, with the node still running
-        wait_until(lambda: not state.store.exists(acks), timeout=10, message="the handled message's ack")
-    finally:
-        release.set()
-        messaging.runtime_stopping(runtime)  # type: ignore[arg-type]
-        state.store.close()
+        wait_until(lambda: not case.state.store.exists(case.acks), timeout=10, message="the handled message's ack")
+
+
+def test_acks_the_store_refused_after_the_last_listener_stopped_go_out_once_it_answers(
+        private_redis, immutant_home, cluster_name) -> None:
+    """Regression (review of the batched acks): a handler returning while the store refused writes
+    (READONLY, NOREPLICAS) had its ack dropped by Dramatiq (a "bug in Dramatiq" log), and with its
+    queue's consumer gone no fetch would send a kept one: the message stayed in the ack set until the
+    node left, and then ran again. The engine's reaper loop sends what is left."""
+    from support import store_refusing, wait_until
+
+    with _unbound_with_a_message_in_its_handler(immutant_home, cluster_name, "refused",
+                                                IMMUTANT_REDIS_URL=private_redis.url) as case:
+        # When the handler returns while the store refuses writes
+        with store_refusing(private_redis.socket, "NOREPLICAS"):
+            case.release.set()
+            wait_until(lambda: case.engine.broker.pending_acks.unsent(case.queue), timeout=10,
+                       message="the refused ack to be kept")
+            assert case.state.store.exists(case.acks)
+        # Then its ack reaches the store once the store answers, with the node still running
+        wait_until(lambda: not case.state.store.exists(case.acks), timeout=10, message="the kept ack")
 
 
 def test_the_stop_sends_acks_left_over_while_the_node_is_still_a_live_consumer(
@@ -818,30 +806,15 @@ def test_the_stop_sends_acks_left_over_while_the_node_is_still_a_live_consumer(
     the leaving reap requeues what is unacknowledged."""
     from support import store_refusing, wait_until
 
-    app = Flask("leftover")
-    app.config.update(IMMUTANT_HOME=str(immutant_home), IMMUTANT_CLUSTER=cluster_name, IMMUTANT_TRACING="off",
-                      IMMUTANT_REDIS_URL=private_redis.url, IMMUTANT_FAILURE_TIMEOUT=300)  # no reaper pass
-    ImmutantExtension(app)
-    state = get_state(app)
-    messaging = messaging_for(app)
-    started, release = threading.Event(), threading.Event()
-    listener = messaging.listen("/queue/leftover", lambda body: (started.set(), release.wait(30)))
-    runtime = SimpleNamespace(app=app, settings=state.settings)
-    messaging.runtime_started(runtime)  # type: ignore[arg-type]
-    stopped = False
-    try:
-        engine = messaging.engine
-        assert engine is not None
-        queue = listener.queue
-        heartbeat = state.keys.messaging_consumer(engine.consumer_id)
-        # Given a handled message whose ack the store refused, with its queue's consumer gone
-        messaging.publish("/queue/leftover", "slow")
-        assert started.wait(15)
-        listener.stop()
-        wait_until(lambda: not engine.worker.consumers[queue].is_alive(), timeout=15)
+    with _unbound_with_a_message_in_its_handler(
+            immutant_home, cluster_name, "leftover", IMMUTANT_REDIS_URL=private_redis.url,
+            IMMUTANT_FAILURE_TIMEOUT=300) as case:  # no reaper pass meanwhile
+        state, engine, queue = case.state, case.engine, case.queue
+        # Given a handled message whose ack the store refused
         with store_refusing(private_redis.socket, "NOREPLICAS"):
-            release.set()
+            case.release.set()
             wait_until(lambda: engine.broker.pending_acks.unsent(queue), timeout=10)
+        heartbeat = state.keys.messaging_consumer(engine.consumer_id)
         wait_until(lambda: state.store.exists(heartbeat), timeout=10, message="the consumer heartbeat")
         heartbeat_at_send: list[bool] = []
         send = engine._send_pending_acks
@@ -853,18 +826,12 @@ def test_the_stop_sends_acks_left_over_while_the_node_is_still_a_live_consumer(
 
         monkeypatch.setattr(engine, "_send_pending_acks", watched)
         # When the node stops
-        messaging.runtime_stopping(runtime)  # type: ignore[arg-type]
-        stopped = True
+        case.stop()
         # Then the ack went out while the heartbeat still stood, and the message was not requeued
         assert heartbeat_at_send == [True]
         namespace = state.keys.messaging_namespace
-        assert not state.store.exists(f"{namespace}:__acks__.{engine.consumer_id}.{queue}")
+        assert not state.store.exists(case.acks)
         assert not state.store.exists(f"{namespace}:{queue}.msgs") and not state.store.llen(f"{namespace}:{queue}")
-    finally:
-        release.set()
-        if not stopped:
-            messaging.runtime_stopping(runtime)  # type: ignore[arg-type]
-        state.store.close()
 
 
 def test_contract_dramatiq_redis_ack_layout() -> None:
