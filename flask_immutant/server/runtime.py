@@ -306,14 +306,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+#: Longest wait at exit for the event log's last writes, seconds.
+EVENTS_FLUSH = 1.0
+
+
 def exit_now(code: int) -> NoReturn:
     """Leave without tearing the interpreter down: the stop hooks have run, every thread was given
     its bounded stop, and unloading the libraries would only add to the node's stop time. The
     events the stop emitted (a lease released) are written first: atexit's flush never runs here,
     and the event log's own thread may not have got to them."""
     event_log = sys.modules.get("flask_immutant.events.log")  # loaded if this process emits events
-    if event_log is not None:
-        event_log.flush(1.0)
+    if event_log is not None:  # on a thread: a store that stopped answering must not hold the exit
+        flushing = threading.Thread(target=event_log.flush, args=(EVENTS_FLUSH,), daemon=True)
+        flushing.start()
+        flushing.join(EVENTS_FLUSH)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
