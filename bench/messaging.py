@@ -7,7 +7,7 @@
    the same poll interval, in one run; prints the ratio (target >= 0.95). With ``--rabbitmq`` the
    same comparison runs on RabbitMQ too. On Redis a run ends once the store holds every message
    acknowledged (ours are sent in batches after the handlers return), on RabbitMQ at the last
-   handler (ours go within 10 ms).
+   handler (ours go within 3 ms).
 2. ``publish_many`` of ``--batch`` messages (100) against as many single publishes, publishing
    only, interleaved rounds; prints the ratio (target >= 5x). ``--only-batch`` runs just this.
 3. A backlog of ``--backlog`` messages (5000) queued first, then drained by one runtime, against
