@@ -107,6 +107,13 @@ class PendingAcks:
             log.info("messaging: acknowledgements of %s reach the store again", queue_name)
         return len(ids)
 
+    def send_or_keep(self, queue_name: str) -> None:
+        """:meth:`send`, whose ids a store error leaves listed for the next sender (warned once)."""
+        try:
+            self.send(queue_name)
+        except redis.RedisError:
+            pass
+
     def _note_failure(self, queue_name: str, exc: Exception) -> None:
         if queue_name not in self._failing:
             self._failing.add(queue_name)
@@ -122,9 +129,6 @@ class PendingAcks:
             queues = [queue for queue, ids in self._listed.items()
                       if ids and now - self._since.get(queue, now) >= older_than]
         for queue in queues:
-            try:
-                self.send(queue)
-            except redis.RedisError:
-                pass  # kept, and warned about once
+            self.send_or_keep(queue)
         with self._lock:
             return sum(len(ids) for ids in self._listed.values())

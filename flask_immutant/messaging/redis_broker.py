@@ -16,7 +16,6 @@ Four changes, all through Dramatiq's extension points (a broker subclass and its
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import threading
@@ -226,13 +225,11 @@ def resuming_redis_broker() -> type[RedisBroker]:
             if waited:
                 log.info("messaging: consumer of %s resumes", queue_name)
             self._resumes[thread.ident or 0] = (time.monotonic(), backoff)
-            with contextlib.suppress(redis.RedisError):  # else the reaper loop's send_all does it
-                self.pending_acks.send(queue_name)
+            self.pending_acks.send_or_keep(queue_name)  # else the reaper loop's send_all does it
             self.put_back(queue_name, self._stranded.pop(queue_name, []))
             consumer: Any = super().consume(queue_name, prefetch, 0)  # no sleep in Dramatiq's consumer
             if is_delay_queue(queue_name):  # polled: it must also look at due times regularly
                 consumer.poll_ms = timeout
-                consumer.direct_acks = True  # its waits between polls are long
             else:  # waits for a token
                 consumer.idle_wait = IDLE_WAIT
             return consumer
@@ -297,11 +294,10 @@ def waking_consumer(base: type) -> type:
 
         A delay queue's consumer (``poll_ms``) polls with Dramatiq's backoff instead, and every
         wait between polls ends once the broker is ``released`` (the engine stops), so a stop
-        never sleeps out a poll interval; its workers acknowledge directly (``direct_acks``)."""
+        never sleeps out a poll interval; its workers acknowledge directly (its waits are long)."""
 
         idle_wait: float | None = None
         poll_ms: int | None = None
-        direct_acks = False
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             from .. import lua
@@ -371,9 +367,8 @@ def waking_consumer(base: type) -> type:
             self._acks.add(self.queue_name, message.options.get("redis_message_id", ""))
             self.queued_message_ids.discard(message.message_id)
             self._room.set()
-            if self._waiting or self._closed or self.direct_acks:
-                with contextlib.suppress(redis.RedisError):  # kept, and warned about once
-                    self._acks.send(self.queue_name)
+            if self._waiting or self._closed or self.poll_ms is not None:
+                self._acks.send_or_keep(self.queue_name)
 
         def _send_acks(self) -> None:
             """On the consumer thread: acknowledge what is listed (kept on an error). A lost store
@@ -418,8 +413,7 @@ def waking_consumer(base: type) -> type:
             error Dramatiq's consumer thread makes a new consumer, and this one's batch would wait
             in its ack set (our heartbeat alive, so no reaper takes it) until the node leaves."""
             self._closed = True  # a worker still finishing sends its own ack
-            with contextlib.suppress(redis.RedisError):  # kept, and warned about once
-                self._acks.send(self.queue_name)  # before the put-back, which goes by the ack set
+            self._acks.send_or_keep(self.queue_name)  # before the put-back, which goes by the ack set
             cached: list[bytes] = [data for data in self.message_cache if data is not None]
             self.message_cache.clear()
             self.broker.put_back(self.queue_name, cached)
